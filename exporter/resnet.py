@@ -1,0 +1,51 @@
+"""ResNet image classification (transformers' ResNetForImageClassification: logits [B, C])."""
+
+import torch
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from exporter.configs import DimRange, ExportConfig, TensorSpec, Tolerance, register
+
+
+def build_tiny():
+    config = ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10
+    )
+    return ResNetForImageClassification(config)
+
+
+class LogitsOnly(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).logits
+
+
+def make_inputs(model, sizes, generator):
+    shape = (sizes["batch"], model.config.num_channels, sizes["height"], sizes["width"])
+    return {"pixel_values": torch.randn(shape, generator=generator)}
+
+
+RESNET = register(
+    ExportConfig(
+        name="resnet",
+        task="image-classification",
+        build_tiny=build_tiny,
+        model_class=ResNetForImageClassification,
+        wrap=LogitsOnly,
+        make_inputs=make_inputs,
+        inputs=(TensorSpec("pixel_values", "float32", ("batch", None, "height", "width")),),
+        logits=TensorSpec("logits", "float32", ("batch", None)),
+        class_axis=1,
+        num_classes=lambda model: model.config.num_labels,
+        dims={"batch": DimRange(1, 4, 32), "height": DimRange(32, 224, 512), "width": DimRange(32, 224, 512)},
+        verify_sizes={"batch": 2, "height": 64, "width": 64},
+        tolerance=Tolerance(
+            atol=1e-4,
+            rtol=1e-4,
+            why="fp32 both sides; convolution kernels of ONNX Runtime (MLAS) and PyTorch (oneDNN) sum in "
+            "different orders, ~1e-6 relative per layer; the modulation adds the same noise on both sides",
+        ),
+    )
+)

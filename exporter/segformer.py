@@ -1,0 +1,58 @@
+"""SegFormer semantic segmentation: logits [B, C, H/4, W/4], upsampled to [B, C, H, W] before modulation."""
+
+import torch
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+from exporter.configs import DimRange, ExportConfig, TensorSpec, Tolerance, register
+
+
+def build_tiny():
+    config = SegformerConfig(
+        num_encoder_blocks=4,
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[8, 16, 32, 64],
+        num_attention_heads=[1, 1, 2, 2],
+        decoder_hidden_size=32,
+        num_labels=150,  # ADE20K's classes, as in the reference code
+    )
+    return SegformerForSemanticSegmentation(config)
+
+
+class LogitsOnly(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).logits
+
+
+def make_inputs(model, sizes, generator):
+    shape = (sizes["batch"], model.config.num_channels, sizes["height"], sizes["width"])
+    return {"pixel_values": torch.randn(shape, generator=generator)}
+
+
+SEGFORMER = register(
+    ExportConfig(
+        name="segformer",
+        task="semantic-segmentation",
+        build_tiny=build_tiny,
+        model_class=SegformerForSemanticSegmentation,
+        wrap=LogitsOnly,
+        make_inputs=make_inputs,
+        inputs=(TensorSpec("pixel_values", "float32", ("batch", None, "height", "width")),),
+        logits=TensorSpec("logits", "float32", ("batch", None, "logits_height", "logits_width")),
+        class_axis=1,
+        num_classes=lambda model: model.config.num_labels,
+        dims={"batch": DimRange(1, 2, 8), "height": DimRange(32, 512, 1024), "width": DimRange(32, 512, 1024)},
+        verify_sizes={"batch": 2, "height": 64, "width": 96},
+        # The HF post-processor resizes logits to the image size (bilinear); the method modulates per pixel.
+        upsample_logits_to="pixel_values",
+        tolerance=Tolerance(
+            atol=1e-4,
+            rtol=1e-4,
+            why="fp32 both sides; attention, convolution and bilinear resize summed in different orders by "
+            "ONNX Runtime and PyTorch, ~1e-6 relative per layer",
+        ),
+    )
+)

@@ -1,0 +1,1 @@
+"""Graph passes: plain functions `gs.Graph -> gs.Graph`, and the file-level helpers around them."""
