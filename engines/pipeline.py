@@ -18,10 +18,10 @@ from typing import Callable
 import numpy as np
 
 from engines import onnxruntime as ort_engine
-from engines.manifest import file_entry, graph_io, package_versions, write_manifest
+from engines.manifest import file_entry, graph_io, package_versions, read_manifest, sha256, write_manifest
 from engines.verify import REFERENCE, make_reference, verify_build
 from errors import AimError, VerificationError
-from exporter import export_onnx, get_config, load_model
+from exporter import Tolerance, export_onnx, get_config, load_model
 from graph_passes.io import atomic_path, load_onnx, save_onnx
 from graph_passes.modulate import modulate_graph, prepare
 from graph_passes.upsample import upsample_logits
@@ -136,12 +136,8 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
     progress("verify: PyTorch vs engine (element-wise), production noise statistics")
     reference = make_reference(config, model, seed)
     with atomic_path(folder / REFERENCE) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **reference)
-    import onnxruntime
-
-    onnxruntime.set_seed(seed)  # reproducible statistics; production runs are not seeded
-    runners = [ort_engine.OnnxRuntimeEngine(paths[key]) for key in ("bare", "verification", "engine")]
-    checks = verify_build(*runners, reference, config.tolerance, config.class_axis, config.dims["batch"].max, seed)
+        np.savez(handle, **reference)
+    checks = run_checks(folder, paths, config.tolerance, config.class_axis, config.dims["batch"].max, seed)
     passed = all(check.passed for check in checks)
     progress.done("verify", "passed" if passed else "FAILED")
 
@@ -176,6 +172,36 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
         "timings_s": progress.timings,
         "versions": package_versions(),
     }
+    write_manifest(manifest, folder)
+    return manifest
+
+
+def run_checks(folder: Path, paths: dict, tolerance: Tolerance, class_axis: int, max_batch: int, seed: int = 0):
+    """The checks of a build folder against its reference.npz (PyTorch outputs stored at build time)."""
+    import onnxruntime
+
+    with np.load(folder / REFERENCE) as stored:
+        reference = dict(stored)
+    onnxruntime.set_seed(seed)  # reproducible statistics; production runs are not seeded
+    runners = [ort_engine.OnnxRuntimeEngine(paths[key]) for key in ("bare", "verification", "engine")]
+    return verify_build(*runners, reference, tolerance, class_axis, max_batch, seed)
+
+
+def verify_folder(folder: str | os.PathLike, seed: int = 0) -> dict:
+    """Re-runs the checks of an existing build (no PyTorch needed) and updates its manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    paths = {key: folder / entry["path"] for key, entry in manifest["artifacts"].items()}
+    for key, entry in manifest["artifacts"].items():
+        if not paths[key].is_file() or sha256(paths[key]) != entry["sha256"]:
+            raise AimError(f"{paths[key]} is missing or changed since the build (sha256 differs): rebuild with `make engine`")
+    tolerance = Tolerance(**manifest["verification"]["tolerance"])
+    checks = run_checks(
+        folder, paths, tolerance, manifest["modulation"]["class_axis"], manifest["dynamic_dims"]["batch"]["max"], seed
+    )
+    manifest["verification"]["checks"] = [check.as_dict() for check in checks]
+    manifest["verification"]["passed"] = all(check.passed for check in checks)
+    manifest["verification"]["verified"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_manifest(manifest, folder)
     return manifest
 

@@ -1,0 +1,37 @@
+# Two commands on a fresh clone (see README.md):
+#   make engine MODEL=segformer    set up .venv on first use, then export -> passes -> engine -> verify
+#   make test                      set up .venv on first use, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= segformer
+BACKEND ?= onnxruntime
+OUT ?= build
+CHECKPOINT ?=
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: engine test models clean help
+
+help:
+	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
+	@echo "make test      the test suite"
+	@echo "make models    list the model families"
+
+# torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --progress-bar off torch==2.13.0
+	$(PY) -m pip install --quiet --progress-bar off -e '.[test]'
+	@touch $(STAMP)
+
+engine: $(STAMP)
+	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+models: $(STAMP)
+	$(PY) -m cli models
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(OUT)

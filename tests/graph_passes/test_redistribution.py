@@ -1,0 +1,212 @@
+"""The redistribution pass on graphs built by hand, checked against its PyTorch twin."""
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from errors import InvalidGraphError, InvalidInputError
+from graph_passes.io import load_graph, save_onnx
+from graph_passes.modulate import modulate_file
+from graph_passes.redistribution import (
+    FOCUS,
+    NOISE_FOCUS,
+    NOISE_UTILITY,
+    PREFIX,
+    UTILITY,
+    add_redistribution,
+    check_modulation,
+    focus_vector,
+    redistribute_torch,
+)
+from tests.conftest import tiny_classifier
+
+
+def identity_model(path, dims, dtype=TensorProto.FLOAT):
+    """logits = Identity(x): the pass's output is then exactly the redistribution of the input."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["logits"])],
+        "identity",
+        [helper.make_tensor_value_info("x", dtype, dims)],
+        [helper.make_tensor_value_info("logits", dtype, dims)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(
+    "dims, shape, class_axis",
+    [
+        (["batch", 7], (3, 7), 1),  # classification [B, C]
+        (["batch", 5, "h", "w"], (2, 5, 4, 6), 1),  # segmentation [B, C, H, W]
+        (["batch", "seq", 11], (2, 3, 11), -1),  # language model [B, T, V]
+    ],
+)
+def test_graph_and_torch_twin_agree_bit_for_bit(tmp_path, dims, shape, class_axis):
+    source = identity_model(tmp_path / "identity.onnx", dims)
+    target = modulate_file(source, tmp_path / "verify.onnx", "logits", class_axis, flavour="verification")
+    rng = np.random.default_rng(0)
+    batch, classes = shape[0], shape[class_axis]
+    feed = {
+        "x": rng.normal(size=shape).astype(np.float32) * 5,
+        UTILITY: rng.uniform(0, 4, size=batch).astype(np.float32),
+        FOCUS: rng.normal(size=(batch, classes)).astype(np.float32) * 3,
+        NOISE_UTILITY: rng.normal(size=shape).astype(np.float32),
+        NOISE_FOCUS: rng.normal(size=shape).astype(np.float32),
+    }
+    (out,) = session(target).run(None, feed)
+    reference = redistribute_torch(
+        *(torch.from_numpy(feed[k]) for k in ("x", UTILITY, FOCUS, NOISE_UTILITY, NOISE_FOCUS)), class_axis=class_axis
+    ).numpy()
+    # Same FP32 operations in the same order: IEEE arithmetic gives the same bits.
+    np.testing.assert_array_equal(out, reference)
+    # And the formula itself, written out independently with numpy broadcasting.
+    axis = class_axis % len(shape)
+    focus_shape = [batch if a == 0 else classes if a == axis else 1 for a in range(len(shape))]
+    expected = (
+        feed["x"]
+        + feed[UTILITY].reshape([batch] + [1] * (len(shape) - 1)) * feed[NOISE_UTILITY]
+        + feed[FOCUS].reshape(focus_shape) * np.abs(feed[NOISE_FOCUS])
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_pass_on_hand_made_classifier(tmp_path):
+    source = tiny_classifier(tmp_path / "classifier.onnx")
+    production = modulate_file(source, tmp_path / "production.onnx", "scores", 1)
+    graph = load_graph(production)
+    inputs = {t.name: t for t in graph.inputs}
+    outputs = {t.name: t for t in graph.outputs}
+    # The logits keep their name, shape and type; the other output is untouched.
+    assert list(outputs) == ["scores", "probabilities"]
+    assert outputs["scores"].dtype == np.float32 and outputs["scores"].shape == ["batch", 5]
+    assert inputs[UTILITY].shape == ["batch"] and inputs[FOCUS].shape == ["batch", 5]
+    assert inputs[UTILITY].dtype == np.float32 and inputs[FOCUS].dtype == np.float32
+    new_nodes = [n for n in graph.nodes if n.name not in ("matmul", "add", "softmax")]
+    assert new_nodes and all(n.name.startswith(PREFIX + "/") for n in new_nodes)
+    assert sum(n.op == "RandomNormalLike" for n in graph.nodes) == 2
+
+    x = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
+    bare_scores, bare_probabilities = session(source).run(None, {"x": x})
+    run = session(production)
+    zero = {"x": x, UTILITY: np.zeros(4, np.float32), FOCUS: np.zeros((4, 5), np.float32)}
+    scores, probabilities = run.run(None, zero)
+    assert np.array_equal(scores, bare_scores)  # utility 0, focus 0: bit for bit
+    assert np.array_equal(probabilities, bare_probabilities)  # the softmax branch is not modulated
+    noisy = dict(zero, **{UTILITY: np.array([0, 3, 0, 3], np.float32)})
+    scores, _ = run.run(None, noisy)
+    assert np.array_equal(scores[[0, 2]], bare_scores[[0, 2]])
+    assert np.all(scores[[1, 3]] != bare_scores[[1, 3]])
+
+
+def test_fp16_logits_are_modulated_in_fp32_and_keep_their_type(tmp_path):
+    source = tiny_classifier(tmp_path / "fp16.onnx", dtype=TensorProto.FLOAT16)
+    target = modulate_file(source, tmp_path / "verify.onnx", "scores", 1, flavour="verification")
+    graph = load_graph(target)
+    assert {t.name: t.dtype for t in graph.outputs}["scores"] == np.float16
+    assert {t.name: t.dtype for t in graph.inputs}[NOISE_UTILITY] == np.float32
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 6)).astype(np.float16)
+    feed = {
+        "x": x,
+        UTILITY: np.array([0, 1, 2], np.float32),
+        FOCUS: rng.normal(size=(3, 5)).astype(np.float32),
+        NOISE_UTILITY: rng.normal(size=(3, 5)).astype(np.float32),
+        NOISE_FOCUS: rng.normal(size=(3, 5)).astype(np.float32),
+    }
+    feed[FOCUS][0] = 0.0
+    out = session(target).run(None, feed)[0]
+    bare = session(source).run(None, {"x": x})[0]
+    assert out.dtype == np.float16
+    assert np.array_equal(out[0], bare[0])
+    reference = redistribute_torch(
+        torch.from_numpy(bare), *(torch.from_numpy(feed[k]) for k in (UTILITY, FOCUS, NOISE_UTILITY, NOISE_FOCUS))
+    )
+    assert reference.dtype == torch.float16
+    # Both compute in FP32 and round once to FP16; the two FP32->FP16 converters may round the last
+    # bit differently, so they agree to one FP16 ulp (2**-10 relative).
+    np.testing.assert_allclose(out.astype(np.float32), reference.float().numpy(), rtol=2**-10, atol=2**-24)
+
+
+def test_missing_logits_output_names_the_outputs(tmp_path):
+    source = tiny_classifier(tmp_path / "classifier.onnx")
+    with pytest.raises(InvalidGraphError, match=r"no output named 'logits'.*\['probabilities', 'scores'\]"):
+        modulate_file(source, tmp_path / "out.onnx", "logits", 1)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("axis", [0, 2, -3, 5])
+def test_class_axis_out_of_range(tmp_path, axis):
+    source = tiny_classifier(tmp_path / "classifier.onnx")
+    with pytest.raises(InvalidGraphError, match=f"class axis {axis} is out of range"):
+        modulate_file(source, tmp_path / "out.onnx", "scores", axis)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_dynamic_class_count_is_refused(tmp_path):
+    source = identity_model(tmp_path / "dynamic.onnx", ["batch", "classes"])
+    with pytest.raises(InvalidGraphError, match="no static size"):
+        modulate_file(source, tmp_path / "out.onnx", "logits", 1)
+
+
+def test_modulating_twice_is_refused(tmp_path):
+    source = tiny_classifier(tmp_path / "classifier.onnx")
+    once = modulate_file(source, tmp_path / "once.onnx", "scores", 1)
+    with pytest.raises(InvalidGraphError, match="modulated already"):
+        modulate_file(once, tmp_path / "twice.onnx", "scores", 1)
+
+
+def test_corrupt_onnx_file(tmp_path):
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07this is not a protobuf\xff\xfe" * 10)
+    with pytest.raises(InvalidGraphError, match="corrupt.onnx"):
+        modulate_file(corrupt, tmp_path / "out.onnx", "logits", 1)
+    truncated = tmp_path / "truncated.onnx"
+    whole = tiny_classifier(tmp_path / "whole.onnx").read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InvalidGraphError, match="truncated.onnx"):
+        modulate_file(truncated, tmp_path / "out.onnx", "scores", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.onnx", "truncated.onnx", "whole.onnx"]
+
+
+def test_old_opset_is_upgraded(tmp_path):
+    source = tiny_classifier(tmp_path / "classifier.onnx")
+    model = onnx.load(str(source))
+    model.opset_import[0].version = 11
+    save_onnx(model, tmp_path / "old.onnx")
+    target = modulate_file(tmp_path / "old.onnx", tmp_path / "out.onnx", "scores", 1)
+    assert onnx.load(str(target)).opset_import[0].version >= 15
+
+
+def test_check_modulation_broadcasts_and_refuses_bad_values():
+    utility, focus = check_modulation(1.5, [1.0, 0.0, -2.0], batch=2, num_classes=3)
+    assert utility.tolist() == [1.5, 1.5] and focus.shape == (2, 3) and focus[1, 2] == -2.0
+    assert check_modulation([0, 2], None, 2, 3)[1].tolist() == [[0, 0, 0], [0, 0, 0]]
+    for bad, message in [(float("nan"), "finite"), (float("inf"), "finite"), (-0.5, ">= 0"), ([1, 2, 3], "one value per sample")]:
+        with pytest.raises(InvalidInputError, match=message):
+            check_modulation(bad, None, 2, 3)
+    with pytest.raises(InvalidInputError, match=r"one value per class \(3\).*got shape \[4\]"):
+        check_modulation(0.0, [1, 2, 3, 4], 2, 3)
+    with pytest.raises(InvalidInputError, match="finite"):
+        check_modulation(0.0, [1, float("nan"), 3], 2, 3)
+
+
+def test_focus_vector():
+    assert focus_vector(4, boost={1: 2.0}, suppress={3: 5.0}).tolist() == [0, 2, 0, -5]
+    with pytest.raises(InvalidInputError, match="class 4 is out of range"):
+        focus_vector(4, boost={4: 1.0})
+    with pytest.raises(InvalidInputError, match="finite and >= 0"):
+        focus_vector(4, suppress={0: -1.0})
+
+
+def test_unknown_flavour():
+    graph = gs.Graph()
+    with pytest.raises(ValueError, match="flavour"):
+        add_redistribution(graph, flavour="debug")
