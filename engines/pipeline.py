@@ -116,7 +116,7 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
 
     progress("export to ONNX (torch.onnx, dynamic " + ", ".join(config.dims) + ")")
     export_onnx(config, model, paths["exported"])
-    progress.done("export", str(paths["exported"]))
+    progress.done("export", paths["exported"].name)
 
     progress("graph passes: " + ("upsample logits, " if config.upsample_logits_to else "") + "redistribution (production + verification)")
     exported = load_onnx(paths["exported"])
@@ -131,7 +131,7 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
 
     progress(f"engine: {backend}")
     ort_engine.build(paths["modulated"], paths["engine"])
-    progress.done("engine", str(paths["engine"]))
+    progress.done("engine", paths["engine"].name)
 
     progress("verify: PyTorch vs engine (element-wise), production noise statistics")
     reference = make_reference(config, model, seed)

@@ -24,6 +24,9 @@ FOCUS = "focus"  # FP32 [B, C]: signed per-class strength (> 0 boosts, < 0 suppr
 NOISE_UTILITY = "noise_utility"  # verification flavour only: n1, shaped like the logits
 NOISE_FOCUS = "noise_focus"  # verification flavour only: n2, shaped like the logits
 FLAVOURS = ("production", "verification")
+# Largest |utility| or |focus| accepted, in logit units. Logit gaps of real models are tens of units,
+# so every model is at chance long before this; beyond it the noise could overflow FP16 logits.
+MAX_STRENGTH = 1e4
 MODULATION_INPUTS = (UTILITY, FOCUS)
 NOISE_INPUTS = (NOISE_UTILITY, NOISE_FOCUS)
 
@@ -198,8 +201,11 @@ def check_modulation(utility, focus, batch: int, num_classes: int) -> tuple[np.n
         raise InvalidInputError(f"utility must be a number or have one value per sample ({batch}), got shape {list(u.shape)}")
     if not np.all(np.isfinite(u)):
         raise InvalidInputError(f"utility must be finite, got {u.tolist()}: NaN and inf have no noise level")
-    if np.any(u < 0):
-        raise InvalidInputError(f"utility is a noise scale and must be >= 0, got {u.tolist()} (0 = the original model)")
+    if np.any(u < 0) or np.any(u > MAX_STRENGTH):
+        raise InvalidInputError(
+            f"utility is a noise scale in logit units and must lie in [0, {MAX_STRENGTH:g}], got {u.tolist()} "
+            f"(0 = the original model)"
+        )
     if focus is None:
         f = np.zeros([batch, num_classes], dtype=np.float32)
     else:
@@ -213,6 +219,8 @@ def check_modulation(utility, focus, batch: int, num_classes: int) -> tuple[np.n
             )
         if not np.all(np.isfinite(f)):
             raise InvalidInputError("focus must be finite: it holds NaN or inf")
+        if np.any(np.abs(f) > MAX_STRENGTH):
+            raise InvalidInputError(f"focus strengths must lie in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got up to {np.abs(f).max():g}")
     return u, f
 
 
@@ -223,7 +231,7 @@ def focus_vector(num_classes: int, boost: dict[int, float] | None = None, suppre
         for index, strength in chosen.items():
             if not 0 <= index < num_classes:
                 raise InvalidInputError(f"class {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
-            if not math.isfinite(strength) or strength < 0:
-                raise InvalidInputError(f"focus strength for class {index} must be finite and >= 0, got {strength}")
+            if not math.isfinite(strength) or not 0 <= strength <= MAX_STRENGTH:
+                raise InvalidInputError(f"focus strength for class {index} must lie in [0, {MAX_STRENGTH:g}], got {strength}")
             f[index] = sign * strength
     return f

@@ -61,6 +61,6 @@ def test_bad_inputs_exit_2_with_the_reason(tmp_path, capsys):
     modulated = tmp_path / "mod.onnx"
     assert main(["modulate", str(source), "-o", str(modulated), "--logits", "scores"]) == 0
     np.save(tmp_path / "x.npy", np.zeros((2, 6), np.float32))
-    for utility, message in [("nan", "finite"), ("-1", ">= 0"), ("inf", "finite")]:
+    for utility, message in [("nan", "finite"), ("-1", "must lie in [0, 10000]"), ("inf", "finite")]:
         assert main(["run", str(modulated), "--input", f"x={tmp_path / 'x.npy'}", "--utility", utility]) == 2
         assert message in capsys.readouterr().err

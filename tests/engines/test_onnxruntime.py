@@ -37,7 +37,7 @@ def test_utility_zero_is_exact_and_broadcasts(tmp_path, engine):
     [
         (float("nan"), None, "utility must be finite"),
         (float("inf"), None, "utility must be finite"),
-        (-1.0, None, "must be >= 0"),
+        (-1.0, None, r"must lie in \[0, 10000\]"),
         ([1.0, 2.0, 3.0], None, "one value per sample"),
         (0.0, [1.0, 2.0], r"one value per class \(5\)"),
         (0.0, np.full((3, 5), 1.0), r"shape \[3, 5\]"),

@@ -6,12 +6,14 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 
 import exporter
 from engines.manifest import sha256
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.pipeline import FILES, build_model, report, verify_folder
 from engines.verify import REFERENCE, model_inputs
+from graph_passes.upsample import upsample_torch
 from errors import AimError, CheckpointError, UnknownModelError, VerificationError
 
 
@@ -137,3 +139,29 @@ def test_rebuild_replaces_the_previous_build(tmp_path):
     written = json.loads((tmp_path / "resnet" / "manifest.json").read_text())
     assert written["source"]["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet"]
+
+
+@pytest.mark.parametrize("name", ["segformer", "llama"])
+def test_local_checkpoint_end_to_end(tmp_path, name):
+    """A checkpoint saved with save_pretrained (here, inside the test) goes through the whole pipeline,
+    and the engine computes that checkpoint's logits, not the default tiny model's."""
+    config = exporter.get_config(name)
+    model = exporter.load_model(config, seed=42)
+    model.save_pretrained(tmp_path / "ckpt")
+    manifest = build_model(name, tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lambda _: None)
+    assert manifest["verification"]["passed"]
+    assert manifest["source"]["checkpoint"] == str((tmp_path / "ckpt").resolve())
+    folder = tmp_path / "build" / name
+    with np.load(folder / REFERENCE) as reference:
+        inputs = model_inputs(dict(reference))
+    torch_inputs = {key: torch.from_numpy(value) for key, value in inputs.items()}
+
+    def logits_of(pytorch_model):
+        logits = exporter.reference_logits(config, pytorch_model, torch_inputs)
+        if config.upsample_logits_to:
+            logits = upsample_torch(logits, torch_inputs[config.upsample_logits_to].shape[2:])
+        return logits.numpy()
+
+    out = OnnxRuntimeEngine(folder / FILES["engine"]).run(inputs)
+    np.testing.assert_allclose(out, logits_of(model), atol=config.tolerance.atol, rtol=config.tolerance.rtol)
+    assert not np.allclose(out, logits_of(exporter.load_model(config, seed=0)), atol=1e-3)

@@ -189,20 +189,22 @@ def test_check_modulation_broadcasts_and_refuses_bad_values():
     utility, focus = check_modulation(1.5, [1.0, 0.0, -2.0], batch=2, num_classes=3)
     assert utility.tolist() == [1.5, 1.5] and focus.shape == (2, 3) and focus[1, 2] == -2.0
     assert check_modulation([0, 2], None, 2, 3)[1].tolist() == [[0, 0, 0], [0, 0, 0]]
-    for bad, message in [(float("nan"), "finite"), (float("inf"), "finite"), (-0.5, ">= 0"), ([1, 2, 3], "one value per sample")]:
+    for bad, message in [(float("nan"), "finite"), (float("inf"), "finite"), (-0.5, r"\[0, 10000\]"), (2e4, r"\[0, 10000\]"), ([1, 2, 3], "one value per sample")]:
         with pytest.raises(InvalidInputError, match=message):
             check_modulation(bad, None, 2, 3)
     with pytest.raises(InvalidInputError, match=r"one value per class \(3\).*got shape \[4\]"):
         check_modulation(0.0, [1, 2, 3, 4], 2, 3)
     with pytest.raises(InvalidInputError, match="finite"):
         check_modulation(0.0, [1, float("nan"), 3], 2, 3)
+    with pytest.raises(InvalidInputError, match="focus strengths must lie in"):
+        check_modulation(0.0, [1, -1e5, 3], 2, 3)
 
 
 def test_focus_vector():
     assert focus_vector(4, boost={1: 2.0}, suppress={3: 5.0}).tolist() == [0, 2, 0, -5]
     with pytest.raises(InvalidInputError, match="class 4 is out of range"):
         focus_vector(4, boost={4: 1.0})
-    with pytest.raises(InvalidInputError, match="finite and >= 0"):
+    with pytest.raises(InvalidInputError, match=r"must lie in \[0, 10000\]"):
         focus_vector(4, suppress={0: -1.0})
 
 
