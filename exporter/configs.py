@@ -75,15 +75,16 @@ class ExportConfig:
     # Patches needed while tracing (e.g. traceable attention masks for Llama).
     export_context: Callable[[], ContextManager] = contextlib.nullcontext
     opset: int = 17
-    # Sizes used by the verification run of `make engine` (per dynamic dim).
+    # Small sizes for tracing and for the verification run of `make engine`; dims that are dynamic
+    # get different values, so that no two of them can be mistaken for each other.
     verify_sizes: dict[str, int] = field(default_factory=dict)
 
     def sizes(self, **overrides: int) -> dict[str, int]:
-        """Optimal sizes of every dynamic dim, with overrides; unknown names are an error."""
+        """A size for every dynamic dim: the profile's opt, unless overridden; unknown names are an error."""
         unknown = set(overrides) - set(self.dims)
         if unknown:
             raise ValueError(f"{self.name} has no dynamic dims {sorted(unknown)}; it has {sorted(self.dims)}")
-        return {**{k: r.opt for k, r in self.dims.items()}, **self.verify_sizes, **overrides}
+        return {**{k: r.opt for k, r in self.dims.items()}, **overrides}
 
 
 _REGISTRY: dict[str, ExportConfig] = {}

@@ -52,8 +52,7 @@ def export_onnx(config: ExportConfig, model, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     module = config.wrap(model).eval()
-    # Export at sizes that differ per dim so that the tracer cannot confuse two dynamic dims.
-    inputs = example_inputs(config, model, batch=2)
+    inputs = example_inputs(config, model, **config.verify_sizes)
     names = [spec.name for spec in config.inputs]
     dynamic_axes = {spec.name: spec.dynamic_axes for spec in (*config.inputs, config.logits)}
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), config.export_context():

@@ -1,8 +1,8 @@
 """SegFormer semantic segmentation: logits [B, C, H/4, W/4], upsampled to [B, C, H, W] before modulation."""
 
-import torch
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
+from exporter.common import LogitsOnly, image_inputs
 from exporter.configs import DimRange, ExportConfig, TensorSpec, Tolerance, register
 
 
@@ -18,20 +18,6 @@ def build_tiny():
     return SegformerForSemanticSegmentation(config)
 
 
-class LogitsOnly(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).logits
-
-
-def make_inputs(model, sizes, generator):
-    shape = (sizes["batch"], model.config.num_channels, sizes["height"], sizes["width"])
-    return {"pixel_values": torch.randn(shape, generator=generator)}
-
-
 SEGFORMER = register(
     ExportConfig(
         name="segformer",
@@ -39,7 +25,7 @@ SEGFORMER = register(
         build_tiny=build_tiny,
         model_class=SegformerForSemanticSegmentation,
         wrap=LogitsOnly,
-        make_inputs=make_inputs,
+        make_inputs=image_inputs,
         inputs=(TensorSpec("pixel_values", "float32", ("batch", None, "height", "width")),),
         logits=TensorSpec("logits", "float32", ("batch", None, "logits_height", "logits_width")),
         class_axis=1,

@@ -23,7 +23,7 @@ def resnet(tmp_path_factory):
     from graph_passes.modulate import modulate_file
 
     modulated = modulate_file(exported, folder / "production.onnx", "logits", 1)
-    inputs = {k: v.numpy() for k, v in exporter.example_inputs(config, model, batch=32).items()}
+    inputs = {k: v.numpy() for k, v in exporter.example_inputs(config, model, batch=32, height=32, width=32).items()}
     bare = OnnxRuntimeEngine(exported).run(inputs)
     return OnnxRuntimeEngine(modulated), inputs, bare
 

@@ -65,7 +65,7 @@ def test_checkpoint_round_trip(tmp_path):
     original.save_pretrained(tmp_path / "ckpt")
     loaded = exporter.load_model(config, tmp_path / "ckpt")
     other_seed = exporter.load_model(config, seed=8)
-    inputs = exporter.example_inputs(config, original, batch=2)
+    inputs = exporter.example_inputs(config, original, batch=2, height=32, width=40)
     a = exporter.reference_logits(config, original, inputs)
     assert torch.equal(a, exporter.reference_logits(config, loaded, inputs))
     assert not torch.allclose(a, exporter.reference_logits(config, other_seed, inputs))
