@@ -24,6 +24,7 @@ from errors import AimError, VerificationError
 from exporter import Tolerance, export_onnx, get_config, load_model
 from graph_passes.io import atomic_path, load_onnx, save_onnx
 from graph_passes.modulate import modulate_graph, prepare
+from graph_passes.redistribution import MAX_STRENGTH
 from graph_passes.upsample import upsample_logits
 
 BACKENDS = ("onnxruntime",)
@@ -156,8 +157,8 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
             "num_classes": num_classes,
             "upsampled_to": config.upsample_logits_to,
             "formula": "logits' = logits + utility * n1 + focus * |n2|, n1, n2 ~ N(0,1) per element, fresh per run",
-            "utility": "FP32 [batch], >= 0, in logit units; 0 = the original model",
-            "focus": "FP32 [batch, classes], > 0 boosts a class, < 0 suppresses it",
+            "utility": f"FP32 [batch], in [0, {MAX_STRENGTH:g}] logit units; 0 = the original model",
+            "focus": f"FP32 [batch, classes], in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]; > 0 boosts a class, < 0 suppresses it",
         },
         "graph": graph_io(paths["modulated"]),
         "verification_graph": graph_io(paths["verification"]),
