@@ -18,16 +18,10 @@ from pathlib import Path
 from errors import AimError
 
 
-def _models() -> list[str]:
-    from exporter import list_models
-
-    return list_models()
-
-
 def cmd_models(args) -> int:
-    from exporter import get_config
+    from exporter import get_config, list_models
 
-    for name in _models():
+    for name in list_models():
         config = get_config(name)
         print(f"{name:10} {config.task:22} inputs: {', '.join(s.name for s in config.inputs)}")
     return 0
@@ -167,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except AimError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as error:
+    except (AimError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

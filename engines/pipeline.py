@@ -23,9 +23,8 @@ from engines.verify import REFERENCE, make_reference, verify_build
 from errors import AimError, VerificationError
 from exporter import Tolerance, export_onnx, get_config, load_model
 from graph_passes.io import atomic_path, load_onnx, save_onnx
-from graph_passes.modulate import modulate_graph, prepare
+from graph_passes.modulate import deployment_graphs
 from graph_passes.redistribution import MAX_STRENGTH
-from graph_passes.upsample import upsample_logits
 
 BACKENDS = ("onnxruntime",)
 FILES = {
@@ -40,7 +39,7 @@ FILES = {
 class Progress:
     def __init__(self, total: int, log: Callable[[str], None]):
         self.total, self.step, self.log = total, 0, log
-        self.started = self.last = time.perf_counter()
+        self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
 
     def __call__(self, what: str):
@@ -120,14 +119,13 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
     progress.done("export", paths["exported"].name)
 
     progress("graph passes: " + ("upsample logits, " if config.upsample_logits_to else "") + "redistribution (production + verification)")
-    exported = load_onnx(paths["exported"])
+    graphs = deployment_graphs(load_onnx(paths["exported"]), config.logits.name, config.class_axis, config.upsample_logits_to)
     if config.upsample_logits_to:
-        save_onnx(upsample_logits(prepare(exported), config.logits.name, like=config.upsample_logits_to), paths["bare"])
+        save_onnx(graphs["bare"], paths["bare"])
     else:
-        paths["bare"] = paths["exported"]
-    for flavour in ("production", "verification"):
-        graph = modulate_graph(prepare(exported), config.logits.name, config.class_axis, flavour, config.upsample_logits_to)
-        save_onnx(graph, paths["modulated" if flavour == "production" else "verification"])
+        paths["bare"] = paths["exported"]  # nothing changed: the exported file is the bare model
+    save_onnx(graphs["production"], paths["modulated"])
+    save_onnx(graphs["verification"], paths["verification"])
     progress.done("passes")
 
     progress(f"engine: {backend}")

@@ -159,20 +159,29 @@ REFERENCE_UTILITY = 2.5  # sigma of the noisy rows in the differential check
 REFERENCE_FOCUS = 4.0  # strength of the boosted and the suppressed class
 
 
+def pytorch_logits(config, model, inputs):
+    """The PyTorch model's logits as the deployed graph produces them: resized to the input by the
+    PyTorch twin of the upsample pass where the family asks for it."""
+    from exporter import reference_logits
+    from graph_passes.upsample import upsample_torch
+
+    logits = reference_logits(config, model, inputs)
+    if config.upsample_logits_to:
+        logits = upsample_torch(logits, inputs[config.upsample_logits_to].shape[2:])
+    return logits
+
+
 def make_reference(config, model, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs, knobs and seeded noise, and what PyTorch computes for them: the model's logits (resized
     as the graph resizes them) and the reference redistribution on top. Saved as reference.npz, so a
     later run (another backend, another machine) verifies against the same PyTorch outputs."""
     import torch
 
-    from exporter import example_inputs, reference_logits
+    from exporter import example_inputs
     from graph_passes.redistribution import redistribute_torch
-    from graph_passes.upsample import upsample_torch
 
     inputs = example_inputs(config, model, seed=seed, **config.verify_sizes)
-    logits = reference_logits(config, model, inputs)
-    if config.upsample_logits_to:
-        logits = upsample_torch(logits, inputs[config.upsample_logits_to].shape[2:])
+    logits = pytorch_logits(config, model, inputs)
     batch, classes = logits.shape[0], logits.shape[config.class_axis]
     utility = torch.zeros(batch)
     utility[1::2] = REFERENCE_UTILITY  # mixed service tiers in one batch

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from errors import InvalidGraphError
 from graph_passes.io import load_onnx, save_onnx
-from graph_passes.redistribution import add_redistribution
+from graph_passes.redistribution import FLAVOURS, add_redistribution
 from graph_passes.upsample import upsample_logits
 
 # Unsqueeze with axes as an input (13) and Shape with start/end (15) are used by the passes.
@@ -43,6 +43,19 @@ def modulate_graph(
     if upsample_to is not None:
         graph = upsample_logits(graph, logits, like=upsample_to)
     return add_redistribution(graph, logits, class_axis, flavour)
+
+
+def deployment_graphs(
+    model: onnx.ModelProto, logits: str = "logits", class_axis: int = 1, upsample_to: str | None = None
+) -> dict[str, gs.Graph]:
+    """The bare graph (logits upsampled if asked) and both modulated flavours built on copies of it."""
+    bare = prepare(model)
+    if upsample_to is not None:
+        bare = upsample_logits(bare, logits, like=upsample_to)
+    graphs = {"bare": bare}
+    for flavour in FLAVOURS:
+        graphs[flavour] = add_redistribution(bare.copy(), logits, class_axis, flavour)
+    return graphs
 
 
 def modulate_file(

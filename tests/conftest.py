@@ -13,8 +13,7 @@ from onnx import TensorProto, helper
 
 import exporter
 from graph_passes.io import load_onnx, save_onnx
-from graph_passes.modulate import modulate_graph, prepare
-from graph_passes.upsample import upsample_logits
+from graph_passes.modulate import deployment_graphs
 
 FAMILIES = exporter.list_models()
 
@@ -37,14 +36,11 @@ def family(request, tmp_path_factory) -> Exported:
     folder = tmp_path_factory.mktemp(config.name)
     exported = Exported(config, model, folder)
     exporter.export_onnx(config, model, exported.path("exported"))
-    proto = load_onnx(exported.path("exported"))
-    bare = prepare(proto)
-    if config.upsample_logits_to:
-        bare = upsample_logits(bare, config.logits.name, config.upsample_logits_to)
-    save_onnx(bare, exported.path("bare"))
-    for flavour in ("production", "verification"):
-        graph = modulate_graph(prepare(proto), config.logits.name, config.class_axis, flavour, config.upsample_logits_to)
-        save_onnx(graph, exported.path(flavour))
+    graphs = deployment_graphs(
+        load_onnx(exported.path("exported")), config.logits.name, config.class_axis, config.upsample_logits_to
+    )
+    for kind, graph in graphs.items():
+        save_onnx(graph, exported.path(kind))
     return exported
 
 

@@ -12,8 +12,7 @@ import exporter
 from engines.manifest import sha256
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.pipeline import FILES, build_model, report, verify_folder
-from engines.verify import REFERENCE, model_inputs
-from graph_passes.upsample import upsample_torch
+from engines.verify import REFERENCE, model_inputs, pytorch_logits
 from errors import AimError, CheckpointError, UnknownModelError, VerificationError
 
 
@@ -157,10 +156,7 @@ def test_local_checkpoint_end_to_end(tmp_path, name):
     torch_inputs = {key: torch.from_numpy(value) for key, value in inputs.items()}
 
     def logits_of(pytorch_model):
-        logits = exporter.reference_logits(config, pytorch_model, torch_inputs)
-        if config.upsample_logits_to:
-            logits = upsample_torch(logits, torch_inputs[config.upsample_logits_to].shape[2:])
-        return logits.numpy()
+        return pytorch_logits(config, pytorch_model, torch_inputs).numpy()
 
     out = OnnxRuntimeEngine(folder / FILES["engine"]).run(inputs)
     np.testing.assert_allclose(out, logits_of(model), atol=config.tolerance.atol, rtol=config.tolerance.rtol)

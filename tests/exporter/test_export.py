@@ -10,7 +10,7 @@ import torch
 import exporter
 from engines.onnxruntime import OnnxRuntimeEngine
 from errors import CheckpointError, UnknownModelError
-from graph_passes.upsample import upsample_torch
+from engines.verify import pytorch_logits
 
 # Shapes away from the export example (batch 2) on every dynamic dim.
 SHAPES = {
@@ -41,9 +41,7 @@ def test_dynamic_shapes_match_pytorch(family):
     engine = OnnxRuntimeEngine(family.path("production"))
     for sizes in SHAPES[config.name]:
         inputs = exporter.example_inputs(config, family.model, seed=3, **sizes)
-        expected = exporter.reference_logits(config, family.model, inputs)
-        if config.upsample_logits_to:
-            expected = upsample_torch(expected, inputs[config.upsample_logits_to].shape[2:])
+        expected = pytorch_logits(config, family.model, inputs)
         out = engine.run({k: v.numpy() for k, v in inputs.items()}, utility=0.0)
         assert out.shape == tuple(expected.shape)
         assert out.shape[0] == sizes["batch"]
