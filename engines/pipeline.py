@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from engines import onnxruntime as ort_engine
+from engines.generate import TOKENIZER_DIR
 from engines.manifest import file_entry, graph_io, package_versions, read_manifest, sha256, write_manifest
 from engines.verify import REFERENCE, make_reference, verify_build
 from errors import AimError, VerificationError
@@ -112,7 +113,10 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
     model = load_model(config, checkpoint, seed)
     num_classes = config.num_classes(model)
     parameters = sum(p.numel() for p in model.parameters())
-    progress.done("load", f"{parameters:,} parameters, {num_classes} classes")
+    tokenizer = config.tokenizer(model, checkpoint) if config.tokenizer else None
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder / TOKENIZER_DIR)  # generation needs nothing but the build folder
+    progress.done("load", f"{parameters:,} parameters, {num_classes} classes" + (f", tokenizer of {len(tokenizer)} tokens" if tokenizer is not None else ""))
 
     progress("export to ONNX (torch.onnx, dynamic " + ", ".join(config.dims) + ")")
     export_onnx(config, model, paths["exported"])
@@ -134,14 +138,18 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
 
     progress("verify: PyTorch vs engine (element-wise), production noise statistics")
     reference = make_reference(config, model, seed)
+    if config.task_reference:
+        reference.update(config.task_reference(config, model, tokenizer, seed))
     with atomic_path(folder / REFERENCE) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **reference)
-    checks = run_checks(folder, paths, config.tolerance, config.class_axis, config.dims["batch"].max, seed)
+    checks = run_checks(folder, paths, config.tolerance, config.class_axis, config.dims["batch"].max, seed, config.task_checks)
     passed = all(check.passed for check in checks)
     progress.done("verify", "passed" if passed else "FAILED")
 
     artifacts = {key: file_entry(path, folder) for key, path in paths.items()}
     artifacts["reference"] = file_entry(folder / REFERENCE, folder)
+    if tokenizer is not None and (folder / TOKENIZER_DIR / "tokenizer.json").is_file():
+        artifacts["tokenizer"] = file_entry(folder / TOKENIZER_DIR / "tokenizer.json", folder)
     manifest = {
         "model": config.name,
         "task": config.task,
@@ -175,15 +183,21 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
     return manifest
 
 
-def run_checks(folder: Path, paths: dict, tolerance: Tolerance, class_axis: int, max_batch: int, seed: int = 0):
-    """The checks of a build folder against its reference.npz (PyTorch outputs stored at build time)."""
+def run_checks(
+    folder: Path, paths: dict, tolerance: Tolerance, class_axis: int, max_batch: int, seed: int = 0, task_checks=None
+):
+    """The checks of a build folder against its reference.npz (PyTorch outputs stored at build time);
+    `task_checks(engine, reference, tolerance)`: the family's task-level checks (e.g. generation)."""
     import onnxruntime
 
     with np.load(folder / REFERENCE) as stored:
         reference = dict(stored)
     onnxruntime.set_seed(seed)  # reproducible statistics; production runs are not seeded
     runners = [ort_engine.OnnxRuntimeEngine(paths[key]) for key in ("bare", "verification", "engine")]
-    return verify_build(*runners, reference, tolerance, class_axis, max_batch, seed)
+    checks = verify_build(*runners, reference, tolerance, class_axis, max_batch, seed)
+    if task_checks:
+        checks += task_checks(runners[2], reference, tolerance)
+    return checks
 
 
 def verify_folder(folder: str | os.PathLike, seed: int = 0) -> dict:
@@ -196,7 +210,8 @@ def verify_folder(folder: str | os.PathLike, seed: int = 0) -> dict:
             raise AimError(f"{paths[key]} is missing or changed since the build (sha256 differs): rebuild with `make engine`")
     tolerance = Tolerance(**manifest["verification"]["tolerance"])
     checks = run_checks(
-        folder, paths, tolerance, manifest["modulation"]["class_axis"], manifest["dynamic_dims"]["batch"]["max"], seed
+        folder, paths, tolerance, manifest["modulation"]["class_axis"], manifest["dynamic_dims"]["batch"]["max"], seed,
+        get_config(manifest["model"]).task_checks,
     )
     manifest["verification"]["checks"] = [check.as_dict() for check in checks]
     manifest["verification"]["passed"] = all(check.passed for check in checks)

@@ -16,15 +16,17 @@ from errors import UnknownModelError
 
 @dataclass(frozen=True)
 class DimRange:
-    """A dynamic dimension's range: TensorRT's optimization profile (min, opt, max)."""
+    """A dynamic dimension's range: TensorRT's optimization profile (min, opt, max).
+
+    min may be 0 where an empty tensor is meaningful: a KV cache before the first token (prefill)."""
 
     min: int
     opt: int
     max: int
 
     def __post_init__(self):
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"need 1 <= min <= opt <= max, got {self}")
+        if not 0 <= self.min <= self.opt <= self.max or self.max < 1:
+            raise ValueError(f"need 0 <= min <= opt <= max and max >= 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,25 @@ class ExportConfig:
     # Small sizes for tracing and for the verification run of `make engine`; dims that are dynamic
     # get different values, so that no two of them can be mistaken for each other.
     verify_sizes: dict[str, int] = field(default_factory=dict)
+    # Inputs and outputs whose number depends on the built model, after `inputs` and `logits`: a KV
+    # cache has one key and one value tensor per layer. model -> (extra inputs, extra outputs).
+    model_io: Callable[["object"], tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] | None = None
+    # The model's tokenizer (text families): (model, checkpoint folder or None) -> a transformers
+    # tokenizer; saved with the build so that generation needs nothing else.
+    tokenizer: Callable[["object", "object"], "object"] | None = None
+    # Task-level verification beyond the logits (e.g. generation): `task_reference(config, model,
+    # tokenizer, seed)` computes PyTorch outputs at build time (stored in reference.npz), and
+    # `task_checks(engine, reference)` checks the built engine against them (list of verify.Check).
+    task_reference: Callable[..., dict] | None = None
+    task_checks: Callable[..., list] | None = None
+
+    def input_specs(self, model) -> tuple[TensorSpec, ...]:
+        """Every graph input of the exported model, in order (before utility and focus)."""
+        return self.inputs + (self.model_io(model)[0] if self.model_io else ())
+
+    def output_specs(self, model) -> tuple[TensorSpec, ...]:
+        """Every graph output, the logits first."""
+        return (self.logits,) + (self.model_io(model)[1] if self.model_io else ())
 
     def sizes(self, **overrides: int) -> dict[str, int]:
         """A size for every dynamic dim: the profile's opt, unless overridden; unknown names are an error."""

@@ -53,8 +53,9 @@ def export_onnx(config: ExportConfig, model, path: str | os.PathLike) -> Path:
     path = Path(path)
     module = config.wrap(model).eval()
     inputs = example_inputs(config, model, **config.verify_sizes)
-    names = [spec.name for spec in config.inputs]
-    dynamic_axes = {spec.name: spec.dynamic_axes for spec in (*config.inputs, config.logits)}
+    input_specs, output_specs = config.input_specs(model), config.output_specs(model)
+    names = [spec.name for spec in input_specs]
+    dynamic_axes = {spec.name: spec.dynamic_axes for spec in (*input_specs, *output_specs)}
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), config.export_context():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(
@@ -62,7 +63,7 @@ def export_onnx(config: ExportConfig, model, path: str | os.PathLike) -> Path:
             tuple(inputs[name] for name in names),
             str(tmp),
             input_names=names,
-            output_names=[config.logits.name],
+            output_names=[spec.name for spec in output_specs],
             dynamic_axes=dynamic_axes,
             opset_version=config.opset,
             dynamo=False,
@@ -72,5 +73,11 @@ def export_onnx(config: ExportConfig, model, path: str | os.PathLike) -> Path:
 
 def reference_logits(config: ExportConfig, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The PyTorch model's logits for `inputs`, as the exported graph computes them."""
+    outputs = reference_outputs(config, model, inputs)
+    return outputs[0] if isinstance(outputs, tuple) else outputs
+
+
+def reference_outputs(config: ExportConfig, model, inputs: dict[str, torch.Tensor]):
+    """Every output of the wrapped PyTorch model (the logits first; a tuple if there are several)."""
     with torch.no_grad():
-        return config.wrap(model).eval()(*(inputs[spec.name] for spec in config.inputs))
+        return config.wrap(model).eval()(*(inputs[spec.name] for spec in config.input_specs(model)))
