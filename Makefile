@@ -8,12 +8,17 @@ MODEL ?= segformer
 BACKEND ?= onnxruntime
 OUT ?= build
 CHECKPOINT ?=
+PROMPT ?= def main():
+UTILITY ?= 0
+FOCUS ?=
+MAX_NEW_TOKENS ?= 32
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: engine test models clean help
+.PHONY: engine generate test models clean help
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
+	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
 
@@ -26,6 +31,11 @@ $(STAMP): pyproject.toml
 
 engine: $(STAMP)
 	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+# Builds the engine first if there is none yet.
+generate: $(STAMP)
+	@test -f $(OUT)/$(MODEL)/manifest.json || $(MAKE) --no-print-directory engine MODEL=$(MODEL) OUT=$(OUT) BACKEND=$(BACKEND) CHECKPOINT=$(CHECKPOINT)
+	$(PY) -m cli generate $(OUT)/$(MODEL) --prompt "$(PROMPT)" --utility $(UTILITY) --max-new-tokens $(MAX_NEW_TOKENS) $(if $(FOCUS),--focus "$(FOCUS)")
 
 models: $(STAMP)
 	$(PY) -m cli models

@@ -7,6 +7,8 @@
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
     aim verify build/MODEL                       re-run the checks of a build against its PyTorch reference
+    aim generate build/llama --prompt TEXT [--utility 0.5] [--focus "+word=5,-other=10"] [--max-new-tokens 32]
+                                                 text from a built language model, streamed token by token
 """
 
 from __future__ import annotations
@@ -105,6 +107,36 @@ def cmd_verify(args) -> int:
     return 0 if manifest["verification"]["passed"] else 1
 
 
+def cmd_generate(args) -> int:
+    from engines.generate import generate_text
+
+    folder = Path(args.folder)
+    if not folder.is_dir() and (Path(args.out) / args.folder).is_dir():
+        folder = Path(args.out) / args.folder  # a model name: its build under --out
+    if not (folder / "manifest.json").is_file():
+        raise AimError(f"{args.folder}: no build there. Build it first: `make engine MODEL={folder.name}`")
+    prompts = args.prompt or [""]
+    streaming = len(prompts) == 1 and not args.quiet
+    if streaming:
+        print(prompts[0], end="", flush=True)
+    texts, run = generate_text(
+        folder, prompts, utility=args.utility, focus=args.focus, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        stream=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
+    )
+    if streaming:
+        print()
+    else:
+        for prompt, text in zip(prompts, texts):
+            print(f"{prompt}{text}")
+    print(
+        f"[{run.tokens.size} tokens in {run.seconds:.2f} s, {run.tokens_per_second:.0f} tokens/s; "
+        f"utility {args.utility:g}{', focus ' + args.focus if args.focus else ''}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="aim", description="AIM model modulation: export, modulate, build, run, verify.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -154,6 +186,19 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-run a build's checks against its stored PyTorch reference")
     p.add_argument("folder", help="a build folder, e.g. build/resnet")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("generate", help="generate text with a built language model (streamed)")
+    p.add_argument("folder", help="a build folder (build/llama) or a model name built under --out")
+    p.add_argument("--prompt", action="append", help="the prompt; repeat for a batch (different lengths are left-padded)")
+    p.add_argument("--utility", type=float, default=0.0, help="noise scale sigma >= 0 in logit units, every step (0 = original)")
+    p.add_argument("--focus", help='tokens to boost or suppress: "+word=5,-other=10,+#123=4" (#N: token id N)')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, help="seeds sampling and the engine's noise")
+    p.add_argument("--out", default="build", help="build root when FOLDER is a model name (default: build)")
+    p.add_argument("--quiet", action="store_true", help="no streaming: print the texts at the end")
+    p.set_defaults(func=cmd_generate)
     return top
 
 

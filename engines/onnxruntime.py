@@ -119,6 +119,13 @@ class OnnxRuntimeEngine:
             checked[name] = array
         return checked
 
+    @staticmethod
+    def set_seed(seed: int):
+        """Seeds ONNX Runtime's random ops (process-wide): repeatable noise for tests and demos."""
+        import onnxruntime as ort
+
+        ort.set_seed(int(seed))
+
     def infer(self, feed: dict) -> dict[str, np.ndarray]:
         values = self.session.run(None, self.check_feed(feed))
         return dict(zip(self.outputs, values))
