@@ -255,6 +255,8 @@ def load_build(folder: str | os.PathLike):
     from engines.onnxruntime import OnnxRuntimeEngine
 
     folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        raise AimError(f"{folder}: no build there (no manifest.json). Build one with `make engine MODEL=llama`.")
     manifest = read_manifest(folder)
     if not (folder / TOKENIZER_DIR).is_dir():
         raise AimError(f"{folder} has no {TOKENIZER_DIR}/: it is not a text-generation build. Build one with `make engine MODEL=llama`.")

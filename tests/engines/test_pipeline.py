@@ -36,8 +36,10 @@ def test_artifacts_and_manifest(built):
     assert {"torch", "onnx", "onnxruntime", "transformers", "python"} <= set(written["versions"])
     names = [t["name"] for t in written["graph"]["inputs"]]
     config = exporter.get_config(manifest["model"])
-    assert names == [s.name for s in config.inputs] + ["utility", "focus"]
-    assert [t["name"] for t in written["graph"]["outputs"]] == ["logits"]
+    model = exporter.load_model(config)
+    assert names == [s.name for s in config.input_specs(model)] + ["utility", "focus"]
+    assert [t["name"] for t in written["graph"]["outputs"]] == [s.name for s in config.output_specs(model)]
+    assert written["graph"]["outputs"][0]["name"] == "logits"
     assert written["graph"]["inputs"][-1]["dims"] == ["batch", written["modulation"]["num_classes"]]
     for check in written["verification"]["checks"]:
         assert check["passed"], check

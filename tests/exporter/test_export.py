@@ -27,10 +27,11 @@ def test_every_family_has_shapes_here():
 def test_exported_graph_declares_dynamic_axes(family):
     graph = onnx.load(str(family.path("exported"))).graph
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
-    for spec in family.config.inputs:
+    for spec in family.config.input_specs(family.model):
         for axis, name in spec.dynamic_axes.items():
             assert dims[spec.name][axis] == name
-    assert [o.name for o in graph.output] == [family.config.logits.name]
+    assert [o.name for o in graph.output] == [s.name for s in family.config.output_specs(family.model)]
+    assert graph.output[0].name == family.config.logits.name
     # The config's rank holds: Llama exports next-token logits [B, V], never [B, S, V].
     assert len(graph.output[0].type.tensor_type.shape.dim) == len(family.config.logits.dims)
 

@@ -1,0 +1,291 @@
+"""Modulated text generation: the KV-cache engine against PyTorch, the knobs per token, the CLI."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import special, stats
+
+import exporter
+from cli import main as cli_main
+from engines.generate import (
+    TOKENIZER_DIR,
+    generate,
+    generate_text,
+    kv_vs_recompute,
+    last_logits,
+    load_build,
+    pad_left,
+    parse_focus,
+    sample,
+    token_focus,
+    word_tokens,
+)
+from engines.pipeline import build_model
+from engines.verify import KS_ALPHA, statistical_checks
+from errors import AimError, InvalidInputError
+
+CONFIG = exporter.get_config("llama")
+NEW_TOKENS = 16
+# Prompts of different lengths, as token ids (3 left-padded rows when batched).
+PROMPTS = [[5, 900, 17, 4242, 31000, 77, 12], [18, 2], [400, 401, 402, 403]]
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """The llama family built by the pipeline (tiny random weights, seed 0), and the same PyTorch model."""
+    out = tmp_path_factory.mktemp("build")
+    build_model("llama", out, log=lambda _: None)
+    engine, tokenizer, manifest = load_build(out / "llama")
+    return out / "llama", engine, tokenizer, manifest, exporter.load_model(CONFIG, seed=0)
+
+
+def torch_greedy(model, ids, mask, new_tokens, stop=(), pad=0):
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=pad, eos_token_id=list(stop) or None, top_k=None, top_p=None, temperature=None,
+        )
+    return out[:, ids.shape[1]:].numpy()
+
+
+@pytest.mark.parametrize("rows", [[0], [0, 1, 2]], ids=["batch1", "padded_batch3"])
+def test_greedy_tokens_equal_pytorch_generate(build, rows):
+    _, engine, _, _, model = build
+    ids, mask = pad_left([PROMPTS[r] for r in rows], pad_token_id=0)
+    expected = torch_greedy(model, ids, mask, NEW_TOKENS)
+    run = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS, utility=0.0)
+    assert run.tokens.shape == (len(rows), NEW_TOKENS)
+    np.testing.assert_array_equal(run.tokens, expected)
+    assert len({tuple(r) for r in run.tokens}) == len(rows)  # the rows really are different sequences
+
+
+def test_stop_tokens_end_a_sequence_as_generate_does(build):
+    """The second token a row greedily generates is made a stop token: that row pads afterwards, others go on."""
+    _, engine, _, _, model = build
+    ids, mask = pad_left(PROMPTS, pad_token_id=0)
+    free = generate(engine, ids, mask, max_new_tokens=6).tokens
+    stop = int(free[1, 1])
+    run = generate(engine, ids, mask, max_new_tokens=6, stop_tokens=[stop], pad_token_id=0)
+    np.testing.assert_array_equal(run.tokens, torch_greedy(model, ids, mask, 6, stop=[stop], pad=0))
+    assert run.finished[1] and run.tokens[1, 1] == stop and np.all(run.tokens[1, 2:] == 0)
+
+
+def test_kv_cache_matches_full_recompute(build):
+    """Through the cache vs recomputing every step from scratch: both on the engine, and vs PyTorch.
+    Tolerance: the family's fp32 atol 1e-4 (measured ~2e-7)."""
+    _, engine, _, _, model = build
+    ids, mask = pad_left(PROMPTS, pad_token_id=0)
+    assert kv_vs_recompute(engine, ids, mask, steps=8) <= CONFIG.tolerance.atol
+    run = generate(engine, ids, mask, max_new_tokens=8, keep_logits=True)
+    full_ids = np.concatenate([ids, run.tokens[:, :-1]], axis=1)
+    full_mask = np.concatenate([mask, np.ones((3, 7), np.int64)], axis=1)
+    with torch.no_grad():
+        reference = model(
+            input_ids=torch.from_numpy(full_ids), attention_mask=torch.from_numpy(full_mask),
+            position_ids=torch.from_numpy(np.clip(np.cumsum(full_mask, 1) - 1, 0, None) * full_mask + (1 - full_mask)),
+        ).logits[:, -1].numpy()
+    np.testing.assert_allclose(run.logits[-1], reference, atol=CONFIG.tolerance.atol, rtol=CONFIG.tolerance.rtol)
+    np.testing.assert_allclose(last_logits(engine, full_ids, full_mask), reference, atol=CONFIG.tolerance.atol)
+
+
+class Recorder:
+    """An engine that records the feeds of a generation (the decode states), passing them through."""
+
+    def __init__(self, engine):
+        self.engine, self.feeds = engine, []
+        self.inputs = engine.inputs
+
+    def infer(self, feed):
+        self.feeds.append(dict(feed))
+        return self.engine.infer(feed)
+
+
+def decode_state(engine, step=4):
+    """The inputs of a real decode step (one new token after a cache of prompt + `step` tokens), knobs removed."""
+    recorder = Recorder(engine)
+    ids, mask = pad_left(PROMPTS, pad_token_id=0)
+    generate(recorder, ids, mask, max_new_tokens=step + 1)
+    feed = recorder.feeds[step]
+    assert feed["input_ids"].shape == (3, 1) and feed["past_key_values.0.key"].shape[2] == ids.shape[1] + step - 1
+    return {k: v for k, v in feed.items() if k not in ("utility", "focus")}
+
+
+def test_per_token_noise_statistics_follow_spec(build):
+    """SPEC section 5 on a real decode step through the cache, with engines/verify.py's checks."""
+    _, engine, _, _, _ = build
+    inputs = decode_state(engine)
+    engine.set_seed(0)
+    bare = engine.run(inputs, 0.0, None)
+    checks = statistical_checks(engine, inputs, bare, class_axis=1, seed=0)
+    assert len(checks) == 7
+    for check in checks:
+        assert check.passed, check
+
+
+def top1_probability(logits: np.ndarray, sigma: float, nodes: int = 96) -> np.ndarray:
+    """SPEC section 3: P(clean top-1 still wins under utility sigma) per row, by Gauss-Hermite
+    quadrature of  integral phi(t) prod_{j != y} Phi((z_y - z_j) / sigma + t) dt  (sum of log Phi)."""
+    x, w = np.polynomial.hermite.hermgauss(nodes)
+    t = np.sqrt(2.0) * x
+    out = []
+    for z in logits.astype(np.float64):
+        y = np.argmax(z)
+        gaps = np.delete(z[y] - z, y) / sigma
+        log_phi = special.log_ndtr(gaps[None, :] + t[:, None]).sum(axis=1)
+        out.append(float(np.sum(w * np.exp(log_phi)) / np.sqrt(np.pi)))
+    return np.array(out)
+
+
+def test_greedy_agreement_per_token_follows_theory(build):
+    """At utility sigma, the engine's greedy token equals the clean one with probability P_top1(sigma)."""
+    _, engine, _, _, _ = build
+    state = decode_state(engine)
+    inputs = {k: np.concatenate([v] * 2) for k, v in state.items()}  # batch 6
+    engine.set_seed(1)
+    clean = engine.run(inputs, 0.0, None)
+    sigma, runs = 0.05, 150
+    hits = np.mean([np.argmax(engine.run(inputs, sigma, None), 1) == np.argmax(clean, 1) for _ in range(runs)], axis=0)
+    theory = top1_probability(clean, sigma)
+    assert 0.05 < theory.mean() < 0.95  # a sigma where the test can tell theory from 0 or 1
+    stderr = np.sqrt(np.sum(theory * (1 - theory)) / runs) / len(theory)
+    assert abs(hits.mean() - theory.mean()) < 4 * stderr, (hits, theory)
+
+
+def test_boosted_token_appears_more_often(build):
+    _, engine, tokenizer, _, _ = build
+    ids, mask = pad_left(PROMPTS, pad_token_id=0)
+    plain = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS).tokens
+    target = next(t for t in range(1000, 32000) if t not in plain)
+    focus = token_focus(tokenizer, 32000, boost={target: 2.0})
+    engine.set_seed(2)
+    boosted = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS, focus=focus).tokens
+    # Boost 2 lifts a median token past the top (~0.65 logit units above it) when |n| > ~0.33: ~3/4 of steps.
+    assert np.mean(boosted == target) > 0.4 and np.mean(plain == target) == 0
+
+
+def test_suppressed_token_never_wins(build):
+    _, engine, tokenizer, _, _ = build
+    ids, mask = pad_left(PROMPTS, pad_token_id=0)
+    plain = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS).tokens
+    favourite = int(plain[0, 0])  # row 0's greedy first token
+    focus = np.zeros((3, 32000), np.float32)
+    focus[:, favourite] = -1e4  # strong suppression for every row
+    for seed in range(3):
+        engine.set_seed(seed)
+        run = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS, utility=0.02, focus=focus)
+        assert favourite not in run.tokens
+    assert favourite in plain
+
+
+def test_knobs_change_per_step_and_per_sequence(build):
+    """A callable utility: clean for the first 3 steps, then noisy for row 1 only."""
+    _, engine, _, _, _ = build
+    ids, mask = pad_left(PROMPTS, pad_token_id=0)
+    plain = generate(engine, ids, mask, max_new_tokens=10).tokens
+    seen = []
+
+    def utility(step, tokens):
+        seen.append(tokens.shape)
+        return np.array([0.0, 5.0 if step >= 3 else 0.0, 0.0], np.float32)
+
+    engine.set_seed(3)
+    run = generate(engine, ids, mask, max_new_tokens=10, utility=utility)
+    assert seen[0] == (3, 0) and seen[4] == (3, 4)
+    np.testing.assert_array_equal(run.tokens[[0, 2]], plain[[0, 2]])
+    np.testing.assert_array_equal(run.tokens[1, :3], plain[1, :3])
+    assert np.mean(run.tokens[1, 3:] != plain[1, 3:]) > 0.5  # sigma 5 >> logit spread 0.16: scrambled
+
+
+def test_sampling_is_seeded_and_top_k_restricts(build):
+    _, engine, _, _, _ = build
+    ids, mask = pad_left(PROMPTS, pad_token_id=0)
+    first = generate(engine, ids, mask, max_new_tokens=8, temperature=1.0, top_k=4, seed=11).tokens
+    again = generate(engine, ids, mask, max_new_tokens=8, temperature=1.0, top_k=4, seed=11).tokens
+    other = generate(engine, ids, mask, max_new_tokens=8, temperature=1.0, top_k=4, seed=12).tokens
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    logits = np.random.default_rng(0).normal(size=(2000, 50))
+    drawn = sample(logits, 1.0, 3, np.random.default_rng(1))
+    top3 = np.argsort(-logits, axis=1)[:, :3]
+    assert all(d in row for d, row in zip(drawn, top3))
+    assert np.array_equal(sample(logits, 0.0, 3, None), np.argmax(logits, 1))
+    # Temperature-1 sampling from two logits with gap log 3 picks the larger 3/4 of the time.
+    pair = np.tile([[np.log(3.0), 0.0]], (20000, 1))
+    share = np.mean(sample(pair, 1.0, 0, np.random.default_rng(2)) == 0)
+    assert stats.binomtest(int(share * 20000), 20000, 0.75).pvalue > KS_ALPHA
+
+
+def test_focus_on_words_and_ids(build):
+    _, _, tokenizer, _, _ = build
+    boost, suppress = parse_focus("+fox=5, -import=10,+#123=4")
+    assert boost == {"fox": 5.0, 123: 4.0} and suppress == {"import": 10.0}
+    focus = token_focus(tokenizer, 32000, boost, suppress)
+    fox, imp = word_tokens(tokenizer, "fox"), word_tokens(tokenizer, "import")
+    assert len(fox) == 2 and all(focus[t] == 5.0 for t in fox)  # "fox" and " fox" are different tokens
+    assert all(focus[t] == -10.0 for t in imp) and focus[123] == 4.0
+    assert np.count_nonzero(focus) == len(fox) + len(imp) + 1
+    assert tokenizer.decode([fox[0]]).strip().startswith("f")
+    for bad in ("fox=5", "+fox", "+fox=lots"):
+        with pytest.raises(InvalidInputError, match="focus"):
+            parse_focus(bad)
+    with pytest.raises(InvalidInputError, match="out of range"):
+        token_focus(tokenizer, 32000, boost={40000: 1.0})
+
+
+def test_bad_generation_input(build, tmp_path):
+    folder, engine, _, _, _ = build
+    with pytest.raises(InvalidInputError, match="temperature"):
+        generate(engine, [[1, 2]], temperature=-1.0)
+    with pytest.raises(InvalidInputError, match="at least one token"):
+        generate(engine, [[1, 2], []])
+    with pytest.raises(InvalidInputError, match="utility"):
+        generate(engine, [[1, 2]], utility=-1.0)
+    with pytest.raises(AimError, match="no build there"):
+        load_build(tmp_path)
+
+
+def test_cli_streams_text(build, capsys):
+    folder, _, tokenizer, _, _ = build
+    assert cli_main(["generate", str(folder), "--prompt", "def main():", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    texts, run = generate_text(folder, ["def main():"], max_new_tokens=6)
+    assert out == "def main():" + texts[0] + "\n"
+    assert "6 tokens" in err and "tokens/s" in err
+    assert cli_main(["generate", str(folder), "--prompt", "a", "--focus", "oops"]) == 2
+    assert "focus items" in capsys.readouterr().err
+
+
+def test_local_checkpoint_with_its_own_tokenizer(tmp_path):
+    """A tiny Llama and a tokenizer of its own, saved with save_pretrained here, go through export,
+    engine and generation; the build uses the checkpoint's tokenizer, not the local default."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["the cat sat on the mat", "a dog and a cat", "once upon a time there was a fox"]
+    words.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=256,
+    )).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+
+    manifest = build_model("llama", tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lambda _: None)
+    checks = {c["name"]: c for c in manifest["verification"]["checks"]}
+    assert manifest["verification"]["passed"] and checks["greedy tokens at utility 0 = PyTorch generate()"]["passed"]
+    folder = tmp_path / "build" / "llama"
+    engine, built_tokenizer, _ = load_build(folder)
+    assert len(built_tokenizer) == len(tokenizer) < 64 and built_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert len([n for n in engine.inputs if n.startswith("past_key_values.")]) == 6  # 3 layers
+    prompts = ["the cat sat", "once upon a time there was"]
+    texts, run = generate_text(folder, prompts, max_new_tokens=8)
+    encoded = built_tokenizer(prompts, padding=True, return_tensors="np")
+    ids, mask = encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
+    assert mask.min() == 0  # prompts of different lengths: a padded batch
+    expected = torch_greedy(model, ids, mask, 8, stop=[2], pad=2)
+    np.testing.assert_array_equal(run.tokens, expected)
+    assert all(isinstance(t, str) for t in texts) and (folder / TOKENIZER_DIR / "tokenizer.json").is_file()
