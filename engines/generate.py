@@ -7,7 +7,8 @@ temperature and top-k sampling then happen on the host, on the redistributed log
 the redistribution comes before argmax, temperature, top-k and sampling).
 
 The knobs are per sequence and may change per step: `utility` is a number, a [B] array, or a callable
-`(step, tokens so far [B, t]) -> number | [B]`; `focus` is None, [V], [B, V], or such a callable.
+`(step, tokens so far [B, t]) -> number | [B]`; `focus` is None, [V], [B, V], or such a callable;
+`per_step([...])` turns a list of per-step values into one.
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ def position_ids(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
     positions = np.cumsum(attention_mask, axis=-1) - 1
     positions[attention_mask == 0] = 1
     return positions[:, -new_tokens:].astype(np.int64)
+
+
+def per_step(values) -> Callable[[int, np.ndarray], object]:
+    """A knob that changes per step from a list of per-step values (numbers, [B] or [V] / [B, V]
+    arrays); the last value holds for the steps after the list ends."""
+    values = list(values)
+    if not values:
+        raise InvalidInputError("per_step needs at least one value")
+    return lambda step, tokens: values[min(step, len(values) - 1)]
 
 
 def _knob_at(knob, step: int, tokens: np.ndarray):

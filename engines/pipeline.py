@@ -166,6 +166,7 @@ def _build(config, folder: Path, checkpoint, backend: str, seed: int, log) -> di
             "utility": f"FP32 [batch], in [0, {MAX_STRENGTH:g}] logit units; 0 = the original model",
             "focus": f"FP32 [batch, classes], in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]; > 0 boosts a class, < 0 suppresses it",
         },
+        "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,  # text families: what generation decodes with
         "graph": graph_io(paths["modulated"]),
         "verification_graph": graph_io(paths["verification"]),
         "dynamic_dims": {name: asdict(rng) for name, rng in config.dims.items()},

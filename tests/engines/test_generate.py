@@ -15,6 +15,7 @@ from engines.generate import (
     last_logits,
     load_build,
     pad_left,
+    per_step,
     parse_focus,
     sample,
     token_focus,
@@ -194,6 +195,14 @@ def test_knobs_change_per_step_and_per_sequence(build):
     np.testing.assert_array_equal(run.tokens[[0, 2]], plain[[0, 2]])
     np.testing.assert_array_equal(run.tokens[1, :3], plain[1, :3])
     assert np.mean(run.tokens[1, 3:] != plain[1, 3:]) > 0.5  # sigma 5 >> logit spread 0.16: scrambled
+    # The same schedule as per-step arrays; focus too: suppress row 2's clean step-5 token from step 5 on.
+    suppress = np.zeros((3, 32000), np.float32)
+    suppress[2, plain[2, 5]] = -1e4
+    steps = [np.array([0.0, 5.0 if step >= 3 else 0.0, 0.0], np.float32) for step in range(4)]
+    again = generate(engine, ids, mask, max_new_tokens=10, utility=per_step(steps), focus=per_step([None] * 5 + [suppress]))
+    np.testing.assert_array_equal(again.tokens[0], plain[0])
+    np.testing.assert_array_equal(again.tokens[2, :5], plain[2, :5])
+    assert again.tokens[2, 5] != plain[2, 5] and np.array_equal(again.tokens[1, :3], plain[1, :3])
 
 
 def test_sampling_is_seeded_and_top_k_restricts(build):
