@@ -50,7 +50,10 @@ def local_tokenizer(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIAL):
-        raise CheckpointError(f"a byte-level tokenizer needs a vocabulary of at least {256 + len(SPECIAL)}, the model has {vocab_size}")
+        raise CheckpointError(
+            f"the model has {vocab_size} logits, too few for the local byte-level tokenizer ({256 + len(SPECIAL)} at "
+            f"least): save the checkpoint's own tokenizer beside it with `tokenizer.save_pretrained(DIR)`"
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained(vocab_size)),
         unk_token=SPECIAL[0],

@@ -298,3 +298,16 @@ def test_local_checkpoint_with_its_own_tokenizer(tmp_path):
     expected = torch_greedy(model, ids, mask, 8, stop=[2], pad=2)
     np.testing.assert_array_equal(run.tokens, expected)
     assert all(isinstance(t, str) for t in texts) and (folder / TOKENIZER_DIR / "tokenizer.json").is_file()
+
+
+def test_local_tokenizer_is_deterministic_and_fits_the_model():
+    from exporter.text import local_tokenizer, model_tokenizer
+
+    first, again = local_tokenizer(32000), local_tokenizer(32000)
+    assert len(first) == 32000 and first.get_vocab() == again.get_vocab()
+    assert [first.unk_token_id, first.bos_token_id, first.eos_token_id] == [0, 1, 2]  # Llama's ids
+    text = "def main():\n    return 'naïve ✓'"
+    assert first.decode(first.encode(text, add_special_tokens=False)) == text  # byte-level: any text round-trips
+    small = type("Model", (), {"config": type("Config", (), {"vocab_size": 100})()})()
+    with pytest.raises(AimError, match="save the checkpoint's own tokenizer"):
+        model_tokenizer(small, None)
