@@ -121,9 +121,10 @@ def generate(
     left here) or a left-padded [B, S] array with its `attention_mask`. A sequence stops at any of
     `stop_tokens` and is padded with `pad_token_id` afterwards; the loop ends when all have stopped.
     `on_token(step, tokens [B], finished [B])` is called after each step (streaming)."""
-    if attention_mask is None:
-        ids, mask = pad_left([list(p) for p in input_ids], pad_token_id) if not isinstance(input_ids, np.ndarray) else (
-            input_ids.astype(np.int64), np.ones(input_ids.shape, np.int64))
+    if attention_mask is None and isinstance(input_ids, np.ndarray):
+        ids, mask = input_ids.astype(np.int64), np.ones(input_ids.shape, np.int64)  # no padding
+    elif attention_mask is None:
+        ids, mask = pad_left([list(prompt) for prompt in input_ids], pad_token_id)
     else:
         ids, mask = np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64)
         if ids.shape != mask.shape or ids.ndim != 2:
@@ -143,12 +144,11 @@ def generate(
     rng = np.random.default_rng(seed)
     stops = np.array(sorted({int(t) for t in np.atleast_1d(stop_tokens)}) or [-1], np.int64)
 
-    past = {}
+    past = {}  # prefill: an empty cache, [B, heads, 0, head_dim]
     for name, dims in cache.items():
-        shape = [batch if i == 0 else (0 if isinstance(d, str) or d is None else d) for i, d in enumerate(dims)]
-        if any(isinstance(d, str) for d in dims[1:2] + dims[3:]):
-            raise AimError(f"cache input {name} has dynamic heads or head size {dims}; export them static")
-        past[name] = np.zeros(shape, np.float32)
+        if len(dims) != 4 or not all(isinstance(d, int) for d in (dims[1], dims[3])):
+            raise AimError(f"cache input {name} has dims {dims}; expected [batch, heads, past_sequence, head_dim] with static heads and head_dim")
+        past[name] = np.zeros([batch, dims[1], 0, dims[3]], np.float32)
     generated = np.zeros((batch, 0), np.int64)
     finished = np.zeros(batch, bool)
     kept = []
