@@ -14,13 +14,14 @@ FOCUS ?=
 MAX_NEW_TOKENS ?= 32
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: engine generate test models clean help
+.PHONY: engine generate test models bench clean help
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
+	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -39,6 +40,9 @@ generate: $(STAMP)
 
 models: $(STAMP)
 	$(PY) -m cli models
+
+bench: $(STAMP)
+	$(PY) -m benchmarks --out $(OUT)/bench
 
 test: $(STAMP)
 	$(PY) -m pytest
