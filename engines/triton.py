@@ -233,10 +233,15 @@ def _check_onnx_engine(path: Path, manifest: dict) -> list[str]:
 
     actual = graph_io(path)
     for key in ("inputs", "outputs"):
-        said = [(t["name"], t["dtype"], t["dims"]) for t in manifest["graph"][key]]
-        have = [(t["name"], t["dtype"], t["dims"]) for t in actual[key]]
-        if sorted(said, key=str) != sorted(have, key=str):
-            raise TritonConfigError(f"{path.name} has {key} {have}, but its manifest says {said}: rebuild with `make engine`")
+        said = {t["name"]: (t["dtype"], t["dims"]) for t in manifest["graph"][key]}
+        have = {t["name"]: (t["dtype"], t["dims"]) for t in actual[key]}
+        differ = [
+            f"{name!r}: engine {have.get(name, 'absent')}, manifest {said.get(name, 'absent')}"
+            for name in sorted(set(said) | set(have))
+            if said.get(name) != have.get(name)
+        ]
+        if differ:
+            raise TritonConfigError(f"{path.name} does not match its manifest's {key}: {'; '.join(differ)}. Rebuild with `make engine`")
     model = onnx.load(str(path), load_external_data=False)
     locations = {
         entry.value
@@ -276,11 +281,10 @@ def write_model(
         raise TritonConfigError(f"model name {name!r}: use letters, digits, '_', '-' and '.' only")
     engine_path = _engine_file(folder, manifest, engine)
     platform, _, filename = platform_for(engine_path.name)
-    extra_files = _check_onnx_engine(engine_path, manifest) if platform == "onnxruntime_onnx" else []
-
-    source = str(folder / "manifest.json")
-    text = config_text(build_config(manifest, name, engine_path.name, max_queue_delay_us), source)
+    text = config_text(build_config(manifest, name, engine_path.name, max_queue_delay_us), str(folder / "manifest.json"))
     check_config(parse_config(text, f"{name}/{CONFIG}"), manifest, engine_path.name, f"{name}/{CONFIG}")
+    # An ONNX engine can be read here: its own inputs/outputs must be what the manifest says.
+    extra_files = _check_onnx_engine(engine_path, manifest) if platform == "onnxruntime_onnx" else []
 
     root = Path(repository)
     root.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,7 @@ class TritonServer:
     repository: Path
     http_port: int = 0
     grpc_port: int = 0
+    models: list[str] = field(default_factory=lambda: ["*"])
     host: str = "127.0.0.1"
     log_path: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
@@ -112,7 +113,7 @@ class TritonServer:
             f"--backend-directory={backend_dir}",
             f"--cache-directory={server / 'caches'}",
             "--model-control-mode=explicit",
-            "--load-model=*",
+            *[f"--load-model={model}" for model in self.models],
             "--exit-timeout-secs=1",
             "--strict-readiness=true",
             "--allow-metrics=false",
@@ -162,6 +163,18 @@ class TritonServer:
                 return response.status == 200
         except OSError:
             return False
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def models_ready(self) -> list[str]:
+        """Names of the loaded models (the repository index, READY only)."""
+        import json
+
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            index = json.loads(response.read())
+        return sorted(entry["name"] for entry in index if entry.get("state") == "READY")
 
     def log(self) -> str:
         try:
