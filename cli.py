@@ -129,18 +129,18 @@ def cmd_serve(args) -> int:
     print(f"starting tritonserver on {args.repository} ...", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with server:
-        print(f"HTTP  http://{server.http_url}   (health: http://{server.http_url}/v2/health/ready)")
-        print(f"gRPC  {server.grpc_url}")
-        print(f"models: {', '.join(server.models_ready())}; log: {server.log_path}. Ctrl-C stops the server.", flush=True)
-        try:
+    try:
+        with server:
+            print(f"HTTP  http://{server.http_url}   (health: http://{server.http_url}/v2/health/ready)")
+            print(f"gRPC  {server.grpc_url}")
+            print(f"models: {', '.join(server.models_ready())}; log: {server.log_path}. Ctrl-C stops the server.", flush=True)
             while not stop.is_set() and server.running():
                 stop.wait(0.5)
-        except KeyboardInterrupt:
-            pass
-        if not server.running():
-            print(f"tritonserver exited:\n{server.log()[-2000:]}", file=sys.stderr)
-            return 1
+            if not server.running():
+                print(f"tritonserver exited:\n{server.log()[-2000:]}", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        pass  # the with block has stopped the server
     print("stopped")
     return 0
 

@@ -144,18 +144,23 @@ class TritonServer:
             )
         finally:
             log.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:  # also Ctrl-C while starting: no server left behind
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                text = self.log()
-                self.stop()
-                raise TritonServerError(f"tritonserver exited with code {self.process.returncode} while starting:\n{text[-4000:]}")
+            code = self.process.poll()
+            if code is not None:
+                raise TritonServerError(f"tritonserver exited with code {code} while starting:\n{self.log()[-4000:]}")
             if self.ready():
-                return self
+                return
             time.sleep(0.2)
-        text = self.log()
-        self.stop()
-        raise TritonServerError(f"tritonserver was not ready within {timeout:.0f} s:\n{text[-4000:]}")
+        raise TritonServerError(f"tritonserver was not ready within {timeout:.0f} s:\n{self.log()[-4000:]}")
 
     def ready(self) -> bool:
         try:
