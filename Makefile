@@ -41,7 +41,7 @@ triton: $(STAMP) $(OUT)/$(MODEL)/manifest.json
 	$(PY) -m cli triton $(OUT)/$(MODEL) --repository $(REPO)
 
 serve: triton
-	$(PY) -m cli serve $(REPO)
+	$(PY) -m cli serve $(REPO) --model $(MODEL)
 
 models: $(STAMP)
 	$(PY) -m cli models

@@ -125,7 +125,7 @@ def cmd_serve(args) -> int:
 
     repository = Path(args.repository)
     log = repository.with_name(repository.name + ".log")  # kept after the server stops
-    server = TritonServer(repository, args.http_port, args.grpc_port, models=args.model or ["*"], log_path=log)
+    server = TritonServer(repository, args.http_port, args.grpc_port, models=args.model or ["*"], host=args.host, log_path=log)
     print(f"starting tritonserver on {args.repository} ...", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -206,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the Triton server on a model repository")
     p.add_argument("repository", nargs="?", default="build/triton")
     p.add_argument("--model", action="append", help="load only this model (repeatable; default: all)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.set_defaults(func=cmd_serve)

@@ -78,10 +78,16 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now, distinct (all held open until each is known)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -96,6 +102,7 @@ class TritonServer:
     log_path: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
     _workdir: Path | None = field(default=None, repr=False)
+    _log: Path | None = field(default=None, repr=False)  # this run's log: log_path, or one in the work dir
 
     @property
     def http_url(self) -> str:
@@ -127,13 +134,16 @@ class TritonServer:
     def start(self, timeout: float = START_TIMEOUT_S) -> "TritonServer":
         if not Path(self.repository).is_dir():
             raise TritonServerError(f"model repository {self.repository} does not exist: run `make triton MODEL=...` first")
-        self.http_port = self.http_port or free_port()
-        self.grpc_port = self.grpc_port or free_port()
+        if not (self.http_port and self.grpc_port):
+            self.http_port, self.grpc_port = free_ports(2)
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> "TritonServer":
         self._workdir = Path(tempfile.mkdtemp(prefix="aim-triton-"))
         backend_dir = make_backend_dir(self._workdir / "backends")
-        self.log_path = Path(self.log_path or self._workdir / "tritonserver.log")
-        log = open(self.log_path, "wb")
-        try:
+        log_path = Path(self.log_path or self._workdir / "tritonserver.log")
+        self._log = log_path
+        with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command(backend_dir),
                 env=server_env(),
@@ -142,8 +152,6 @@ class TritonServer:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: stop() ends the stubs too
             )
-        finally:
-            log.close()
         try:
             self._wait_ready(timeout)
         except BaseException:  # also Ctrl-C while starting: no server left behind
@@ -156,11 +164,11 @@ class TritonServer:
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise TritonServerError(f"tritonserver exited with code {code} while starting:\n{self.log()[-4000:]}")
+                raise TritonServerError(f"tritonserver exited with code {code} while starting:\n{self.errors()}")
             if self.ready():
                 return
             time.sleep(0.2)
-        raise TritonServerError(f"tritonserver was not ready within {timeout:.0f} s:\n{self.log()[-4000:]}")
+        raise TritonServerError(f"tritonserver was not ready within {timeout:.0f} s:\n{self.errors()}")
 
     def ready(self) -> bool:
         try:
@@ -181,11 +189,22 @@ class TritonServer:
             index = json.loads(response.read())
         return sorted(entry["name"] for entry in index if entry.get("state") == "READY")
 
+    @property
+    def log_file(self) -> Path | None:
+        return self._log
+
     def log(self) -> str:
         try:
-            return Path(self.log_path).read_text(errors="replace")
+            return Path(self._log).read_text(errors="replace")
         except (OSError, TypeError):
             return ""
+
+    def errors(self) -> str:
+        """The server's error lines (glog level E, `error:`), or its last lines if it logged none."""
+        lines = self.log().splitlines()
+        wanted = [line for line in lines if line[:1] == "E" and line[1:5].isdigit() or line.startswith("error:")]
+        wanted = [line for line in wanted if "CudaDriverHelper" not in line]  # every start without a GPU says this
+        return "\n".join(wanted or lines[-20:]) + (f"\n(full log: {self.log_path})" if self.log_path else "")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """SIGINT (Triton's clean shutdown), then SIGKILL to the whole group if it lingers."""

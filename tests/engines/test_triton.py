@@ -21,7 +21,7 @@ def _input(config, name):
     return next(entry for entry in config.input if entry.name == name)
 
 
-@pytest.mark.parametrize("model", ["resnet", "llama"])
+@pytest.mark.parametrize("model", exporter.list_models())
 def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder, tmp_path, model):
     folder = build_folder(model)
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -47,7 +47,8 @@ def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder,
     assert list(utility.dims) == [1] and utility.HasField("reshape") and list(utility.reshape.shape) == []
     assert list(focus.dims) == [manifest["modulation"]["num_classes"]] and not focus.HasField("reshape")
     assert not any(entry.optional for entry in config.input)  # TensorRT's backend takes no optional inputs
-    assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [manifest["modulation"]["num_classes"]])]
+    rank = len(manifest["graph"]["outputs"][0]["dims"])  # [B, C] or [B, C, H, W] (segmentation, dynamic size)
+    assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [manifest["modulation"]["num_classes"]] + [-1] * (rank - 2))]
 
 
 def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,3 +256,26 @@ def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_a_server_that_cannot_load_its_models_says_why_and_leaves_no_process(triton, build_folder, tmp_path):
+    """A tensorrt_plan model (KIND_GPU) on this machine: no GPU, no TensorRT backend. The start fails
+    with the server's own reason, and no process is left."""
+    from engines.manifest import sha256
+    from engines.triton import write_model
+    from engines.triton_server import TritonServer, TritonServerError
+
+    folder = tmp_path / "resnet"
+    shutil.copytree(build_folder("resnet"), folder)
+    (folder / "engine.plan").write_bytes(b"not a real plan")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["engine"] = "engine.plan"
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    write_model(folder, tmp_path / "repo")
+    server = TritonServer(tmp_path / "repo")
+    with pytest.raises(TritonServerError, match="exited with code") as error:
+        server.start(timeout=30)
+    assert "resnet" in str(error.value) and server.process is None
+    with pytest.raises(TritonServerError, match="does not exist"):
+        TritonServer(tmp_path / "nothing").start()
+    assert triton.ready()  # the session's server is unharmed
