@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTRITON := nvidia-pytriton==0.7.0
 REPO ?= $(OUT)/triton
 
-.PHONY: engine triton serve test models clean help
+.PHONY: engine triton serve test models bench clean help
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
@@ -21,6 +21,7 @@ help:
 	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
+	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -45,6 +46,9 @@ serve: triton
 
 models: $(STAMP)
 	$(PY) -m cli models
+
+bench: $(STAMP)
+	$(PY) -m benchmarks --out $(OUT)/bench
 
 test: $(STAMP)
 	$(PY) -m pytest
