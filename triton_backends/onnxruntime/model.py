@@ -47,10 +47,10 @@ class TritonPythonModel:
         self.batching = int(config.get("max_batch_size", 0)) > 0
         self.inputs = [(entry["name"], _reshape(entry)) for entry in config["input"]]
         self.outputs = [(entry["name"], _reshape(entry), [int(d) for d in entry["dims"]]) for entry in config["output"]]
-        dtypes = {i.name: i.type for i in self.session.get_inputs()}
-        missing = [name for name, _ in self.inputs if name not in dtypes]
+        known = {i.name for i in self.session.get_inputs()}
+        missing = [name for name, _ in self.inputs if name not in known]
         if missing:
-            raise pb_utils.TritonModelException(f"{path} has no inputs {missing}; its inputs are {sorted(dtypes)}")
+            raise pb_utils.TritonModelException(f"{path} has no inputs {missing}; its inputs are {sorted(known)}")
 
     def _feed(self, request):
         """The request's inputs as the model sees them: [b, *reshape] instead of [b, *dims]."""
