@@ -114,6 +114,14 @@ def cmd_triton(args) -> int:
     folder = write_model(args.build, args.repository, args.name, args.engine, delay)
     print(f"wrote {folder}/{CONFIG} and {', '.join(str(p.relative_to(folder)) for p in sorted(folder.glob('*/*')))}")
     print((folder / CONFIG).read_text())
+    from engines.manifest import read_manifest
+
+    if read_manifest(args.build).get("backend") == "tensorrt-rtx":
+        print(
+            "note: this is a TensorRT for RTX plan: it runs where TensorRT for RTX runs it (an RTX GPU). Triton's "
+            "tensorrt backend runs plans of the TensorRT version it was built with; for a data-centre Triton, "
+            "build with BACKEND=tensorrt there."
+        )
     return 0
 
 

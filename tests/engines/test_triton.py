@@ -70,6 +70,25 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
     assert read_config(write_model(folder, tmp_path / "repo2", engine="engine.onnxruntime.onnx")).platform == "onnxruntime_onnx"
 
 
+def test_a_real_tensorrt_plan_build_gives_a_tensorrt_plan_model(tmp_path):
+    """With TensorRT builds in the pipeline (TensorRT for RTX builds plans on a CPU), the real manifest
+    of a .plan engine gives the tensorrt_plan model, and the plan is copied byte for byte."""
+    from engines import pipeline
+
+    if "tensorrt-rtx" not in getattr(pipeline, "BACKENDS", ()):
+        pytest.skip("the pipeline has no TensorRT backend yet (make engine BACKEND=tensorrt-rtx)")
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (the rtx extra) is not installed")
+    manifest = pipeline.build_model("resnet", tmp_path / "build", backend="tensorrt-rtx", log=lambda line: None)
+    folder = tmp_path / "build" / "resnet"
+    assert manifest["engine"].endswith(".plan")
+    target = write_model(folder, tmp_path / "repo")
+    config = read_config(target)
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == exporter.get_config("resnet").dims["batch"].max
+    assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
+    assert (target / "1" / "model.plan").read_bytes() == (folder / manifest["engine"]).read_bytes()
+    assert [i.name for i in config.input] == ["pixel_values", "utility", "focus"]
+
+
 def _break(config, how):
     if how == "wrong focus dims":
         _input(config, "focus").dims[0] = 7
