@@ -13,11 +13,16 @@ UTILITY ?= 0
 FOCUS ?=
 MAX_NEW_TOKENS ?= 32
 STAMP := $(VENV)/.installed-stamp
+# The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
+PYTRITON := nvidia-pytriton==0.7.0
+REPO ?= $(OUT)/triton
 
-.PHONY: engine generate test models bench clean help
+.PHONY: engine generate triton serve test models bench clean help
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
+	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
+	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
@@ -27,15 +32,25 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off torch==2.13.0
-	$(PY) -m pip install --quiet --progress-bar off -e '.[test]'
+	$(PY) -m pip install --quiet --progress-bar off -e '.[test,triton]'
+	$(PY) -m pip install --quiet --progress-bar off --no-deps $(PYTRITON)
 	@touch $(STAMP)
 
 engine: $(STAMP)
 	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
+# The engine is built first if the build folder has no manifest yet.
+$(OUT)/%/manifest.json: | $(STAMP)
+	$(PY) -m cli engine $* --out $(OUT) --backend $(BACKEND) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+triton: $(STAMP) $(OUT)/$(MODEL)/manifest.json
+	$(PY) -m cli triton $(OUT)/$(MODEL) --repository $(REPO)
+
+serve: triton
+	$(PY) -m cli serve $(REPO) --model $(MODEL)
+
 # Builds the engine first if there is none yet.
-generate: $(STAMP)
-	@test -f $(OUT)/$(MODEL)/manifest.json || $(MAKE) --no-print-directory engine MODEL=$(MODEL) OUT=$(OUT) BACKEND=$(BACKEND) CHECKPOINT=$(CHECKPOINT)
+generate: $(STAMP) $(OUT)/$(MODEL)/manifest.json
 	$(PY) -m cli generate $(OUT)/$(MODEL) --prompt "$(PROMPT)" --utility $(UTILITY) --max-new-tokens $(MAX_NEW_TOKENS) $(if $(FOCUS),--focus "$(FOCUS)")
 
 models: $(STAMP)

@@ -37,14 +37,15 @@ TARGETS = {  # (comparison, bound); P1b's bound depends on the family
     "P3 utility > 0": (">=", 1.5),
     "engine bytes added": ("<", 1_000_000),
 }
+# VmHWM, not getrusage: ru_maxrss survives exec, so a child would report the benchmark's own peak.
 _PEAK_RSS = """
-import resource, sys, numpy as np, onnxruntime as ort
+import re, sys, numpy as np, onnxruntime as ort
 options = ort.SessionOptions(); options.intra_op_num_threads = int(sys.argv[3]); options.log_severity_level = 3
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 feed = dict(np.load(sys.argv[2]))
 for _ in range(3):
     session.run(None, feed)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024)
 """
 
 
@@ -195,8 +196,8 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
     from onnx import TensorProto, helper
 
     from engines.onnxruntime import OnnxRuntimeEngine
-    from graph_passes.modulate import modulate_file
-    from graph_passes.redistribution import FOCUS, UTILITY
+    from graph_passes.io import load_graph, save_onnx
+    from graph_passes.redistribution import FOCUS, NOISE_METHODS, UTILITY, add_redistribution
 
     folder.mkdir(parents=True, exist_ok=True)
     dims = ["batch", *shape[1:]]
@@ -212,29 +213,24 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
 
     identity = single("Identity", folder / "identity.onnx")
     normal = single("RandomNormalLike", folder / "random_normal_like.onnx", dtype=TensorProto.FLOAT)
-    modulated = modulate_file(identity, folder / "identity.modulated.onnx", "logits", class_axis)
-    runs = {name: OnnxRuntimeEngine(path, THREADS).session for name, path in
-            (("unmodulated", identity), ("RandomNormalLike", normal), ("subgraph", modulated))}
+    paths = {"unmodulated": identity, "RandomNormalLike": normal}
+    for method in NOISE_METHODS:
+        graph = add_redistribution(load_graph(identity), "logits", class_axis, noise=method)
+        paths[f"subgraph ({method})"] = save_onnx(graph, folder / f"identity.{method}.onnx")
+    sessions = {name: OnnxRuntimeEngine(path, THREADS).session for name, path in paths.items()}
     z = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     focus = np.zeros([shape[0], shape[class_axis]], np.float32)
     focus[:, 1] = FOCUS_STRENGTH
-    feed = {"z": z, UTILITY: np.full([shape[0]], SIGMA, np.float32), FOCUS: focus}
-    times = measure(
-        {
-            "unmodulated": lambda: runs["unmodulated"].run(None, {"z": z}),
-            "RandomNormalLike": lambda: runs["RandomNormalLike"].run(None, {"z": z}),
-            "subgraph": lambda: runs["subgraph"].run(None, feed),
-        },
-        repeats=repeats,
-    )
-    cost = times["subgraph"]["median_ms"] - times["unmodulated"]["median_ms"]
-    value = cost / times["RandomNormalLike"]["median_ms"]
-    return {
-        "shape": shape,
-        "latency": times,
-        "subgraph_cost_ms": cost,
-        "P2": {"value": value, "target": _target("P2"), "met": _met("P2", value)},
-    }
+    feeds = {name: {"z": z} for name in paths}
+    for method in NOISE_METHODS:
+        feeds[f"subgraph ({method})"] = {"z": z, UTILITY: np.full([shape[0]], SIGMA, np.float32), FOCUS: focus}
+    times = measure({name: (lambda name=name: sessions[name].run(None, feeds[name])) for name in paths}, repeats=repeats)
+    result = {"shape": shape, "latency": times}
+    for method in NOISE_METHODS:
+        cost = times[f"subgraph ({method})"]["median_ms"] - times["unmodulated"]["median_ms"]
+        value = cost / times["RandomNormalLike"]["median_ms"]
+        result[f"P2 ({method})"] = {"value": value, "cost_ms": cost, "target": _target("P2"), "met": _met("P2", value)}
+    return result
 
 
 def bench_make_engine(family: str, log: Callable[[str], None]) -> dict:
@@ -309,8 +305,9 @@ def table(results: dict) -> str:
         rows.append(("peak RSS ratio", name, f"{result['memory']['ratio']:.3f}", "", "", ""))
         rows.append(("checks", name, "passed" if result["checks_passed"] else "FAILED", "", "all pass", "yes" if result["checks_passed"] else "NO"))
     for name, noise in results["noise"].items():
-        p2 = noise["P2"]
-        rows.append(("P2", f"{name} {noise['shape']}", f"{p2['value']:.3f}", "", p2["target"], "yes" if p2["met"] else "NO"))
+        for key, p2 in noise.items():
+            if key.startswith("P2"):
+                rows.append((key, f"{name} {noise['shape']}", f"{p2['value']:.3f}", "", p2["target"], "yes" if p2["met"] else "NO"))
     if "P4" in results:
         walls = results["P4"]["wall_s"]
         rows.append(("P4 make engine", results["P4"]["model"], f"cold {walls['cold']:.1f} s, warm {walls['warm']:.1f} s", "", "", ""))

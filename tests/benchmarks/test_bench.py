@@ -23,6 +23,7 @@ def test_quick_bench_writes_every_figure_and_its_engines_pass_the_checks(tmp_pat
     assert 0 < family["engine_bytes"]["bare"] < family["engine_bytes"]["production"]
     noise = results["noise"]["resnet"]
     assert noise["shape"] == family["logits_shape"] and noise["latency"]["RandomNormalLike"]["median_ms"] > 0
+    assert {"P2 (box-muller)", "P2 (normal)"} <= set(noise)
     table = lines[-2]
     assert all(key in table for key in ("P1a", "P1b", "P2", "P3 utility 0", "engine bytes added"))
     # Nothing of the work folders is left behind but the JSON.
