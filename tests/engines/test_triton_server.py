@@ -62,8 +62,21 @@ def models(build_folder):
     mask[0, :4] = 0  # a left-padded prompt, as batched generation sends
     return {
         "resnet": Model(build_folder("resnet"), images),
-        "llama": Model(build_folder("llama"), {"input_ids": ids, "attention_mask": mask}),
+        "llama": Model(build_folder("llama"), prefill(build_folder("llama"), ids, mask)),
     }
+
+
+def prefill(folder, ids, mask) -> dict:
+    """A prefill request of the KV-cache export: the prompts, their positions and an empty cache."""
+    from engines.generate import PAST, position_ids
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, ids.shape[1])}
+    for tensor in manifest["graph"]["inputs"]:
+        if tensor["name"].startswith(PAST):
+            _, heads, _, head_dim = tensor["dims"]
+            inputs[tensor["name"]] = np.zeros((len(ids), heads, 0, head_dim), np.float32)
+    return inputs
 
 
 def _tensors(module, inputs: dict):
