@@ -125,6 +125,42 @@ def test_utility_zero_focus_zero_is_the_bare_model_exactly(clients, models, prot
     assert np.array_equal(noisy[0], model.bare[0]) and np.mean(noisy[1:] != model.bare[1:]) > 0.99
 
 
+class TritonEngine:
+    """The decode loop's engine interface (`inputs`, `infer(feed)`) over a Triton client: generation is
+    backend-agnostic, so text decodes through the server exactly as through ONNX Runtime."""
+
+    def __init__(self, protocol, client, folder):
+        self.module, self.client = PROTOCOLS[protocol], client
+        self.manifest = json.loads((folder / MANIFEST).read_text())
+        types = {"float32": np.float32, "int64": np.int64}
+        self.inputs = {t["name"]: (types[t["dtype"]], t["dims"]) for t in self.manifest["graph"]["inputs"]}
+        self.outputs = [t["name"] for t in self.manifest["graph"]["outputs"]]
+
+    def infer(self, feed):
+        feed = dict(feed, utility=np.asarray(feed["utility"], np.float32).reshape(-1, 1))  # Triton: [b, 1] per request
+        result = self.client.infer(
+            self.manifest["model"], _tensors(self.module, feed), outputs=[self.module.InferRequestedOutput(n) for n in self.outputs]
+        )
+        return {name: result.as_numpy(name) for name in self.outputs}
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_generation_through_the_server_equals_onnx_runtime(clients, build_folder, protocol):
+    """Greedy decoding with the KV cache through Triton (prefill, then one token per step with the
+    returned present.* as past) gives ONNX Runtime's tokens; a boosted token takes over in both."""
+    from engines.generate import generate
+
+    folder = build_folder("llama")
+    served = TritonEngine(protocol, clients[protocol], folder)
+    local = OnnxRuntimeEngine(folder / served.manifest["engine"])
+    prompts = [[5, 900, 17, 4242, 31000], [18, 2], [400, 401, 402]]
+    expected = generate(local, prompts, max_new_tokens=6).tokens
+    np.testing.assert_array_equal(generate(served, prompts, max_new_tokens=6).tokens, expected)
+    focus = np.zeros(32000, np.float32)
+    focus[7] = 1e3  # |n| * 1e3 beats a logit spread of ~1 unless |n| < 1e-3
+    assert np.all(generate(served, prompts, max_new_tokens=4, focus=focus).tokens == 7)
+
+
 def _binomial_bound(p: np.ndarray, repeats: int) -> tuple[float, float]:
     mean, var = repeats * p.sum(), repeats * (p * (1 - p)).sum()
     return mean, 5 * np.sqrt(var) + 1  # 5 sigma: a correct server fails this far less than once in a million runs
