@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= segformer
-BACKEND ?= onnxruntime
+BACKEND ?= auto
+PRECISION ?= fp32
 OUT ?= build
 CHECKPOINT ?=
 STAMP := $(VENV)/.installed-stamp
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: engine test models clean help
 
 help:
-	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
+	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
 
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 engine: $(STAMP)
-	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 models: $(STAMP)
 	$(PY) -m cli models

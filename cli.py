@@ -1,7 +1,9 @@
 """`aim`: a thin command line over the Python API (exporter, graph_passes, engines).
 
     aim models                                   the model families that exist
-    aim engine MODEL [--checkpoint DIR]          export -> passes -> engine -> verify into build/MODEL/
+    aim engine MODEL [--checkpoint DIR] [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--precision fp32|fp16]
+                                                 export -> passes -> engine -> verify into build/MODEL/
+    aim trt-check model.onnx                     which nodes TensorRT's ONNX parser would refuse, and why
     aim export MODEL -o model.onnx               trace a family to ONNX
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
@@ -30,7 +32,7 @@ def cmd_models(args) -> int:
 def cmd_engine(args) -> int:
     from engines.pipeline import build_model, report
 
-    manifest = build_model(args.model, args.out, args.checkpoint, args.backend, args.seed)
+    manifest = build_model(args.model, args.out, args.checkpoint, args.backend, args.seed, precision=args.precision)
     print(report(manifest))
     return 0
 
@@ -96,6 +98,14 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_trt_check(args) -> int:
+    from graph_passes.trt_support import check_tensorrt_support
+
+    report = check_tensorrt_support(args.input)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def cmd_verify(args) -> int:
     from engines.pipeline import verify_folder
 
@@ -115,7 +125,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model family (see `aim models`)")
     p.add_argument("--checkpoint", help="a local save_pretrained folder (default: tiny config, random weights)")
     p.add_argument("--out", default="build", help="output root (default: build)")
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument(
+        "--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"),
+        help="auto: TensorRT with a CUDA GPU and tensorrt installed, else ONNX Runtime; tensorrt-rtx builds on any machine",
+    )
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="fp16 is written into the graph; the redistribution stays fp32")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_engine)
 
@@ -150,6 +164,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="save the logits as .npy")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("trt-check", help="check an ONNX file against TensorRT's ONNX operator matrix (no TensorRT needed)")
+    p.add_argument("input")
+    p.set_defaults(func=cmd_trt_check)
 
     p = sub.add_parser("verify", help="re-run a build's checks against its stored PyTorch reference")
     p.add_argument("folder", help="a build folder, e.g. build/resnet")
