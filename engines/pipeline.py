@@ -72,7 +72,7 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
         return requested, f"tensorrt: asked for ({why})"
     gpu, why = trt_engine.cuda_gpu_available()
     if not gpu:
-        return "onnxruntime", f"onnxruntime: auto, {why}"
+        return "onnxruntime", f"onnxruntime: auto, no CUDA GPU for TensorRT ({why})"
     try:
         trt_engine.import_api("tensorrt")
     except trt_engine.BackendUnavailableError:
@@ -191,10 +191,16 @@ def _build(config, folder: Path, checkpoint, backend: str, precision: str, seed:
             paths[f"{key}.fp16"] = half
             sources[role] = f"{key}.fp16"
     compatibility = {role: check_tensorrt_support(paths[key]) for role, key in sources.items()}
-    unsupported = [f"{role}: {finding}" for role, report in compatibility.items() for finding in report.errors]
+    unsupported: dict[str, list[str]] = {}  # finding -> the graphs that have it
+    for role, report_ in compatibility.items():
+        for finding in report_.errors:
+            unsupported.setdefault(str(finding), []).append(role)
     if unsupported and backend in TENSORRT_BACKENDS:
+        listed = [f"{finding} [{', '.join(roles)}]" for finding, roles in unsupported.items()]
+        more = f"\n  ... and {len(listed) - 20} more" if len(listed) > 20 else ""
         raise trt_engine.EngineBuildError(
-            "TensorRT's ONNX parser would refuse these nodes:\n  " + "\n  ".join(unsupported) + "\nUse BACKEND=onnxruntime, or change the model."
+            f"TensorRT's ONNX parser would refuse {len(listed)} node(s):\n  " + "\n  ".join(listed[:20]) + more
+            + "\nUse BACKEND=onnxruntime, or change the model."
         )
     progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{len(unsupported)} unsupported nodes"))
 
