@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.runner import Runner
 from errors import AimError, InvalidGraphError, InvalidInputError
 from graph_passes.io import atomic_path
 
@@ -35,18 +36,6 @@ INSTALL = {
 # A bound, not an allocation: TensorRT never uses more than the GPU has.
 WORKSPACE_BYTES = 16 << 30
 PLAN_SUFFIX = ".plan"
-
-_NP_DTYPES = {
-    "FLOAT": np.float32,
-    "HALF": np.float16,
-    "BF16": None,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "INT8": np.int8,
-    "UINT8": np.uint8,
-    "BOOL": np.bool_,
-}
-
 
 class BackendUnavailableError(AimError):
     """The backend's package or hardware is missing on this machine."""
@@ -148,7 +137,6 @@ class BuildResult:
     layers: int
     # Element types of the network's inputs and outputs as TensorRT parsed them.
     io_types: dict = field(default_factory=dict)
-    # Layers whose name starts with a given prefix -> the set of their output types (strong typing check).
     timing_cache: str | None = None
 
     def as_dict(self) -> dict:
@@ -309,7 +297,7 @@ def engine_runnable(backend: str) -> tuple[bool, str]:
     return True, detail
 
 
-class TensorRTEngine:
+class TensorRTEngine(Runner):
     """Runs a `.plan` with Polygraphy's TrtRunner, with the same interface as OnnxRuntimeEngine.
 
     `inputs` ({name: (numpy dtype, dims)}) and `profile` come from the manifest, so that a feed is
@@ -317,18 +305,12 @@ class TensorRTEngine:
     cannot load the engine."""
 
     def __init__(self, plan_path: str | os.PathLike, backend: str, inputs: dict, outputs: list[str], profile: dict):
-        from engines.onnxruntime import OnnxRuntimeEngine
-
         self.path, self.backend = Path(plan_path), backend
         self.inputs, self.outputs, self.profile = inputs, outputs, profile
-        self._check = OnnxRuntimeEngine.check_feed.__get__(self)  # the same checks as every engine
         self._runner = None
 
-    modulated = property(lambda self: _modulated(self.inputs))
-    num_classes = property(lambda self: self.inputs["focus"][1][1])
-
     def check_feed(self, feed: dict) -> dict[str, np.ndarray]:
-        checked = self._check(feed)
+        checked = super().check_feed(feed)
         check_profile(checked, self.profile, self.path.name)
         return checked
 
@@ -337,9 +319,15 @@ class TensorRTEngine:
             runnable, why = engine_runnable(self.backend)
             if not runnable:
                 raise BackendUnavailableError(f"cannot run {self.path.name} here: {why}")
+            import sys
+
             from polygraphy import config as polygraphy_config
 
-            polygraphy_config.USE_TENSORRT_RTX = self.backend == "tensorrt-rtx"  # read when polygraphy imports TensorRT
+            rtx = self.backend == "tensorrt-rtx"
+            # Polygraphy picks tensorrt or tensorrt_rtx when its TensorRT backend is first imported.
+            if "polygraphy.backend.trt" in sys.modules and polygraphy_config.USE_TENSORRT_RTX != rtx:
+                raise AimError("one process runs engines of one TensorRT flavour (tensorrt or tensorrt-rtx); start another process")
+            polygraphy_config.USE_TENSORRT_RTX = rtx
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
             self._runner = TrtRunner(EngineFromBytes(self.path.read_bytes()))
@@ -351,21 +339,10 @@ class TensorRTEngine:
         outputs = self._start().infer(checked)
         return {name: np.array(outputs[name]) for name in self.outputs}
 
-    def run(self, inputs: dict, utility=0.0, focus=None, **noise) -> np.ndarray:
-        from engines.onnxruntime import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine.run(self, inputs, utility, focus, **noise)
-
     def close(self):
         if self._runner is not None:
             self._runner.deactivate()
             self._runner = None
-
-
-def _modulated(inputs: dict) -> bool:
-    from graph_passes.redistribution import FOCUS, UTILITY
-
-    return UTILITY in inputs and FOCUS in inputs
 
 
 def engine_io(graph: dict) -> tuple[dict, list[str]]:
