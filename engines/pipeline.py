@@ -207,7 +207,14 @@ def _build(config, folder: Path, checkpoint, backend: str, precision: str, seed:
     dims = {name: asdict(rng) for name, rng in config.dims.items()}
     builds = {}
     progress(f"engine: {backend}" + (f" ({precision}, strongly typed)" if backend in TENSORRT_BACKENDS else f" ({precision})"))
-    if backend == "onnxruntime":
+    if backend == "onnxruntime" and precision == "fp16":
+        # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
+        # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
+        # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
+        with atomic_path(paths["engine"]) as tmp:
+            shutil.copyfile(paths[sources["production"]], tmp)
+        progress.done("engine", f"{paths['engine'].name} (the FP16 graph, optimised by ONNX Runtime at load time)")
+    elif backend == "onnxruntime":
         ort_engine.build(paths[sources["production"]], paths["engine"])
         progress.done("engine", paths["engine"].name)
     else:

@@ -3,8 +3,9 @@
 Every FP32 tensor of the model becomes FP16, except in nodes kept in FP32: the redistribution
 subgraph (every node named under redistribution.PREFIX: the noise arithmetic stays FP32, SPEC
 section 4), any node whose name starts with a prefix the family's config lists (e.g. rotary
-embeddings), and nodes that carry subgraphs (If, Loop, Scan stay whole in FP32, their inner nodes
-included). Explicit Casts sit at every edge between the two regions, and the graph's inputs and
+embeddings), and nodes that carry subgraphs (a model's If, Loop, Scan stay whole in FP32, their
+inner nodes included) unless they are the region's own (named under PREFIX): those are converted branch by
+branch, node by node. Explicit Casts sit at every edge between the two regions, and the graph's inputs and
 outputs keep their types, so clients and the manifest see the same interface in both precisions.
 
 Why not onnxconverter-common's `convert_float_to_float16` (what Polygraphy's --fp-to-fp16 calls)?
@@ -90,70 +91,27 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]):
             _rename_inputs(sub, renames)
 
 
-def convert_to_fp16(model: onnx.ModelProto, keep_fp32: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """A copy of `model` computing in FP16, with nodes named under PREFIX or a `keep_fp32` prefix in FP32."""
-    prefixes = (PREFIX, *keep_fp32)
-    opset = _opset(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as error:
-        raise InvalidGraphError(f"fp16 conversion needs the element type of every tensor; shape inference failed: {error}") from error
-    types: dict[str, int] = {}
-    for value in (*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info):
+def _collect_types(graph: onnx.GraphProto, types: dict[str, int]):
+    for value in (*graph.input, *graph.output, *graph.value_info):
         if value.type.HasField("tensor_type"):
             types[value.name] = value.type.tensor_type.elem_type
-    initializers = {init.name: init for init in inferred.graph.initializer}
-    types.update({name: init.data_type for name, init in initializers.items()})
-
-    graph = inferred.graph
-    new_type = {name: types.get(name) for name in (*[i.name for i in graph.input], *initializers)}
-    nodes: list[onnx.NodeProto] = []
-    new_initializers: list[TensorProto] = []
-    casts: dict[tuple[str, int], str] = {}
-
-    def blocked(node: onnx.NodeProto) -> bool:
-        return node.name.startswith(prefixes) or any(True for _ in _subgraphs(node))
-
-    def region_prefix(node: onnx.NodeProto) -> str:
-        return next((p for p in prefixes if node.name.startswith(p)), node.name or node.op_type)
-
-    def as_type(name: str, want: int, owner: str) -> str:
-        """`name` as a tensor of element type `want` (FLOAT or FLOAT16): itself, or a Cast / FP16 copy."""
-        have = new_type.get(name)
-        if not name or have is None or have == want or have not in (FLOAT, HALF):
-            return name
-        key = (name, want)
-        if key not in casts:
-            if name in initializers and want == HALF:
-                copy = _half_tensor(initializers[name], f"{name}/fp16")
-                new_initializers.append(copy)
-                casts[key] = copy.name
-            else:
-                side = owner if want == FLOAT else _CAST_PREFIX
-                out = f"{name}/{'fp32' if want == FLOAT else 'fp16'}"
-                nodes.append(helper.make_node("Cast", [name], [out], name=f"{side}/Cast_to_{'fp32' if want == FLOAT else 'fp16'}/{name}", to=want))
-                casts[key] = out
-            new_type[casts[key]] = want
-        return casts[key]
-
+    for init in graph.initializer:
+        types[init.name] = init.data_type
     for node in graph.node:
-        if blocked(node):
-            owner = region_prefix(node)
-            for i, name in enumerate(node.input):
-                if types.get(name) == FLOAT:
-                    node.input[i] = as_type(name, FLOAT, owner)
-            renames = {}
-            for sub in _subgraphs(node):
-                for name in _free_names(sub):
-                    if types.get(name) == FLOAT and new_type.get(name) == HALF:
-                        renames[name] = as_type(name, FLOAT, owner)
-            for sub in _subgraphs(node):
-                _rename_inputs(sub, renames)
-            for name in node.output:
-                new_type[name] = types.get(name)
-            nodes.append(node)
-            continue
-        schema = _schema(node, opset)
+        for sub in _subgraphs(node):
+            _collect_types(sub, types)
+
+
+class _Converter:
+    """Converts one graph (and, recursively, the subgraphs of PREFIX-named nodes) in place."""
+
+    def __init__(self, prefixes: tuple[str, ...], opset: int, types: dict[str, int]):
+        self.prefixes, self.opset, self.types = prefixes, opset, types
+
+    def _convert_model_node(self, node: onnx.NodeProto, as_type, new_type: dict):
+        """A node of the model: FP32 tensors become FP16 wherever its schema allows tensor(float16)."""
+        types = self.types
+        schema = _schema(node, self.opset)
         for i, name in enumerate(node.input):
             if types.get(name) != FLOAT:
                 continue
@@ -174,27 +132,151 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: tuple[str, ...] = ()) -> 
                     attribute.i = HALF
                 elif attribute.name == "value" and attribute.t.data_type == FLOAT:
                     attribute.t.CopyFrom(_half_tensor(attribute.t))
-        nodes.append(node)
 
-    # Graph outputs keep their types: an output computed in FP16 gets a Cast back under its own name.
-    for output in graph.output:
-        if types.get(output.name) == FLOAT and new_type.get(output.name) == HALF:
-            inner = f"{output.name}/fp16"
-            for node in nodes:
-                node.output[:] = [inner if n == output.name else n for n in node.output]
-                node.input[:] = [inner if n == output.name else n for n in node.input]
-            nodes.append(helper.make_node("Cast", [inner], [output.name], name=f"{_CAST_PREFIX}/Cast_output/{output.name}", to=FLOAT))
+    def convert(self, graph: onnx.GraphProto, outer: dict[str, int | None], outer_initializers: dict[str, TensorProto]):
+        types = self.types
+        initializers = {**outer_initializers, **{init.name: init for init in graph.initializer}}
+        new_type: dict[str, int | None] = dict(outer)
+        new_type.update({i.name: types.get(i.name) for i in graph.input})
+        new_type.update({i.name: i.data_type for i in graph.initializer})
+        nodes: list[onnx.NodeProto] = []
+        new_initializers: list[TensorProto] = []
+        casts: dict[tuple[str, int], str] = {}
+        prefixes = self.prefixes
 
-    used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
-    for node in nodes:
-        for sub in _subgraphs(node):
-            used |= _free_names(sub)
-    kept = [init for init in graph.initializer if init.name in used] + [i for i in new_initializers if i.name in used]
-    del graph.node[:]
-    graph.node.extend(_toposort(nodes, {i.name for i in graph.input} | {i.name for i in kept}))
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    del graph.value_info[:]
+        def as_type(name: str, want: int, owner: str) -> str:
+            """`name` as a tensor of element type `want` (FLOAT or FLOAT16): itself, or a Cast / FP16 copy."""
+            have = new_type.get(name)
+            if not name or have is None or have == want or have not in (FLOAT, HALF):
+                return name
+            key = (name, want)
+            if key not in casts:
+                tag = "fp32" if want == FLOAT else "fp16"
+                if name in initializers and want == HALF:
+                    copy = _half_tensor(initializers[name], f"{name}/fp16")
+                    new_initializers.append(copy)
+                    casts[key] = copy.name
+                else:
+                    side = owner if want == FLOAT else _CAST_PREFIX
+                    nodes.append(helper.make_node("Cast", [name], [f"{name}/{tag}"], name=f"{side}/Cast_to_{tag}/{name}", to=want))
+                    casts[key] = f"{name}/{tag}"
+                new_type[casts[key]] = want
+            return casts[key]
+
+        for node in graph.node:
+            named = node.name.startswith(prefixes)
+            has_subgraphs = any(True for _ in _subgraphs(node))
+            if named or has_subgraphs:
+                owner = next((p for p in prefixes if node.name.startswith(p)), node.name or node.op_type)
+                if named and has_subgraphs:
+                    # Model nodes the region moved into its branches (the logits' producer) come back out,
+                    # so they compute in FP16 exactly as in the bare graph, Cast to FP32 outside the If.
+                    hoisted, weights = _hoist_shared_nodes(node, prefixes)
+                    for weight in weights:
+                        graph.initializer.append(weight)
+                        initializers[weight.name] = weight
+                        new_type[weight.name] = weight.data_type
+                    for inner in hoisted:
+                        self._convert_model_node(inner, as_type, new_type)
+                        nodes.append(inner)
+                for i, name in enumerate(node.input):
+                    if types.get(name) == FLOAT:
+                        node.input[i] = as_type(name, FLOAT, owner)
+                # Branches read FP16 tensors of this graph through Casts to FP32, placed before the node.
+                renames = {}
+                for sub in _subgraphs(node):
+                    for name in _free_names(sub):
+                        if types.get(name) == FLOAT and new_type.get(name) == HALF:
+                            renames[name] = as_type(name, FLOAT, owner)
+                for sub in _subgraphs(node):
+                    _rename_inputs(sub, renames)
+                if named:
+                    # The region's own control flow: its branches are converted node by node, by name.
+                    for sub in _subgraphs(node):
+                        self.convert(sub, new_type, {**initializers, **{i.name: i for i in new_initializers}})
+                for name in node.output:
+                    new_type[name] = types.get(name)
+                nodes.append(node)
+                continue
+            self._convert_model_node(node, as_type, new_type)
+            nodes.append(node)
+
+        # Outputs keep their types: an output computed in FP16 gets a Cast back under its own name.
+        for output in graph.output:
+            if types.get(output.name) == FLOAT and new_type.get(output.name) == HALF:
+                inner = f"{output.name}/fp16"
+                for node in nodes:
+                    node.output[:] = [inner if n == output.name else n for n in node.output]
+                    node.input[:] = [inner if n == output.name else n for n in node.input]
+                nodes.append(helper.make_node("Cast", [inner], [output.name], name=f"{_CAST_PREFIX}/Cast_output/{output.name}", to=FLOAT))
+
+        used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+        for node in nodes:
+            for sub in _subgraphs(node):
+                used |= _free_names(sub)
+        kept = [init for init in graph.initializer if init.name in used] + [i for i in new_initializers if i.name in used]
+        local = {i.name for i in graph.input} | {i.name for i in kept} | set(outer) | set(outer_initializers)
+        del graph.node[:]
+        graph.node.extend(_toposort(nodes, local))
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        del graph.value_info[:]
+
+
+def _hoist_shared_nodes(node: onnx.NodeProto, prefixes: tuple[str, ...]) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Model nodes (not under `prefixes`) that every branch of `node` computes identically from outer
+    tensors and weights: removed from the branches and returned with their weights, to run once
+    before `node`."""
+    branches = list(_subgraphs(node))
+    if len(branches) < 2:
+        return [], []
+
+    def candidates(graph):
+        free = _free_names(graph)
+        weights = {init.name: init for init in graph.initializer}
+        found = {}
+        for inner in graph.node:
+            if inner.name.startswith(prefixes) or len(inner.output) != 1 or any(True for _ in _subgraphs(inner)):
+                continue
+            if all(not name or name in free or name in weights for name in inner.input):
+                key = (
+                    inner.domain, inner.op_type, tuple(inner.input),
+                    tuple(a.SerializeToString() for a in inner.attribute),
+                    tuple(weights[name].SerializeToString() for name in inner.input if name in weights),
+                )
+                found[key] = inner
+        return found
+
+    found = [candidates(graph) for graph in branches]
+    hoisted, moved = [], {}
+    for key in set(found[0]).intersection(*found[1:]):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(found[0][key])
+        hoisted.append(copy)
+        for graph, by_key in zip(branches, found):
+            inner = by_key[key]
+            graph.node.remove(inner)
+            _rename_inputs(graph, {inner.output[0]: copy.output[0]})
+            for output in graph.output:
+                if output.name == inner.output[0]:  # the branch returned it: return it through an Identity
+                    graph.node.append(helper.make_node("Identity", [copy.output[0]], [output.name], name=f"{node.name}/Identity/{output.name}"))
+            still_used = {name for n in graph.node for name in n.input} | _free_names(graph)
+            for init in list(graph.initializer):
+                if init.name in inner.input and init.name not in still_used:
+                    moved.setdefault(init.name, init)
+                    graph.initializer.remove(init)
+    return hoisted, list(moved.values())
+
+
+def convert_to_fp16(model: onnx.ModelProto, keep_fp32: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """A copy of `model` computing in FP16, with nodes named under PREFIX or a `keep_fp32` prefix in FP32."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as error:
+        raise InvalidGraphError(f"fp16 conversion needs the element type of every tensor; shape inference failed: {error}") from error
+    types: dict[str, int] = {}
+    _collect_types(inferred.graph, types)
+    _Converter((PREFIX, *keep_fp32), _opset(model), types).convert(inferred.graph, {}, {})
     result = onnx.shape_inference.infer_shapes(inferred, strict_mode=True)
     onnx.checker.check_model(result)
     return result
@@ -230,11 +312,11 @@ def fp32_violations(model: onnx.ModelProto, prefixes: tuple[str, ...] = (PREFIX,
     types.update({i.name: i.data_type for i in inferred.graph.initializer})
     bad = []
 
-    def walk(graph: onnx.GraphProto, inside: bool):
+    def walk(graph: onnx.GraphProto):
         for value in (*graph.input, *graph.output, *graph.value_info):
             types.setdefault(value.name, value.type.tensor_type.elem_type)
         for node in graph.node:
-            in_region = inside or node.name.startswith(prefixes)
+            in_region = node.name.startswith(prefixes)  # by name: a model node moved into a branch is the model's
             if in_region:
                 edge_cast = node.op_type == "Cast" and onnx.helper.get_attribute_value(node.attribute[0]) == FLOAT
                 tensors = list(node.output) if edge_cast else [*node.input, *node.output]
@@ -242,7 +324,7 @@ def fp32_violations(model: onnx.ModelProto, prefixes: tuple[str, ...] = (PREFIX,
                 if half:
                     bad.append(f"{node.name} ({node.op_type}) touches FP16 tensors {half}")
             for sub in _subgraphs(node):
-                walk(sub, in_region)
+                walk(sub)
 
-    walk(inferred.graph, False)
+    walk(inferred.graph)
     return bad

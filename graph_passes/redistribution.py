@@ -395,7 +395,10 @@ def add_redistribution(
     def bare():
         if producer is None:
             return z
-        name = ops.name(f"{producer.name or producer.op}/bare")
+        # The model's own node, moved into the branch: it keeps a model name (not PREFIX), so that passes
+        # by name (fp16 keeps PREFIX nodes in FP32) treat it as the model, as in the bare graph.
+        ops.count += 1
+        name = f"{producer.name or producer.op}/bare_{ops.count}"
         out = gs.Variable(f"{name}/output", dtype=dtype, shape=shape)
         attrs = dict(producer.attrs)
         ops.graph.nodes.append(gs.Node(producer.op, name=name, attrs=attrs, inputs=list(producer.inputs), outputs=[out], domain=producer.domain))

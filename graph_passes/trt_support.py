@@ -108,6 +108,9 @@ class SupportReport:
 @functools.lru_cache(maxsize=None)
 def load_table(path: str | os.PathLike = TABLE) -> dict:
     data = json.loads(Path(path).read_text())
+    for amendment in data.get("amendments", []):
+        entry = data["operators"][amendment["op"]]
+        entry["types"] = entry.get("types", []) + [t for t in amendment.get("add_types", []) if t not in entry.get("types", [])]
     rules: dict[str, list[dict]] = {}
     for rule in data["rules"]:
         rules.setdefault(rule["op"], []).append(rule)
@@ -117,7 +120,8 @@ def load_table(path: str | os.PathLike = TABLE) -> dict:
 
 def table_name(table: dict) -> str:
     source = table["source"]
-    return f"TensorRT {source['tensorrt_version']} ONNX operator matrix (onnx-tensorrt docs/operators.md)"
+    amended = f", {len(table.get('amendments', []))} amendment(s)" if table.get("amendments") else ""
+    return f"TensorRT {source['tensorrt_version']} ONNX operator matrix (onnx-tensorrt docs/operators.md{amended})"
 
 
 class _Scope:
