@@ -7,6 +7,7 @@
     aim export MODEL -o model.onnx               trace a family to ONNX
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
+    aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
     aim verify build/MODEL                       re-run the checks of a build against its PyTorch reference
 """
@@ -55,9 +56,26 @@ def cmd_modulate(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from engines.onnxruntime import build
+    if args.backend == "onnxruntime":
+        from engines.onnxruntime import build
 
-    print(f"built ONNX Runtime engine {build(args.input, args.output, args.threads)}")
+        print(f"built ONNX Runtime engine {build(args.input, args.output, args.threads)}")
+        return 0
+    from dataclasses import asdict
+
+    from engines.manifest import graph_io
+    from engines.tensorrt import build_engine, profile_from_io
+    from exporter import get_config
+    from graph_passes.trt_support import check_tensorrt_support
+
+    if not args.model:
+        raise AimError("a TensorRT engine needs the range of every dynamic dim: pass --model FAMILY, whose config's DimRanges make the profile")
+    check_tensorrt_support(args.input).raise_if_unsupported(args.input)
+    dims = {name: asdict(rng) for name, rng in get_config(args.model).dims.items()}
+    result = build_engine(args.input, args.output, args.backend, profile_from_io(graph_io(args.input)["inputs"], dims))
+    print(f"built {args.backend} {result.version} engine {result.path}: {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+    for name, shapes in result.profile.items():
+        print(f"  profile {name}: min {shapes['min']}, opt {shapes['opt']}, max {shapes['max']}")
     return 0
 
 
@@ -149,9 +167,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--upsample-to", help="resize the logits to this input's spatial size first (segmentation)")
     p.set_defaults(func=cmd_modulate)
 
-    p = sub.add_parser("build", help="build an ONNX Runtime engine from an ONNX file")
+    p = sub.add_parser("build", help="build an engine from an ONNX file (ONNX Runtime, or a TensorRT plan)")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-rtx"))
+    p.add_argument("--model", help="TensorRT: the family whose config gives the dims' ranges (the optimization profile)")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_build)
 

@@ -35,7 +35,7 @@ INSTALL = {
 # tensor) needs more than 8 GiB. Narrow the DimRanges in the config for smaller GPUs.
 # A bound, not an allocation: TensorRT never uses more than the GPU has.
 WORKSPACE_BYTES = 16 << 30
-PLAN_SUFFIX = ".plan"
+
 
 class BackendUnavailableError(AimError):
     """The backend's package or hardware is missing on this machine."""
@@ -330,8 +330,12 @@ class TensorRTEngine(Runner):
             polygraphy_config.USE_TENSORRT_RTX = rtx
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-            self._runner = TrtRunner(EngineFromBytes(self.path.read_bytes()))
-            self._runner.activate()
+            runner = TrtRunner(EngineFromBytes(self.path.read_bytes()))
+            try:
+                runner.activate()
+            except Exception as error:  # Polygraphy reports a plan this GPU or version cannot load as a generic error
+                raise BackendUnavailableError(f"{self.backend} could not load {self.path.name} on this machine's GPU: {error}") from error
+            self._runner = runner
         return self._runner
 
     def infer(self, feed: dict) -> dict[str, np.ndarray]:

@@ -43,3 +43,14 @@ def test_engine_with_an_unusable_tensorrt_backend_exits_2_and_writes_nothing(tmp
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "tensorrt" in result.stderr and ("pip install" in result.stderr or "BACKEND=tensorrt-rtx" in result.stderr)
     assert not (tmp_path / "build").exists()
+
+
+def test_build_a_tensorrt_plan_from_any_onnx_file(tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install -e '.[rtx]')")
+    source = tiny_classifier(tmp_path / "classifier.onnx")  # dims: batch, named like the families' batch
+    plan = tmp_path / "classifier.plan"
+    assert main(["build", str(source), "-o", str(plan), "--backend", "tensorrt-rtx", "--model", "llama"]) == 0
+    out = capsys.readouterr().out
+    assert plan.is_file() and plan.stat().st_size > 0 and "profile x: min [1, 6], opt [2, 6], max [8, 6]" in out
+    assert main(["build", str(source), "-o", str(plan), "--backend", "tensorrt-rtx"]) == 2
+    assert "--model" in capsys.readouterr().err
