@@ -11,12 +11,13 @@ OUT ?= build
 CHECKPOINT ?=
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: engine test models clean help
+.PHONY: engine test models bench clean help
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
+	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -30,6 +31,9 @@ engine: $(STAMP)
 
 models: $(STAMP)
 	$(PY) -m cli models
+
+bench: $(STAMP)
+	$(PY) -m benchmarks --out $(OUT)/bench
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -70,7 +70,7 @@ def cmd_build(args) -> int:
 
     if not args.model:
         raise AimError("a TensorRT engine needs the range of every dynamic dim: pass --model FAMILY, whose config's DimRanges make the profile")
-    check_tensorrt_support(args.input).raise_if_unsupported(args.input)
+    check_tensorrt_support(args.input, backend=args.backend).raise_if_unsupported(args.input)
     dims = {name: asdict(rng) for name, rng in get_config(args.model).dims.items()}
     result = build_engine(args.input, args.output, args.backend, profile_from_io(graph_io(args.input)["inputs"], dims))
     print(f"built {args.backend} {result.version} engine {result.path}: {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
@@ -119,7 +119,7 @@ def cmd_run(args) -> int:
 def cmd_trt_check(args) -> int:
     from graph_passes.trt_support import check_tensorrt_support
 
-    report = check_tensorrt_support(args.input)
+    report = check_tensorrt_support(args.input, backend=args.backend)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -187,6 +187,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trt-check", help="check an ONNX file against TensorRT's ONNX operator matrix (no TensorRT needed)")
     p.add_argument("input")
+    p.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"))
     p.set_defaults(func=cmd_trt_check)
 
     p = sub.add_parser("verify", help="re-run a build's checks against its stored PyTorch reference")

@@ -190,7 +190,8 @@ def _build(config, folder: Path, checkpoint, backend: str, precision: str, seed:
             save_onnx(convert_to_fp16(load_onnx(paths[key]), config.fp16_keep_fp32), half)
             paths[f"{key}.fp16"] = half
             sources[role] = f"{key}.fp16"
-    compatibility = {role: check_tensorrt_support(paths[key]) for role, key in sources.items()}
+    target = backend if backend in TENSORRT_BACKENDS else "tensorrt"  # ONNX Runtime builds: would TensorRT take it?
+    compatibility = {role: check_tensorrt_support(paths[key], backend=target) for role, key in sources.items()}
     unsupported: dict[str, list[str]] = {}  # finding -> the graphs that have it
     for role, report_ in compatibility.items():
         for finding in report_.errors:

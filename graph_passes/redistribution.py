@@ -43,6 +43,8 @@ FLAVOURS = ("production", "verification")
 # so every model is at chance long before this; beyond it the noise could overflow FP16 logits.
 MAX_STRENGTH = 1e4
 MODULATION_INPUTS = (UTILITY, FOCUS)
+MAX_MOVED_CONSTANT = 64 * 1024  # bytes: see _movable_producer
+NOISE_METHODS = ("box-muller", "normal")  # how the production flavour makes N(0, 1): see _DrawnNoise
 NOISE_INPUTS = (NOISE_UTILITY, NOISE_FOCUS)
 # Box-Muller's first uniform is drawn from [TINY, 1) so that log() never sees 0; it bounds |n1| by
 # sqrt(-2 ln TINY) = 13.2, a tail of probability 1e-38, far below what a float32 uniform resolves.
@@ -266,40 +268,51 @@ class _GivenNoise:
 
 
 class _DrawnNoise:
-    """The production flavour: ONE uniform draw per run, turned into N(0, 1) by Box-Muller.
+    """The production flavour: ONE random draw per run covers both noises.
 
     One random node, not one per noise: ONNX Runtime seeds every random kernel from the clock (or all
     with the same `set_seed` value), so two kernels give identical or shifted LCG streams and their
-    noises would be correlated. So the draw covers M = C + K (focused classes) entries along the class axis: uniforms a, b over M/2 entries each give the cosine and
-    the sine halves r cos(2 pi b), r sin(2 pi b), with r = sqrt(-2 ln a): independent exact N(0, 1),
-    one uniform per normal (ONNX Runtime's RandomNormalLike costs about 2.5 uniforms per normal).
-    n1 is the first C entries, n2 the next K.
+    noises would be correlated. The draw covers M = C + K entries along the class axis (K: focused
+    classes); n1 is the first C, n2 the next K.
+
+    method "box-muller": one RandomUniformLike; uniforms a, b over M/2 entries each give the cosine
+    and the sine halves r cos(2 pi b), r sin(2 pi b), r = sqrt(-2 ln a): independent exact N(0, 1),
+    one uniform per normal. method "normal": one RandomNormalLike. `make bench` measures both.
     """
 
-    def __init__(self, class_axis: int, num_classes: int):
-        self.axis, self.classes = class_axis, num_classes
+    def __init__(self, class_axis: int, num_classes: int, method: str = "box-muller"):
+        if method not in NOISE_METHODS:
+            raise ValueError(f"noise method must be one of {NOISE_METHODS}, got {method!r}")
+        self.axis, self.classes, self.method = class_axis, num_classes, method
 
     def draw(self, ops, z, classes):
         axis, i64 = self.axis, np.int64
         n1_size = ops.constant([self.classes], i64)
         total = ops.node("Add", [n1_size, ops.node("Shape", [classes], dtype=i64)], dtype=i64)  # C + K
-        half = ops.node("Div", [ops.node("Add", [total, ops.constant([1], i64)], dtype=i64), ops.constant([2], i64)], dtype=i64)
-        whole = ops.node("Mul", [half, ops.constant([2], i64)], dtype=i64)
-        shape = ops.node(
-            "Concat",
-            [ops.node("Shape", [z], {"end": axis}, dtype=i64), whole, ops.node("Shape", [z], {"start": axis + 1}, dtype=i64)],
-            {"axis": 0},
-            dtype=i64,
-        )
-        zeros = ops.node("ConstantOfShape", [shape], {"value": onnx.helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [0.0])})
-        # No seed: TensorRT ignores seeds, and every run must draw afresh. [TINY, 1): log() never sees 0.
-        uniform = ops.node("RandomUniformLike", [zeros], {"dtype": onnx.TensorProto.FLOAT, "low": TINY, "high": 1.0})
         axes = ops.constant([axis], i64)
-        a = ops.node("Slice", [uniform, ops.constant([0], i64), half, axes])
-        b = ops.node("Slice", [uniform, half, whole, axes])
-        radius = ops.node("Sqrt", [ops.mul(ops.node("Log", [a]), ops.constant(-2.0))])
-        angle = ops.mul(b, ops.constant(2.0 * math.pi))
-        normal = ops.node("Concat", [ops.mul(radius, ops.node(op, [angle])) for op in ("Cos", "Sin")], {"axis": axis})
+
+        def like(size):  # a tensor shaped like z but with `size` entries on the class axis
+            shape = ops.node(
+                "Concat",
+                [ops.node("Shape", [z], {"end": axis}, dtype=i64), size, ops.node("Shape", [z], {"start": axis + 1}, dtype=i64)],
+                {"axis": 0},
+                dtype=i64,
+            )
+            return ops.node("ConstantOfShape", [shape], {"value": onnx.helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [0.0])})
+
+        # No seed: TensorRT ignores seeds, and every run must draw afresh.
+        if self.method == "normal":
+            normal = ops.node("RandomNormalLike", [like(total)], {"dtype": onnx.TensorProto.FLOAT, "mean": 0.0, "scale": 1.0})
+        else:
+            half = ops.node("Div", [ops.node("Add", [total, ops.constant([1], i64)], dtype=i64), ops.constant([2], i64)], dtype=i64)
+            whole = ops.node("Mul", [half, ops.constant([2], i64)], dtype=i64)
+            # [TINY, 1): log() never sees 0.
+            uniform = ops.node("RandomUniformLike", [like(whole)], {"dtype": onnx.TensorProto.FLOAT, "low": TINY, "high": 1.0})
+            a = ops.node("Slice", [uniform, ops.constant([0], i64), half, axes])
+            b = ops.node("Slice", [uniform, half, whole, axes])
+            radius = ops.node("Sqrt", [ops.mul(ops.node("Log", [a]), ops.constant(-2.0))])
+            angle = ops.mul(b, ops.constant(2.0 * math.pi))
+            normal = ops.node("Concat", [ops.mul(radius, ops.node(op, [angle])) for op in ("Cos", "Sin")], {"axis": axis})
         n1 = ops.node("Slice", [normal, ops.constant([0], i64), n1_size, axes])
         n2 = ops.node("Slice", [normal, n1_size, total, axes])
         return n1, n2
@@ -363,17 +376,22 @@ def _movable_producer(graph: gs.Graph, z: gs.Variable) -> gs.Node | None:
     producer = z.inputs[0]
     if len(producer.outputs) != 1 or producer.op in ("If", "Loop", "Scan"):
         return None
+    # Weights used inside both branches would be stored twice (a classifier head: megabytes), while
+    # the copy saved is only that of the small logits such heads make.
+    if any(isinstance(t, gs.Constant) and t.values.nbytes > MAX_MOVED_CONSTANT for t in producer.inputs):
+        return None
     return producer
 
 
 def add_redistribution(
-    graph: gs.Graph, logits: str = "logits", class_axis: int = 1, flavour: str = "production"
+    graph: gs.Graph, logits: str = "logits", class_axis: int = 1, flavour: str = "production", noise: str = "box-muller"
 ) -> gs.Graph:
     """Splices the redistribution onto the output `logits`, which keeps its name, shape and dtype.
 
     Adds graph inputs `utility` [B] and `focus` [B, C] (FP32). The production flavour draws the noise
     in the graph; the verification flavour takes it as inputs `noise_utility` and `noise_focus` shaped
     like the logits, so every backend can be compared element-wise. Both share every other node.
+    `noise`: how the production flavour makes N(0, 1), one of NOISE_METHODS (see _DrawnNoise).
     """
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
@@ -412,10 +430,10 @@ def add_redistribution(
     if flavour == "verification":
         given = [gs.Variable(name, dtype=np.float32, shape=shape) for name in NOISE_INPUTS]
         graph.inputs.extend(given)
-        noise = _GivenNoise(*given, class_axis=axis)
+        source = _GivenNoise(*given, class_axis=axis)
     else:
-        noise = _DrawnNoise(axis, classes)
-    out = redistribute(ops, bare, utility, focus, noise, rank=rank, class_axis=axis)
+        source = _DrawnNoise(axis, classes, noise)
+    out = redistribute(ops, bare, utility, focus, source, rank=rank, class_axis=axis)
     out.name, out.dtype, out.shape = logits, dtype, shape
     graph.outputs = [out if tensor is z else tensor for tensor in graph.outputs]
     return graph.cleanup().toposort()

@@ -118,10 +118,13 @@ def load_table(path: str | os.PathLike = TABLE) -> dict:
     return data
 
 
-def table_name(table: dict) -> str:
+def table_name(table: dict, backend: str = "tensorrt") -> str:
     source = table["source"]
+    extra = table.get("backends", {}).get(backend, {})
+    differences = len(extra.get("unsupported_ops", {})) + len(extra.get("rules", []))
+    specific = f"; {backend} {extra.get('version', '')}: {differences} known difference(s)" if differences else ""
     amended = f", {len(table.get('amendments', []))} amendment(s)" if table.get("amendments") else ""
-    return f"TensorRT {source['tensorrt_version']} ONNX operator matrix (onnx-tensorrt docs/operators.md{amended})"
+    return f"TensorRT {source['tensorrt_version']} ONNX operator matrix (onnx-tensorrt docs/operators.md{amended}{specific})"
 
 
 class _Scope:
@@ -207,6 +210,13 @@ def _subgraphs(node: onnx.NodeProto):
                 yield f"{attribute.name}[{index}]", graph
 
 
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for _, sub in _subgraphs(node):
+            yield from _all_nodes(sub)
+
+
 def _check_rule(rule: dict, node: onnx.NodeProto, scope: _Scope) -> str | None:
     """The reason `node` breaks `rule`, or None."""
     kind = rule["kind"]
@@ -249,6 +259,9 @@ def _check_rule(rule: dict, node: onnx.NodeProto, scope: _Scope) -> str | None:
         if value is not None and len(value) not in rule["allowed"]:
             return f"{rule['reason']} ({rule['attribute']} has {len(value)} dims)"
         return None
+    if kind == "no_nested":
+        nested = [inner.name for _, graph in _subgraphs(node) for inner in _all_nodes(graph) if inner.op_type == rule["op"]]
+        return f"{rule['reason']} (contains {nested})" if nested else None
     if kind == "branch_outputs_distinct":
         then_branch, else_branch = _attribute(node, "then_branch"), _attribute(node, "else_branch")
         if then_branch is None or else_branch is None:
@@ -290,7 +303,9 @@ def _check_types(node: onnx.NodeProto, entry: dict, table: dict, scope: _Scope, 
     return findings
 
 
-def _check_graph(graph: onnx.GraphProto, table: dict, functions: dict, path: str, outer: _Scope | None, report: SupportReport):
+def _check_graph(
+    graph: onnx.GraphProto, table: dict, functions: dict, path: str, outer: _Scope | None, report: SupportReport, backend: dict
+):
     scope = _Scope(graph, outer)
     for node in graph.node:
         report.nodes += 1
@@ -298,7 +313,7 @@ def _check_graph(graph: onnx.GraphProto, table: dict, functions: dict, path: str
         if node.domain not in ("", "ai.onnx"):
             if (node.domain, node.op_type) in functions:
                 body = functions[(node.domain, node.op_type)]
-                _check_graph(onnx.helper.make_graph(body.node, body.name, [], []), table, functions, f"{path}/{name}", scope, report)
+                _check_graph(onnx.helper.make_graph(body.node, body.name, [], []), table, functions, f"{path}/{name}", scope, report, backend)
                 continue
             report.findings.append(
                 Finding(name, f"{node.domain}.{node.op_type}", "not a standard ONNX op: TensorRT needs a plugin for it", "error", path)
@@ -312,22 +327,31 @@ def _check_graph(graph: onnx.GraphProto, table: dict, functions: dict, path: str
             detail = f": {entry['restrictions']}" if "restrictions" in entry else ""
             report.findings.append(Finding(name, node.op_type, f"not supported by TensorRT's ONNX parser{detail}", "error", path))
             continue
+        if node.op_type in backend.get("unsupported_ops", {}):
+            report.findings.append(Finding(name, node.op_type, f"not supported by {backend['name']}: {backend['unsupported_ops'][node.op_type]}", "error", path))
+            continue
         report.findings.extend(_check_types(node, entry, table, scope, path))
-        for rule in table["rules_by_op"].get(node.op_type, []):
+        for rule in [*table["rules_by_op"].get(node.op_type, []), *(r for r in backend.get("rules", []) if r["op"] == node.op_type)]:
             reason = _check_rule(rule, node, scope)
             if reason:
                 severity = "warning" if rule["kind"] == "attribute_ignored" else "error"
                 report.findings.append(Finding(name, node.op_type, reason, severity, path))
         for attribute, subgraph in _subgraphs(node):
-            _check_graph(subgraph, table, functions, f"{path}/{name}.{attribute}", scope, report)
+            _check_graph(subgraph, table, functions, f"{path}/{name}.{attribute}", scope, report, backend)
 
 
-def check_tensorrt_support(model: onnx.ModelProto | str | os.PathLike, table: dict | None = None) -> SupportReport:
-    """Every node of `model` (a ModelProto or a path) against the parser's operator matrix."""
+def check_tensorrt_support(
+    model: onnx.ModelProto | str | os.PathLike, table: dict | None = None, backend: str = "tensorrt"
+) -> SupportReport:
+    """Every node of `model` (a ModelProto or a path) against the parser's operator matrix, and the
+    known differences of `backend` ("tensorrt" or "tensorrt-rtx")."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     table = table or load_table()
-    report = SupportReport(table=table_name(table))
+    if backend not in table.get("backends", {}):
+        raise ValueError(f"no TensorRT backend {backend!r} in {TABLE.name}; known: {sorted(table.get('backends', {}))}")
+    extra = {"name": backend, **table["backends"][backend]}
+    report = SupportReport(table=table_name(table, backend))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     low, high = table["opset"]["min"], table["opset"]["max"]
     if opset is None or not low <= opset <= high:
@@ -348,5 +372,5 @@ def check_tensorrt_support(model: onnx.ModelProto | str | os.PathLike, table: di
                 )
             )
     functions = {(f.domain, f.name): f for f in model.functions}
-    _check_graph(inferred.graph, table, functions, "main", None, report)
+    _check_graph(inferred.graph, table, functions, "main", None, report, extra)
     return report

@@ -16,6 +16,7 @@ from graph_passes.redistribution import (
     NOISE_FOCUS,
     NOISE_UTILITY,
     MAX_STRENGTH,
+    NOISE_METHODS,
     PREFIX,
     UTILITY,
     add_redistribution,
@@ -324,12 +325,14 @@ def test_skip_branch_computes_the_bare_logits_itself(tmp_path):
     assert [n.op for n in skip.nodes] == ["Identity"] and skip.nodes[0].inputs[0].name == "x"
 
 
-def test_production_noise_is_standard_normal_and_focus_independent(tmp_path):
-    """Box-Muller from one uniform draw, on an odd class count (the last pair is cut)."""
+@pytest.mark.parametrize("method", NOISE_METHODS)
+def test_production_noise_is_standard_normal_and_focus_independent(tmp_path, method):
+    """One draw for both noises, on an odd class count (Box-Muller's last pair is cut)."""
     from scipy import stats
 
     source = identity_model(tmp_path / "identity.onnx", ["batch", 1001])
-    run = session(modulate_file(source, tmp_path / "production.onnx", "logits", 1))
+    graph = add_redistribution(load_graph(source), "logits", 1, noise=method)
+    run = session(save_onnx(graph, tmp_path / "production.onnx"))
     x = np.zeros((8, 1001), np.float32)
     focus = np.zeros((8, 1001), np.float32)
     focus[:, [3, 500]] = 1.0
@@ -343,3 +346,24 @@ def test_production_noise_is_standard_normal_and_focus_independent(tmp_path):
     # Fresh draws every run, and no element repeats another row's value.
     assert np.mean(draws[0] != draws[1]) > 0.999
     assert np.unique(noise[0]).size > 0.999 * noise[0].size
+
+
+def test_weights_are_not_moved_into_the_branches(tmp_path):
+    """A classifier head's weights would be stored in both branches: such a producer stays outside."""
+    weights = np.random.default_rng(6).normal(size=(256, 100)).astype(np.float32)  # 100 KB
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 100])],
+        initializer=[onnx.numpy_helper.from_array(weights, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "head.onnx"))
+    target = modulate_file(tmp_path / "head.onnx", tmp_path / "production.onnx", "logits", 1)
+    assert target.stat().st_size < 1.5 * weights.nbytes  # stored once
+    modulated = load_graph(target)
+    assert [n.op for n in modulated.nodes if n.op == "MatMul"] == ["MatMul"]  # still in the main graph
+    x = np.random.default_rng(7).normal(size=(3, 256)).astype(np.float32)
+    zero = {"x": x, UTILITY: np.zeros(3, np.float32), FOCUS: np.zeros((3, 100), np.float32)}
+    bare = session(tmp_path / "head.onnx").run(None, {"x": x})[0]
+    np.testing.assert_array_equal(session(target).run(None, zero)[0], bare)

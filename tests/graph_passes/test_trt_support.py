@@ -135,3 +135,48 @@ def test_amendments_hold_for_the_pinned_parser(tmp_path):
             onnx.save(m, str(tmp_path / "cumsum.onnx"))
             result = build_engine(tmp_path / "cumsum.onnx", tmp_path / "cumsum.plan", "tensorrt-rtx", {"x": {"min": [1, 8], "opt": [2, 8], "max": [4, 8]}})
             assert result.bytes > 0 and result.io_types["y"]["dtype"] == type_name
+
+
+def nested_if_model():
+    def value(name):
+        return tensor(name, shape=None)
+
+    inner_then = h.make_graph([h.make_node("Abs", ["x"], ["a"], name="abs")], "inner_then", [], [value("a")])
+    inner_else = h.make_graph([h.make_node("Neg", ["x"], ["b"], name="neg")], "inner_else", [], [value("b")])
+    outer_then = h.make_graph(
+        [h.make_node("If", ["small"], ["o1"], name="inner_if", then_branch=inner_then, else_branch=inner_else)], "outer_then", [], [value("o1")]
+    )
+    outer_else = h.make_graph([h.make_node("Identity", ["x"], ["o2"], name="copy")], "outer_else", [], [value("o2")])
+    nodes = [
+        h.make_node("ReduceMax", ["x"], ["m"], name="max", keepdims=0),
+        h.make_node("Greater", ["m", "zero"], ["big"], name="big"),
+        h.make_node("Less", ["m", "zero"], ["small"], name="small"),
+        h.make_node("If", ["big"], ["y"], name="outer_if", then_branch=outer_then, else_branch=outer_else),
+    ]
+    return model(nodes, [tensor("x", shape=("b", 8))], [tensor("y", shape=("b", 8))], [const("zero", 0.0, np.float32)])
+
+
+def test_backend_differences_nonzero_and_nested_if():
+    """TensorRT for RTX has no NonZero (a plugin) and cannot build an If inside an If; TensorRT can."""
+    nonzero = model([h.make_node("NonZero", ["x"], ["nz"], name="nonzero")], [tensor("x")], [tensor("nz", T.INT64, None)])
+    assert check_tensorrt_support(nonzero, backend="tensorrt").ok
+    assert "plugin" in {f.node: f.reason for f in check_tensorrt_support(nonzero, backend="tensorrt-rtx").errors}["nonzero"]
+    nested = nested_if_model()
+    assert check_tensorrt_support(nested, backend="tensorrt").ok
+    rtx = {f.node: f.reason for f in check_tensorrt_support(nested, backend="tensorrt-rtx").errors}
+    assert list(rtx) == ["outer_if"] and "inner_if" in rtx["outer_if"]
+    with pytest.raises(ValueError, match="tensorrt-rtx"):
+        check_tensorrt_support(nested, backend="tensorflow")
+
+
+def test_backend_differences_hold_for_the_pinned_rtx(tmp_path):
+    """The real TensorRT for RTX refuses both graphs, as its table entry says."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install -e '.[rtx]')")
+    from engines.tensorrt import EngineBuildError, build_engine
+
+    nonzero = model([h.make_node("NonZero", ["x"], ["nz"], name="nonzero")], [tensor("x", shape=("b", 8))], [tensor("nz", T.INT64, None)])
+    for name, m, match in (("nonzero", nonzero, "NonZero"), ("nested", nested_if_model(), "could not build")):
+        onnx.save(m, str(tmp_path / f"{name}.onnx"))
+        with pytest.raises(EngineBuildError, match=match):
+            build_engine(tmp_path / f"{name}.onnx", tmp_path / f"{name}.plan", "tensorrt-rtx", {"x": {"min": [1, 8], "opt": [2, 8], "max": [4, 8]}})
+        assert not (tmp_path / f"{name}.plan").exists()
