@@ -219,7 +219,7 @@ def _build(config, folder: Path, checkpoint, backend: str, precision: str, seed:
         ort_engine.build(paths[sources["production"]], paths["engine"])
         progress.done("engine", paths["engine"].name)
     else:
-        cache = folder.parent / f".timing-cache.{backend}"  # shared by builds under the same output root
+        cache = trt_engine.default_timing_cache(backend)
         for role, key in (("production", "engine"), ("bare", "engine.bare"), ("verification", "engine.verification")):
             source = paths[sources[role]]
             result = trt_engine.build_engine(
@@ -318,7 +318,11 @@ def run_checks(folder: Path, runners, tolerance: Tolerance, class_axis: int, max
     with np.load(folder / REFERENCE) as stored:
         reference = dict(stored)
     onnxruntime.set_seed(seed)  # reproducible statistics; production runs are not seeded
-    return verify_build(*runners, reference, tolerance, class_axis, max_batch, seed, reduced)
+    try:
+        return verify_build(*runners, reference, tolerance, class_axis, max_batch, seed, reduced)
+    finally:
+        for runner in runners:
+            getattr(runner, "close", lambda: None)()  # TensorRT runners hold GPU memory
 
 
 def verify_folder(folder: str | os.PathLike, seed: int = 0) -> dict:

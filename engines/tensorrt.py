@@ -236,7 +236,8 @@ def build_engine(
     if use_cache:
         data = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
         cache = config.create_timing_cache(data)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):  # made on another GPU or version: start afresh
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     log(f"      building {Path(plan_path).name} with {backend} {trt.__version__} ({network.num_layers} layers)")
     plan = builder.build_serialized_network(network, config)
@@ -262,6 +263,13 @@ def build_engine(
         io_types=io,
         timing_cache=Path(timing_cache).name if use_cache else None,
     )
+
+
+def default_timing_cache(backend: str) -> Path:
+    """Where builds share tactic timings: per user, outside the build folder (it is a cache of this
+    machine's GPU, not an artifact of a model)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "aim-modulation" / f"timing-cache.{backend}"
 
 
 def read_profile(plan_path: str | os.PathLike, backend: str) -> dict | None:
