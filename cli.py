@@ -10,6 +10,8 @@
     aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
     aim verify build/MODEL                       re-run the checks of a build against its PyTorch reference
+    aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
+    aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
 """
 
 from __future__ import annotations
@@ -136,6 +138,52 @@ def cmd_verify(args) -> int:
     return 0 if manifest["verification"]["passed"] else 1
 
 
+def cmd_triton(args) -> int:
+    from engines.triton import CONFIG, MAX_QUEUE_DELAY_US, write_model
+
+    delay = MAX_QUEUE_DELAY_US if args.max_queue_delay_us is None else args.max_queue_delay_us
+    folder = write_model(args.build, args.repository, args.name, args.engine, delay)
+    print(f"wrote {folder}/{CONFIG} and {', '.join(str(p.relative_to(folder)) for p in sorted(folder.glob('*/*')))}")
+    print((folder / CONFIG).read_text())
+    from engines.manifest import read_manifest
+
+    if read_manifest(args.build).get("backend") == "tensorrt-rtx":
+        print(
+            "note: this is a TensorRT for RTX plan: it runs where TensorRT for RTX runs it (an RTX GPU). Triton's "
+            "tensorrt backend runs plans of the TensorRT version it was built with; for a data-centre Triton, "
+            "build with BACKEND=tensorrt there."
+        )
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from engines.triton_server import TritonServer
+
+    repository = Path(args.repository)
+    log = repository.with_name(repository.name + ".log")  # kept after the server stops
+    server = TritonServer(repository, args.http_port, args.grpc_port, models=args.model or ["*"], host=args.host, log_path=log)
+    print(f"starting tritonserver on {args.repository} ...", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with server:
+            print(f"HTTP  http://{server.http_url}   (health: http://{server.http_url}/v2/health/ready)")
+            print(f"gRPC  {server.grpc_url}")
+            print(f"models: {', '.join(server.models_ready())}; log: {server.log_path}. Ctrl-C stops the server.", flush=True)
+            while not stop.is_set() and server.running():
+                stop.wait(0.5)
+            if not server.running():
+                print(f"tritonserver exited:\n{server.log()[-2000:]}", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        pass  # the with block has stopped the server
+    print("stopped")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="aim", description="AIM model modulation: export, modulate, build, run, verify.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -196,6 +244,22 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-run a build's checks against its stored PyTorch reference")
     p.add_argument("folder", help="a build folder, e.g. build/resnet")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("triton", help="write a Triton model repository entry for a build's engine")
+    p.add_argument("build", help="a build folder with manifest.json, e.g. build/resnet")
+    p.add_argument("--repository", default="build/triton", help="model repository root (default: build/triton)")
+    p.add_argument("--name", help="model name in Triton (default: the manifest's model)")
+    p.add_argument("--engine", help="engine file in the build folder (default: the manifest's engine)")
+    p.add_argument("--max-queue-delay-us", type=int, help="how long dynamic batching waits for more requests (default: 2000)")
+    p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("serve", help="run the Triton server on a model repository")
+    p.add_argument("repository", nargs="?", default="build/triton")
+    p.add_argument("--model", action="append", help="load only this model (repeatable; default: all)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.set_defaults(func=cmd_serve)
     return top
 
 

@@ -209,7 +209,10 @@ class _GraphOps:
         chosen = self.greater(strength, 0.0)
         mask = self.node("Cast", [chosen], {"to": onnx.TensorProto.INT64}, dtype=i64)
         count = self.node("ReduceSum", [mask, self.constant([0], i64)], {"keepdims": 1}, dtype=i64)  # [1]
-        rank = self.node("Sub", [self.node("CumSum", [mask, self.constant(0, i64)], dtype=i64), self.constant(1, i64)], dtype=i64)
+        # CumSum in FP32 (TensorRT's CumSum takes floating point), exact for counts below 2**24.
+        ones = self.node("Cast", [chosen], {"to": onnx.TensorProto.FLOAT})
+        running = self.node("CumSum", [ones, self.constant(0, np.int32)])
+        rank = self.node("Sub", [self.node("Cast", [running], {"to": onnx.TensorProto.INT64}, dtype=i64), self.constant(1, i64)], dtype=i64)
         slot = self.node("Where", [chosen, rank, count], dtype=i64)
         slots = self.node("ConstantOfShape", [self.node("Add", [count, self.constant([1], i64)], dtype=i64)],
                           {"value": onnx.helper.make_tensor("value", onnx.TensorProto.INT64, [1], [0])}, dtype=i64)
