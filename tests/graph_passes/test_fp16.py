@@ -147,3 +147,22 @@ def test_resize_scales_stay_fp32_and_subgraph_nodes_stay_whole():
 def test_agreement_config_is_stated_per_family(family):
     spec = family.config.fp16
     assert isinstance(spec, Agreement) and spec.metric in ("top_k", "class_map") and 0 < spec.min_fraction <= 1 and spec.why
+
+
+def test_model_nodes_moved_into_the_region_if_come_back_out(family):
+    """The redistribution moves the logits' producer into its If branches (no copy on the skip path);
+    in FP16 it runs once before the If, in FP16 as in the bare graph, and the branches hold only the
+    region's FP32 nodes."""
+    original = onnx.load(str(family.path("production")))
+    converted = convert_to_fp16(original, family.config.fp16_keep_fp32)
+
+    def model_nodes_in_branches(m):
+        (region_if,) = [n for n in m.graph.node if n.op_type == "If" and n.name.startswith(PREFIX)]
+        return [n for g in subgraphs(region_if) for n in all_nodes(g) if not n.name.startswith(PREFIX)]
+
+    moved = model_nodes_in_branches(original)
+    assert model_nodes_in_branches(converted) == []
+    types = types_of(converted)
+    for node in moved:  # one copy of each now at the top, computing in FP16
+        (hoisted,) = [n for n in converted.graph.node if n.op_type == node.op_type and n.input[0] == node.input[0]]
+        assert types[hoisted.output[0]] == T.FLOAT16
