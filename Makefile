@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= segformer
-BACKEND ?= onnxruntime
+BACKEND ?= auto
+PRECISION ?= fp32
 OUT ?= build
 CHECKPOINT ?=
 PROMPT ?= def main():
@@ -20,7 +21,7 @@ REPO ?= $(OUT)/triton
 .PHONY: engine generate triton serve test models bench clean help
 
 help:
-	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
+	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
 	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
 	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
@@ -32,16 +33,16 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off torch==2.13.0
-	$(PY) -m pip install --quiet --progress-bar off -e '.[test,triton]'
+	$(PY) -m pip install --quiet --progress-bar off -e '.[test,rtx,triton]'
 	$(PY) -m pip install --quiet --progress-bar off --no-deps $(PYTRITON)
 	@touch $(STAMP)
 
 engine: $(STAMP)
-	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 # The engine is built first if the build folder has no manifest yet.
 $(OUT)/%/manifest.json: | $(STAMP)
-	$(PY) -m cli engine $* --out $(OUT) --backend $(BACKEND) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m cli engine $* --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 triton: $(STAMP) $(OUT)/$(MODEL)/manifest.json
 	$(PY) -m cli triton $(OUT)/$(MODEL) --repository $(REPO)

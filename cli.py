@@ -1,10 +1,13 @@
 """`aim`: a thin command line over the Python API (exporter, graph_passes, engines).
 
     aim models                                   the model families that exist
-    aim engine MODEL [--checkpoint DIR]          export -> passes -> engine -> verify into build/MODEL/
+    aim engine MODEL [--checkpoint DIR] [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--precision fp32|fp16]
+                                                 export -> passes -> engine -> verify into build/MODEL/
+    aim trt-check model.onnx                     which nodes TensorRT's ONNX parser would refuse, and why
     aim export MODEL -o model.onnx               trace a family to ONNX
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
+    aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
     aim verify build/MODEL                       re-run the checks of a build against its PyTorch reference
     aim generate build/llama --prompt TEXT [--utility 0.5] [--focus "+word=5,-other=10"] [--max-new-tokens 32]
@@ -34,7 +37,7 @@ def cmd_models(args) -> int:
 def cmd_engine(args) -> int:
     from engines.pipeline import build_model, report
 
-    manifest = build_model(args.model, args.out, args.checkpoint, args.backend, args.seed)
+    manifest = build_model(args.model, args.out, args.checkpoint, args.backend, args.seed, precision=args.precision)
     print(report(manifest))
     return 0
 
@@ -57,9 +60,26 @@ def cmd_modulate(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from engines.onnxruntime import build
+    if args.backend == "onnxruntime":
+        from engines.onnxruntime import build
 
-    print(f"built ONNX Runtime engine {build(args.input, args.output, args.threads)}")
+        print(f"built ONNX Runtime engine {build(args.input, args.output, args.threads)}")
+        return 0
+    from dataclasses import asdict
+
+    from engines.manifest import graph_io
+    from engines.tensorrt import build_engine, profile_from_io
+    from exporter import get_config
+    from graph_passes.trt_support import check_tensorrt_support
+
+    if not args.model:
+        raise AimError("a TensorRT engine needs the range of every dynamic dim: pass --model FAMILY, whose config's DimRanges make the profile")
+    check_tensorrt_support(args.input, backend=args.backend).raise_if_unsupported(args.input)
+    dims = {name: asdict(rng) for name, rng in get_config(args.model).dims.items()}
+    result = build_engine(args.input, args.output, args.backend, profile_from_io(graph_io(args.input)["inputs"], dims))
+    print(f"built {args.backend} {result.version} engine {result.path}: {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+    for name, shapes in result.profile.items():
+        print(f"  profile {name}: min {shapes['min']}, opt {shapes['opt']}, max {shapes['max']}")
     return 0
 
 
@@ -100,12 +120,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_trt_check(args) -> int:
+    from graph_passes.trt_support import check_tensorrt_support
+
+    report = check_tensorrt_support(args.input, backend=args.backend)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def cmd_verify(args) -> int:
     from engines.pipeline import verify_folder
 
     manifest = verify_folder(args.folder)
     for check in manifest["verification"]["checks"]:
         print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['name']}: {check['detail']}")
+    engine_run = manifest["verification"].get("engine_run", {"ran": True})
+    if not engine_run["ran"]:
+        print(f"engine run SKIPPED ({manifest['engine']}): {engine_run['reason']}; the checks ran on ONNX Runtime over the graphs it was built from")
     return 0 if manifest["verification"]["passed"] else 1
 
 
@@ -195,7 +226,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model family (see `aim models`)")
     p.add_argument("--checkpoint", help="a local save_pretrained folder (default: tiny config, random weights)")
     p.add_argument("--out", default="build", help="output root (default: build)")
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument(
+        "--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"),
+        help="auto: TensorRT with a CUDA GPU and tensorrt installed, else ONNX Runtime; tensorrt-rtx builds on any machine",
+    )
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="fp16 is written into the graph; the redistribution stays fp32")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_engine)
 
@@ -215,9 +250,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--upsample-to", help="resize the logits to this input's spatial size first (segmentation)")
     p.set_defaults(func=cmd_modulate)
 
-    p = sub.add_parser("build", help="build an ONNX Runtime engine from an ONNX file")
+    p = sub.add_parser("build", help="build an engine from an ONNX file (ONNX Runtime, or a TensorRT plan)")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-rtx"))
+    p.add_argument("--model", help="TensorRT: the family whose config gives the dims' ranges (the optimization profile)")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_build)
 
@@ -230,6 +267,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="save the logits as .npy")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("trt-check", help="check an ONNX file against TensorRT's ONNX operator matrix (no TensorRT needed)")
+    p.add_argument("input")
+    p.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"))
+    p.set_defaults(func=cmd_trt_check)
 
     p = sub.add_parser("verify", help="re-run a build's checks against its stored PyTorch reference")
     p.add_argument("folder", help="a build folder, e.g. build/resnet")
