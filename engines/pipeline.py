@@ -325,7 +325,7 @@ def run_checks(
     reduced: Agreement | None = None, task_checks=None,
 ):
     """The checks of a build folder against its reference.npz (PyTorch outputs stored at build time);
-    `task_checks(engine, reference, tolerance)`: the family's task-level checks (e.g. generation)."""
+    `task_checks(engine, reference, tolerance, reduced)`: the family's task-level checks (e.g. generation)."""
     import onnxruntime
 
     with np.load(folder / REFERENCE) as stored:
@@ -334,7 +334,7 @@ def run_checks(
     try:
         checks = verify_build(*runners, reference, tolerance, class_axis, max_batch, seed, reduced)
         if task_checks:
-            checks += task_checks(runners[2], reference, tolerance)
+            checks += task_checks(runners[2], reference, tolerance, reduced)
         return checks
     finally:
         for runner in runners:

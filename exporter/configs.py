@@ -105,7 +105,8 @@ class ExportConfig:
     tokenizer: Callable[["object", "object"], "object"] | None = None
     # Task-level verification beyond the logits (e.g. generation): `task_reference(config, model,
     # tokenizer, seed)` computes PyTorch outputs at build time (stored in reference.npz), and
-    # `task_checks(engine, reference)` checks the built engine against them (list of verify.Check).
+    # `task_checks(engine, reference, tolerance, reduced)` checks the built engine against them (a list
+    # of verify.Check; `reduced`: the fp16 Agreement when the engine is FP16, else None).
     task_reference: Callable[..., dict] | None = None
     task_checks: Callable[..., list] | None = None
 

@@ -311,3 +311,26 @@ def test_local_tokenizer_is_deterministic_and_fits_the_model():
     small = type("Model", (), {"config": type("Config", (), {"vocab_size": 100})()})()
     with pytest.raises(AimError, match="save the checkpoint's own tokenizer"):
         model_tokenizer(small, None)
+
+
+def test_reduced_precision_generation_checks_use_teacher_forcing(build):
+    """FP16 builds are held to the family's Agreement along PyTorch's tokens; wrong tokens fail it."""
+    import dataclasses
+
+    from engines.generate import generation_checks
+    from engines.verify import REFERENCE
+
+    folder, engine, _, _, _ = build
+    with np.load(folder / REFERENCE) as stored:
+        reference = dict(stored)
+    forced = reference["generation.1.tokens"][:, ::-1].copy()  # some other continuation
+    run = generate(engine, reference["generation.1.input_ids"], reference["generation.1.attention_mask"], forced=forced, max_new_tokens=99)
+    np.testing.assert_array_equal(run.tokens, forced)
+    spec = CONFIG.fp16
+    assert spec is not None and spec.metric == "top_k"
+    assert all(check.passed for check in generation_checks(engine, reference, CONFIG.tolerance, spec))
+    wrong = dict(reference)
+    for index in range(3):
+        wrong[f"generation.{index}.tokens"] = (reference[f"generation.{index}.tokens"] + 1000) % 32000
+    greedy, _ = generation_checks(engine, wrong, CONFIG.tolerance, dataclasses.replace(spec, min_fraction=0.5))
+    assert not greedy.passed and greedy.metrics["fraction"] < 0.1
