@@ -102,9 +102,11 @@ def test_engine_builds_with_the_config_profile(family, plans, kind, precision):
         shapes = result.profile[spec.name]
         assert shapes["min"][0] == batch.min and shapes["max"][0] == batch.max
     # Strongly typed: the graph's IO types are the network's, FP32 at the interface in both precisions.
-    assert {name: io["dtype"] for name, io in result.io_types.items() if name != "input_ids" and name != "attention_mask"} == {
-        name: "FLOAT" for name in result.io_types if name not in ("input_ids", "attention_mask")
+    integer = {t["name"] for t in graph_io(source)["inputs"] if t["dtype"].startswith("int")}  # token ids, masks, positions
+    assert {name: io["dtype"] for name, io in result.io_types.items() if name not in integer} == {
+        name: "FLOAT" for name in result.io_types if name not in integer
     }
+    assert all(result.io_types[name]["dtype"] == "INT64" for name in integer)
     assert result.as_dict()["strongly_typed"] and result.as_dict()["workspace_bytes"] == trt_engine.WORKSPACE_BYTES
 
 
