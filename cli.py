@@ -150,15 +150,21 @@ def cmd_generate(args) -> int:
         raise AimError(f"{args.folder}: no build there. Build it first: `make engine MODEL={folder.name}`")
     prompts = args.prompt or [""]
     streaming = len(prompts) == 1 and not args.quiet
-    if streaming:
-        print(prompts[0], end="", flush=True)
+    started = []  # the prompt is printed with the first piece, after any note about the engine
+
+    def stream(piece: str):
+        if not started:
+            started.append(print(prompts[0], end=""))
+        print(piece, end="", flush=True)
+
     texts, run = generate_text(
         folder, prompts, utility=args.utility, focus=args.focus, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-        stream=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
+        stream=stream if streaming else None,
+        log=lambda note: print(f"note: {note}", file=sys.stderr, flush=True),
     )
     if streaming:
-        print()
+        print("" if started else prompts[0])
     else:
         for prompt, text in zip(prompts, texts):
             print(f"{prompt}{text}")

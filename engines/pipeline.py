@@ -341,6 +341,25 @@ def run_checks(
             getattr(runner, "close", lambda: None)()  # TensorRT runners hold GPU memory
 
 
+def production_runner(folder: str | os.PathLike, manifest: dict | None = None):
+    """(runner, note) for a build's production engine: the engine itself where it can run, else ONNX
+    Runtime on the production graph it was built from, with `note` saying why (for generation, serving)."""
+    from engines import tensorrt as trt_engine
+
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    backend = manifest["backend"]
+    runnable, why = (True, "") if backend == "onnxruntime" else trt_engine.engine_runnable(backend)
+    graph = manifest["artifacts"][(manifest.get("graphs") or ROLES)["production"]]["path"]
+    if runnable and backend in TENSORRT_BACKENDS:
+        build = manifest["tensorrt"]["engine"]
+        inputs, outputs = trt_engine.engine_io(graph_io(folder / graph))
+        return trt_engine.TensorRTEngine(folder / build["path"], backend, inputs, outputs, build["profile"]), ""
+    if backend == "onnxruntime":
+        return ort_engine.OnnxRuntimeEngine(folder / manifest["engine"]), ""
+    return ort_engine.OnnxRuntimeEngine(folder / graph), f"{manifest['engine']} cannot run here ({why}): running {graph} on ONNX Runtime"
+
+
 def verify_folder(folder: str | os.PathLike, seed: int = 0) -> dict:
     """Re-runs the checks of an existing build (no PyTorch needed) and updates its manifest."""
     folder = Path(folder)

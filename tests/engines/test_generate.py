@@ -334,3 +334,23 @@ def test_reduced_precision_generation_checks_use_teacher_forcing(build):
         wrong[f"generation.{index}.tokens"] = (reference[f"generation.{index}.tokens"] + 1000) % 32000
     greedy, _ = generation_checks(engine, wrong, CONFIG.tolerance, dataclasses.replace(spec, min_fraction=0.5))
     assert not greedy.passed and greedy.metrics["fraction"] < 0.1
+
+
+def test_tensorrt_rtx_fp16_build_with_kv_cache_and_generation_from_it(tmp_path):
+    """TensorRT for RTX builds the KV-cache graph with the config's profile (an empty cache at prefill
+    included); the FP16 build passes the reduced-precision generation checks; generating from the
+    build runs the engine where it can run, else ONNX Runtime on the graph it was built from, saying so."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
+    from engines import tensorrt as trt_engine
+
+    manifest = build_model("llama", tmp_path, backend="tensorrt-rtx", precision="fp16", log=lambda _: None)
+    assert manifest["verification"]["passed"] and manifest["engine"].endswith(".plan")
+    past = manifest["profile"]["past_key_values.0.key"]
+    assert past["min"][2] == 0 and past["max"][2] == CONFIG.dims["past_sequence"].max
+    names = [c["name"] for c in manifest["verification"]["checks"]]
+    assert any("teacher forcing" in name for name in names) and "KV cache vs full recompute (reduced precision)" in names
+    notes = []
+    texts, run = generate_text(tmp_path / "llama", ["def main():"], max_new_tokens=5, log=notes.append)
+    assert run.tokens.shape == (1, 5)
+    runnable, why = trt_engine.engine_runnable("tensorrt-rtx")
+    assert bool(notes) == (not runnable) and (runnable or "running modulated.fp16.onnx on ONNX Runtime" in notes[0])
