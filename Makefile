@@ -10,12 +10,15 @@ OUT ?= build
 CHECKPOINT ?=
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: engine test models clean help
+.PHONY: engine test models clean help train eval calibrate
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
+	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
+	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
+	@echo "make calibrate MODEL=x   level -> sigma table and an engine taking utility_level in [0, 1]"
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -26,6 +29,15 @@ $(STAMP): pyproject.toml
 
 engine: $(STAMP)
 	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+train: $(STAMP)
+	$(PY) -m cli train $(MODEL)
+
+eval: $(STAMP)
+	$(PY) -m cli eval $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+calibrate: $(STAMP)
+	$(PY) -m cli calibrate $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 models: $(STAMP)
 	$(PY) -m cli models

@@ -7,6 +7,9 @@
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
     aim verify build/MODEL                       re-run the checks of a build against its PyTorch reference
+    aim train MODEL                              train the family's small model on package-shipped data (cached)
+    aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
+    aim calibrate MODEL [--checkpoint DIR]       level -> sigma table; an engine taking utility_level
 """
 
 from __future__ import annotations
@@ -105,6 +108,29 @@ def cmd_verify(args) -> int:
     return 0 if manifest["verification"]["passed"] else 1
 
 
+def cmd_train(args) -> int:
+    from evaluation.train import train
+
+    result = train(args.model, args.out, args.steps, args.seed, args.force)
+    print(f"{args.model}: clean {result['metric']} {result['clean_metric']:.4f} on {result['test_samples']} test samples, "
+          f"trained in {result['train_seconds']} s; checkpoint {result['checkpoint']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from evaluation.sweep import evaluate, report
+
+    print(report(evaluate(args.model, args.out, args.checkpoint, args.repeats, boost=args.boost, suppress=args.suppress, seed=args.seed)))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from evaluation.calibrate import calibrate, report
+
+    print(report(calibrate(args.model, args.out, args.checkpoint, seed=args.seed)))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="aim", description="AIM model modulation: export, modulate, build, run, verify.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -154,6 +180,29 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-run a build's checks against its stored PyTorch reference")
     p.add_argument("folder", help="a build folder, e.g. build/resnet")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("train", help="train a family's small model on package-shipped data (cached)")
+    p.add_argument("model")
+    p.add_argument("--out", help="checkpoint folder (default: build/trained/MODEL)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the family's recipe)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="retrain even if a checkpoint with these settings exists")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, text in (
+        ("eval", cmd_eval, "utility and focus sweeps through the engine, measured vs predicted (CSV, plots)"),
+        ("calibrate", cmd_calibrate, "invert G on calibration inputs: level -> sigma, and an engine taking utility_level"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model")
+        p.add_argument("--checkpoint", help="a save_pretrained folder (default: the family's trained model, trained if needed)")
+        p.add_argument("--out", default="build", help="output root (default: build)")
+        p.add_argument("--seed", type=int, default=0)
+        if name == "eval":
+            p.add_argument("--repeats", type=int, help="engine runs per sweep point (default: per family)")
+            p.add_argument("--boost", type=int, help="class to boost (default: the clean model's 2nd most frequent answer)")
+            p.add_argument("--suppress", type=int, help="class to suppress (default: its most frequent answer)")
+        p.set_defaults(func=func)
     return top
 
 
