@@ -133,7 +133,7 @@ def accuracy_curve(logits, labels, sigmas, class_axis: int = -1, nodes: int = NO
     return win_probability(z, np.asarray(labels).reshape(-1), np.atleast_1d(sigmas), nodes=nodes).mean(axis=1)
 
 
-def invert_agreement(logits, targets, class_axis: int = -1, grid: int = 96) -> tuple[np.ndarray, np.ndarray]:
+def invert_agreement(logits, targets, class_axis: int = -1, grid: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """The sigma at which G(sigma) equals each target in (1/C, 1], and G at that sigma.
 
     G is computed on a log-spaced grid of sigma spanning the logits' gaps (from 1e-3 of the smallest

@@ -27,6 +27,8 @@ from evaluation import datasets, metrics
 
 TRAINED = Path("build") / "trained"
 TRAINING = "training.json"
+# Bumped when a data set or recipe changes, so that cached checkpoints are retrained.
+DATA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ def train(
     spec = recipe(model)
     steps = spec.steps if steps is None else steps
     folder = Path(out_dir) if out_dir else TRAINED / model
-    settings = {"model": model, "steps": steps, "seed": seed, "lr": spec.lr, "batch": spec.batch}
+    settings = {"model": model, "steps": steps, "seed": seed, "lr": spec.lr, "batch": spec.batch, "data_version": DATA_VERSION}
     record = folder / TRAINING
     if not force and record.is_file():
         cached = json.loads(record.read_text())
