@@ -84,7 +84,7 @@ def eval_inputs(model: str, prepared: Prepared, seed: int = 0, split: str = "tes
         channels = prepared.engine.inputs["pixel_values"][1][1]
         data = datasets.digits(seed, channels=channels if isinstance(channels, int) else 1)[split]
     elif model == "segformer":
-        data = datasets.shapes(seed)[split].take(slice(0, settings["images"]))
+        data = datasets.shapes(seed, {split: settings["images"]})[split]
     elif model == "llama":
         data = datasets.corpus(load_tokenizer(prepared.checkpoint), seed)[split]
     else:

@@ -28,7 +28,7 @@ from evaluation import datasets, metrics
 TRAINED = Path("build") / "trained"
 TRAINING = "training.json"
 # Bumped when a data set or recipe changes, so that cached checkpoints are retrained.
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -101,12 +101,15 @@ def recipe(model: str) -> Recipe:
 
 
 # ---------------------------------------------------------------- data per family
-def load_data(model: str, seed: int = 0, checkpoint: str | os.PathLike | None = None) -> dict:
-    """The family's splits; for Llama the tokenizer comes from `checkpoint` if it has one, else is trained."""
+def load_data(model: str, seed: int = 0, checkpoint: str | os.PathLike | None = None, train_images: int | None = None) -> dict:
+    """The family's splits; for Llama the tokenizer comes from `checkpoint` if it has one, else is
+    trained. `train_images` caps the generated SegFormer training set (short runs need fewer)."""
     if model == "resnet":
         return datasets.digits(seed)
     if model == "segformer":
-        return datasets.shapes(seed)
+        sizes = dict(datasets.SHAPES_SPLITS)
+        sizes["train"] = min(sizes["train"], train_images or sizes["train"])
+        return datasets.shapes(seed, sizes)
     if model == "llama":
         tokenizer = load_tokenizer(checkpoint) if checkpoint else datasets.train_tokenizer(datasets.corpus_text(), LLAMA_VOCAB)
         return {"tokenizer": tokenizer, **datasets.corpus(tokenizer, seed)}
@@ -197,7 +200,7 @@ def train(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
-    data = load_data(model, seed)
+    data = load_data(model, seed, train_images=steps * spec.batch)
     net = spec.build().train()
     optimiser = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.lr, total_steps=max(steps, 1), pct_start=0.1)
