@@ -75,13 +75,14 @@ def measure_levels(engine, split, batch: int, clean: np.ndarray, levels, repeats
 
     results = []
     for level in levels:
-        agree = 0.0
+        rates = []
         for _ in range(repeats):
             out = []
             for start in range(0, len(split), batch):
                 part = {k: v[start : start + batch] for k, v in split.inputs.items()}
                 out.append(engine.run(part, level=float(level)))
-            agree += metrics.agreement(np.argmax(np.concatenate(out), axis=1).reshape(-1), clean) / repeats
+            rates.append(metrics.agreement(np.argmax(np.concatenate(out), axis=1).reshape(-1), clean))
+        agree = float(np.mean(rates))
         results.append({"level": float(level), "target": float(target_fn(level)), "measured": agree, "samples": int(clean.size) * repeats})
     return results
 

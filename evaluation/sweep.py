@@ -106,14 +106,15 @@ def utility_sweep(data: EngineData, sigmas, repeats: int = 1, log: Callable = pr
     for i, sigma in enumerate(np.asarray(sigmas, dtype=float)):
         p_agree = theory.win_probability(rows, clean, sigma)
         p_label = theory.win_probability(rows, labels, sigma)
-        agree, correct, ious = 0.0, 0.0, []
+        agrees, corrects, ious = [], [], []
         for _ in range(repeats):
             logits = data.run(float(sigma), None)
             predicted = data.predictions(logits)
-            agree += metrics.agreement(predicted, clean) / repeats
-            correct += metrics.accuracy(predicted, labels) / repeats
+            agrees.append(metrics.agreement(predicted, clean))
+            corrects.append(metrics.accuracy(predicted, labels))
             if segmentation:
                 ious.append(metrics.mean_iou(predicted, labels, data.num_classes))
+        agree, correct = float(np.mean(agrees)), float(np.mean(corrects))
         n = rows.shape[0] * repeats
         points += [
             Point("utility", float(sigma), "agreement", agree, float(p_agree.mean()), n, _se(p_agree, repeats)),
@@ -143,11 +144,12 @@ def focus_sweep(data: EngineData, cls: int, mode: str, strengths, repeats: int =
         else:
             p = theory.suppress_survival_probability(rows, cls, w)[0]
             mask, quantity = on_top, "survival"
-        rate, recall = 0.0, 0.0
+        rates, recalls = [], []
         for _ in range(repeats):
             predicted = data.predictions(data.run(0.0, focus))
-            rate += float(np.mean(predicted[mask] == cls)) / repeats
-            recall += metrics.class_recall(predicted, labels, cls) / repeats
+            rates.append(float(np.mean(predicted[mask] == cls)) if mask.any() else float("nan"))
+            recalls.append(metrics.class_recall(predicted, labels, cls))
+        rate, recall = float(np.mean(rates)), float(np.mean(recalls))
         points += [
             Point(mode, float(w), quantity, rate, float(p[mask].mean()), int(mask.sum()) * repeats, _se(p[mask], repeats)),
             Point(mode, float(w), f"recall_class_{cls}", recall, float(p[labelled].mean()) if labelled.any() else None, int(labelled.sum()) * repeats, _se(p[labelled], repeats)),

@@ -46,11 +46,25 @@ def quick_engine(model: str, checkpoint: Path, folder: Path) -> Path:
     return build(folder / "modulated.onnx", folder / "engine.onnxruntime.onnx")
 
 
+@pytest.fixture(scope="session")
+def quick_checkpoint(tmp_path_factory):
+    """model -> training result of a short run (trained once per session)."""
+    results = {}
+
+    def get(model: str) -> dict:
+        if model not in results:
+            folder = tmp_path_factory.mktemp(f"trained-{model}")
+            results[model] = train(model, folder, steps=QUICK_STEPS[model], log=lambda _: None)
+        return results[model]
+
+    return get
+
+
 @pytest.fixture(scope="session", params=["resnet", "segformer", "llama"])
-def trained(request, tmp_path_factory) -> Trained:
+def trained(request, tmp_path_factory, quick_checkpoint) -> Trained:
     model = request.param
     root = tmp_path_factory.mktemp(f"eval-{model}")
-    result = train(model, root / "trained", steps=QUICK_STEPS[model], log=lambda _: None)
+    result = quick_checkpoint(model)
     checkpoint = Path(result["checkpoint"])
     prepared = Prepared(root, OnnxRuntimeEngine(quick_engine(model, checkpoint, root)), checkpoint, result)
     onnxruntime.set_seed(0)
