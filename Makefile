@@ -10,12 +10,13 @@ OUT ?= build
 CHECKPOINT ?=
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: engine test models clean help train eval calibrate
+.PHONY: engine test models bench clean help train eval calibrate
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
+	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
 	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
 	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
 	@echo "make calibrate MODEL=x   level -> sigma table and an engine taking utility_level in [0, 1]"
@@ -41,6 +42,9 @@ calibrate: $(STAMP)
 
 models: $(STAMP)
 	$(PY) -m cli models
+
+bench: $(STAMP)
+	$(PY) -m benchmarks --out $(OUT)/bench
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -73,6 +73,14 @@ def test_noise_covers_every_logit_and_every_pixel(built):
     assert dims == ["batch", manifest["modulation"]["num_classes"], *spatial]
 
 
+def walk_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from walk_nodes(attribute.g)
+
+
 def test_verify_folder_rechecks_and_detects_tampering(built):
     out, manifest, _ = built
     folder = out / manifest["model"]
@@ -81,8 +89,10 @@ def test_verify_folder_rechecks_and_detects_tampering(built):
     # Tamper with the verification graph: the noise on utility counts 1% more than it should.
     path = folder / FILES["verification"]
     model = onnx.load(str(path))
-    (node,) = [n for n in model.graph.node if n.op_type == "Mul" and "noise_utility" in n.input]
-    node.input[list(node.input).index("noise_utility")] = "tampered_noise"
+    users = [n for n in walk_nodes(model.graph) if "noise_utility" in n.input]  # inside the If branches
+    assert users
+    for node in users:
+        node.input[list(node.input).index("noise_utility")] = "tampered_noise"
     model.graph.initializer.append(onnx.helper.make_tensor("tamper_scale", onnx.TensorProto.FLOAT, [], [1.01]))
     model.graph.node.insert(0, onnx.helper.make_node("Mul", ["noise_utility", "tamper_scale"], ["tampered_noise"]))
     original = path.read_bytes()

@@ -15,6 +15,8 @@ from graph_passes.redistribution import (
     FOCUS,
     NOISE_FOCUS,
     NOISE_UTILITY,
+    MAX_STRENGTH,
+    NOISE_METHODS,
     PREFIX,
     UTILITY,
     add_redistribution,
@@ -35,6 +37,14 @@ def identity_model(path, dims, dtype=TensorProto.FLOAT):
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
+
+
+def all_nodes(graph):
+    """Nodes of a graph and of its If branches, recursively."""
+    for node in graph.nodes:
+        yield node
+        for sub in node.subgraphs():
+            yield from all_nodes(sub)
 
 
 def session(path):
@@ -91,7 +101,10 @@ def test_pass_on_hand_made_classifier(tmp_path):
     assert inputs[UTILITY].dtype == np.float32 and inputs[FOCUS].dtype == np.float32
     new_nodes = [n for n in graph.nodes if n.name not in ("matmul", "add", "softmax")]
     assert new_nodes and all(n.name.startswith(PREFIX + "/") for n in new_nodes)
-    assert sum(n.op == "RandomNormalLike" for n in graph.nodes) == 2
+    ops = [n.op for n in all_nodes(graph)]
+    # One random node serves both noises: two would get correlated seeds in ONNX Runtime.
+    assert ops.count("RandomUniformLike") == 1 and ops.count("RandomNormalLike") == 0
+    assert [n.op for n in graph.nodes if n.outputs[0].name == "scores"] == ["If"]  # the skip
 
     x = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
     bare_scores, bare_probabilities = session(source).run(None, {"x": x})
@@ -212,3 +225,145 @@ def test_unknown_flavour():
     graph = gs.Graph()
     with pytest.raises(ValueError, match="flavour"):
         add_redistribution(graph, flavour="debug")
+
+
+def verification_feed(rng, shape, class_axis=1):
+    batch, classes = shape[0], shape[class_axis]
+    return {
+        "x": rng.normal(size=shape).astype(np.float32) * 5,
+        UTILITY: rng.uniform(0, 4, size=batch).astype(np.float32),
+        FOCUS: rng.normal(size=(batch, classes)).astype(np.float32) * 3,
+        NOISE_UTILITY: rng.normal(size=shape).astype(np.float32),
+        NOISE_FOCUS: rng.normal(size=shape).astype(np.float32),
+    }
+
+
+def twin(feed, class_axis=1):
+    tensors = (torch.from_numpy(np.ascontiguousarray(feed[k])) for k in ("x", UTILITY, FOCUS, NOISE_UTILITY, NOISE_FOCUS))
+    return redistribute_torch(*tensors, class_axis=class_axis).numpy()
+
+
+def test_sparse_focus_and_mixed_utility_agree_with_the_twin(tmp_path):
+    """Focus on a few classes only (the sparse path) and utility 0 on some rows."""
+    source = identity_model(tmp_path / "identity.onnx", ["batch", 9, "h", "w"])
+    target = session(modulate_file(source, tmp_path / "verify.onnx", "logits", 1, flavour="verification"))
+    rng = np.random.default_rng(3)
+    feed = verification_feed(rng, (3, 9, 4, 5))
+    feed[UTILITY][1] = 0.0
+    feed[FOCUS][:] = 0.0
+    feed[FOCUS][0, 2], feed[FOCUS][2, 7], feed[FOCUS][1, 7] = 3.0, -2.0, 1.5
+    (out,) = target.run(None, feed)
+    np.testing.assert_array_equal(out, twin(feed))
+    # Row 1: utility 0, focus only on class 7: every other class is the bare logit, bit for bit.
+    untouched = [c for c in range(9) if c != 7]
+    np.testing.assert_array_equal(out[1, untouched], feed["x"][1, untouched])
+    expected = feed["x"][1, 7] + 1.5 * np.abs(feed[NOISE_FOCUS][1, 7])
+    np.testing.assert_allclose(out[1, 7], expected, rtol=1e-6)
+    # Focus only: no class other than 2 and 7 moves in any row with utility 0.
+    feed[UTILITY][:] = 0.0
+    (out,) = target.run(None, feed)
+    np.testing.assert_array_equal(out[:, [0, 1, 3, 4, 5, 6, 8]], feed["x"][:, [0, 1, 3, 4, 5, 6, 8]])
+
+
+@pytest.mark.parametrize("knob", [UTILITY, FOCUS])
+def test_nan_negative_and_infinite_knobs_are_sanitised_in_the_graph(tmp_path, knob):
+    """Clients that bypass the Python checks (e.g. through Triton) cannot make NaN or inf logits:
+    NaN counts as 0, a negative utility as its magnitude, +-inf as +-MAX_STRENGTH."""
+    source = identity_model(tmp_path / "identity.onnx", ["batch", 6])
+    target = session(modulate_file(source, tmp_path / "verify.onnx", "logits", 1, flavour="verification"))
+    rng = np.random.default_rng(4)
+    feed = verification_feed(rng, (4, 6))
+    feed[UTILITY][:] = 0.0
+    feed[FOCUS][:] = 0.0
+
+    def run(values):
+        f = dict(feed)
+        f[knob] = np.array(values, np.float32) if knob == UTILITY else np.tile(np.array(values, np.float32)[:, None], (1, 6))
+        return target.run(None, f)[0], twin(f)
+
+    bad, reference = run([np.nan, -2.0, np.inf, -np.inf])
+    good, _ = run([0.0, 2.0 if knob == UTILITY else -2.0, MAX_STRENGTH, MAX_STRENGTH if knob == UTILITY else -MAX_STRENGTH])
+    assert np.all(np.isfinite(bad))
+    np.testing.assert_array_equal(bad, good)
+    np.testing.assert_array_equal(bad, reference)  # the twin applies the same rule
+    np.testing.assert_array_equal(bad[0], feed["x"][0])  # NaN is 0: the bare logits
+
+
+def test_focused_classes_without_nonzero_or_topk(tmp_path):
+    """The index compaction used instead of NonZero (absent in TensorRT for RTX) and TopK (K <= 3840)."""
+    import onnx_graphsurgeon as gs
+
+    from graph_passes.redistribution import _GraphOps
+
+    classes = 5000  # more than TensorRT's TopK limit
+    graph = gs.Graph(opset=17)
+    strength = gs.Variable("strength", dtype=np.float32, shape=[classes])
+    graph.inputs = [strength]
+    ops = _GraphOps(graph, np.float32, classes)
+    out = ops.focused(strength)
+    out.shape = ["k"]
+    graph.outputs = [out]
+    path = save_onnx(graph, tmp_path / "focused.onnx")
+    run = session(path)
+    rng = np.random.default_rng(5)
+    for chosen in (0, 1, 7, 4000, classes):
+        values = np.zeros(classes, np.float32)
+        picked = rng.choice(classes, size=chosen, replace=False)
+        values[picked] = rng.uniform(0.1, 5, size=chosen)
+        (indices,) = run.run(None, {"strength": values})
+        np.testing.assert_array_equal(indices, np.sort(picked))
+
+
+def test_skip_branch_computes_the_bare_logits_itself(tmp_path):
+    """When nothing else reads the logits, their producer moves into the If's branches, so the
+    all-zero request writes the bare logits straight into the output (benchmark P1a)."""
+    source = identity_model(tmp_path / "identity.onnx", ["batch", 4])
+    graph = load_graph(modulate_file(source, tmp_path / "production.onnx", "logits", 1))
+    (if_node,) = [n for n in graph.nodes if n.outputs[0].name == "logits"]
+    assert if_node.op == "If" and not [n for n in graph.nodes if n.op == "Identity"]
+    skip = if_node.attrs["else_branch"]
+    assert [n.op for n in skip.nodes] == ["Identity"] and skip.nodes[0].inputs[0].name == "x"
+
+
+@pytest.mark.parametrize("method", NOISE_METHODS)
+def test_production_noise_is_standard_normal_and_focus_independent(tmp_path, method):
+    """One draw for both noises, on an odd class count (Box-Muller's last pair is cut)."""
+    from scipy import stats
+
+    source = identity_model(tmp_path / "identity.onnx", ["batch", 1001])
+    graph = add_redistribution(load_graph(source), "logits", 1, noise=method)
+    run = session(save_onnx(graph, tmp_path / "production.onnx"))
+    x = np.zeros((8, 1001), np.float32)
+    focus = np.zeros((8, 1001), np.float32)
+    focus[:, [3, 500]] = 1.0
+    draws = [run.run(None, {"x": x, UTILITY: np.ones(8, np.float32), FOCUS: focus})[0] for _ in range(6)]
+    noise = np.stack(draws)
+    plain = np.delete(noise, [3, 500], axis=2).ravel()  # n1 only
+    assert plain.size > 40000
+    assert stats.kstest(plain, stats.norm.cdf).pvalue > 1e-3
+    both = noise[:, :, [3, 500]].ravel()  # n1 + |n2|, independent: sqrt(2) * SkewNormal(1)
+    assert stats.kstest(both, stats.skewnorm(1.0, scale=np.sqrt(2.0)).cdf).pvalue > 1e-3
+    # Fresh draws every run, and no element repeats another row's value.
+    assert np.mean(draws[0] != draws[1]) > 0.999
+    assert np.unique(noise[0]).size > 0.999 * noise[0].size
+
+
+def test_weights_are_not_moved_into_the_branches(tmp_path):
+    """A classifier head's weights would be stored in both branches: such a producer stays outside."""
+    weights = np.random.default_rng(6).normal(size=(256, 100)).astype(np.float32)  # 100 KB
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 100])],
+        initializer=[onnx.numpy_helper.from_array(weights, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "head.onnx"))
+    target = modulate_file(tmp_path / "head.onnx", tmp_path / "production.onnx", "logits", 1)
+    assert target.stat().st_size < 1.5 * weights.nbytes  # stored once
+    modulated = load_graph(target)
+    assert [n.op for n in modulated.nodes if n.op == "MatMul"] == ["MatMul"]  # still in the main graph
+    x = np.random.default_rng(7).normal(size=(3, 256)).astype(np.float32)
+    zero = {"x": x, UTILITY: np.zeros(3, np.float32), FOCUS: np.zeros((3, 100), np.float32)}
+    bare = session(tmp_path / "head.onnx").run(None, {"x": x})[0]
+    np.testing.assert_array_equal(session(target).run(None, zero)[0], bare)
