@@ -6,6 +6,7 @@
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
+    aim run engine.calibrated.onnxruntime.onnx --input NAME=file.npy --level 0.8   (a calibrated engine)
     aim verify build/MODEL                       re-run the checks of a build against its PyTorch reference
     aim train MODEL                              train the family's small model on package-shipped data (cached)
     aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
@@ -88,10 +89,10 @@ def cmd_run(args) -> int:
         inputs[name] = np.load(file)
     focus = None
     if args.boost or args.suppress:
-        if not engine.modulated:
+        if not (engine.modulated or engine.calibrated):
             raise AimError(f"{args.engine} is not modulated: it has no focus input")
         focus = focus_vector(engine.num_classes, _parse_classes(args.boost, "--boost"), _parse_classes(args.suppress, "--suppress"))
-    logits = engine.run(inputs, args.utility, focus)
+    logits = engine.run(inputs, args.utility, focus, level=args.level)
     if args.output:
         np.save(args.output, logits)
     top = np.argmax(logits, axis=1)
@@ -171,6 +172,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("engine")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     p.add_argument("--utility", type=float, default=0.0, help="noise scale sigma >= 0, in logit units (0 = original)")
+    p.add_argument("--level", type=float, help="calibrated engines (aim calibrate): utility level in [0, 1], 1 = original")
     p.add_argument("--boost", action="append", default=[], metavar="CLASS=STRENGTH")
     p.add_argument("--suppress", action="append", default=[], metavar="CLASS=STRENGTH")
     p.add_argument("-o", "--output", help="save the logits as .npy")

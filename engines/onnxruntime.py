@@ -135,7 +135,7 @@ class OnnxRuntimeEngine:
         broadcast: `utility` a number or [B], `focus` None, [C] or [B, C]. A calibrated engine takes
         `level` (a number or [B] in [0, 1]; default 1, the exact model) instead of `utility`."""
         feed = dict(inputs)
-        batch = int(np.shape(next(iter(inputs.values())))[0])
+        batch = int(np.shape(next(iter(inputs.values())))[0]) if inputs else 0  # no inputs: check_feed says which
         if self.calibrated:
             from graph_passes.calibration import UTILITY_LEVEL, check_level
 

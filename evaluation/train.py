@@ -88,7 +88,7 @@ def _llama():
 
 RECIPES = {
     "resnet": Recipe("resnet", "accuracy", steps=300, build=_resnet, lr=2e-3, batch=64, version=2),
-    "segformer": Recipe("segformer", "mIoU", steps=300, build=_segformer, lr=2e-3, batch=16, version=2),
+    "segformer": Recipe("segformer", "mIoU", steps=600, build=_segformer, lr=2e-3, batch=16, version=3),
     "llama": Recipe("llama", "next-token accuracy", steps=400, build=_llama, lr=3e-3, batch=32, version=3),
 }
 
