@@ -67,6 +67,9 @@ class EngineData:
     engine: object
     split: Split
     batch: int
+    # False when the split's labels are not the model's classes (a foreign checkpoint): only the
+    # label-free quantities (agreement, boost rate, survival) are measured then.
+    labelled: bool = True
     clean: np.ndarray = field(init=False)
     num_classes: int = field(init=False)
 
@@ -105,25 +108,24 @@ def utility_sweep(data: EngineData, sigmas, repeats: int = 1, log: Callable = pr
     points = []
     for i, sigma in enumerate(np.asarray(sigmas, dtype=float)):
         p_agree = theory.win_probability(rows, clean, sigma)
-        p_label = theory.win_probability(rows, labels, sigma)
+        p_label = theory.win_probability(rows, labels, sigma) if data.labelled else np.full(rows.shape[0], np.nan)
         agrees, corrects, ious = [], [], []
         for _ in range(repeats):
             logits = data.run(float(sigma), None)
             predicted = data.predictions(logits)
             agrees.append(metrics.agreement(predicted, clean))
             corrects.append(metrics.accuracy(predicted, labels))
-            if segmentation:
+            if segmentation and data.labelled:
                 ious.append(metrics.mean_iou(predicted, labels, data.num_classes))
         agree, correct = float(np.mean(agrees)), float(np.mean(corrects))
         n = rows.shape[0] * repeats
-        points += [
-            Point("utility", float(sigma), "agreement", agree, float(p_agree.mean()), n, _se(p_agree, repeats)),
-            Point("utility", float(sigma), "accuracy", correct, float(p_label.mean()), n, _se(p_label, repeats)),
-        ]
-        if segmentation:
+        points.append(Point("utility", float(sigma), "agreement", agree, float(p_agree.mean()), n, _se(p_agree, repeats)))
+        if data.labelled:
+            points.append(Point("utility", float(sigma), "accuracy", correct, float(p_label.mean()), n, _se(p_label, repeats)))
+        if segmentation and data.labelled:
             points.append(Point("utility", float(sigma), "mIoU", float(np.mean(ious)), None, n))
         if i % 10 == 0:
-            log(f"  utility {sigma:6.2f}: agreement {agree:.4f} (G {p_agree.mean():.4f}), accuracy {correct:.4f} (expected {p_label.mean():.4f})")
+            log(f"  utility {sigma:6.2f}: agreement {agree:.4f} (G {p_agree.mean():.4f})" + (f", accuracy {correct:.4f} (expected {p_label.mean():.4f})" if data.labelled else ""))
     return points
 
 
@@ -150,12 +152,11 @@ def focus_sweep(data: EngineData, cls: int, mode: str, strengths, repeats: int =
             rates.append(float(np.mean(predicted[mask] == cls)) if mask.any() else float("nan"))
             recalls.append(metrics.class_recall(predicted, labels, cls))
         rate, recall = float(np.mean(rates)), float(np.mean(recalls))
-        points += [
-            Point(mode, float(w), quantity, rate, float(p[mask].mean()), int(mask.sum()) * repeats, _se(p[mask], repeats)),
-            Point(mode, float(w), f"recall_class_{cls}", recall, float(p[labelled].mean()) if labelled.any() else None, int(labelled.sum()) * repeats, _se(p[labelled], repeats)),
-        ]
+        points.append(Point(mode, float(w), quantity, rate, float(p[mask].mean()) if mask.any() else None, int(mask.sum()) * repeats, _se(p[mask], repeats)))
+        if data.labelled:
+            points.append(Point(mode, float(w), f"recall_class_{cls}", recall, float(p[labelled].mean()) if labelled.any() else None, int(labelled.sum()) * repeats, _se(p[labelled], repeats)))
         if i % 10 == 0:
-            log(f"  {mode} class {cls} by {w:5.1f}: {quantity} {rate:.4f} (predicted {p[mask].mean():.4f}), recall {recall:.4f}")
+            log(f"  {mode} class {cls} by {w:5.1f}: {quantity} {rate:.4f} (predicted {p[mask].mean() if mask.any() else float('nan'):.4f})")
     return points
 
 
@@ -266,14 +267,18 @@ def evaluate(
     prepared = prepare_engine(model, out_dir, checkpoint, seed, log)
     onnxruntime.set_seed(seed)
     setup = eval_inputs(model, prepared, seed)
-    data = EngineData(prepared.engine, setup.split, setup.batch)
+    # Labels are the model's classes only for the family's own trained model (it has training.json).
+    data = EngineData(prepared.engine, setup.split, setup.batch, labelled=prepared.training is not None)
+    if not data.labelled:
+        log("  foreign checkpoint: the data's labels are not its classes; measuring label-free quantities only")
     kind = "language" if setup.language else "classification"
     utility_grid = UTILITY_GRID[kind] if utility_grid is None else np.asarray(utility_grid)
     focus_grid = FOCUS_GRID if focus_grid is None else np.asarray(focus_grid)
     repeats = setup.repeats if repeats is None else repeats
     clean = data.predictions(data.clean)
     log(f"evaluating {model}: {len(setup.split)} test inputs ({clean.size} rows), {data.num_classes} classes, {repeats} repeat(s) per point")
-    log(f"  clean engine: accuracy {metrics.accuracy(clean, data.labels):.4f}")
+    if data.labelled:
+        log(f"  clean engine: accuracy {metrics.accuracy(clean, data.labels):.4f}")
     points = utility_sweep(data, utility_grid, repeats, log, segmentation=setup.segmentation)
     default_boost, default_suppress = focus_classes(data)
     boost = default_boost if boost is None else boost
@@ -293,7 +298,10 @@ def evaluate(
         "rows": int(clean.size),
         "repeats": repeats,
         "num_classes": data.num_classes,
-        "clean": {"accuracy": metrics.accuracy(clean, data.labels), **({"mIoU": metrics.mean_iou(clean, data.labels, data.num_classes)} if setup.segmentation else {})},
+        "clean": {} if not data.labelled else {
+            "accuracy": metrics.accuracy(clean, data.labels),
+            **({"mIoU": metrics.mean_iou(clean, data.labels, data.num_classes)} if setup.segmentation else {}),
+        },
         "training": prepared.training,
         "boost_class": boost,
         "suppress_class": suppress,

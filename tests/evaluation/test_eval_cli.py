@@ -54,3 +54,16 @@ def test_calibrate_records_table_and_keeps_the_build_verifiable(evaluated, capsy
     checks = entry["check"]["levels"]
     assert checks[-1]["level"] == 1.0 and checks[-1]["measured"] == 1.0
     assert cli.main(["verify", str(out / "resnet")]) == 0
+
+
+def test_eval_of_a_foreign_checkpoint_measures_label_free_quantities(tmp_path):
+    """A checkpoint not trained here (3-channel tiny ResNet, random weights): the digits are fed as
+    3 channels, and since its classes are not the digits' labels only agreement, boost rate and
+    survival are compared with the theory."""
+    import exporter
+
+    config = exporter.get_config("resnet")
+    exporter.load_model(config, seed=0).save_pretrained(tmp_path / "foreign")
+    summary = sweep.evaluate("resnet", tmp_path / "build", tmp_path / "foreign", repeats=1, utility_grid=[0.0, 0.05], focus_grid=[0.0, 0.05], log=lambda _: None)
+    assert summary["clean"] == {}
+    assert set(summary["comparisons"]) == {"utility/agreement", "boost/boost_rate", "suppress/survival"}
