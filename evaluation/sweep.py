@@ -206,8 +206,8 @@ def summarise(points: list[Point]) -> dict:
     return summary
 
 
-def plot(points: list[Point], folder: Path, title: str) -> list[Path]:
-    """utility.png and focus.png: measured points over the predicted curves."""
+def plot(points: list[Point], folder: Path, title: str, chance: float | None = None) -> list[Path]:
+    """utility.png and focus.png: measured points over the predicted curves (chance dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,6 +231,8 @@ def plot(points: list[Point], folder: Path, title: str) -> list[Path]:
                 ax.plot(x, [p.measured for p in chosen], "o", ms=3.5, color=colour, label=f"{quantity} measured")
                 if any(p.predicted is not None for p in chosen):
                     ax.plot(x, [np.nan if p.predicted is None else p.predicted for p in chosen], "-", color=colour, lw=1.5, label=f"{quantity} predicted")
+            if sweep == "utility" and chance is not None:
+                ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance 1/C = {chance:.3g}")
             ax.set_xlabel("utility sigma (logit units)" if sweep == "utility" else f"focus strength |w| ({sweep})")
             ax.set_ylabel("rate")
             ax.set_ylim(-0.02, 1.02)
@@ -289,7 +291,7 @@ def evaluate(
     folder = Path(prepared.folder) / EVAL_DIR
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(points, folder / "sweep.csv")
-    plots = plot(points, folder, model)
+    plots = plot(points, folder, model, chance=1.0 / data.num_classes)
     summary = {
         "model": model,
         "checkpoint": str(prepared.checkpoint),
