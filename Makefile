@@ -5,15 +5,25 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= segformer
-BACKEND ?= onnxruntime
+BACKEND ?= auto
+PRECISION ?= fp32
 OUT ?= build
 CHECKPOINT ?=
 STAMP := $(VENV)/.installed-stamp
+# The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
+PYTRITON := nvidia-pytriton==0.7.0
+REPO ?= $(OUT)/triton
 
+<<<<<<< HEAD
 .PHONY: engine test models bench clean help train eval calibrate
+=======
+.PHONY: engine triton serve test models bench clean help
+>>>>>>> main
 
 help:
-	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=onnxruntime] [OUT=build]"
+	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
+	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
+	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
 	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
@@ -25,11 +35,22 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off torch==2.13.0
-	$(PY) -m pip install --quiet --progress-bar off -e '.[test]'
+	$(PY) -m pip install --quiet --progress-bar off -e '.[test,rtx,triton]'
+	$(PY) -m pip install --quiet --progress-bar off --no-deps $(PYTRITON)
 	@touch $(STAMP)
 
 engine: $(STAMP)
-	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+# The engine is built first if the build folder has no manifest yet.
+$(OUT)/%/manifest.json: | $(STAMP)
+	$(PY) -m cli engine $* --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+triton: $(STAMP) $(OUT)/$(MODEL)/manifest.json
+	$(PY) -m cli triton $(OUT)/$(MODEL) --repository $(REPO)
+
+serve: triton
+	$(PY) -m cli serve $(REPO) --model $(MODEL)
 
 train: $(STAMP)
 	$(PY) -m cli train $(MODEL)

@@ -1,16 +1,24 @@
 """`aim`: a thin command line over the Python API (exporter, graph_passes, engines).
 
     aim models                                   the model families that exist
-    aim engine MODEL [--checkpoint DIR]          export -> passes -> engine -> verify into build/MODEL/
+    aim engine MODEL [--checkpoint DIR] [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--precision fp32|fp16]
+                                                 export -> passes -> engine -> verify into build/MODEL/
+    aim trt-check model.onnx                     which nodes TensorRT's ONNX parser would refuse, and why
     aim export MODEL -o model.onnx               trace a family to ONNX
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
+    aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
     aim run engine.calibrated.onnxruntime.onnx --input NAME=file.npy --level 0.8   (a calibrated engine)
     aim verify build/MODEL                       re-run the checks of a build against its PyTorch reference
+<<<<<<< HEAD
     aim train MODEL                              train the family's small model on package-shipped data (cached)
     aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
     aim calibrate MODEL [--checkpoint DIR]       level -> sigma table; an engine taking utility_level
+=======
+    aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
+    aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
+>>>>>>> main
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ def cmd_models(args) -> int:
 def cmd_engine(args) -> int:
     from engines.pipeline import build_model, report
 
-    manifest = build_model(args.model, args.out, args.checkpoint, args.backend, args.seed)
+    manifest = build_model(args.model, args.out, args.checkpoint, args.backend, args.seed, precision=args.precision)
     print(report(manifest))
     return 0
 
@@ -57,9 +65,26 @@ def cmd_modulate(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from engines.onnxruntime import build
+    if args.backend == "onnxruntime":
+        from engines.onnxruntime import build
 
-    print(f"built ONNX Runtime engine {build(args.input, args.output, args.threads)}")
+        print(f"built ONNX Runtime engine {build(args.input, args.output, args.threads)}")
+        return 0
+    from dataclasses import asdict
+
+    from engines.manifest import graph_io
+    from engines.tensorrt import build_engine, profile_from_io
+    from exporter import get_config
+    from graph_passes.trt_support import check_tensorrt_support
+
+    if not args.model:
+        raise AimError("a TensorRT engine needs the range of every dynamic dim: pass --model FAMILY, whose config's DimRanges make the profile")
+    check_tensorrt_support(args.input, backend=args.backend).raise_if_unsupported(args.input)
+    dims = {name: asdict(rng) for name, rng in get_config(args.model).dims.items()}
+    result = build_engine(args.input, args.output, args.backend, profile_from_io(graph_io(args.input)["inputs"], dims))
+    print(f"built {args.backend} {result.version} engine {result.path}: {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+    for name, shapes in result.profile.items():
+        print(f"  profile {name}: min {shapes['min']}, opt {shapes['opt']}, max {shapes['max']}")
     return 0
 
 
@@ -100,15 +125,27 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_trt_check(args) -> int:
+    from graph_passes.trt_support import check_tensorrt_support
+
+    report = check_tensorrt_support(args.input, backend=args.backend)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def cmd_verify(args) -> int:
     from engines.pipeline import verify_folder
 
     manifest = verify_folder(args.folder)
     for check in manifest["verification"]["checks"]:
         print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['name']}: {check['detail']}")
+    engine_run = manifest["verification"].get("engine_run", {"ran": True})
+    if not engine_run["ran"]:
+        print(f"engine run SKIPPED ({manifest['engine']}): {engine_run['reason']}; the checks ran on ONNX Runtime over the graphs it was built from")
     return 0 if manifest["verification"]["passed"] else 1
 
 
+<<<<<<< HEAD
 def cmd_train(args) -> int:
     from evaluation.train import train
 
@@ -129,6 +166,51 @@ def cmd_calibrate(args) -> int:
     from evaluation.calibrate import calibrate, report
 
     print(report(calibrate(args.model, args.out, args.checkpoint, seed=args.seed)))
+=======
+def cmd_triton(args) -> int:
+    from engines.triton import CONFIG, MAX_QUEUE_DELAY_US, write_model
+
+    delay = MAX_QUEUE_DELAY_US if args.max_queue_delay_us is None else args.max_queue_delay_us
+    folder = write_model(args.build, args.repository, args.name, args.engine, delay)
+    print(f"wrote {folder}/{CONFIG} and {', '.join(str(p.relative_to(folder)) for p in sorted(folder.glob('*/*')))}")
+    print((folder / CONFIG).read_text())
+    from engines.manifest import read_manifest
+
+    if read_manifest(args.build).get("backend") == "tensorrt-rtx":
+        print(
+            "note: this is a TensorRT for RTX plan: it runs where TensorRT for RTX runs it (an RTX GPU). Triton's "
+            "tensorrt backend runs plans of the TensorRT version it was built with; for a data-centre Triton, "
+            "build with BACKEND=tensorrt there."
+        )
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from engines.triton_server import TritonServer
+
+    repository = Path(args.repository)
+    log = repository.with_name(repository.name + ".log")  # kept after the server stops
+    server = TritonServer(repository, args.http_port, args.grpc_port, models=args.model or ["*"], host=args.host, log_path=log)
+    print(f"starting tritonserver on {args.repository} ...", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with server:
+            print(f"HTTP  http://{server.http_url}   (health: http://{server.http_url}/v2/health/ready)")
+            print(f"gRPC  {server.grpc_url}")
+            print(f"models: {', '.join(server.models_ready())}; log: {server.log_path}. Ctrl-C stops the server.", flush=True)
+            while not stop.is_set() and server.running():
+                stop.wait(0.5)
+            if not server.running():
+                print(f"tritonserver exited:\n{server.log()[-2000:]}", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        pass  # the with block has stopped the server
+    print("stopped")
+>>>>>>> main
     return 0
 
 
@@ -142,7 +224,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model family (see `aim models`)")
     p.add_argument("--checkpoint", help="a local save_pretrained folder (default: tiny config, random weights)")
     p.add_argument("--out", default="build", help="output root (default: build)")
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument(
+        "--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"),
+        help="auto: TensorRT with a CUDA GPU and tensorrt installed, else ONNX Runtime; tensorrt-rtx builds on any machine",
+    )
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="fp16 is written into the graph; the redistribution stays fp32")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_engine)
 
@@ -162,9 +248,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--upsample-to", help="resize the logits to this input's spatial size first (segmentation)")
     p.set_defaults(func=cmd_modulate)
 
-    p = sub.add_parser("build", help="build an ONNX Runtime engine from an ONNX file")
+    p = sub.add_parser("build", help="build an engine from an ONNX file (ONNX Runtime, or a TensorRT plan)")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-rtx"))
+    p.add_argument("--model", help="TensorRT: the family whose config gives the dims' ranges (the optimization profile)")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_build)
 
@@ -179,10 +267,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("trt-check", help="check an ONNX file against TensorRT's ONNX operator matrix (no TensorRT needed)")
+    p.add_argument("input")
+    p.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"))
+    p.set_defaults(func=cmd_trt_check)
+
     p = sub.add_parser("verify", help="re-run a build's checks against its stored PyTorch reference")
     p.add_argument("folder", help="a build folder, e.g. build/resnet")
     p.set_defaults(func=cmd_verify)
 
+<<<<<<< HEAD
     p = sub.add_parser("train", help="train a family's small model on package-shipped data (cached)")
     p.add_argument("model")
     p.add_argument("--out", help="checkpoint folder (default: build/trained/MODEL)")
@@ -205,6 +299,23 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--boost", type=int, help="class to boost (default: the clean model's 2nd most frequent answer)")
             p.add_argument("--suppress", type=int, help="class to suppress (default: its most frequent answer)")
         p.set_defaults(func=func)
+=======
+    p = sub.add_parser("triton", help="write a Triton model repository entry for a build's engine")
+    p.add_argument("build", help="a build folder with manifest.json, e.g. build/resnet")
+    p.add_argument("--repository", default="build/triton", help="model repository root (default: build/triton)")
+    p.add_argument("--name", help="model name in Triton (default: the manifest's model)")
+    p.add_argument("--engine", help="engine file in the build folder (default: the manifest's engine)")
+    p.add_argument("--max-queue-delay-us", type=int, help="how long dynamic batching waits for more requests (default: 2000)")
+    p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("serve", help="run the Triton server on a model repository")
+    p.add_argument("repository", nargs="?", default="build/triton")
+    p.add_argument("--model", action="append", help="load only this model (repeatable; default: all)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.set_defaults(func=cmd_serve)
+>>>>>>> main
     return top
 
 

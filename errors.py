@@ -26,3 +26,7 @@ class CheckpointError(AimError):
 
 class VerificationError(AimError):
     """An engine disagreed with the PyTorch reference beyond the stated tolerance."""
+
+
+class TritonConfigError(AimError):
+    """A Triton model configuration that does not match its engine, or is not valid by Triton's schema."""

@@ -134,6 +134,7 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     }
 
     logits = bare.session.run(None, inputs)[0]
+    tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, config.logits.name)
     log(f"  {bench.family}: statistical and exact-identity checks on the benchmarked engine")
     checks = statistical_checks(modulated, tile_batch(inputs, 2), bare.run(tile_batch(inputs, 2)), config.class_axis)
     memory = peak_memory(paths, feeds["noisy"], inputs, folder)
@@ -167,12 +168,40 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
                 "met": _met("engine bytes added", sizes["production"] - sizes["bare"]),
             },
         },
+        "tensorrt": tensorrt,
         "checks": [check.as_dict() for check in checks],
         "checks_passed": all(check.passed for check in checks),
         "memory": memory,
         "engine_bytes": sizes,
     }
     return result
+
+
+def bench_tensorrt(paths: dict, inputs: dict, feeds: dict, repeats: int, log, logits: str) -> dict:
+    """P1a and P1b on TensorRT where a GPU can run it (plans built for exactly these shapes)."""
+    from engines.tensorrt import TensorRTEngine, build_engine, engine_runnable
+
+    runnable, why = engine_runnable("tensorrt")
+    if not runnable:
+        log(f"  TensorRT: skipped ({why})")
+        return {"skipped": why}
+    engines = {}
+    for key, feed in (("bare", inputs), ("production", feeds["zero"])):
+        profile = {name: {"min": list(a.shape), "opt": list(a.shape), "max": list(a.shape)} for name, a in feed.items()}
+        onnx_path = paths[key].with_name(f"{key}.onnx")
+        plan = build_engine(onnx_path, onnx_path.with_suffix(".plan"), "tensorrt", profile).path
+        io = {name: (a.dtype.type, list(a.shape)) for name, a in feed.items()}
+        engines[key] = TensorRTEngine(plan, "tensorrt", io, [logits], profile)
+    times = measure(
+        {
+            "bare": lambda: engines["bare"].infer(inputs),
+            "modulated, utility 0": lambda: engines["production"].infer(feeds["zero"]),
+            f"modulated, utility {SIGMA:g}": lambda: engines["production"].infer(feeds["noisy"]),
+        },
+        repeats=repeats,
+    )
+    t = list(times.values())
+    return {"latency": times, "P1a": ratio(t[1], t[0]), "P1b": ratio(t[2], t[0])}
 
 
 def peak_memory(paths: dict, noisy_feed: dict, inputs: dict, folder: Path) -> dict:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import InvalidGraphError, InvalidInputError
+from engines.runner import Runner
+from errors import InvalidGraphError
 from graph_passes.io import atomic_path
-from graph_passes.redistribution import FOCUS, UTILITY, check_modulation
 
 _NP_DTYPES = {
     "tensor(float)": np.float32,
@@ -63,7 +63,7 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, threads:
     return engine_path
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(Runner):
     """Runs a (modulated or bare) ONNX model or a built engine, with its inputs checked first."""
 
     backend = "onnxruntime"
@@ -74,6 +74,7 @@ class OnnxRuntimeEngine:
         self.inputs = {i.name: (_NP_DTYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
+<<<<<<< HEAD
     @property
     def modulated(self) -> bool:
         return UTILITY in self.inputs and FOCUS in self.inputs
@@ -151,3 +152,8 @@ class OnnxRuntimeEngine:
             feed[UTILITY], feed[FOCUS] = check_modulation(utility, focus, batch, self.num_classes)
         feed.update(noise)
         return self.infer(feed)[self.outputs[0]]
+=======
+    def infer(self, feed: dict) -> dict[str, np.ndarray]:
+        values = self.session.run(None, self.check_feed(feed))
+        return dict(zip(self.outputs, values))
+>>>>>>> main

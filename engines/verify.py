@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import stats
 
-from exporter.configs import Tolerance
+from exporter.configs import Agreement, Tolerance
 
 # Two-sided KS tests must not reject at this level: a correct engine fails one check about once in
 # a thousand runs, a wrong distribution (a shifted mean, a 5% scale error, correlated noises) fails
@@ -60,6 +60,40 @@ def compare(name: str, reference: np.ndarray, actual: np.ndarray, tolerance: Tol
     }
     detail = f"max |diff| {metrics['max_abs_diff']:.3g} (atol {tolerance.atol:g}, rtol {tolerance.rtol:g})"
     return Check(name, bool(result), detail, metrics)
+
+
+def agreement(name: str, reference: np.ndarray, actual: np.ndarray, spec: Agreement, class_axis: int) -> Check:
+    """The task's reduced-precision comparator (ExportConfig.fp16): top-k set overlap per sample or pixel
+    class-map agreement, with the top-k indices taken by Polygraphy's postprocessing."""
+    from polygraphy.comparator import IterationResult, PostprocessFunc
+
+    if reference.shape != actual.shape:
+        return Check(name, False, f"shapes differ: reference {list(reference.shape)}, engine {list(actual.shape)}")
+    k = 1 if spec.metric == "class_map" else spec.k
+    top_k = PostprocessFunc.top_k(k=(k, class_axis))
+    indices = [
+        np.moveaxis(np.asarray(top_k(IterationResult({"out": np.ascontiguousarray(a)}))["out"]), class_axis, -1).reshape(-1, k)
+        for a in (reference, actual)
+    ]
+    if spec.metric == "class_map":
+        fraction = float(np.mean(indices[0][:, 0] == indices[1][:, 0]))
+        what = "class-map pixels agree"
+    elif spec.metric == "top_k":
+        fraction = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(indices[0].tolist(), indices[1].tolist())]))
+        what = f"top-{k} overlap"
+    else:
+        raise ValueError(f"unknown agreement metric {spec.metric!r}")
+    top1 = float(np.mean(reference.argmax(class_axis) == actual.argmax(class_axis)))
+    metrics = {
+        "metric": spec.metric,
+        "k": k,
+        "agreement": fraction,
+        "min_fraction": spec.min_fraction,
+        "top1_agreement": top1,
+        "max_abs_diff": float(np.max(np.abs(reference.astype(np.float64) - actual))),
+    }
+    detail = f"{what}: {fraction:.4f} (needs >= {spec.min_fraction:g}); top-1 {top1:.4f}; max |diff| {metrics['max_abs_diff']:.3g}"
+    return Check(name, fraction >= spec.min_fraction, detail, metrics)
 
 
 def identical(name: str, reference: np.ndarray, actual: np.ndarray) -> Check:
@@ -209,11 +243,26 @@ def tile_batch(inputs: dict[str, np.ndarray], repeats: int) -> dict[str, np.ndar
 
 
 def verify_build(
-    bare, verification, engine, reference, tolerance: Tolerance, class_axis: int, max_batch: int, seed: int = 0
+    bare,
+    verification,
+    engine,
+    reference,
+    tolerance: Tolerance,
+    class_axis: int,
+    max_batch: int,
+    seed: int = 0,
+    reduced_precision: Agreement | None = None,
 ) -> list[Check]:
     """Every check of one build. `bare`, `verification`, `engine`: runners (same interface as
     OnnxRuntimeEngine) of the bare model, the verification flavour and the production engine.
-    `max_batch`: the largest batch the engine takes; small outputs are tiled up to it for statistics."""
+    `max_batch`: the largest batch the engine takes; small outputs are tiled up to it for statistics.
+    `reduced_precision`: for FP16 builds, the task's comparator replaces the element-wise one."""
+
+    def differential(name, expected, actual):
+        if reduced_precision is not None:
+            return agreement(name, expected, actual, reduced_precision, class_axis)
+        return compare(name, expected, actual, tolerance)
+
     inputs = model_inputs(reference)
     bare_logits = bare.run(inputs)
     batch = bare_logits.shape[0]
@@ -221,15 +270,14 @@ def verify_build(
     stats_inputs = tile_batch(inputs, repeats) if repeats > 1 else inputs
     stats_bare = bare.run(stats_inputs) if repeats > 1 else bare_logits
     checks = [
-        compare("bare model vs PyTorch", reference["pytorch_logits"], bare_logits, tolerance),
-        compare(
+        differential("bare model vs PyTorch", reference["pytorch_logits"], bare_logits),
+        differential(
             "modulated (verification flavour) vs PyTorch reference",
             reference["pytorch_modulated"],
             verification.run(
                 inputs, reference["utility"], reference["focus"],
                 noise_utility=reference["noise_utility"], noise_focus=reference["noise_focus"],
             ),
-            tolerance,
         ),
     ]
     return checks + statistical_checks(engine, stats_inputs, stats_bare, class_axis, seed)

@@ -1,10 +1,11 @@
 """Model families and their export to ONNX. Importing this package registers every family."""
 
 from exporter import llama, resnet, segformer  # noqa: F401  (registration)
-from exporter.configs import DimRange, ExportConfig, TensorSpec, Tolerance, get_config, list_models, register
+from exporter.configs import Agreement, DimRange, ExportConfig, TensorSpec, Tolerance, get_config, list_models, register
 from exporter.export import example_inputs, export_onnx, load_model, reference_logits
 
 __all__ = [
+    "Agreement",
     "DimRange",
     "ExportConfig",
     "TensorSpec",

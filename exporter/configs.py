@@ -50,6 +50,19 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class Agreement:
+    """Reduced-precision check of a task: FP16 logits cannot match FP32 element-wise, so compare what the
+    task reads from them. metric "top_k": mean overlap of the top-k class sets per sample (image
+    classes, next-token candidates); "class_map": fraction of pixels whose argmax class agrees.
+    Passes when the agreement is at least `min_fraction`."""
+
+    metric: str
+    k: int
+    min_fraction: float
+    why: str
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     name: str
     task: str
@@ -78,6 +91,10 @@ class ExportConfig:
     # Small sizes for tracing and for the verification run of `make engine`; dims that are dynamic
     # get different values, so that no two of them can be mistaken for each other.
     verify_sizes: dict[str, int] = field(default_factory=dict)
+    # FP16 engines: the task's comparator against the FP32 PyTorch reference (None: no FP16 build).
+    fp16: Agreement | None = None
+    # Node-name prefixes that stay FP32 in FP16 graphs besides the redistribution subgraph.
+    fp16_keep_fp32: tuple[str, ...] = ()
 
     def sizes(self, **overrides: int) -> dict[str, int]:
         """A size for every dynamic dim: the profile's opt, unless overridden; unknown names are an error."""

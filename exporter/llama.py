@@ -5,7 +5,7 @@ import contextlib
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from exporter.configs import DimRange, ExportConfig, TensorSpec, Tolerance, register
+from exporter.configs import Agreement, DimRange, ExportConfig, TensorSpec, Tolerance, register
 
 
 def build_tiny():
@@ -87,5 +87,14 @@ LLAMA = register(
             why="fp32 both sides; matmul and softmax reductions ordered differently by ONNX Runtime and "
             "PyTorch, ~1e-6 relative per layer",
         ),
+        fp16=Agreement(
+            metric="top_k",
+            k=5,
+            min_fraction=0.9,
+            why="the next token comes from the top candidates (greedy: the first; sampling: the top-k); FP16 may "
+            "swap near-tied candidates at the edge of the top-5, one swap in the two-prompt batch (0.9) is tolerated",
+        ),
+        # Rotary angles are position x inv_freq: in FP16 a position near 1000 keeps only ~0.5 rad of precision.
+        fp16_keep_fp32=("/model/model/rotary_emb/",),
     )
 )

@@ -3,7 +3,7 @@
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from exporter.common import LogitsOnly, image_inputs
-from exporter.configs import DimRange, ExportConfig, TensorSpec, Tolerance, register
+from exporter.configs import Agreement, DimRange, ExportConfig, TensorSpec, Tolerance, register
 
 
 def build_tiny():
@@ -32,6 +32,13 @@ RESNET = register(
             rtol=1e-4,
             why="fp32 both sides; convolution kernels of ONNX Runtime (MLAS) and PyTorch (oneDNN) sum in "
             "different orders, ~1e-6 relative per layer; the modulation adds the same noise on both sides",
+        ),
+        fp16=Agreement(
+            metric="top_k",
+            k=5,
+            min_fraction=0.9,
+            why="top-5 classes, as ImageNet reports them: FP16 rounds logits by ~1e-3 relative, which can swap "
+            "only near-tied classes; one swap at rank 5 in one of the two verification images (0.9) is tolerated",
         ),
     )
 )

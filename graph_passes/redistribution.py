@@ -209,7 +209,10 @@ class _GraphOps:
         chosen = self.greater(strength, 0.0)
         mask = self.node("Cast", [chosen], {"to": onnx.TensorProto.INT64}, dtype=i64)
         count = self.node("ReduceSum", [mask, self.constant([0], i64)], {"keepdims": 1}, dtype=i64)  # [1]
-        rank = self.node("Sub", [self.node("CumSum", [mask, self.constant(0, i64)], dtype=i64), self.constant(1, i64)], dtype=i64)
+        # CumSum in FP32 (TensorRT's CumSum takes floating point), exact for counts below 2**24.
+        ones = self.node("Cast", [chosen], {"to": onnx.TensorProto.FLOAT})
+        running = self.node("CumSum", [ones, self.constant(0, np.int32)])
+        rank = self.node("Sub", [self.node("Cast", [running], {"to": onnx.TensorProto.INT64}, dtype=i64), self.constant(1, i64)], dtype=i64)
         slot = self.node("Where", [chosen, rank, count], dtype=i64)
         slots = self.node("ConstantOfShape", [self.node("Add", [count, self.constant([1], i64)], dtype=i64)],
                           {"value": onnx.helper.make_tensor("value", onnx.TensorProto.INT64, [1], [0])}, dtype=i64)
@@ -413,7 +416,10 @@ def add_redistribution(
     def bare():
         if producer is None:
             return z
-        name = ops.name(f"{producer.name or producer.op}/bare")
+        # The model's own node, moved into the branch: it keeps a model name (not PREFIX), so that passes
+        # by name (fp16 keeps PREFIX nodes in FP32) treat it as the model, as in the bare graph.
+        ops.count += 1
+        name = f"{producer.name or producer.op}/bare_{ops.count}"
         out = gs.Variable(f"{name}/output", dtype=dtype, shape=shape)
         attrs = dict(producer.attrs)
         ops.graph.nodes.append(gs.Node(producer.op, name=name, attrs=attrs, inputs=list(producer.inputs), outputs=[out], domain=producer.domain))

@@ -1,0 +1,60 @@
+"""Build folders (`make engine`'s output) shared by the Triton tests: each model built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engines.pipeline import build_model
+
+
+@pytest.fixture(scope="session")
+def build_folder(tmp_path_factory):
+    """build_folder("resnet") -> Path of a verified build folder (built on first use)."""
+    root = tmp_path_factory.mktemp("builds")
+    built: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in built:
+            manifest = build_model(model, root, log=lambda line: None)
+            built[model] = Path(manifest["folder"])
+        return built[model]
+
+    return get
+
+
+TRITON_MODELS = ("resnet", "llama")
+
+
+def _server_can_run() -> str | None:
+    """Why the pytriton server binary cannot run on this machine, or None. It runs on x86_64 Linux with
+    glibc >= 2.35 (the wheel's manylinux_2_35 tag); anywhere else the wheel does not install."""
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return f"tritonserver from nvidia-pytriton runs on x86_64 Linux only, this is {platform.system()} {platform.machine()}"
+    libc, version = platform.libc_ver()
+    if libc == "glibc" and tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
+        return f"tritonserver from nvidia-pytriton needs glibc >= 2.35, this machine has {version}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def triton(build_folder, tmp_path_factory):
+    """The real Triton server (nvidia-pytriton's 2.51) on a generated repository with resnet and llama."""
+    from engines.triton import write_model
+    from engines.triton_server import TritonServer
+
+    reason = _server_can_run()
+    if reason:
+        pytest.skip(reason)
+    repo = tmp_path_factory.mktemp("triton") / "repository"
+    for model in TRITON_MODELS:
+        write_model(build_folder(model), repo)
+    log = repo.with_name("tritonserver.log")
+    server = TritonServer(repo, log_path=log).start()  # raises with the server's log if it cannot start
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,209 @@
+"""The Triton model repository generator: configs from the manifest, valid by Triton's own schema,
+and broken configs or manifests refused with a clear message before anything is written."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as pb
+
+import cli
+import exporter
+from engines.manifest import MANIFEST, sha256
+from engines.triton import CONFIG, check_config, parse_config, read_config, write_model
+from errors import TritonConfigError
+
+
+def _input(config, name):
+    return next(entry for entry in config.input if entry.name == name)
+
+
+@pytest.mark.parametrize("model", exporter.list_models())
+def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder, tmp_path, model):
+    folder = build_folder(model)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    export = exporter.get_config(model)  # what the config must say, from the family's own ExportConfig
+    target = write_model(folder, tmp_path / "repo")
+    assert target == tmp_path / "repo" / model
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [model]  # no staging left
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["1", "1/model.onnx", CONFIG]
+    assert sha256(target / "1" / "model.onnx") == manifest["artifacts"]["engine"]["sha256"]
+
+    config = read_config(target)  # Triton's ModelConfig protobuf, from tritonclient
+    assert isinstance(config, pb.ModelConfig)
+    assert (config.name, config.platform, config.max_batch_size) == (model, "onnxruntime_onnx", export.dims["batch"].max)
+    assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_CPU"]
+    assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [i.name for i in config.input] == [s.name for s in export.inputs] + ["utility", "focus"]
+    for spec in export.inputs:  # model inputs: per-request dims, the batch dim left to Triton
+        entry = _input(config, spec.name)
+        assert pb.DataType.Name(entry.data_type) == {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}[spec.dtype]
+        assert len(entry.dims) == len(spec.dims) - 1 and not entry.HasField("reshape")
+        assert all(d == -1 for d, s in zip(entry.dims, spec.dims[1:]) if isinstance(s, str))
+    utility, focus = _input(config, "utility"), _input(config, "focus")
+    assert list(utility.dims) == [1] and utility.HasField("reshape") and list(utility.reshape.shape) == []
+    assert list(focus.dims) == [manifest["modulation"]["num_classes"]] and not focus.HasField("reshape")
+    assert not any(entry.optional for entry in config.input)  # TensorRT's backend takes no optional inputs
+    rank = len(manifest["graph"]["outputs"][0]["dims"])  # [B, C] or [B, C, H, W] (segmentation, dynamic size)
+    assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [manifest["modulation"]["num_classes"]] + [-1] * (rank - 2))]
+
+
+def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
+    """A manifest whose engine is a TensorRT .plan (as the TensorRT builds write) gives tensorrt_plan,
+    KIND_GPU and 1/model.plan. The plan here is a placeholder file: only the config is under test."""
+    folder = tmp_path / "resnet"
+    shutil.copytree(build_folder("resnet"), folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / "engine.tensorrt.plan").write_bytes(b"placeholder: a serialized TensorRT engine")
+    manifest["engine"] = "engine.tensorrt.plan"
+    manifest["artifacts"]["tensorrt"] = {"path": "engine.tensorrt.plan", "sha256": sha256(folder / "engine.tensorrt.plan")}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    config = read_config(write_model(folder, tmp_path / "repo"))
+    assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+    assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
+    assert (tmp_path / "repo" / "resnet" / "1" / "model.plan").read_bytes().startswith(b"placeholder")
+    assert list(_input(config, "utility").reshape.shape) == [] and config.max_batch_size == manifest["dynamic_dims"]["batch"]["max"]
+    # the ONNX engine of the same folder still gives the onnxruntime config
+    assert read_config(write_model(folder, tmp_path / "repo2", engine="engine.onnxruntime.onnx")).platform == "onnxruntime_onnx"
+
+
+def test_a_real_tensorrt_plan_build_gives_a_tensorrt_plan_model(tmp_path):
+    """With TensorRT builds in the pipeline (TensorRT for RTX builds plans on a CPU), the real manifest
+    of a .plan engine gives the tensorrt_plan model, and the plan is copied byte for byte."""
+    from engines import pipeline
+
+    if "tensorrt-rtx" not in getattr(pipeline, "BACKENDS", ()):
+        pytest.skip("the pipeline has no TensorRT backend yet (make engine BACKEND=tensorrt-rtx)")
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (the rtx extra) is not installed")
+    manifest = pipeline.build_model("resnet", tmp_path / "build", backend="tensorrt-rtx", log=lambda line: None)
+    folder = tmp_path / "build" / "resnet"
+    assert manifest["engine"].endswith(".plan")
+    target = write_model(folder, tmp_path / "repo")
+    config = read_config(target)
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == exporter.get_config("resnet").dims["batch"].max
+    assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
+    assert (target / "1" / "model.plan").read_bytes() == (folder / manifest["engine"]).read_bytes()
+    assert [i.name for i in config.input] == ["pixel_values", "utility", "focus"]
+
+
+def _break(config, how):
+    if how == "wrong focus dims":
+        _input(config, "focus").dims[0] = 7
+    elif how == "missing input":
+        del config.input[[i.name for i in config.input].index("utility")]
+    elif how == "extra input":
+        config.input.add(name="temperature", data_type=pb.TYPE_FP32, dims=[1])
+    elif how == "max_batch_size 0":
+        config.max_batch_size = 0
+    elif how == "max_batch_size -3":
+        config.max_batch_size = -3
+    elif how == "max_batch_size above the profile":
+        config.max_batch_size = 1000
+    elif how == "wrong data type":
+        _input(config, "pixel_values").data_type = pb.TYPE_FP16
+    elif how == "optional input":
+        _input(config, "focus").optional = True
+    elif how == "no reshape":
+        _input(config, "utility").ClearField("reshape")
+    elif how == "gpu instances for onnx":
+        config.instance_group[0].kind = pb.ModelInstanceGroup.KIND_GPU
+    elif how == "no dynamic batching":
+        config.ClearField("dynamic_batching")
+    return config
+
+
+BROKEN = {
+    "wrong focus dims": "'focus' has dims [7]",
+    "missing input": "'utility' of the engine is missing",
+    "extra input": "'temperature' is not a input",
+    "max_batch_size 0": "max_batch_size is 0",
+    "max_batch_size -3": "max_batch_size is -3",
+    "max_batch_size above the profile": "max_batch_size is 1000",
+    "wrong data type": "data_type TYPE_FP16",
+    "optional input": "'focus' is optional",
+    "no reshape": "'utility' has reshape None",
+    "gpu instances for onnx": "KIND_GPU",
+    "no dynamic batching": "dynamic_batching is off",
+}
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN))
+def test_a_broken_config_is_caught_with_a_clear_message(build_folder, tmp_path, how):
+    folder = build_folder("resnet")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    good = read_config(write_model(folder, tmp_path / "repo"))
+    check_config(good, manifest, "engine.onnxruntime.onnx")  # the generated one passes
+    broken = _break(copy.deepcopy(good), how)
+    from google.protobuf import text_format
+
+    broken = parse_config(text_format.MessageToString(broken))  # still valid by the schema ...
+    with pytest.raises(TritonConfigError, match="does not match its engine") as error:
+        check_config(broken, manifest, "engine.onnxruntime.onnx")  # ... but not for this engine
+    assert BROKEN[how] in str(error.value)
+
+
+def test_schema_errors_name_line_and_column():
+    with pytest.raises(TritonConfigError, match=r"2:1 .*max_batch_sise"):
+        parse_config('name: "x"\nmax_batch_sise: 4\n')
+    with pytest.raises(TritonConfigError, match=r"TYPE_FLOAT32"):
+        parse_config('input { name: "x" data_type: TYPE_FLOAT32 dims: 3 }')
+
+
+def _edit_manifest(folder, edit):
+    manifest = json.loads((folder / MANIFEST).read_text())
+    edit(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _set_focus_dims(manifest, dims):
+    manifest["graph"]["inputs"][-1]["dims"] = dims
+
+
+BROKEN_MANIFESTS = {
+    "focus of the wrong width": (lambda m: _set_focus_dims(m, ["batch", 7]), "'focus' must be [batch, 10]"),
+    "no utility input": (lambda m: m["graph"]["inputs"].pop(1), "no 'utility' input"),
+    "batch not first": (lambda m: _set_focus_dims(m, [10, "batch"]), "Triton batches on the first dim"),
+    "unknown dtype": (lambda m: m["graph"]["outputs"][0].update(dtype="complex64"), "'complex64'"),
+    "no batch range": (lambda m: m["dynamic_dims"].pop("batch"), "no batch range"),
+    "batch range 0": (lambda m: m["dynamic_dims"]["batch"].update(max=0), "max_batch_size is 0"),
+    "engine not modulated": (lambda m: m.update(engine="exported.onnx"), "exported.onnx does not match its manifest's inputs: 'focus': engine absent"),
+    "unknown engine kind": (lambda m: m.update(engine="reference.npz"), "no Triton platform"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN_MANIFESTS))
+def test_a_broken_manifest_writes_nothing(build_folder, tmp_path, how):
+    folder = tmp_path / "resnet"
+    shutil.copytree(build_folder("resnet"), folder)
+    repo = tmp_path / "repo"
+    write_model(folder, repo)
+    before = (repo / "resnet" / CONFIG).read_text()
+    edit, message = BROKEN_MANIFESTS[how]
+    _edit_manifest(folder, edit)
+    with pytest.raises(TritonConfigError) as error:
+        write_model(folder, repo)
+    assert message in str(error.value)
+    assert sorted(p.name for p in repo.iterdir()) == ["resnet"]  # no staging folder left behind
+    assert (repo / "resnet" / CONFIG).read_text() == before  # the previous model is untouched
+
+
+def test_a_changed_engine_is_refused(build_folder, tmp_path):
+    folder = tmp_path / "resnet"
+    shutil.copytree(build_folder("resnet"), folder)
+    with open(folder / "engine.onnxruntime.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(TritonConfigError, match="changed since the build"):
+        write_model(folder, tmp_path / "repo")
+    assert not (tmp_path / "repo" / "resnet").exists()
+
+
+def test_cli_writes_the_repository_and_reports_errors(build_folder, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert cli.main(["triton", str(build_folder("resnet")), "--repository", str(repo), "--max-queue-delay-us", "500"]) == 0
+    assert "platform: \"onnxruntime_onnx\"" in capsys.readouterr().out
+    assert read_config(repo / "resnet").dynamic_batching.max_queue_delay_microseconds == 500
+    assert cli.main(["triton", str(tmp_path / "nothing"), "--repository", str(repo)]) == 2
+    assert "build the engine first" in capsys.readouterr().err

@@ -1,0 +1,284 @@
+"""The real Triton server (nvidia-pytriton's 2.51) serving the generated repository, over HTTP and gRPC.
+
+The references are ONNX Runtime runs of the bare (unmodulated) model of the same build: utility 0 and
+focus 0 must give those logits exactly, also inside a dynamic batch shared with noisy requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from scipy.stats import norm
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from engines.manifest import MANIFEST
+from engines.onnxruntime import OnnxRuntimeEngine
+from graph_passes.redistribution import MAX_STRENGTH
+
+PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
+IMAGES = 32  # resnet requests: 32 random 32x32 images (the profile's max batch)
+
+
+@pytest.fixture(scope="module")
+def clients(triton):
+    http = httpclient.InferenceServerClient(triton.http_url)
+    grpc = grpcclient.InferenceServerClient(triton.grpc_url)
+    yield {"http": http, "grpc": grpc}
+    http.close()
+    grpc.close()
+
+
+class Model:
+    """A served model's sample inputs and its bare logits from ONNX Runtime."""
+
+    def __init__(self, folder, inputs):
+        self.manifest = json.loads((folder / MANIFEST).read_text())
+        self.name = self.manifest["model"]
+        self.classes = self.manifest["modulation"]["num_classes"]
+        self.inputs = inputs
+        self.bare = OnnxRuntimeEngine(folder / self.manifest["artifacts"]["bare"]["path"]).run(inputs)
+
+    def rows(self, index):
+        return {name: array[index] for name, array in self.inputs.items()}
+
+
+@pytest.fixture(scope="module")
+def models(build_folder):
+    rng = np.random.default_rng(0)
+    images = {"pixel_values": rng.normal(size=(IMAGES, 3, 32, 32)).astype(np.float32)}
+    ids = rng.integers(0, 32000, size=(8, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded prompt, as batched generation sends
+    return {
+        "resnet": Model(build_folder("resnet"), images),
+        "llama": Model(build_folder("llama"), {"input_ids": ids, "attention_mask": mask}),
+    }
+
+
+def _tensors(module, inputs: dict):
+    tensors = []
+    for name, array in inputs.items():
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        tensors.append(tensor)
+    return tensors
+
+
+def request(model: Model, index=slice(None), utility=0.0, focus=None) -> dict:
+    """Inputs of one request: model inputs, utility [b, 1], focus [b, C] (per sample, as Triton sends)."""
+    inputs = model.rows(index)
+    batch = next(iter(inputs.values())).shape[0]
+    u = np.broadcast_to(np.asarray(utility, np.float32).reshape(-1, 1), (batch, 1))
+    f = np.zeros((batch, model.classes), np.float32) if focus is None else np.broadcast_to(np.asarray(focus, np.float32), (batch, model.classes))
+    return {**inputs, "utility": u, "focus": f}
+
+
+def infer(protocol, client, model: Model, inputs: dict) -> np.ndarray:
+    module = PROTOCOLS[protocol]
+    result = client.infer(model.name, _tensors(module, inputs), outputs=[module.InferRequestedOutput("logits")])
+    return result.as_numpy("logits")
+
+
+def test_the_server_loads_the_generated_repository(triton, clients):
+    assert triton.models_ready() == ["llama", "resnet"]
+    assert "successfully loaded 'resnet'" in triton.log()
+    config = clients["http"].get_model_config("resnet")  # as the server read it
+    assert config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
+    assert config["max_batch_size"] == 32 and [i["name"] for i in config["input"]] == ["pixel_values", "utility", "focus"]
+    assert clients["grpc"].is_model_ready("llama")
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@pytest.mark.parametrize("name", ["resnet", "llama"])
+def test_utility_zero_focus_zero_is_the_bare_model_exactly(clients, models, protocol, name):
+    model = models[name]
+    logits = infer(protocol, clients[protocol], model, request(model))
+    assert logits.dtype == np.float32 and logits.shape == model.bare.shape
+    assert np.array_equal(logits, model.bare)  # bit for bit: no noise is added at utility 0
+    single = infer(protocol, clients[protocol], model, request(model, slice(1, 2)))
+    assert np.array_equal(single, model.bare[1:2])
+    noisy = infer(protocol, clients[protocol], model, request(model, utility=[0.0] + [3.0] * (len(model.bare) - 1)))
+    assert np.array_equal(noisy[0], model.bare[0]) and np.mean(noisy[1:] != model.bare[1:]) > 0.99
+
+
+def _binomial_bound(p: np.ndarray, repeats: int) -> tuple[float, float]:
+    mean, var = repeats * p.sum(), repeats * (p * (1 - p)).sum()
+    return mean, 5 * np.sqrt(var) + 1  # 5 sigma: a correct server fails this far less than once in a million runs
+
+
+@pytest.mark.parametrize("name, protocol", [("resnet", "grpc"), ("llama", "http")])
+def test_boost_and_suppress_follow_the_theory(clients, models, name, protocol):
+    """SPEC section 3: boosting class k with strength w makes it win with probability 2 (1 - Phi(m / w))
+    (m: its margin to the top); suppressing the top class keeps it on top with probability 2 Phi(g / w) - 1."""
+    model, repeats = models[name], 8
+    z = model.bare
+    top = z.argmax(axis=1)
+    # boost: the class that is top least often (for llama: a fixed token)
+    k = int(np.bincount(top, minlength=model.classes).argmin()) if model.classes < 100 else 7
+    margin = np.delete(z, k, axis=1).max(axis=1) - z[:, k]
+    w = float(np.median(margin[margin > 0]))
+    p_boost = np.where(margin <= 0, 1.0, 2 * (1 - norm.cdf(margin / w)))
+    focus = np.zeros(model.classes, np.float32)
+    focus[k] = w
+    wins = sum(int(np.sum(infer(protocol, clients[protocol], model, request(model, focus=focus)).argmax(1) == k)) for _ in range(repeats))
+    expected, bound = _binomial_bound(p_boost, repeats)
+    assert abs(wins - expected) <= bound, (wins, expected, bound)
+    assert wins > repeats * np.sum(top == k) + 0.1 * repeats * len(z)  # it does win more often than unboosted
+
+    # suppress each sample's own top class: one focus vector per sample in the same request
+    ordered = np.sort(z, axis=1)
+    gap = ordered[:, -1] - ordered[:, -2]
+    w = float(np.median(gap))
+    per_sample = np.zeros_like(z)
+    per_sample[np.arange(len(z)), top] = -w
+    kept = sum(int(np.sum(infer(protocol, clients[protocol], model, request(model, focus=per_sample)).argmax(1) == top)) for _ in range(repeats))
+    expected, bound = _binomial_bound(2 * norm.cdf(gap / w) - 1, repeats)
+    assert abs(kept - expected) <= bound, (kept, expected, bound)
+
+
+def _counts(client, name):
+    stats = client.get_inference_statistics(name)["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+def test_64_concurrent_requests_are_batched_and_utility_zero_stays_exact(clients, models):
+    """Isolation under dynamic batching: requests of mixed utility share batches on the server, and
+    each response is its own: utility-0 responses are the bare logits bit for bit, the others carry
+    noise of their own scale."""
+    model, client = models["resnet"], clients["grpc"]
+    levels = [0.0, 0.5, 2.0, 10.0]
+    before = _counts(clients["http"], model.name)
+    results, errors, done = {}, {}, threading.Semaphore(0)
+
+    def callback(index, result, error):
+        if error is not None:
+            errors[index] = error
+        else:
+            results[index] = result.as_numpy("logits")
+        done.release()
+
+    for index in range(64):
+        inputs = request(model, slice(index % IMAGES, index % IMAGES + 1), levels[index % len(levels)])
+        client.async_infer(model.name, _tensors(grpcclient, inputs), lambda result, error, i=index: callback(i, result, error))
+    for _ in range(64):
+        assert done.acquire(timeout=60), "a response did not arrive within 60 s"
+    assert not errors, errors
+    inferences, executions = (after - first for after, first in zip(_counts(clients["http"], model.name), before))
+    assert inferences == 64
+    assert executions < inferences, f"no dynamic batching: {executions} executions for {inferences} requests"
+
+    scaled = {level: [] for level in levels[1:]}
+    for index, logits in results.items():
+        level, bare = levels[index % len(levels)], model.bare[index % IMAGES][None]
+        if level == 0:
+            assert np.array_equal(logits, bare), f"request {index} (utility 0) got noise from its batch"
+        else:
+            scaled[level].append((logits - bare) / level)
+    for level, noise in scaled.items():  # (z' - z) / utility ~ N(0, 1) per level: each row got its own utility
+        std = np.concatenate(noise).std()
+        assert 0.7 < std < 1.3, f"utility {level}: (z'-z)/utility has std {std:.2f}, expected 1"
+
+
+MALFORMED = {
+    "focus of the wrong length": (lambda r: r.update(focus=r["focus"][:, :9]), "focus"),
+    "missing utility": (lambda r: r.pop("utility"), "utility"),
+    "utility as float64": (lambda r: r.update(utility=r["utility"].astype(np.float64)), "utility"),
+    "a batch above max_batch_size": (lambda r: r.update({k: np.concatenate([v, v[:1]]) for k, v in r.items()}), "batch"),
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@pytest.mark.parametrize("how", sorted(MALFORMED))
+def test_a_malformed_request_gets_tritons_error_and_the_server_keeps_serving(clients, models, protocol, how):
+    model = models["resnet"]
+    bad = request(model)
+    edit, word = MALFORMED[how]
+    edit(bad)
+    with pytest.raises(InferenceServerException) as error:
+        infer(protocol, clients[protocol], model, bad)
+    assert word in str(error.value) and "resnet" in str(error.value)
+    assert np.array_equal(infer(protocol, clients[protocol], model, request(model)), model.bare)
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_nan_inf_and_negative_knobs_sent_straight_to_triton_give_finite_logits(clients, models, protocol):
+    """Requests reach the graph past our Python checks; the graph's own rule (graph_passes/redistribution.py):
+    NaN -> 0, utility -> |utility|, both clipped to MAX_STRENGTH."""
+    model = models["resnet"]
+    rows = slice(0, 6)
+    nan, inf = np.float32("nan"), np.float32("inf")
+    utility = np.array([nan, -2.0, inf, -inf, 0.0, 0.0], np.float32)
+    focus = np.zeros((6, model.classes), np.float32)
+    focus[4] = nan  # a focus of NaN is no focus
+    focus[5, 3], focus[5, 4] = inf, -inf
+    logits = infer(protocol, clients[protocol], model, request(model, rows, utility, focus))
+    assert np.all(np.isfinite(logits)), logits
+    bare = model.bare[rows]
+    assert np.array_equal(logits[0], bare[0])  # NaN utility = utility 0
+    assert np.array_equal(logits[4], bare[4])  # NaN focus = focus 0
+    assert np.mean(logits[1] != bare[1]) > 0.99  # -2 acts as 2
+    # +inf boosts and -inf suppresses, by at most MAX_STRENGTH * |n| (|n| < 10 here with certainty)
+    assert logits[5, 3] > bare[5, 3] and logits[5, 4] < bare[5, 4] and np.array_equal(np.delete(logits[5], [3, 4]), np.delete(bare[5], [3, 4]))
+    assert np.abs(logits - bare).max() < 10 * MAX_STRENGTH
+
+
+def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", "serve", str(triton.repository), "--http-port", "0", "--grpc-port", "0", "--model", "resnet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    lines, deadline = [], time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("models:"):
+                break
+        text = "".join(lines)
+        assert "HTTP  http://127.0.0.1:" in text and "gRPC  127.0.0.1:" in text and "models: resnet;" in text, text
+        url = text.split("HTTP  http://")[1].split()[0]
+        assert httpclient.InferenceServerClient(url).is_model_ready("resnet")
+        os.killpg(process.pid, signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+        assert process.returncode == 0 and "stopped" in out, out
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_a_server_that_cannot_load_its_models_says_why_and_leaves_no_process(triton, build_folder, tmp_path):
+    """A tensorrt_plan model (KIND_GPU) on this machine: no GPU, no TensorRT backend. The start fails
+    with the server's own reason, and no process is left."""
+    from engines.manifest import sha256
+    from engines.triton import write_model
+    from engines.triton_server import TritonServer, TritonServerError
+
+    folder = tmp_path / "resnet"
+    shutil.copytree(build_folder("resnet"), folder)
+    (folder / "engine.plan").write_bytes(b"not a real plan")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["engine"] = "engine.plan"
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    write_model(folder, tmp_path / "repo")
+    server = TritonServer(tmp_path / "repo")
+    with pytest.raises(TritonServerError, match="exited with code") as error:
+        server.start(timeout=30)
+    assert "resnet" in str(error.value) and server.process is None
+    with pytest.raises(TritonServerError, match="does not exist"):
+        TritonServer(tmp_path / "nothing").start()
+    assert triton.ready()  # the session's server is unharmed
