@@ -14,11 +14,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTRITON := nvidia-pytriton==0.7.0
 REPO ?= $(OUT)/triton
 
-<<<<<<< HEAD
-.PHONY: engine test models bench clean help train eval calibrate
-=======
-.PHONY: engine triton serve test models bench clean help
->>>>>>> main
+.PHONY: engine triton serve test models bench clean help train eval calibrate
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"

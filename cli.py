@@ -11,14 +11,11 @@
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
     aim run engine.calibrated.onnxruntime.onnx --input NAME=file.npy --level 0.8   (a calibrated engine)
     aim verify build/MODEL                       re-run the checks of a build against its PyTorch reference
-<<<<<<< HEAD
     aim train MODEL                              train the family's small model on package-shipped data (cached)
     aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
     aim calibrate MODEL [--checkpoint DIR]       level -> sigma table; an engine taking utility_level
-=======
     aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
     aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
->>>>>>> main
 """
 
 from __future__ import annotations
@@ -145,7 +142,6 @@ def cmd_verify(args) -> int:
     return 0 if manifest["verification"]["passed"] else 1
 
 
-<<<<<<< HEAD
 def cmd_train(args) -> int:
     from evaluation.train import train
 
@@ -166,7 +162,9 @@ def cmd_calibrate(args) -> int:
     from evaluation.calibrate import calibrate, report
 
     print(report(calibrate(args.model, args.out, args.checkpoint, seed=args.seed)))
-=======
+    return 0
+
+
 def cmd_triton(args) -> int:
     from engines.triton import CONFIG, MAX_QUEUE_DELAY_US, write_model
 
@@ -210,7 +208,6 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         pass  # the with block has stopped the server
     print("stopped")
->>>>>>> main
     return 0
 
 
@@ -276,7 +273,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="a build folder, e.g. build/resnet")
     p.set_defaults(func=cmd_verify)
 
-<<<<<<< HEAD
     p = sub.add_parser("train", help="train a family's small model on package-shipped data (cached)")
     p.add_argument("model")
     p.add_argument("--out", help="checkpoint folder (default: build/trained/MODEL)")
@@ -299,7 +295,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--boost", type=int, help="class to boost (default: the clean model's 2nd most frequent answer)")
             p.add_argument("--suppress", type=int, help="class to suppress (default: its most frequent answer)")
         p.set_defaults(func=func)
-=======
+
     p = sub.add_parser("triton", help="write a Triton model repository entry for a build's engine")
     p.add_argument("build", help="a build folder with manifest.json, e.g. build/resnet")
     p.add_argument("--repository", default="build/triton", help="model repository root (default: build/triton)")
@@ -315,7 +311,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.set_defaults(func=cmd_serve)
->>>>>>> main
     return top
 
 

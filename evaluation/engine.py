@@ -51,6 +51,7 @@ def _up_to_date(folder: Path, checkpoint: Path) -> bool:
         return False
     manifest = read_manifest(folder)
     same = manifest.get("source", {}).get("checkpoint") == str(checkpoint.resolve())
+    same = same and manifest.get("backend") == "onnxruntime" and manifest.get("precision", "fp32") == "fp32"
     newer = manifest_path.stat().st_mtime >= (checkpoint / "config.json").stat().st_mtime
     return same and newer and (folder / manifest["engine"]).is_file()
 
@@ -72,7 +73,7 @@ def prepare_engine(
         log(f"engine reused: {folder} (built from {checkpoint})")
     else:
         log(f"building the engine of {checkpoint} into {folder}")
-        build_model(model, out_dir, checkpoint, seed=seed, log=log)
+        build_model(model, out_dir, checkpoint, backend="onnxruntime", seed=seed, log=log)
     manifest = read_manifest(folder)
     return Prepared(folder, OnnxRuntimeEngine(folder / manifest["engine"]), checkpoint, training)
 
