@@ -76,3 +76,42 @@ def test_bad_tables_graphs_and_levels_are_refused(tmp_path, calibrated):
         check_level([0.5, 1.5], 2)
     with pytest.raises(InvalidInputError, match="one value per sample"):
         check_level([0.5, 0.5, 0.5], 2)
+
+
+def test_fp16_conversion_keeps_the_level_map_in_fp32(calibrated, tmp_path):
+    """The table and interpolation are named under the redistribution prefix, so the FP16 pass leaves
+    them FP32 (the table stays a FLOAT initializer, the level input stays FLOAT), and the FP16 engine
+    still applies the table's sigmas (within FP16's rounding of the output logits)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from graph_passes.fp16 import convert_to_fp16
+
+    graph, _ = calibrated
+    table = np.array([1000.1, 3.3, 0.1, 0.0], dtype=np.float32)  # not representable in FP16
+    levels = np.array([0.0, 1 / 3, 2 / 3, 1.0], dtype=np.float32)
+    source = graph.copy()
+    for tensor in source.tensors().values():  # re-embed another table in a copy of the calibrated graph
+        if tensor.name.endswith("calibration/table"):
+            tensor.values = table
+        elif tensor.name.endswith("calibration/table_next"):
+            tensor.values = table[1:].copy()
+        elif tensor.name.endswith("calibration/steps"):
+            tensor.values = np.float32(table.size - 1)
+        elif tensor.name.endswith("calibration/last_start"):
+            tensor.values = np.float32(table.size - 2)
+    half = convert_to_fp16(gs.export_onnx(source))
+    initializers = {init.name: init for init in half.graph.initializer}
+    assert initializers[f"{NAME}/table"].data_type == onnx.TensorProto.FLOAT
+    level_input = next(i for i in half.graph.input if i.name == UTILITY_LEVEL)
+    assert level_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    onnx.save(half, str(tmp_path / "half.onnx"))
+    engine = OnnxRuntimeEngine(tmp_path / "half.onnx")
+    zero = np.zeros([4, 5], dtype=np.float32)
+    ones = np.ones([4, 5], dtype=np.float32)
+    x = np.zeros([4, 6], dtype=engine.inputs["x"][0])
+    feed = {"x": x, UTILITY_LEVEL: levels, "focus": zero, NOISE_UTILITY: ones, NOISE_FOCUS: zero}
+    noisy = engine.infer(feed)["scores"].astype(np.float64)
+    clean = engine.infer({**feed, NOISE_UTILITY: zero})["scores"].astype(np.float64)
+    # the logits are FP16 at the output, so compare sigma within FP16's rounding of z + sigma
+    np.testing.assert_allclose((noisy - clean)[:, 0], table, rtol=2e-3, atol=2e-3)
