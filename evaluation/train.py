@@ -202,7 +202,11 @@ def train(
     data = load_data(model, seed, train_images=steps * spec.batch)
     net = spec.build().train()
     optimiser = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.lr, total_steps=max(steps, 1), pct_start=0.1)
+    # warm-up over 10% of the steps (at least 3 steps: OneCycleLR needs a non-empty warm-up phase)
+    if steps >= 6:
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=spec.lr, total_steps=steps, pct_start=max(0.1, 3 / steps))
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda _: 1.0)
     log(f"training {model}: {steps} steps, batch {spec.batch}, {sum(p.numel() for p in net.parameters()):,} parameters")
     batches = _batches(model, data, spec.batch, rng)
     for step in range(1, steps + 1):

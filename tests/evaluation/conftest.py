@@ -22,7 +22,7 @@ from evaluation.train import train
 from graph_passes.io import load_onnx, save_onnx
 from graph_passes.modulate import deployment_graphs
 
-QUICK_STEPS = {"resnet": 40, "segformer": 30, "llama": 30}
+QUICK_STEPS = {"resnet": 40, "segformer": 15, "llama": 10}
 # Test inputs per family (rows per engine run: images, 2 x 4096 pixels, token positions).
 TEST_INPUTS = {"resnet": 360, "segformer": 2, "llama": 300}
 # Llama's windows are cut to their last tokens here: the engine's cost per row falls fourfold and

@@ -20,7 +20,7 @@ from graph_passes.io import load_graph, save_onnx
 
 AGREEMENT_TOLERANCE = 0.01
 LEVEL_TOLERANCE = 0.02
-Z = 3.0  # a tolerance is at least this many standard errors
+Z = 4.0  # a tolerance is at least this many standard errors: with ~25 comparisons, a correct engine fails one about once in 600 runs
 CHECK_LEVELS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
