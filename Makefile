@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTRITON := nvidia-pytriton==0.7.0
 REPO ?= $(OUT)/triton
 
-.PHONY: engine generate triton serve test models bench clean help
+.PHONY: engine generate triton serve test models bench clean help train eval calibrate
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
@@ -28,6 +28,9 @@ help:
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
 	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
+	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
+	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
+	@echo "make calibrate MODEL=x   level -> sigma table and an engine taking utility_level in [0, 1]"
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -53,6 +56,15 @@ serve: triton
 # Builds the engine first if there is none yet.
 generate: $(STAMP) $(OUT)/$(MODEL)/manifest.json
 	$(PY) -m cli generate $(OUT)/$(MODEL) --prompt "$(PROMPT)" --utility $(UTILITY) --max-new-tokens $(MAX_NEW_TOKENS) $(if $(FOCUS),--focus "$(FOCUS)")
+
+train: $(STAMP)
+	$(PY) -m cli train $(MODEL)
+
+eval: $(STAMP)
+	$(PY) -m cli eval $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+calibrate: $(STAMP)
+	$(PY) -m cli calibrate $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 models: $(STAMP)
 	$(PY) -m cli models

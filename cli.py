@@ -9,9 +9,13 @@
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
     aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
+    aim run engine.calibrated.onnxruntime.onnx --input NAME=file.npy --level 0.8   (a calibrated engine)
     aim verify build/MODEL                       re-run the checks of a build against its PyTorch reference
     aim generate build/llama --prompt TEXT [--utility 0.5] [--focus "+word=5,-other=10"] [--max-new-tokens 32]
                                                  text from a built language model, streamed token by token
+    aim train MODEL                              train the family's small model on package-shipped data (cached)
+    aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
+    aim calibrate MODEL [--checkpoint DIR]       level -> sigma table; an engine taking utility_level
     aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
     aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
 """
@@ -109,10 +113,10 @@ def cmd_run(args) -> int:
         inputs[name] = np.load(file)
     focus = None
     if args.boost or args.suppress:
-        if not engine.modulated:
+        if not (engine.modulated or engine.calibrated):
             raise AimError(f"{args.engine} is not modulated: it has no focus input")
         focus = focus_vector(engine.num_classes, _parse_classes(args.boost, "--boost"), _parse_classes(args.suppress, "--suppress"))
-    logits = engine.run(inputs, args.utility, focus)
+    logits = engine.run(inputs, args.utility, focus, level=args.level)
     if args.output:
         np.save(args.output, logits)
     top = np.argmax(logits, axis=1)
@@ -173,6 +177,29 @@ def cmd_generate(args) -> int:
         f"utility {args.utility:g}{', focus ' + args.focus if args.focus else ''}]",
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from evaluation.train import train
+
+    result = train(args.model, args.out, args.steps, args.seed, args.force)
+    print(f"{args.model}: clean {result['metric']} {result['clean_metric']:.4f} on {result['test_samples']} test samples, "
+          f"trained in {result['train_seconds']} s; checkpoint {result['checkpoint']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from evaluation.sweep import evaluate, report
+
+    print(report(evaluate(args.model, args.out, args.checkpoint, args.repeats, boost=args.boost, suppress=args.suppress, seed=args.seed)))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from evaluation.calibrate import calibrate, report
+
+    print(report(calibrate(args.model, args.out, args.checkpoint, seed=args.seed)))
     return 0
 
 
@@ -268,6 +295,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("engine")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     p.add_argument("--utility", type=float, default=0.0, help="noise scale sigma >= 0, in logit units (0 = original)")
+    p.add_argument("--level", type=float, help="calibrated engines (aim calibrate): utility level in [0, 1], 1 = original")
     p.add_argument("--boost", action="append", default=[], metavar="CLASS=STRENGTH")
     p.add_argument("--suppress", action="append", default=[], metavar="CLASS=STRENGTH")
     p.add_argument("-o", "--output", help="save the logits as .npy")
@@ -295,6 +323,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build", help="build root when FOLDER is a model name (default: build)")
     p.add_argument("--quiet", action="store_true", help="no streaming: print the texts at the end")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train a family's small model on package-shipped data (cached)")
+    p.add_argument("model")
+    p.add_argument("--out", help="checkpoint folder (default: build/trained/MODEL)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the family's recipe)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="retrain even if a checkpoint with these settings exists")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, text in (
+        ("eval", cmd_eval, "utility and focus sweeps through the engine, measured vs predicted (CSV, plots)"),
+        ("calibrate", cmd_calibrate, "invert G on calibration inputs: level -> sigma, and an engine taking utility_level"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model")
+        p.add_argument("--checkpoint", help="a save_pretrained folder (default: the family's trained model, trained if needed)")
+        p.add_argument("--out", default="build", help="output root (default: build)")
+        p.add_argument("--seed", type=int, default=0)
+        if name == "eval":
+            p.add_argument("--repeats", type=int, help="engine runs per sweep point (default: per family)")
+            p.add_argument("--boost", type=int, help="class to boost (default: the clean model's 2nd most frequent answer)")
+            p.add_argument("--suppress", type=int, help="class to suppress (default: its most frequent answer)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("triton", help="write a Triton model repository entry for a build's engine")
     p.add_argument("build", help="a build folder with manifest.json, e.g. build/resnet")

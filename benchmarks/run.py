@@ -49,6 +49,14 @@ print(int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).gr
 """
 
 
+def _engine(path: Path):
+    """An ONNX Runtime engine whose idle threads do not spin: variants run round-robin from several
+    sessions, and a session's spinning pool would slow down whichever variant runs after it."""
+    from engines.onnxruntime import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(path, THREADS, spinning=False)
+
+
 def _met(key: str, value: float, family: str | None = None) -> bool:
     comparison, bound = TARGETS[key]
     bound = bound[family] if isinstance(bound, dict) else bound
@@ -94,7 +102,7 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     config, model, paths = build_engines(bench, folder, log)
     inputs_t = config.make_inputs(model, config.sizes(**bench.sizes), torch.Generator().manual_seed(0))
     inputs = {name: tensor.numpy() for name, tensor in inputs_t.items()}
-    bare, modulated = OnnxRuntimeEngine(paths["bare"], THREADS), OnnxRuntimeEngine(paths["production"], THREADS)
+    bare, modulated = _engine(paths["bare"]), _engine(paths["production"])
     batch, classes = next(iter(inputs.values())).shape[0], modulated.num_classes
 
     def feed(utility, focus=None):
@@ -246,7 +254,7 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
     for method in NOISE_METHODS:
         graph = add_redistribution(load_graph(identity), "logits", class_axis, noise=method)
         paths[f"subgraph ({method})"] = save_onnx(graph, folder / f"identity.{method}.onnx")
-    sessions = {name: OnnxRuntimeEngine(path, THREADS).session for name, path in paths.items()}
+    sessions = {name: _engine(path).session for name, path in paths.items()}
     z = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     focus = np.zeros([shape[0], shape[class_axis]], np.float32)
     focus[:, 1] = FOCUS_STRENGTH
@@ -287,6 +295,7 @@ def run(models: list[str], out: Path, quick: bool = False, make_engine: bool = T
             "version": onnxruntime.__version__,
             "intra_op_num_threads": THREADS,
             "execution_mode": "sequential",
+            "allow_spinning": False,
             "graph_optimization": "engine saved at ORT_ENABLE_EXTENDED, loaded with ORT_ENABLE_ALL",
             "provider": "CPUExecutionProvider",
         },

@@ -25,7 +25,7 @@ _NP_DTYPES = {
 }
 
 
-def session_options(threads: int | None = None, level: str = "all"):
+def session_options(threads: int | None = None, level: str = "all", spinning: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -36,6 +36,8 @@ def session_options(threads: int | None = None, level: str = "all"):
     }[level]
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:  # idle pool threads sleep instead of spinning: fairer when several sessions share cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
     return options
 
@@ -68,9 +70,9 @@ class OnnxRuntimeEngine(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
         self.path = Path(path)
-        self.session = _session(self.path, session_options(threads))
+        self.session = _session(self.path, session_options(threads, spinning=spinning))
         self.inputs = {i.name: (_NP_DTYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 

@@ -19,6 +19,13 @@ class Runner:
         return UTILITY in self.inputs and FOCUS in self.inputs
 
     @property
+    def calibrated(self) -> bool:
+        """Takes a calibrated `utility_level` in [0, 1] instead of sigma (graph_passes.calibration)."""
+        from graph_passes.calibration import UTILITY_LEVEL
+
+        return UTILITY_LEVEL in self.inputs and FOCUS in self.inputs
+
+    @property
     def num_classes(self) -> int:
         return self.inputs[FOCUS][1][1]
 
@@ -59,14 +66,24 @@ class Runner:
             checked[name] = array
         return checked
 
-    def run(self, inputs: dict, utility=0.0, focus=None, **noise) -> np.ndarray:
+    def run(self, inputs: dict, utility=0.0, focus=None, level=None, **noise) -> np.ndarray:
         """The first output (the logits) for model `inputs` with the modulation knobs checked and
-        broadcast: `utility` a number or [B], `focus` None, [C] or [B, C]."""
+        broadcast: `utility` a number or [B], `focus` None, [C] or [B, C]. A calibrated engine takes
+        `level` (a number or [B] in [0, 1]; default 1, the exact model) instead of `utility`."""
         feed = dict(inputs)
-        if not self.modulated and (np.any(np.asarray(utility) != 0) or focus is not None):
+        batch = int(np.shape(next(iter(inputs.values())))[0]) if inputs else 0  # no inputs: check_feed says which
+        if self.calibrated:
+            from graph_passes.calibration import UTILITY_LEVEL, check_level
+
+            if np.any(np.asarray(utility) != 0):
+                raise InvalidInputError(f"{self.path.name} is calibrated: pass level= in [0, 1], not a utility sigma")
+            feed[UTILITY_LEVEL] = check_level(1.0 if level is None else level, batch)
+            feed[FOCUS] = check_modulation(0.0, focus, batch, self.num_classes)[1]
+        elif level is not None:
+            raise InvalidInputError(f"{self.path.name} is not calibrated: it takes utility (sigma), not level")
+        elif not self.modulated and (np.any(np.asarray(utility) != 0) or focus is not None):
             raise InvalidInputError(f"{self.path.name} is not modulated: it has no utility or focus input")
-        if self.modulated:
-            batch = int(np.shape(next(iter(inputs.values())))[0])
+        elif self.modulated:
             feed[UTILITY], feed[FOCUS] = check_modulation(utility, focus, batch, self.num_classes)
         feed.update(noise)
         return self.infer(feed)[self.outputs[0]]
