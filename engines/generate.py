@@ -185,14 +185,25 @@ def generate(
     return Generation(generated, finished, time.perf_counter() - start, kept)
 
 
+def prefill_inputs(engine, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The model inputs of a prefill step (whole sequences, nothing cached): tokens, mask, positions
+    and an empty cache [B, heads, 0, head_dim] for each cache input the engine has. An engine without
+    a cache gets what it takes of the tokens and the mask."""
+    batch = input_ids.shape[0]
+    feed = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64)}
+    if "position_ids" in engine.inputs:
+        feed["position_ids"] = position_ids(feed["attention_mask"], input_ids.shape[1])
+    for name, (_, dims) in engine.inputs.items():
+        if name.startswith(PAST):
+            feed[name] = np.zeros([batch, dims[1], 0, dims[3]], np.float32)
+    return {name: value for name, value in feed.items() if name in engine.inputs}
+
+
 def last_logits(engine, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     """Next-token logits [B, V] of whole sequences, recomputed from scratch (empty cache, utility 0)."""
     batch = input_ids.shape[0]
-    feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "position_ids" in engine.inputs:
-        feed["position_ids"] = position_ids(attention_mask, input_ids.shape[1])
-    for name, dims in _cache_inputs(engine).items():
-        feed[name] = np.zeros([batch, dims[1], 0, dims[3]], np.float32)
+    _cache_inputs(engine)  # a clear error for an engine without a cache
+    feed = prefill_inputs(engine, input_ids, attention_mask)
     if UTILITY in engine.inputs:
         feed[UTILITY], feed[FOCUS] = check_modulation(0.0, None, batch, engine.inputs[FOCUS][1][1])
     return engine.infer(feed)["logits"]

@@ -87,7 +87,11 @@ def eval_inputs(model: str, prepared: Prepared, seed: int = 0, split: str = "tes
     elif model == "segformer":
         data = datasets.shapes(seed, {split: settings["images"]})[split]
     elif model == "llama":
+        from engines.generate import prefill_inputs
+
         data = datasets.corpus(load_tokenizer(prepared.checkpoint), seed)[split]
+        # Each window is a prefill step of the KV-cache export: positions and an empty cache added.
+        data = Split(prefill_inputs(prepared.engine, data.inputs["input_ids"], data.inputs["attention_mask"]), data.labels)
     else:
         raise ValueError(f"no evaluation data for {model!r}")
     return Setup(data, settings["batch"], settings["repeats"], model == "segformer", model == "llama")
