@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from scipy import special, stats
+from scipy import stats
 
 import exporter
 from cli import main as cli_main
@@ -24,6 +24,7 @@ from engines.generate import (
 from engines.pipeline import build_model
 from engines.verify import KS_ALPHA, statistical_checks
 from errors import AimError, InvalidInputError
+from evaluation.theory import win_probability
 
 CONFIG = exporter.get_config("llama")
 NEW_TOKENS = 16
@@ -123,20 +124,6 @@ def test_per_token_noise_statistics_follow_spec(build):
         assert check.passed, check
 
 
-def top1_probability(logits: np.ndarray, sigma: float, nodes: int = 96) -> np.ndarray:
-    """SPEC section 3: P(clean top-1 still wins under utility sigma) per row, by Gauss-Hermite
-    quadrature of  integral phi(t) prod_{j != y} Phi((z_y - z_j) / sigma + t) dt  (sum of log Phi)."""
-    x, w = np.polynomial.hermite.hermgauss(nodes)
-    t = np.sqrt(2.0) * x
-    out = []
-    for z in logits.astype(np.float64):
-        y = np.argmax(z)
-        gaps = np.delete(z[y] - z, y) / sigma
-        log_phi = special.log_ndtr(gaps[None, :] + t[:, None]).sum(axis=1)
-        out.append(float(np.sum(w * np.exp(log_phi)) / np.sqrt(np.pi)))
-    return np.array(out)
-
-
 def test_greedy_agreement_per_token_follows_theory(build):
     """At utility sigma, the engine's greedy token equals the clean one with probability P_top1(sigma)."""
     _, engine, _, _, _ = build
@@ -146,7 +133,7 @@ def test_greedy_agreement_per_token_follows_theory(build):
     clean = engine.run(inputs, 0.0, None)
     sigma, runs = 0.05, 150
     hits = np.mean([np.argmax(engine.run(inputs, sigma, None), 1) == np.argmax(clean, 1) for _ in range(runs)], axis=0)
-    theory = top1_probability(clean, sigma)
+    theory = win_probability(clean, clean.argmax(1), sigma)  # SPEC section 3, evaluation/theory.py
     assert 0.05 < theory.mean() < 0.95  # a sigma where the test can tell theory from 0 or 1
     stderr = np.sqrt(np.sum(theory * (1 - theory)) / runs) / len(theory)
     assert abs(hits.mean() - theory.mean()) < 4 * stderr, (hits, theory)
