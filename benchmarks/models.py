@@ -47,7 +47,7 @@ def _llama_decode():
 
 
 REALISTIC = {
-    "resnet": BenchModel("resnet", _resnet50, {"batch": 1, "height": 224, "width": 224}, "ResNet-50, 1000 classes, 1x3x224x224"),
+    "resnet": BenchModel("resnet", _resnet50, {"batch": 1, "height": 224, "width": 224}, "ResNet-50, 1000 classes, 1x3x224x224", repeats=30),
     "segformer": BenchModel(
         "segformer",
         _segformer_b0,
@@ -60,6 +60,7 @@ REALISTIC = {
         _llama_decode,
         {"batch": 1, "sequence": 1},
         "Llama decode step (1 new token), width 2048, 6 layers, 0.4 B params, vocabulary 32000",
+        repeats=30,
     ),
 }
 
