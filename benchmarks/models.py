@@ -53,7 +53,7 @@ REALISTIC = {
         _segformer_b0,
         {"batch": 1, "height": 512, "width": 512},
         "SegFormer-B0, 150 classes, 1x3x512x512, logits upsampled to 512x512 in bare and modulated",
-        repeats=8,
+        repeats=20,
     ),
     "llama": BenchModel(
         "llama",

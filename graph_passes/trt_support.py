@@ -162,24 +162,23 @@ class _Scope:
             ):
                 self.constant.update(node.output)  # folded to a constant by the parser
 
-    def type_of(self, name: str) -> int | None:
+    def _lookup(self, table: str, name: str):
+        """`name` in this scope's `table` (types or values), else in the enclosing graphs'."""
         scope = self
         while scope is not None:
-            if name in scope.types:
-                return scope.types[name]
+            if name in getattr(scope, table):
+                return getattr(scope, table)[name]
             scope = scope.outer
         return None
+
+    def type_of(self, name: str) -> int | None:
+        return self._lookup("types", name)
 
     def is_constant(self, name: str) -> bool:
         return name in self.constant or (self.outer is not None and self.outer.is_constant(name))
 
     def value_of(self, name: str):
-        scope = self
-        while scope is not None:
-            if name in scope.values:
-                return scope.values[name]
-            scope = scope.outer
-        return None
+        return self._lookup("values", name)
 
 
 def _small(dims) -> bool:
