@@ -58,8 +58,8 @@ REALISTIC = {
     "llama": BenchModel(
         "llama",
         _llama_decode,
-        {"batch": 1, "sequence": 1},
-        "Llama decode step (1 new token), width 2048, 6 layers, 0.4 B params, vocabulary 32000",
+        {"batch": 1, "sequence": 1, "past_sequence": 128},
+        "Llama decode step (1 new token after a 128-token KV cache), width 2048, 6 layers, 0.4 B params, vocabulary 32000",
         repeats=30,
     ),
 }
