@@ -57,15 +57,12 @@ def _engine(path: Path):
     return OnnxRuntimeEngine(path, THREADS, spinning=False)
 
 
-def _met(key: str, value: float, family: str | None = None) -> bool:
+def _judge(key: str, value: float, family: str | None = None) -> dict:
+    """A figure against its target in TARGETS: {"value", "target", "met"}."""
     comparison, bound = TARGETS[key]
     bound = bound[family] if isinstance(bound, dict) else bound
-    return {"<=": value <= bound, ">=": value >= bound, "<": value < bound}[comparison]
-
-
-def _target(key: str, family: str | None = None):
-    comparison, bound = TARGETS[key]
-    return f"{comparison} {bound[family] if isinstance(bound, dict) else bound:g}"
+    met = {"<=": value <= bound, ">=": value >= bound, "<": value < bound}[comparison]
+    return {"value": value, "target": f"{comparison} {bound:g}", "met": met}
 
 
 def build_engines(bench: BenchModel, folder: Path, log: Callable[[str], None]):
@@ -93,7 +90,6 @@ def build_engines(bench: BenchModel, folder: Path, log: Callable[[str], None]):
 def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = print) -> dict:
     import torch
 
-    from engines.onnxruntime import OnnxRuntimeEngine
     from engines.verify import pytorch_logits, statistical_checks, tile_batch
     from graph_passes.redistribution import FOCUS, UTILITY, check_modulation
 
@@ -157,27 +153,8 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
         "latency": times,
         "figures": figures,
         "targets": {
-            "P1a": {"value": figures["P1a"]["ratio"], "target": _target("P1a"), "met": _met("P1a", figures["P1a"]["ratio"])},
-            "P1b": {
-                "value": figures["P1b"]["ratio"],
-                "target": _target("P1b", bench.family),
-                "met": _met("P1b", figures["P1b"]["ratio"], bench.family),
-            },
-            "P3 utility 0": {
-                "value": figures["P3 utility 0"]["ratio"],
-                "target": _target("P3 utility 0"),
-                "met": _met("P3 utility 0", figures["P3 utility 0"]["ratio"]),
-            },
-            "P3 utility > 0": {
-                "value": figures["P3 utility > 0"]["ratio"],
-                "target": _target("P3 utility > 0"),
-                "met": _met("P3 utility > 0", figures["P3 utility > 0"]["ratio"]),
-            },
-            "engine bytes added": {
-                "value": sizes["production"] - sizes["bare"],
-                "target": _target("engine bytes added"),
-                "met": _met("engine bytes added", sizes["production"] - sizes["bare"]),
-            },
+            **{key: _judge(key, figures[key]["ratio"], bench.family) for key in ("P1a", "P1b", "P3 utility 0", "P3 utility > 0")},
+            "engine bytes added": _judge("engine bytes added", sizes["production"] - sizes["bare"]),
         },
         "tensorrt": tensorrt,
         "checks": [check.as_dict() for check in checks],
@@ -235,7 +212,6 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
     import onnx
     from onnx import TensorProto, helper
 
-    from engines.onnxruntime import OnnxRuntimeEngine
     from graph_passes.io import load_graph, save_onnx
     from graph_passes.redistribution import FOCUS, NOISE_METHODS, UTILITY, add_redistribution
 
@@ -269,7 +245,7 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
     for method in NOISE_METHODS:
         cost = times[f"subgraph ({method})"]["median_ms"] - times["unmodulated"]["median_ms"]
         value = cost / times["RandomNormalLike"]["median_ms"]
-        result[f"P2 ({method})"] = {"value": value, "cost_ms": cost, "target": _target("P2"), "met": _met("P2", value)}
+        result[f"P2 ({method})"] = {**_judge("P2", value), "cost_ms": cost}
     return result
 
 

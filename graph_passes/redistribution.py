@@ -15,9 +15,10 @@ What the statement adds to the bare formula, and why:
   so that branch writes straight into the output instead of copying it.
 - Sparse focus (benchmark P2): focus noise is drawn only for the classes some sample focuses on
   (their indices -> Gather -> add -> ScatterElements back), not over the whole logits tensor.
-- One cheaper draw (benchmark P2): the production flavour draws n1 and n2 from ONE uniform draw by
-  Box-Muller, cosine and sine halves both used: exact N(0, 1), cheaper than RandomNormalLike in ONNX
-  Runtime, and no second random node whose seed would correlate with the first (see _DrawnNoise).
+- One draw (benchmark P2): the production flavour draws n1 and n2 from ONE random node (Box-Muller
+  over one uniform draw by default, or one RandomNormalLike), so no second random node's seed can
+  correlate with the first (see _DrawnNoise). A uniform costs ONNX Runtime ~40% of a normal, but
+  Box-Muller's extra passes take most of that back: `make bench` measures the two within 10%.
 - TensorRT: no NonZero (TensorRT for RTX lacks it), no TopK (K <= 3840), no nested If (TensorRT for
   RTX fails to build them; a second If beside the first made its builder crash on Llama).
 """
@@ -152,9 +153,13 @@ class _GraphOps:
         self.logits_dtype = np.dtype(logits_dtype)
         self.count = 0
 
-    def name(self, what: str) -> str:
+    def unique(self, base: str) -> str:
+        """`base` with this builder's next number: unique across the graph and its branches."""
         self.count += 1
-        return f"{PREFIX}/{what}_{self.count}"
+        return f"{base}_{self.count}"
+
+    def name(self, what: str) -> str:
+        return self.unique(f"{PREFIX}/{what}")
 
     def node(self, op: str, inputs: list, attrs: dict | None = None, dtype=np.float32) -> gs.Variable:
         name = self.name(op)
@@ -321,22 +326,22 @@ class _DrawnNoise:
         return n1, n2
 
 
-class _TorchNoise:
-    """Noise for the PyTorch twin: given whole tensors, or drawn from `generator`."""
+class _TorchNoise(_GivenNoise):
+    """Noise for the PyTorch twin: given whole tensors, as the verification flavour takes them, or
+    where not given, drawn from `generator` (n2 only for the focused classes, as the graph draws it)."""
 
     def __init__(self, noise_utility, noise_focus, class_axis: int, generator):
-        self.noise_utility, self.noise_focus = noise_utility, noise_focus
-        self.class_axis, self.generator = class_axis, generator
+        super().__init__(noise_utility, noise_focus, class_axis)
+        self.generator = generator
 
     def draw(self, ops, z, classes):
-        n1 = self.noise_utility
-        if n1 is None:
-            n1 = torch.randn(z.shape, generator=self.generator)
-        if self.noise_focus is not None:
-            return n1, ops.gather(self.noise_focus, classes, self.class_axis)
-        shape = list(z.shape)
-        shape[self.class_axis] = len(classes)
-        return n1, torch.randn(shape, generator=self.generator)
+        if self.noise_utility is None:
+            self.noise_utility = torch.randn(z.shape, generator=self.generator)
+        if self.noise_focus is None:
+            shape = list(z.shape)
+            shape[self.class_axis] = len(classes)
+            return self.noise_utility, torch.randn(shape, generator=self.generator)
+        return super().draw(ops, z, classes)
 
 
 def _logits_output(graph: gs.Graph, logits: str) -> gs.Variable:
@@ -418,8 +423,7 @@ def add_redistribution(
             return z
         # The model's own node, moved into the branch: it keeps a model name (not PREFIX), so that passes
         # by name (fp16 keeps PREFIX nodes in FP32) treat it as the model, as in the bare graph.
-        ops.count += 1
-        name = f"{producer.name or producer.op}/bare_{ops.count}"
+        name = ops.unique(f"{producer.name or producer.op}/bare")
         out = gs.Variable(f"{name}/output", dtype=dtype, shape=shape)
         attrs = dict(producer.attrs)
         ops.graph.nodes.append(gs.Node(producer.op, name=name, attrs=attrs, inputs=list(producer.inputs), outputs=[out], domain=producer.domain))
