@@ -41,36 +41,36 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 engine: $(STAMP)
-	$(PY) -m cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m aim.cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 # The engine is built first if the build folder has no manifest yet.
 $(OUT)/%/manifest.json: | $(STAMP)
-	$(PY) -m cli engine $* --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m aim.cli engine $* --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 triton: $(STAMP) $(OUT)/$(MODEL)/manifest.json
-	$(PY) -m cli triton $(OUT)/$(MODEL) --repository $(REPO)
+	$(PY) -m aim.cli triton $(OUT)/$(MODEL) --repository $(REPO)
 
 serve: triton
-	$(PY) -m cli serve $(REPO) --model $(MODEL)
+	$(PY) -m aim.cli serve $(REPO) --model $(MODEL)
 
 # Builds the engine first if there is none yet.
 generate: $(STAMP) $(OUT)/$(MODEL)/manifest.json
-	$(PY) -m cli generate $(OUT)/$(MODEL) --prompt "$(PROMPT)" --utility $(UTILITY) --max-new-tokens $(MAX_NEW_TOKENS) $(if $(FOCUS),--focus "$(FOCUS)")
+	$(PY) -m aim.cli generate $(OUT)/$(MODEL) --prompt "$(PROMPT)" --utility $(UTILITY) --max-new-tokens $(MAX_NEW_TOKENS) $(if $(FOCUS),--focus "$(FOCUS)")
 
 train: $(STAMP)
-	$(PY) -m cli train $(MODEL)
+	$(PY) -m aim.cli train $(MODEL)
 
 eval: $(STAMP)
-	$(PY) -m cli eval $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m aim.cli eval $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 calibrate: $(STAMP)
-	$(PY) -m cli calibrate $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m aim.cli calibrate $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 models: $(STAMP)
-	$(PY) -m cli models
+	$(PY) -m aim.cli models
 
 bench: $(STAMP)
-	$(PY) -m benchmarks --out $(OUT)/bench
+	$(PY) -m aim.benchmarks --out $(OUT)/bench
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import exporter
-from graph_passes.io import load_onnx, save_onnx
-from graph_passes.modulate import deployment_graphs
+import aim.families as exporter
+from aim.graph_passes.io import load_onnx, save_onnx
+from aim.graph_passes.modulate import deployment_graphs
 
 FAMILIES = exporter.list_models()
 

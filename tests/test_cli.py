@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import main
+from aim.cli import main
 from tests.conftest import tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_unknown_model_lists_models_and_writes_nothing(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "engine", "nonexistent", "--out", str(tmp_path / "build")],
+        [sys.executable, "-m", "aim.cli", "engine", "nonexistent", "--out", str(tmp_path / "build")],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode == 2

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from cli import main
-from engines import tensorrt as trt_engine
+from aim.cli import main
+from aim.runtime import tensorrt as trt_engine
 from tests.conftest import tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_engine_with_an_unusable_tensorrt_backend_exits_2_and_writes_nothing(tmp
     if gpu:
         pytest.skip(f"this machine can run TensorRT ({why}); tests/engines/test_pipeline_tensorrt.py covers a missing module")
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "engine", "resnet", "--backend", "tensorrt", "--out", str(tmp_path / "build")],
+        [sys.executable, "-m", "aim.cli", "engine", "resnet", "--backend", "tensorrt", "--out", str(tmp_path / "build")],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -3,8 +3,8 @@
 import json
 import math
 
-from benchmarks.run import TARGETS, run
-from benchmarks.timing import measure, ratio
+from aim.benchmarks.run import TARGETS, run
+from aim.benchmarks.timing import measure, ratio
 
 
 def test_quick_bench_writes_every_figure_and_its_engines_pass_the_checks(tmp_path):

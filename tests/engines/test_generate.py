@@ -5,9 +5,9 @@ import pytest
 import torch
 from scipy import stats
 
-import exporter
-from cli import main as cli_main
-from engines.generate import (
+import aim.families as exporter
+from aim.cli import main as cli_main
+from aim.tasks.generation import (
     TOKENIZER_DIR,
     generate,
     generate_text,
@@ -21,10 +21,10 @@ from engines.generate import (
     token_focus,
     word_tokens,
 )
-from engines.pipeline import build_model
-from engines.verify import KS_ALPHA, statistical_checks
-from errors import AimError, InvalidInputError
-from evaluation.theory import win_probability
+from aim.pipeline.build import build_model
+from aim.verify.checks import KS_ALPHA, statistical_checks
+from aim.errors import AimError, InvalidInputError
+from aim.evaluation.theory import win_probability
 
 CONFIG = exporter.get_config("llama")
 NEW_TOKENS = 16
@@ -288,7 +288,7 @@ def test_local_checkpoint_with_its_own_tokenizer(tmp_path):
 
 
 def test_local_tokenizer_is_deterministic_and_fits_the_model():
-    from exporter.text import local_tokenizer, model_tokenizer
+    from aim.export.tokenizer import local_tokenizer, model_tokenizer
 
     first, again = local_tokenizer(32000), local_tokenizer(32000)
     assert len(first) == 32000 and first.get_vocab() == again.get_vocab()
@@ -304,8 +304,8 @@ def test_reduced_precision_generation_checks_use_teacher_forcing(build):
     """FP16 builds are held to the family's Agreement along PyTorch's tokens; wrong tokens fail it."""
     import dataclasses
 
-    from engines.generate import generation_checks
-    from engines.verify import REFERENCE
+    from aim.tasks.generation import generation_checks
+    from aim.verify.checks import REFERENCE
 
     folder, engine, _, _, _ = build
     with np.load(folder / REFERENCE) as stored:
@@ -328,7 +328,7 @@ def test_tensorrt_rtx_fp16_build_with_kv_cache_and_generation_from_it(tmp_path):
     included); the FP16 build passes the reduced-precision generation checks; generating from the
     build runs the engine where it can run, else ONNX Runtime on the graph it was built from, saying so."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
-    from engines import tensorrt as trt_engine
+    from aim.runtime import tensorrt as trt_engine
 
     manifest = build_model("llama", tmp_path, backend="tensorrt-rtx", precision="fp16", log=lambda _: None)
     assert manifest["verification"]["passed"] and manifest["engine"].endswith(".plan")

@@ -8,12 +8,12 @@ import onnx
 import pytest
 import torch
 
-import exporter
-from engines.manifest import sha256
-from engines.onnxruntime import OnnxRuntimeEngine
-from engines.pipeline import FILES, build_model, report, verify_folder
-from engines.verify import REFERENCE, model_inputs, pytorch_logits
-from errors import AimError, CheckpointError, UnknownModelError, VerificationError
+import aim.families as exporter
+from aim.layout import sha256
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.pipeline.build import FILES, build_model, report, verify_folder
+from aim.verify.checks import REFERENCE, model_inputs, pytorch_logits
+from aim.errors import AimError, CheckpointError, UnknownModelError, VerificationError
 
 
 @pytest.fixture(scope="module", params=exporter.list_models())
@@ -135,7 +135,7 @@ def test_bad_checkpoint_writes_nothing(tmp_path):
 def test_failed_verification_fails_and_keeps_report_aside(tmp_path, monkeypatch):
     config = exporter.get_config("resnet")
     strict = dataclasses.replace(config, tolerance=exporter.Tolerance(atol=0.0, rtol=0.0, why="impossible"))
-    monkeypatch.setitem(exporter.configs._REGISTRY, "resnet", strict)
+    monkeypatch.setitem(exporter.base._REGISTRY, "resnet", strict)
     with pytest.raises(VerificationError, match="bare model vs PyTorch"):
         build_model("resnet", tmp_path, log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet.failed"]

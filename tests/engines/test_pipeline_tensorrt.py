@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from engines import tensorrt as trt_engine
-from engines.manifest import sha256
-from engines.pipeline import build_model, choose_backend, report, verify_folder
-from engines.verify import REFERENCE, model_inputs
-from errors import AimError, InvalidInputError
+from aim.runtime import tensorrt as trt_engine
+from aim.layout import sha256
+from aim.pipeline.build import build_model, choose_backend, report, verify_folder
+from aim.verify.checks import REFERENCE, model_inputs
+from aim.errors import AimError, InvalidInputError
 
 RUNNABLE, WHY_NOT = trt_engine.engine_runnable("tensorrt-rtx")
 
@@ -101,7 +101,7 @@ def test_tensorrt_backend_that_cannot_work_fails_with_the_reason_and_leaves_noth
 
 def test_unsupported_graph_fails_the_tensorrt_build_and_leaves_nothing(tmp_path, monkeypatch):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed")
-    from graph_passes import trt_support
+    from aim.graph_passes import trt_support
 
     table = dict(trt_support.load_table())
     table["operators"] = {**table["operators"], "Conv": {"supported": False}}  # as if the parser lacked Conv

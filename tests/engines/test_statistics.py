@@ -6,9 +6,9 @@ import onnxruntime
 import pytest
 from scipy import stats
 
-import exporter
-from engines.onnxruntime import OnnxRuntimeEngine
-from engines.verify import SIGMA, statistical_checks
+import aim.families as exporter
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.verify.checks import SIGMA, statistical_checks
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def resnet(tmp_path_factory):
     model = exporter.load_model(config)
     folder = tmp_path_factory.mktemp("stats")
     exported = exporter.export_onnx(config, model, folder / "exported.onnx")
-    from graph_passes.modulate import modulate_file
+    from aim.graph_passes.modulate import modulate_file
 
     modulated = modulate_file(exported, folder / "production.onnx", "logits", 1)
     inputs = {k: v.numpy() for k, v in exporter.example_inputs(config, model, batch=32, height=32, width=32).items()}

@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 import pytest
 
-import exporter
-from engines import tensorrt as trt_engine
-from engines.manifest import graph_io
-from engines.onnxruntime import OnnxRuntimeEngine
-from engines.verify import make_reference, model_inputs, verify_build
-from errors import InvalidGraphError, InvalidInputError
-from graph_passes.fp16 import convert_to_fp16
-from graph_passes.redistribution import FOCUS, NOISE_INPUTS, PREFIX, UTILITY
+import aim.families as exporter
+from aim.runtime import tensorrt as trt_engine
+from aim.layout import graph_io
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.verify.checks import make_reference, model_inputs, verify_build
+from aim.errors import InvalidGraphError, InvalidInputError
+from aim.graph_passes.fp16 import convert_to_fp16
+from aim.graph_passes.redistribution import FOCUS, NOISE_INPUTS, PREFIX, UTILITY
 
 BACKEND = "tensorrt-rtx"
 RUNNABLE, WHY_NOT = trt_engine.engine_runnable(BACKEND)

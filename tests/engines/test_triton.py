@@ -10,11 +10,11 @@ import shutil
 import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
-import cli
-import exporter
-from engines.manifest import MANIFEST, sha256
-from engines.triton import CONFIG, check_config, parse_config, read_config, write_model
-from errors import TritonConfigError
+import aim.cli as cli
+import aim.families as exporter
+from aim.layout import MANIFEST, sha256
+from aim.serving.triton import CONFIG, check_config, parse_config, read_config, write_model
+from aim.errors import TritonConfigError
 
 
 def _input(config, name):
@@ -75,7 +75,7 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
 def test_a_real_tensorrt_plan_build_gives_a_tensorrt_plan_model(tmp_path):
     """With TensorRT builds in the pipeline (TensorRT for RTX builds plans on a CPU), the real manifest
     of a .plan engine gives the tensorrt_plan model, and the plan is copied byte for byte."""
-    from engines import pipeline
+    from aim.pipeline import build as pipeline
 
     if "tensorrt-rtx" not in getattr(pipeline, "BACKENDS", ()):
         pytest.skip("the pipeline has no TensorRT backend yet (make engine BACKEND=tensorrt-rtx)")

@@ -22,9 +22,9 @@ import tritonclient.http as httpclient
 from scipy.stats import norm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from engines.manifest import MANIFEST
-from engines.onnxruntime import OnnxRuntimeEngine
-from graph_passes.redistribution import MAX_STRENGTH
+from aim.layout import MANIFEST
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.graph_passes.redistribution import MAX_STRENGTH
 
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
 IMAGES = 32  # resnet requests: 32 random 32x32 images (the profile's max batch)
@@ -68,7 +68,7 @@ def models(build_folder):
 
 def prefill(folder, ids, mask) -> dict:
     """A prefill request of the KV-cache export: the prompts, their positions and an empty cache."""
-    from engines.generate import PAST, position_ids
+    from aim.tasks.generation import PAST, position_ids
 
     manifest = json.loads((folder / MANIFEST).read_text())
     inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, ids.shape[1])}
@@ -148,7 +148,7 @@ class TritonEngine:
 def test_generation_through_the_server_equals_onnx_runtime(clients, build_folder, protocol):
     """Greedy decoding with the KV cache through Triton (prefill, then one token per step with the
     returned present.* as past) gives ONNX Runtime's tokens; a boosted token takes over in both."""
-    from engines.generate import generate
+    from aim.tasks.generation import generate
 
     folder = build_folder("llama")
     served = TritonEngine(protocol, clients[protocol], folder)
@@ -285,7 +285,7 @@ def test_nan_inf_and_negative_knobs_sent_straight_to_triton_give_finite_logits(c
 def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", str(triton.repository), "--http-port", "0", "--grpc-port", "0", "--model", "resnet"],
+        [sys.executable, "-m", "aim.cli", "serve", str(triton.repository), "--http-port", "0", "--grpc-port", "0", "--model", "resnet"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     lines, deadline = [], time.monotonic() + 60
@@ -313,9 +313,9 @@ def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
 def test_a_server_that_cannot_load_its_models_says_why_and_leaves_no_process(triton, build_folder, tmp_path):
     """A tensorrt_plan model (KIND_GPU) on this machine: no GPU, no TensorRT backend. The start fails
     with the server's own reason, and no process is left."""
-    from engines.manifest import sha256
-    from engines.triton import write_model
-    from engines.triton_server import TritonServer, TritonServerError
+    from aim.layout import sha256
+    from aim.serving.triton import write_model
+    from aim.serving.server import TritonServer, TritonServerError
 
     folder = tmp_path / "resnet"
     shutil.copytree(build_folder("resnet"), folder)

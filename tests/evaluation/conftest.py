@@ -14,13 +14,13 @@ from pathlib import Path
 import onnxruntime
 import pytest
 
-import exporter
-from engines.onnxruntime import OnnxRuntimeEngine, build
-from evaluation.engine import Prepared, eval_inputs
-from evaluation.sweep import EngineData
-from evaluation.train import train
-from graph_passes.io import load_onnx, save_onnx
-from graph_passes.modulate import deployment_graphs
+import aim.families as exporter
+from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
+from aim.evaluation.engine import Prepared, eval_inputs
+from aim.evaluation.sweep import EngineData
+from aim.evaluation.train import train
+from aim.graph_passes.io import load_onnx, save_onnx
+from aim.graph_passes.modulate import deployment_graphs
 
 QUICK_STEPS = {"resnet": 40, "segformer": 15, "llama": 10}
 # Test inputs per family (rows per engine run: images, 2 x 4096 pixels, token positions).

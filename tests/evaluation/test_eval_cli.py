@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-import cli
-from engines.manifest import read_manifest
-from engines.onnxruntime import OnnxRuntimeEngine
-from evaluation import calibrate, sweep
+import aim.cli as cli
+from aim.layout import read_manifest
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.evaluation import calibrate, sweep
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_eval_of_a_foreign_checkpoint_measures_label_free_quantities(tmp_path):
     """A checkpoint not trained here (3-channel tiny ResNet, random weights): the digits are fed as
     3 channels, and since its classes are not the digits' labels only agreement, boost rate and
     survival are compared with the theory."""
-    import exporter
+    import aim.families as exporter
 
     config = exporter.get_config("resnet")
     exporter.load_model(config, seed=0).save_pretrained(tmp_path / "foreign")

@@ -13,10 +13,10 @@ import math
 import numpy as np
 import pytest
 
-from engines.onnxruntime import OnnxRuntimeEngine, build
-from evaluation import calibrate, metrics, sweep, theory
-from graph_passes.calibration import add_utility_level
-from graph_passes.io import load_graph, save_onnx
+from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
+from aim.evaluation import calibrate, metrics, sweep, theory
+from aim.graph_passes.calibration import add_utility_level
+from aim.graph_passes.io import load_graph, save_onnx
 
 AGREEMENT_TOLERANCE = 0.01
 LEVEL_TOLERANCE = 0.02

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import ndtri
 
-from evaluation import theory
+from aim.evaluation import theory
 
 # Monte-Carlo draws per case: the agreement rate's standard error sqrt(p (1 - p) / n) is then
 # <= 0.5 / sqrt(n) = 0.0011 at n = 200,000, so the 0.005 tolerance is >= 4.5 standard errors.

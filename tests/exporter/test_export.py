@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 
-import exporter
-from engines.onnxruntime import OnnxRuntimeEngine
-from errors import CheckpointError, UnknownModelError
-from engines.verify import pytorch_logits
+import aim.families as exporter
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.errors import CheckpointError, UnknownModelError
+from aim.verify.checks import pytorch_logits
 
 # Shapes away from the export example (batch 2) on every dynamic dim.
 SHAPES = {
@@ -93,7 +93,7 @@ def test_export_leaves_no_partial_file(tmp_path):
         def forward(self, pixel_values):
             raise RuntimeError("tracing failed")
 
-    broken = exporter.configs.ExportConfig(**{**config.__dict__, "name": "broken", "wrap": lambda m: Broken()})
+    broken = exporter.base.ExportConfig(**{**config.__dict__, "name": "broken", "wrap": lambda m: Broken()})
     with pytest.raises(RuntimeError, match="tracing failed"):
         exporter.export_onnx(broken, model, tmp_path / "out" / "model.onnx")
     assert list((tmp_path / "out").iterdir()) == []

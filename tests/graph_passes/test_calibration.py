@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.onnxruntime import OnnxRuntimeEngine
-from errors import InvalidGraphError, InvalidInputError
-from graph_passes.calibration import NAME, UTILITY_LEVEL, add_utility_level, check_level, level_to_sigma
-from graph_passes.io import load_graph, save_onnx
-from graph_passes.modulate import modulate_file
-from graph_passes.redistribution import NOISE_FOCUS, NOISE_UTILITY, PREFIX, UTILITY
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.errors import InvalidGraphError, InvalidInputError
+from aim.graph_passes.calibration import NAME, UTILITY_LEVEL, add_utility_level, check_level, level_to_sigma
+from aim.graph_passes.io import load_graph, save_onnx
+from aim.graph_passes.modulate import modulate_file
+from aim.graph_passes.redistribution import NOISE_FOCUS, NOISE_UTILITY, PREFIX, UTILITY
 from tests.conftest import tiny_classifier
 
 TABLE = np.array([40.0, 9.0, 5.0, 2.5, 1.0, 0.0], dtype=np.float32)  # levels 0, 0.2, ..., 1
@@ -85,7 +85,7 @@ def test_fp16_conversion_keeps_the_level_map_in_fp32(calibrated, tmp_path):
     import onnx
     import onnx_graphsurgeon as gs
 
-    from graph_passes.fp16 import convert_to_fp16
+    from aim.graph_passes.fp16 import convert_to_fp16
 
     graph, _ = calibrated
     table = np.array([1000.1, 3.3, 0.1, 0.0], dtype=np.float32)  # not representable in FP16

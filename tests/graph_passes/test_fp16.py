@@ -8,11 +8,11 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
 
-from engines.onnxruntime import OnnxRuntimeEngine
-from engines.verify import agreement, make_reference, model_inputs
-from exporter import Agreement
-from graph_passes.fp16 import convert_to_fp16, fp32_violations
-from graph_passes.redistribution import PREFIX
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.verify.checks import agreement, make_reference, model_inputs
+from aim.families import Agreement
+from aim.graph_passes.fp16 import convert_to_fp16, fp32_violations
+from aim.graph_passes.redistribution import PREFIX
 
 
 def io_types(m):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from errors import InvalidGraphError, InvalidInputError
-from graph_passes.io import load_graph, save_onnx
-from graph_passes.modulate import modulate_file
-from graph_passes.redistribution import (
+from aim.errors import InvalidGraphError, InvalidInputError
+from aim.graph_passes.io import load_graph, save_onnx
+from aim.graph_passes.modulate import modulate_file
+from aim.graph_passes.redistribution import (
     FOCUS,
     NOISE_FOCUS,
     NOISE_UTILITY,
@@ -293,7 +293,7 @@ def test_focused_classes_without_nonzero_or_topk(tmp_path):
     """The index compaction used instead of NonZero (absent in TensorRT for RTX) and TopK (K <= 3840)."""
     import onnx_graphsurgeon as gs
 
-    from graph_passes.redistribution import _GraphOps
+    from aim.graph_passes.redistribution import _GraphOps
 
     classes = 5000  # more than TensorRT's TopK limit
     graph = gs.Graph(opset=17)

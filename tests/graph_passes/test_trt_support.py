@@ -7,7 +7,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
 
-from graph_passes.trt_support import UnsupportedGraphError, check_tensorrt_support, load_table
+from aim.graph_passes.trt_support import UnsupportedGraphError, check_tensorrt_support, load_table
 
 
 def model(nodes, inputs, outputs, initializers=(), opset=17):
@@ -122,7 +122,7 @@ def test_amendments_hold_for_the_pinned_parser(tmp_path):
     """Each amendment to the published matrix (an op taking more types than it lists) is built by the
     real parser and builder of TensorRT for RTX, so a new pinned version that drops it fails here."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install -e '.[rtx]')")
-    from engines.tensorrt import build_engine
+    from aim.runtime.tensorrt import build_engine
 
     onnx_types = {"INT32": T.INT32, "INT64": T.INT64, "FP16": T.FLOAT16, "BOOL": T.BOOL}
     for amendment in load_table()["amendments"]:
@@ -172,7 +172,7 @@ def test_backend_differences_nonzero_and_nested_if():
 def test_backend_differences_hold_for_the_pinned_rtx(tmp_path):
     """The real TensorRT for RTX refuses both graphs, as its table entry says."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install -e '.[rtx]')")
-    from engines.tensorrt import EngineBuildError, build_engine
+    from aim.runtime.tensorrt import EngineBuildError, build_engine
 
     nonzero = model([h.make_node("NonZero", ["x"], ["nz"], name="nonzero")], [tensor("x", shape=("b", 8))], [tensor("nz", T.INT64, None)])
     for name, m, match in (("nonzero", nonzero, "NonZero"), ("nested", nested_if_model(), "could not build")):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from errors import InvalidGraphError
-from graph_passes.io import load_graph, save_onnx
-from graph_passes.upsample import PREFIX, upsample_logits, upsample_torch
+from aim.errors import InvalidGraphError
+from aim.graph_passes.io import load_graph, save_onnx
+from aim.graph_passes.upsample import PREFIX, upsample_logits, upsample_torch
 
 
 def segmenter(path, classes=4):

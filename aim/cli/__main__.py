@@ -1,0 +1,5 @@
+import sys
+
+from aim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""`make calibrate MODEL=x`: a utility level an owner can reason about, level -> sigma.
+
+Level L in [0, 1] targets the top-1 agreement with the clean model
+
+    A(L) = 1/C + max(L, FLOOR) * (1 - 1/C)
+
+so level 1 keeps every answer (sigma 0, the exact model) and level 0 is within FLOOR of chance
+(G only approaches 1/C as sigma grows, so exact chance needs an infinite sigma). The sigma of each
+level is G^-1(A(L)), G computed from the clean logits of unlabelled calibration inputs
+(evaluation.theory). The table is model-specific: sigma is in logit units.
+
+Writes calibration.json, modulated.calibrated.onnx (utility_level instead of utility, the table
+embedded by graph_passes.calibration) and engine.calibrated.onnxruntime.onnx into build/<model>/, and
+records the table, the calibration set and a measured check on held-out inputs in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from aim.runtime import onnxruntime as ort_engine
+from aim.layout import file_entry, read_manifest, write_manifest
+from aim.evaluation import metrics, theory
+from aim.evaluation.sweep import EngineData
+from aim.graph_passes.calibration import add_utility_level
+from aim.graph_passes.io import atomic_path, load_graph, save_onnx
+
+# 101 levels: linear interpolation in sigma between entries 0.01 apart keeps the agreement within
+# ~0.005 of its target between them, also near level 1 where G bends most.
+LEVELS = np.round(np.linspace(0.0, 1.0, 101), 4)
+FLOOR = 0.01
+FILES = {"calibration": "calibration.json", "calibrated": "modulated.calibrated.onnx", "calibrated_engine": "engine.calibrated.onnxruntime.onnx"}
+# Levels measured through the calibrated engine on held-out inputs after calibration.
+CHECK_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def targets(levels, num_classes: int) -> np.ndarray:
+    chance = 1.0 / num_classes
+    return chance + np.maximum(np.asarray(levels, dtype=float), FLOOR) * (1 - chance)
+
+
+def calibration_table(rows: np.ndarray, levels=LEVELS) -> dict:
+    """Level -> sigma from clean logits `rows` [N, C] (unlabelled). Non-increasing in the level."""
+    want = targets(levels, rows.shape[1])
+    sigmas, achieved = theory.invert_agreement(rows, want)
+    sigmas = np.minimum.accumulate(np.asarray(sigmas, dtype=np.float64))  # guard: non-increasing
+    sigmas[np.asarray(levels) >= 1] = 0.0
+    return {
+        "levels": [float(x) for x in levels],
+        "sigmas": [float(s) for s in sigmas],
+        "target_agreement": [float(x) for x in want],
+        "predicted_agreement": [float(x) for x in achieved],
+        "floor": FLOOR,
+        "rule": "target agreement = 1/C + max(level, floor) * (1 - 1/C); sigma = G^-1(target) on the calibration set",
+    }
+
+
+def _fingerprint(inputs: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(inputs):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(inputs[name]).tobytes())
+    return digest.hexdigest()
+
+
+def measure_levels(engine, split, batch: int, clean: np.ndarray, levels, repeats: int, target_fn) -> list[dict]:
+    """Measured agreement of a calibrated engine with `clean` predictions at each level."""
+
+    results = []
+    for level in levels:
+        rates = []
+        for _ in range(repeats):
+            out = []
+            for start in range(0, len(split), batch):
+                part = {k: v[start : start + batch] for k, v in split.inputs.items()}
+                out.append(engine.run(part, level=float(level)))
+            rates.append(metrics.agreement(np.argmax(np.concatenate(out), axis=1).reshape(-1), clean))
+        agree = float(np.mean(rates))
+        results.append({"level": float(level), "target": float(target_fn(level)), "measured": agree, "samples": int(clean.size) * repeats})
+    return results
+
+
+def calibrate(
+    model: str,
+    out_dir: str | os.PathLike = "build",
+    checkpoint: str | os.PathLike | None = None,
+    levels=LEVELS,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Calibrates build/<model>/ (trained and built first if needed); returns the manifest entry."""
+    import onnxruntime
+
+    from aim.evaluation.engine import eval_inputs, prepare_engine
+
+    started = time.perf_counter()
+    prepared = prepare_engine(model, out_dir, checkpoint, seed, log)
+    folder = Path(prepared.folder)
+    onnxruntime.set_seed(seed)
+    calib = eval_inputs(model, prepared, seed, split="calibration")
+    data = EngineData(prepared.engine, calib.split, calib.batch)
+    rows = data.rows(data.clean)
+    log(f"calibrating {model}: G(sigma) from {rows.shape[0]} unlabelled rows of the calibration split ({len(calib.split)} inputs), {rows.shape[1]} classes")
+    table = calibration_table(rows, levels)
+    for level, sigma, want, got in list(zip(table["levels"], table["sigmas"], table["target_agreement"], table["predicted_agreement"]))[::10]:
+        log(f"  level {level:4.2f} -> sigma {sigma:10.4f}   agreement target {want:.4f}, G {got:.4f}")
+
+    paths = {key: folder / name for key, name in FILES.items()}
+    graph = add_utility_level(load_graph(folder / read_manifest(folder)["artifacts"]["modulated"]["path"]), table["sigmas"])
+    save_onnx(graph, paths["calibrated"])
+    ort_engine.build(paths["calibrated"], paths["calibrated_engine"])
+    log(f"  wrote {paths['calibrated'].name} and {paths['calibrated_engine'].name} (input utility_level [B] in [0, 1])")
+
+    # A check on held-out inputs: the test split, never seen by the calibration.
+    test = eval_inputs(model, prepared, seed, split="test")
+    test_data = EngineData(prepared.engine, test.split, test.batch)
+    clean = test_data.predictions(test_data.clean)
+    engine = ort_engine.OnnxRuntimeEngine(paths["calibrated_engine"])
+    C = rows.shape[1]
+    check = measure_levels(engine, test.split, test.batch, clean, CHECK_LEVELS, test.repeats, lambda L: targets([L], C)[0])
+    for item in check:
+        log(f"  check on the test split: level {item['level']:.2f} agreement {item['measured']:.4f} (target {item['target']:.4f}, {item['samples']} samples)")
+
+    entry = {
+        **table,
+        "num_classes": C,
+        "calibration_set": {
+            "family_data": model,
+            "split": "calibration",
+            "inputs": len(calib.split),
+            "rows": int(rows.shape[0]),
+            "seed": seed,
+            "sha256": _fingerprint(calib.split.inputs),
+            "labels_used": False,
+        },
+        "check": {"split": "test", "inputs": len(test.split), "levels": check},
+        "input": "utility_level FP32 [batch] in [0, 1]: 1 = the exact model, 0 = chance; NaN counts as 1",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    with atomic_path(paths["calibration"]) as tmp:
+        tmp.write_text(json.dumps(entry, indent=2) + "\n")
+    manifest = read_manifest(folder)
+    manifest["calibration"] = {**entry, "files": {key: path.name for key, path in paths.items()}}
+    for key, path in paths.items():
+        manifest["artifacts"][key] = file_entry(path, folder)
+    write_manifest(manifest, folder)
+    return entry
+
+
+def report(entry: dict) -> str:
+    lines = [f"calibration ({entry['calibration_set']['rows']} unlabelled rows, {entry['num_classes']} classes): level -> sigma"]
+    for level, sigma, want in list(zip(entry["levels"], entry["sigmas"], entry["target_agreement"]))[::10]:
+        lines.append(f"  {level:4.2f} -> {sigma:10.4f}  (agreement {want:.4f})")
+    for item in entry["check"]["levels"]:
+        lines.append(f"  measured on held-out inputs at level {item['level']:.2f}: {item['measured']:.4f} (target {item['target']:.4f})")
+    return "\n".join(lines)
+
+
