@@ -1,31 +1,305 @@
-"""The manifest: what was built, from what, with which packages, and how it was verified."""
+"""The build folder: its file names, and the manifest that describes it.
+
+`Manifest` is the only code that reads or writes manifest.json. The file carries a schema number;
+a folder written by another schema is refused with a message that says to rebuild it.
+
+    build/<model>/
+      exported.onnx             torch.onnx's trace (or the user's own ONNX)
+      bare.onnx                 the deployable model without modulation (logits resized, if asked)
+      modulated.onnx            production flavour: inputs utility, focus; noise drawn in the graph
+      modulated.verify.onnx     verification flavour: the noise tensors are inputs too
+      engine.<backend>...       the engine (ONNX Runtime's optimised model, or TensorRT plans)
+      reference.npz             inputs, knobs, noise and the reference outputs verified against
+      tokenizer/                text generation: the tokenizer generation decodes with
+      manifest.json
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import platform
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import onnx
+from aim.errors import AimError
+from aim.files import atomic_path, sha256
+from aim.specs import Agreement, Check, DimRange, Tolerance
 
-from aim.graph_passes.io import atomic_path
-
-PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "optimum", "numpy", "scipy")
+SCHEMA = 2  # bumped when the manifest's structure changes; older folders are refused (rebuild)
 MANIFEST = "manifest.json"
+REFERENCE = "reference.npz"
+TOKENIZER_DIR = "tokenizer"
+EVAL_DIR = "eval"
+FILES = {
+    "exported": "exported.onnx",  # torch.onnx's output, untouched
+    "bare": "bare.onnx",  # the deployable model without modulation (logits resized, if the task asks)
+    "modulated": "modulated.onnx",  # production flavour: in-graph noise
+    "verification": "modulated.verify.onnx",  # the noise as inputs, for element-wise comparison
+    "engine": "engine.onnxruntime.onnx",  # ONNX Runtime's optimised model
+}
+CALIBRATION_FILES = {
+    "calibration": "calibration.json",
+    "calibrated": "modulated.calibrated.onnx",
+    "calibrated_engine": "engine.calibrated.onnxruntime.onnx",
+}
+# Which graph each engine runs (artifact keys): the bare model, the verification flavour, production.
+ROLES = {"bare": "bare", "verification": "verification", "production": "modulated"}
+PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "optimum", "numpy", "scipy")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def engine_files(backend: str) -> dict[str, str]:
+    """Engine artifacts of a backend: ONNX Runtime has one (the graphs run as they are); TensorRT has a
+    plan per graph, since the differential checks run the bare and verification graphs as engines too."""
+    if backend == "onnxruntime":
+        return {"engine": FILES["engine"]}
+    return {"engine": f"engine.{backend}.plan", "engine.bare": f"bare.{backend}.plan", "engine.verification": f"modulated.verify.{backend}.plan"}
 
 
-def file_entry(path: Path, root: Path) -> dict:
-    return {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256(path)}
+class ManifestError(AimError):
+    """manifest.json is missing, unreadable or of another schema."""
+
+
+@dataclass
+class Tensor:
+    name: str
+    dtype: str  # numpy's name: float32, int64, ...
+    dims: list  # ints (static) or names (dynamic); None where unknown
+
+
+@dataclass
+class GraphIO:
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "GraphIO":
+        """Inputs and outputs of an ONNX file: name, element type, dims (ints or symbolic names).
+        Reads the graph only, never external weights."""
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        initializers = {init.name for init in graph.initializer}
+
+        def describe(value):
+            tensor = value.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+            return Tensor(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, dims)
+
+        return cls([describe(v) for v in graph.input if v.name not in initializers], [describe(v) for v in graph.output])
+
+    def input(self, name: str) -> Tensor | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def signature(self) -> dict:
+        """{"inputs"|"outputs": {name: (dtype, dims)}}: for comparing two graphs' IO."""
+        return {key: {t.name: (t.dtype, list(t.dims)) for t in getattr(self, key)} for key in ("inputs", "outputs")}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GraphIO":
+        return cls([Tensor(**t) for t in data["inputs"]], [Tensor(**t) for t in data["outputs"]])
+
+
+@dataclass
+class Artifact:
+    path: str  # relative to the build folder
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path, root: Path) -> "Artifact":
+        return cls(str(path.relative_to(root)), path.stat().st_size, sha256(path))
+
+
+@dataclass
+class Source:
+    checkpoint: str | None  # absolute path of the checkpoint folder; None for random weights
+    seed: int
+    parameters: int
+
+
+@dataclass
+class Modulation:
+    logits: str
+    class_axis: int
+    num_classes: int
+    upsampled_to: str | None
+    formula: str
+    utility: str
+    focus: str
+    fp32_nodes: str
+
+
+@dataclass
+class EngineRun:
+    ran: bool
+    reason: str = ""
+
+
+@dataclass
+class Verification:
+    passed: bool
+    runner: str  # the backend that ran the checks
+    engine_run: EngineRun
+    shapes: dict
+    tolerance: Tolerance
+    reduced_precision: Agreement | None
+    checks: list[Check]
+    seed: int = 0
+    verified: str | None = None  # when `aim verify` last re-ran the checks
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Verification":
+        reduced = data.get("reduced_precision")
+        return cls(
+            passed=data["passed"],
+            runner=data["runner"],
+            engine_run=EngineRun(**data["engine_run"]),
+            shapes=data["shapes"],
+            tolerance=Tolerance(**data["tolerance"]),
+            reduced_precision=Agreement(**reduced) if reduced else None,
+            checks=[Check(**c) for c in data["checks"]],
+            seed=data.get("seed", 0),
+            verified=data.get("verified"),
+        )
+
+    def failed(self) -> list[str]:
+        return [check.name for check in self.checks if not check.passed]
+
+
+@dataclass
+class Manifest:
+    """What was built, from what, with which packages, and how it was verified."""
+
+    model: str
+    task: str
+    created: str
+    source: Source
+    backend: str
+    precision: str
+    engine: str  # the production engine's file
+    graphs: dict[str, str]  # role (bare, verification, production) -> artifact key of the graph it runs
+    modulation: Modulation
+    tokenizer: str | None  # text generation: the folder generation decodes with
+    graph: GraphIO  # the production engine's inputs and outputs
+    verification_graph: GraphIO
+    dynamic_dims: dict[str, DimRange]
+    # min/opt/max shape of every production input: TensorRT's optimization profile (enforced by
+    # TensorRT engines and their runner; for ONNX Runtime the range the build was made for).
+    profile: dict[str, dict[str, list[int]]]
+    tensorrt: dict | None  # per plan: size, build time, version, profile
+    compatibility: dict  # per graph: the TensorRT operator check's findings
+    verification: Verification
+    artifacts: dict[str, Artifact]
+    timings_s: dict[str, float]
+    versions: dict[str, str]
+    calibration: dict | None = None
+    schema: int = SCHEMA
+    folder: Path | None = field(default=None, compare=False)  # where it was read from or written to
+
+    # -- files
+
+    def path(self, key: str) -> Path:
+        """Absolute path of an artifact by key."""
+        return self._root() / self.artifacts[key].path
+
+    def graph_path(self, role: str) -> Path:
+        """The graph a role's engine runs: bare, verification or production."""
+        return self.path(self.graphs[role])
+
+    def engine_path(self) -> Path:
+        return self._root() / self.engine
+
+    def record(self, key: str, path: Path) -> None:
+        """Adds (or refreshes) an artifact entry for a file inside the build folder."""
+        self.artifacts[key] = Artifact.of(path, self._root())
+
+    def changed_artifacts(self) -> list[str]:
+        """Artifacts that are missing or whose bytes differ from the build's sha256."""
+        changed = []
+        for key, entry in self.artifacts.items():
+            path = self._root() / entry.path
+            if not path.is_file() or path.stat().st_size != entry.bytes or sha256(path) != entry.sha256:
+                changed.append(entry.path)
+        return changed
+
+    def check_artifacts(self) -> None:
+        changed = self.changed_artifacts()
+        if changed:
+            raise ManifestError(
+                f"{', '.join(changed)} in {self._root()} {'is' if len(changed) == 1 else 'are'} missing or changed since the "
+                f"build (sha256 differs from the manifest): rebuild with `make engine`"
+            )
+
+    def _root(self) -> Path:
+        if self.folder is None:
+            raise ValueError("the manifest has no folder yet: save() or load() it first")
+        return self.folder
+
+    # -- JSON
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("folder")
+        return {"schema": data.pop("schema"), **data}
+
+    @classmethod
+    def from_dict(cls, data: dict, folder: Path | None = None) -> "Manifest":
+        return cls(
+            model=data["model"],
+            task=data["task"],
+            created=data["created"],
+            source=Source(**data["source"]),
+            backend=data["backend"],
+            precision=data["precision"],
+            engine=data["engine"],
+            graphs=data["graphs"],
+            modulation=Modulation(**data["modulation"]),
+            tokenizer=data.get("tokenizer"),
+            graph=GraphIO.from_dict(data["graph"]),
+            verification_graph=GraphIO.from_dict(data["verification_graph"]),
+            dynamic_dims={name: DimRange(**r) for name, r in data["dynamic_dims"].items()},
+            profile=data["profile"],
+            tensorrt=data.get("tensorrt"),
+            compatibility=data.get("compatibility", {}),
+            verification=Verification.from_dict(data["verification"]),
+            artifacts={key: Artifact(**a) for key, a in data["artifacts"].items()},
+            timings_s=data.get("timings_s", {}),
+            versions=data.get("versions", {}),
+            calibration=data.get("calibration"),
+            schema=data["schema"],
+            folder=folder,
+        )
+
+    def save(self, folder: str | os.PathLike | None = None) -> Path:
+        if folder is not None:
+            self.folder = Path(folder)
+        path = self._root() / MANIFEST
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Manifest":
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise ManifestError(f"{folder}: no build there (no {MANIFEST}). Build one first: `make engine MODEL=...`")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ManifestError(f"{path} is not readable JSON ({error}): rebuild the folder with `make engine`") from None
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            found = data.get("schema", "none") if isinstance(data, dict) else "none"
+            raise ManifestError(
+                f"{path} was written by another version of this tool (manifest schema {found}, this one reads "
+                f"{SCHEMA}): rebuild the folder with `make engine`"
+            )
+        try:
+            return cls.from_dict(data, folder)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ManifestError(f"{path} is incomplete or malformed ({type(error).__name__}: {error}): rebuild the folder with `make engine`") from None
 
 
 def package_versions() -> dict[str, str]:
@@ -36,33 +310,3 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def graph_io(path: Path) -> dict:
-    """Inputs and outputs of an ONNX file: name, element type, dims (ints or symbolic names)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {init.name for init in graph.initializer}
-
-    def describe(value):
-        tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-        return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "dims": dims}
-
-    return {
-        "inputs": [describe(v) for v in graph.input if v.name not in initializers],
-        "outputs": [describe(v) for v in graph.output],
-    }
-
-
-def write_manifest(manifest: dict, folder: Path) -> Path:
-    path = folder / MANIFEST
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    return path
-
-
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: build the engine first (`make engine MODEL=...`)")
-    return json.loads(path.read_text())

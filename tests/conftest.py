@@ -8,37 +8,63 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper
 
-import aim.families as exporter
+from aim.contract import LOGITS
+from aim.families import Family, get_family, list_families
 from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.modulate import deployment_graphs
+from aim.pipeline import steps
+from aim.tasks import Task, get_task
 
-FAMILIES = exporter.list_models()
+FAMILIES = list_families()
 
 
 @dataclass
 class Exported:
-    config: exporter.ExportConfig
-    model: torch.nn.Module
+    """A family's tiny model (random weights, seed 0) and its graphs on disk."""
+
+    family: Family
+    task: Task
+    model: object
     folder: Path
+
+    @property
+    def name(self) -> str:
+        return self.family.name
 
     def path(self, kind: str) -> Path:
         return self.folder / f"{kind}.onnx"
+
+    def inputs(self, seed: int = 0, **sizes: int) -> dict:
+        """Example inputs (torch tensors) at the family's opt sizes, overridden by `sizes`."""
+        return self.task.example_inputs(self.model, self.family.sizes(**sizes), seed)
+
+    def reference(self, seed: int = 0):
+        """What `make engine` verifies against (verify.reference.Reference), for this model."""
+        loaded = steps.Loaded(self.model, self.task.tokenizer(self.model, None), self.task.num_classes(self.model), 0, None)
+        return steps.reference(self.family, self.task, loaded, seed)
+
+    def logits(self, inputs: dict, model=None):
+        """PyTorch's logits as the deployed graph computes them (upsampled where the task asks)."""
+        return self.task.reference_logits(self.model if model is None else model, inputs)
+
+
+def load(name: str, checkpoint=None, seed: int = 0):
+    """(family, task, model) of a family: a checkpoint folder, or random weights from its tiny config."""
+    family = get_family(name)
+    task = get_task(family.task)
+    return family, task, steps.load(family, task, checkpoint, seed).model
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
 def family(request, tmp_path_factory) -> Exported:
     """A family's tiny model exported, with bare (upsampled if needed), production and verification ONNX."""
-    config = exporter.get_config(request.param)
-    model = exporter.load_model(config, seed=0)
-    folder = tmp_path_factory.mktemp(config.name)
-    exported = Exported(config, model, folder)
-    exporter.export_onnx(config, model, exported.path("exported"))
-    graphs = deployment_graphs(
-        load_onnx(exported.path("exported")), config.logits.name, config.class_axis, config.upsample_logits_to
-    )
+    spec, task, model = load(request.param)
+    folder = tmp_path_factory.mktemp(spec.name)
+    exported = Exported(spec, task, model, folder)
+    steps.export(spec, task, model, exported.path("exported"))
+    graphs = deployment_graphs(load_onnx(exported.path("exported")), LOGITS, task.class_axis, task.upsample_logits_to)
     for kind, graph in graphs.items():
         save_onnx(graph, exported.path(kind))
     return exported

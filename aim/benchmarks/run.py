@@ -5,7 +5,8 @@ P1b  latency(modulated, utility > 0) / latency(bare)          (also with focus o
 P2   cost of the subgraph over the logits tensor (utility > 0, focus on one class) / one
      RandomNormalLike over it; cost = latency(graph) - latency(the same logits, unmodulated)
 P3   throughput(engine) / throughput(PyTorch eager + torch.normal noise on the host), same batch
-P4   wall time of `make engine MODEL=segformer` after set-up (python -m cli engine), cold and warm
+P4   wall time of `make engine` (python -m aim.cli engine) after set-up, cold and warm, for the family
+     whose benchmark asks for it (SegFormer)
 Memory: peak RSS of a process running the bare vs the modulated engine; engine bytes the subgraph adds.
 Every modulated engine benchmarked here also passes the exact-identity and statistical checks.
 """
@@ -23,12 +24,14 @@ from typing import Callable
 
 import numpy as np
 
-from aim.benchmarks.models import REALISTIC, BenchModel, tiny
+from aim.benchmarks.models import BenchModel, realistic, tiny
 from aim.benchmarks.timing import measure, ratio
+from aim.families import get_family
+from aim.verify.reference import DIFFERENTIAL_FOCUS
+from aim.verify.statistics import SIGMA
 
 THREADS = 2  # ONNX Runtime intra-op threads and torch threads: the machine's cores
-SIGMA = 2.0  # utility of the degraded tier
-FOCUS_STRENGTH = 4.0
+FOCUS_STRENGTH = DIFFERENTIAL_FOCUS  # SIGMA, the degraded tier's utility, is the statistical checks' too
 TARGETS = {  # (comparison, bound); P1b's bound depends on the family
     "P1a": ("<=", 1.02),
     "P1b": ("<=", {"resnet": 1.03, "llama": 1.03, "segformer": 2.0}),
@@ -67,36 +70,39 @@ def _judge(key: str, value: float, family: str | None = None) -> dict:
 
 def build_engines(bench: BenchModel, folder: Path, log: Callable[[str], None]):
     """Model (random weights), exported ONNX, bare and modulated (production) ONNX Runtime engines."""
-    import torch
-
-    from aim.runtime import onnxruntime as ort_engine
-    from aim.families import export_onnx, get_config
+    from aim.contract import LOGITS
+    from aim.export.torch_export import random_model
+    from aim.families import get_family
     from aim.graph_passes.io import load_onnx, save_onnx
     from aim.graph_passes.modulate import deployment_graphs
+    from aim.pipeline import steps
+    from aim.runtime import onnxruntime as ort_engine
+    from aim.tasks import get_task
 
-    config = get_config(bench.family)
-    torch.manual_seed(0)
-    model = bench.build().eval()
+    family = get_family(bench.family)
+    task = get_task(family.task)
+    model = random_model(bench.build, seed=0)
     log(f"  {bench.family}: {bench.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; exporting")
-    exported = export_onnx(config, model, folder / "exported.onnx")
-    graphs = deployment_graphs(load_onnx(exported), config.logits.name, config.class_axis, config.upsample_logits_to)
+    exported = steps.export(family, task, model, folder / "exported.onnx")
+    graphs = deployment_graphs(load_onnx(exported), LOGITS, task.class_axis, task.upsample_logits_to)
     paths = {}
     for key in ("bare", "production"):
         source = save_onnx(graphs[key], folder / f"{key}.onnx")
         paths[key] = ort_engine.build(source, folder / f"{key}.engine.onnx", threads=THREADS)
-    return config, model, paths
+    return task, model, paths
 
 
 def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = print) -> dict:
     import torch
 
-    from aim.verify.checks import pytorch_logits, statistical_checks, tile_batch
-    from aim.graph_passes.redistribution import FOCUS, UTILITY, check_modulation
+    from aim.contract import FOCUS, LOGITS, UTILITY, check_modulation
+    from aim.verify.reference import tile_batch
+    from aim.verify.statistics import statistical_checks
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(THREADS)
-    config, model, paths = build_engines(bench, folder, log)
-    inputs_t = config.make_inputs(model, config.sizes(**bench.sizes), torch.Generator().manual_seed(0))
+    task, model, paths = build_engines(bench, folder, log)
+    inputs_t = task.example_inputs(model, bench.sizes)
     inputs = {name: tensor.numpy() for name, tensor in inputs_t.items()}
     bare, modulated = _engine(paths["bare"]), _engine(paths["production"])
     batch, classes = next(iter(inputs.values())).shape[0], modulated.num_classes
@@ -111,7 +117,7 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
 
     def eager(noise: bool):
         with torch.no_grad():
-            logits = pytorch_logits(config, model, inputs_t)
+            logits = task.reference_logits(model, inputs_t)
             if noise:  # the reference code: host noise from torch.normal on the (upsampled) logits
                 logits = logits + torch.normal(0.0, SIGMA, size=logits.shape)
         return logits
@@ -141,9 +147,9 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     }
 
     logits = bare.session.run(None, inputs)[0]
-    tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, config.logits.name)
+    tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, LOGITS)
     log(f"  {bench.family}: statistical and exact-identity checks on the benchmarked engine")
-    checks = statistical_checks(modulated, tile_batch(inputs, 2), bare.run(tile_batch(inputs, 2)), config.class_axis)
+    checks = statistical_checks(modulated, tile_batch(inputs, 2), bare.run(tile_batch(inputs, 2)), task.class_axis)
     memory = peak_memory(paths, feeds["noisy"], inputs, folder)
     sizes = {key: path.stat().st_size for key, path in paths.items()}
     result = {
@@ -212,8 +218,9 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
     import onnx
     from onnx import TensorProto, helper
 
+    from aim.contract import FOCUS, NOISE_METHODS, UTILITY
     from aim.graph_passes.io import load_graph, save_onnx
-    from aim.graph_passes.redistribution import FOCUS, NOISE_METHODS, UTILITY, add_redistribution
+    from aim.graph_passes.redistribution import add_redistribution
 
     folder.mkdir(parents=True, exist_ok=True)
     dims = ["batch", *shape[1:]]
@@ -284,7 +291,7 @@ def run(models: list[str], out: Path, quick: bool = False, make_engine: bool = T
         "noise": {},
     }
     for name in models:
-        bench = tiny(name) if quick else REALISTIC[name]
+        bench = tiny(name) if quick else realistic(name)
         log(f"[{name}] {bench.shape}")
         with tempfile.TemporaryDirectory(dir=out) as work:
             result = bench_family(bench, Path(work), log)
@@ -293,8 +300,9 @@ def run(models: list[str], out: Path, quick: bool = False, make_engine: bool = T
             big = int(np.prod(shape)) > 1_000_000
             log(f"  {name}: P2 over a logits tensor of shape {shape}")
             results["noise"][name] = bench_noise(shape, _class_axis(name), Path(work) / "noise", bench.repeats if big else 50)
-    if make_engine and not quick:
-        results["P4"] = bench_make_engine("segformer", log)
+    timed = [name for name in models if get_family(name).benchmark.time_make_engine]
+    if make_engine and not quick and timed:
+        results["P4"] = bench_make_engine(timed[0], log)
     path = out / ("bench.quick.json" if quick else "bench.json")
     path.write_text(json.dumps(results, indent=2))
     log(table(results))
@@ -303,9 +311,9 @@ def run(models: list[str], out: Path, quick: bool = False, make_engine: bool = T
 
 
 def _class_axis(family: str) -> int:
-    from aim.families import get_config
+    from aim.tasks import get_task
 
-    return get_config(family).class_axis
+    return get_task(get_family(family).task).class_axis
 
 
 def table(results: dict) -> str:

@@ -25,18 +25,19 @@ from typing import Callable
 
 import numpy as np
 
-from aim.runtime import onnxruntime as ort_engine
-from aim.layout import file_entry, read_manifest, write_manifest
-from aim.evaluation import metrics, theory
+from aim.evaluation import theory
 from aim.evaluation.sweep import EngineData
+from aim.files import atomic_path
 from aim.graph_passes.calibration import add_utility_level
-from aim.graph_passes.io import atomic_path, load_graph, save_onnx
+from aim.graph_passes.io import load_graph, save_onnx
+from aim.layout import CALIBRATION_FILES, Manifest
+from aim.runtime import onnxruntime as ort_engine
+from aim.tasks import metrics
 
 # 101 levels: linear interpolation in sigma between entries 0.01 apart keeps the agreement within
 # ~0.005 of its target between them, also near level 1 where G bends most.
 LEVELS = np.round(np.linspace(0.0, 1.0, 101), 4)
 FLOOR = 0.01
-FILES = {"calibration": "calibration.json", "calibrated": "modulated.calibrated.onnx", "calibrated_engine": "engine.calibrated.onnxruntime.onnx"}
 # Levels measured through the calibrated engine on held-out inputs after calibration.
 CHECK_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -101,10 +102,10 @@ def calibrate(
     from aim.evaluation.engine import eval_inputs, prepare_engine
 
     started = time.perf_counter()
+    onnxruntime.set_seed(seed)  # before the engines' sessions exist: it seeds only sessions made after it
     prepared = prepare_engine(model, out_dir, checkpoint, seed, log)
     folder = Path(prepared.folder)
-    onnxruntime.set_seed(seed)
-    calib = eval_inputs(model, prepared, seed, split="calibration")
+    calib = eval_inputs(prepared, seed, split="calibration")
     data = EngineData(prepared.engine, calib.split, calib.batch)
     rows = data.rows(data.clean)
     log(f"calibrating {model}: G(sigma) from {rows.shape[0]} unlabelled rows of the calibration split ({len(calib.split)} inputs), {rows.shape[1]} classes")
@@ -112,14 +113,15 @@ def calibrate(
     for level, sigma, want, got in list(zip(table["levels"], table["sigmas"], table["target_agreement"], table["predicted_agreement"]))[::10]:
         log(f"  level {level:4.2f} -> sigma {sigma:10.4f}   agreement target {want:.4f}, G {got:.4f}")
 
-    paths = {key: folder / name for key, name in FILES.items()}
-    graph = add_utility_level(load_graph(folder / read_manifest(folder)["artifacts"]["modulated"]["path"]), table["sigmas"])
+    manifest = Manifest.load(folder)
+    paths = {key: folder / name for key, name in CALIBRATION_FILES.items()}
+    graph = add_utility_level(load_graph(manifest.path("modulated")), table["sigmas"])
     save_onnx(graph, paths["calibrated"])
     ort_engine.build(paths["calibrated"], paths["calibrated_engine"])
     log(f"  wrote {paths['calibrated'].name} and {paths['calibrated_engine'].name} (input utility_level [B] in [0, 1])")
 
     # A check on held-out inputs: the test split, never seen by the calibration.
-    test = eval_inputs(model, prepared, seed, split="test")
+    test = eval_inputs(prepared, seed, split="test")
     test_data = EngineData(prepared.engine, test.split, test.batch)
     clean = test_data.predictions(test_data.clean)
     engine = ort_engine.OnnxRuntimeEngine(paths["calibrated_engine"])
@@ -146,11 +148,10 @@ def calibrate(
     }
     with atomic_path(paths["calibration"]) as tmp:
         tmp.write_text(json.dumps(entry, indent=2) + "\n")
-    manifest = read_manifest(folder)
-    manifest["calibration"] = {**entry, "files": {key: path.name for key, path in paths.items()}}
+    manifest.calibration = {**entry, "files": {key: path.name for key, path in paths.items()}}
     for key, path in paths.items():
-        manifest["artifacts"][key] = file_entry(path, folder)
-    write_manifest(manifest, folder)
+        manifest.record(key, path)
+    manifest.save()
     return entry
 
 

@@ -28,13 +28,16 @@ from typing import Callable
 
 import numpy as np
 
-from aim.evaluation import metrics, theory
-from aim.evaluation.datasets import Split
+from aim.errors import AimError
+from aim.evaluation import theory
+from aim.files import atomic_path
+from aim.layout import EVAL_DIR
+from aim.tasks import metrics
+from aim.tasks.datasets import Split
 
 # The reference code's grids (SPEC section 1).
 UTILITY_GRID = {"classification": np.round(np.arange(0, 20.0001, 0.2), 4), "language": np.round(np.arange(0, 2.0001, 0.1), 4)}
 FOCUS_GRID = np.round(np.arange(0, 20.0001, 0.5), 4)
-EVAL_DIR = "eval"
 CSV_FIELDS = ("sweep", "strength", "quantity", "measured", "predicted", "samples", "standard_error")
 
 
@@ -168,8 +171,6 @@ def focus_classes(data: EngineData) -> tuple[int, int]:
 
 
 def write_csv(points: list[Point], path: Path) -> Path:
-    from aim.graph_passes.io import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
@@ -212,8 +213,6 @@ def plot(points: list[Point], folder: Path, title: str, chance: float | None = N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from aim.graph_passes.io import atomic_path
 
     written = []
     groups = {"utility": ["utility"], "focus": ["boost", "suppress"]}
@@ -266,14 +265,17 @@ def evaluate(
     from aim.evaluation.engine import eval_inputs, prepare_engine
 
     started = time.perf_counter()
+    if repeats is not None and repeats < 1:
+        raise AimError(f"--repeats must be at least 1, got {repeats}")
+    onnxruntime.set_seed(seed)  # before the engine's session exists: it seeds only sessions made after it
     prepared = prepare_engine(model, out_dir, checkpoint, seed, log)
-    onnxruntime.set_seed(seed)
-    setup = eval_inputs(model, prepared, seed)
+    task = prepared.task
+    setup = eval_inputs(prepared, seed)
     # Labels are the model's classes only for the family's own trained model (it has training.json).
     data = EngineData(prepared.engine, setup.split, setup.batch, labelled=prepared.training is not None)
     if not data.labelled:
         log("  foreign checkpoint: the data's labels are not its classes; measuring label-free quantities only")
-    kind = "language" if setup.language else "classification"
+    kind = task.utility_grid
     utility_grid = UTILITY_GRID[kind] if utility_grid is None else np.asarray(utility_grid)
     focus_grid = FOCUS_GRID if focus_grid is None else np.asarray(focus_grid)
     repeats = setup.repeats if repeats is None else repeats
@@ -281,7 +283,7 @@ def evaluate(
     log(f"evaluating {model}: {len(setup.split)} test inputs ({clean.size} rows), {data.num_classes} classes, {repeats} repeat(s) per point")
     if data.labelled:
         log(f"  clean engine: accuracy {metrics.accuracy(clean, data.labels):.4f}")
-    points = utility_sweep(data, utility_grid, repeats, log, segmentation=setup.segmentation)
+    points = utility_sweep(data, utility_grid, repeats, log, segmentation=task.segmentation)
     default_boost, default_suppress = focus_classes(data)
     boost = default_boost if boost is None else boost
     suppress = default_suppress if suppress is None else suppress
@@ -302,7 +304,7 @@ def evaluate(
         "num_classes": data.num_classes,
         "clean": {} if not data.labelled else {
             "accuracy": metrics.accuracy(clean, data.labels),
-            **({"mIoU": metrics.mean_iou(clean, data.labels, data.num_classes)} if setup.segmentation else {}),
+            **({"mIoU": metrics.mean_iou(clean, data.labels, data.num_classes)} if task.segmentation else {}),
         },
         "training": prepared.training,
         "boost_class": boost,

@@ -1,83 +1,86 @@
-"""Build or load a model of a registered family and trace it to ONNX with torch.onnx."""
+"""Models in, ONNX out: load a local checkpoint or build random weights, and trace with torch.onnx.
+
+Nothing here knows a family or a task: callers pass the module to trace, its example inputs and the
+names and dynamic axes of its inputs and outputs.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from pathlib import Path
-
-import torch
+from typing import Callable, ContextManager
 
 from aim.errors import CheckpointError
-from aim.families.base import ExportConfig
-from aim.graph_passes.io import atomic_path
+from aim.files import atomic_path
+from aim.specs import TensorSpec
 
 
-def load_model(config: ExportConfig, checkpoint: str | os.PathLike | None = None, seed: int = 0):
-    """The family's model in eval mode: random weights from its tiny config (seeded), or a local
-    `save_pretrained` folder. Nothing is downloaded."""
-    if checkpoint is None:
-        torch.manual_seed(seed)
-        return config.build_tiny().eval()
-    folder = Path(checkpoint)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"{folder} is not a checkpoint folder: it has no config.json. "
-            f"Pass a folder written by `model.save_pretrained(DIR)`."
-        )
-    expected = config.model_class.config_class.model_type
-    found = json.loads((folder / "config.json").read_text()).get("model_type")
-    if found != expected:
-        raise CheckpointError(
-            f"{folder} holds a {found!r} model, but MODEL={config.name} expects {expected!r}. "
-            f"Pick the model family that matches the checkpoint."
-        )
+def checkpoint_config(folder: str | os.PathLike) -> dict:
+    """config.json of a `save_pretrained` folder, or a clear error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder. Pass a folder written by `model.save_pretrained(DIR)`.")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a checkpoint folder: it has no config.json. Pass a folder written by `model.save_pretrained(DIR)`.")
     try:
-        return config.model_class.from_pretrained(folder, local_files_only=True).eval()
-    except (OSError, ValueError) as error:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not readable JSON ({error}): save the checkpoint again") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds no JSON object: save the checkpoint again")
+    return config
+
+
+def load_checkpoint(model_class, folder: str | os.PathLike):
+    """`model_class.from_pretrained(folder)` in eval mode, offline; load errors become CheckpointError."""
+    try:
+        return model_class.from_pretrained(str(folder), local_files_only=True).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"could not load the checkpoint in {folder}: {error}") from error
 
 
-def example_inputs(config: ExportConfig, model, seed: int = 0, **sizes: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return config.make_inputs(model, config.sizes(**sizes), generator)
+def random_model(build: Callable[[], object], seed: int = 0):
+    """A model with random weights from `build()`, seeded, in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build().eval()
 
 
-def export_onnx(config: ExportConfig, model, path: str | os.PathLike) -> Path:
-    """Trace `model` to ONNX at `path` with every dynamic dim of the config left symbolic.
+def export_onnx(
+    module,
+    inputs: dict,
+    input_specs: tuple[TensorSpec, ...],
+    output_specs: tuple[TensorSpec, ...],
+    path: str | os.PathLike,
+    opset: int = 17,
+    context: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> Path:
+    """Traces `module` (positional inputs in the order of `input_specs`) to ONNX at `path`, every named
+    dim left symbolic, written to a temporary name and renamed.
 
     The legacy TorchScript exporter is used: it is several times faster than dynamo for these models
-    and gives the dynamic axes by name. The file is written to a temporary name and renamed.
+    and gives the dynamic axes by name.
     """
+    import torch
+
     path = Path(path)
-    module = config.wrap(model).eval()
-    inputs = example_inputs(config, model, **config.verify_sizes)
-    input_specs, output_specs = config.input_specs(model), config.output_specs(model)
     names = [spec.name for spec in input_specs]
     dynamic_axes = {spec.name: spec.dynamic_axes for spec in (*input_specs, *output_specs)}
-    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), config.export_context():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), context():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(
-            module,
+            module.eval(),
             tuple(inputs[name] for name in names),
             str(tmp),
             input_names=names,
             output_names=[spec.name for spec in output_specs],
             dynamic_axes=dynamic_axes,
-            opset_version=config.opset,
+            opset_version=opset,
             dynamo=False,
         )
     return path
-
-
-def reference_logits(config: ExportConfig, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The PyTorch model's logits for `inputs`, as the exported graph computes them."""
-    outputs = reference_outputs(config, model, inputs)
-    return outputs[0] if isinstance(outputs, tuple) else outputs
-
-
-def reference_outputs(config: ExportConfig, model, inputs: dict[str, torch.Tensor]):
-    """Every output of the wrapped PyTorch model (the logits first; a tuple if there are several)."""
-    with torch.no_grad():
-        return config.wrap(model).eval()(*(inputs[spec.name] for spec in config.input_specs(model)))

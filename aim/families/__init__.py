@@ -1,20 +1,121 @@
-"""Model families and their export to ONNX. Importing this package registers every family."""
+"""Model families: one small registered record per architecture, everything the project knows of it.
 
-from aim.families import llama, resnet, segformer  # noqa: F401  (registration)
-from aim.families.base import Agreement, DimRange, ExportConfig, TensorSpec, Tolerance, get_config, list_models, register
-from aim.export.torch_export import example_inputs, export_onnx, load_model, reference_logits
+A family says which transformers class it is, which task it serves (by the task's name: families
+never import tasks), the tiny random-weight config `make engine` builds without a checkpoint, the
+ranges of its dynamic dims, its tolerances, and the sizes it is trained and benchmarked at. Adding a
+family is adding one module here that calls `register(...)`; nothing outside this package names one.
+transformers is imported only when a model is built.
+"""
 
-__all__ = [
-    "Agreement",
-    "DimRange",
-    "ExportConfig",
-    "TensorSpec",
-    "Tolerance",
-    "example_inputs",
-    "export_onnx",
-    "get_config",
-    "list_models",
-    "load_model",
-    "reference_logits",
-    "register",
-]
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aim.errors import UnknownModelError
+from aim.specs import Agreement, DimRange, Tolerance
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The family's small model trained on its task's package-shipped data (make train / eval / calibrate)."""
+
+    # The transformers config to train from scratch, given what the task's data needs (image tasks
+    # pass `labels` (class names) and `channels`; text generation passes nothing).
+    config: Callable[..., object]
+    steps: int  # optimiser steps of a full training
+    lr: float
+    batch: int
+    version: int  # bumped when the data or recipe changes, so that cached checkpoints are retrained
+    # Evaluation: rows per engine call, repeats per sweep point (so that every point has several
+    # thousand samples), and how many inputs of the test split (None: all).
+    eval_batch: int = 64
+    eval_repeats: int = 1
+    eval_inputs: int | None = None
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """The realistic size `make bench` measures the family at (random weights: no hub)."""
+
+    config: Callable[[], object]
+    sizes: dict[str, int]  # every dynamic dim
+    shape: str  # what it is, for the table and the README
+    repeats: int = 10  # timed runs per variant, after warm-up
+    time_make_engine: bool = False  # P4: `make engine` of this family is timed end to end
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    task: str  # the name of a task in aim.tasks
+    model_type: str  # config.json's model_type of this architecture
+    model_class: str  # the transformers class that loads a checkpoint, by name
+    tiny: Callable[[], object]  # the transformers config of the tiny random-weight model
+    # Ranges of the dynamic dims: export example, tests and TensorRT profiles use them.
+    dims: dict[str, DimRange]
+    # Small sizes for tracing and for the verification run of `make engine`; dims that are dynamic
+    # get different values, so that no two of them can be mistaken for each other.
+    verify_sizes: dict[str, int]
+    tolerance: Tolerance  # fp32, engine vs PyTorch
+    fp16: Agreement | None = None  # FP16 engines: the task's comparator against FP32 PyTorch
+    fp16_keep_fp32: tuple[str, ...] = ()  # node-name prefixes kept FP32 in FP16 graphs
+    trained: Trained | None = None
+    benchmark: Benchmark | None = None
+    opset: int = 17
+    extra: dict = field(default_factory=dict)
+
+    def model_class_object(self):
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    def build(self, config=None):
+        """A model of this family with random weights from `config` (default: the tiny one)."""
+        return self.model_class_object()(config if config is not None else self.tiny())
+
+    def sizes(self, **overrides: int) -> dict[str, int]:
+        """A size for every dynamic dim: the profile's opt, unless overridden; unknown names are an error."""
+        unknown = set(overrides) - set(self.dims)
+        if unknown:
+            raise ValueError(f"{self.name} has no dynamic dims {sorted(unknown)}; it has {sorted(self.dims)}")
+        return {**{k: r.opt for k, r in self.dims.items()}, **overrides}
+
+
+_REGISTRY: dict[str, Family] = {}
+MODULES = ("resnet", "segformer", "llama")
+
+
+def register(family: Family) -> Family:
+    if family.name in _REGISTRY:
+        raise ValueError(f"model family {family.name!r} registered twice")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def _load_all() -> None:
+    for module in MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+
+
+def list_families() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_family(name: str) -> Family:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        names = list_families()
+        raise UnknownModelError(
+            f"unknown model {name!r}. Models that exist: {', '.join(names)}. Use one of them, e.g. `make engine MODEL={names[0]}`."
+        ) from None
+
+
+def family_of_model_type(model_type: str) -> Family | None:
+    """The registered family whose architecture is `model_type` (config.json's), if any."""
+    _load_all()
+    return next((f for f in _REGISTRY.values() if f.model_type == model_type), None)

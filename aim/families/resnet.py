@@ -1,30 +1,37 @@
 """ResNet image classification (transformers' ResNetForImageClassification: logits [B, C])."""
 
-from transformers import ResNetConfig, ResNetForImageClassification
-
-from aim.export.wrappers import LogitsOnly, image_inputs
-from aim.families.base import Agreement, DimRange, ExportConfig, TensorSpec, Tolerance, register
+from aim.families import Benchmark, Family, Trained, register
+from aim.specs import Agreement, DimRange, Tolerance
 
 
-def build_tiny():
-    config = ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10
+def tiny():
+    from transformers import ResNetConfig
+
+    return ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10)
+
+
+def trained(labels: tuple[str, ...], channels: int):
+    """Sized for the task's training data: its classes and its images' channels."""
+    from transformers import ResNetConfig
+
+    return ResNetConfig(
+        num_channels=channels, embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=len(labels)
     )
-    return ResNetForImageClassification(config)
+
+
+def resnet50():
+    from transformers import ResNetConfig
+
+    return ResNetConfig(num_labels=1000)  # the defaults are ResNet-50
 
 
 RESNET = register(
-    ExportConfig(
+    Family(
         name="resnet",
         task="image-classification",
-        build_tiny=build_tiny,
-        model_class=ResNetForImageClassification,
-        wrap=LogitsOnly,
-        make_inputs=image_inputs,
-        inputs=(TensorSpec("pixel_values", "float32", ("batch", None, "height", "width")),),
-        logits=TensorSpec("logits", "float32", ("batch", None)),
-        class_axis=1,
-        num_classes=lambda model: model.config.num_labels,
+        model_type="resnet",
+        model_class="ResNetForImageClassification",
+        tiny=tiny,
         dims={"batch": DimRange(1, 4, 32), "height": DimRange(32, 224, 512), "width": DimRange(32, 224, 512)},
         verify_sizes={"batch": 2, "height": 64, "width": 48},
         tolerance=Tolerance(
@@ -40,5 +47,7 @@ RESNET = register(
             why="top-5 classes, as ImageNet reports them: FP16 rounds logits by ~1e-3 relative, which can swap "
             "only near-tied classes; one swap at rank 5 in one of the two verification images (0.9) is tolerated",
         ),
+        trained=Trained(trained, steps=300, lr=2e-3, batch=64, version=2, eval_batch=512, eval_repeats=20),
+        benchmark=Benchmark(resnet50, {"batch": 1, "height": 224, "width": 224}, "ResNet-50, 1000 classes, 1x3x224x224", repeats=30),
     )
 )

@@ -1,13 +1,12 @@
 """SegFormer semantic segmentation: logits [B, C, H/4, W/4], upsampled to [B, C, H, W] before modulation."""
 
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
+from aim.families import Benchmark, Family, Trained, register
+from aim.specs import Agreement, DimRange, Tolerance
 
-from aim.export.wrappers import LogitsOnly, image_inputs
-from aim.families.base import Agreement, DimRange, ExportConfig, TensorSpec, Tolerance, register
+def tiny():
+    from transformers import SegformerConfig
 
-
-def build_tiny():
-    config = SegformerConfig(
+    return SegformerConfig(
         num_encoder_blocks=4,
         depths=[1, 1, 1, 1],
         hidden_sizes=[8, 16, 32, 64],
@@ -15,25 +14,39 @@ def build_tiny():
         decoder_hidden_size=32,
         num_labels=150,  # ADE20K's classes, as in the reference code
     )
-    return SegformerForSemanticSegmentation(config)
+
+
+def trained(labels: tuple[str, ...], channels: int):
+    """Sized for the task's training data: its classes and its images' channels."""
+    from transformers import SegformerConfig
+
+    return SegformerConfig(
+        num_channels=channels,
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[16, 32, 64, 128],
+        num_attention_heads=[1, 1, 2, 4],
+        decoder_hidden_size=64,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+
+
+def b0():
+    from transformers import SegformerConfig
+
+    return SegformerConfig(num_labels=150)  # the defaults are B0
 
 
 SEGFORMER = register(
-    ExportConfig(
+    Family(
         name="segformer",
         task="semantic-segmentation",
-        build_tiny=build_tiny,
-        model_class=SegformerForSemanticSegmentation,
-        wrap=LogitsOnly,
-        make_inputs=image_inputs,
-        inputs=(TensorSpec("pixel_values", "float32", ("batch", None, "height", "width")),),
-        logits=TensorSpec("logits", "float32", ("batch", None, "logits_height", "logits_width")),
-        class_axis=1,
-        num_classes=lambda model: model.config.num_labels,
+        model_type="segformer",
+        model_class="SegformerForSemanticSegmentation",
+        tiny=tiny,
         dims={"batch": DimRange(1, 2, 8), "height": DimRange(32, 512, 1024), "width": DimRange(32, 512, 1024)},
         verify_sizes={"batch": 2, "height": 64, "width": 96},
-        # The HF post-processor resizes logits to the image size (bilinear); the method modulates per pixel.
-        upsample_logits_to="pixel_values",
         tolerance=Tolerance(
             atol=1e-4,
             rtol=1e-4,
@@ -47,6 +60,14 @@ SEGFORMER = register(
             why="the segmentation map is the argmax per pixel; FP16 flips only pixels whose top two classes are "
             "nearly tied (class boundaries), at most 1% of them (measured 0.2% on the tiny model, whose logits "
             "differ by only ~1e-3 between classes)",
+        ),
+        trained=Trained(trained, steps=600, lr=2e-3, batch=16, version=3, eval_batch=8, eval_repeats=1, eval_inputs=16),
+        benchmark=Benchmark(
+            b0,
+            {"batch": 1, "height": 512, "width": 512},
+            "SegFormer-B0, 150 classes, 1x3x512x512, logits upsampled to 512x512 in bare and modulated",
+            repeats=20,
+            time_make_engine=True,
         ),
     )
 )

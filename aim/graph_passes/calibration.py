@@ -18,10 +18,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from aim.contract import MAX_STRENGTH, PREFIX, UTILITY, UTILITY_LEVEL
 from aim.errors import InvalidGraphError, InvalidInputError
-from aim.graph_passes.redistribution import MAX_STRENGTH, PREFIX, UTILITY
 
-UTILITY_LEVEL = "utility_level"  # FP32 [B]: 1 = the exact model, 0 = chance
 NAME = f"{PREFIX}/calibration"
 
 
@@ -84,15 +83,3 @@ def level_to_sigma(levels, sigmas) -> np.ndarray:
     i = np.minimum(np.floor(x), table.size - 2)
     j = i.astype(np.int64)
     return table[j] + (x - i) * (table[j + 1] - table[j])
-
-
-def check_level(level, batch: int) -> np.ndarray:
-    """A utility level: a number or one per sample, each in [0, 1]."""
-    u = np.asarray(level, dtype=np.float32)
-    if u.ndim == 0:
-        u = np.full([batch], u, dtype=np.float32)
-    if u.shape != (batch,):
-        raise InvalidInputError(f"utility_level must be a number or have one value per sample ({batch}), got shape {list(u.shape)}")
-    if not np.all(np.isfinite(u)) or np.any(u < 0) or np.any(u > 1):
-        raise InvalidInputError(f"utility_level must lie in [0, 1] (1 = the exact model, 0 = chance), got {u.tolist()}")
-    return u

@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from aim.contract import PREFIX
 from aim.errors import InvalidGraphError
-from aim.graph_passes.redistribution import PREFIX
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504: FP32 constants beyond it are clamped (e.g. masks of -3.4e38)
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16

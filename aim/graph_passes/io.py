@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
 
 from aim.errors import InvalidGraphError
+from aim.files import atomic_path
 
 # Protobuf's hard limit; larger models keep their weights in an external data file.
 _PROTOBUF_LIMIT = 2**31 - 1
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            elif leftover.exists():
-                leftover.unlink()
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:

@@ -30,23 +30,14 @@ import math
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 
-from aim.errors import InvalidGraphError, InvalidInputError
+from aim.contract import FLAVOURS, FOCUS, MAX_STRENGTH, MODULATION_INPUTS, NOISE_INPUTS, NOISE_METHODS, PREFIX, UTILITY
+from aim.errors import InvalidGraphError
+from aim.lazy import lazy_import
 
-PREFIX = "aim_redistribution"  # every node of the subgraph: fp16 conversion keeps them in FP32
-UTILITY = "utility"  # FP32 [B]: per-sample sigma in logit units, so a batch can mix service tiers
-FOCUS = "focus"  # FP32 [B, C]: signed per-class strength (> 0 boosts, < 0 suppresses)
-NOISE_UTILITY = "noise_utility"  # verification flavour only: n1, shaped like the logits
-NOISE_FOCUS = "noise_focus"  # verification flavour only: n2, shaped like the logits
-FLAVOURS = ("production", "verification")
-# Largest |utility| or |focus| accepted, in logit units. Logit gaps of real models are tens of units,
-# so every model is at chance long before this; beyond it the noise could overflow FP16 logits.
-MAX_STRENGTH = 1e4
-MODULATION_INPUTS = (UTILITY, FOCUS)
+torch = lazy_import("torch")  # the PyTorch twin only: emitting the graph needs no torch
+
 MAX_MOVED_CONSTANT = 64 * 1024  # bytes: see _movable_producer
-NOISE_METHODS = ("box-muller", "normal")  # how the production flavour makes N(0, 1): see _DrawnNoise
-NOISE_INPUTS = (NOISE_UTILITY, NOISE_FOCUS)
 # Box-Muller's first uniform is drawn from [TINY, 1) so that log() never sees 0; it bounds |n1| by
 # sqrt(-2 ln TINY) = 13.2, a tail of probability 1e-38, far below what a float32 uniform resolves.
 TINY = float(np.finfo(np.float32).tiny)
@@ -136,10 +127,21 @@ class _TorchOps:
     def to_logits_dtype(self, x):
         return x.to(self.dtype)
 
-    mul = staticmethod(torch.mul)
-    add = staticmethod(torch.add)
-    abs = staticmethod(torch.abs)
-    or_ = staticmethod(torch.logical_or)
+    @staticmethod
+    def mul(a, b):
+        return torch.mul(a, b)
+
+    @staticmethod
+    def add(a, b):
+        return torch.add(a, b)
+
+    @staticmethod
+    def abs(x):
+        return torch.abs(x)
+
+    @staticmethod
+    def or_(a, b):
+        return torch.logical_or(a, b)
 
 
 class _GraphOps:
@@ -461,52 +463,3 @@ def redistribute_torch(
     axis = class_axis % rank
     noise = _TorchNoise(noise_utility, noise_focus, axis, generator)
     return redistribute(_TorchOps(logits.dtype), lambda: logits, utility.float(), focus.float(), noise, rank, axis)
-
-
-def check_modulation(utility, focus, batch: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validates runtime knobs and returns them as FP32 `[B]` and `[B, C]` arrays.
-
-    `utility`: a number (every sample) or one value per sample; finite and >= 0 (a sigma in logit
-    units). `focus`: None (no focus), a `[C]` vector for every sample, or `[B, C]`; finite, any sign.
-    """
-    u = np.asarray(utility, dtype=np.float32)
-    if u.ndim == 0:
-        u = np.full([batch], u, dtype=np.float32)
-    if u.shape != (batch,):
-        raise InvalidInputError(f"utility must be a number or have one value per sample ({batch}), got shape {list(u.shape)}")
-    if not np.all(np.isfinite(u)):
-        raise InvalidInputError(f"utility must be finite, got {u.tolist()}: NaN and inf have no noise level")
-    if np.any(u < 0) or np.any(u > MAX_STRENGTH):
-        raise InvalidInputError(
-            f"utility is a noise scale in logit units and must lie in [0, {MAX_STRENGTH:g}], got {u.tolist()} "
-            f"(0 = the original model)"
-        )
-    if focus is None:
-        f = np.zeros([batch, num_classes], dtype=np.float32)
-    else:
-        f = np.asarray(focus, dtype=np.float32)
-        if f.ndim == 1 and f.shape[0] == num_classes:
-            f = np.broadcast_to(f, (batch, num_classes)).copy()
-        if f.shape != (batch, num_classes):
-            raise InvalidInputError(
-                f"focus must have one value per class ({num_classes}), or shape [{batch}, {num_classes}] for "
-                f"one vector per sample; got shape {list(f.shape)}"
-            )
-        if not np.all(np.isfinite(f)):
-            raise InvalidInputError("focus must be finite: it holds NaN or inf")
-        if np.any(np.abs(f) > MAX_STRENGTH):
-            raise InvalidInputError(f"focus strengths must lie in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got up to {np.abs(f).max():g}")
-    return u, f
-
-
-def focus_vector(num_classes: int, boost: dict[int, float] | None = None, suppress: dict[int, float] | None = None):
-    """A dense `[C]` focus vector from {class: strength}: boosts positive, suppressions negative."""
-    f = np.zeros([num_classes], dtype=np.float32)
-    for sign, chosen in ((1.0, boost or {}), (-1.0, suppress or {})):
-        for index, strength in chosen.items():
-            if not 0 <= index < num_classes:
-                raise InvalidInputError(f"class {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
-            if not math.isfinite(strength) or not 0 <= strength <= MAX_STRENGTH:
-                raise InvalidInputError(f"focus strength for class {index} must lie in [0, {MAX_STRENGTH:g}], got {strength}")
-            f[index] = sign * strength
-    return f

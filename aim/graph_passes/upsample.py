@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import torch
-import torch.nn.functional as F
 
 from aim.errors import InvalidGraphError
 from aim.graph_passes.redistribution import _logits_output
@@ -63,6 +61,8 @@ def upsample_logits(graph: gs.Graph, logits: str = "logits", like: str = "pixel_
     return graph.cleanup().toposort()
 
 
-def upsample_torch(logits: torch.Tensor, size) -> torch.Tensor:
+def upsample_torch(logits, size):
     """The PyTorch twin of `upsample_logits`."""
+    import torch.nn.functional as F
+
     return F.interpolate(logits, size=tuple(size), mode="bilinear" if logits.dim() == 4 else "linear", align_corners=False)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aim.runtime.base import Runner
 from aim.errors import InvalidGraphError
-from aim.graph_passes.io import atomic_path
+from aim.files import atomic_path
+from aim.runtime.base import Runner
 
 _NP_DTYPES = {
     "tensor(float)": np.float32,
@@ -70,8 +70,9 @@ class OnnxRuntimeEngine(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True, profile: dict | None = None):
         self.path = Path(path)
+        self.profile = profile  # the shapes it was built for, when a build folder says (else any)
         self.session = _session(self.path, session_options(threads, spinning=spinning))
         self.inputs = {i.name: (_NP_DTYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -83,6 +84,8 @@ class OnnxRuntimeEngine(Runner):
 
         ort.set_seed(int(seed))
 
-    def infer(self, feed: dict) -> dict[str, np.ndarray]:
-        values = self.session.run(None, self.check_feed(feed))
-        return dict(zip(self.outputs, values))
+    def _infer(self, feed: dict) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(None, feed)))
+
+    def close(self):
+        self.session = None

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aim.runtime.base import Runner
-from aim.errors import AimError, InvalidGraphError, InvalidInputError
-from aim.graph_passes.io import atomic_path
+from aim.errors import AimError, InvalidGraphError
+from aim.files import atomic_path
+from aim.runtime.base import Runner, profile_from_io  # noqa: F401  (profile_from_io: part of this module's API)
 
 # Backend name (CLI, manifest) -> Python module.
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
@@ -77,49 +77,6 @@ def cuda_gpu_available() -> tuple[bool, str]:
 
 # ---------------------------------------------------------------------------------------------
 # Optimization profile: min/opt/max of every input, from the ExportConfig's DimRange dims.
-
-
-def profile_from_io(inputs: list[dict], dims: dict) -> dict[str, dict[str, list[int]]]:
-    """One optimization profile for graph inputs described as {name, dims} (manifest.graph_io): each
-    named dim takes its DimRange (min, opt, max) from `dims` (the ExportConfig's, or the manifest's
-    dynamic_dims), each int stays fixed. utility [batch] and focus [batch, C] follow the batch range,
-    the verification flavour's noise inputs follow the logits' dims, past_key_values follow whatever
-    dims the config names: nothing here knows a family."""
-    profile = {}
-    for tensor in inputs:
-        shapes = {"min": [], "opt": [], "max": []}
-        for axis, dim in enumerate(tensor["dims"]):
-            if isinstance(dim, int) and dim > 0:
-                for key in shapes:
-                    shapes[key].append(dim)
-                continue
-            if dim not in dims:
-                raise InvalidGraphError(
-                    f"input {tensor['name']!r} axis {axis} has dynamic dim {dim!r}, which the model's config gives "
-                    f"no range for (it has {sorted(dims)}). Add DimRange({dim!r}) to the config's dims, or export "
-                    f"with that axis named after one of them."
-                )
-            rng = dims[dim]
-            rng = rng if isinstance(rng, dict) else {"min": rng.min, "opt": rng.opt, "max": rng.max}
-            for key in shapes:
-                shapes[key].append(int(rng[key]))
-        profile[tensor["name"]] = shapes
-    return profile
-
-
-def check_profile(feed: dict[str, np.ndarray], profile: dict[str, dict[str, list[int]]], engine: str = "the engine"):
-    """Refuses shapes outside the engine's optimization profile before anything runs."""
-    for name, shapes in profile.items():
-        if name not in feed:
-            continue
-        shape = list(np.shape(feed[name]))
-        low, high = shapes["min"], shapes["max"]
-        if len(shape) != len(low) or any(s < lo or s > hi for s, lo, hi in zip(shape, low, high)):
-            raise InvalidInputError(
-                f"input {name!r} has shape {shape}, outside the optimization profile {engine} was built with: "
-                f"min {low}, max {high}. Use shapes in that range, or rebuild the engine with a wider DimRange "
-                f"in the model's config."
-            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,11 +274,6 @@ class TensorRTEngine(Runner):
         self.inputs, self.outputs, self.profile = inputs, outputs, profile
         self._runner = None
 
-    def check_feed(self, feed: dict) -> dict[str, np.ndarray]:
-        checked = super().check_feed(feed)
-        check_profile(checked, self.profile, self.path.name)
-        return checked
-
     def _start(self):
         if self._runner is None:
             runnable, why = engine_runnable(self.backend)
@@ -346,9 +298,8 @@ class TensorRTEngine(Runner):
             self._runner = runner
         return self._runner
 
-    def infer(self, feed: dict) -> dict[str, np.ndarray]:
-        checked = self.check_feed(feed)
-        outputs = self._start().infer(checked)
+    def _infer(self, feed: dict) -> dict[str, np.ndarray]:
+        outputs = self._start().infer(feed)
         return {name: np.array(outputs[name]) for name in self.outputs}
 
     def close(self):
@@ -357,7 +308,7 @@ class TensorRTEngine(Runner):
             self._runner = None
 
 
-def engine_io(graph: dict) -> tuple[dict, list[str]]:
-    """({name: (numpy dtype, dims)}, [output names]) from a manifest's graph_io entry."""
-    inputs = {t["name"]: (np.dtype(t["dtype"]).type, t["dims"]) for t in graph["inputs"]}
-    return inputs, [t["name"] for t in graph["outputs"]]
+def engine_io(graph) -> tuple[dict, list[str]]:
+    """({name: (numpy dtype, dims)}, [output names]) from a layout.GraphIO."""
+    inputs = {t.name: (np.dtype(t.dtype).type, t.dims) for t in graph.inputs}
+    return inputs, [t.name for t in graph.outputs]

@@ -23,13 +23,14 @@ import re
 import shutil
 from pathlib import Path
 
-from aim.layout import read_manifest, sha256
+from aim.contract import BATCH, FOCUS, UTILITY
 from aim.errors import TritonConfigError
-from aim.graph_passes.redistribution import FOCUS, UTILITY
+from aim.files import StagedFolder
+from aim.layout import MANIFEST, GraphIO, Manifest
+from aim.runtime.folder import open_build
 
 CONFIG = "config.pbtxt"
 VERSION = "1"
-BATCH = "batch"  # the manifest's name of the batch dim (ExportConfig.dims)
 # Wait this long for more requests before running a batch: small next to a model's run time, long
 # enough that concurrent clients share a batch.
 MAX_QUEUE_DELAY_US = 2000
@@ -88,36 +89,36 @@ def platform_for(engine_file: str) -> tuple[str, str, str]:
     return PLATFORMS[suffix]
 
 
-def _tensor_dims(tensor: dict, role: str) -> list[int]:
+def _tensor_dims(tensor, role: str) -> list[int]:
     """The per-request dims of a manifest tensor: its dims without the leading batch dim, -1 if dynamic."""
-    dims = tensor.get("dims")
+    dims = tensor.dims
     if not dims or dims[0] != BATCH:
         raise TritonConfigError(
-            f"{role} {tensor.get('name')!r} has dims {dims}: Triton batches on the first dim, which must be "
+            f"{role} {tensor.name!r} has dims {dims}: Triton batches on the first dim, which must be "
             f"the dynamic {BATCH!r} dim. Re-export the model with a dynamic batch dim."
         )
     return [d if isinstance(d, int) and d > 0 else -1 for d in dims[1:]]
 
 
-def _data_type(tensor: dict, role: str) -> str:
-    if tensor.get("dtype") not in DATA_TYPES:
-        raise TritonConfigError(f"{role} {tensor.get('name')!r} has dtype {tensor.get('dtype')!r}, which Triton has no type for")
-    return DATA_TYPES[tensor["dtype"]]
+def _data_type(tensor, role: str) -> str:
+    if tensor.dtype not in DATA_TYPES:
+        raise TritonConfigError(f"{role} {tensor.name!r} has dtype {tensor.dtype!r}, which Triton has no type for")
+    return DATA_TYPES[tensor.dtype]
 
 
-def expected_tensors(manifest: dict) -> dict[str, dict[str, tuple[str, list[int], list[int] | None]]]:
+def expected_tensors(manifest: Manifest) -> dict[str, dict[str, tuple[str, list[int], list[int] | None]]]:
     """What the config must declare, per the manifest: {"input"|"output": {name: (type, dims, reshape)}}."""
-    graph = manifest.get("graph") or {}
-    if not graph.get("inputs") or not graph.get("outputs"):
+    graph = manifest.graph
+    if not graph.inputs or not graph.outputs:
         raise TritonConfigError("the manifest lists no graph inputs or outputs: rebuild the engine with `make engine`")
     wanted = {"input": {}, "output": {}}
     for role, key in (("input", "inputs"), ("output", "outputs")):
-        for tensor in graph[key]:
+        for tensor in getattr(graph, key):
             dims = _tensor_dims(tensor, role)
             reshape = None
             if not dims:  # a [B] tensor: Triton needs at least one dim per request, the engine wants none
                 dims, reshape = [1], []
-            wanted[role][tensor["name"]] = (_data_type(tensor, role), dims, reshape)
+            wanted[role][tensor.name] = (_data_type(tensor, role), dims, reshape)
     inputs = wanted["input"]
     for knob in (UTILITY, FOCUS):
         if knob not in inputs:
@@ -127,7 +128,7 @@ def expected_tensors(manifest: dict) -> dict[str, dict[str, tuple[str, list[int]
             )
     if inputs[UTILITY][1:] != ([1], []):
         raise TritonConfigError(f"{UTILITY!r} must be [batch] in the engine, got per-request dims {inputs[UTILITY][1]}")
-    classes = (manifest.get("modulation") or {}).get("num_classes")
+    classes = manifest.modulation.num_classes
     if inputs[FOCUS][1] != [classes]:
         raise TritonConfigError(
             f"{FOCUS!r} must be [batch, {classes}] (the model's classes), got per-request dims {inputs[FOCUS][1]}"
@@ -135,14 +136,13 @@ def expected_tensors(manifest: dict) -> dict[str, dict[str, tuple[str, list[int]
     return wanted
 
 
-def max_batch_size(manifest: dict) -> int:
-    try:
-        return int(manifest["dynamic_dims"][BATCH]["max"])
-    except (KeyError, TypeError, ValueError):
-        raise TritonConfigError("the manifest has no batch range (dynamic_dims.batch.max): rebuild the engine") from None
+def max_batch_size(manifest: Manifest) -> int:
+    if BATCH not in manifest.dynamic_dims:
+        raise TritonConfigError(f"the manifest has no range for the {BATCH!r} dim: rebuild the engine with a dynamic batch")
+    return int(manifest.dynamic_dims[BATCH].max)
 
 
-def build_config(manifest: dict, name: str, engine_file: str, max_queue_delay_us: int = MAX_QUEUE_DELAY_US):
+def build_config(manifest: Manifest, name: str, engine_file: str, max_queue_delay_us: int = MAX_QUEUE_DELAY_US):
     """The ModelConfig message for a manifest (checked separately by check_config)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -166,7 +166,7 @@ def build_config(manifest: dict, name: str, engine_file: str, max_queue_delay_us
     return config
 
 
-def check_config(config, manifest: dict, engine_file: str, where: str = CONFIG) -> None:
+def check_config(config, manifest: Manifest, engine_file: str, where: str = CONFIG) -> None:
     """What Triton's schema cannot catch, against the manifest: raises TritonConfigError naming the problem."""
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -211,34 +211,28 @@ def check_config(config, manifest: dict, engine_file: str, where: str = CONFIG) 
         raise TritonConfigError(f"{where} for model {config.name!r} does not match its engine: " + "; ".join(problems))
 
 
-def _engine_file(folder: Path, manifest: dict, engine: str | None) -> Path:
-    relative = engine or manifest.get("engine")
-    if not relative:
-        raise TritonConfigError(f"{folder}/manifest.json names no engine: rebuild with `make engine`")
-    path = folder / relative
+def _engine_file(manifest: Manifest, engine: str | None) -> Path:
+    """The engine to serve: the manifest's, or another file of the build (by path inside it)."""
+    relative = engine or manifest.engine
+    path = manifest.folder / relative
     if not path.is_file():
-        raise TritonConfigError(f"engine {path} does not exist: build it with `make engine MODEL={manifest.get('model')}`")
-    recorded = {entry["path"]: entry["sha256"] for entry in (manifest.get("artifacts") or {}).values()}
-    if relative in recorded and sha256(path) != recorded[relative]:
-        raise TritonConfigError(f"{path} changed since the build (sha256 differs from the manifest): rebuild with `make engine`")
+        raise TritonConfigError(f"engine {path} does not exist: build it with `make engine MODEL={manifest.model}`")
+    if relative not in {artifact.path for artifact in manifest.artifacts.values()}:
+        raise TritonConfigError(f"{relative} is not a file of the build in {manifest.folder} (not in its manifest)")
     return path
 
 
-def _check_onnx_engine(path: Path, manifest: dict) -> list[str]:
+def _check_onnx_engine(path: Path, manifest: Manifest) -> list[str]:
     """An ONNX engine's own inputs/outputs must be the manifest's; returns its external data files
     (relative locations, as the model records them)."""
     import onnx
 
-    from aim.layout import graph_io
-
-    actual = graph_io(path)
+    said, have = manifest.graph.signature(), GraphIO.of(path).signature()
     for key in ("inputs", "outputs"):
-        said = {t["name"]: (t["dtype"], t["dims"]) for t in manifest["graph"][key]}
-        have = {t["name"]: (t["dtype"], t["dims"]) for t in actual[key]}
         differ = [
-            f"{name!r}: engine {have.get(name, 'absent')}, manifest {said.get(name, 'absent')}"
-            for name in sorted(set(said) | set(have))
-            if said.get(name) != have.get(name)
+            f"{name!r}: engine {have[key].get(name, 'absent')}, manifest {said[key].get(name, 'absent')}"
+            for name in sorted(set(said[key]) | set(have[key]))
+            if said[key].get(name) != have[key].get(name)
         ]
         if differ:
             raise TritonConfigError(f"{path.name} does not match its manifest's {key}: {'; '.join(differ)}. Rebuild with `make engine`")
@@ -272,40 +266,28 @@ def write_model(
     """Writes <repository>/<name>/ (config.pbtxt and 1/model.*) for the engine of a build folder.
 
     `engine` is the engine file relative to the build folder (default: the manifest's engine); its
-    suffix picks the platform. Other models already in the repository are left alone.
+    suffix picks the platform. Every file of the build is checked against its hash first. Other
+    models already in the repository are left alone.
     """
-    folder = Path(build_folder)
-    manifest = read_manifest(folder)
-    name = name or manifest.get("model")
+    manifest = open_build(build_folder)
+    name = name or manifest.model
     if not name or not _NAME.match(name):
         raise TritonConfigError(f"model name {name!r}: use letters, digits, '_', '-' and '.' only")
-    engine_path = _engine_file(folder, manifest, engine)
+    engine_path = _engine_file(manifest, engine)
     platform, _, filename = platform_for(engine_path.name)
-    text = config_text(build_config(manifest, name, engine_path.name, max_queue_delay_us), str(folder / "manifest.json"))
+    text = config_text(build_config(manifest, name, engine_path.name, max_queue_delay_us), str(manifest.folder / MANIFEST))
     check_config(parse_config(text, f"{name}/{CONFIG}"), manifest, engine_path.name, f"{name}/{CONFIG}")
     # An ONNX engine can be read here: its own inputs/outputs must be what the manifest says.
     extra_files = _check_onnx_engine(engine_path, manifest) if platform == "onnxruntime_onnx" else []
 
-    root = Path(repository)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / name
-    staging = root / f".{name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        (staging / VERSION).mkdir(parents=True)
-        (staging / CONFIG).write_text(text)
-        shutil.copyfile(engine_path, staging / VERSION / filename)
+    with StagedFolder(Path(repository) / name) as staged:
+        (staged.path / VERSION).mkdir(parents=True)
+        (staged.path / CONFIG).write_text(text)
+        shutil.copyfile(engine_path, staged.path / VERSION / filename)
         for location in extra_files:  # external weights stay beside the model under their recorded name
-            (staging / VERSION / location).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(engine_path.parent / location, staging / VERSION / location)
-        old = root / f".{name}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+            (staged.path / VERSION / location).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(engine_path.parent / location, staged.path / VERSION / location)
+        return staged.publish()
 
 
 def read_config(model_folder: str | os.PathLike):

@@ -1,6 +1,6 @@
 """The decode loop for language models, over any engine with an `infer(feed) -> {name: array}`.
 
-One graph does prefill and decode (exporter/llama.py): the prompt goes in with a KV cache of length 0,
+One graph does prefill and decode (tasks/text_generation.py): the prompt goes in with a KV cache of length 0,
 each later step feeds one token per sequence and the `present.*` outputs of the previous step as
 `past_key_values.*`. The engine returns the modulated next-token logits [B, V]; greedy decoding,
 temperature and top-k sampling then happen on the host, on the redistributed logits (SPEC section 2:
@@ -21,11 +21,10 @@ from typing import Callable
 
 import numpy as np
 
+from aim.contract import FOCUS, UTILITY, check_modulation, focus_vector
 from aim.errors import AimError, InvalidInputError
-from aim.graph_passes.redistribution import FOCUS, UTILITY, check_modulation, focus_vector
 
 PAST, PRESENT = "past_key_values.", "present."
-TOKENIZER_DIR = "tokenizer"  # inside a build folder
 
 
 @dataclass
@@ -274,31 +273,21 @@ def token_focus(tokenizer, num_classes: int, boost: dict | None = None, suppress
     return focus_vector(num_classes, ids(boost), ids(suppress))
 
 
-# ---------------------------------------------------------------------------------------------
-# A build folder: engine + tokenizer.
-
-
 def load_build(folder: str | os.PathLike, log: Callable[[str], None] | None = None):
-    """(engine, tokenizer, manifest) of a text-generation build folder. The engine is the build's own
-    where it can run; a TensorRT plan that cannot run on this machine is replaced by ONNX Runtime on
-    the production graph it was built from (`log` is told)."""
-    from transformers import AutoTokenizer
+    """(engine, tokenizer, manifest) of a text-generation build folder, its files checked against the
+    manifest's hashes. The engine is the build's own where it can run; a TensorRT plan that cannot run
+    on this machine is replaced by ONNX Runtime on the production graph it was built from (`log` is
+    told). The tokenizer is read without transformers (tasks/tokens.py)."""
+    from aim.runtime.folder import open_build, production_runner
+    from aim.tasks.tokens import TextTokenizer
 
-    from aim.layout import read_manifest
-    from aim.pipeline.build import production_runner
-
-    folder = Path(folder)
-    if not (folder / "manifest.json").is_file():
-        raise AimError(f"{folder}: no build there (no manifest.json). Build one with `make engine MODEL=llama`.")
-    manifest = read_manifest(folder)
-    if not (folder / TOKENIZER_DIR).is_dir():
-        raise AimError(f"{folder} has no {TOKENIZER_DIR}/: it is not a text-generation build. Build one with `make engine MODEL=llama`.")
-    engine, note = production_runner(folder, manifest)
+    manifest = open_build(folder)
+    if not manifest.tokenizer:
+        raise AimError(f"{folder} has no tokenizer: it is not a text-generation build. Build one with `make engine MODEL=llama`.")
+    engine, note = production_runner(manifest)
     if note and log is not None:
         log(note)
-    tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR, local_files_only=True)
-    tokenizer.padding_side = "left"
-    return engine, tokenizer, manifest
+    return engine, TextTokenizer(manifest.folder / manifest.tokenizer), manifest
 
 
 def stop_tokens_of(tokenizer) -> list[int]:
@@ -311,111 +300,13 @@ def pad_id_of(tokenizer) -> int:
             return token
 
 
-# ---------------------------------------------------------------------------------------------
-# Verification of a build (ExportConfig.task_reference / task_checks of text families).
-
-PROMPTS = (
-    "def main():",
-    "The quick brown fox jumps over the lazy dog",
-    "import",
-    "Once upon a time, in a land far away,",
-)
-BATCHES = ((0,), (1, 2, 3), (3, 0))  # batch 1, a padded batch of 3, a padded batch of 2
-NEW_TOKENS = 12
-KV_STEPS = 6
-
-
-def _encode(tokenizer, prompts):
+def encode(tokenizer, prompts) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as one left-padded batch: (input_ids, attention_mask). `tokenizer`: a TextTokenizer,
+    or a transformers tokenizer that pads on the left."""
+    if hasattr(tokenizer, "batch"):
+        return tokenizer.batch(list(prompts))
     encoded = tokenizer(list(prompts), padding=True, return_tensors="np")
     return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
-
-
-def generation_reference(config, model, tokenizer, seed: int = 0) -> dict[str, np.ndarray]:
-    """PyTorch `generate()` greedy tokens for several prompts and batch sizes (stored in reference.npz)."""
-    import torch
-
-    stop, pad = stop_tokens_of(tokenizer), pad_id_of(tokenizer)
-    arrays = {"generation.stop_tokens": np.array(stop, np.int64), "generation.pad_token_id": np.array(pad, np.int64)}
-    for index, batch in enumerate(BATCHES):
-        ids, mask = _encode(tokenizer, [PROMPTS[i] for i in batch])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=NEW_TOKENS,
-                do_sample=False, pad_token_id=pad, eos_token_id=stop or None, top_k=None, top_p=None, temperature=None,
-            )
-        arrays[f"generation.{index}.input_ids"] = ids
-        arrays[f"generation.{index}.attention_mask"] = mask
-        arrays[f"generation.{index}.tokens"] = out[:, ids.shape[1]:].numpy().astype(np.int64)
-    return arrays
-
-
-def generation_checks(engine, reference: dict[str, np.ndarray], tolerance, reduced=None) -> list:
-    """Greedy tokens at utility 0 equal PyTorch's, token for token; the KV-cache path gives the logits
-    of a full recompute within the family's tolerance. A reduced-precision engine (`reduced`: the
-    family's FP16 Agreement) cannot promise either under near-ties, so it is held to the task's
-    comparator instead: along PyTorch's tokens (teacher forcing), PyTorch's greedy token is among the
-    engine's top-k; and the cached and recomputed logits agree by the same comparator."""
-    from aim.verify.checks import Check
-
-    if reduced is not None:
-        return _reduced_generation_checks(engine, reference, reduced)
-    stop, pad = reference["generation.stop_tokens"], int(reference["generation.pad_token_id"])
-    equal, total, all_same, details = 0, 0, True, []
-    for index in range(len(BATCHES)):
-        ids, mask = reference[f"generation.{index}.input_ids"], reference[f"generation.{index}.attention_mask"]
-        expected = reference[f"generation.{index}.tokens"]
-        got = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS, stop_tokens=stop, pad_token_id=pad).tokens
-        same = got.shape == expected.shape and np.array_equal(got, expected)
-        steps = min(got.shape[1], expected.shape[1])
-        equal += int(np.sum(got[:, :steps] == expected[:, :steps]))
-        total += max(got.size, expected.size)
-        all_same &= same
-        padded = " padded" if np.any(mask == 0) else ""
-        details.append(f"batch {len(ids)}{padded}: {'equal' if same else 'DIFFER'}")
-    greedy = Check(
-        "greedy tokens at utility 0 = PyTorch generate()",
-        all_same,
-        f"{equal}/{total} tokens equal ({'; '.join(details)}; {NEW_TOKENS} new tokens each)",
-        {"tokens_equal": equal, "tokens": total},
-    )
-    last = len(BATCHES) - 1
-    worst = kv_vs_recompute(engine, reference[f"generation.{last}.input_ids"], reference[f"generation.{last}.attention_mask"], KV_STEPS)
-    kv = Check(
-        "KV cache vs full recompute",
-        worst <= tolerance.atol,
-        f"max |diff| {worst:.3g} over {KV_STEPS} decode steps (atol {tolerance.atol:g})",
-        {"max_abs_diff": worst, "atol": tolerance.atol},
-    )
-    return [greedy, kv]
-
-
-def _reduced_generation_checks(engine, reference, reduced) -> list:
-    from aim.verify.checks import Check, agreement
-
-    stop, pad = reference["generation.stop_tokens"], int(reference["generation.pad_token_id"])
-    k, hits, total = max(1, reduced.k), 0, 0
-    for index in range(len(BATCHES)):
-        ids, mask = reference[f"generation.{index}.input_ids"], reference[f"generation.{index}.attention_mask"]
-        expected = reference[f"generation.{index}.tokens"]
-        run = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS, stop_tokens=stop, pad_token_id=pad, keep_logits=True, forced=expected)
-        for step, logits in enumerate(run.logits):
-            live = np.flatnonzero(~np.isin(expected[:, :step], stop).any(axis=1)) if step else np.arange(len(ids))
-            top = np.argpartition(-logits[live], k - 1, axis=1)[:, :k]
-            hits += int(np.sum(np.any(top == expected[live, step][:, None], axis=1)))
-            total += len(live)
-    fraction = hits / max(total, 1)
-    greedy = Check(
-        f"PyTorch's greedy tokens in the engine's top-{k} (teacher forcing, reduced precision)",
-        fraction >= reduced.min_fraction,
-        f"{hits}/{total} steps ({fraction:.4f}, needs >= {reduced.min_fraction:g})",
-        {"fraction": fraction, "k": k, "steps": total},
-    )
-    last = len(BATCHES) - 1
-    cached, recomputed = cached_and_recomputed(
-        engine, reference[f"generation.{last}.input_ids"], reference[f"generation.{last}.attention_mask"], KV_STEPS
-    )
-    kv = agreement("KV cache vs full recompute (reduced precision)", recomputed.reshape(-1, cached.shape[-1]), cached.reshape(-1, cached.shape[-1]), reduced, 1)
-    return [greedy, kv]
 
 
 def generate_text(
@@ -440,7 +331,7 @@ def generate_text(
     if focus:
         boost, suppress = parse_focus(focus)
         focus_array = token_focus(tokenizer, engine.inputs[FOCUS][1][1], boost, suppress)
-    ids, mask = _encode(tokenizer, prompts)
+    ids, mask = encode(tokenizer, prompts)
     stops = stop_tokens_of(tokenizer)
     first, state = [], {"shown": "", "done": False}
 

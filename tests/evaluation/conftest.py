@@ -14,13 +14,15 @@ from pathlib import Path
 import onnxruntime
 import pytest
 
-import aim.families as exporter
-from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
+from aim.contract import LOGITS
 from aim.evaluation.engine import Prepared, eval_inputs
 from aim.evaluation.sweep import EngineData
 from aim.evaluation.train import train
 from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.modulate import deployment_graphs
+from aim.pipeline import steps
+from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
+from tests.conftest import load
 
 QUICK_STEPS = {"resnet": 40, "segformer": 15, "llama": 10}
 # Test inputs per family (rows per engine run: images, 2 x 4096 pixels, token positions).
@@ -39,9 +41,9 @@ class Trained:
 
 
 def quick_engine(model: str, checkpoint: Path, folder: Path) -> Path:
-    config = exporter.get_config(model)
-    exporter.export_onnx(config, exporter.load_model(config, checkpoint), folder / "exported.onnx")
-    graphs = deployment_graphs(load_onnx(folder / "exported.onnx"), config.logits.name, config.class_axis, config.upsample_logits_to)
+    family, task, pytorch_model = load(model, checkpoint)
+    steps.export(family, task, pytorch_model, folder / "exported.onnx")
+    graphs = deployment_graphs(load_onnx(folder / "exported.onnx"), LOGITS, task.class_axis, task.upsample_logits_to)
     save_onnx(graphs["production"], folder / "modulated.onnx")
     return build(folder / "modulated.onnx", folder / "engine.onnxruntime.onnx")
 
@@ -66,11 +68,12 @@ def trained(request, tmp_path_factory, quick_checkpoint) -> Trained:
     root = tmp_path_factory.mktemp(f"eval-{model}")
     result = quick_checkpoint(model)
     checkpoint = Path(result["checkpoint"])
-    prepared = Prepared(root, OnnxRuntimeEngine(quick_engine(model, checkpoint, root)), checkpoint, result)
-    onnxruntime.set_seed(0)
+    onnxruntime.set_seed(0)  # before the engine's session exists: it seeds only sessions made after it
+    family, task, _ = load(model, checkpoint)
+    prepared = Prepared(root, OnnxRuntimeEngine(quick_engine(model, checkpoint, root)), checkpoint, result, family, task)
     parts = {}
     for split in ("test", "calibration"):
-        setup = eval_inputs(model, prepared, split=split)
+        setup = eval_inputs(prepared, split=split)
         data = setup.split.take(slice(0, TEST_INPUTS[model]))
         if model == "llama":
             data.inputs = {name: array[:, -LLAMA_CONTEXT:] for name, array in data.inputs.items()}

@@ -11,7 +11,7 @@ import pytest
 from matplotlib import image
 
 import aim.cli as cli
-from aim.layout import read_manifest
+from aim.layout import CALIBRATION_FILES, Manifest
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.evaluation import calibrate, sweep
 
@@ -44,12 +44,12 @@ def test_eval_writes_csv_summary_and_plots(evaluated):
 def test_calibrate_records_table_and_keeps_the_build_verifiable(evaluated, capsys):
     out, checkpoint, _ = evaluated
     entry = calibrate.calibrate("resnet", out, checkpoint, log=lambda _: None)
-    manifest = read_manifest(out / "resnet")
-    assert manifest["calibration"]["sigmas"] == entry["sigmas"] and len(entry["sigmas"]) == 101
-    assert manifest["calibration"]["calibration_set"]["labels_used"] is False
-    for key in calibrate.FILES:
-        assert (out / "resnet" / manifest["artifacts"][key]["path"]).is_file()
-    engine = OnnxRuntimeEngine(out / "resnet" / calibrate.FILES["calibrated_engine"])
+    manifest = Manifest.load(out / "resnet")
+    assert manifest.calibration["sigmas"] == entry["sigmas"] and len(entry["sigmas"]) == 101
+    assert manifest.calibration["calibration_set"]["labels_used"] is False
+    for key in CALIBRATION_FILES:
+        assert manifest.path(key).is_file()
+    engine = OnnxRuntimeEngine(manifest.path("calibrated_engine"))
     assert engine.calibrated
     checks = entry["check"]["levels"]
     assert checks[-1]["level"] == 1.0 and checks[-1]["measured"] == 1.0
@@ -60,10 +60,9 @@ def test_eval_of_a_foreign_checkpoint_measures_label_free_quantities(tmp_path):
     """A checkpoint not trained here (3-channel tiny ResNet, random weights): the digits are fed as
     3 channels, and since its classes are not the digits' labels only agreement, boost rate and
     survival are compared with the theory."""
-    import aim.families as exporter
+    from tests.conftest import load
 
-    config = exporter.get_config("resnet")
-    exporter.load_model(config, seed=0).save_pretrained(tmp_path / "foreign")
+    load("resnet", seed=0)[2].save_pretrained(tmp_path / "foreign")
     summary = sweep.evaluate("resnet", tmp_path / "build", tmp_path / "foreign", repeats=1, utility_grid=[0.0, 0.05], focus_grid=[0.0, 0.05], log=lambda _: None)
     assert summary["clean"] == {}
     assert set(summary["comparisons"]) == {"utility/agreement", "boost/boost_rate", "suppress/survival"}

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
-from aim.evaluation import calibrate, metrics, sweep, theory
+from aim.evaluation import calibrate, sweep, theory
+from aim.tasks import metrics
 from aim.graph_passes.calibration import add_utility_level
 from aim.graph_passes.io import load_graph, save_onnx
 

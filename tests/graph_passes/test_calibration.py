@@ -8,10 +8,11 @@ import pytest
 
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.errors import InvalidGraphError, InvalidInputError
-from aim.graph_passes.calibration import NAME, UTILITY_LEVEL, add_utility_level, check_level, level_to_sigma
+from aim.contract import UTILITY_LEVEL, check_level
+from aim.graph_passes.calibration import NAME, add_utility_level, level_to_sigma
 from aim.graph_passes.io import load_graph, save_onnx
 from aim.graph_passes.modulate import modulate_file
-from aim.graph_passes.redistribution import NOISE_FOCUS, NOISE_UTILITY, PREFIX, UTILITY
+from aim.contract import NOISE_FOCUS, NOISE_UTILITY, PREFIX, UTILITY
 from tests.conftest import tiny_classifier
 
 TABLE = np.array([40.0, 9.0, 5.0, 2.5, 1.0, 0.0], dtype=np.float32)  # levels 0, 0.2, ..., 1

@@ -9,10 +9,10 @@ from onnx import helper as h
 from onnx import numpy_helper
 
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.verify.checks import agreement, make_reference, model_inputs
-from aim.families import Agreement
+from aim.specs import Agreement
+from aim.verify.compare import agreement
 from aim.graph_passes.fp16 import convert_to_fp16, fp32_violations
-from aim.graph_passes.redistribution import PREFIX
+from aim.contract import PREFIX
 
 
 def io_types(m):
@@ -44,19 +44,19 @@ def types_of(m):
 @pytest.fixture(scope="module")
 def half(family, tmp_path_factory):
     """The family's graphs in FP16, written beside the FP32 ones, and the PyTorch reference data."""
-    folder = tmp_path_factory.mktemp(f"{family.config.name}_fp16")
+    folder = tmp_path_factory.mktemp(f"{family.name}_fp16")
     paths = {}
     for kind in ("bare", "verification"):
-        converted = convert_to_fp16(onnx.load(str(family.path(kind))), family.config.fp16_keep_fp32)
+        converted = convert_to_fp16(onnx.load(str(family.path(kind))), family.family.fp16_keep_fp32)
         paths[kind] = folder / f"{kind}.fp16.onnx"
         onnx.save(converted, str(paths[kind]))
-    return paths, make_reference(family.config, family.model, seed=0)
+    return paths, family.reference(seed=0)
 
 
 @pytest.mark.parametrize("kind", ["production", "verification"])
 def test_redistribution_stays_fp32_with_casts_at_its_edge(family, kind):
     original = onnx.load(str(family.path(kind)))
-    converted = convert_to_fp16(original, family.config.fp16_keep_fp32)
+    converted = convert_to_fp16(original, family.family.fp16_keep_fp32)
     assert fp32_violations(converted) == []
     assert fp32_violations(original) == []
     assert io_types(converted) == io_types(original)  # clients see the same interface
@@ -84,32 +84,31 @@ def test_fp16_graph_agrees_with_pytorch_on_onnxruntime(family, half):
     """ONNX Runtime runs the FP16 graphs (FP16 tensors between nodes); the family's comparator holds,
     and the modulation on top is exactly the FP32 arithmetic on the FP16 model's logits."""
     paths, reference = half
-    config = family.config
-    inputs = model_inputs(reference)
+    inputs = reference.inputs
     bare = OnnxRuntimeEngine(paths["bare"]).run(inputs)
     modulated = OnnxRuntimeEngine(paths["verification"]).run(
-        inputs, reference["utility"], reference["focus"],
-        noise_utility=reference["noise_utility"], noise_focus=reference["noise_focus"],
+        inputs, reference.utility, reference.focus,
+        noise_utility=reference.noise_utility, noise_focus=reference.noise_focus,
     )
-    for name, expected, actual in (("bare", reference["pytorch_logits"], bare), ("modulated", reference["pytorch_modulated"], modulated)):
-        check = agreement(name, expected, actual, config.fp16, config.class_axis)
+    for name, expected, actual in (("bare", reference.logits, bare), ("modulated", reference.modulated, modulated)):
+        check = agreement(name, expected, actual, family.family.fp16, family.task.class_axis)
         assert check.passed, check.detail
         assert 0 < check.metrics["max_abs_diff"] < 0.05  # FP16 really differs from FP32, and only a little
     # The noise terms stay FP32: z' - z equals utility * n1 + focus * |n2| computed in FP32. Through
     # FP16, the noise of the sigma-2.5 rows would be off by ~1e-3.
     rank = bare.ndim
-    u = reference["utility"].reshape([-1] + [1] * (rank - 1))
-    f = np.expand_dims(reference["focus"], tuple(a for a in range(1, rank) if a != config.class_axis))
-    expected = (bare + u * reference["noise_utility"]) + f * np.abs(reference["noise_focus"])
+    u = reference.utility.reshape([-1] + [1] * (rank - 1))
+    f = np.expand_dims(reference.focus, tuple(a for a in range(1, rank) if a != family.task.class_axis))
+    expected = (bare + u * reference.noise_utility) + f * np.abs(reference.noise_focus)
     np.testing.assert_allclose(modulated, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_comparator_fails_on_wrong_logits(family, half):
     _, reference = half
-    logits = reference["pytorch_logits"]
-    shuffled = np.flip(logits, axis=family.config.class_axis)
-    check = agreement("shuffled", logits, shuffled, family.config.fp16, family.config.class_axis)
-    assert not check.passed and check.metrics["agreement"] < family.config.fp16.min_fraction
+    logits = reference.logits
+    shuffled = np.flip(logits, axis=family.task.class_axis)
+    check = agreement("shuffled", logits, shuffled, family.family.fp16, family.task.class_axis)
+    assert not check.passed and check.metrics["agreement"] < family.family.fp16.min_fraction
 
 
 def test_resize_scales_stay_fp32_and_subgraph_nodes_stay_whole():
@@ -145,7 +144,7 @@ def test_resize_scales_stay_fp32_and_subgraph_nodes_stay_whole():
 
 
 def test_agreement_config_is_stated_per_family(family):
-    spec = family.config.fp16
+    spec = family.family.fp16
     assert isinstance(spec, Agreement) and spec.metric in ("top_k", "class_map") and 0 < spec.min_fraction <= 1 and spec.why
 
 
@@ -154,7 +153,7 @@ def test_model_nodes_moved_into_the_region_if_come_back_out(family):
     in FP16 it runs once before the If, in FP16 as in the bare graph, and the branches hold only the
     region's FP32 nodes."""
     original = onnx.load(str(family.path("production")))
-    converted = convert_to_fp16(original, family.config.fp16_keep_fp32)
+    converted = convert_to_fp16(original, family.family.fp16_keep_fp32)
 
     def model_nodes_in_branches(m):
         (region_if,) = [n for n in m.graph.node if n.op_type == "If" and n.name.startswith(PREFIX)]

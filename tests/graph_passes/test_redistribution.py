@@ -11,19 +11,18 @@ from onnx import TensorProto, helper
 from aim.errors import InvalidGraphError, InvalidInputError
 from aim.graph_passes.io import load_graph, save_onnx
 from aim.graph_passes.modulate import modulate_file
-from aim.graph_passes.redistribution import (
+from aim.contract import (
     FOCUS,
-    NOISE_FOCUS,
-    NOISE_UTILITY,
     MAX_STRENGTH,
+    NOISE_FOCUS,
     NOISE_METHODS,
+    NOISE_UTILITY,
     PREFIX,
     UTILITY,
-    add_redistribution,
     check_modulation,
     focus_vector,
-    redistribute_torch,
 )
+from aim.graph_passes.redistribution import add_redistribution, redistribute_torch
 from tests.conftest import tiny_classifier
 
 

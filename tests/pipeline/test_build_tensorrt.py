@@ -2,14 +2,17 @@
 
 import json
 
-import numpy as np
 import pytest
 
-from aim.runtime import tensorrt as trt_engine
-from aim.layout import sha256
-from aim.pipeline.build import build_model, choose_backend, report, verify_folder
-from aim.verify.checks import REFERENCE, model_inputs
 from aim.errors import AimError, InvalidInputError
+from aim.files import sha256
+from aim.layout import REFERENCE
+from aim.pipeline.build import build_model
+from aim.pipeline.report import report
+from aim.pipeline.verify import verify_folder
+from aim.runtime import tensorrt as trt_engine
+from aim.runtime.backends import choose_backend
+from aim.verify.reference import Reference
 
 RUNNABLE, WHY_NOT = trt_engine.engine_runnable("tensorrt-rtx")
 
@@ -64,14 +67,13 @@ def test_rtx_build_rechecks_and_refuses_out_of_profile_input(rtx_build):
     out, manifest, _ = rtx_build
     folder = out / "resnet"
     again = verify_folder(folder)
-    assert again["verification"]["passed"]
-    build = manifest["tensorrt"]["engine"]
-    inputs, outputs = trt_engine.engine_io(manifest["graph"])
-    engine = trt_engine.TensorRTEngine(folder / build["path"], "tensorrt-rtx", inputs, outputs, manifest["profile"])
-    with np.load(folder / REFERENCE) as reference:
-        feed = model_inputs(dict(reference))
+    assert again.verification.passed
+    build = manifest.tensorrt["engine"]
+    inputs, outputs = trt_engine.engine_io(manifest.graph)
+    engine = trt_engine.TensorRTEngine(folder / build["path"], "tensorrt-rtx", inputs, outputs, manifest.profile)
+    feed = Reference.load(folder / REFERENCE).inputs
     small = {"pixel_values": feed["pixel_values"][:, :, :16, :16]}  # below the profile's 32 x 32
-    with pytest.raises(InvalidInputError, match=r"outside the optimization profile .* min \[1, 3, 32, 32\]"):
+    with pytest.raises(InvalidInputError, match=r"outside the range .* min \[1, 3, 32, 32\]"):
         engine.run(small, 0.5, None)
 
 

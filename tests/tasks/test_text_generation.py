@@ -5,10 +5,14 @@ import pytest
 import torch
 from scipy import stats
 
-import aim.families as exporter
 from aim.cli import main as cli_main
+from aim.errors import AimError, InvalidInputError
+from aim.evaluation.theory import win_probability
+from aim.families import get_family
+from aim.layout import REFERENCE, TOKENIZER_DIR
+from aim.pipeline.build import build_model
+from aim.tasks import get_task
 from aim.tasks.generation import (
-    TOKENIZER_DIR,
     generate,
     generate_text,
     kv_vs_recompute,
@@ -21,12 +25,12 @@ from aim.tasks.generation import (
     token_focus,
     word_tokens,
 )
-from aim.pipeline.build import build_model
-from aim.verify.checks import KS_ALPHA, statistical_checks
-from aim.errors import AimError, InvalidInputError
-from aim.evaluation.theory import win_probability
+from aim.verify.reference import Reference
+from aim.verify.statistics import KS_ALPHA, statistical_checks
+from tests.conftest import load
 
-CONFIG = exporter.get_config("llama")
+CONFIG = get_family("llama")
+TASK = get_task(CONFIG.task)
 NEW_TOKENS = 16
 # Prompts of different lengths, as token ids (3 left-padded rows when batched).
 PROMPTS = [[5, 900, 17, 4242, 31000, 77, 12], [18, 2], [400, 401, 402, 403]]
@@ -38,7 +42,7 @@ def build(tmp_path_factory):
     out = tmp_path_factory.mktemp("build")
     build_model("llama", out, log=lambda _: None)
     engine, tokenizer, manifest = load_build(out / "llama")
-    return out / "llama", engine, tokenizer, manifest, exporter.load_model(CONFIG, seed=0)
+    return out / "llama", engine, tokenizer, manifest, load("llama", seed=0)[2]
 
 
 def torch_greedy(model, ids, mask, new_tokens, stop=(), pad=0):
@@ -271,16 +275,19 @@ def test_local_checkpoint_with_its_own_tokenizer(tmp_path):
     tokenizer.save_pretrained(tmp_path / "ckpt")
 
     manifest = build_model("llama", tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lambda _: None)
-    checks = {c["name"]: c for c in manifest["verification"]["checks"]}
-    assert manifest["verification"]["passed"] and checks["greedy tokens at utility 0 = PyTorch generate()"]["passed"]
+    checks = {c.name: c for c in manifest.verification.checks}
+    assert manifest.verification.passed and checks["greedy tokens at utility 0 = PyTorch generate()"].passed
     folder = tmp_path / "build" / "llama"
     engine, built_tokenizer, _ = load_build(folder)
     assert len(built_tokenizer) == len(tokenizer) < 64 and built_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert len([n for n in engine.inputs if n.startswith("past_key_values.")]) == 6  # 3 layers
     prompts = ["the cat sat", "once upon a time there was"]
     texts, run = generate_text(folder, prompts, max_new_tokens=8)
-    encoded = built_tokenizer(prompts, padding=True, return_tensors="np")
-    ids, mask = encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
+    ids, mask = built_tokenizer.batch(prompts)  # read without transformers: the same ids as transformers'
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.eos_token  # as the build sets them
+    encoded = tokenizer(prompts, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(ids, encoded["input_ids"])
+    np.testing.assert_array_equal(mask, encoded["attention_mask"])
     assert mask.min() == 0  # prompts of different lengths: a padded batch
     expected = torch_greedy(model, ids, mask, 8, stop=[2], pad=2)
     np.testing.assert_array_equal(run.tokens, expected)
@@ -288,38 +295,33 @@ def test_local_checkpoint_with_its_own_tokenizer(tmp_path):
 
 
 def test_local_tokenizer_is_deterministic_and_fits_the_model():
-    from aim.export.tokenizer import local_tokenizer, model_tokenizer
+    from aim.export.tokenizer import demo_tokenizer
 
-    first, again = local_tokenizer(32000), local_tokenizer(32000)
+    first, again = demo_tokenizer(32000), demo_tokenizer(32000)
     assert len(first) == 32000 and first.get_vocab() == again.get_vocab()
     assert [first.unk_token_id, first.bos_token_id, first.eos_token_id] == [0, 1, 2]  # Llama's ids
     text = "def main():\n    return 'naïve ✓'"
     assert first.decode(first.encode(text, add_special_tokens=False)) == text  # byte-level: any text round-trips
-    small = type("Model", (), {"config": type("Config", (), {"vocab_size": 100})()})()
-    with pytest.raises(AimError, match="save the checkpoint's own tokenizer"):
-        model_tokenizer(small, None)
+    with pytest.raises(AimError, match="too few for a byte-level tokenizer"):
+        demo_tokenizer(100)
 
 
 def test_reduced_precision_generation_checks_use_teacher_forcing(build):
     """FP16 builds are held to the family's Agreement along PyTorch's tokens; wrong tokens fail it."""
     import dataclasses
 
-    from aim.tasks.generation import generation_checks
-    from aim.verify.checks import REFERENCE
-
     folder, engine, _, _, _ = build
-    with np.load(folder / REFERENCE) as stored:
-        reference = dict(stored)
+    reference = Reference.load(folder / REFERENCE).extra
     forced = reference["generation.1.tokens"][:, ::-1].copy()  # some other continuation
     run = generate(engine, reference["generation.1.input_ids"], reference["generation.1.attention_mask"], forced=forced, max_new_tokens=99)
     np.testing.assert_array_equal(run.tokens, forced)
     spec = CONFIG.fp16
     assert spec is not None and spec.metric == "top_k"
-    assert all(check.passed for check in generation_checks(engine, reference, CONFIG.tolerance, spec))
+    assert all(check.passed for check in TASK.checks(engine, reference, CONFIG.tolerance, spec))
     wrong = dict(reference)
     for index in range(3):
         wrong[f"generation.{index}.tokens"] = (reference[f"generation.{index}.tokens"] + 1000) % 32000
-    greedy, _ = generation_checks(engine, wrong, CONFIG.tolerance, dataclasses.replace(spec, min_fraction=0.5))
+    greedy, _ = TASK.checks(engine, wrong, CONFIG.tolerance, dataclasses.replace(spec, min_fraction=0.5))
     assert not greedy.passed and greedy.metrics["fraction"] < 0.1
 
 
@@ -331,10 +333,10 @@ def test_tensorrt_rtx_fp16_build_with_kv_cache_and_generation_from_it(tmp_path):
     from aim.runtime import tensorrt as trt_engine
 
     manifest = build_model("llama", tmp_path, backend="tensorrt-rtx", precision="fp16", log=lambda _: None)
-    assert manifest["verification"]["passed"] and manifest["engine"].endswith(".plan")
-    past = manifest["profile"]["past_key_values.0.key"]
+    assert manifest.verification.passed and manifest.engine.endswith(".plan")
+    past = manifest.profile["past_key_values.0.key"]
     assert past["min"][2] == 0 and past["max"][2] == CONFIG.dims["past_sequence"].max
-    names = [c["name"] for c in manifest["verification"]["checks"]]
+    names = [c.name for c in manifest.verification.checks]
     assert any("teacher forcing" in name for name in names) and "KV cache vs full recompute (reduced precision)" in names
     notes = []
     texts, run = generate_text(tmp_path / "llama", ["def main():"], max_new_tokens=5, log=notes.append)

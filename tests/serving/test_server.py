@@ -6,7 +6,6 @@ focus 0 must give those logits exactly, also inside a dynamic batch shared with 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,9 +21,9 @@ import tritonclient.http as httpclient
 from scipy.stats import norm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from aim.layout import MANIFEST
+from aim.contract import MAX_STRENGTH
+from aim.layout import Manifest
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.graph_passes.redistribution import MAX_STRENGTH
 
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
 IMAGES = 32  # resnet requests: 32 random 32x32 images (the profile's max batch)
@@ -43,11 +42,11 @@ class Model:
     """A served model's sample inputs and its bare logits from ONNX Runtime."""
 
     def __init__(self, folder, inputs):
-        self.manifest = json.loads((folder / MANIFEST).read_text())
-        self.name = self.manifest["model"]
-        self.classes = self.manifest["modulation"]["num_classes"]
+        self.manifest = Manifest.load(folder)
+        self.name = self.manifest.model
+        self.classes = self.manifest.modulation.num_classes
         self.inputs = inputs
-        self.bare = OnnxRuntimeEngine(folder / self.manifest["artifacts"]["bare"]["path"]).run(inputs)
+        self.bare = OnnxRuntimeEngine(self.manifest.path("bare")).run(inputs)
 
     def rows(self, index):
         return {name: array[index] for name, array in self.inputs.items()}
@@ -70,12 +69,11 @@ def prefill(folder, ids, mask) -> dict:
     """A prefill request of the KV-cache export: the prompts, their positions and an empty cache."""
     from aim.tasks.generation import PAST, position_ids
 
-    manifest = json.loads((folder / MANIFEST).read_text())
     inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, ids.shape[1])}
-    for tensor in manifest["graph"]["inputs"]:
-        if tensor["name"].startswith(PAST):
-            _, heads, _, head_dim = tensor["dims"]
-            inputs[tensor["name"]] = np.zeros((len(ids), heads, 0, head_dim), np.float32)
+    for tensor in Manifest.load(folder).graph.inputs:
+        if tensor.name.startswith(PAST):
+            _, heads, _, head_dim = tensor.dims
+            inputs[tensor.name] = np.zeros((len(ids), heads, 0, head_dim), np.float32)
     return inputs
 
 
@@ -131,15 +129,15 @@ class TritonEngine:
 
     def __init__(self, protocol, client, folder):
         self.module, self.client = PROTOCOLS[protocol], client
-        self.manifest = json.loads((folder / MANIFEST).read_text())
+        self.manifest = Manifest.load(folder)
         types = {"float32": np.float32, "int64": np.int64}
-        self.inputs = {t["name"]: (types[t["dtype"]], t["dims"]) for t in self.manifest["graph"]["inputs"]}
-        self.outputs = [t["name"] for t in self.manifest["graph"]["outputs"]]
+        self.inputs = {t.name: (types[t.dtype], t.dims) for t in self.manifest.graph.inputs}
+        self.outputs = [t.name for t in self.manifest.graph.outputs]
 
     def infer(self, feed):
         feed = dict(feed, utility=np.asarray(feed["utility"], np.float32).reshape(-1, 1))  # Triton: [b, 1] per request
         result = self.client.infer(
-            self.manifest["model"], _tensors(self.module, feed), outputs=[self.module.InferRequestedOutput(n) for n in self.outputs]
+            self.manifest.model, _tensors(self.module, feed), outputs=[self.module.InferRequestedOutput(n) for n in self.outputs]
         )
         return {name: result.as_numpy(name) for name in self.outputs}
 
@@ -152,7 +150,7 @@ def test_generation_through_the_server_equals_onnx_runtime(clients, build_folder
 
     folder = build_folder("llama")
     served = TritonEngine(protocol, clients[protocol], folder)
-    local = OnnxRuntimeEngine(folder / served.manifest["engine"])
+    local = OnnxRuntimeEngine(served.manifest.engine_path())
     prompts = [[5, 900, 17, 4242, 31000], [18, 2], [400, 401, 402]]
     expected = generate(local, prompts, max_new_tokens=6).tokens
     np.testing.assert_array_equal(generate(served, prompts, max_new_tokens=6).tokens, expected)
@@ -313,16 +311,16 @@ def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
 def test_a_server_that_cannot_load_its_models_says_why_and_leaves_no_process(triton, build_folder, tmp_path):
     """A tensorrt_plan model (KIND_GPU) on this machine: no GPU, no TensorRT backend. The start fails
     with the server's own reason, and no process is left."""
-    from aim.layout import sha256
-    from aim.serving.triton import write_model
     from aim.serving.server import TritonServer, TritonServerError
+    from aim.serving.triton import write_model
 
     folder = tmp_path / "resnet"
     shutil.copytree(build_folder("resnet"), folder)
     (folder / "engine.plan").write_bytes(b"not a real plan")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["engine"] = "engine.plan"
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    manifest = Manifest.load(folder)
+    manifest.engine = "engine.plan"
+    manifest.record("engine.plan", folder / "engine.plan")
+    manifest.save()
     write_model(folder, tmp_path / "repo")
     server = TritonServer(tmp_path / "repo")
     with pytest.raises(TritonServerError, match="exited with code") as error:

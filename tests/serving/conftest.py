@@ -18,7 +18,7 @@ def build_folder(tmp_path_factory):
     def get(model: str) -> Path:
         if model not in built:
             manifest = build_model(model, root, log=lambda line: None)
-            built[model] = Path(manifest["folder"])
+            built[model] = manifest.folder
         return built[model]
 
     return get

@@ -6,24 +6,22 @@ import onnxruntime
 import pytest
 from scipy import stats
 
-import aim.families as exporter
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.verify.checks import SIGMA, statistical_checks
+from aim.verify.statistics import SIGMA, statistical_checks
+from tests.conftest import load
 
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
     """The ResNet family's production engine with a batch large enough for statistics."""
-    from tests.conftest import Exported  # noqa: F401  (the fixture module)
-
-    config = exporter.get_config("resnet")
-    model = exporter.load_model(config)
-    folder = tmp_path_factory.mktemp("stats")
-    exported = exporter.export_onnx(config, model, folder / "exported.onnx")
     from aim.graph_passes.modulate import modulate_file
+    from aim.pipeline import steps
 
+    family, task, model = load("resnet")
+    folder = tmp_path_factory.mktemp("stats")
+    exported = steps.export(family, task, model, folder / "exported.onnx")
     modulated = modulate_file(exported, folder / "production.onnx", "logits", 1)
-    inputs = {k: v.numpy() for k, v in exporter.example_inputs(config, model, batch=32, height=32, width=32).items()}
+    inputs = {k: v.numpy() for k, v in task.example_inputs(model, family.sizes(batch=32, height=32, width=32)).items()}
     bare = OnnxRuntimeEngine(exported).run(inputs)
     return OnnxRuntimeEngine(modulated), inputs, bare
 

@@ -37,6 +37,7 @@ class Split:
 
 # ---------------------------------------------------------------- digits (image classification)
 DIGITS_SIZE = 32
+DIGIT_CLASSES = tuple(str(digit) for digit in range(10))
 
 
 def digits(seed: int = 0, size: int = DIGITS_SIZE, channels: int = 1) -> dict[str, Split]:
@@ -123,23 +124,16 @@ def corpus_text() -> str:
 # The tokenizer learns its merges from the corpus' first characters: three times faster than from
 # all of it, and the same merges matter (the corpus is one register of English and code).
 TOKENIZER_CHARS = 150_000
+CORPUS_SPECIAL = ("<pad>", "<s>", "</s>")
 
 
-def train_tokenizer(text: str, vocab_size: int):
-    """A byte-level BPE trained on the first TOKENIZER_CHARS of `text` (deterministic), wrapped for
-    transformers."""
-    text = text[:TOKENIZER_CHARS]
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def corpus_tokenizer(vocab_size: int):
+    """A byte-level BPE of `vocab_size` ids learnt from the corpus' first TOKENIZER_CHARS (deterministic)."""
+    from aim.export.tokenizer import fast_tokenizer, train_bpe
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    pad, bos, eos = CORPUS_SPECIAL
+    serialised = train_bpe([corpus_text()[:TOKENIZER_CHARS]], vocab_size, CORPUS_SPECIAL)
+    return fast_tokenizer(serialised, pad_token=pad, bos_token=bos, eos_token=eos)
 
 
 def token_windows(ids: np.ndarray, context: int, count: int | None, seed: int) -> Split:

@@ -8,22 +8,22 @@ import numpy as np
 import onnx
 import pytest
 
-import aim.families as exporter
-from aim.runtime import tensorrt as trt_engine
-from aim.layout import graph_io
-from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.verify.checks import make_reference, model_inputs, verify_build
+from aim.contract import FOCUS, NOISE_INPUTS, PREFIX, UTILITY
 from aim.errors import InvalidGraphError, InvalidInputError
 from aim.graph_passes.fp16 import convert_to_fp16
-from aim.graph_passes.redistribution import FOCUS, NOISE_INPUTS, PREFIX, UTILITY
+from aim.layout import GraphIO, Tensor
+from aim.runtime import tensorrt as trt_engine
+from aim.runtime.base import check_profile, profile_from_io
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.verify.build import verify_build
 
 BACKEND = "tensorrt-rtx"
 RUNNABLE, WHY_NOT = trt_engine.engine_runnable(BACKEND)
 needs_gpu = pytest.mark.skipif(not RUNNABLE, reason=f"running a TensorRT engine needs an NVIDIA GPU: {WHY_NOT}")
 
 
-def dims_of(config):
-    return {name: {"min": r.min, "opt": r.opt, "max": r.max} for name, r in config.dims.items()}
+def dims_of(family):
+    return {name: {"min": r.min, "opt": r.opt, "max": r.max} for name, r in family.family.dims.items()}
 
 
 @pytest.mark.parametrize("kind", ["production", "verification"])
@@ -31,34 +31,33 @@ def test_profile_follows_the_config(family, kind):
     """utility [B] and focus [B, C] follow the batch range; model inputs and the noise inputs follow
     the config's dims (the noise like the logits: batch, classes and, for SegFormer, the input's height
     and width after upsampling)."""
-    config = family.config
-    inputs = graph_io(family.path(kind))["inputs"]
-    profile = trt_engine.profile_from_io(inputs, dims_of(config))
-    classes = [t for t in inputs if t["name"] == FOCUS][0]["dims"][1]
-    batch = config.dims["batch"]
+    inputs = GraphIO.of(family.path(kind)).inputs
+    profile = profile_from_io(inputs, dims_of(family))
+    classes = [t for t in inputs if t.name == FOCUS][0].dims[1]
+    batch = family.family.dims["batch"]
     for key in ("min", "opt", "max"):
         assert profile[UTILITY][key] == [getattr(batch, key)]
         assert profile[FOCUS][key] == [getattr(batch, key), classes]
-        for spec in config.inputs:
-            want = [getattr(config.dims[d], key) if isinstance(d, str) else None for d in spec.dims]
+        for spec in family.task.input_specs(family.model):
+            want = [getattr(family.family.dims[d], key) if isinstance(d, str) else None for d in spec.dims]
             got = profile[spec.name][key]
             assert all(w is None or w == g for w, g in zip(want, got)) and len(got) == len(want)
     if kind == "verification":
         for name in NOISE_INPUTS:
-            logits_dims = [batch.max, classes] + ([config.dims["height"].max, config.dims["width"].max] if config.upsample_logits_to else [])
+            logits_dims = [batch.max, classes] + ([family.family.dims["height"].max, family.family.dims["width"].max] if family.task.upsample_logits_to else [])
             assert profile[name]["max"] == logits_dims
 
 
 def test_profile_needs_a_range_for_every_dynamic_dim():
     with pytest.raises(InvalidGraphError, match="past_sequence"):
-        trt_engine.profile_from_io([{"name": "past_key", "dims": ["batch", 2, "past_sequence", 16]}], {"batch": {"min": 1, "opt": 2, "max": 4}})
+        profile_from_io([Tensor("past_key", "float32", ["batch", 2, "past_sequence", 16])], {"batch": {"min": 1, "opt": 2, "max": 4}})
 
 
 def test_shapes_outside_the_profile_are_refused_before_running():
     profile = {"x": {"min": [1, 3], "opt": [2, 3], "max": [4, 3]}}
-    trt_engine.check_profile({"x": np.zeros((4, 3))}, profile)
-    with pytest.raises(InvalidInputError, match=r"shape \[5, 3\], outside the optimization profile.*min \[1, 3\], max \[4, 3\]"):
-        trt_engine.check_profile({"x": np.zeros((5, 3))}, profile)
+    check_profile({"x": np.zeros((4, 3))}, profile)
+    with pytest.raises(InvalidInputError, match=r"shape \[5, 3\], outside the range.*min \[1, 3\], max \[4, 3\]"):
+        check_profile({"x": np.zeros((5, 3))}, profile)
 
 
 def test_missing_backend_says_what_to_install(monkeypatch):
@@ -75,16 +74,15 @@ def test_missing_backend_says_what_to_install(monkeypatch):
 def plans(family, tmp_path_factory):
     """Plans of the bare and production graphs in FP32 and FP16, built once per family."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
-    config = family.config
-    folder = tmp_path_factory.mktemp(f"{config.name}_plans")
+    folder = tmp_path_factory.mktemp(f"{family.name}_plans")
     built = {}
     for kind in ("bare", "production"):
         for precision in ("fp32", "fp16"):
             source = family.path(kind)
             if precision == "fp16":
                 source = folder / f"{kind}.fp16.onnx"
-                onnx.save(convert_to_fp16(onnx.load(str(family.path(kind))), config.fp16_keep_fp32), str(source))
-            profile = trt_engine.profile_from_io(graph_io(source)["inputs"], dims_of(config))
+                onnx.save(convert_to_fp16(onnx.load(str(family.path(kind))), family.family.fp16_keep_fp32), str(source))
+            profile = profile_from_io(GraphIO.of(source).inputs, dims_of(family))
             built[kind, precision] = (source, trt_engine.build_engine(source, folder / f"{kind}.{precision}.plan", BACKEND, profile))
     return built
 
@@ -96,13 +94,12 @@ def test_engine_builds_with_the_config_profile(family, plans, kind, precision):
     assert result.path.is_file() and result.bytes == result.path.stat().st_size > 100_000
     assert 0 < result.seconds < 120 and result.version.startswith("1.")
     assert not list(result.path.parent.glob(".*tmp*"))  # written atomically, nothing left beside it
-    config = family.config
-    batch = config.dims["batch"]
-    for spec in config.inputs:
+    batch = family.family.dims["batch"]
+    for spec in family.task.input_specs(family.model):
         shapes = result.profile[spec.name]
         assert shapes["min"][0] == batch.min and shapes["max"][0] == batch.max
     # Strongly typed: the graph's IO types are the network's, FP32 at the interface in both precisions.
-    integer = {t["name"] for t in graph_io(source)["inputs"] if t["dtype"].startswith("int")}  # token ids, masks, positions
+    integer = {t.name for t in GraphIO.of(source).inputs if t.dtype.startswith("int")}  # token ids, masks, positions
     assert {name: io["dtype"] for name, io in result.io_types.items() if name not in integer} == {
         name: "FLOAT" for name in result.io_types if name not in integer
     }
@@ -136,12 +133,12 @@ def test_engine_reads_profile_back_where_it_can(plans):
 
 def test_runner_refuses_out_of_profile_shapes_on_any_machine(family, plans):
     source, result = plans["production", "fp32"]
-    inputs, outputs = trt_engine.engine_io(graph_io(source))
+    inputs, outputs = trt_engine.engine_io(GraphIO.of(source))
     engine = trt_engine.TensorRTEngine(result.path, BACKEND, inputs, outputs, result.profile)
-    reference = make_reference(family.config, family.model, seed=0)
-    feed = model_inputs(reference)
-    too_big = {name: np.concatenate([array] * (family.config.dims["batch"].max // array.shape[0] + 1)) for name, array in feed.items()}
-    with pytest.raises(InvalidInputError, match="outside the optimization profile"):
+    reference = family.reference(seed=0)
+    feed = reference.inputs
+    too_big = {name: np.concatenate([array] * (family.family.dims["batch"].max // array.shape[0] + 1)) for name, array in feed.items()}
+    with pytest.raises(InvalidInputError, match="outside the range"):
         engine.run(too_big, 0.0, None)
     if not RUNNABLE:
         with pytest.raises(trt_engine.BackendUnavailableError, match="cannot run"):
@@ -155,34 +152,32 @@ def test_runner_refuses_out_of_profile_shapes_on_any_machine(family, plans):
 @needs_gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_gpu_engine_verifies_against_pytorch(family, plans, tmp_path, precision):
-    config = family.config
     verification = family.path("verification")
     if precision == "fp16":
         verification = tmp_path / "verification.fp16.onnx"
-        onnx.save(convert_to_fp16(onnx.load(str(family.path("verification"))), config.fp16_keep_fp32), str(verification))
-    profile = trt_engine.profile_from_io(graph_io(verification)["inputs"], dims_of(config))
+        onnx.save(convert_to_fp16(onnx.load(str(family.path("verification"))), family.family.fp16_keep_fp32), str(verification))
+    profile = profile_from_io(GraphIO.of(verification).inputs, dims_of(family))
     verify_plan = trt_engine.build_engine(verification, tmp_path / "verify.plan", BACKEND, profile)
     runners = []
     for source, result in (plans["bare", precision], (verification, verify_plan), plans["production", precision]):
-        inputs, outputs = trt_engine.engine_io(graph_io(source))
+        inputs, outputs = trt_engine.engine_io(GraphIO.of(source))
         runners.append(trt_engine.TensorRTEngine(result.path, BACKEND, inputs, outputs, result.profile))
-    reference = make_reference(config, family.model, seed=0)
-    checks = verify_build(*runners, reference, config.tolerance, config.class_axis, config.dims["batch"].max, 0,
-                          config.fp16 if precision == "fp16" else None)
+    reference = family.reference(seed=0)
+    checks = verify_build(*runners, reference, family.family.tolerance, family.task.class_axis, family.family.dims["batch"].max, 0,
+                          family.family.fp16 if precision == "fp16" else None)
     assert all(c.passed for c in checks), [c.as_dict() for c in checks if not c.passed]
 
 
 @needs_gpu
 def test_gpu_engine_runs_at_profile_min_opt_max(family, plans):
-    config = family.config
     source, result = plans["production", "fp32"]
-    inputs, outputs = trt_engine.engine_io(graph_io(source))
+    inputs, outputs = trt_engine.engine_io(GraphIO.of(source))
     engine = trt_engine.TensorRTEngine(result.path, BACKEND, inputs, outputs, result.profile)
     bare = OnnxRuntimeEngine(family.path("bare"))
     for key in ("min", "opt", "max"):
-        sizes = {name: getattr(r, key) for name, r in config.dims.items()}
-        if config.name == "segformer" and key == "max":
+        sizes = {name: getattr(r, key) for name, r in family.family.dims.items()}
+        if family.task.upsample_logits_to and key == "max":
             sizes["batch"] = 1  # the full max is 5 GiB per logits tensor; the spatial max is what matters
-        feed = {k: v.numpy() for k, v in exporter.example_inputs(config, family.model, **sizes).items()}
+        feed = {k: v.numpy() for k, v in family.inputs(**sizes).items()}
         out = engine.run(feed, 0.0, None)
-        np.testing.assert_allclose(out, bare.run(feed), atol=config.tolerance.atol * 10, rtol=config.tolerance.rtol * 10)
+        np.testing.assert_allclose(out, bare.run(feed), atol=family.family.tolerance.atol * 10, rtol=family.family.tolerance.rtol * 10)

@@ -11,21 +11,23 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 import aim.cli as cli
-import aim.families as exporter
-from aim.layout import MANIFEST, sha256
+from aim.errors import AimError, TritonConfigError
+from aim.families import get_family, list_families
+from aim.files import sha256
+from aim.layout import MANIFEST, Manifest
 from aim.serving.triton import CONFIG, check_config, parse_config, read_config, write_model
-from aim.errors import TritonConfigError
+from tests.conftest import load
 
 
 def _input(config, name):
     return next(entry for entry in config.input if entry.name == name)
 
 
-@pytest.mark.parametrize("model", exporter.list_models())
+@pytest.mark.parametrize("model", list_families())
 def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder, tmp_path, model):
     folder = build_folder(model)
     manifest = json.loads((folder / MANIFEST).read_text())
-    export = exporter.get_config(model)  # what the config must say, from the family's own ExportConfig
+    export, task, pytorch_model = load(model)  # what the config must say, from the family and its task
     target = write_model(folder, tmp_path / "repo")
     assert target == tmp_path / "repo" / model
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [model]  # no staging left
@@ -37,7 +39,7 @@ def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder,
     assert (config.name, config.platform, config.max_batch_size) == (model, "onnxruntime_onnx", export.dims["batch"].max)
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_CPU"]
     assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds > 0
-    specs = export.input_specs(exporter.load_model(export))  # with the KV cache of a text family
+    specs = task.input_specs(pytorch_model)  # with the KV cache of a text family
     assert [i.name for i in config.input] == [s.name for s in specs] + ["utility", "focus"]
     for spec in specs:  # model inputs: per-request dims, the batch dim left to Triton
         entry = _input(config, spec.name)
@@ -61,7 +63,8 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
     manifest = json.loads((folder / MANIFEST).read_text())
     (folder / "engine.tensorrt.plan").write_bytes(b"placeholder: a serialized TensorRT engine")
     manifest["engine"] = "engine.tensorrt.plan"
-    manifest["artifacts"]["tensorrt"] = {"path": "engine.tensorrt.plan", "sha256": sha256(folder / "engine.tensorrt.plan")}
+    plan = folder / "engine.tensorrt.plan"
+    manifest["artifacts"]["tensorrt"] = {"path": plan.name, "bytes": plan.stat().st_size, "sha256": sha256(plan)}
     (folder / MANIFEST).write_text(json.dumps(manifest))
     config = read_config(write_model(folder, tmp_path / "repo"))
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
@@ -75,19 +78,17 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
 def test_a_real_tensorrt_plan_build_gives_a_tensorrt_plan_model(tmp_path):
     """With TensorRT builds in the pipeline (TensorRT for RTX builds plans on a CPU), the real manifest
     of a .plan engine gives the tensorrt_plan model, and the plan is copied byte for byte."""
-    from aim.pipeline import build as pipeline
+    from aim.pipeline.build import build_model
 
-    if "tensorrt-rtx" not in getattr(pipeline, "BACKENDS", ()):
-        pytest.skip("the pipeline has no TensorRT backend yet (make engine BACKEND=tensorrt-rtx)")
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (the rtx extra) is not installed")
-    manifest = pipeline.build_model("resnet", tmp_path / "build", backend="tensorrt-rtx", log=lambda line: None)
+    manifest = build_model("resnet", tmp_path / "build", backend="tensorrt-rtx", log=lambda line: None)
     folder = tmp_path / "build" / "resnet"
-    assert manifest["engine"].endswith(".plan")
+    assert manifest.engine.endswith(".plan")
     target = write_model(folder, tmp_path / "repo")
     config = read_config(target)
-    assert config.platform == "tensorrt_plan" and config.max_batch_size == exporter.get_config("resnet").dims["batch"].max
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == get_family("resnet").dims["batch"].max
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
-    assert (target / "1" / "model.plan").read_bytes() == (folder / manifest["engine"]).read_bytes()
+    assert (target / "1" / "model.plan").read_bytes() == manifest.engine_path().read_bytes()
     assert [i.name for i in config.input] == ["pixel_values", "utility", "focus"]
 
 
@@ -135,7 +136,7 @@ BROKEN = {
 @pytest.mark.parametrize("how", sorted(BROKEN))
 def test_a_broken_config_is_caught_with_a_clear_message(build_folder, tmp_path, how):
     folder = build_folder("resnet")
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = Manifest.load(folder)
     good = read_config(write_model(folder, tmp_path / "repo"))
     check_config(good, manifest, "engine.onnxruntime.onnx")  # the generated one passes
     broken = _break(copy.deepcopy(good), how)
@@ -169,8 +170,8 @@ BROKEN_MANIFESTS = {
     "no utility input": (lambda m: m["graph"]["inputs"].pop(1), "no 'utility' input"),
     "batch not first": (lambda m: _set_focus_dims(m, [10, "batch"]), "Triton batches on the first dim"),
     "unknown dtype": (lambda m: m["graph"]["outputs"][0].update(dtype="complex64"), "'complex64'"),
-    "no batch range": (lambda m: m["dynamic_dims"].pop("batch"), "no batch range"),
-    "batch range 0": (lambda m: m["dynamic_dims"]["batch"].update(max=0), "max_batch_size is 0"),
+    "no batch range": (lambda m: m["dynamic_dims"].pop("batch"), "no range for the 'batch' dim"),
+    "batch range 0": (lambda m: m["dynamic_dims"]["batch"].update(min=0, opt=0, max=0), "malformed"),
     "engine not modulated": (lambda m: m.update(engine="exported.onnx"), "exported.onnx does not match its manifest's inputs: 'focus': engine absent"),
     "unknown engine kind": (lambda m: m.update(engine="reference.npz"), "no Triton platform"),
 }
@@ -185,7 +186,7 @@ def test_a_broken_manifest_writes_nothing(build_folder, tmp_path, how):
     before = (repo / "resnet" / CONFIG).read_text()
     edit, message = BROKEN_MANIFESTS[how]
     _edit_manifest(folder, edit)
-    with pytest.raises(TritonConfigError) as error:
+    with pytest.raises(AimError) as error:
         write_model(folder, repo)
     assert message in str(error.value)
     assert sorted(p.name for p in repo.iterdir()) == ["resnet"]  # no staging folder left behind
@@ -197,7 +198,7 @@ def test_a_changed_engine_is_refused(build_folder, tmp_path):
     shutil.copytree(build_folder("resnet"), folder)
     with open(folder / "engine.onnxruntime.onnx", "ab") as handle:
         handle.write(b"\0")
-    with pytest.raises(TritonConfigError, match="changed since the build"):
+    with pytest.raises(AimError, match="changed since the build"):
         write_model(folder, tmp_path / "repo")
     assert not (tmp_path / "repo" / "resnet").exists()
 
@@ -208,4 +209,4 @@ def test_cli_writes_the_repository_and_reports_errors(build_folder, tmp_path, ca
     assert "platform: \"onnxruntime_onnx\"" in capsys.readouterr().out
     assert read_config(repo / "resnet").dynamic_batching.max_queue_delay_microseconds == 500
     assert cli.main(["triton", str(tmp_path / "nothing"), "--repository", str(repo)]) == 2
-    assert "build the engine first" in capsys.readouterr().err
+    assert "Build one first" in capsys.readouterr().err

@@ -1,0 +1,65 @@
+"""aim run engine.onnx --input NAME=file.npy [--utility S] [--boost C=S] [--suppress C=S] [--level L]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aim.cli import args as shared
+from aim.errors import AimError
+
+
+def add(sub) -> None:
+    p = sub.add_parser("run", help="run an engine with given utility and focus")
+    p.add_argument("engine")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
+    shared.utility(p)
+    p.add_argument("--level", type=float, help="calibrated engines (aim calibrate): utility level in [0, 1], 1 = original")
+    p.add_argument("--boost", action="append", default=[], metavar="CLASS=STRENGTH")
+    p.add_argument("--suppress", action="append", default=[], metavar="CLASS=STRENGTH")
+    p.add_argument("-o", "--output", help="save the logits as .npy")
+    shared.threads(p)
+    p.set_defaults(func=run)
+
+
+def _parse_classes(pairs: list[str], flag: str) -> dict[int, float]:
+    chosen = {}
+    for pair in pairs:
+        index, _, strength = pair.partition("=")
+        try:
+            chosen[int(index)] = float(strength)
+        except ValueError:
+            raise AimError(f"{flag} takes CLASS=STRENGTH, e.g. {flag} 3=4.0; got {pair!r}") from None
+    return chosen
+
+
+def _load(item: str):
+    import numpy as np
+
+    name, _, file = item.partition("=")
+    if not file or not Path(file).is_file():
+        raise AimError(f"--input takes NAME=FILE.npy with an existing file; got {item!r}")
+    try:
+        return name, np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise AimError(f"--input {item}: not a readable .npy file ({error})") from None
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from aim.contract import focus_vector
+    from aim.runtime.onnxruntime import OnnxRuntimeEngine
+
+    inputs = dict(_load(item) for item in args.input)
+    with OnnxRuntimeEngine(args.engine, args.threads) as engine:
+        focus = None
+        if args.boost or args.suppress:
+            if not (engine.modulated or engine.calibrated):
+                raise AimError(f"{args.engine} is not modulated: it has no focus input")
+            focus = focus_vector(engine.num_classes, _parse_classes(args.boost, "--boost"), _parse_classes(args.suppress, "--suppress"))
+        logits = engine.run(inputs, args.utility, focus, level=args.level)
+    if args.output:
+        np.save(args.output, logits)
+    top = np.argmax(logits, axis=1)
+    print(f"logits {list(logits.shape)}; argmax over classes of the first sample: {np.ravel(top[0])[:16].tolist()}")
+    return 0

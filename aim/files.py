@@ -1,0 +1,123 @@
+"""Writing files and folders so that a reader never sees half of one: atomic files, staged folders
+published by rename under a lock, and the clean-up of what a killed process left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+# Names of the temporary files and folders below: .<name>.<kind>-<pid>[.data]
+_LEFTOVER = re.compile(r"^\..+\.(tmp|staging|old)-(\d+)(\.data)?$")
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
+            if leftover.exists() or leftover.is_symlink():
+                remove(leftover)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files and staging folders in `folder` whose process is gone (a build
+    killed by SIGKILL or the OOM killer cannot clean up after itself); returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match and not _alive(int(match.group(2))):
+            remove(entry)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive lock on `folder` itself (flock on the directory: no lock file left behind, and the
+    kernel releases it if the holder dies)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
+
+
+class StagedFolder:
+    """A folder built beside its final place and published by rename, so a reader sees the old
+    folder or the new one, never a mix. Used as a context manager: on an error (or Ctrl-C, or SIGTERM
+    turned into SystemExit) the staging folder is removed; `publish()` swaps it in under a lock, so
+    two processes publishing the same folder take turns. Leftovers of killed processes are removed
+    on entry."""
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.path = self.final.with_name(f".{self.final.name}.staging-{os.getpid()}")
+        self.published: Path | None = None
+
+    def __enter__(self) -> "StagedFolder":
+        remove_leftovers(self.final.parent)
+        remove(self.path)
+        self.path.mkdir(parents=True)
+        return self
+
+    def publish(self, target: str | os.PathLike | None = None) -> Path:
+        """Replaces `target` (default: the final folder) by the staged one."""
+        target = Path(target) if target is not None else self.final
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        with folder_lock(target.parent):
+            if target.exists() or target.is_symlink():
+                os.replace(target, old)
+            os.replace(self.path, target)
+        remove(old)
+        self.published = target
+        return target
+
+    def __exit__(self, *exc) -> None:
+        if self.published is None:
+            remove(self.path)
+            with contextlib.suppress(OSError):
+                self.final.parent.rmdir()  # only if empty: an error leaves nothing behind

@@ -1,0 +1,33 @@
+"""A short human-readable summary of a build."""
+
+from __future__ import annotations
+
+from aim.layout import Manifest
+
+
+def report(manifest: Manifest) -> str:
+    verification = manifest.verification
+    lines = [f"{manifest.model} ({manifest.task}), backend {manifest.backend}, {manifest.precision}"]
+    for key in ("inputs", "outputs"):
+        lines.append(f"  {key:8}" + ", ".join(f"{t.name} {t.dtype} {t.dims}" for t in getattr(manifest.graph, key)))
+    for build in (manifest.tensorrt or {}).values():
+        lines.append(f"  {build['path']}: {build['bytes'] / 1e6:.1f} MB, built in {build['build_s']:.1f} s by {build['backend']} {build['version']}")
+    if manifest.tensorrt:
+        lines.append("  profile: " + "; ".join(f"{name} {p['min']}..{p['max']}" for name, p in manifest.profile.items()))
+    ran_on = "" if verification.runner == manifest.backend else f" (on {verification.runner}: the engine cannot run here)"
+    lines.append(f"  checks{ran_on}:")
+    for check in verification.checks:
+        lines.append(f"    {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+    tolerance = verification.tolerance
+    lines.append(f"  tolerance: atol {tolerance.atol:g}, rtol {tolerance.rtol:g} ({tolerance.why})")
+    reduced = verification.reduced_precision
+    if reduced:
+        lines.append(f"  fp16 comparator: {reduced.metric} (k={reduced.k}) >= {reduced.min_fraction:g} ({reduced.why})")
+    files = sorted({artifact.path.split("/")[0] for artifact in manifest.artifacts.values()})
+    lines.append(f"  artifacts in {manifest.folder}/: " + ", ".join(files) + ", manifest.json")
+    if not verification.engine_run.ran:
+        lines.append(f"  engine run SKIPPED: {verification.engine_run.reason}")
+    lines.append(
+        "  verification " + ("PASSED" if verification.passed else "FAILED") + ("" if verification.engine_run.ran else " (graphs on ONNX Runtime; engine built, not run)")
+    )
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""The steps of `make engine`, each a small function that returns its artifact.
+
+    load      family + checkpoint -> Loaded (the PyTorch model, its tokenizer, its size)
+    export    -> exported.onnx (torch.onnx)
+    passes    -> bare, production and verification graphs (+ FP16 copies), TensorRT compatibility
+    engines   -> the engine files of the backend
+    reference -> reference.npz: what PyTorch computes on the verification inputs
+
+The verdicts on the build's engines against the reference come from pipeline/verify.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from aim.contract import LOGITS
+from aim.errors import AimError, CheckpointError
+from aim.families import Family
+from aim.files import atomic_path
+from aim.graph_passes.io import load_onnx, save_onnx
+from aim.graph_passes.modulate import deployment_graphs
+from aim.layout import FILES, ROLES, TOKENIZER_DIR, GraphIO, engine_files
+from aim.runtime import onnxruntime as ort_engine
+from aim.runtime.backends import TENSORRT_BACKENDS
+from aim.runtime.base import profile_from_io
+from aim.tasks import Task
+from aim.verify.reference import Reference, differential_knobs
+
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass
+class Loaded:
+    model: object  # the PyTorch model, eval mode
+    tokenizer: object | None
+    num_classes: int
+    parameters: int
+    checkpoint: Path | None
+
+
+def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
+    """The family's model: a local `save_pretrained` folder (its architecture must be the family's),
+    or random weights from the family's tiny config (seeded). Nothing is downloaded."""
+    from aim.export.torch_export import checkpoint_config, load_checkpoint, random_model
+
+    if checkpoint is None:
+        model = random_model(family.build, seed)
+    else:
+        found = checkpoint_config(checkpoint).get("model_type")
+        if found != family.model_type:
+            raise CheckpointError(
+                f"{checkpoint} holds a {found!r} model, but MODEL={family.name} expects {family.model_type!r}. "
+                f"Pick the model family that matches the checkpoint."
+            )
+        model = load_checkpoint(family.model_class_object(), checkpoint)
+    tokenizer = task.tokenizer(model, checkpoint)
+    parameters = sum(p.numel() for p in model.parameters())
+    return Loaded(model, tokenizer, task.num_classes(model), parameters, Path(checkpoint).resolve() if checkpoint else None)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> Path:
+    """The tokenizer beside the engine, as a fast tokenizer (tokenizer.json), so generation needs
+    nothing but the build folder (and no transformers: tasks/tokens.py reads it)."""
+    target = folder / TOKENIZER_DIR
+    tokenizer.save_pretrained(target)
+    if not (target / "tokenizer.json").is_file():
+        raise CheckpointError(
+            "the checkpoint's tokenizer has no fast (tokenizer.json) form, which generation reads; "
+            "save it with `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)` on a machine with transformers"
+        )
+    return target
+
+
+def export(family: Family, task: Task, model, path: Path) -> Path:
+    """torch.onnx's trace of the task's wrapper around the model, every dynamic dim symbolic."""
+    from aim.export.torch_export import export_onnx
+
+    inputs = task.example_inputs(model, family.sizes(**family.verify_sizes))
+    return export_onnx(
+        task.wrap(model), inputs, task.input_specs(model), task.output_specs(model), path, family.opset, task.export_context
+    )
+
+
+@dataclass
+class Graphs:
+    paths: dict[str, Path]  # artifact key -> file
+    sources: dict[str, str]  # role (bare, verification, production) -> the artifact key its engine runs
+    compatibility: dict  # role -> the TensorRT check's report
+
+
+def passes(task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = ()) -> Graphs:
+    """Bare, production and verification graphs (FP16 copies if asked), and TensorRT's verdict on
+    them; refuses the build if TensorRT is the backend and would refuse a node."""
+    from aim.graph_passes.fp16 import convert_to_fp16
+    from aim.graph_passes.trt_support import check_tensorrt_support
+    from aim.runtime.tensorrt import EngineBuildError
+
+    paths = {"exported": exported}
+    graphs = deployment_graphs(load_onnx(exported), LOGITS, task.class_axis, task.upsample_logits_to)
+    if task.upsample_logits_to:
+        paths["bare"] = save_onnx(graphs["bare"], folder / FILES["bare"])
+    else:
+        paths["bare"] = exported  # nothing changed: the exported file is the bare model
+    paths["modulated"] = save_onnx(graphs["production"], folder / FILES["modulated"])
+    paths["verification"] = save_onnx(graphs["verification"], folder / FILES["verification"])
+    sources = dict(ROLES)
+    if precision == "fp16":
+        for role, key in ROLES.items():
+            half = folder / paths[key].name.replace(".onnx", ".fp16.onnx")
+            paths[f"{key}.fp16"] = save_onnx(convert_to_fp16(load_onnx(paths[key]), keep_fp32), half)
+            sources[role] = f"{key}.fp16"
+    target = backend if backend in TENSORRT_BACKENDS else "tensorrt"  # ONNX Runtime builds: would TensorRT take it?
+    compatibility = {role: check_tensorrt_support(paths[key], backend=target) for role, key in sources.items()}
+    unsupported: dict[str, list[str]] = {}  # finding -> the graphs that have it
+    for role, report in compatibility.items():
+        for finding in report.errors:
+            unsupported.setdefault(str(finding), []).append(role)
+    if unsupported and backend in TENSORRT_BACKENDS:
+        listed = [f"{finding} [{', '.join(roles)}]" for finding, roles in unsupported.items()]
+        more = f"\n  ... and {len(listed) - 20} more" if len(listed) > 20 else ""
+        raise EngineBuildError(
+            f"TensorRT's ONNX parser would refuse {len(listed)} node(s):\n  " + "\n  ".join(listed[:20]) + more
+            + "\nUse BACKEND=onnxruntime, or change the model."
+        )
+    return Graphs(paths, sources, compatibility)
+
+
+def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: dict, log) -> dict:
+    """Builds the backend's engine files into `folder` (graphs.paths gains them); returns the
+    TensorRT build records by artifact key (empty for ONNX Runtime)."""
+    files = {key: folder / name for key, name in engine_files(backend).items()}
+    production = graphs.paths[graphs.sources["production"]]
+    builds = {}
+    if backend == "onnxruntime" and precision == "fp16":
+        # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
+        # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
+        # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
+        with atomic_path(files["engine"]) as tmp:
+            shutil.copyfile(production, tmp)
+    elif backend == "onnxruntime":
+        ort_engine.build(production, files["engine"])
+    else:
+        from aim.runtime import tensorrt as trt_engine
+
+        cache = trt_engine.default_timing_cache(backend)
+        for role, key in (("production", "engine"), ("bare", "engine.bare"), ("verification", "engine.verification")):
+            source = graphs.paths[graphs.sources[role]]
+            profile = profile_from_io(GraphIO.of(source).inputs, dims)
+            builds[key] = trt_engine.build_engine(source, files[key], backend, profile, cache, log).as_dict()
+    graphs.paths.update(files)
+    return builds
+
+
+def reference(family: Family, task: Task, loaded: Loaded, seed: int = 0) -> Reference:
+    """Inputs, knobs and seeded noise, and what PyTorch computes for them: the model's logits (resized
+    as the graph resizes them) and the PyTorch twin of the redistribution on top; plus the task's own
+    reference (generation)."""
+    import torch
+
+    from aim.graph_passes.redistribution import redistribute_torch
+
+    inputs = task.example_inputs(loaded.model, family.sizes(**family.verify_sizes), seed)
+    logits = task.reference_logits(loaded.model, inputs)
+    knobs = differential_knobs(logits.shape[0], logits.shape[task.class_axis], tuple(logits.shape), seed)
+    as_torch = {name: torch.from_numpy(array) for name, array in knobs.items()}
+    modulated = redistribute_torch(logits, class_axis=task.class_axis, **as_torch)
+    return Reference(
+        inputs={name: tensor.numpy() for name, tensor in inputs.items()},
+        logits=logits.numpy(),
+        modulated=modulated.numpy(),
+        extra=task.reference_extra(loaded.model, loaded.tokenizer, seed),
+        **knobs,
+    )
+
+
+def check_precision(family: Family, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise AimError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+    if precision == "fp16" and family.fp16 is None:
+        raise AimError(f"{family.name} states no FP16 comparator (Family.fp16), so an FP16 engine could not be verified")

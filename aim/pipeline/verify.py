@@ -1,0 +1,59 @@
+"""`aim verify`: re-run a build's checks against its stored reference (no PyTorch needed)."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+from aim.contract import BATCH
+from aim.layout import REFERENCE, EngineRun, Manifest
+from aim.runtime.backends import runnable_here
+from aim.runtime.folder import open_build, role_runners
+from aim.specs import Check
+from aim.tasks import Task, get_task
+from aim.verify.build import verify_build
+from aim.verify.reference import Reference
+
+
+def checks(manifest: Manifest, task: Task, reference: Reference, runner: str, seed: int = 0) -> list[Check]:
+    """Every verdict on a build folder's engines against its reference; `runner`: the backend that runs
+    the checks (the engine's own, or ONNX Runtime on the graphs a TensorRT engine was built from)."""
+    import onnxruntime
+
+    onnxruntime.set_seed(seed)  # before the runners' sessions exist: it seeds only sessions made after it
+    runners = role_runners(manifest, runner)
+    try:
+        verification = manifest.verification
+        found = verify_build(
+            *runners,
+            reference,
+            verification.tolerance,
+            manifest.modulation.class_axis,
+            manifest.dynamic_dims[BATCH].max,
+            seed,
+            verification.reduced_precision,
+        )
+        return found + task.checks(runners[2], reference.extra, verification.tolerance, verification.reduced_precision)
+    finally:
+        for each in runners:
+            each.close()  # TensorRT runners hold GPU memory
+
+
+def verify_folder(folder: str | os.PathLike, seed: int | None = None) -> Manifest:
+    """Re-runs the checks of an existing build (every file checked against its hash first) and
+    records the verdicts in its manifest. `seed`: the statistics' seed (default: the build's)."""
+    manifest = open_build(folder)
+    seed = manifest.verification.seed if seed is None else seed
+    runnable, why = runnable_here(manifest.backend)
+    runner = manifest.backend if runnable else "onnxruntime"
+    reference = Reference.load(manifest.folder / REFERENCE)
+    found = checks(manifest, get_task(manifest.task), reference, runner, seed)
+    verification = manifest.verification
+    verification.runner = runner
+    verification.engine_run = EngineRun(runnable, why)
+    verification.checks = found
+    verification.passed = all(check.passed for check in found)
+    verification.seed = seed
+    verification.verified = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest.save()
+    return manifest

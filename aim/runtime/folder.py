@@ -1,0 +1,55 @@
+"""Opening a build folder: its manifest, its files checked against their hashes, and runners for its
+engines (the engine itself where it can run here, else ONNX Runtime on the graph it was built from)."""
+
+from __future__ import annotations
+
+import os
+
+from aim.layout import GraphIO, Manifest
+from aim.runtime.backends import TENSORRT_BACKENDS, runnable_here
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+
+# The TensorRT plan of each role (artifact keys, see layout.engine_files).
+PLANS = {"bare": "engine.bare", "verification": "engine.verification", "production": "engine"}
+
+
+def open_build(folder: str | os.PathLike, check: bool = True) -> Manifest:
+    """The manifest of a build folder; with `check`, every file it records must still have its hash."""
+    manifest = Manifest.load(folder)
+    if check:
+        manifest.check_artifacts()
+    return manifest
+
+
+def role_runners(manifest: Manifest, runner: str) -> list:
+    """(bare, verification, production) runners of a build. `runner` is the backend that runs them:
+    the engine's own, or ONNX Runtime on the very graphs a TensorRT engine was built from where the
+    engine cannot run here."""
+    if runner in TENSORRT_BACKENDS:
+        from aim.runtime.tensorrt import TensorRTEngine, engine_io
+
+        engines = []
+        for role in ("bare", "verification", "production"):
+            build = manifest.tensorrt[PLANS[role]]
+            inputs, outputs = engine_io(GraphIO.of(manifest.graph_path(role)))
+            engines.append(TensorRTEngine(manifest.folder / build["path"], runner, inputs, outputs, build["profile"]))
+        return engines
+    production = manifest.engine_path() if manifest.backend == "onnxruntime" else manifest.graph_path("production")
+    paths = [manifest.graph_path("bare"), manifest.graph_path("verification"), production]
+    return [OnnxRuntimeEngine(path, profile=manifest.profile if path == production else None) for path in paths]
+
+
+def production_runner(manifest: Manifest):
+    """(runner, note) for a build's production engine: the engine itself where it can run, else ONNX
+    Runtime on the production graph it was built from, with `note` saying why (generation, serving)."""
+    runnable, why = runnable_here(manifest.backend)
+    if runnable and manifest.backend in TENSORRT_BACKENDS:
+        from aim.runtime.tensorrt import TensorRTEngine, engine_io
+
+        build = manifest.tensorrt["engine"]
+        inputs, outputs = engine_io(manifest.graph)
+        return TensorRTEngine(manifest.engine_path(), manifest.backend, inputs, outputs, build["profile"]), ""
+    if manifest.backend == "onnxruntime":
+        return OnnxRuntimeEngine(manifest.engine_path(), profile=manifest.profile), ""
+    graph = manifest.graph_path("production")
+    return OnnxRuntimeEngine(graph, profile=manifest.profile), f"{manifest.engine} cannot run here ({why}): running {graph.name} on ONNX Runtime"

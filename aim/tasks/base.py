@@ -1,0 +1,125 @@
+"""What every task shares: how a model of the task is traced, what its logits are, how a build is
+verified beyond the logits, and the data it is trained and evaluated on.
+
+A task object is looked up by the name a family gives (`aim.tasks.get_task`). Importing a task
+imports no torch or transformers: they load inside the methods that trace, train or compute a
+PyTorch reference, so the decode loop and the runtime stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from aim.specs import Agreement, Check, TensorSpec, Tolerance
+
+
+class Task:
+    name: str = ""
+    class_axis: int = 1
+    # Input whose spatial size the logits are resized to before modulation (segmentation), or None.
+    upsample_logits_to: str | None = None
+    metric: str = "accuracy"  # the clean metric of a trained model
+    utility_grid: str = "classification"  # the eval sweep's sigma grid (SPEC section 1)
+    segmentation: bool = False  # measured per pixel: mIoU besides accuracy
+    # How many rows of the verification batch are tiled per statistical run at most (the family's
+    # batch max bounds it too).
+
+    # -- tracing
+
+    def input_specs(self, model) -> tuple[TensorSpec, ...]:
+        """Every graph input of the exported model, in order (before utility and focus)."""
+        raise NotImplementedError
+
+    def output_specs(self, model) -> tuple[TensorSpec, ...]:
+        """Every graph output, the logits first."""
+        raise NotImplementedError
+
+    def num_classes(self, model) -> int:
+        raise NotImplementedError
+
+    def wrap(self, model):
+        """The torch module torch.onnx traces: positional inputs as `input_specs`, logits first out."""
+        raise NotImplementedError
+
+    def example_inputs(self, model, sizes: dict[str, int], seed: int = 0) -> dict:
+        """Random inputs {name: torch tensor} at `sizes` of the dynamic dims."""
+        raise NotImplementedError
+
+    def export_context(self):
+        """Patches active while tracing (a context manager)."""
+        return contextlib.nullcontext()
+
+    # -- the PyTorch reference
+
+    def reference_outputs(self, model, inputs: dict):
+        """Every output of the wrapped model for `inputs` (a tuple, the logits first)."""
+        import torch
+
+        with torch.no_grad():
+            out = self.wrap(model).eval()(*(inputs[spec.name] for spec in self.input_specs(model)))
+        return out if isinstance(out, tuple) else (out,)
+
+    def reference_logits(self, model, inputs: dict):
+        """The logits as the deployed graph computes them (resized to the input where the task asks)."""
+        logits = self.reference_outputs(model, inputs)[0]
+        if self.upsample_logits_to:
+            from aim.graph_passes.upsample import upsample_torch
+
+            logits = upsample_torch(logits, inputs[self.upsample_logits_to].shape[2:])
+        return logits
+
+    # -- task-level verification (beyond the logits)
+
+    def tokenizer(self, model, checkpoint):
+        """The tokenizer a build saves for the task (text generation), or None."""
+        return None
+
+    def reference_extra(self, model, tokenizer, seed: int = 0) -> dict:
+        """Task-level PyTorch outputs computed at build time, stored in reference.npz."""
+        return {}
+
+    def checks(self, engine, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
+        """Task-level checks of the production engine against `reference_extra`'s arrays."""
+        return []
+
+    # -- data: training and evaluation (package-shipped or generated; no download)
+
+    def training_data(self, trained, seed: int = 0, checkpoint=None, train_inputs: int | None = None) -> dict:
+        """{"train", "calibration", "test"} splits (and whatever else training needs)."""
+        raise NotImplementedError
+
+    def model_config(self, trained, data: dict):
+        """The family's trained config sized for the task's data (`trained`: the family's Trained)."""
+        raise NotImplementedError
+
+    def training_batches(self, data: dict, batch: int, rng):
+        """Endless (inputs, labels) batches of torch tensors from the train split."""
+        raise NotImplementedError
+
+    def training_logits(self, model, inputs: dict):
+        """The logits the loss sees (as the engine computes them)."""
+        raise NotImplementedError
+
+    def loss(self, logits, labels):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits, labels)
+
+    def predictions(self, logits):
+        """The clean metric's predictions from training_logits (a numpy array)."""
+        return logits.argmax(1).numpy()
+
+    def clean_metric(self, predicted, labels, num_classes: int) -> float:
+        from aim.tasks import metrics
+
+        return metrics.accuracy(predicted, labels)
+
+    def eval_split(self, engine, checkpoint, split: str, seed: int = 0, count: int | None = None):
+        """A labelled split of the task's data shaped for `engine` (a datasets.Split)."""
+        raise NotImplementedError
+
+    def labels_fit(self, checkpoint) -> bool:
+        """Whether the data's labels are the model's classes (the family's own trained model)."""
+        from pathlib import Path
+
+        return checkpoint is not None and (Path(checkpoint) / "training.json").is_file()

@@ -1,0 +1,51 @@
+"""Every check of one build: differential (engine vs reference, element-wise or by the task's
+reduced-precision comparator) and statistical (the production engine's own noise)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aim.specs import Agreement, Check, Tolerance
+from aim.verify.compare import agreement, compare
+from aim.verify.reference import Reference, tile_batch
+from aim.verify.statistics import MIN_SAMPLES, statistical_checks
+
+
+def verify_build(
+    bare,
+    verification,
+    engine,
+    reference: Reference,
+    tolerance: Tolerance,
+    class_axis: int,
+    max_batch: int,
+    seed: int = 0,
+    reduced_precision: Agreement | None = None,
+) -> list[Check]:
+    """`bare`, `verification`, `engine`: runners of the bare model, the verification flavour and the
+    production engine. `max_batch`: the largest batch the engine takes; small outputs are tiled up to
+    it for the statistics. `reduced_precision`: for FP16 builds, the task's comparator replaces the
+    element-wise one."""
+
+    def differential(name, expected, actual):
+        if reduced_precision is not None:
+            return agreement(name, expected, actual, reduced_precision, class_axis)
+        return compare(name, expected, actual, tolerance)
+
+    inputs = reference.inputs
+    bare_logits = bare.run(inputs)
+    batch = bare_logits.shape[0]
+    repeats = int(np.clip(np.ceil(MIN_SAMPLES / bare_logits.size), 1, max(1, max_batch // batch)))
+    stats_inputs = tile_batch(inputs, repeats) if repeats > 1 else inputs
+    stats_bare = bare.run(stats_inputs) if repeats > 1 else bare_logits
+    checks = [
+        differential(f"bare model vs {reference.source}", reference.logits, bare_logits),
+        differential(
+            f"modulated (verification flavour) vs {reference.source} reference",
+            reference.modulated,
+            verification.run(
+                inputs, reference.utility, reference.focus, noise_utility=reference.noise_utility, noise_focus=reference.noise_focus
+            ),
+        ),
+    ]
+    return checks + statistical_checks(engine, stats_inputs, stats_bare, class_axis, seed)
