@@ -232,6 +232,11 @@ class Manifest:
                 f"build (sha256 differs from the manifest): rebuild with `make engine`"
             )
 
+    @property
+    def file(self) -> Path:
+        """manifest.json of this build folder."""
+        return self._root() / MANIFEST
+
     def _root(self) -> Path:
         if self.folder is None:
             raise ValueError("the manifest has no folder yet: save() or load() it first")
@@ -275,7 +280,7 @@ class Manifest:
     def save(self, folder: str | os.PathLike | None = None) -> Path:
         if folder is not None:
             self.folder = Path(folder)
-        path = self._root() / MANIFEST
+        path = self.file
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path

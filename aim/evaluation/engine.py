@@ -15,7 +15,7 @@ from typing import Callable
 
 from aim.evaluation.train import TRAINING, train
 from aim.families import Family, get_family
-from aim.layout import MANIFEST, Manifest, ManifestError
+from aim.layout import Manifest, ManifestError
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.tasks import Task, get_task
 from aim.tasks.datasets import Split
@@ -45,7 +45,7 @@ def _up_to_date(folder: Path, checkpoint: Path) -> bool:
         return False
     same = manifest.source.checkpoint == str(checkpoint.resolve())
     same = same and manifest.backend == "onnxruntime" and manifest.precision == "fp32"
-    newer = (folder / MANIFEST).stat().st_mtime >= (checkpoint / "config.json").stat().st_mtime
+    newer = manifest.file.stat().st_mtime >= (checkpoint / "config.json").stat().st_mtime
     return same and newer and manifest.engine_path().is_file()
 
 

@@ -3,6 +3,7 @@
 from aim.families import Benchmark, Family, Trained, register
 from aim.specs import Agreement, DimRange, Tolerance
 
+
 def tiny():
     from transformers import SegformerConfig
 
@@ -68,6 +69,7 @@ SEGFORMER = register(
             "SegFormer-B0, 150 classes, 1x3x512x512, logits upsampled to 512x512 in bare and modulated",
             repeats=20,
             time_make_engine=True,
+            p1b_target=2.0,
         ),
     )
 )

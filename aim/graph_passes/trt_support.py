@@ -355,10 +355,22 @@ def check_tensorrt_support(
     low, high = table["opset"]["min"], table["opset"]["max"]
     if opset is None or not low <= opset <= high:
         report.findings.append(Finding("(model)", "opset", f"opset {opset} is outside the parser's range {low}..{high}"))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)  # element types of intermediate tensors
-    except Exception:  # shape inference is a help, not a requirement; the types then stay unknown
-        inferred = model
+    try:  # strict: the default mode stops at the first inconsistency without a word
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)  # element types of intermediate tensors
+    except Exception as error:  # the ops are still checked; the element types of their tensors are not
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)  # what it could infer before it stopped
+        except Exception:
+            inferred = model
+        report.findings.append(
+            Finding(
+                "(model)", "shape inference",
+                f"ONNX shape inference failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}), so the element "
+                f"types of some intermediate tensors are unknown and were NOT checked against the parser's types; "
+                f"fix the graph so that `onnx.shape_inference.infer_shapes` runs, then check again",
+                "warning",
+            )
+        )
     initializers = {init.name for init in model.graph.initializer}
     for value in model.graph.input:
         if value.name in initializers or not value.type.HasField("tensor_type"):

@@ -24,7 +24,7 @@ def report(manifest: Manifest) -> str:
     if reduced:
         lines.append(f"  fp16 comparator: {reduced.metric} (k={reduced.k}) >= {reduced.min_fraction:g} ({reduced.why})")
     files = sorted({artifact.path.split("/")[0] for artifact in manifest.artifacts.values()})
-    lines.append(f"  artifacts in {manifest.folder}/: " + ", ".join(files) + ", manifest.json")
+    lines.append(f"  artifacts in {manifest.folder}/: " + ", ".join([*files, manifest.file.name]))
     if not verification.engine_run.ran:
         lines.append(f"  engine run SKIPPED: {verification.engine_run.reason}")
     lines.append(

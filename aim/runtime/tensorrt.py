@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aim.errors import AimError, InvalidGraphError
+from aim.errors import AimError
 from aim.files import atomic_path
 from aim.runtime.base import Runner, profile_from_io  # noqa: F401  (profile_from_io: part of this module's API)
 

@@ -189,10 +189,6 @@ class TritonServer:
             index = json.loads(response.read())
         return sorted(entry["name"] for entry in index if entry.get("state") == "READY")
 
-    @property
-    def log_file(self) -> Path | None:
-        return self._log
-
     def log(self) -> str:
         try:
             return Path(self._log).read_text(errors="replace")

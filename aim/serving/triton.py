@@ -26,7 +26,7 @@ from pathlib import Path
 from aim.contract import BATCH, FOCUS, UTILITY
 from aim.errors import TritonConfigError
 from aim.files import StagedFolder
-from aim.layout import MANIFEST, GraphIO, Manifest
+from aim.layout import GraphIO, Manifest
 from aim.runtime.folder import open_build
 
 CONFIG = "config.pbtxt"
@@ -275,7 +275,7 @@ def write_model(
         raise TritonConfigError(f"model name {name!r}: use letters, digits, '_', '-' and '.' only")
     engine_path = _engine_file(manifest, engine)
     platform, _, filename = platform_for(engine_path.name)
-    text = config_text(build_config(manifest, name, engine_path.name, max_queue_delay_us), str(manifest.folder / MANIFEST))
+    text = config_text(build_config(manifest, name, engine_path.name, max_queue_delay_us), str(manifest.file))
     check_config(parse_config(text, f"{name}/{CONFIG}"), manifest, engine_path.name, f"{name}/{CONFIG}")
     # An ONNX engine can be read here: its own inputs/outputs must be what the manifest says.
     extra_files = _check_onnx_engine(engine_path, manifest) if platform == "onnxruntime_onnx" else []

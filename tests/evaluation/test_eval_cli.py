@@ -11,9 +11,9 @@ import pytest
 from matplotlib import image
 
 import aim.cli as cli
+from aim.evaluation import calibrate, sweep
 from aim.layout import CALIBRATION_FILES, Manifest
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.evaluation import calibrate, sweep
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 
-from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
 from aim.evaluation import calibrate, sweep, theory
-from aim.tasks import metrics
 from aim.graph_passes.calibration import add_utility_level
 from aim.graph_passes.io import load_graph, save_onnx
+from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
+from aim.tasks import metrics
 
 AGREEMENT_TOLERANCE = 0.01
 LEVEL_TOLERANCE = 0.02

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.contract import NOISE_FOCUS, NOISE_UTILITY, PREFIX, UTILITY, UTILITY_LEVEL, check_level
 from aim.errors import InvalidGraphError, InvalidInputError
-from aim.contract import UTILITY_LEVEL, check_level
 from aim.graph_passes.calibration import NAME, add_utility_level, level_to_sigma
 from aim.graph_passes.io import load_graph, save_onnx
 from aim.graph_passes.modulate import modulate_file
-from aim.contract import NOISE_FOCUS, NOISE_UTILITY, PREFIX, UTILITY
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from tests.conftest import tiny_classifier
 
 TABLE = np.array([40.0, 9.0, 5.0, 2.5, 1.0, 0.0], dtype=np.float32)  # levels 0, 0.2, ..., 1

@@ -8,11 +8,11 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
 
+from aim.contract import PREFIX
+from aim.graph_passes.fp16 import convert_to_fp16, fp32_violations
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.specs import Agreement
 from aim.verify.compare import agreement
-from aim.graph_passes.fp16 import convert_to_fp16, fp32_violations
-from aim.contract import PREFIX
 
 
 def io_types(m):

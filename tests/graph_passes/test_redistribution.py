@@ -8,9 +8,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from aim.errors import InvalidGraphError, InvalidInputError
-from aim.graph_passes.io import load_graph, save_onnx
-from aim.graph_passes.modulate import modulate_file
 from aim.contract import (
     FOCUS,
     MAX_STRENGTH,
@@ -22,6 +19,9 @@ from aim.contract import (
     check_modulation,
     focus_vector,
 )
+from aim.errors import InvalidGraphError, InvalidInputError
+from aim.graph_passes.io import load_graph, save_onnx
+from aim.graph_passes.modulate import modulate_file
 from aim.graph_passes.redistribution import add_redistribution, redistribute_torch
 from tests.conftest import tiny_classifier
 

@@ -180,3 +180,15 @@ def test_backend_differences_hold_for_the_pinned_rtx(tmp_path):
         with pytest.raises(EngineBuildError, match=match):
             build_engine(tmp_path / f"{name}.onnx", tmp_path / f"{name}.plan", "tensorrt-rtx", {"x": {"min": [1, 8], "opt": [2, 8], "max": [4, 8]}})
         assert not (tmp_path / f"{name}.plan").exists()
+
+
+def test_a_failed_shape_inference_is_said_not_swallowed():
+    """Shapes that contradict each other make shape inference fail: the ops are still checked, but the
+    report says that the element types were not, instead of reporting 'all supported' silently."""
+    m = model([h.make_node("MatMul", ["a", "b"], ["c"], name="mismatched")], [tensor("a", shape=(2, 3)), tensor("b", shape=(4, 5))], [tensor("c", shape=(2, 5))])
+    report = check_tensorrt_support(m)
+    (finding,) = [f for f in report.warnings if f.op == "shape inference"]
+    assert "NOT checked" in finding.reason and "infer_shapes" in finding.reason
+    assert "warning" in report.summary() and "NOT checked" in report.summary()
+    good = model([h.make_node("MatMul", ["a", "b"], ["c"], name="fine")], [tensor("a", shape=(2, 3)), tensor("b", shape=(3, 5))], [tensor("c", shape=(2, 5))])
+    assert not [f for f in check_tensorrt_support(good).findings if f.op == "shape inference"]

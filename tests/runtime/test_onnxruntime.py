@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
 from aim.errors import InvalidGraphError, InvalidInputError
-from tests.conftest import tiny_classifier
 from aim.graph_passes.modulate import modulate_file
+from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
+from tests.conftest import tiny_classifier
 
 
 @pytest.fixture

@@ -43,8 +43,8 @@ def _server_can_run() -> str | None:
 @pytest.fixture(scope="session")
 def triton(build_folder, tmp_path_factory):
     """The real Triton server (nvidia-pytriton's 2.51) on a generated repository with resnet and llama."""
-    from aim.serving.triton import write_model
     from aim.serving.server import TritonServer
+    from aim.serving.triton import write_model
 
     reason = _server_can_run()
     if reason:

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.verify.statistics import SIGMA, statistical_checks
+from aim.verify.statistics import statistical_checks
 from tests.conftest import load
 
 

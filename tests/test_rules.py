@@ -1,0 +1,222 @@
+"""The rules that keep the package easy to live in (ARCHITECTURE.md), each held by a test:
+
+1. imports go downward only, and no module imports itself back through others;
+2. the runtime (runners, serving, the decode loop, the contract) loads no torch, transformers or
+   onnx-graphsurgeon;
+3. one owner per fact: nothing outside aim/families/ names a family;
+4. only aim/layout.py touches manifest.json.
+(5, the wheel that works alone, is tests/test_wheel.py.)
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "aim"
+
+# The layers, bottom first: a module may import its own unit and any unit of a lower layer.
+LAYERS = [
+    ["aim.errors", "aim.lazy", "aim.specs"],
+    ["aim.files", "aim.contract"],
+    ["aim.layout"],
+    ["aim.families"],
+    ["aim.export", "aim.graph_passes"],
+    ["aim.runtime"],
+    ["aim.verify"],
+    ["aim.tasks"],
+    ["aim.pipeline"],
+    ["aim.serving", "aim.evaluation", "aim.benchmarks"],
+    ["aim.cli"],
+]
+LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "backends" in path.parts:  # the Triton backend runs inside the server, not as part of aim
+            continue
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+MODULES = modules()
+
+
+def unit_of(module: str) -> str | None:
+    """The layer unit of a module: the longest LEVEL key that is it or a package above it."""
+    candidates = [unit for unit in LEVEL if module == unit or module.startswith(unit + ".")]
+    return max(candidates, key=len) if candidates else None
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """Every aim module `name` imports, at the top or inside functions (a `from X import Y` of a
+    submodule Y counts as importing X.Y)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in MODULES else base)
+    return {module for module in found if module == "aim" or module.startswith("aim.")}
+
+
+def test_every_module_has_a_layer():
+    assert [name for name in MODULES if name != "aim" and unit_of(name) is None] == []
+
+
+def test_imports_go_down_only():
+    upward = []
+    for name, path in MODULES.items():
+        if name == "aim":
+            continue
+        own = unit_of(name)
+        for target in imports_of(name, path):
+            other = unit_of(target)
+            if other is None or other == own:
+                continue
+            if LEVEL[other] >= LEVEL[own]:
+                upward.append(f"{name} ({own}, layer {LEVEL[own]}) imports {target} ({other}, layer {LEVEL[other]})")
+    assert upward == []
+
+
+def test_no_import_circle():
+    graph = {name: imports_of(name, path) & set(MODULES) for name, path in MODULES.items()}
+    circles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                circles.append(" -> ".join(stack[stack.index(target):] + [target]))
+            elif target not in state:
+                visit(target, stack + [target])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert circles == []
+
+
+def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
+    """The checker itself: a runner importing the pipeline is an upward arrow."""
+    fake = tmp_path / "runner.py"
+    fake.write_text("from aim.pipeline.build import build_model\n")
+    assert "aim.pipeline.build" in imports_of("aim.runtime.fake", fake)
+    assert LEVEL[unit_of("aim.pipeline.build")] > LEVEL[unit_of("aim.runtime.fake")]
+
+
+# -- 2. a torch-free runtime
+
+RUNTIME_MODULES = [
+    "aim.contract", "aim.runtime.base", "aim.runtime.onnxruntime", "aim.runtime.tensorrt", "aim.runtime.folder",
+    "aim.serving.triton", "aim.serving.server", "aim.tasks.generation", "aim.tasks.tokens",
+    "aim.cli", "aim.cli.run", "aim.cli.serve", "aim.cli.generate", "aim.cli.triton",
+]
+HEAVY = ("torch", "transformers", "onnx_graphsurgeon")
+
+
+def loaded_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys\nprint(' '.join(sorted(m for m in sys.modules)))"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    return set(out.stdout.split())
+
+
+def test_the_runtime_imports_no_torch_transformers_or_graphsurgeon():
+    loaded = loaded_after("\n".join(f"import {name}" for name in RUNTIME_MODULES) + "\nimport aim.cli\naim.cli.parser()")
+    assert sorted(m for m in HEAVY if m in loaded) == []
+
+
+def test_generation_and_running_an_engine_load_no_torch(tmp_path):
+    """The decode loop on a real build folder, and a runner on its engine, in a fresh process."""
+    from aim.pipeline.build import build_model
+
+    build_model("llama", tmp_path, log=lambda _: None)
+    code = (
+        "from aim.tasks.generation import generate_text\n"
+        f"texts, run = generate_text({str(tmp_path / 'llama')!r}, ['def main():'], max_new_tokens=3)\n"
+        "assert run.tokens.shape == (1, 3)\n"
+    )
+    loaded = loaded_after(code)
+    assert "onnxruntime" in loaded and sorted(m for m in HEAVY if m in loaded) == []
+
+
+def test_the_torch_free_check_can_fail():
+    assert "torch" in loaded_after("import aim.graph_passes.redistribution as r\nr.torch.zeros(1)")
+
+
+# -- 3. one owner per fact
+
+def family_names() -> set[str]:
+    from aim.families import list_families
+
+    return set(list_families())
+
+
+def literals(path: Path):
+    """String constants of a module, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            body = getattr(node, "body", [])
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                docstrings.add(id(body[0].value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def test_no_family_is_named_outside_its_file():
+    names = family_names()
+    found = [
+        f"{name}:{line}: {value!r}"
+        for name, path in MODULES.items()
+        if not name.startswith("aim.families")
+        for line, value in literals(path)
+        if value in names
+    ]
+    assert found == []
+
+
+# -- 4. only the Manifest type touches manifest.json
+
+def test_only_layout_names_the_manifest_file():
+    found = []
+    for name, path in MODULES.items():
+        if name == "aim.layout":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id == "MANIFEST" or isinstance(node, ast.alias) and node.name == "MANIFEST":
+                found.append(f"{name}: MANIFEST")
+        found += [f"{name}:{line}" for line, value in literals(path) if value.endswith("manifest.json") and "manifest.json" == value.split("/")[-1]]
+    assert found == []
+
+
+@pytest.mark.parametrize("rule", [test_no_family_is_named_outside_its_file, test_only_layout_names_the_manifest_file])
+def test_the_rules_catch_a_violation(rule, tmp_path, monkeypatch):
+    """Each checker fails when a module breaks its rule."""
+    fake = tmp_path / "fake.py"
+    fake.write_text('from aim.layout import MANIFEST\nif model == "llama":\n    path = "build/manifest.json"\n')
+    monkeypatch.setitem(MODULES, "aim.pipeline.fake", fake)
+    with pytest.raises(AssertionError):
+        rule()
