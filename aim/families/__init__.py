@@ -10,6 +10,7 @@ transformers is imported only when a model is built.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,7 +88,6 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
-MODULES = ("resnet", "segformer", "llama")
 
 
 def register(family: Family) -> Family:
@@ -98,8 +98,9 @@ def register(family: Family) -> Family:
 
 
 def _load_all() -> None:
-    for module in MODULES:
-        importlib.import_module(f"{__name__}.{module}")
+    """Imports every module of this package: each registers its family (no list to keep in step)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
 def list_families() -> list[str]:

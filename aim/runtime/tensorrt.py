@@ -76,10 +76,6 @@ def cuda_gpu_available() -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimization profile: min/opt/max of every input, from the ExportConfig's DimRange dims.
-
-
-# ---------------------------------------------------------------------------------------------
 # Build
 
 

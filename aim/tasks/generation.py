@@ -260,7 +260,7 @@ def word_tokens(tokenizer, word: str) -> list[int]:
 
 def token_focus(tokenizer, num_classes: int, boost: dict | None = None, suppress: dict | None = None) -> np.ndarray:
     """Dense focus [V] from {word or token id: strength}: a word boosts or suppresses the tokens that
-    start it (graph_passes.redistribution.focus_vector makes the vector and checks the ranges)."""
+    start it (contract.focus_vector makes the vector and checks the ranges)."""
 
     def ids(chosen):
         out = {}

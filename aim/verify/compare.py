@@ -37,7 +37,7 @@ def compare(name: str, reference: np.ndarray, actual: np.ndarray, tolerance: Tol
 
 
 def agreement(name: str, reference: np.ndarray, actual: np.ndarray, spec: Agreement, class_axis: int) -> Check:
-    """The task's reduced-precision comparator (ExportConfig.fp16): top-k set overlap per sample or pixel
+    """The task's reduced-precision comparator (Family.fp16): top-k set overlap per sample or pixel
     class-map agreement, with the top-k indices taken by Polygraphy's postprocessing."""
     from polygraphy.comparator import IterationResult, PostprocessFunc
 

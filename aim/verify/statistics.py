@@ -92,8 +92,8 @@ def statistical_checks(engine, inputs: dict, bare: np.ndarray, class_axis: int, 
         check.metrics["one_signed"] = one_signed
         checks.append(check)
 
-    # n1 + |n2| for independent standard normals is sqrt(2) * SkewNormal(1); if the two random
-    # nodes were merged (n2 = n1) half the values would be exactly 0 and the test would fail.
+    # n1 + |n2| for independent standard normals is sqrt(2) * SkewNormal(1); if the two noises were
+    # one (n2 = n1, a merged or shared draw) half the values would be exactly 0 and the test would fail.
     both = draws(SIGMA, np.full(classes, SIGMA, np.float32)) / SIGMA
     checks.append(
         _ks(
