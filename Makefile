@@ -1,6 +1,11 @@
 # Two commands on a fresh clone (see README.md):
 #   make engine MODEL=segformer    set up .venv on first use, then export -> passes -> engine -> verify
 #   make test                      set up .venv on first use, then run the test suite
+#
+# Every user variable reaches the commands through the environment and is expanded by the shell in
+# double quotes ("$$MODEL"), never pasted into the command line by make: MODEL="x; rm -rf ~" is a
+# model name that does not exist, OUT="my build" is a folder with a space, PROMPT='say "hi"' keeps
+# its quotes.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,10 +18,13 @@ PROMPT ?= def main():
 UTILITY ?= 0
 FOCUS ?=
 MAX_NEW_TOKENS ?= 32
+REPO ?= $(OUT)/triton
+export MODEL BACKEND PRECISION OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
-REPO ?= $(OUT)/triton
+# The engine of MODEL under OUT, built first if its folder has no manifest yet.
+BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
 .PHONY: engine generate triton serve test models bench clean help train eval calibrate
 
@@ -41,39 +49,36 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 engine: $(STAMP)
-	$(PY) -m aim.cli engine $(MODEL) --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
-# The engine is built first if the build folder has no manifest yet.
-$(OUT)/%/manifest.json: | $(STAMP)
-	$(PY) -m aim.cli engine $* --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
-
-triton: $(STAMP) $(OUT)/$(MODEL)/manifest.json
-	$(PY) -m aim.cli triton $(OUT)/$(MODEL) --repository $(REPO)
+triton: $(STAMP)
+	$(BUILT)
+	$(PY) -m aim.cli triton "$$OUT/$$MODEL" --repository "$$REPO"
 
 serve: triton
-	$(PY) -m aim.cli serve $(REPO) --model $(MODEL)
+	$(PY) -m aim.cli serve "$$REPO" --model "$$MODEL"
 
-# Builds the engine first if there is none yet.
-generate: $(STAMP) $(OUT)/$(MODEL)/manifest.json
-	$(PY) -m aim.cli generate $(OUT)/$(MODEL) --prompt "$(PROMPT)" --utility $(UTILITY) --max-new-tokens $(MAX_NEW_TOKENS) $(if $(FOCUS),--focus "$(FOCUS)")
+generate: $(STAMP)
+	$(BUILT)
+	$(PY) -m aim.cli generate "$$OUT/$$MODEL" --prompt "$$PROMPT" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
 
 train: $(STAMP)
-	$(PY) -m aim.cli train $(MODEL)
+	$(PY) -m aim.cli train "$$MODEL"
 
 eval: $(STAMP)
-	$(PY) -m aim.cli eval $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m aim.cli eval "$$MODEL" --out "$$OUT" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
 calibrate: $(STAMP)
-	$(PY) -m aim.cli calibrate $(MODEL) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) -m aim.cli calibrate "$$MODEL" --out "$$OUT" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
 models: $(STAMP)
 	$(PY) -m aim.cli models
 
 bench: $(STAMP)
-	$(PY) -m aim.benchmarks --out $(OUT)/bench
+	$(PY) -m aim.benchmarks --out "$$OUT/bench"
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(OUT)
+	rm -rf -- "$$OUT"
