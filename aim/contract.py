@@ -22,7 +22,10 @@ NOISE_FOCUS = "noise_focus"  # verification flavour only: n2, shaped like the lo
 MODULATION_INPUTS = (UTILITY, FOCUS)
 NOISE_INPUTS = (NOISE_UTILITY, NOISE_FOCUS)
 FLAVOURS = ("production", "verification")
-NOISE_METHODS = ("box-muller", "normal")  # how the production flavour makes N(0, 1)
+NOISE_METHODS = ("box-muller", "normal")  # how the production flavour makes fresh N(0, 1)
+# Where the production flavour's noise comes from: drawn afresh on every run, or keyed (a function of
+# a secret key and of the request: the same request gets the same answer, so repeats average nothing).
+NOISE_SOURCES = ("fresh", "keyed")
 BATCH = "batch"  # the name of the batch dim in every exported graph (Triton batches on it)
 LOGITS = "logits"  # the modulated output's name in the families' exports
 # Largest |utility| or |focus| accepted, in logit units. Logit gaps of real models are tens of units,

@@ -129,6 +129,8 @@ class Modulation:
     utility: str
     focus: str
     fp32_nodes: str
+    noise: str = "fresh"  # contract.NOISE_SOURCES: fresh per run, or keyed
+    key_fingerprint: str | None = None  # keyed: which key (graph_passes/noise_key.py), never the key
 
 
 @dataclass

@@ -2,10 +2,12 @@
 
     aim models                                   the model families and their tasks
     aim engine MODEL [--checkpoint DIR] [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--precision fp32|fp16]
+                     [--noise fresh|keyed] [--noise-key FILE]
                                                  export -> passes -> engine -> verify into build/MODEL/
     aim trt-check model.onnx                     which nodes TensorRT's ONNX parser would refuse, and why
     aim export MODEL -o model.onnx               trace a family to ONNX
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
+                 [--noise keyed] [--noise-key FILE]
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
     aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from aim.contract import MAX_STRENGTH
+from aim.contract import MAX_STRENGTH, NOISE_SOURCES
 from aim.runtime.backends import BACKENDS
 
 
@@ -47,3 +47,16 @@ def threads(parser: argparse.ArgumentParser) -> None:
 
 def utility(parser: argparse.ArgumentParser, help: str = "noise scale sigma >= 0, in logit units (0 = original)") -> None:
     parser.add_argument("--utility", type=float, default=0.0, help=f"{help}; at most {MAX_STRENGTH:g}")
+
+
+def noise(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--noise", default="fresh", choices=NOISE_SOURCES,
+        help="fresh: drawn anew on every run (default); keyed: a function of the request and a secret key, "
+        "so the same request gets the same answer and repeating it cannot average the noise away",
+    )
+    parser.add_argument(
+        "--noise-key", metavar="FILE",
+        help="keyed noise: the key file to build with; a fresh key is written there (mode 600) if it does not exist, "
+        "so rebuilds answer as before (default: a fresh key, kept only inside the engine)",
+    )

@@ -12,6 +12,7 @@ def add(sub) -> None:
     shared.out(p)
     shared.backend(p)
     shared.precision(p)
+    shared.noise(p)
     shared.seed(p)
     p.set_defaults(func=run)
 
@@ -20,6 +21,8 @@ def run(args) -> int:
     from aim.pipeline.build import build_model
     from aim.pipeline.report import report
 
-    manifest = build_model(args.model, args.out, args.checkpoint, args.backend, args.seed, precision=args.precision)
+    manifest = build_model(
+        args.model, args.out, args.checkpoint, args.backend, args.seed, precision=args.precision, noise=args.noise, noise_key=args.noise_key
+    )
     print(report(manifest))
     return 0

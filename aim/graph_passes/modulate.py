@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 
 from aim.errors import InvalidGraphError
 from aim.graph_passes.io import load_onnx, save_onnx
+from aim.graph_passes.noise_key import NoiseKey
 from aim.graph_passes.redistribution import FLAVOURS, add_redistribution
 from aim.graph_passes.upsample import upsample_logits
 
@@ -38,23 +39,26 @@ def modulate_graph(
     class_axis: int = 1,
     flavour: str = "production",
     upsample_to: str | None = None,
+    key: NoiseKey | None = None,
 ) -> gs.Graph:
-    """The passes in order: optional upsampling of the logits, then the redistribution."""
+    """The passes in order: optional upsampling of the logits, then the redistribution (keyed noise
+    with `key`)."""
     if upsample_to is not None:
         graph = upsample_logits(graph, logits, like=upsample_to)
-    return add_redistribution(graph, logits, class_axis, flavour)
+    return add_redistribution(graph, logits, class_axis, flavour, key=key)
 
 
 def deployment_graphs(
-    model: onnx.ModelProto, logits: str = "logits", class_axis: int = 1, upsample_to: str | None = None
+    model: onnx.ModelProto, logits: str = "logits", class_axis: int = 1, upsample_to: str | None = None, key: NoiseKey | None = None
 ) -> dict[str, gs.Graph]:
-    """The bare graph (logits upsampled if asked) and both modulated flavours built on copies of it."""
+    """The bare graph (logits upsampled if asked) and both modulated flavours built on copies of it;
+    with `key`, the production flavour's noise is keyed."""
     bare = prepare(model)
     if upsample_to is not None:
         bare = upsample_logits(bare, logits, like=upsample_to)
     graphs = {"bare": bare}
     for flavour in FLAVOURS:
-        graphs[flavour] = add_redistribution(bare.copy(), logits, class_axis, flavour)
+        graphs[flavour] = add_redistribution(bare.copy(), logits, class_axis, flavour, key=key)
     return graphs
 
 
@@ -65,7 +69,8 @@ def modulate_file(
     class_axis: int = 1,
     flavour: str = "production",
     upsample_to: str | None = None,
+    key: NoiseKey | None = None,
 ) -> Path:
     """Reads `source`, splices the redistribution onto output `logits`, writes `destination` atomically."""
     graph = prepare(load_onnx(source))
-    return save_onnx(modulate_graph(graph, logits, class_axis, flavour, upsample_to), destination)
+    return save_onnx(modulate_graph(graph, logits, class_axis, flavour, upsample_to, key), destination)

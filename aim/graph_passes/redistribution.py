@@ -33,6 +33,7 @@ import onnx_graphsurgeon as gs
 
 from aim.contract import FLAVOURS, FOCUS, MAX_STRENGTH, MODULATION_INPUTS, NOISE_INPUTS, NOISE_METHODS, PREFIX, UTILITY
 from aim.errors import InvalidGraphError
+from aim.graph_passes.noise_key import ABSORB_ROUNDS, PRIME, PROJECTIONS, KeyedConstants, NoiseKey
 from aim.lazy import lazy_import
 
 torch = lazy_import("torch")  # the PyTorch twin only: emitting the graph needs no torch
@@ -41,6 +42,12 @@ MAX_MOVED_CONSTANT = 64 * 1024  # bytes: see _movable_producer
 # Box-Muller's first uniform is drawn from [TINY, 1) so that log() never sees 0; it bounds |n1| by
 # sqrt(-2 ln TINY) = 13.2, a tail of probability 1e-38, far below what a float32 uniform resolves.
 TINY = float(np.finfo(np.float32).tiny)
+# Keyed noise (_KeyedNoise): the digest's quantization step in units of the row's sigma (RMS logit
+# units); the step of rows at utility 0, whose focus noise is keyed too, in logit units; and the
+# resolution at which sigma itself is absorbed (tiers 2**-16 apart draw apart).
+DIGEST_STEP = 1.0
+FOCUS_ONLY_STEP = 1.0
+TIER_RESOLUTION = 2.0**16
 
 
 def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int):
@@ -49,7 +56,7 @@ def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int):
     `bare()` gives the bare logits (rank `rank`, batch on axis 0, classes on `class_axis`); it is called
     once per branch so that a graph can compute them inside the branch that returns them. `utility` [B]
     and `focus` [B, C] are the raw knobs; `noise.draw` supplies n1 (shaped like the logits) and n2
-    (shaped like the logits of the focused classes only).
+    (shaped like the logits of the focused classes only); keyed noise reads the sanitised utility too.
     """
     u = ops.minimum(ops.abs(ops.zero_nan(utility)), MAX_STRENGTH)
     f = ops.clip(ops.zero_nan(focus), -MAX_STRENGTH, MAX_STRENGTH)
@@ -62,7 +69,7 @@ def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int):
 
     def modulated():
         z = ops.to_float32(bare())  # the noise arithmetic is FP32 whatever the logits' type
-        n1, n2 = noise.draw(ops, z, classes)
+        n1, n2 = noise.draw(ops, z, classes, u)
         # Rows with utility 0 get z + 0 * n1 = z exactly, so one batch can mix service tiers.
         z = ops.add(z, ops.mul(ops.unsqueeze(u, list(range(1, rank))), n1))
         picked = ops.gather(z, classes, class_axis)
@@ -143,6 +150,77 @@ class _TorchOps:
     def or_(a, b):
         return torch.logical_or(a, b)
 
+    # -- keyed noise (_KeyedNoise)
+
+    @staticmethod
+    def constant(value, dtype=np.float32):
+        return torch.from_numpy(np.array(value, dtype=dtype))
+
+    @staticmethod
+    def sub(a, b):
+        return torch.sub(a, b)
+
+    @staticmethod
+    def div(a, b):
+        return torch.div(a, b)
+
+    @staticmethod
+    def mod(a, b):
+        return torch.remainder(a, b)
+
+    @staticmethod
+    def matmul(a, b):
+        return torch.matmul(a, b)
+
+    @staticmethod
+    def where(condition, a, b):
+        return torch.where(condition, a, b)
+
+    @staticmethod
+    def floor(x):
+        return torch.floor(x)
+
+    @staticmethod
+    def to_int64(x):
+        return x.to(torch.int64)
+
+    @staticmethod
+    def reduce_mean(x, axes: list[int], keepdims: bool = False):
+        return x.mean(dim=axes, keepdim=keepdims)
+
+    @staticmethod
+    def concat(tensors, axis: int):
+        return torch.cat(tensors, dim=axis)
+
+    @staticmethod
+    def slice(x, start: int, end: int, axis: int):
+        return x.narrow(axis, start, end - start)
+
+    @staticmethod
+    def on_axis(x, axis: int, rank: int):
+        return x.reshape([x.numel() if a == axis else 1 for a in range(rank)])
+
+    @staticmethod
+    def positions(z, class_axis: int, rank: int):
+        shape = [1 if a in (0, class_axis) else z.shape[a] for a in range(rank)]
+        return torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
+
+    @staticmethod
+    def log(x):
+        return torch.log(x)
+
+    @staticmethod
+    def sqrt(x):
+        return torch.sqrt(x)
+
+    @staticmethod
+    def cos(x):
+        return torch.cos(x)
+
+    @staticmethod
+    def sin(x):
+        return torch.sin(x)
+
 
 class _GraphOps:
     """Appends ONNX nodes to the graph being built (the main graph or an If branch); every node and
@@ -187,11 +265,14 @@ class _GraphOps:
         return self.node("Clip", [x, self.constant(low), self.constant(high)])
 
     def reduce_max(self, x, axis: int | None = None):
-        if axis is None:  # no axes: every axis, in every opset
-            return self.node("ReduceMax", [x], {"keepdims": 0})
+        return self.reduce("ReduceMax", x, None if axis is None else [axis])
+
+    def reduce(self, op: str, x, axes: list[int] | None, keepdims: bool = False):
+        if axes is None:  # no axes: every axis, in every opset
+            return self.node(op, [x], {"keepdims": int(keepdims)}, dtype=x.dtype)
         if self.opset >= 18:  # axes moved from an attribute to an input in opset 18
-            return self.node("ReduceMax", [x, self.constant([axis], np.int64)], {"keepdims": 0})
-        return self.node("ReduceMax", [x], {"keepdims": 0, "axes": [axis]})
+            return self.node(op, [x, self.constant(axes, np.int64)], {"keepdims": int(keepdims)}, dtype=x.dtype)
+        return self.node(op, [x], {"keepdims": int(keepdims), "axes": axes}, dtype=x.dtype)
 
     def greater(self, x, value: float):
         return self.node("Greater", [x, self.constant(value)], dtype=bool)
@@ -200,13 +281,73 @@ class _GraphOps:
         return self.node("Or", [a, b], dtype=bool)
 
     def mul(self, a, b):
-        return self.node("Mul", [a, b])
+        return self.node("Mul", [a, b], dtype=a.dtype)
 
     def add(self, a, b):
-        return self.node("Add", [a, b])
+        return self.node("Add", [a, b], dtype=a.dtype)
 
     def abs(self, x):
         return self.node("Abs", [x])
+
+    # -- keyed noise (_KeyedNoise)
+
+    def sub(self, a, b):
+        return self.node("Sub", [a, b], dtype=a.dtype)
+
+    def div(self, a, b):
+        return self.node("Div", [a, b], dtype=a.dtype)
+
+    def mod(self, a, b):
+        return self.node("Mod", [a, b], dtype=a.dtype)  # integers: fmod=0, Python's sign (all >= 0 here)
+
+    def matmul(self, a, b):
+        return self.node("MatMul", [a, b])
+
+    def where(self, condition, a, b):
+        return self.node("Where", [condition, a, b], dtype=a.dtype)
+
+    def floor(self, x):
+        return self.node("Floor", [x])
+
+    def to_int64(self, x):
+        return self.cast(x, np.int64)
+
+    def reduce_mean(self, x, axes: list[int], keepdims: bool = False):
+        return self.reduce("ReduceMean", x, axes, keepdims)
+
+    def concat(self, tensors, axis: int):
+        return self.node("Concat", list(tensors), {"axis": axis}, dtype=tensors[0].dtype)
+
+    def slice(self, x, start: int, end: int, axis: int):
+        i64 = np.int64
+        return self.node("Slice", [x, self.constant([start], i64), self.constant([end], i64), self.constant([axis], i64)], dtype=x.dtype)
+
+    def on_axis(self, x, axis: int, rank: int):
+        """A vector [J] laid along `axis` of a rank-`rank` tensor: [1, .., J, .., 1]."""
+        return self.node("Reshape", [x, self.constant([-1 if a == axis else 1 for a in range(rank)], np.int64)], dtype=x.dtype)
+
+    def positions(self, z, class_axis: int, rank: int):
+        """Each element's row-major index among the axes other than the batch and the classes: int64
+        shaped like `z` with those two axes 1 (dynamic sizes: Shape, ReduceProd, Range, Reshape)."""
+        i64 = np.int64
+        kept = [0 if a in (0, class_axis) else 1 for a in range(rank)]
+        shape = self.node("Shape", [z], dtype=i64)
+        dims = self.add(self.mul(shape, self.constant(kept, i64)), self.constant([1 - k for k in kept], i64))
+        count = self.reduce("ReduceProd", dims, [0])
+        flat = self.node("Range", [self.constant(0, i64), count, self.constant(1, i64)], dtype=i64)
+        return self.node("Reshape", [flat, dims], dtype=i64)
+
+    def log(self, x):
+        return self.node("Log", [x])
+
+    def sqrt(self, x):
+        return self.node("Sqrt", [x])
+
+    def cos(self, x):
+        return self.node("Cos", [x])
+
+    def sin(self, x):
+        return self.node("Sin", [x])
 
     def focused(self, strength):
         """Indices of the entries of `strength` [C] that are > 0, in order, without NonZero (TensorRT
@@ -273,7 +414,7 @@ class _GivenNoise:
     def __init__(self, noise_utility, noise_focus, class_axis: int):
         self.noise_utility, self.noise_focus, self.class_axis = noise_utility, noise_focus, class_axis
 
-    def draw(self, ops, z, classes):
+    def draw(self, ops, z, classes, utility):
         return self.noise_utility, ops.gather(self.noise_focus, classes, self.class_axis)
 
 
@@ -295,7 +436,7 @@ class _DrawnNoise:
             raise ValueError(f"noise method must be one of {NOISE_METHODS}, got {method!r}")
         self.axis, self.classes, self.method = class_axis, num_classes, method
 
-    def draw(self, ops, z, classes):
+    def draw(self, ops, z, classes, utility):
         axis, i64 = self.axis, np.int64
         n1_size = ops.constant([self.classes], i64)
         total = ops.node("Add", [n1_size, ops.node("Shape", [classes], dtype=i64)], dtype=i64)  # C + K
@@ -328,6 +469,97 @@ class _DrawnNoise:
         return n1, n2
 
 
+class _KeyedNoise:
+    """Keyed noise: n1 and n2 are a function of a secret key and of the request, so the same request
+    gets the same answer, bit for bit, whatever shares its batch, and averaging repeats gains nothing.
+
+    The request's digest, per row: its logits pooled over the non-class axes and centred over the
+    classes, projected on PROJECTIONS keyed +-1 directions, divided by a step of DIGEST_STEP sigma
+    (in RMS logit units), shifted by a keyed phase and floored; these cells and the tier,
+    floor(sigma * TIER_RESOLUTION), are absorbed into the row's seed. So an input perturbed slightly
+    keeps its cells (a fresh draw needs its pooled logits moved by about a step), a row's logits
+    changing in their last bits with the batch move them by ~1e-7 of a step, and nothing else of the
+    batch enters a row's noise: neither its place in the batch nor the classes others focus on.
+    Requests whose pooled logits lie within a cell share their noise: at that tier they are one
+    question, and the difference of their answers shows only the difference of their logits.
+
+    The generator is counter-based on integer Mul, Add and Mod only (TensorRT has no bitwise
+    operators), in int64 modulo PRIME, where cubing is a permutation: an element's uniform is
+    cube(class_hash + position_hash) of CLASS_ROUNDS cubings each of keyed counters with the seed,
+    so the full-size tensor costs one cubing. n1 by Box-Muller over the class axis (cosine and sine
+    halves: one uniform per normal); n2 (the focused classes only) from two uniforms of its own
+    counters per normal, so that a class's focus noise does not depend on which classes are focused.
+    """
+
+    def __init__(self, constants: KeyedConstants, class_axis: int, num_classes: int, rank: int):
+        if constants.projection.shape[0] != num_classes:
+            raise ValueError(f"keyed constants for {constants.projection.shape[0]} classes, the logits have {num_classes}")
+        self.k, self.axis, self.classes, self.rank = constants, class_axis, num_classes, rank
+
+    @staticmethod
+    def _cube(ops, x):
+        """x**3 mod PRIME for 0 <= x < 2 PRIME: every product stays below 2**63."""
+        prime = ops.constant(PRIME, np.int64)
+        return ops.mod(ops.mul(ops.mod(ops.mul(x, x), prime), x), prime)
+
+    def _hash(self, ops, seed, counters, rounds):
+        x = self._cube(ops, ops.add(seed, counters))
+        for key in rounds:
+            x = self._cube(ops, ops.add(x, ops.constant(key, np.int64)))
+        return x
+
+    def _seed(self, ops, z, utility):
+        """[B, 1] int64: the row's digest absorbed with the key."""
+        k, i64 = self.k, np.int64
+        other = [a for a in range(1, self.rank) if a != self.axis]
+        pooled = ops.reduce_mean(z, other) if other else z  # [B, C]
+        centred = ops.sub(pooled, ops.reduce_mean(pooled, [1], keepdims=True))
+        projected = ops.matmul(centred, ops.to_float32(ops.constant(k.projection, np.float16)))  # [B, PROJECTIONS]
+        sigma = ops.where(ops.greater(utility, 0.0), utility, ops.constant(FOCUS_ONLY_STEP))
+        step = ops.mul(sigma, ops.constant(DIGEST_STEP * math.sqrt(self.classes)))  # +-1 projections: RMS * sqrt(C)
+        cells = ops.floor(ops.clip(ops.zero_nan(ops.add(ops.div(projected, ops.unsqueeze(step, [1])), ops.constant(k.offsets))), -(2.0**28), 2.0**28))
+        tier = ops.to_int64(ops.floor(ops.mul(utility, ops.constant(TIER_RESOLUTION))))  # utility <= MAX_STRENGTH: < PRIME
+        words = ops.concat([ops.add(ops.to_int64(cells), ops.constant(2**28, i64)), ops.unsqueeze(tier, [1])], axis=1)
+        seed = ops.constant([[k.absorb[0]]], i64)
+        for i in range(PROJECTIONS + 1):
+            seed = self._cube(ops, ops.add(seed, ops.slice(words, i, i + 1, axis=1)))
+            for _ in range(ABSORB_ROUNDS - 1):
+                seed = self._cube(ops, ops.add(seed, ops.constant(k.absorb[i + 1], i64)))
+        return seed
+
+    def draw(self, ops, z, classes, utility):
+        k, axis, rank, i64 = self.k, self.axis, self.rank, np.int64
+        seed = ops.unsqueeze(self._seed(ops, z, utility), list(range(2, rank)))  # [B, 1, ..., 1]
+        place = ops.mod(
+            ops.add(ops.mul(ops.positions(z, axis, rank), ops.constant(k.position_multiplier, i64)), ops.constant(k.position_offset, i64)),
+            ops.constant(PRIME, i64),
+        )
+        position_hash = self._hash(ops, seed, place, k.position_rounds)  # like z, class axis 1
+
+        def uniform(counters):
+            """(0, 1] shaped like z with `counters` [J] on the class axis: 30 bits, exact in FP32 arithmetic."""
+            class_hash = self._hash(ops, seed, ops.on_axis(counters, axis, rank), k.class_rounds)
+            x = self._cube(ops, ops.add(class_hash, position_hash))
+            return ops.mul(ops.add(ops.to_float32(x), ops.constant(1.0)), ops.constant(2.0**-30))
+
+        def radius(a):
+            return ops.sqrt(ops.mul(ops.log(a), ops.constant(-2.0)))
+
+        def angle(b):
+            return ops.mul(b, ops.constant(2.0 * math.pi))
+
+        even = self.classes + self.classes % 2
+        pairs = uniform(ops.constant(k.class_counters[:even], i64))
+        r, theta = radius(ops.slice(pairs, 0, even // 2, axis)), angle(ops.slice(pairs, even // 2, even, axis))
+        n1 = ops.slice(ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], axis), 0, self.classes, axis)
+
+        def focused(start):
+            return uniform(ops.gather(ops.constant(k.class_counters[start : start + self.classes], i64), classes, 0))
+
+        n2 = ops.mul(radius(focused(even)), ops.cos(angle(focused(even + self.classes))))
+        return n1, n2
+
+
 class _TorchNoise(_GivenNoise):
     """Noise for the PyTorch twin: given whole tensors, as the verification flavour takes them, or
     where not given, drawn from `generator` (n2 only for the focused classes, as the graph draws it)."""
@@ -336,14 +568,14 @@ class _TorchNoise(_GivenNoise):
         super().__init__(noise_utility, noise_focus, class_axis)
         self.generator = generator
 
-    def draw(self, ops, z, classes):
+    def draw(self, ops, z, classes, utility):
         if self.noise_utility is None:
             self.noise_utility = torch.randn(z.shape, generator=self.generator)
         if self.noise_focus is None:
             shape = list(z.shape)
             shape[self.class_axis] = len(classes)
             return self.noise_utility, torch.randn(shape, generator=self.generator)
-        return super().draw(ops, z, classes)
+        return super().draw(ops, z, classes, utility)
 
 
 def _logits_output(graph: gs.Graph, logits: str) -> gs.Variable:
@@ -394,14 +626,20 @@ def _movable_producer(graph: gs.Graph, z: gs.Variable) -> gs.Node | None:
 
 
 def add_redistribution(
-    graph: gs.Graph, logits: str = "logits", class_axis: int = 1, flavour: str = "production", noise: str = "box-muller"
+    graph: gs.Graph,
+    logits: str = "logits",
+    class_axis: int = 1,
+    flavour: str = "production",
+    noise: str = "box-muller",
+    key: NoiseKey | None = None,
 ) -> gs.Graph:
     """Splices the redistribution onto the output `logits`, which keeps its name, shape and dtype.
 
     Adds graph inputs `utility` [B] and `focus` [B, C] (FP32). The production flavour draws the noise
     in the graph; the verification flavour takes it as inputs `noise_utility` and `noise_focus` shaped
     like the logits, so every backend can be compared element-wise. Both share every other node.
-    `noise`: how the production flavour makes N(0, 1), one of NOISE_METHODS (see _DrawnNoise).
+    `noise`: how the production flavour makes fresh N(0, 1), one of NOISE_METHODS (see _DrawnNoise).
+    `key`: makes the production flavour's noise keyed instead of fresh (see _KeyedNoise).
     """
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
@@ -440,6 +678,8 @@ def add_redistribution(
         given = [gs.Variable(name, dtype=np.float32, shape=shape) for name in NOISE_INPUTS]
         graph.inputs.extend(given)
         source = _GivenNoise(*given, class_axis=axis)
+    elif key is not None:
+        source = _KeyedNoise(key.constants(classes), axis, classes, rank)
     else:
         source = _DrawnNoise(axis, classes, noise)
     out = redistribute(ops, bare, utility, focus, source, rank=rank, class_axis=axis)
@@ -456,10 +696,15 @@ def redistribute_torch(
     noise_focus: torch.Tensor | None = None,
     class_axis: int = 1,
     generator: torch.Generator | None = None,
+    key: NoiseKey | None = None,
 ) -> torch.Tensor:
     """The PyTorch reference of `add_redistribution`: the same statement, the same FP32 arithmetic.
-    Noise not given is drawn from `generator`, as the production flavour draws it in the graph."""
+    Noise not given is drawn from `generator`, as the production flavour draws it in the graph, or
+    with `key`, keyed as a keyed production graph draws it."""
     rank = logits.dim()
     axis = class_axis % rank
-    noise = _TorchNoise(noise_utility, noise_focus, axis, generator)
+    if key is not None:
+        noise = _KeyedNoise(key.constants(logits.shape[axis]), axis, logits.shape[axis], rank)
+    else:
+        noise = _TorchNoise(noise_utility, noise_focus, axis, generator)
     return redistribute(_TorchOps(logits.dtype), lambda: logits, utility.float(), focus.float(), noise, rank, axis)

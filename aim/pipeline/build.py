@@ -19,8 +19,9 @@ from aim.errors import VerificationError
 from aim.families import Family, get_family
 from aim.files import StagedFolder, remove
 from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Modulation, Source, Verification, package_versions
+from aim.graph_passes.noise_key import NoiseKey
 from aim.pipeline import steps
-from aim.pipeline.verify import checks
+from aim.pipeline.verify import checks, keyed_expectation
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
 from aim.runtime.base import profile_from_io
 from aim.tasks import Task, get_task
@@ -54,11 +55,17 @@ def build_model(
     seed: int = 0,
     log: Callable[[str], None] = print,
     precision: str = "fp32",
+    noise: str = "fresh",
+    noise_key: str | os.PathLike | None = None,
 ) -> Manifest:
-    """Builds and verifies the modulated engine of family `model`; returns its manifest."""
+    """Builds and verifies the modulated engine of family `model`; returns its manifest. `noise`:
+    "fresh" or "keyed"; `noise_key`: a key file to build keyed noise with, drawn and written there
+    (mode 600) once the build has passed if the file does not exist yet."""
     family = get_family(model)  # an unknown name fails here, before anything is written
     task = get_task(family.task)
     steps.check_precision(family, precision)
+    steps.check_noise(noise, noise_key)
+    key, fresh_key = NoiseKey.load_or_draw(noise_key) if noise == "keyed" else (None, False)  # a bad key file fails here
     backend, why = choose_backend(backend)  # a backend that cannot work fails here, with what to install
     log(f"backend {why}")
     if checkpoint is not None:
@@ -66,17 +73,23 @@ def build_model(
 
         checkpoint_config(checkpoint)  # not a checkpoint folder: fails before anything is written
     out = Path(out_dir)
+    if key is not None:
+        log("noise keyed: " + (f"the key in {noise_key}" if not fresh_key else "a fresh key from the OS random source")
+            + (f", saved to {noise_key} (mode 600) if the build passes" if fresh_key and noise_key else "")
+            + (", kept only inside the engine" if noise_key is None else "") + f"; fingerprint {key.fingerprint}")
     with StagedFolder(out / family.name) as staged:
-        manifest = _build(family, task, staged.path, checkpoint, backend, precision, seed, log)
+        manifest = _build(family, task, staged.path, checkpoint, backend, precision, seed, log, key)
         if not manifest.verification.passed:
             failed = staged.publish(out / f"{family.name}.failed")
             raise VerificationError(f"verification failed: {', '.join(manifest.verification.failed())}. Artifacts and report kept in {failed}/")
+        if fresh_key and noise_key is not None:
+            key.write(noise_key)  # before publishing: a published keyed engine always has its key file
         manifest.folder = staged.publish()
     remove(out / f"{family.name}.failed")  # an earlier failure of this model is superseded
     return manifest
 
 
-def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, precision: str, seed: int, log) -> Manifest:
+def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, precision: str, seed: int, log, key: NoiseKey | None) -> Manifest:
     progress = Progress(5, log)
     progress(f"model {family.name} ({family.task}) from " + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})"))
     loaded = steps.load(family, task, checkpoint, seed)
@@ -92,10 +105,11 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
     progress.done("export", exported.name)
 
     progress(
-        "graph passes: " + ("upsample logits, " if task.upsample_logits_to else "") + "redistribution (production + verification)"
+        "graph passes: " + ("upsample logits, " if task.upsample_logits_to else "")
+        + f"redistribution (production{', keyed noise,' if key else ''} + verification)"
         + (", fp16 (redistribution kept fp32)" if precision == "fp16" else "") + ", TensorRT compatibility check"
     )
-    graphs = steps.passes(task, folder, exported, precision, backend, family.fp16_keep_fp32)
+    graphs = steps.passes(task, folder, exported, precision, backend, family.fp16_keep_fp32, key)
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
     progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"))
 
@@ -111,7 +125,6 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         + ("" if runnable else f"; the {backend} engine cannot run here, so ONNX Runtime runs the graphs it was built from")
     )
     reference = steps.reference(family, task, loaded, seed)
-    reference_path = reference.save(folder / REFERENCE)
     production = GraphIO.of(graphs.paths[graphs.sources["production"]])
     manifest = Manifest(
         model=family.name,
@@ -127,10 +140,13 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
             class_axis=task.class_axis,
             num_classes=loaded.num_classes,
             upsampled_to=task.upsample_logits_to,
-            formula="logits' = logits + utility * n1 + focus * |n2|, n1, n2 ~ N(0,1) per element, fresh per run",
+            formula="logits' = logits + utility * n1 + focus * |n2|, n1, n2 ~ N(0,1) per element, "
+            + ("keyed: a function of the request and a secret key (the same request, the same answer)" if key else "fresh per run"),
             utility=f"FP32 [batch], in [0, {MAX_STRENGTH:g}] logit units; 0 = the original model",
             focus=f"FP32 [batch, classes], in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]; > 0 boosts a class, < 0 suppresses it",
             fp32_nodes="every node named aim_redistribution/* computes in FP32" + (", also in this FP16 engine" if precision == "fp16" else ""),
+            noise="keyed" if key else "fresh",
+            key_fingerprint=key.fingerprint if key else None,
         ),
         tokenizer=tokenizer_dir.name if tokenizer_dir else None,
         graph=production,
@@ -154,9 +170,12 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         versions=package_versions(),
         folder=folder,
     )
-    for key, path in graphs.paths.items():
-        manifest.record(key, path)
-    manifest.record("reference", reference_path)
+    for name, path in graphs.paths.items():
+        manifest.record(name, path)
+    if key is not None:
+        reference.keyed_modulated = keyed_expectation(manifest, reference, runner, key)
+        manifest.verification.shapes = reference.shapes()
+    manifest.record("reference", reference.save(folder / REFERENCE))
     if tokenizer_dir is not None:
         for path in sorted(tokenizer_dir.iterdir()):
             manifest.record(f"tokenizer/{path.name}", path)

@@ -8,6 +8,8 @@ from aim.layout import Manifest
 def report(manifest: Manifest) -> str:
     verification = manifest.verification
     lines = [f"{manifest.model} ({manifest.task}), backend {manifest.backend}, {manifest.precision}"]
+    if manifest.modulation.noise == "keyed":
+        lines.append(f"  noise    keyed (the same request, the same answer), key fingerprint {manifest.modulation.key_fingerprint}")
     for key in ("inputs", "outputs"):
         lines.append(f"  {key:8}" + ", ".join(f"{t.name} {t.dtype} {t.dims}" for t in getattr(manifest.graph, key)))
     for build in (manifest.tensorrt or {}).values():

@@ -15,12 +15,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from aim.contract import LOGITS
+from aim.contract import LOGITS, NOISE_SOURCES
 from aim.errors import AimError, CheckpointError
 from aim.families import Family
 from aim.files import atomic_path
 from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.modulate import deployment_graphs
+from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import FILES, ROLES, TOKENIZER_DIR, GraphIO, engine_files
 from aim.runtime import onnxruntime as ort_engine
 from aim.runtime.backends import TENSORRT_BACKENDS
@@ -90,15 +91,18 @@ class Graphs:
     compatibility: dict  # role -> the TensorRT check's report
 
 
-def passes(task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = ()) -> Graphs:
-    """Bare, production and verification graphs (FP16 copies if asked), and TensorRT's verdict on
-    them; refuses the build if TensorRT is the backend and would refuse a node."""
+def passes(
+    task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = (), key: NoiseKey | None = None
+) -> Graphs:
+    """Bare, production and verification graphs (FP16 copies if asked; keyed production noise with
+    `key`), and TensorRT's verdict on them; refuses the build if TensorRT is the backend and would
+    refuse a node."""
     from aim.graph_passes.fp16 import convert_to_fp16
     from aim.graph_passes.trt_support import check_tensorrt_support
     from aim.runtime.tensorrt import EngineBuildError
 
     paths = {"exported": exported}
-    graphs = deployment_graphs(load_onnx(exported), LOGITS, task.class_axis, task.upsample_logits_to)
+    graphs = deployment_graphs(load_onnx(exported), LOGITS, task.class_axis, task.upsample_logits_to, key)
     if task.upsample_logits_to:
         paths["bare"] = save_onnx(graphs["bare"], folder / FILES["bare"])
     else:
@@ -180,3 +184,10 @@ def check_precision(family: Family, precision: str) -> None:
         raise AimError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
     if precision == "fp16" and family.fp16 is None:
         raise AimError(f"{family.name} states no FP16 comparator (Family.fp16), so an FP16 engine could not be verified")
+
+
+def check_noise(noise: str, noise_key) -> None:
+    if noise not in NOISE_SOURCES:
+        raise AimError(f"unknown noise {noise!r}; available: {', '.join(NOISE_SOURCES)}")
+    if noise_key is not None and noise != "keyed":
+        raise AimError("a noise key (--noise-key) is for keyed noise: add --noise keyed (NOISE=keyed), or drop the key")

@@ -6,6 +6,7 @@ import os
 from datetime import datetime, timezone
 
 from aim.contract import BATCH
+from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import REFERENCE, EngineRun, Manifest
 from aim.runtime.backends import runnable_here
 from aim.runtime.folder import open_build, role_runners
@@ -32,11 +33,31 @@ def checks(manifest: Manifest, task: Task, reference: Reference, runner: str, se
             manifest.dynamic_dims[BATCH].max,
             seed,
             verification.reduced_precision,
+            keyed=manifest.modulation.noise == "keyed",
         )
         return found + task.checks(runners[2], reference.extra, verification.tolerance, verification.reduced_precision)
     finally:
         for each in runners:
             each.close()  # TensorRT runners hold GPU memory
+
+
+def keyed_expectation(manifest: Manifest, reference: Reference, runner: str, key: NoiseKey):
+    """What a keyed production engine must answer to the reference's inputs and knobs: the PyTorch
+    twin of the same keyed statement on the logits of the build's bare engine (run by `runner`), so
+    that the twin's digest is computed from the very logits the engine's subgraph sees (FP16 ones
+    included)."""
+    import torch
+
+    from aim.graph_passes.redistribution import redistribute_torch
+
+    runners = role_runners(manifest, runner)
+    try:
+        bare = torch.from_numpy(runners[0].run(reference.inputs))
+    finally:
+        for each in runners:
+            each.close()
+    knobs = torch.from_numpy(reference.utility), torch.from_numpy(reference.focus)
+    return redistribute_torch(bare, *knobs, class_axis=manifest.modulation.class_axis, key=key).numpy()
 
 
 def verify_folder(folder: str | os.PathLike, seed: int | None = None) -> Manifest:

@@ -7,6 +7,7 @@ import numpy as np
 
 from aim.specs import Agreement, Check, Tolerance
 from aim.verify.compare import agreement, compare
+from aim.verify.keyed import keyed_checks
 from aim.verify.reference import Reference, tile_batch
 from aim.verify.statistics import MIN_SAMPLES, statistical_checks
 
@@ -21,11 +22,12 @@ def verify_build(
     max_batch: int,
     seed: int = 0,
     reduced_precision: Agreement | None = None,
+    keyed: bool = False,
 ) -> list[Check]:
     """`bare`, `verification`, `engine`: runners of the bare model, the verification flavour and the
     production engine. `max_batch`: the largest batch the engine takes; small outputs are tiled up to
     it for the statistics. `reduced_precision`: for FP16 builds, the task's comparator replaces the
-    element-wise one."""
+    element-wise one. `keyed`: the production engine's noise is keyed (verify/keyed.py)."""
 
     def differential(name, expected, actual):
         if reduced_precision is not None:
@@ -48,4 +50,6 @@ def verify_build(
             ),
         ),
     ]
+    if keyed:
+        return checks + keyed_checks(engine, stats_inputs, stats_bare, class_axis, reference, tolerance, reduced_precision is not None)
     return checks + statistical_checks(engine, stats_inputs, stats_bare, class_axis, seed)

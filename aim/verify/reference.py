@@ -31,6 +31,9 @@ class Reference:
     modulated: np.ndarray  # the reference redistribution of `logits` on the same knobs and noise
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # the task's own (e.g. generation)
     source: str = "PyTorch"  # what computed logits and modulated: PyTorch, or the user's bare graph
+    # Keyed builds: the PyTorch twin of the keyed production graph on the bare engine's logits for
+    # `inputs`, `utility` and `focus` (what the production engine must answer, element-wise).
+    keyed_modulated: np.ndarray | None = None
 
     _FIELDS = ("utility", "focus", "noise_utility", "noise_focus")
 
@@ -38,6 +41,8 @@ class Reference:
         out = {f"input.{name}": array for name, array in self.inputs.items()}
         out.update({name: getattr(self, name) for name in self._FIELDS})
         out.update(reference_logits=self.logits, reference_modulated=self.modulated, reference_source=np.array(self.source))
+        if self.keyed_modulated is not None:
+            out["reference_keyed_modulated"] = self.keyed_modulated
         out.update(self.extra)
         return {name: np.require(array, requirements="C") for name, array in out.items()}  # keeps 0-d arrays 0-d
 
@@ -54,7 +59,7 @@ class Reference:
     def load(cls, path: str | os.PathLike) -> "Reference":
         with np.load(path, allow_pickle=False) as stored:
             arrays = dict(stored)
-        known = {*cls._FIELDS, "reference_logits", "reference_modulated", "reference_source"}
+        known = {*cls._FIELDS, "reference_logits", "reference_modulated", "reference_source", "reference_keyed_modulated"}
         return cls(
             inputs={name.removeprefix("input."): a for name, a in arrays.items() if name.startswith("input.")},
             **{name: arrays[name] for name in cls._FIELDS},
@@ -62,6 +67,7 @@ class Reference:
             modulated=arrays["reference_modulated"],
             extra={name: a for name, a in arrays.items() if name not in known and not name.startswith("input.")},
             source=str(arrays["reference_source"]),
+            keyed_modulated=arrays.get("reference_keyed_modulated"),
         )
 
 

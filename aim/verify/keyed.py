@@ -1,0 +1,139 @@
+"""Checks of a keyed production engine (noise "keyed", graph_passes.redistribution._KeyedNoise).
+
+Keyed noise is a function of the key and of the request, so the engine is deterministic and two
+kinds of checks replace the fresh-noise ones of verify/statistics.py:
+
+- the same request gives the same answer: two runs bit for bit, and each row alone as inside its
+  batch; and the engine agrees element-wise with the PyTorch twin of the same keyed statement
+  (which random draws never could);
+- distinct requests draw independent noise that passes the same tests as fresh noise: N(0, 1) by
+  KS, half-normal and one-signed focus noise, n1 and n2 independent, no correlation between rows or
+  between neighbouring elements. Repeating a request would only repeat its draw, so every row of
+  every run here is a distinct request: a distinct tier (sigma), which the digest absorbs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aim.lazy import lazy_import
+from aim.specs import Check, Tolerance
+from aim.verify.compare import compare, identical
+from aim.verify.statistics import KS_ALPHA, MAX_RUNS, MIN_SAMPLES, SIGMA, _ks, _subsample
+
+stats = lazy_import("scipy.stats")
+
+# Distinct tiers of the statistical runs: SIGMA + i * TIER_SPACING, far above the digest's
+# resolution of sigma (2**-16), so every row of every run has a seed of its own.
+TIER_SPACING = 2.0**-12
+# FP16 builds: both sides compute the keyed redistribution in FP32 from the same FP16 logits and
+# round once to FP16, so they may differ by one FP16 ulp.
+FP16_RTOL = 2.0**-10
+
+
+def tiers(runs: int, batch: int) -> np.ndarray:
+    """[runs, batch] distinct sigmas around SIGMA."""
+    return (SIGMA + TIER_SPACING * np.arange(runs * batch)).reshape(runs, batch).astype(np.float32)
+
+
+def _correlation(name: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Check:
+    """Pearson correlation of neighbouring values, per pair of slices, each judged by its z-score
+    r * sqrt(n) against the normal quantile of KS_ALPHA (two-sided): a correlation of 4 / sqrt(n)
+    fails nearly always, independent noise fails one test in 1 / KS_ALPHA."""
+    limit = float(stats.norm.isf(KS_ALPHA / 2))
+    found = []
+    for a, b in pairs:
+        a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+        r = float(np.corrcoef(a, b)[0, 1])
+        found.append((r, r * np.sqrt(a.size), a.size))
+    worst = max(found, key=lambda item: abs(item[1]))
+    passed = all(abs(z) < limit for _, z, _ in found)
+    detail = f"largest |r| {abs(worst[0]):.4f} (z {worst[1]:+.2f}, n={worst[2]}; fails at |z| >= {limit:.2f})"
+    return Check(name, passed, detail, {"r": [r for r, _, _ in found], "z": [z for _, z, _ in found], "z_limit": limit})
+
+
+def _neighbours(noise: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(value, its neighbour) along every axis of [runs, B, ...]: rows, classes, and positions."""
+    pairs = []
+    for axis in range(1, noise.ndim):
+        if noise.shape[axis] > 1:
+            size = noise.shape[axis]
+            pairs.append((noise.take(range(size - 1), axis=axis), noise.take(range(1, size), axis=axis)))
+    return pairs
+
+
+def keyed_checks(
+    engine,
+    inputs: dict,
+    bare: np.ndarray,
+    class_axis: int,
+    reference,
+    tolerance: Tolerance,
+    fp16: bool = False,
+) -> list[Check]:
+    """Every check of a keyed production engine. `inputs`, `bare`: the statistics' batch and its bare
+    logits; `reference`: the build's Reference, whose `keyed_modulated` is the PyTorch twin's answer
+    to its inputs and knobs."""
+    if fp16:
+        tolerance = Tolerance(tolerance.atol, max(tolerance.rtol, FP16_RTOL), "one FP16 ulp: " + tolerance.why)
+    checks = [
+        compare(
+            "keyed production vs PyTorch twin (element-wise)",
+            reference.keyed_modulated,
+            engine.run(reference.inputs, reference.utility, reference.focus),
+            tolerance,
+        ),
+        identical("identity at utility 0, focus 0", bare, engine.run(inputs, 0.0, None)),
+    ]
+    batch, classes = bare.shape[0], bare.shape[class_axis]
+    runs = int(min(MAX_RUNS, max(1, np.ceil(MIN_SAMPLES / bare.size))))
+    sigmas = tiers(runs, batch)
+    per_row = [-1] + [1] * (bare.ndim - 1)
+    mixed = np.where(np.arange(batch) % 2 == 0, 0.0, sigmas[0]).astype(np.float32)
+    checks.append(identical("mixed batch: utility 0 rows exact", bare[0::2], engine.run(inputs, mixed, None)[0::2]))
+    bare = bare.astype(np.float64)
+
+    # Same request, same answer.
+    first, second = engine.run(inputs, sigmas[0], None), engine.run(inputs, sigmas[0], None)
+    same = identical("same request, same answer (two runs)", first, second)
+    rows = reference.inputs
+    count = next(iter(rows.values())).shape[0]
+    together = engine.run(rows, SIGMA, None)
+    alone = np.concatenate([engine.run({k: v[i : i + 1] for k, v in rows.items()}, SIGMA, None) for i in range(count)])
+    invariant = compare("same request alone and in a batch (same draw)", together, alone, tolerance)
+    exact = int(np.sum(np.all((together == alone).reshape(count, -1), axis=1)))
+    invariant.detail += f"; {exact} of {count} rows bit for bit"
+    invariant.metrics["rows_bit_for_bit"] = exact
+    tier = engine.run(inputs, sigmas[0] + 0.5, None)
+    moved = float(np.mean((tier - bare) / (sigmas[0] + 0.5).reshape(per_row) != (first - bare) / sigmas[0].reshape(per_row)))
+    checks += [
+        same,
+        invariant,
+        Check("another tier, another draw", moved > 0.99, f"{moved:.1%} of the noise differs at sigma + 0.5", {"differ": moved}),
+    ]
+
+    # Distinct requests: a distinct tier per row and run.
+    def outputs(focus_of):  # FP64, so that differences of FP16 outputs are exact
+        return np.stack([engine.run(inputs, s, focus_of(s)) for s in sigmas]).astype(np.float64)
+
+    scale = sigmas.reshape([runs] + per_row)
+    plain = outputs(lambda s: None)
+    utility = (plain - bare) / scale
+    rng = np.random.default_rng(0)
+    checks.append(_ks("utility noise ~ N(0,1), distinct requests", _subsample(utility, rng), stats.norm, "(z'-z)/utility vs N(0,1)"))
+    for sign, label in ((1.0, "boost"), (-1.0, "suppress")):
+        # The focus does not enter the digest, so the same request with and without it differ by
+        # exactly its focus noise (the sum is rounded once in FP32, which keeps the sign).
+        half = (outputs(lambda s: np.full(classes, sign * SIGMA, np.float32)) - plain) * sign
+        one_signed = bool(np.all(half >= 0))
+        check = _ks(f"focus {label} noise half-normal", _subsample(half / SIGMA, rng), stats.halfnorm, f"{label}: |noise| vs half-normal")
+        check.passed = check.passed and one_signed
+        check.detail += "; one-signed" if one_signed else "; WRONG SIGN seen"
+        check.metrics["one_signed"] = one_signed
+        checks.append(check)
+    both = (outputs(lambda s: np.broadcast_to(s[:, None], (batch, classes))) - bare) / scale
+    checks.append(
+        _ks("utility and focus noises independent", _subsample(both, rng), stats.skewnorm(1.0, scale=np.sqrt(2.0)), "n1+|n2| vs sqrt(2)*SkewNormal(1)")
+    )
+    checks.append(_correlation("no correlation between rows or neighbouring elements", _neighbours(utility)))
+    return checks
