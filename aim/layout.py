@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 REFERENCE = "reference.npz"
 TOKENIZER_DIR = "tokenizer"
 EVAL_DIR = "eval"
+ATTACK_DIR = "attack"  # make attack: attack.csv, attack.png, summary.json
 FILES = {
     "exported": "exported.onnx",  # torch.onnx's output, untouched
     "bare": "bare.onnx",  # the deployable model without modulation (logits resized, if the task asks)

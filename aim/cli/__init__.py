@@ -18,6 +18,7 @@
     aim train MODEL                              train the family's small model on package-shipped data (cached)
     aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
     aim calibrate MODEL [--checkpoint DIR]       level -> sigma table; an engine taking utility_level
+    aim attack MODEL [--noise-key FILE]          repeat-and-average attack on fresh vs keyed noise
     aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
     aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
 
@@ -34,7 +35,7 @@ import sys
 
 from aim.errors import AimError
 
-COMMANDS = ("models", "engine", "trt_check", "export", "modulate", "build", "run", "verify", "generate", "train", "evaluate", "triton", "serve")
+COMMANDS = ("models", "engine", "trt_check", "export", "modulate", "build", "run", "verify", "generate", "train", "evaluate", "attack", "triton", "serve")
 
 
 def parser() -> argparse.ArgumentParser:

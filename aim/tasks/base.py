@@ -118,6 +118,14 @@ class Task:
         """A labelled split of the task's data shaped for `engine` (a datasets.Split)."""
         raise NotImplementedError
 
+    # -- the averaging attack (evaluation/attack.py): imperceptible variants of a request
+
+    perturbation: str = ""  # what `variant` changes, in words
+
+    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
+        """`count` imperceptible variants of the eval inputs `inputs` (shaped for `engine`), one by one."""
+        raise NotImplementedError
+
     def labels_fit(self, checkpoint) -> bool:
         """Whether the data's labels are the model's classes (the family's own trained model)."""
         from pathlib import Path

@@ -11,6 +11,7 @@ from aim.specs import TensorSpec
 from aim.tasks.base import Task
 
 PIXELS = "pixel_values"
+LEVEL = 2.0 / 255.0  # one 8-bit intensity level of the data's -1..1 pixel range
 
 
 class _ImageTask(Task):
@@ -46,6 +47,13 @@ class _ImageTask(Task):
             for index in np.array_split(rng.permutation(len(train)), max(1, len(train) // batch)):
                 part = train.take(index)
                 yield {k: torch.tensor(v) for k, v in part.inputs.items()}, torch.tensor(part.labels)
+
+    perturbation = "every pixel value moved by one 8-bit intensity level (1/255 of its range), up or down at random"
+
+    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        for _ in range(count):
+            yield {**inputs, PIXELS: inputs[PIXELS] + rng.choice(np.float32([-LEVEL, LEVEL]), size=inputs[PIXELS].shape)}
 
     def training_logits(self, model, inputs: dict):
         """The logits with gradients, as the engine computes them (resized to the input if the task asks)."""

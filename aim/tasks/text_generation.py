@@ -204,6 +204,18 @@ class TextGeneration(Task):
     def predictions(self, logits):
         return logits[:, -1].argmax(-1).numpy()
 
+    perturbation = "trailing whitespace: the k-th shortest string of spaces, newlines and tabs appended to the context (as its own tokens)"
+
+    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
+        from aim.tasks.generation import prefill_inputs
+
+        tokenizer = load_tokenizer(checkpoint)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for suffix in whitespace(count):
+            extra = np.asarray(tokenizer(suffix, add_special_tokens=False)["input_ids"], dtype=ids.dtype)
+            extra = np.broadcast_to(extra, (ids.shape[0], extra.size))
+            yield prefill_inputs(engine, np.concatenate([ids, extra], axis=1), np.concatenate([mask, np.ones_like(extra)], axis=1))
+
     def eval_split(self, engine, checkpoint, split: str, seed: int = 0, count: int | None = None):
         """Windows of the corpus, each a prefill step of the KV-cache export (positions and an empty
         cache added), labelled with the token that follows."""
@@ -214,6 +226,17 @@ class TextGeneration(Task):
         if count is not None:
             data = data.take(slice(0, count))
         return datasets.Split(prefill_inputs(engine, data.inputs["input_ids"], data.inputs["attention_mask"]), data.labels)
+
+
+def whitespace(count: int) -> list[str]:
+    """The `count` shortest strings of spaces, newlines and tabs, shortest first."""
+    import itertools
+
+    found = []
+    for length in itertools.count(1):
+        found += ["".join(chars) for chars in itertools.product(" \n\t", repeat=length)]
+        if len(found) >= count:
+            return found[:count]
 
 
 def load_tokenizer(checkpoint):

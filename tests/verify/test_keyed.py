@@ -1,0 +1,87 @@
+"""The keyed checks (verify/keyed.py): a correct keyed engine passes every one, and each check fails on
+an engine with the defect it is there to catch."""
+
+import numpy as np
+import pytest
+import torch
+
+from aim.graph_passes.modulate import modulate_file
+from aim.graph_passes.noise_key import KEY_BYTES, NoiseKey
+from aim.graph_passes.redistribution import redistribute_torch
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.specs import Tolerance
+from aim.verify.keyed import keyed_checks
+from aim.verify.reference import Reference, differential_knobs
+from tests.conftest import load
+
+KEY = NoiseKey(bytes(range(1, KEY_BYTES + 1)))
+TOLERANCE = Tolerance(1e-4, 1e-4, "fp32")
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """The ResNet family's keyed production engine, its bare engine, a statistics batch and a reference."""
+    from aim.pipeline import steps
+
+    family, task, model = load("resnet")
+    folder = tmp_path_factory.mktemp("keyed")
+    exported = steps.export(family, task, model, folder / "exported.onnx")
+    bare = OnnxRuntimeEngine(exported)
+    engines = {
+        "keyed": OnnxRuntimeEngine(modulate_file(exported, folder / "keyed.onnx", "logits", 1, key=KEY)),
+        "fresh": OnnxRuntimeEngine(modulate_file(exported, folder / "fresh.onnx", "logits", 1)),
+    }
+    inputs = {k: v.numpy() for k, v in task.example_inputs(model, family.sizes(batch=16, height=32, width=32)).items()}
+    logits = bare.run(inputs)
+    knobs = differential_knobs(16, 10, logits.shape, 0)
+    twin = redistribute_torch(*(torch.from_numpy(a) for a in (logits, knobs["utility"], knobs["focus"])), key=KEY).numpy()
+    reference = Reference(inputs=inputs, logits=logits, modulated=logits, keyed_modulated=twin, **knobs)
+    return engines, bare, inputs, logits, reference
+
+
+class Defective:
+    """The keyed engine with one defect."""
+
+    def __init__(self, keyed, bare, defect):
+        self.keyed, self.bare, self.defect = keyed, bare, defect
+
+    def run(self, inputs, utility=0.0, focus=None):
+        out = self.keyed.run(inputs, utility, focus)
+        bare = self.bare.run(inputs)
+        if self.defect == "positional":  # each row gets its neighbour's draw
+            return bare + np.roll(out - bare, 1, axis=0)
+        if self.defect == "tierless":  # the tier is not part of the request
+            u = np.broadcast_to(np.asarray(utility, np.float32), bare.shape[:1])[:, None]
+            return bare + u * (self.keyed.run(inputs, 2.0, focus) - bare) / 2.0
+        if self.defect == "signed":  # focus noise of either sign
+            plain = self.keyed.run(inputs, utility, None)
+            return plain - (out - plain) * np.where(np.arange(bare.shape[1]) % 2, 1, -1)
+        if self.defect == "scale":
+            return bare + (out - bare) * np.float32(1.05)
+        raise ValueError(self.defect)
+
+
+def test_a_correct_keyed_engine_passes_every_check(resnet):
+    engines, _, inputs, logits, reference = resnet
+    checks = keyed_checks(engines["keyed"], inputs, logits, 1, reference, TOLERANCE)
+    assert [c.name for c in checks if not c.passed] == []
+    assert len(checks) == 11
+
+
+@pytest.mark.parametrize(
+    "defect, failing",
+    [
+        ("fresh", {"keyed production vs PyTorch twin (element-wise)", "same request, same answer (two runs)"}),
+        ("positional", {"keyed production vs PyTorch twin (element-wise)", "same request alone and in a batch (same draw)"}),
+        ("tierless", {"another tier, another draw", "no correlation between rows or neighbouring elements"}),
+        ("signed", {"focus boost noise half-normal", "focus suppress noise half-normal"}),
+        ("scale", {"utility noise ~ N(0,1), distinct requests"}),
+    ],
+)
+def test_each_check_catches_its_defect(resnet, defect, failing):
+    engines, bare, inputs, logits, reference = resnet
+    engine = engines["fresh"] if defect == "fresh" else Defective(engines["keyed"], bare, defect)
+    checks = keyed_checks(engine, inputs, logits, 1, reference, TOLERANCE)
+    failed = {c.name for c in checks if not c.passed}
+    assert failing <= failed, failed
+    assert "identity at utility 0, focus 0" not in failed
