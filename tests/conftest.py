@@ -70,6 +70,24 @@ def family(request, tmp_path_factory) -> Exported:
     return exported
 
 
+@pytest.fixture(scope="session")
+def keyed_build(tmp_path_factory):
+    """keyed_build("resnet") -> the manifest of a verified keyed build (`make engine NOISE=keyed`, one
+    key file for every family), built on first use; keyed_build.key_file is that file."""
+    from aim.pipeline.build import build_model
+
+    root = tmp_path_factory.mktemp("keyed")
+    built = {}
+
+    def get(model: str):
+        if model not in built:
+            built[model] = build_model(model, root / "build", noise="keyed", noise_key=root / "noise.key", log=lambda line: None)
+        return built[model]
+
+    get.key_file = root / "noise.key"
+    return get
+
+
 def tiny_classifier(path: Path, features: int = 6, classes: int = 5, dtype=TensorProto.FLOAT, seed: int = 0) -> Path:
     """A classifier written by hand with onnx.helper, not by the exporter: x [B, F] -> MatMul, Add -> scores [B, C]."""
     rng = np.random.default_rng(seed)

@@ -26,7 +26,10 @@ KEY_BYTES = 32
 # every product of two values below 2 * PRIME fits in int64 (TensorRT has no bitwise operators, so
 # the generator is int64 Mul, Add and Mod only).
 PRIME = 1_073_741_789
-PROJECTIONS = 8  # coordinates of the digest: keyed +-1 projections of the pooled, centred logits
+# Coordinates of the digest: keyed +-1 projections of the pooled, centred logits. Four keep a 32,000-token
+# vocabulary's projection at 512 KB (FP32 once ONNX Runtime folds its FP16 storage); a perturbation's
+# chance to move the digest grows with their number, a distinct request's chance to share it shrinks.
+PROJECTIONS = 4
 CLASS_ROUNDS = 3  # cubings of a class (or position) counter with the row's seed
 ABSORB_ROUNDS = 2  # cubings per word absorbed into the row's seed
 
@@ -42,7 +45,10 @@ class KeyedConstants:
     projection: np.ndarray  # float16 [C, PROJECTIONS] of +-1 (exact in FP16: half the bytes of FP32)
     offsets: np.ndarray  # float32 [PROJECTIONS] in [0, 1): the quantization grid's secret phase
     absorb: np.ndarray  # int64 [PROJECTIONS + 2]: the seed's start, then one per absorbed word
-    class_counters: np.ndarray  # int64 [C' + 2 C]: keyed counters of n1's classes, then n2's two uniforms
+    # The counter of class slot j is (j * multiplier + offset) mod PRIME: n1 takes slots 0 .. C'-1
+    # (C' = C rounded up to even), n2 slots C' + c and C' + C + c for its two uniforms of class c.
+    class_multiplier: int
+    class_offset: int
     class_rounds: np.ndarray  # int64 [CLASS_ROUNDS - 1]
     position_multiplier: int  # position counter = (index * multiplier + offset) mod PRIME
     position_offset: int
@@ -114,15 +120,14 @@ class NoiseKey:
         bits = np.unpackbits(np.frombuffer(self._stream("projection", (num_classes * PROJECTIONS + 7) // 8), dtype=np.uint8))
         signs = bits[: num_classes * PROJECTIONS].reshape(num_classes, PROJECTIONS)
         offsets = (np.frombuffer(self._stream("offsets", 4 * PROJECTIONS), dtype="<u4") >> 8) / 2.0**24  # exact in FP32
-        even = num_classes + num_classes % 2  # Box-Muller's halves need an even count
         multiplier, offset = self._residues("class counters", 2, low=1)
-        counters = (np.arange(1, even + 2 * num_classes + 1, dtype=np.int64) * multiplier + offset) % PRIME
         position_multiplier, position_offset = self._residues("position counters", 2, low=1)
         return KeyedConstants(
             projection=np.where(signs == 1, 1.0, -1.0).astype(np.float16),
             offsets=offsets.astype(np.float32),
             absorb=self._residues("absorb", PROJECTIONS + 2),
-            class_counters=counters,
+            class_multiplier=int(multiplier),
+            class_offset=int(offset),
             class_rounds=self._residues("class rounds", CLASS_ROUNDS - 1),
             position_multiplier=int(position_multiplier),
             position_offset=int(position_offset),

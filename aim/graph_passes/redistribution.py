@@ -201,6 +201,10 @@ class _TorchOps:
         return x.reshape([x.numel() if a == axis else 1 for a in range(rank)])
 
     @staticmethod
+    def arange(z, axis: int, extra: int = 0):
+        return torch.arange(z.shape[axis] + extra, dtype=torch.int64)
+
+    @staticmethod
     def positions(z, class_axis: int, rank: int):
         shape = [1 if a in (0, class_axis) else z.shape[a] for a in range(rank)]
         return torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
@@ -325,6 +329,14 @@ class _GraphOps:
     def on_axis(self, x, axis: int, rank: int):
         """A vector [J] laid along `axis` of a rank-`rank` tensor: [1, .., J, .., 1]."""
         return self.node("Reshape", [x, self.constant([-1 if a == axis else 1 for a in range(rank)], np.int64)], dtype=x.dtype)
+
+    def arange(self, z, axis: int, extra: int = 0):
+        """0, 1, .., z.shape[axis] + extra - 1 (int64) from z's shape at run time: a range of constant
+        size would be folded into the engine file, 8 bytes per class."""
+        i64 = np.int64
+        size = self.node("Shape", [z], {"start": axis, "end": axis + 1}, dtype=i64)
+        limit = self.node("Squeeze", [self.add(size, self.constant([extra], i64)), self.constant([0], i64)], dtype=i64)
+        return self.node("Range", [self.constant(0, i64), limit, self.constant(1, i64)], dtype=i64)
 
     def positions(self, z, class_axis: int, rank: int):
         """Each element's row-major index among the axes other than the batch and the classes: int64
@@ -548,13 +560,17 @@ class _KeyedNoise:
         def angle(b):
             return ops.mul(b, ops.constant(2.0 * math.pi))
 
+        def counters(slots):  # class slot j -> (j * multiplier + offset) mod PRIME
+            scaled = ops.add(ops.mul(slots, ops.constant(k.class_multiplier, i64)), ops.constant(k.class_offset, i64))
+            return ops.mod(scaled, ops.constant(PRIME, i64))
+
         even = self.classes + self.classes % 2
-        pairs = uniform(ops.constant(k.class_counters[:even], i64))
+        pairs = uniform(counters(ops.arange(z, axis, self.classes % 2)))
         r, theta = radius(ops.slice(pairs, 0, even // 2, axis)), angle(ops.slice(pairs, even // 2, even, axis))
         n1 = ops.slice(ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], axis), 0, self.classes, axis)
 
-        def focused(start):
-            return uniform(ops.gather(ops.constant(k.class_counters[start : start + self.classes], i64), classes, 0))
+        def focused(start):  # n2's slots follow n1's: computed for the K focused classes only
+            return uniform(counters(ops.add(classes, ops.constant(start, i64))))
 
         n2 = ops.mul(radius(focused(even)), ops.cos(angle(focused(even + self.classes))))
         return n1, n2

@@ -134,7 +134,7 @@ def test_perturbations_smaller_than_a_cell_keep_the_draw(tmp_path):
 
 def test_another_tier_draws_afresh_and_focus_does_not_change_the_utility_noise(tmp_path):
     session, _ = keyed_session(tmp_path, ["batch", 10])
-    x = np.random.default_rng(4).normal(size=(500, 10)).astype(np.float32)
+    x = (np.random.default_rng(4).normal(size=(500, 10)) * 30).astype(np.float32)  # 500 distinct requests
     low, high = ((run(session, x, s) - x) / s for s in (2.0, 2.001))
     assert np.mean(low != high) > 0.99 and abs(correlation_z(low, high)) < Z_LIMIT
     focus = np.zeros((500, 10), np.float32)

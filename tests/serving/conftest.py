@@ -25,6 +25,7 @@ def build_folder(tmp_path_factory):
 
 
 TRITON_MODELS = ("resnet", "llama")
+KEYED = "-keyed"  # keyed builds (make engine NOISE=keyed) of every family are served beside them as <model>-keyed
 
 
 def _server_can_run() -> str | None:
@@ -41,8 +42,10 @@ def _server_can_run() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def triton(build_folder, tmp_path_factory):
-    """The real Triton server (nvidia-pytriton's 2.51) on a generated repository with resnet and llama."""
+def triton(build_folder, keyed_build, tmp_path_factory):
+    """The real Triton server (nvidia-pytriton's 2.51) on a generated repository with resnet and llama,
+    and the keyed builds of every family."""
+    from aim.families import list_families
     from aim.serving.server import TritonServer
     from aim.serving.triton import write_model
 
@@ -52,6 +55,8 @@ def triton(build_folder, tmp_path_factory):
     repo = tmp_path_factory.mktemp("triton") / "repository"
     for model in TRITON_MODELS:
         write_model(build_folder(model), repo)
+    for model in list_families():
+        write_model(keyed_build(model).folder, repo, name=model + KEYED)
     log = repo.with_name("tritonserver.log")
     server = TritonServer(repo, log_path=log).start()  # raises with the server's log if it cannot start
     try:

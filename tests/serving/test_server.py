@@ -102,7 +102,7 @@ def infer(protocol, client, model: Model, inputs: dict) -> np.ndarray:
 
 
 def test_the_server_loads_the_generated_repository(triton, clients):
-    assert triton.models_ready() == ["llama", "resnet"]
+    assert triton.models_ready() == ["llama", "llama-keyed", "resnet", "resnet-keyed", "segformer-keyed"]
     assert "successfully loaded 'resnet'" in triton.log()
     config = clients["http"].get_model_config("resnet")  # as the server read it
     assert config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
@@ -329,3 +329,46 @@ def test_a_server_that_cannot_load_its_models_says_why_and_leaves_no_process(tri
     with pytest.raises(TritonServerError, match="does not exist"):
         TritonServer(tmp_path / "nothing").start()
     assert triton.ready()  # the session's server is unharmed
+
+
+@pytest.mark.parametrize("family", ["resnet", "segformer", "llama"])
+def test_a_keyed_model_gives_the_same_request_the_same_answer_also_in_a_dynamic_batch(clients, keyed_build, family):
+    """Keyed noise through Triton: a request sent again (over HTTP, then gRPC) gets the same answer bit
+    for bit, and 16 concurrent requests that the server batches together each get their own row's
+    answer, as the engine gives it alone (the float math may move a last bit with the batch)."""
+    from aim.layout import REFERENCE
+    from aim.verify.reference import Reference
+
+    manifest = keyed_build(family)
+    name, classes = family + "-keyed", manifest.modulation.num_classes
+    inputs = Reference.load(manifest.folder / REFERENCE).inputs
+    rows = next(iter(inputs.values())).shape[0]
+
+    def one(row, utility=2.0):
+        return {**{k: v[row : row + 1] for k, v in inputs.items()}, "utility": np.full((1, 1), utility, np.float32), "focus": np.zeros((1, classes), np.float32)}
+
+    def send(protocol, request_inputs):
+        module = PROTOCOLS[protocol]
+        result = clients[protocol].infer(name, _tensors(module, request_inputs), outputs=[module.InferRequestedOutput("logits")])
+        return result.as_numpy("logits")
+
+    alone = [send("http", one(row)) for row in range(rows)]
+    for row in range(rows):
+        assert np.array_equal(send("grpc", one(row)), alone[row])
+    local = OnnxRuntimeEngine(manifest.engine_path())  # the server runs the build's keyed engine
+    np.testing.assert_allclose(np.concatenate(alone), np.concatenate([local.run({k: v[r : r + 1] for k, v in inputs.items()}, 2.0) for r in range(rows)]), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(send("http", one(0, utility=2.5)), alone[0], atol=1e-3)  # another tier, another draw
+
+    before = _counts(clients["http"], name)
+    results, done = {}, threading.Semaphore(0)
+    for index in range(16):
+        clients["grpc"].async_infer(
+            name, _tensors(grpcclient, one(index % rows)), lambda result, error, i=index: (results.__setitem__(i, (result, error)), done.release())
+        )
+    for _ in range(16):
+        assert done.acquire(timeout=60), "a response did not arrive within 60 s"
+    inferences, executions = (after - first for after, first in zip(_counts(clients["http"], name), before))
+    assert inferences == 16 and executions < inferences, f"no dynamic batching: {executions} executions"
+    for index, (result, error) in results.items():
+        assert error is None, error
+        np.testing.assert_allclose(result.as_numpy("logits"), alone[index % rows], rtol=1e-6, atol=1e-6)

@@ -1,0 +1,81 @@
+"""`make engine NOISE=keyed` end to end, per family: the keyed checks pass, the manifest names the key
+by its fingerprint only, the key file rebuilds an engine that answers as before, and bad input
+writes nothing."""
+
+import dataclasses
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from aim.cli import main
+from aim.errors import VerificationError
+from aim.families import _REGISTRY, get_family, list_families
+from aim.graph_passes.noise_key import NoiseKey
+from aim.layout import REFERENCE, Manifest
+from aim.pipeline.build import build_model
+from aim.pipeline.verify import verify_folder
+from aim.runtime.folder import production_runner
+from aim.verify.reference import Reference
+
+KEYED_CHECKS = {
+    "keyed production vs PyTorch twin (element-wise)",
+    "same request, same answer (two runs)",
+    "same request alone and in a batch (same draw)",
+    "utility noise ~ N(0,1), distinct requests",
+    "no correlation between rows or neighbouring elements",
+}
+
+
+@pytest.mark.parametrize("model", list_families())
+def test_keyed_build_verifies_and_records_only_the_fingerprint(keyed_build, model):
+    manifest = keyed_build(model)
+    checks = {c.name: c for c in manifest.verification.checks}
+    assert KEYED_CHECKS <= set(checks) and "fresh draws" not in checks
+    assert all(c.passed for c in checks.values()), [c for c in checks.values() if not c.passed]
+    key = NoiseKey.read(keyed_build.key_file)
+    assert stat.S_IMODE(os.stat(keyed_build.key_file).st_mode) == 0o600
+    assert manifest.modulation.noise == "keyed" and manifest.modulation.key_fingerprint == key.fingerprint
+    for path in manifest.folder.rglob("*"):  # the key itself is nowhere in the build folder
+        assert not path.is_file() or key.secret.hex().encode() not in path.read_bytes()
+    assert Reference.load(manifest.folder / REFERENCE).keyed_modulated is not None
+    assert verify_folder(manifest.folder).verification.passed  # `aim verify` re-runs the keyed checks
+
+
+def test_the_key_file_rebuilds_an_engine_that_answers_as_before(keyed_build, tmp_path, capsys):
+    first = keyed_build("resnet")
+    assert main(["engine", "resnet", "--out", str(tmp_path), "--noise", "keyed", "--noise-key", str(keyed_build.key_file)]) == 0
+    assert f"key fingerprint {first.modulation.key_fingerprint}" in capsys.readouterr().out
+    inputs = Reference.load(first.folder / REFERENCE).inputs
+
+    def answer(folder):
+        engine, _ = production_runner(Manifest.load(folder))
+        return engine.run(inputs, [1.0, 3.0], None)
+
+    assert np.array_equal(answer(first.folder), answer(tmp_path / "resnet"))
+    assert main(["engine", "resnet", "--out", str(tmp_path / "other"), "--noise", "keyed"]) == 0  # a fresh key: another draw
+    assert np.mean(answer(tmp_path / "other" / "resnet") != answer(first.folder)) > 0.99
+
+
+def test_a_failed_keyed_build_writes_no_key_file(tmp_path, monkeypatch):
+    strict = dataclasses.replace(get_family("resnet"), tolerance=dataclasses.replace(get_family("resnet").tolerance, atol=0.0, rtol=0.0))
+    monkeypatch.setitem(_REGISTRY, "resnet", strict)
+    with pytest.raises(VerificationError):
+        build_model("resnet", tmp_path / "build", noise="keyed", noise_key=tmp_path / "noise.key", log=lambda _: None)
+    assert not (tmp_path / "noise.key").exists()
+
+
+def test_bad_noise_arguments_exit_2_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "build"
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text("0123")
+    cases = [
+        (["--noise-key", str(tmp_path / "k")], "is for keyed noise"),
+        (["--noise", "keyed", "--noise-key", str(bad_key)], "is not a noise key"),
+    ]
+    for extra, message in cases:
+        assert main(["engine", "resnet", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "k").exists()
