@@ -12,6 +12,8 @@ PY := $(VENV)/bin/python
 MODEL ?= segformer
 BACKEND ?= auto
 PRECISION ?= fp32
+NOISE ?= fresh
+NOISE_KEY ?=
 OUT ?= build
 CHECKPOINT ?=
 PROMPT ?= def main():
@@ -19,17 +21,18 @@ UTILITY ?= 0
 FOCUS ?=
 MAX_NEW_TOKENS ?= 32
 REPO ?= $(OUT)/triton
-export MODEL BACKEND PRECISION OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO
+export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
 # The engine of MODEL under OUT, built first if its folder has no manifest yet.
-BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+ENGINE = $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" --noise "$$NOISE" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(ENGINE)
 
-.PHONY: engine generate triton serve test models bench clean help train eval calibrate
+.PHONY: engine generate triton serve test models bench clean help train eval calibrate attack
 
 help:
-	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
+	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
 	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
 	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
@@ -39,6 +42,7 @@ help:
 	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
 	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
 	@echo "make calibrate MODEL=x   level -> sigma table and an engine taking utility_level in [0, 1]"
+	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: build/x/attack/"
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -49,7 +53,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 engine: $(STAMP)
-	$(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+	$(ENGINE)
 
 triton: $(STAMP)
 	$(BUILT)
@@ -70,6 +74,9 @@ eval: $(STAMP)
 
 calibrate: $(STAMP)
 	$(PY) -m aim.cli calibrate "$$MODEL" --out "$$OUT" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+
+attack: $(STAMP)
+	$(PY) -m aim.cli attack "$$MODEL" --out "$$OUT" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
 models: $(STAMP)
 	$(PY) -m aim.cli models

@@ -4,6 +4,7 @@ P1a  latency(modulated, utility 0 and focus 0 for the batch) / latency(bare)
 P1b  latency(modulated, utility > 0) / latency(bare)          (also with focus on one class)
 P2   cost of the subgraph over the logits tensor (utility > 0, focus on one class) / one
      RandomNormalLike over it; cost = latency(graph) - latency(the same logits, unmodulated)
+     (P1a, P1b, P2 and the engine bytes also for keyed noise, beside fresh noise)
 P3   throughput(engine) / throughput(PyTorch eager + torch.normal noise on the host), same batch
 P4   wall time of `make engine` (python -m aim.cli engine) after set-up, cold and warm, for the family
      whose benchmark asks for it (SegFormer)
@@ -35,10 +36,13 @@ FOCUS_STRENGTH = DIFFERENTIAL_FOCUS  # SIGMA, the degraded tier's utility, is th
 TARGETS = {  # (comparison, bound); P1b's bound is the family's own (Benchmark.p1b_target)
     "P1a": ("<=", 1.02),
     "P1b": ("<=", None),
+    "P1a keyed": ("<=", 1.02),
+    "P1b keyed": ("<=", None),
     "P2": ("<=", 0.6),
     "P3 utility 0": (">=", 3.0),
     "P3 utility > 0": (">=", 1.5),
     "engine bytes added": ("<", 1_000_000),
+    "engine bytes added (keyed)": ("<", 1_000_000),
 }
 # VmHWM, not getrusage: ru_maxrss survives exec, so a child would report the benchmark's own peak.
 _PEAK_RSS = """
@@ -68,13 +72,15 @@ def _judge(key: str, value: float, family: str | None = None) -> dict:
     return {"value": value, "target": f"{comparison} {bound:g}", "met": met}
 
 
-def build_engines(bench: BenchModel, folder: Path, log: Callable[[str], None]):
-    """Model (random weights), exported ONNX, bare and modulated (production) ONNX Runtime engines."""
+def build_engines(bench: BenchModel, folder: Path, key, log: Callable[[str], None]):
+    """Model (random weights), exported ONNX, bare, modulated (production) and keyed production ONNX
+    Runtime engines."""
     from aim.contract import LOGITS
     from aim.export.torch_export import random_model
     from aim.families import get_family
     from aim.graph_passes.io import load_onnx, save_onnx
     from aim.graph_passes.modulate import deployment_graphs
+    from aim.graph_passes.redistribution import add_redistribution
     from aim.pipeline import steps
     from aim.runtime import onnxruntime as ort_engine
     from aim.tasks import get_task
@@ -85,10 +91,11 @@ def build_engines(bench: BenchModel, folder: Path, log: Callable[[str], None]):
     log(f"  {bench.family}: {bench.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; exporting")
     exported = steps.export(family, task, model, folder / "exported.onnx")
     graphs = deployment_graphs(load_onnx(exported), LOGITS, task.class_axis, task.upsample_logits_to)
+    graphs["keyed"] = add_redistribution(graphs["bare"].copy(), LOGITS, task.class_axis, key=key)
     paths = {}
-    for key in ("bare", "production"):
-        source = save_onnx(graphs[key], folder / f"{key}.onnx")
-        paths[key] = ort_engine.build(source, folder / f"{key}.engine.onnx", threads=THREADS)
+    for name in ("bare", "production", "keyed"):
+        source = save_onnx(graphs[name], folder / f"{name}.onnx")
+        paths[name] = ort_engine.build(source, folder / f"{name}.engine.onnx", threads=THREADS)
     return task, model, paths
 
 
@@ -96,15 +103,17 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     import torch
 
     from aim.contract import FOCUS, LOGITS, UTILITY, check_modulation
+    from aim.graph_passes.noise_key import NoiseKey
     from aim.verify.reference import tile_batch
     from aim.verify.statistics import statistical_checks
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(THREADS)
-    task, model, paths = build_engines(bench, folder, log)
+    key = NoiseKey.draw()
+    task, model, paths = build_engines(bench, folder, key, log)
     inputs_t = task.example_inputs(model, bench.sizes)
     inputs = {name: tensor.numpy() for name, tensor in inputs_t.items()}
-    bare, modulated = _engine(paths["bare"]), _engine(paths["production"])
+    bare, modulated, keyed = _engine(paths["bare"]), _engine(paths["production"]), _engine(paths["keyed"])
     batch, classes = next(iter(inputs.values())).shape[0], modulated.num_classes
 
     def feed(utility, focus=None):
@@ -125,33 +134,33 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     log(f"  {bench.family}: timing ({bench.repeats} interleaved runs per variant, after warm-up)")
     # Engine variants interleave with each other, eager PyTorch separately: torch's OpenMP threads
     # keep spinning after a call and would slow down whichever engine variant ran next.
-    times = measure(
-        {
-            "bare": lambda: bare.session.run(None, inputs),
-            "modulated, utility 0": lambda: modulated.session.run(None, feeds["zero"]),
-            f"modulated, utility {SIGMA:g}": lambda: modulated.session.run(None, feeds["noisy"]),
-            f"modulated, utility {SIGMA:g} + focus 1 class": lambda: modulated.session.run(None, feeds["focused"]),
-        },
-        repeats=bench.repeats,
-    )
+    variants = {"bare": lambda: bare.session.run(None, inputs)}
+    for label, engine in (("modulated", modulated), ("keyed", keyed)):
+        variants.update({
+            f"{label}, utility 0": lambda engine=engine: engine.session.run(None, feeds["zero"]),
+            f"{label}, utility {SIGMA:g}": lambda engine=engine: engine.session.run(None, feeds["noisy"]),
+            f"{label}, utility {SIGMA:g} + focus 1 class": lambda engine=engine: engine.session.run(None, feeds["focused"]),
+        })
+    times = measure(variants, repeats=bench.repeats)
     times.update(
         measure({"pytorch eager": lambda: eager(False), "pytorch eager + torch.normal": lambda: eager(True)}, repeats=bench.repeats)
     )
-    t = list(times.values())
-    figures = {
-        "P1a": ratio(t[1], t[0]),
-        "P1b": ratio(t[2], t[0]),
-        "P1b with focus": ratio(t[3], t[0]),
-        "P3 utility 0": ratio(t[4], t[1]),  # throughput ratio = latency(eager) / latency(engine)
-        "P3 utility > 0": ratio(t[5], t[2]),
-    }
+    figures = {}
+    for label, suffix in (("modulated", ""), ("keyed", " keyed")):
+        figures[f"P1a{suffix}"] = ratio(times[f"{label}, utility 0"], times["bare"])
+        figures[f"P1b{suffix}"] = ratio(times[f"{label}, utility {SIGMA:g}"], times["bare"])
+        figures[f"P1b{suffix} with focus"] = ratio(times[f"{label}, utility {SIGMA:g} + focus 1 class"], times["bare"])
+    # throughput ratio = latency(eager) / latency(engine)
+    figures["P3 utility 0"] = ratio(times["pytorch eager"], times["modulated, utility 0"])
+    figures["P3 utility > 0"] = ratio(times["pytorch eager + torch.normal"], times[f"modulated, utility {SIGMA:g}"])
 
     logits = bare.session.run(None, inputs)[0]
     tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, LOGITS)
-    log(f"  {bench.family}: statistical and exact-identity checks on the benchmarked engine")
+    log(f"  {bench.family}: statistical and exact-identity checks on the benchmarked engines")
     checks = statistical_checks(modulated, tile_batch(inputs, 2), bare.run(tile_batch(inputs, 2)), task.class_axis)
+    keyed_checks = _keyed_checks(keyed, bare, inputs, task.class_axis, key)
     memory = peak_memory(paths, feeds["noisy"], inputs, folder)
-    sizes = {key: path.stat().st_size for key, path in paths.items()}
+    sizes = {name: path.stat().st_size for name, path in paths.items()}
     result = {
         "model": bench.shape,
         "sizes": bench.sizes,
@@ -159,16 +168,38 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
         "latency": times,
         "figures": figures,
         "targets": {
-            **{key: _judge(key, figures[key]["ratio"], bench.family) for key in ("P1a", "P1b", "P3 utility 0", "P3 utility > 0")},
+            **{key: _judge(key, figures[key]["ratio"], bench.family) for key in ("P1a", "P1b", "P1a keyed", "P1b keyed", "P3 utility 0", "P3 utility > 0")},
             "engine bytes added": _judge("engine bytes added", sizes["production"] - sizes["bare"]),
+            "engine bytes added (keyed)": _judge("engine bytes added (keyed)", sizes["keyed"] - sizes["bare"]),
         },
         "tensorrt": tensorrt,
         "checks": [check.as_dict() for check in checks],
         "checks_passed": all(check.passed for check in checks),
+        "keyed_checks": [check.as_dict() for check in keyed_checks],
+        "keyed_checks_passed": all(check.passed for check in keyed_checks),
         "memory": memory,
         "engine_bytes": sizes,
     }
     return result
+
+
+def _keyed_checks(keyed, bare, inputs: dict, class_axis: int, key) -> list:
+    """The keyed checks of `make engine NOISE=keyed` on the benchmarked keyed engine, against the
+    PyTorch twin on the bare engine's logits."""
+    import torch
+
+    from aim.graph_passes.redistribution import redistribute_torch
+    from aim.specs import Tolerance
+    from aim.verify.keyed import keyed_checks
+    from aim.verify.reference import Reference, differential_knobs, tile_batch
+
+    logits = bare.run(inputs)
+    knobs = differential_knobs(logits.shape[0], logits.shape[class_axis], logits.shape, 0)
+    twin = redistribute_torch(*(torch.from_numpy(a) for a in (logits, knobs["utility"], knobs["focus"])), class_axis=class_axis, key=key)
+    reference = Reference(inputs=inputs, logits=logits, modulated=logits, keyed_modulated=twin.numpy(), **knobs)
+    tolerance = Tolerance(1e-4, 1e-4, "fp32: the same statement, kernels that differ in the last bits")
+    stats_inputs = tile_batch(inputs, 2)
+    return keyed_checks(keyed, stats_inputs, bare.run(stats_inputs), class_axis, reference, tolerance)
 
 
 def bench_tensorrt(paths: dict, inputs: dict, feeds: dict, repeats: int, log, logits: str) -> dict:
@@ -220,6 +251,7 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
 
     from aim.contract import BATCH, FOCUS, NOISE_METHODS, UTILITY
     from aim.graph_passes.io import load_graph, save_onnx
+    from aim.graph_passes.noise_key import NoiseKey
     from aim.graph_passes.redistribution import add_redistribution
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,19 +269,21 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
     identity = single("Identity", folder / "identity.onnx")
     normal = single("RandomNormalLike", folder / "random_normal_like.onnx", dtype=TensorProto.FLOAT)
     paths = {"unmodulated": identity, "RandomNormalLike": normal}
-    for method in NOISE_METHODS:
-        graph = add_redistribution(load_graph(identity), "logits", class_axis, noise=method)
+    sources = {method: {"noise": method} for method in NOISE_METHODS}
+    sources["keyed"] = {"key": NoiseKey.draw()}
+    for method, how in sources.items():
+        graph = add_redistribution(load_graph(identity), "logits", class_axis, **how)
         paths[f"subgraph ({method})"] = save_onnx(graph, folder / f"identity.{method}.onnx")
     sessions = {name: _engine(path).session for name, path in paths.items()}
     z = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     focus = np.zeros([shape[0], shape[class_axis]], np.float32)
     focus[:, 1] = FOCUS_STRENGTH
     feeds = {name: {"z": z} for name in paths}
-    for method in NOISE_METHODS:
+    for method in sources:
         feeds[f"subgraph ({method})"] = {"z": z, UTILITY: np.full([shape[0]], SIGMA, np.float32), FOCUS: focus}
     times = measure({name: (lambda name=name: sessions[name].run(None, feeds[name])) for name in paths}, repeats=repeats)
     result = {"shape": shape, "latency": times}
-    for method in NOISE_METHODS:
+    for method in sources:
         cost = times[f"subgraph ({method})"]["median_ms"] - times["unmodulated"]["median_ms"]
         value = cost / times["RandomNormalLike"]["median_ms"]
         result[f"P2 ({method})"] = {**_judge("P2", value), "cost_ms": cost}
@@ -323,12 +357,14 @@ def table(results: dict) -> str:
         for key, target in result["targets"].items():
             spread = result["figures"].get(key)
             value = target["value"]
-            shown = f"{value:.3f}" if key != "engine bytes added" else f"{value / 1024:.1f} KiB"
+            shown = f"{value:.3f}" if not key.startswith("engine bytes added") else f"{value / 1024:.1f} KiB"
             rows.append((key, name, shown, f"{spread['low']:.3f}..{spread['high']:.3f}" if spread else "", target["target"], "yes" if target["met"] else "NO"))
-        extra = result["figures"]["P1b with focus"]
-        rows.append(("P1b with focus", name, f"{extra['ratio']:.3f}", f"{extra['low']:.3f}..{extra['high']:.3f}", "", ""))
+        for key in ("P1b with focus", "P1b keyed with focus"):
+            extra = result["figures"][key]
+            rows.append((key, name, f"{extra['ratio']:.3f}", f"{extra['low']:.3f}..{extra['high']:.3f}", "", ""))
         rows.append(("peak RSS ratio", name, f"{result['memory']['ratio']:.3f}", "", "", ""))
-        rows.append(("checks", name, "passed" if result["checks_passed"] else "FAILED", "", "all pass", "yes" if result["checks_passed"] else "NO"))
+        for key, label in (("checks_passed", "checks"), ("keyed_checks_passed", "keyed checks")):
+            rows.append((label, name, "passed" if result[key] else "FAILED", "", "all pass", "yes" if result[key] else "NO"))
     for name, noise in results["noise"].items():
         for key, p2 in noise.items():
             if key.startswith("P2"):
