@@ -5,8 +5,11 @@ Engines: the production engine of build/<model>/ (fresh noise, built from the fa
 as `make eval` builds it) and a keyed production graph spliced onto the same bare graph (a fresh key,
 or --noise-key FILE). sigma is where one query agrees with the clean answer half of the time:
 G(sigma) = 0.5 by the theory on the clean logits. For K = 1, 2, 4, ..., 64 queries the client answers
-with the argmax of the mean of the K logits ("mean"), or with the most frequent of the K argmaxes
-("vote"; a tie goes to the larger mean), and is scored against the clean answer of the original request,
+with the argmax of the mean of the K logits ("mean"), with the most frequent of the K argmaxes ("vote";
+a tie goes to the larger mean), or with the argmax of the mean of the distinct draws among the K
+answers ("distinct": a client who knows the noise is keyed sets aside answers of a draw already seen,
+which differ from it by far less than the noise; against fresh noise it is the mean), each scored
+against the clean answer of the original request,
 for (a) exact repeats and (b) repeats of imperceptible variants (Task.perturbation). Fresh noise
 follows G(sigma / sqrt K) when averaged (drawn beside); keyed noise gains nothing from exact repeats,
 and from variants only what the fresh draws they buy give (their share is measured: a variant's
@@ -37,13 +40,18 @@ from aim.layout import ATTACK_DIR, Manifest
 QUERIES = (1, 2, 4, 8, 16, 32, 64)
 TARGET = 0.5  # one query agrees with the clean answer this often
 SAME_DRAW = 1e-3  # a variant's noise within this fraction of sigma of the request's: the same draw
+# The "distinct" client's test: two answers are one draw if they differ by less than this fraction of
+# sigma at PROBES fixed elements (two draws differ by ~1.4 sigma at each: 8 probes never all fall
+# below 0.25 sigma in practice; an imperceptible variant moves the logits by ~1e-2 sigma).
+DEDUPE = 0.25
+PROBES = 8
 
 
 @dataclass
 class Point:
     noise: str  # fresh | keyed
     repeats: str  # exact | perturbed
-    aggregate: str  # mean | vote
+    aggregate: str  # mean | vote | distinct
     queries: int
     agreement: float
     theory: float | None  # fresh noise, mean: G(sigma / sqrt K)
@@ -72,20 +80,32 @@ def keyed_engine(bare: Path, class_axis: int, key, folder: Path):
     return OnnxRuntimeEngine(modulate_file(bare, folder / "modulated.keyed.onnx", LOGITS, class_axis, key=key))
 
 
-def curves(engine, queries, clean_top: np.ndarray, sigma: float, batch: int) -> tuple[dict, dict]:
-    """{K: agreement} for the mean and the vote of the first K answers to `queries` (an iterable of
-    inputs, max(QUERIES) of them)."""
-    total, votes, mean, vote = None, None, {}, {}
-    for count, inputs in enumerate(queries, start=1):
-        rows = _rows(_run(engine, inputs, batch, sigma)).astype(np.float64)
-        total = rows if total is None else total + rows
-        votes = np.zeros(rows.shape, np.int32) if votes is None else votes
+def curves(engine, queries, clean_top: np.ndarray, sigma: float, batch: int) -> dict[str, dict[int, float]]:
+    """{aggregate: {K: agreement}} for the first K answers to `queries` (an iterable of inputs,
+    max(QUERIES) of them): "mean", "vote" and "distinct" (see the module's docstring)."""
+    found = {"mean": {}, "vote": {}, "distinct": {}}
+    total = votes = unique = seen = count = None
+    for k, inputs in enumerate(queries, start=1):
+        out = _run(engine, inputs, batch, sigma).astype(np.float64)
+        rows = _rows(out)
+        per_input = rows.shape[0] // out.shape[0]  # rows (pixels, positions) of one request
+        flat = out.reshape(out.shape[0], -1)
+        probes = flat[:, np.linspace(0, flat.shape[1] - 1, PROBES).astype(int)]
+        if total is None:
+            total, votes, unique = np.zeros_like(rows), np.zeros(rows.shape, np.int32), np.zeros_like(rows)
+            seen, count = np.full((out.shape[0], max(QUERIES), PROBES), np.inf), np.zeros(out.shape[0], np.int64)
+        total += rows
         votes[np.arange(len(rows)), rows.argmax(1)] += 1
-        if count in QUERIES:
-            mean[count] = float(np.mean(total.argmax(1) == clean_top))
+        new = np.all(np.abs(seen - probes[:, None]).max(2) > DEDUPE * sigma, axis=1)
+        seen[new, count[new]] = probes[new]
+        count += new
+        unique += rows * np.repeat(new, per_input)[:, None]
+        if k in QUERIES:
+            found["mean"][k] = float(np.mean(total.argmax(1) == clean_top))
             leading = np.where(votes == votes.max(1, keepdims=True), total, -np.inf)
-            vote[count] = float(np.mean(leading.argmax(1) == clean_top))
-    return mean, vote
+            found["vote"][k] = float(np.mean(leading.argmax(1) == clean_top))
+            found["distinct"][k] = float(np.mean(unique.argmax(1) == clean_top))
+    return found
 
 
 def fresh_draw_share(engine, variants, inputs: dict, sigma: float, batch: int) -> float:
@@ -138,13 +158,13 @@ def attack(
                     if repeats == "exact"
                     else task.variants(engine, split.inputs, max(QUERIES), prepared.checkpoint, seed)
                 )
-                mean, vote = curves(engine, queries, clean_top, sigma, setup.batch)
-                for aggregate, found in (("mean", mean), ("vote", vote)):
+                found = curves(engine, queries, clean_top, sigma, setup.batch)
+                for aggregate, agreement in found.items():
                     for index, k in enumerate(QUERIES):
-                        p = found[k]
+                        p = agreement[k]
                         expected = float(theory_curve[index]) if noise == "fresh" and aggregate == "mean" else None
                         points.append(Point(noise, repeats, aggregate, k, p, expected, len(clean), float(np.sqrt(p * (1 - p) / len(clean)))))
-                log(f"  {noise:5} {repeats:9}: mean K=1 {mean[1]:.3f} -> K=64 {mean[64]:.3f}; vote K=64 {vote[64]:.3f}")
+                log(f"  {noise:5} {repeats:9}: K=1 {found['mean'][1]:.3f} -> K=64 mean {found['mean'][64]:.3f}, vote {found['vote'][64]:.3f}, distinct {found['distinct'][64]:.3f}")
         variants = task.variants(keyed, split.inputs, max(QUERIES), prepared.checkpoint, seed)
         share = fresh_draw_share(keyed, variants, split.inputs, sigma, setup.batch)
         log(f"  keyed: {share:.1%} of the perturbed repeats bought a fresh draw")
@@ -192,7 +212,10 @@ def plot(points: list[Point], path: Path, title: str, sigma: float) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    styles = {("fresh", "mean"): "o-C0", ("fresh", "vote"): "s:C0", ("keyed", "mean"): "o-C3", ("keyed", "vote"): "s:C3"}
+    styles = {
+        ("fresh", "mean"): "o-C0", ("fresh", "vote"): "s:C0",
+        ("keyed", "mean"): "o-C3", ("keyed", "vote"): "s:C3", ("keyed", "distinct"): "^--C1",
+    }
     for ax, repeats in zip(axes, ("exact", "perturbed")):
         for (noise, aggregate), style in styles.items():
             chosen = [p for p in points if (p.noise, p.repeats, p.aggregate) == (noise, repeats, aggregate)]
@@ -218,15 +241,16 @@ def report(summary: dict, points_path: str | os.PathLike | None = None) -> str:
         f"{summary['model']}: {summary['rows']} rows, sigma {summary['sigma']:.4g} (one query agrees {summary['agreement_one_query_theory']:.3f} by theory)",
         f"  perturbed repeats: {summary['perturbation']}",
         f"  keyed noise: {summary['keyed_fresh_draw_share']:.1%} of the perturbed repeats bought a fresh draw",
+        "  agreement with the clean answer after K queries:",
     ]
     path = Path(points_path or summary["files"][0])
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
     for noise in ("fresh", "keyed"):
         for repeats in ("exact", "perturbed"):
-            for aggregate in ("mean", "vote"):
+            for aggregate in ("mean", "vote", "distinct"):
                 chosen = [r for r in rows if (r["noise"], r["repeats"], r["aggregate"]) == (noise, repeats, aggregate)]
                 values = " ".join(f"{float(r['agreement']):.3f}" for r in chosen)
-                lines.append(f"  {noise:5} {repeats:9} {aggregate:4} K={','.join(r['queries'] for r in chosen)}: {values}")
+                lines.append(f"  {noise:5} {repeats:9} {aggregate:8} K={','.join(r['queries'] for r in chosen)}: {values}")
     lines.append("  files: " + ", ".join(summary["files"]))
     return "\n".join(lines)
