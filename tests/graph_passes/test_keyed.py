@@ -113,7 +113,7 @@ def test_neighbouring_pixels_and_classes_are_uncorrelated(tmp_path):
 
 
 def test_perturbations_smaller_than_a_cell_keep_the_draw(tmp_path):
-    """Hard to side-step: logits moved by 1e-3 sigma (RMS) keep their draw in more than 99% of rows;
+    """Hard to side-step: logits moved by 1e-3 sigma (RMS) keep their draw in more than 97.5% of rows;
     moved by 10 sigma they draw afresh. The first rate is the digest's: each of its PROJECTIONS
     coordinates moves by ~N(0, 1e-3 / DIGEST_STEP) cells and flips with probability 0.8 of that."""
     session, _ = keyed_session(tmp_path, ["batch", 50])
@@ -127,8 +127,8 @@ def test_perturbations_smaller_than_a_cell_keep_the_draw(tmp_path):
         return float(np.mean(np.abs(other - noise).max(1) > 1e-3))
 
     small = fresh_share(x + (rng.normal(size=x.shape) * 1e-3 * sigma).astype(np.float32))
-    assert small < 0.01
-    expected = PROJECTIONS * np.sqrt(2 / np.pi) * 1e-3 / DIGEST_STEP  # 0.0032
+    assert small < 0.025
+    expected = PROJECTIONS * np.sqrt(2 / np.pi) * 1e-3 / DIGEST_STEP  # 0.0128
     assert abs(small - expected) < 4 * np.sqrt(expected / 2000)
     assert fresh_share(x + (rng.normal(size=x.shape) * 10 * sigma).astype(np.float32)) > 0.99
 
