@@ -2,7 +2,6 @@
 by its fingerprint only, the key file rebuilds an engine that answers as before, and bad input
 writes nothing."""
 
-import dataclasses
 import os
 import stat
 
@@ -11,12 +10,13 @@ import pytest
 
 from aim.cli import main
 from aim.errors import VerificationError
-from aim.families import _REGISTRY, get_family, list_families
+from aim.families import list_families
 from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import REFERENCE, Manifest
 from aim.pipeline.build import build_model
 from aim.pipeline.verify import verify_folder
 from aim.runtime.folder import production_runner
+from aim.specs import Check
 from aim.verify.reference import Reference
 
 KEYED_CHECKS = {
@@ -54,14 +54,11 @@ def test_the_key_file_rebuilds_an_engine_that_answers_as_before(keyed_build, tmp
         return engine.run(inputs, [1.0, 3.0], None)
 
     assert np.array_equal(answer(first.folder), answer(tmp_path / "resnet"))
-    assert main(["engine", "resnet", "--out", str(tmp_path / "other"), "--noise", "keyed"]) == 0  # a fresh key: another draw
-    assert np.mean(answer(tmp_path / "other" / "resnet") != answer(first.folder)) > 0.99
 
 
 def test_a_failed_keyed_build_writes_no_key_file(tmp_path, monkeypatch):
-    strict = dataclasses.replace(get_family("resnet"), tolerance=dataclasses.replace(get_family("resnet").tolerance, atol=0.0, rtol=0.0))
-    monkeypatch.setitem(_REGISTRY, "resnet", strict)
-    with pytest.raises(VerificationError):
+    monkeypatch.setattr("aim.pipeline.build.checks", lambda *args: [Check("a check that fails", False, "on purpose")])
+    with pytest.raises(VerificationError, match="a check that fails"):
         build_model("resnet", tmp_path / "build", noise="keyed", noise_key=tmp_path / "noise.key", log=lambda _: None)
     assert not (tmp_path / "noise.key").exists()
 
