@@ -116,12 +116,14 @@ def keyed_checks(
     exact = int(np.sum(np.all((together == alone).reshape(count, -1), axis=1)))
     invariant.detail += f"; {exact} of {count} rows bit for bit"
     invariant.metrics["rows_bit_for_bit"] = exact
+    # Another tier: the normalised noise moves everywhere. Two independent N(0, 1) values fall within
+    # 1e-3 of each other with probability 5.6e-4, the same draw always: more than half must move.
     tier = engine.run(inputs, sigmas[0] + 0.5, None)
     moved = float(np.mean(np.abs((tier - bare) / (sigmas[0] + 0.5).reshape(per_row) - (first - bare) / sigmas[0].reshape(per_row)) > 1e-3))
     checks += [
         same,
         invariant,
-        Check("another tier, another draw", moved > 0.99, f"{moved:.1%} of the noise differs by > 1e-3 at sigma + 0.5", {"differ": moved}),
+        Check("another tier, another draw", moved > 0.5, f"{moved:.1%} of the noise differs by > 1e-3 at sigma + 0.5", {"differ": moved}),
     ]
 
     # Distinct requests: a distinct tier per row and run.
