@@ -204,17 +204,19 @@ class TextGeneration(Task):
     def predictions(self, logits):
         return logits[:, -1].argmax(-1).numpy()
 
-    perturbation = "trailing whitespace: the k-th shortest string of spaces, newlines and tabs appended to the context (as its own tokens)"
+    # Whitespace before the context, not after it: a trailing space is part of the next token to a
+    # BPE model and asks another question (measured: 3% of next tokens agree with the original's).
+    perturbation = "leading whitespace: the k-th shortest string of spaces, newlines and tabs before the context (as its own tokens)"
 
     def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
         from aim.tasks.generation import prefill_inputs
 
         tokenizer = load_tokenizer(checkpoint)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for suffix in whitespace(count):
-            extra = np.asarray(tokenizer(suffix, add_special_tokens=False)["input_ids"], dtype=ids.dtype)
+        for prefix in whitespace(count):
+            extra = np.asarray(tokenizer(prefix, add_special_tokens=False)["input_ids"], dtype=ids.dtype)
             extra = np.broadcast_to(extra, (ids.shape[0], extra.size))
-            yield prefill_inputs(engine, np.concatenate([ids, extra], axis=1), np.concatenate([mask, np.ones_like(extra)], axis=1))
+            yield prefill_inputs(engine, np.concatenate([extra, ids], axis=1), np.concatenate([np.ones_like(extra), mask], axis=1))
 
     def eval_split(self, engine, checkpoint, split: str, seed: int = 0, count: int | None = None):
         """Windows of the corpus, each a prefill step of the KV-cache export (positions and an empty
