@@ -83,3 +83,16 @@ def test_each_check_catches_its_defect(classifier, defect, failing):
     failed = {c.name for c in checks if not c.passed}
     assert failing <= failed, failed
     assert "identity at utility 0, focus 0" not in failed
+
+
+def test_the_correlation_check_samples_large_outputs_and_still_sees_neighbours():
+    """Above MAX_PAIRS pairs per axis the check draws pairs at random places: independent noise still
+    passes, and pixels that repeat part of their left neighbour still fail."""
+    from aim.verify.keyed import MAX_PAIRS, _correlation, _neighbours
+
+    noise = np.random.default_rng(1).normal(size=(1, 1, 4, 800, 800)).astype(np.float32)
+    assert noise.size // 800 * 799 > MAX_PAIRS
+    assert _correlation("independent", _neighbours(noise, 2)).passed
+    noise[..., 1:] += 0.05 * noise[..., :-1]
+    check = _correlation("correlated", _neighbours(noise, 2))
+    assert not check.passed and max(abs(z) for z in check.metrics["z"]) > 20
