@@ -488,14 +488,16 @@ class _DrawnNoise:
 
 class _KeyedNoise:
     """Keyed noise: n1 and n2 are a function of a secret key and of the request, so the same request
-    gets the same answer, bit for bit, whatever shares its batch, and averaging repeats gains nothing.
+    gets the same draw whatever shares its batch (the same answer bit for bit in the same batch: the
+    float math after the integer draw may move a last bit with a row's place in memory), and
+    averaging repeats gains nothing.
 
     The request's digest, per row: its logits pooled over the non-class axes and centred over the
     classes, projected on PROJECTIONS keyed +-1 directions, divided by a step of DIGEST_STEP sigma
     (in RMS logit units), shifted by a keyed phase and floored; these cells and the tier,
     floor(sigma * TIER_RESOLUTION), are absorbed into the row's seed. So an input perturbed slightly
     keeps its cells (a fresh draw needs its pooled logits moved by about a step), a row's logits
-    changing in their last bits with the batch move them by ~1e-7 of a step, and nothing else of the
+    changing in their last bits with the batch move them by ~1e-6 of a step, and nothing else of the
     batch enters a row's noise: neither its place in the batch nor the classes others focus on.
     Requests whose pooled logits lie within a cell share their noise: at that tier they are one
     question, and the difference of their answers shows only the difference of their logits.
