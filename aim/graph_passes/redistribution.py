@@ -1,10 +1,11 @@
 """AIM logits redistribution (SPEC sections 1, 4): the ONNX subgraph and its PyTorch twin.
 
     z' = z + utility * n1 + focus * |n2|        n1, n2 ~ N(0, 1) i.i.d. per element, fresh per call
+                                                (or keyed: a function of a secret key and the request)
 
 `redistribute` states the computation once, over a small set of ops; `_GraphOps` emits it as ONNX nodes
 and `_TorchOps` evaluates it in PyTorch. The two implementations are tested against each other
-(tests/graph_passes/test_redistribution.py), so they cannot drift apart silently.
+(tests/graph_passes/test_redistribution.py, test_keyed.py), so they cannot drift apart silently.
 
 What the statement adds to the bare formula, and why:
 - Sanitising (the graph is served to clients that bypass our Python checks, e.g. through Triton):
