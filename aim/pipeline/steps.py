@@ -90,15 +90,18 @@ class Graphs:
     compatibility: dict  # role -> the TensorRT check's report
 
 
-def passes(task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = ()) -> Graphs:
+def passes(
+    task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = (), logits: str = LOGITS
+) -> Graphs:
     """Bare, production and verification graphs (FP16 copies if asked), and TensorRT's verdict on
-    them; refuses the build if TensorRT is the backend and would refuse a node."""
+    them; refuses the build if TensorRT is the backend and would refuse a node. `task`: what the
+    passes read of it, `class_axis` and `upsample_logits_to`; `logits`: the logits output's name."""
     from aim.graph_passes.fp16 import convert_to_fp16
     from aim.graph_passes.trt_support import check_tensorrt_support
     from aim.runtime.tensorrt import EngineBuildError
 
     paths = {"exported": exported}
-    graphs = deployment_graphs(load_onnx(exported), LOGITS, task.class_axis, task.upsample_logits_to)
+    graphs = deployment_graphs(load_onnx(exported), logits, task.class_axis, task.upsample_logits_to)
     if task.upsample_logits_to:
         paths["bare"] = save_onnx(graphs["bare"], folder / FILES["bare"])
     else:
