@@ -161,6 +161,11 @@ def reference(source: OnnxSource, inputs: dict[str, np.ndarray], class_axis: int
     return Reference(inputs=inputs, logits=logits, modulated=modulated.numpy(), source=SOURCE, **knobs)
 
 
+def build_name(onnx_path) -> str:
+    """The build folder's name (and the manifest's model): the file's stem."""
+    return Path(onnx_path).name.removesuffix(".onnx")
+
+
 def fp16_comparator(task, num_classes: int) -> Agreement:
     """The task's FP16 comparator, its k below the number of classes (a top-k of every class is vacuous)."""
     if task.fp16 is None:
@@ -192,7 +197,7 @@ def build_onnx(
     log(f"backend {why}")
     class_axis = task_object.class_axis if class_axis is None else class_axis
     source = read_source(onnx_path, logits, class_axis, shapes or ShapeRanges({}), backend, inputs)
-    name = source.path.name.removesuffix(".onnx")
+    name = build_name(source.path)
     out = Path(out_dir)
     with StagedFolder(out / name) as staged:
         manifest = _build(source, name, task_object, staged.path, backend, precision, seed, log)

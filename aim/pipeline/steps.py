@@ -136,14 +136,8 @@ def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: di
     files = {key: folder / name for key, name in engine_files(backend).items()}
     production = graphs.paths[graphs.sources["production"]]
     builds = {}
-    if backend == "onnxruntime" and precision == "fp16":
-        # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
-        # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
-        # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
-        with atomic_path(files["engine"]) as tmp:
-            shutil.copyfile(production, tmp)
-    elif backend == "onnxruntime":
-        ort_engine.build(production, files["engine"])
+    if backend == "onnxruntime":
+        onnxruntime_engine(production, files["engine"], precision)
     else:
         from aim.runtime import tensorrt as trt_engine
 
@@ -154,6 +148,18 @@ def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: di
             builds[key] = trt_engine.build_engine(source, files[key], backend, profile, cache, log).as_dict()
     graphs.paths.update(files)
     return builds
+
+
+def onnxruntime_engine(graph: Path, engine: Path, precision: str) -> Path:
+    """The ONNX Runtime engine of `graph`: its optimised model, or for FP16 the graph itself."""
+    if precision == "fp16":
+        # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
+        # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
+        # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
+        with atomic_path(engine) as tmp:
+            shutil.copyfile(graph, tmp)
+        return engine
+    return ort_engine.build(graph, engine)
 
 
 def reference(family: Family, task: Task, loaded: Loaded, seed: int = 0) -> Reference:
