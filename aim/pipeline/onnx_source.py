@@ -101,15 +101,16 @@ def read_source(path, logits: str, class_axis: int, shapes: ShapeRanges, backend
 
 
 def _check_logits_dims(logits, dims: dict[str, DimRange]) -> None:
-    """The verification flavour takes noise shaped like the logits: a TensorRT profile needs a range for
-    each of their dynamic dims, which only the inputs' dims can give."""
+    """The verification flavour takes noise shaped like the logits: TensorRT needs each of their dynamic
+    dims to be an input's dim. (Measuring a range for a dim of its own, e.g. a segmentation head's h/4,
+    is not enough: TensorRT for RTX 1.7 then fails to build the verification flavour, a Myelin error.)"""
     for axis, dim in enumerate(logits.dims):
         if not (isinstance(dim, int) and dim > 0) and dim not in dims:
             raise InvalidGraphError(
                 f"the logits {logits.name!r} have {'dynamic dim ' + repr(dim) if dim else 'an unnamed dynamic dim'} on axis {axis}, "
-                f"which no input shares, so no shape flag gives its range; a TensorRT engine of the verification flavour "
-                f"(noise shaped like the logits) needs one. Export the logits with dims named as the inputs' dims, or use "
-                f"--backend onnxruntime."
+                f"which is no input's dim; a TensorRT engine of the verification flavour (noise shaped like the logits) needs "
+                f"the logits' dynamic dims to be the inputs' (resize the logits to the input in the model, as the segmentation "
+                f"family does), or use --backend onnxruntime."
             )
 
 
