@@ -118,10 +118,13 @@ def _read_inputs(file, io: GraphIO, shapes: ShapeRanges, source: Path) -> dict[s
     """--inputs data.npz: one array per graph input, by name, checked against the graph and the ranges."""
     file = Path(file)
     try:
-        with np.load(file, allow_pickle=False) as stored:
-            given = dict(stored)
+        stored = np.load(file, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise InvalidInputError(f"--inputs {file}: not a readable .npz file ({error}); save one with numpy.savez(file, name=array, ...)") from None
+        stored = error
+    if not isinstance(stored, np.lib.npyio.NpzFile):
+        raise InvalidInputError(f"--inputs {file}: not a readable .npz file ({stored if isinstance(stored, Exception) else 'one array'}); save one with numpy.savez(file, name=array, ...)")
+    with stored:
+        given = dict(stored)
     with OnnxRuntimeEngine(source, profile=shapes.profile(io.inputs)) as bare:
         return bare.check_feed(given)  # names, dtypes, ranks, static dims, the shape ranges
 
@@ -241,8 +244,7 @@ def _build(source: OnnxSource, name: str, task, folder: Path, backend: str, prec
     inputs = source.inputs if given else verification_inputs(source.io, source.dims, seed)
     if given and next(iter(inputs.values())).shape[0] == 1 and source.dims[BATCH].max >= 2:
         inputs = {k: np.concatenate([v, v]) for k, v in inputs.items()}  # a second row to carry utility > 0
-    logits_shape = GraphIO.of_model(source.model).outputs[0].dims
-    class_axis = source.class_axis % len(logits_shape)
+    class_axis = source.class_axis % len(source.io.outputs[0].dims)  # valid: the passes checked it
     ref = reference(source, inputs, class_axis, seed)
     num_classes = ref.logits.shape[class_axis]
     reference_path = ref.save(folder / REFERENCE)
