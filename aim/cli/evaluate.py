@@ -34,6 +34,8 @@ def run_eval(args) -> int:
 
 
 def run_calibrate(args) -> int:
+    from pathlib import Path
+
     from aim.errors import AimError
     from aim.evaluation.calibrate import calibrate, report
 
@@ -50,8 +52,8 @@ def run_calibrate(args) -> int:
             entry = calibrate_onnx(
                 args.onnx, args.data, args.out, args.seed, logits=args.logits, class_axis=args.class_axis, task=args.task, shapes=shapes, inputs=args.inputs
             )
-    elif args.model is None:
-        raise AimError("give a model family (`aim calibrate MODEL`), a build folder with --data, or --onnx FILE with --data")
+    elif args.model is None or Path(args.model).is_dir():
+        raise AimError("give a model family (`aim calibrate MODEL`), or your unlabelled inputs with --data UNLABELED.npy and a build folder or --onnx FILE")
     else:
         entry = calibrate(args.model, args.out, args.checkpoint, seed=args.seed)
     print(report(entry))

@@ -234,3 +234,16 @@ def test_fp16_precision_of_an_fp32_onnx_keeps_the_redistribution_fp32(scorer, tm
     differential = manifest.verification.checks[:2]
     assert all(check.metrics["agreement"] >= 0.9 for check in differential)
     assert fp32_violations(onnx.load(str(manifest.graph_path("production")))) == []
+
+
+def test_calibrate_onnx_reuses_the_build_of_that_file(scorer, built, tmp_path, capsys):
+    _, path = scorer
+    np.save(tmp_path / "few.npy", np.random.default_rng(7).normal(size=(10, 3, 16, 16)).astype(np.float32))
+    created = Manifest.load(built).created
+    args = ["calibrate", "--onnx", str(path), "--logits", "scores", "--out", str(built.parent), "--data", str(tmp_path / "few.npy")]
+    assert main(args) == 0
+    assert f"engine reused: {built}" in capsys.readouterr().out
+    manifest = Manifest.load(built)
+    assert manifest.created == created and manifest.calibration["calibration_set"]["inputs"] == 8
+    assert main(["calibrate", str(built)]) == 2  # a folder needs --data
+    assert "--data" in capsys.readouterr().err
