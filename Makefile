@@ -19,10 +19,24 @@ UTILITY ?= 0
 FOCUS ?=
 MAX_NEW_TOKENS ?= 32
 REPO ?= $(OUT)/triton
-export MODEL BACKEND PRECISION OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO
+# Your own ONNX instead of MODEL (make engine ONNX=yours.onnx LOGITS=scores MAX_SHAPES=image:32x3x224x224).
+ONNX ?=
+LOGITS ?= logits
+CLASS_AXIS ?=
+TASK ?= image-classification
+MIN_SHAPES ?=
+OPT_SHAPES ?=
+MAX_SHAPES ?=
+INPUTS ?=
+DATA ?=
+export MODEL BACKEND PRECISION OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS DATA
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
+# The model to build: `set --` makes it the shell's arguments, --onnx and its flags when ONNX is given, else MODEL.
+SOURCE = if [ -n "$$ONNX" ]; then set -- --onnx "$$ONNX" --logits "$$LOGITS" --task "$$TASK" $${CLASS_AXIS:+--class-axis "$$CLASS_AXIS"} \
+	$${MIN_SHAPES:+--min-shapes "$$MIN_SHAPES"} $${OPT_SHAPES:+--opt-shapes "$$OPT_SHAPES"} $${MAX_SHAPES:+--max-shapes "$$MAX_SHAPES"} \
+	$${INPUTS:+--inputs "$$INPUTS"}; else set -- "$$MODEL" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; fi
 # The engine of MODEL under OUT, built first if its folder has no manifest yet.
 BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
@@ -30,6 +44,8 @@ BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODE
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
+	@echo "make engine ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224 [MIN_SHAPES=..] [OPT_SHAPES=..] [CLASS_AXIS=1] [TASK=..] [INPUTS=data.npz]"
+	@echo "make calibrate ONNX=yours.onnx LOGITS=name MAX_SHAPES=.. DATA=unlabeled.npy   your model's level -> sigma table"
 	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
 	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
@@ -49,7 +65,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 engine: $(STAMP)
-	$(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+	$(SOURCE); $(PY) -m aim.cli engine "$$@" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION"
 
 triton: $(STAMP)
 	$(BUILT)
@@ -69,7 +85,7 @@ eval: $(STAMP)
 	$(PY) -m aim.cli eval "$$MODEL" --out "$$OUT" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
 calibrate: $(STAMP)
-	$(PY) -m aim.cli calibrate "$$MODEL" --out "$$OUT" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+	$(SOURCE); $(PY) -m aim.cli calibrate "$$@" --out "$$OUT" $${DATA:+--data "$$DATA"}
 
 models: $(STAMP)
 	$(PY) -m aim.cli models

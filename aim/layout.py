@@ -79,7 +79,14 @@ class GraphIO:
         Reads the graph only, never external weights."""
         import onnx
 
-        graph = onnx.load(str(path), load_external_data=False).graph
+        return cls.of_model(onnx.load(str(path), load_external_data=False))
+
+    @classmethod
+    def of_model(cls, model) -> "GraphIO":
+        """Inputs and outputs of an onnx.ModelProto (see `of`)."""
+        import onnx
+
+        graph = model.graph
         initializers = {init.name for init in graph.initializer}
 
         def describe(value):
@@ -117,6 +124,12 @@ class Source:
     checkpoint: str | None  # absolute path of the checkpoint folder; None for random weights
     seed: int
     parameters: int
+    # A user's own ONNX (`aim engine --onnx`): its absolute path and sha256, the shape flags that gave
+    # its dims' ranges ({"min"|"opt"|"max": "name:1x3x224x224,..."}) and the --inputs file, if any.
+    onnx: str | None = None
+    onnx_sha256: str | None = None
+    shapes: dict | None = None
+    inputs: dict | None = None  # {"path", "sha256"} of the verification inputs given as .npz
 
 
 @dataclass

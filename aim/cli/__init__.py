@@ -3,11 +3,14 @@
     aim models                                   the model families and their tasks
     aim engine MODEL [--checkpoint DIR] [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--precision fp32|fp16]
                                                  export -> passes -> engine -> verify into build/MODEL/
+    aim engine --onnx yours.onnx --logits NAME --min-shapes x:1x3x224x224 --max-shapes x:32x3x224x224
+                                                 the same for your own ONNX, into build/yours/
     aim trt-check model.onnx                     which nodes TensorRT's ONNX parser would refuse, and why
     aim export MODEL -o model.onnx               trace a family to ONNX
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
     aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan
+    aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --max-shapes x:32x3x224x224  (trtexec's shape flags)
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
     aim run engine.calibrated.onnxruntime.onnx --input NAME=file.npy --level 0.8   (a calibrated engine)
     aim verify build/MODEL [--seed N]            re-run the checks of a build against its stored reference
@@ -16,6 +19,7 @@
     aim train MODEL                              train the family's small model on package-shipped data (cached)
     aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
     aim calibrate MODEL [--checkpoint DIR]       level -> sigma table; an engine taking utility_level
+    aim calibrate build/yours --data x.npy       the same on your unlabelled inputs (or --onnx FILE ... --data x.npy)
     aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
     aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
 

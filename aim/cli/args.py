@@ -47,3 +47,22 @@ def threads(parser: argparse.ArgumentParser) -> None:
 
 def utility(parser: argparse.ArgumentParser, help: str = "noise scale sigma >= 0, in logit units (0 = original)") -> None:
     parser.add_argument("--utility", type=float, default=0.0, help=f"{help}; at most {MAX_STRENGTH:g}")
+
+
+def onnx_source(parser: argparse.ArgumentParser) -> None:
+    """A user's own ONNX instead of a model family (aim engine, aim calibrate)."""
+    group = parser.add_argument_group("a model of your own, instead of MODEL")
+    group.add_argument("--onnx", metavar="FILE.onnx", help="your ONNX model: built into OUT/<file stem>/, verified against itself on ONNX Runtime")
+    group.add_argument("--logits", default="logits", help="name of its logits output (default: logits)")
+    group.add_argument("--class-axis", type=int, help="axis of the classes in the logits (default: the task's, 1)")
+    group.add_argument("--task", default="image-classification", help="what the logits are for: the FP16 comparator (default: image-classification)")
+    group.add_argument("--inputs", metavar="DATA.npz", help="verification inputs, one array per graph input (default: drawn from the graph's types and shapes)")
+    shapes(group)
+
+
+def shapes(parser) -> None:
+    """trtexec's --minShapes/--optShapes/--maxShapes: the range of every dynamic dim."""
+    for bound in ("min", "opt", "max"):
+        parser.add_argument(
+            f"--{bound}-shapes", metavar="NAME:1x3x224x224,...", help=f"{bound} shape of inputs with dynamic dims (trtexec's --{bound}Shapes)"
+        )

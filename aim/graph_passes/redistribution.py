@@ -12,7 +12,8 @@ What the statement adds to the bare formula, and why:
   So no request can turn the logits into NaN or inf.
 - Skipping (benchmark P1a): when the whole batch asks for utility 0 and focus 0, an `If` returns the
   bare logits without drawing any noise; the bare logits' producer node is moved into both branches,
-  so that branch writes straight into the output instead of copying it.
+  so that branch writes straight into the output instead of copying it (FP32 logits only: see
+  _movable_producer).
 - Sparse focus (benchmark P2): focus noise is drawn only for the classes some sample focuses on
   (their indices -> Gather -> add -> ScatterElements back), not over the whole logits tensor.
 - One draw (benchmark P2): the production flavour draws n1 and n2 from ONE random node (Box-Muller
@@ -382,6 +383,12 @@ def _movable_producer(graph: gs.Graph, z: gs.Variable) -> gs.Node | None:
     """The node computing the logits, if nothing else needs it: then it can be computed inside the
     If's branches, and the skip branch writes the bare logits straight into the output (no copy)."""
     if len(z.inputs) != 1 or z.outputs or z in graph.inputs:
+        return None
+    # Reduced-precision logits stay where they are: ONNX Runtime's CPU provider runs FP16 chains it has
+    # no FP16 kernels for in FP32 and rounds to FP16 only where a tensor leaves the chain (a graph output,
+    # an If's input). Moved into a branch, the producer would read inputs rounded at the branch's edge,
+    # which the bare graph never rounds: a third of the "exact" logits differed, mostly by one FP16 ulp.
+    if np.dtype(z.dtype) != np.float32:
         return None
     producer = z.inputs[0]
     if len(producer.outputs) != 1 or producer.op in ("If", "Loop", "Scan"):

@@ -76,6 +76,20 @@ def build_model(
     return manifest
 
 
+def modulation_record(logits: str, class_axis: int, num_classes: int, upsampled_to: str | None, precision: str) -> Modulation:
+    """What the manifest says about the modulation of a build's logits."""
+    return Modulation(
+        logits=logits,
+        class_axis=class_axis,
+        num_classes=num_classes,
+        upsampled_to=upsampled_to,
+        formula="logits' = logits + utility * n1 + focus * |n2|, n1, n2 ~ N(0,1) per element, fresh per run",
+        utility=f"FP32 [batch], in [0, {MAX_STRENGTH:g}] logit units; 0 = the original model",
+        focus=f"FP32 [batch, classes], in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]; > 0 boosts a class, < 0 suppresses it",
+        fp32_nodes="every node named aim_redistribution/* computes in FP32" + (", also in this FP16 engine" if precision == "fp16" else ""),
+    )
+
+
 def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, precision: str, seed: int, log) -> Manifest:
     progress = Progress(5, log)
     progress(f"model {family.name} ({family.task}) from " + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})"))
@@ -122,16 +136,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         precision=precision,
         engine=engine.name,
         graphs=graphs.sources,
-        modulation=Modulation(
-            logits=LOGITS,
-            class_axis=task.class_axis,
-            num_classes=loaded.num_classes,
-            upsampled_to=task.upsample_logits_to,
-            formula="logits' = logits + utility * n1 + focus * |n2|, n1, n2 ~ N(0,1) per element, fresh per run",
-            utility=f"FP32 [batch], in [0, {MAX_STRENGTH:g}] logit units; 0 = the original model",
-            focus=f"FP32 [batch, classes], in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]; > 0 boosts a class, < 0 suppresses it",
-            fp32_nodes="every node named aim_redistribution/* computes in FP32" + (", also in this FP16 engine" if precision == "fp16" else ""),
-        ),
+        modulation=modulation_record(LOGITS, task.class_axis, loaded.num_classes, task.upsample_logits_to, precision),
         tokenizer=tokenizer_dir.name if tokenizer_dir else None,
         graph=production,
         verification_graph=GraphIO.of(graphs.paths[graphs.sources["verification"]]),

@@ -8,6 +8,9 @@ from aim.layout import Manifest
 def report(manifest: Manifest) -> str:
     verification = manifest.verification
     lines = [f"{manifest.model} ({manifest.task}), backend {manifest.backend}, {manifest.precision}"]
+    source = manifest.source
+    if source.onnx:
+        lines.append(f"  source  {source.onnx} (sha256 {source.onnx_sha256[:16]}...), logits {manifest.modulation.logits!r}")
     for key in ("inputs", "outputs"):
         lines.append(f"  {key:8}" + ", ".join(f"{t.name} {t.dtype} {t.dims}" for t in getattr(manifest.graph, key)))
     for build in (manifest.tensorrt or {}).values():

@@ -90,15 +90,18 @@ class Graphs:
     compatibility: dict  # role -> the TensorRT check's report
 
 
-def passes(task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = ()) -> Graphs:
+def passes(
+    task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = (), logits: str = LOGITS
+) -> Graphs:
     """Bare, production and verification graphs (FP16 copies if asked), and TensorRT's verdict on
-    them; refuses the build if TensorRT is the backend and would refuse a node."""
+    them; refuses the build if TensorRT is the backend and would refuse a node. `task`: what the
+    passes read of it, `class_axis` and `upsample_logits_to`; `logits`: the logits output's name."""
     from aim.graph_passes.fp16 import convert_to_fp16
     from aim.graph_passes.trt_support import check_tensorrt_support
     from aim.runtime.tensorrt import EngineBuildError
 
     paths = {"exported": exported}
-    graphs = deployment_graphs(load_onnx(exported), LOGITS, task.class_axis, task.upsample_logits_to)
+    graphs = deployment_graphs(load_onnx(exported), logits, task.class_axis, task.upsample_logits_to)
     if task.upsample_logits_to:
         paths["bare"] = save_onnx(graphs["bare"], folder / FILES["bare"])
     else:
@@ -133,14 +136,8 @@ def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: di
     files = {key: folder / name for key, name in engine_files(backend).items()}
     production = graphs.paths[graphs.sources["production"]]
     builds = {}
-    if backend == "onnxruntime" and precision == "fp16":
-        # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
-        # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
-        # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
-        with atomic_path(files["engine"]) as tmp:
-            shutil.copyfile(production, tmp)
-    elif backend == "onnxruntime":
-        ort_engine.build(production, files["engine"])
+    if backend == "onnxruntime":
+        onnxruntime_engine(production, files["engine"], precision)
     else:
         from aim.runtime import tensorrt as trt_engine
 
@@ -151,6 +148,18 @@ def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: di
             builds[key] = trt_engine.build_engine(source, files[key], backend, profile, cache, log).as_dict()
     graphs.paths.update(files)
     return builds
+
+
+def onnxruntime_engine(graph: Path, engine: Path, precision: str) -> Path:
+    """The ONNX Runtime engine of `graph`: its optimised model, or for FP16 the graph itself."""
+    if precision == "fp16":
+        # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
+        # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
+        # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
+        with atomic_path(engine) as tmp:
+            shutil.copyfile(graph, tmp)
+        return engine
+    return ort_engine.build(graph, engine)
 
 
 def reference(family: Family, task: Task, loaded: Loaded, seed: int = 0) -> Reference:

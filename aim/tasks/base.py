@@ -21,6 +21,9 @@ class Task:
     metric: str = "accuracy"  # the clean metric of a trained model
     utility_grid: str = "classification"  # the eval sweep's sigma grid (SPEC section 1)
     segmentation: bool = False  # measured per pixel: mIoU besides accuracy
+    # FP16 builds of a model without a family (a user's ONNX) are compared by this: what the task
+    # reads from its logits. A family states its own (Family.fp16).
+    fp16: Agreement | None = None
     # How many rows of the verification batch are tiled per statistical run at most (the family's
     # batch max bounds it too).
 

@@ -56,6 +56,12 @@ def cache_names(layers: int, prefix: str) -> list[str]:
 class TextGeneration(Task):
     name = "text-generation"
     metric = "next-token accuracy"
+    fp16 = Agreement(
+        metric="top_k",
+        k=5,
+        min_fraction=0.9,
+        why="the next token comes from the top candidates (greedy: the first; sampling: the top-k); FP16 may swap near-tied ones",
+    )
     utility_grid = "language"
 
     def input_specs(self, model) -> tuple[TensorSpec, ...]:

@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from aim.contract import (
     FOCUS,
@@ -366,3 +366,47 @@ def test_weights_are_not_moved_into_the_branches(tmp_path):
     zero = {"x": x, UTILITY: np.zeros(3, np.float32), FOCUS: np.zeros((3, 100), np.float32)}
     bare = session(tmp_path / "head.onnx").run(None, {"x": x})[0]
     np.testing.assert_array_equal(session(target).run(None, zero)[0], bare)
+
+
+def fp16_conv_classifier(path, classes: int = 10):
+    """An FP16 model as `model.half()` exports it: Conv, Relu, GlobalAveragePool, Flatten, Gemm. ONNX
+    Runtime's CPU provider has no FP16 kernels for most of these and runs the chain in FP32."""
+    rng = np.random.default_rng(3)
+    weights = [
+        numpy_helper.from_array(rng.normal(size=shape).astype(np.float16), name)
+        for name, shape in (("conv.w", (8, 3, 3, 3)), ("conv.b", (8,)), ("head.w", (classes, 8)), ("head.b", (classes,)))
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["image", "conv.w", "conv.b"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+            helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="pool"),
+            helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+            helper.make_node("Gemm", ["flat", "head.w", "head.b"], ["scores"], name="head", transB=1),
+        ],
+        "half",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT16, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT16, ["n", classes])],
+        initializer=weights,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_an_fp16_model_keeps_its_logits_bit_for_bit_at_utility_0(tmp_path):
+    """ONNX Runtime rounds an FP16 chain it runs in FP32 only where a tensor leaves it: moving the
+    logits' producer into the If's branches rounded its inputs at the branch edge, and 32% of the
+    logits came back off the bare model's (most by one FP16 ulp, some by up to 10)."""
+    source = fp16_conv_classifier(tmp_path / "half.onnx")
+    production = modulate_file(source, tmp_path / "half.mod.onnx", "scores", 1)
+    x = np.random.default_rng(4).normal(size=(32, 3, 8, 8)).astype(np.float16)
+    bare = session(source).run(None, {"image": x})[0]
+    utility = np.zeros(32, np.float32)
+    utility[1::2] = 2.0
+    run = session(production)
+    skipped = run.run(None, {"image": x, UTILITY: np.zeros(32, np.float32), FOCUS: np.zeros((32, 10), np.float32)})[0]
+    mixed = run.run(None, {"image": x, UTILITY: utility, FOCUS: np.zeros((32, 10), np.float32)})[0]
+    assert skipped.dtype == np.float16
+    assert np.array_equal(skipped, bare)  # the skip branch
+    assert np.array_equal(mixed[0::2], bare[0::2])  # utility-0 rows of a noisy batch
+    assert np.all(mixed[1::2] != bare[1::2])
