@@ -237,6 +237,36 @@ def test_64_concurrent_requests_are_batched_and_utility_zero_stays_exact(clients
         assert 0.7 < std < 1.3, f"utility {level}: (z'-z)/utility has std {std:.2f}, expected 1"
 
 
+def test_a_few_hundred_requests_leave_no_traceback_in_the_server_log(triton, clients, models):
+    """Each reply used to print numpy's `ValueError: PyCapsule_GetPointer called with incorrect name` to
+    the server log (the 2.51 stub marks a consumed DLPack capsule "used_dlpack", not "used_dltensor").
+    320 requests of mixed tiers over gRPC (concurrent) and HTTP, to both models: every reply arrives,
+    and the log, from the server's start, holds no traceback and no Python exception."""
+    model, llama = models["resnet"], models["llama"]
+    rng = np.random.default_rng(1)
+    errors, done = [], threading.Semaphore(0)
+
+    def callback(result, error):
+        if error is not None:
+            errors.append(error)
+        done.release()
+
+    for index in range(256):
+        focus = np.zeros(model.classes, np.float32)
+        focus[index % model.classes] = 2.0 if index % 5 == 0 else 0.0
+        inputs = request(model, slice(index % IMAGES, index % IMAGES + 1), [0.0, 0.5, 3.0][index % 3], focus)
+        clients["grpc"].async_infer(model.name, _tensors(grpcclient, inputs), callback)
+    for index in range(64):
+        rows = slice(index % len(llama.bare), index % len(llama.bare) + 1)
+        logits = infer("http", clients["http"], llama, request(llama, rows, float(rng.uniform(0, 2) * (index % 2))))
+        assert np.all(np.isfinite(logits))
+    for _ in range(256):
+        assert done.acquire(timeout=60), "a response did not arrive within 60 s"
+    assert not errors, errors[:3]
+    log = triton.log()
+    assert "Traceback" not in log and "Error:" not in log, log[log.find("Traceback") - 200 :][:2000]
+
+
 MALFORMED = {
     "focus of the wrong length": (lambda r: r.update(focus=r["focus"][:, :9]), "focus"),
     "missing utility": (lambda r: r.pop("utility"), "utility"),
