@@ -50,8 +50,8 @@ class Settings:
     protocols: tuple[str, ...] = PROTOCOLS
     concurrency: tuple[int, ...] = CONCURRENCY
     requests: int = 4000  # measured requests per run at most
-    seconds: float = 4.0  # per run at most, warm-up included
-    rounds: int = 2  # runs per workload and point, in rotating order
+    seconds: float = 3.0  # per run at most, warm-up included
+    rounds: int = 3  # runs per workload and point, in rotating order
     instances: int | None = None  # per model; None: aim triton's default (the cores)
     threads: int | None = None
     max_queue_delay_us: int = MAX_QUEUE_DELAY_US
@@ -165,12 +165,15 @@ def _failures(summary: dict) -> list[str]:
 
 
 def _ratios(points: dict[tuple, Point]) -> list[dict]:
+    """Throughput modulated / bare per point: the median over rounds of each round's ratio (a round
+    runs the workloads back to back, so a slow spell of the machine falls on both sides of a ratio)."""
     rows = []
     for protocol, concurrency in dict.fromkeys((p, c) for p, c, _ in points):
-        bare = points[protocol, concurrency, "bare"].summary()["throughput"]
+        bare = [run.throughput for run in points[protocol, concurrency, "bare"].runs]
         row = {"protocol": protocol, "concurrency": concurrency}
         for name in TARGETS:
-            row[name] = points[protocol, concurrency, name].summary()["throughput"] / bare
+            per_round = [run.throughput / base for run, base in zip(points[protocol, concurrency, name].runs, bare)]
+            row[name], row[f"{name}_rounds"] = float(np.median(per_round)), per_round
         rows.append(row)
     return rows
 
