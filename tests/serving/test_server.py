@@ -102,7 +102,7 @@ def infer(protocol, client, model: Model, inputs: dict) -> np.ndarray:
 
 
 def test_the_server_loads_the_generated_repository(triton, clients):
-    assert triton.models_ready() == ["llama", "resnet"]
+    assert triton.models_ready() == ["llama", "resnet", "resnet-bare"]
     assert "successfully loaded 'resnet'" in triton.log()
     config = clients["http"].get_model_config("resnet")  # as the server read it
     assert config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
@@ -121,6 +121,25 @@ def test_utility_zero_focus_zero_is_the_bare_model_exactly(clients, models, prot
     assert np.array_equal(single, model.bare[1:2])
     noisy = infer(protocol, clients[protocol], model, request(model, utility=[0.0] + [3.0] * (len(model.bare) - 1)))
     assert np.array_equal(noisy[0], model.bare[0]) and np.mean(noisy[1:] != model.bare[1:]) > 0.99
+
+
+def test_every_model_runs_its_instances_and_the_bare_entry_is_the_bare_model(triton, clients, models):
+    """`instances` reaches the server: it initialises that many instances of each model (its own log
+    says so, one line per instance). The bare entry serves the bare model: the bare logits bit for bit,
+    as the modulated model gives them at utility 0."""
+    from tests.serving.conftest import INSTANCES
+
+    log = triton.log()
+    for name in ("resnet", "llama", "resnet-bare"):
+        started = [f"TRITONBACKEND_ModelInstanceInitialize: {name}_0_{k} (CPU device 0)" in log for k in range(INSTANCES + 1)]
+        assert started == [True] * INSTANCES + [False], (name, started)
+    assert clients["grpc"].get_model_config("resnet-bare").config.instance_group[0].count == INSTANCES
+    model = models["resnet"]
+    for protocol in sorted(PROTOCOLS):
+        module = PROTOCOLS[protocol]
+        result = clients[protocol].infer("resnet-bare", _tensors(module, model.inputs), outputs=[module.InferRequestedOutput("logits")])
+        assert np.array_equal(result.as_numpy("logits"), model.bare)
+        assert np.array_equal(infer(protocol, clients[protocol], model, request(model)), result.as_numpy("logits"))
 
 
 class TritonEngine:
