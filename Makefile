@@ -26,12 +26,13 @@ PYTRITON := nvidia-pytriton==0.7.0
 # The engine of MODEL under OUT, built first if its folder has no manifest yet.
 BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
-.PHONY: engine generate triton serve test models bench clean help train eval calibrate
+.PHONY: engine generate triton serve loadtest test models bench clean help train eval calibrate
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
 	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
 	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
+	@echo "make loadtest MODEL=x    the modulated beside the bare model on the real server, under load (a few minutes): build/loadtest/"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
@@ -57,6 +58,10 @@ triton: $(STAMP)
 
 serve: triton
 	$(PY) -m aim.cli serve "$$REPO" --model "$$MODEL"
+
+loadtest: $(STAMP)
+	$(BUILT)
+	$(PY) -m aim.cli loadtest "$$OUT/$$MODEL" --out "$$OUT/loadtest"
 
 generate: $(STAMP)
 	$(BUILT)
