@@ -50,8 +50,8 @@ class Settings:
     protocols: tuple[str, ...] = PROTOCOLS
     concurrency: tuple[int, ...] = CONCURRENCY
     requests: int = 4000  # measured requests per run at most
-    seconds: float = 3.0  # per run at most, warm-up included
-    rounds: int = 3  # runs per workload and point, in rotating order
+    seconds: float = 2.0  # per run at most, warm-up included
+    rounds: int = 4  # runs per workload and point, in rotating order
     instances: int | None = None  # per model; None: aim triton's default (the cores)
     threads: int | None = None
     max_queue_delay_us: int = MAX_QUEUE_DELAY_US
@@ -199,6 +199,38 @@ def _config_summary(repository: Path, model: str) -> dict:
     }
 
 
+def _repository(build_folder, manifest, out: Path, settings: Settings) -> tuple[Path, dict[str, str]]:
+    """<out>/repository with the modulated and the bare model, configured alike; their names."""
+    repository = out / "repository"
+    names = {"modulated": manifest.model, "bare": manifest.model + BARE_SUFFIX}
+    for role, name in names.items():
+        write_model(build_folder, repository, name, None, settings.max_queue_delay_us, settings.instances, settings.threads, role == "bare")
+    return repository, names
+
+
+def _sweep(server, manifest, names: dict[str, str], settings: Settings, log) -> dict[tuple, Point]:
+    """Every (protocol, concurrency, workload) point, the workloads in rotating order per round."""
+    output, class_axis = manifest.modulation.logits, manifest.modulation.class_axis
+    feeds = samples(manifest, settings.seed)
+    bare = bare_logits(manifest, feeds)
+    requests = {name: workload(name, feeds, bare, manifest.modulation.num_classes, settings.seed) for name in WORKLOADS}
+    served = {name: names["bare" if name == "bare" else "modulated"] for name in WORKLOADS}
+    points: dict[tuple, Point] = {}
+    for protocol in settings.protocols:
+        prepared = {name: _prepared(requests[name], protocol, output) for name in WORKLOADS}
+        for concurrency in settings.concurrency:
+            budget = Budget(concurrency, settings.requests, settings.seconds, settings.warmup(concurrency))
+            for round_index in range(settings.rounds):
+                shift = round_index % len(WORKLOADS)
+                for name in WORKLOADS[shift:] + WORKLOADS[:shift]:
+                    point = points.setdefault((protocol, concurrency, name), Point(protocol, concurrency, name, served[name]))
+                    point.runs.append(_one_run(server, protocol, served[name], prepared[name], class_axis, output, budget))
+            row = {name: points[protocol, concurrency, name].summary() for name in WORKLOADS}
+            log(f"  {protocol:4} x{concurrency:<4} " + "  ".join(
+                f"{name} {row[name]['throughput']:7.0f}/s p99 {row[name]['p99_ms']:6.1f} ms" for name in WORKLOADS))
+    return points
+
+
 def run_loadtest(build_folder: str | os.PathLike, out: str | os.PathLike, settings: Settings | None = None, log: Callable[[str], None] = print) -> dict:
     """The sweep (module docstring); returns what it writes to <out>/loadtest.json."""
     from aim.runtime.folder import open_build
@@ -214,35 +246,13 @@ def run_loadtest(build_folder: str | os.PathLike, out: str | os.PathLike, settin
             f"Load-test an ONNX Runtime build (BACKEND=onnxruntime), or a TensorRT one on a full Triton with its GPU"
         )
     out = Path(out)
-    repository = out / "repository"
-    names = {"modulated": manifest.model, "bare": manifest.model + BARE_SUFFIX}
-    for bare in (False, True):
-        name = names["bare" if bare else "modulated"]
-        write_model(build_folder, repository, name, None, settings.max_queue_delay_us, settings.instances, settings.threads, bare)
-    output, class_axis = manifest.modulation.logits, manifest.modulation.class_axis
-    feeds = samples(manifest, settings.seed)
-    bare = bare_logits(manifest, feeds)
-    requests = {name: workload(name, feeds, bare, manifest.modulation.num_classes, settings.seed) for name in WORKLOADS}
-    served = {name: names["bare" if name == "bare" else "modulated"] for name in WORKLOADS}
-
-    points: dict[tuple, Point] = {}
+    repository, names = _repository(build_folder, manifest, out, settings)
     log(f"load test of {manifest.model}: {len(settings.protocols)} protocols x concurrency {list(settings.concurrency)} x "
         f"{len(WORKLOADS)} workloads x {settings.rounds} rounds, each at most {settings.requests} requests / {settings.seconds:g} s")
     started = time.monotonic()
     log_path = out / "tritonserver.log"
     with TritonServer(repository, models=list(names.values()), host=LOOPBACK, log_path=log_path) as server:
-        for protocol in settings.protocols:
-            prepared = {name: _prepared(requests[name], protocol, output) for name in WORKLOADS}
-            for concurrency in settings.concurrency:
-                budget = Budget(concurrency, settings.requests, settings.seconds, settings.warmup(concurrency))
-                for round_index in range(settings.rounds):
-                    shift = round_index % len(WORKLOADS)
-                    for name in WORKLOADS[shift:] + WORKLOADS[:shift]:
-                        point = points.setdefault((protocol, concurrency, name), Point(protocol, concurrency, name, served[name]))
-                        point.runs.append(_one_run(server, protocol, served[name], prepared[name], class_axis, output, budget))
-                row = {name: points[protocol, concurrency, name].summary() for name in WORKLOADS}
-                log(f"  {protocol:4} x{concurrency:<4} " + "  ".join(
-                    f"{name} {row[name]['throughput']:7.0f}/s p99 {row[name]['p99_ms']:6.1f} ms" for name in WORKLOADS))
+        points = _sweep(server, manifest, names, settings, log)
         server_log = server.log()
     summaries = [point.summary() for point in points.values()]
     ratios = _ratios(points)
@@ -265,7 +275,6 @@ def run_loadtest(build_folder: str | os.PathLike, out: str | os.PathLike, settin
         "failures": failures,
         "seconds": time.monotonic() - started,
     }
-    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "loadtest.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     plot(results, out / "loadtest.png")
