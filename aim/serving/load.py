@@ -49,6 +49,7 @@ class Run:
     outcomes: Counter  # what the checks said, every reply: {(kind, ok): count}
     errors: Counter  # server errors by message, every request
     seconds: float  # the whole run, warm-up and drain included
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds of the whole run by side (server, client), where known
 
     @property
     def throughput(self) -> float:

@@ -29,6 +29,7 @@ import numpy as np
 
 from aim.errors import AimError
 from aim.files import atomic_path
+from aim.serving.cputime import tree_cpu_s
 from aim.serving.load import Budget, Run, drive
 from aim.serving.triton import BARE_SUFFIX, MAX_QUEUE_DELAY_US, write_model
 from aim.serving.workloads import WORKLOADS, Request, bare_logits, judge, samples, workload
@@ -90,6 +91,8 @@ class Point:
             entry = checks.setdefault(kind, {"checked": 0, "right": 0})
             entry["checked"] += count
             entry["right"] += count if ok else 0
+        sent = sum(run.sent for run in self.runs)
+        cpu = {side: sum(run.cpu_s[side] for run in self.runs) / sent * 1e3 for side in ("server", "client")} if all(r.cpu_s for r in self.runs) else None
         return {
             "protocol": self.protocol,
             "concurrency": self.concurrency,
@@ -98,7 +101,8 @@ class Point:
             "throughput": replies / window,
             "p50_ms": float(np.percentile(latencies, 50) * 1e3),
             "p99_ms": float(np.percentile(latencies, 99) * 1e3),
-            "sent": sum(run.sent for run in self.runs),
+            "sent": sent,
+            "cpu_ms_per_request": cpu,  # the server's processes (stubs included) and this client, warm-up included
             "errors": sum(errors.values()),
             "error_messages": [message for message, _ in errors.most_common(3)],
             "checks": dict(sorted(checks.items())),
@@ -151,7 +155,11 @@ def _one_run(server, protocol: str, model: str, prepared: list, class_axis: int,
         request, tensors, outputs = prepared[index % len(prepared)]
         return request.kind, judge(request, infer(client, tensors, outputs).as_numpy(output), class_axis)
 
-    return drive(open_client, send, budget, InferenceServerException, close_client=lambda client: client.close())
+    server_cpu, client_cpu = tree_cpu_s(server.process.pid), time.process_time()
+    run = drive(open_client, send, budget, InferenceServerException, close_client=lambda client: client.close())
+    if server_cpu is not None:
+        run.cpu_s = {"server": tree_cpu_s(server.process.pid) - server_cpu, "client": time.process_time() - client_cpu}
+    return run
 
 
 def _failures(summary: dict) -> list[str]:
@@ -166,14 +174,19 @@ def _failures(summary: dict) -> list[str]:
 
 def _ratios(points: dict[tuple, Point]) -> list[dict]:
     """Throughput modulated / bare per point: the median over rounds of each round's ratio (a round
-    runs the workloads back to back, so a slow spell of the machine falls on both sides of a ratio)."""
+    runs the workloads back to back, so a slow spell of the machine falls on both sides of a ratio).
+    `<workload>_by_server_cpu`: the server's CPU time per request, bare / modulated: the throughput
+    ratio of a server that has the CPU to itself, and far less moved by a busy machine."""
     rows = []
     for protocol, concurrency in dict.fromkeys((p, c) for p, c, _ in points):
-        bare = [run.throughput for run in points[protocol, concurrency, "bare"].runs]
+        bare = points[protocol, concurrency, "bare"]
         row = {"protocol": protocol, "concurrency": concurrency}
         for name in TARGETS:
-            per_round = [run.throughput / base for run, base in zip(points[protocol, concurrency, name].runs, bare)]
+            modulated = points[protocol, concurrency, name]
+            per_round = [run.throughput / base.throughput for run, base in zip(modulated.runs, bare.runs)]
             row[name], row[f"{name}_rounds"] = float(np.median(per_round)), per_round
+            cpu = [point.summary()["cpu_ms_per_request"] for point in (bare, modulated)]
+            row[f"{name}_by_server_cpu"] = cpu[0]["server"] / cpu[1]["server"] if all(cpu) else None
         rows.append(row)
     return rows
 
