@@ -53,6 +53,23 @@ def _output_tensor(name, array):
     return tensor
 
 
+class _StubTensor:
+    """A stub tensor as numpy.from_dlpack wants it. numpy first calls `__dlpack__(max_version=...)`,
+    which the 2.51 stub's tensors refuse with a TypeError (they take `stream` only), and then calls
+    again without: an exception per input. This hands numpy the stub's capsule on the first call."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __dlpack__(self, **_):
+        return self.tensor.to_dlpack()
+
+    def __dlpack_device__(self):
+        return self.tensor.__dlpack_device__()
+
+
 def _parameter(config, key):
     value = (config.get("parameters") or {}).get(key)
     return None if value is None else value.get("string_value")
@@ -79,12 +96,14 @@ class TritonPythonModel:
 
     def _feed(self, request):
         """The request's inputs as the model sees them: [b, *reshape] instead of [b, *dims]."""
+        # One inputs() call: pb_utils.get_input_tensor_by_name calls it (and wraps every tensor) per name.
+        tensors = {tensor.name(): tensor for tensor in request.inputs()}
         feed = {}
         for name, reshape in self.inputs:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            tensor = tensors.get(name)
             if tensor is None:
                 raise ValueError(f"input {name!r} is missing")
-            array = np.from_dlpack(tensor)
+            array = np.from_dlpack(_StubTensor(tensor))
             if reshape is not None:
                 lead = [array.shape[0]] if self.batching else []
                 array = array.reshape(lead + reshape)
