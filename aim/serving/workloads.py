@@ -44,13 +44,15 @@ def judge(request: Request, logits: np.ndarray, class_axis: int) -> bool:
     """Whether a reply is right for its request (module docstring)."""
     if logits is None or logits.shape != request.bare.shape or logits.dtype != request.bare.dtype:
         return False
+    # Plain ufuncs, not np.array_equal / np.delete: the client shares the CPU with the server, so a
+    # slow judge would lower the throughput it measures (the mixed workload's more than the others').
     if request.kind == "exact":
-        return bool(np.array_equal(logits, request.bare))
+        return bool((logits == request.bare).all())
     if request.kind == "noisy":
-        return bool(np.all(np.isfinite(logits)) and not np.array_equal(logits, request.bare))
+        return bool(np.isfinite(logits).all() and not (logits == request.bare).all())
     moved = np.moveaxis(logits - request.bare, class_axis, 0)  # [C, ...]: per class, what the focus added
-    own, others = moved[request.focus_class], np.delete(moved, request.focus_class, axis=0)
-    return bool(not np.any(others) and np.all(own * request.focus_sign >= 0) and np.any(own))
+    own = moved[request.focus_class]
+    return bool(np.count_nonzero(moved) == np.count_nonzero(own) > 0 and (own * request.focus_sign >= 0).all())
 
 
 def samples(manifest: Manifest, seed: int = 0, count: int = SAMPLES) -> list[dict[str, np.ndarray]]:
