@@ -5,10 +5,11 @@ Triton's perf_analyzer measures the same loop but cannot look inside the replies
 is handed to a check (the load test's: bit-exact at utility 0, focus on the right class), so the
 loop is written out: one thread per client (the Triton clients release the GIL while waiting).
 
-The measurement window opens when the warm-up requests have been answered and closes when the first
-client finds the budget spent (after that the load drains and would no longer be `concurrency`):
-throughput = replies inside the window / its length; latencies are those of the requests sent after
-the warm-up.
+The measurement window opens when the warm-up requests have been answered (or a quarter of the time
+budget has passed, for a model so slow that the warm-up would eat the budget) and closes when the
+first client finds the budget spent (after that the load drains and would no longer be
+`concurrency`): throughput = replies inside the window / its length; latencies are those of the
+requests sent inside it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from aim.errors import AimError
 
 JOIN_MARGIN_S = 60.0  # beyond the time budget, how long a client may take to return before it is a hang
+WARMUP_SHARE = 0.25  # the warm-up ends after this share of the time budget at the latest
 
 
 class LoadError(AimError):
@@ -36,7 +38,7 @@ class Budget:
     concurrency: int
     requests: int  # measured requests at most (warm-up not counted)
     seconds: float  # wall time at most, warm-up included
-    warmup: int  # requests answered before the window opens
+    warmup: int  # requests answered before the window opens (or WARMUP_SHARE of the time, if sooner)
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Run:
     concurrency: int
     window_s: float
     replies_in_window: int
-    latencies_s: np.ndarray  # of the requests sent after the warm-up
+    latencies_s: np.ndarray  # of the requests sent inside the window
     sent: int  # every request, warm-up included
     outcomes: Counter  # what the checks said, every reply: {(kind, ok): count}
     errors: Counter  # server errors by message, every request
@@ -61,7 +63,7 @@ class Run:
 
 @dataclass
 class _Client:
-    """One client's record: (index, sent, answered) per request, its outcomes and errors."""
+    """One client's record: (sent, answered) per request, its outcomes and errors."""
 
     times: list = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)
@@ -102,7 +104,7 @@ def drive(
                     record.outcomes[kind, ok] += 1
                 except server_error as error:
                     record.errors[str(error)[:300]] += 1
-                record.times.append((index, sent, time.perf_counter()))
+                record.times.append((sent, time.perf_counter()))
         except BaseException as error:  # noqa: BLE001 - a failing check or a bug: reported by drive
             failures.append(error)
         finally:
@@ -117,29 +119,28 @@ def drive(
         raise failures[0]
     if any(thread.is_alive() for thread in threads):
         raise LoadError(f"a client got no reply within {budget.seconds + JOIN_MARGIN_S:.0f} s: the server hangs")
-    return _summarise(clients, budget, time.perf_counter() - begun, min(stops))
+    return _summarise(clients, budget, begun, min(stops))
 
 
-def _summarise(clients: list[_Client], budget: Budget, seconds: float, closed: float) -> Run:
-    times = np.array([entry for record in clients for entry in record.times], dtype=float).reshape(-1, 3)
-    answered = np.sort(times[:, 2])
-    if len(answered) <= budget.warmup:
-        raise LoadError(
-            f"only {len(answered)} replies in {budget.seconds:g} s, not more than the {budget.warmup} warm-up "
-            f"requests: give the load more time or fewer warm-up requests"
-        )
-    opened = answered[budget.warmup - 1] if budget.warmup else times[:, 1].min()
+def _summarise(clients: list[_Client], budget: Budget, begun: float, closed: float) -> Run:
+    times = np.array([entry for record in clients for entry in record.times], dtype=float).reshape(-1, 2)
+    answered = np.sort(times[:, 1])
+    warmed = begun if budget.warmup == 0 else answered[budget.warmup - 1] if len(answered) >= budget.warmup else np.inf
+    opened = min(warmed, begun + WARMUP_SHARE * budget.seconds)
     in_window = int(np.sum((answered > opened) & (answered <= closed)))
-    measured = times[times[:, 0] >= budget.warmup]
+    measured = times[(times[:, 0] >= opened) & (times[:, 0] <= closed)]
     if closed <= opened or in_window == 0 or len(measured) == 0:
-        raise LoadError(f"no reply arrived after the warm-up within the {budget.seconds:g} s budget: give the load more time")
+        raise LoadError(
+            f"no request was sent and answered after the warm-up within the {budget.seconds:g} s budget "
+            f"({len(answered)} replies in all): give the load more time"
+        )
     return Run(
         concurrency=budget.concurrency,
         window_s=float(closed - opened),
         replies_in_window=in_window,
-        latencies_s=measured[:, 2] - measured[:, 1],
+        latencies_s=measured[:, 1] - measured[:, 0],
         sent=len(times),
         outcomes=sum((record.outcomes for record in clients), Counter()),
         errors=sum((record.errors for record in clients), Counter()),
-        seconds=seconds,
+        seconds=time.perf_counter() - begun,
     )
