@@ -43,7 +43,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from aim.serving.loadtest import Settings, run_loadtest, table
+    from aim.serving.loadtest import Settings, cpu_table, run_loadtest, table
 
     settings = Settings(
         protocols=tuple(args.protocol or Settings().protocols), concurrency=args.concurrency, requests=args.requests,
@@ -51,6 +51,7 @@ def run(args) -> int:
     )
     results = run_loadtest(args.build, args.out, settings)
     print(table(results))
+    print(cpu_table(results))
     for name, judged in results["targets"].items():
         print(f"target {name} / bare {judged['target']}: worst {judged['worst']:.3f}, {'met' if judged['met'] else 'MISSED'}")
     print(f"wrote {args.out}/loadtest.json and loadtest.png in {results['seconds']:.0f} s (server log: {args.out}/tritonserver.log)")

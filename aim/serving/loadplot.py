@@ -27,7 +27,7 @@ def plot(results: dict, path: Path) -> Path:
             axes[0].plot(x, [p["throughput"] for p in chosen], line, marker="o", ms=4, color=colour, label=f"{label} ({protocol})")
             axes[1].plot(x, [p["p99_ms"] for p in chosen], line, marker="o", ms=4, color=colour, label=f"{label} ({protocol})")
     server = results["server"]
-    setup = f"{server['instances']} instances x {server['threads_per_instance']} threads, {results['machine']['cores']} cores"
+    setup = f"{server['instances']} instances x {server['threads_per_instance']} ONNX Runtime thread(s), {results['machine']['cores']} cores"
     for ax, ylabel, title in ((axes[0], "requests / s", "throughput"), (axes[1], "p99 latency (ms)", "p99 latency")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({p["concurrency"] for p in results["points"]}))

@@ -314,3 +314,22 @@ def table(results: dict) -> str:
             f"| {errors} | {sum(e['right'] for e in exact)}/{sum(e['checked'] for e in exact)} | {focus['right']}/{focus['checked']} |"
         )
     return "\n".join(lines)
+
+
+def cpu_table(results: dict) -> str:
+    """Server CPU time per request (its processes, the Python backend's stubs included), bare beside
+    modulated, and the ratios it implies for a server with the cores to itself."""
+    by_key = {(p["protocol"], p["concurrency"], p["workload"]): p for p in results["points"]}
+    lines = [
+        "| protocol | clients | server CPU ms / request: bare | utility 0 | mixed | bare / utility 0 | bare / mixed | client CPU ms / request (bare) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in results["ratios"]:
+        cpu = [by_key[row["protocol"], row["concurrency"], name]["cpu_ms_per_request"] for name in WORKLOADS]
+        if not all(cpu):
+            continue
+        lines.append(
+            f"| {row['protocol']} | {row['concurrency']} | {cpu[0]['server']:.3f} | {cpu[1]['server']:.3f} | {cpu[2]['server']:.3f} "
+            f"| {row['utility0_by_server_cpu']:.3f} | {row['mixed_by_server_cpu']:.3f} | {cpu[0]['client']:.3f} |"
+        )
+    return "\n".join(lines)
