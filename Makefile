@@ -40,7 +40,7 @@ SOURCE = if [ -n "$$ONNX" ]; then set -- --onnx "$$ONNX" --logits "$$LOGITS" --t
 # The engine of MODEL under OUT, built first if its folder has no manifest yet.
 BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
-.PHONY: engine generate triton serve test models bench clean help train eval calibrate
+.PHONY: engine generate triton serve loadtest test models bench clean help train eval calibrate
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
@@ -48,6 +48,7 @@ help:
 	@echo "make calibrate ONNX=yours.onnx LOGITS=name MAX_SHAPES=.. DATA=unlabeled.npy   your model's level -> sigma table"
 	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
 	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
+	@echo "make loadtest MODEL=x    the modulated beside the bare model on the real server, under load (a few minutes): build/loadtest/"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
 	@echo "make test      the test suite"
 	@echo "make models    list the model families"
@@ -73,6 +74,10 @@ triton: $(STAMP)
 
 serve: triton
 	$(PY) -m aim.cli serve "$$REPO" --model "$$MODEL"
+
+loadtest: $(STAMP)
+	$(BUILT)
+	$(PY) -m aim.cli loadtest "$$OUT/$$MODEL" --out "$$OUT/loadtest"
 
 generate: $(STAMP)
 	$(BUILT)

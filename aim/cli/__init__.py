@@ -22,6 +22,7 @@
     aim calibrate build/yours --data x.npy       the same on your unlabelled inputs (or --onnx FILE ... --data x.npy)
     aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
     aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
+    aim loadtest build/MODEL [--concurrency 1,8,32,128]   modulated beside bare on the real server, under load
 
 A mistake of the user's (a bad argument, a missing file, a corrupt model) ends with one `error:` line
 and exit code 2; a bug still shows its traceback.
@@ -36,7 +37,7 @@ import sys
 
 from aim.errors import AimError
 
-COMMANDS = ("models", "engine", "trt_check", "export", "modulate", "build", "run", "verify", "generate", "train", "evaluate", "triton", "serve")
+COMMANDS = ("models", "engine", "trt_check", "export", "modulate", "build", "run", "verify", "generate", "train", "evaluate", "triton", "serve", "loadtest")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ def build_folder(tmp_path_factory):
 
 
 TRITON_MODELS = ("resnet", "llama")
+INSTANCES = 2  # per model, stated: the default follows the machine's cores
 
 
 def _server_can_run() -> str | None:
@@ -42,7 +43,8 @@ def _server_can_run() -> str | None:
 
 @pytest.fixture(scope="session")
 def triton(build_folder, tmp_path_factory):
-    """The real Triton server (nvidia-pytriton's 2.51) on a generated repository with resnet and llama."""
+    """The real Triton server (nvidia-pytriton's 2.51) on a generated repository with resnet, llama and
+    resnet's bare model (resnet-bare), INSTANCES instances each."""
     from aim.serving.server import TritonServer
     from aim.serving.triton import write_model
 
@@ -51,7 +53,8 @@ def triton(build_folder, tmp_path_factory):
         pytest.skip(reason)
     repo = tmp_path_factory.mktemp("triton") / "repository"
     for model in TRITON_MODELS:
-        write_model(build_folder(model), repo)
+        write_model(build_folder(model), repo, instances=INSTANCES)
+    write_model(build_folder(TRITON_MODELS[0]), repo, instances=INSTANCES, bare=True)
     log = repo.with_name("tritonserver.log")
     server = TritonServer(repo, log_path=log).start()  # raises with the server's log if it cannot start
     try:
