@@ -123,7 +123,7 @@ def test_per_token_noise_statistics_follow_spec(build):
     engine.set_seed(0)
     bare = engine.run(inputs, 0.0, None)
     checks = statistical_checks(engine, inputs, bare, class_axis=1, seed=0)
-    assert len(checks) == 7
+    assert len(checks) == 8
     for check in checks:
         assert check.passed, check
 
