@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from aim.verify.statistics import STATISTICAL_CHECKS
+
+UTILITY_CHECK, BOOST_CHECK, SUPPRESS_CHECK, INDEPENDENCE_CHECK, CORRELATION_CHECK = STATISTICAL_CHECKS
+# defect -> (what it is, the check that must fail on it)
 DEFECTS = {
-    "none": "a correct engine",
-    "scale": "utility noise 5% too wide (n1 * 1.05)",
-    "merged": "one draw for both noises (n2 = n1): two random nodes merged by an optimiser",
-    "shifted": "a shifted stream: n2 of class k is the draw that gave n1 of class k+1",
-    "shifted-rows": "a shifted stream across rows: n2 of row r is the draw that gave n1 of row r+1",
-    "stale": "the same draws on every run",
-    "signed": "focus noise n2 instead of |n2|: a boost can lower the class",
+    "none": ("a correct engine", None),
+    "scale": ("utility noise 5% too wide (n1 * 1.05)", UTILITY_CHECK),
+    "merged": ("one draw for both noises (n2 = n1): two random nodes merged by an optimiser", INDEPENDENCE_CHECK),
+    "shifted": ("a shifted stream: n2 of class k is the draw that gave n1 of class k+1", CORRELATION_CHECK),
+    "shifted-rows": ("a shifted stream across rows: n2 of row r is the draw that gave n1 of row r+1", CORRELATION_CHECK),
+    "stale": ("the same draws on every run", "fresh draws"),
+    "signed": ("focus noise n2 instead of |n2|: a boost can lower the class", BOOST_CHECK),
 }
 
 
