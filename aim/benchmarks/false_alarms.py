@@ -17,21 +17,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from aim.contract import BATCH
+from aim.errors import AimError
 from aim.files import atomic_path
 from aim.layout import REFERENCE
 from aim.runtime.folder import open_build, role_runners
 from aim.verify.build import statistics_inputs
 from aim.verify.defects import DEFECTS, DefectiveEngine
 from aim.verify.reference import Reference
-from aim.verify.statistics import ALPHA, FALSE_FAILURE_RATE, STATISTICAL_CHECKS, statistical_checks
+from aim.verify.statistics import ALPHA, FALSE_FAILURE_RATE, statistical_checks
 
 RESULT = "false_alarms.json"
+
+
+def _statistics_setup(folder):
+    """(manifest, inputs, bare logits, class axis) of a build, as `make engine`'s statistics use them."""
+    manifest = open_build(folder)
+    reference = Reference.load(manifest.folder / REFERENCE)
+    bare = role_runners(manifest, "onnxruntime")[0]
+    inputs, logits = statistics_inputs(bare, reference.inputs, bare.run(reference.inputs), manifest.dynamic_dims[BATCH].max)
+    return manifest, inputs, logits, manifest.modulation.class_axis
 
 
 def _uniform_under_null(check) -> dict[str, float]:
@@ -54,11 +63,7 @@ def false_alarms(folder, repeats: int, first_seed: int = 1, log=print) -> dict:
     import onnxruntime
     from scipy import stats
 
-    manifest = open_build(folder)
-    reference = Reference.load(manifest.folder / REFERENCE)
-    bare = role_runners(manifest, "onnxruntime")[0]
-    inputs, logits = statistics_inputs(bare, reference.inputs, bare.run(reference.inputs), manifest.dynamic_dims[BATCH].max)
-    axis = manifest.modulation.class_axis
+    manifest, inputs, logits, axis = _statistics_setup(folder)
     failures, p_values, started = [], {}, time.perf_counter()
     for seed in range(first_seed, first_seed + repeats):
         onnxruntime.set_seed(seed)  # before the session exists: it seeds only sessions made after it
@@ -92,14 +97,10 @@ def false_alarms(folder, repeats: int, first_seed: int = 1, log=print) -> dict:
 
 def misses(folder, repeats: int, log=print) -> dict:
     """Each defect's stand-in, `repeats` seeds: how often the check meant to catch it passed."""
-    manifest = open_build(folder)
-    reference = Reference.load(manifest.folder / REFERENCE)
-    bare = role_runners(manifest, "onnxruntime")[0]
-    inputs, logits = statistics_inputs(bare, reference.inputs, bare.run(reference.inputs), manifest.dynamic_dims[BATCH].max)
-    axis = manifest.modulation.class_axis
+    manifest, inputs, logits, axis = _statistics_setup(folder)
     found = {}
     for defect, (what, caught_by) in DEFECTS.items():
-        missed, other = 0, 0
+        missed = 0
         for seed in range(repeats):
             checks = {c.name: c.passed for c in statistical_checks(DefectiveEngine(logits, axis, defect, seed), inputs, logits, axis, seed)}
             if caught_by is None:
@@ -118,6 +119,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--defect-repeats", type=int, default=100, help="repeats per defect stand-in (default 100)")
     parser.add_argument("--first-seed", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.defect_repeats < 0:
+        parser.error("--repeats must be >= 1 and --defect-repeats >= 0")
+    open_build(args.folder)  # no build there, or a changed one: fails before anything runs
     print(f"{args.folder}: statistical checks of the production engine, {args.repeats} seeds")
     result = {"build": str(args.folder), "engine": false_alarms(args.folder, args.repeats, args.first_seed)}
     print(f"{args.folder}: defect stand-ins, {args.defect_repeats} seeds each")
@@ -135,4 +139,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AimError as error:  # no build there, or a changed one: say so, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

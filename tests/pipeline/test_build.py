@@ -117,6 +117,22 @@ def test_aim_verify_seed_reruns_the_statistics_with_another_seed(built, capsys):
     assert "PASS  noises uncorrelated across classes and rows" in capsys.readouterr().out
 
 
+def test_false_alarm_tool_on_a_build(built):
+    """`make false-alarms` (aim/benchmarks/false_alarms.py), a few repeats: the real engine passes,
+    every defect stand-in is caught by its check."""
+    from aim.benchmarks.false_alarms import false_alarms, misses
+
+    _, manifest, _ = built
+    if manifest.model != "llama":
+        pytest.skip("one family is enough: the tool is the same for all")
+    engine = false_alarms(manifest.folder, repeats=2, log=lambda _: None)
+    assert engine["failed_builds"] == 0 and engine["repeats"] == 2
+    assert all(0 <= p["smallest_p"] <= 1 for p in engine["p_values"].values())
+    found = misses(manifest.folder, repeats=1, log=lambda _: None)
+    assert found.pop("none")["false_alarms"] == 0
+    assert {defect: result["missed"] for defect, result in found.items()} == dict.fromkeys(found, 0)
+
+
 def walk_nodes(graph):
     for node in graph.node:
         yield node
