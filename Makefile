@@ -18,6 +18,7 @@ PROMPT ?= def main():
 UTILITY ?= 0
 FOCUS ?=
 MAX_NEW_TOKENS ?= 32
+REPEATS ?= 1000
 REPO ?= $(OUT)/triton
 # Your own ONNX instead of MODEL (make engine ONNX=yours.onnx LOGITS=scores MAX_SHAPES=image:32x3x224x224).
 ONNX ?=
@@ -29,7 +30,7 @@ OPT_SHAPES ?=
 MAX_SHAPES ?=
 INPUTS ?=
 DATA ?=
-export MODEL BACKEND PRECISION OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS DATA
+export MODEL BACKEND PRECISION OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS DATA REPEATS
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -40,7 +41,7 @@ SOURCE = if [ -n "$$ONNX" ]; then set -- --onnx "$$ONNX" --logits "$$LOGITS" --t
 # The engine of MODEL under OUT, built first if its folder has no manifest yet.
 BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
-.PHONY: engine generate triton serve loadtest test models bench clean help train eval calibrate
+.PHONY: engine generate triton serve loadtest test models bench clean help train eval calibrate false-alarms
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
@@ -56,6 +57,7 @@ help:
 	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
 	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
 	@echo "make calibrate MODEL=x   level -> sigma table and an engine taking utility_level in [0, 1]"
+	@echo "make false-alarms MODEL=x [REPEATS=1000]  the statistical checks' false alarms and misses, measured (not in CI)"
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -97,6 +99,10 @@ models: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m aim.benchmarks --out "$$OUT/bench"
+
+false-alarms: $(STAMP)
+	$(BUILT)
+	$(PY) -m aim.benchmarks.false_alarms "$$OUT/$$MODEL" --repeats "$$REPEATS"
 
 test: $(STAMP)
 	$(PY) -m pytest

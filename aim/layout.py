@@ -161,6 +161,7 @@ class Verification:
     checks: list[Check]
     seed: int = 0
     verified: str | None = None  # when `aim verify` last re-ran the checks
+    logit_spread: float | None = None  # of the reference logits: sets the fp32 tolerance (verify/tolerance.py)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Verification":
@@ -175,6 +176,7 @@ class Verification:
             checks=[Check(**c) for c in data["checks"]],
             seed=data.get("seed", 0),
             verified=data.get("verified"),
+            logit_spread=data.get("logit_spread"),
         )
 
     def failed(self) -> list[str]:

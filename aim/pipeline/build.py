@@ -24,6 +24,7 @@ from aim.pipeline.verify import checks
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
 from aim.runtime.base import profile_from_io
 from aim.tasks import Task, get_task
+from aim.verify.tolerance import logit_spread, scaled_tolerance
 
 
 class Progress:
@@ -149,10 +150,11 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
             runner=runner,
             engine_run=EngineRun(runnable, why),
             shapes=reference.shapes(),
-            tolerance=family.tolerance,
+            tolerance=scaled_tolerance(family.tolerance, reference.logits, task.class_axis),
             reduced_precision=family.fp16 if precision == "fp16" else None,
             checks=[],
             seed=seed,
+            logit_spread=logit_spread(reference.logits, task.class_axis),
         ),
         artifacts={},
         timings_s=progress.timings,

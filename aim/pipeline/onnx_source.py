@@ -37,6 +37,7 @@ from aim.runtime.shapes import ShapeRanges
 from aim.specs import Agreement, DimRange, Tolerance
 from aim.tasks import get_task
 from aim.verify.reference import Reference, differential_knobs
+from aim.verify.tolerance import logit_spread, scaled_tolerance
 
 SOURCE = "bare ONNX on ONNX Runtime"  # what the reference is (Reference.source)
 TOLERANCE = Tolerance(
@@ -273,10 +274,11 @@ def _build(source: OnnxSource, name: str, task, folder: Path, backend: str, prec
             runner=runner,
             engine_run=EngineRun(runnable, why),
             shapes=ref.shapes(),
-            tolerance=TOLERANCE,
+            tolerance=scaled_tolerance(TOLERANCE, ref.logits, class_axis),
             reduced_precision=fp16_comparator(task, num_classes) if precision == "fp16" else None,
             checks=[],
             seed=seed,
+            logit_spread=logit_spread(ref.logits, class_axis),
         ),
         artifacts={},
         timings_s=progress.timings,

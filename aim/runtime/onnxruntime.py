@@ -73,16 +73,20 @@ class OnnxRuntimeEngine(Runner):
     def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True, profile: dict | None = None):
         self.path = Path(path)
         self.profile = profile  # the shapes it was built for, when a build folder says (else any)
+        self._options = (threads, spinning)
         self.session = _session(self.path, session_options(threads, spinning=spinning))
         self.inputs = {i.name: (_NP_DTYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    @staticmethod
-    def set_seed(seed: int):
-        """Seeds ONNX Runtime's random ops (process-wide): repeatable noise for tests and demos."""
+    def set_seed(self, seed: int):
+        """Repeatable in-graph noise from here on: ONNX Runtime's random kernels take their seed when a
+        session is created (onnxruntime.set_seed seeds only sessions made after it), so the session is
+        made again after seeding. Process-wide: sessions created later get the same stream."""
         import onnxruntime as ort
 
         ort.set_seed(int(seed))
+        threads, spinning = self._options
+        self.session = _session(self.path, session_options(threads, spinning=spinning))
 
     def _infer(self, feed: dict) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.session.run(None, feed)))

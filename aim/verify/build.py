@@ -11,6 +11,17 @@ from aim.verify.reference import Reference, tile_batch
 from aim.verify.statistics import MIN_SAMPLES, statistical_checks
 
 
+def statistics_inputs(bare, inputs: dict, bare_logits: np.ndarray, max_batch: int) -> tuple[dict, np.ndarray]:
+    """The statistical checks' inputs and bare logits: the reference inputs, their batch tiled (up to
+    `max_batch`) until one run gives MIN_SAMPLES values where it can, so small outputs need fewer runs."""
+    batch = bare_logits.shape[0]
+    repeats = int(np.clip(np.ceil(MIN_SAMPLES / bare_logits.size), 1, max(1, max_batch // batch)))
+    if repeats == 1:
+        return inputs, bare_logits
+    tiled = tile_batch(inputs, repeats)
+    return tiled, bare.run(tiled)
+
+
 def verify_build(
     bare,
     verification,
@@ -34,10 +45,7 @@ def verify_build(
 
     inputs = reference.inputs
     bare_logits = bare.run(inputs)
-    batch = bare_logits.shape[0]
-    repeats = int(np.clip(np.ceil(MIN_SAMPLES / bare_logits.size), 1, max(1, max_batch // batch)))
-    stats_inputs = tile_batch(inputs, repeats) if repeats > 1 else inputs
-    stats_bare = bare.run(stats_inputs) if repeats > 1 else bare_logits
+    stats_inputs, stats_bare = statistics_inputs(bare, inputs, bare_logits, max_batch)
     checks = [
         differential(f"bare model vs {reference.source}", reference.logits, bare_logits),
         differential(

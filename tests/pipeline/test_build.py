@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -17,7 +18,9 @@ from aim.pipeline.report import report
 from aim.pipeline.verify import verify_folder
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.specs import Tolerance
+from aim.verify.compare import compare
 from aim.verify.reference import Reference
+from aim.verify.tolerance import SPREAD_FRACTION, logit_spread, scaled_tolerance
 from tests.conftest import load
 
 
@@ -77,6 +80,59 @@ def test_noise_covers_every_logit_and_every_pixel(built):
     assert dims == ["batch", manifest.modulation.num_classes, *spatial]
 
 
+def test_tolerance_follows_the_logits_scale(built):
+    """The fp32 tolerance is set from the reference logits' spread and recorded: an error of 1% of the
+    spread in one logit fails the bare-model check, for every family (under the old fixed atol 1e-4
+    such an error hid in the tiny SegFormer, whose logits differ by ~1e-3 between classes)."""
+    _, manifest, _ = built
+    verification, axis = manifest.verification, manifest.modulation.class_axis
+    reference = Reference.load(manifest.folder / REFERENCE)
+    family = get_family(manifest.model)
+    spread = logit_spread(reference.logits, axis)
+    engine = OnnxRuntimeEngine(manifest.path("bare")).run(reference.inputs)
+    assert compare("bare", reference.logits, engine, verification.tolerance).passed
+    wrong = engine.copy()
+    wrong.flat[np.argmax(np.abs(reference.logits))] += 0.01 * spread
+    assert not compare("bare", reference.logits, wrong, verification.tolerance).passed
+    assert verification.logit_spread == spread > 0
+    assert verification.tolerance == scaled_tolerance(family.tolerance, reference.logits, axis)
+    assert verification.tolerance.atol == min(family.tolerance.atol, SPREAD_FRACTION * spread)
+
+
+def test_aim_verify_seed_reruns_the_statistics_with_another_seed(built, capsys):
+    """`aim verify --seed N`: other draws, other numbers, the same verdicts; the seed is recorded, and
+    the build's own seed gives the build's numbers back."""
+    from aim.cli import main
+
+    _, manifest, _ = built
+    if manifest.model != "llama":
+        pytest.skip("one family is enough: its statistics need the fewest engine runs")
+    numbers = {c.name: c.metrics for c in manifest.verification.checks}
+    assert main(["verify", str(manifest.folder), "--seed", "7"]) == 0
+    other = Manifest.load(manifest.folder).verification
+    assert other.seed == 7 and other.passed
+    assert {c.name: c.metrics for c in other.checks}["utility noise ~ N(0,1)"] != numbers["utility noise ~ N(0,1)"]
+    assert main(["verify", str(manifest.folder), "--seed", str(manifest.verification.seed)]) == 0
+    assert {c.name: c.metrics for c in Manifest.load(manifest.folder).verification.checks} == numbers
+    assert "PASS  noises uncorrelated across classes and rows" in capsys.readouterr().out
+
+
+def test_false_alarm_tool_on_a_build(built):
+    """`make false-alarms` (aim/benchmarks/false_alarms.py), a few repeats: the real engine passes,
+    every defect stand-in is caught by its check."""
+    from aim.benchmarks.false_alarms import false_alarms, misses
+
+    _, manifest, _ = built
+    if manifest.model != "llama":
+        pytest.skip("one family is enough: the tool is the same for all")
+    engine = false_alarms(manifest.folder, repeats=1, log=lambda _: None)
+    assert engine["failed_builds"] == 0 and engine["repeats"] == 1
+    assert all(0 <= p["smallest_p"] <= 1 for p in engine["p_values"].values())
+    found = misses(manifest.folder, repeats=1, log=lambda _: None)
+    assert found.pop("none")["false_alarms"] == 0
+    assert {defect: result["missed"] for defect, result in found.items()} == dict.fromkeys(found, 0)
+
+
 def walk_nodes(graph):
     for node in graph.node:
         yield node
@@ -85,11 +141,15 @@ def walk_nodes(graph):
                 yield from walk_nodes(attribute.g)
 
 
-def test_verify_folder_rechecks_and_detects_tampering(built):
+def test_verify_folder_reproduces_the_verdicts_and_detects_tampering(built):
     out, manifest, _ = built
     folder = manifest.folder
+    # Whatever seed another session left behind, `aim verify` seeds ONNX Runtime (with the build's
+    # seed) before its sessions exist: the same noise, so every verdict with every number again.
+    onnxruntime.set_seed(12345)
     again = verify_folder(folder)
     assert again.verification.passed and again.verification.verified
+    assert [c.as_dict() for c in again.verification.checks] == [c.as_dict() for c in manifest.verification.checks]
     # Tamper with the verification graph: the noise on utility counts 1% more than it should.
     path = folder / FILES["verification"]
     model = onnx.load(str(path))
@@ -168,7 +228,8 @@ def test_local_checkpoint_end_to_end(tmp_path, name):
         return task.reference_logits(pytorch_model, torch_inputs).numpy()
 
     out = OnnxRuntimeEngine(manifest.folder / FILES["engine"]).run(inputs)
-    np.testing.assert_allclose(out, logits_of(model), atol=family.tolerance.atol, rtol=family.tolerance.rtol)
+    tolerance = manifest.verification.tolerance  # the family's, tightened to the logits' scale
+    np.testing.assert_allclose(out, logits_of(model), atol=tolerance.atol, rtol=tolerance.rtol)
     assert not np.allclose(out, logits_of(load(name, seed=0)[2]), atol=1e-3)
 
 

@@ -83,7 +83,7 @@ def test_the_build_folder_is_the_families_one(scorer, built):
     assert verification.passed and verification.engine_run.ran
     names = [check.name for check in verification.checks]
     assert names[:2] == ["bare model vs bare ONNX on ONNX Runtime", "modulated (verification flavour) vs bare ONNX on ONNX Runtime reference"]
-    assert "identity at utility 0, focus 0" in names and "utility noise ~ N(0,1)" in names and len(names) == 9
+    assert "identity at utility 0, focus 0" in names and "utility noise ~ N(0,1)" in names and len(names) == 10
 
     # The reference is the ONNX file's logits for inputs drawn from its types and shapes (opt size),
     # and they are the module's own `scores`, not its first output.
