@@ -174,8 +174,11 @@ def test_generation_through_the_server_equals_onnx_runtime(clients, build_folder
     expected = generate(local, prompts, max_new_tokens=6).tokens
     np.testing.assert_array_equal(generate(served, prompts, max_new_tokens=6).tokens, expected)
     focus = np.zeros(32000, np.float32)
-    focus[7] = 1e3  # |n| * 1e3 beats a logit spread of ~1 unless |n| < 1e-3
-    assert np.all(generate(served, prompts, max_new_tokens=4, focus=focus).tokens == 7)
+    focus[7] = 1e3  # |n| * 1e3 beats the top logit (gaps below ~1) unless |n| < 1e-3: P < 1e-3 per step
+    boosted = generate(served, prompts, max_new_tokens=4, focus=focus).tokens
+    # 12 steps: 3 or more misses happen with P ~ C(12, 3) * (1e-3)^3 ~ 2e-7, so the test never cries wolf,
+    # while a focus that did not reach the server leaves token 7 out (a random 32,000-way choice).
+    assert np.sum(boosted == 7) >= 10, boosted
 
 
 def _binomial_bound(p: np.ndarray, repeats: int) -> tuple[float, float]:
