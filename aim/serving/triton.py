@@ -227,6 +227,8 @@ def _check_onnx_engine(path: Path, manifest: Manifest) -> list[str]:
     (relative locations, as the model records them)."""
     import onnx
 
+    from aim.weights import data_files
+
     said, have = manifest.graph.signature(), GraphIO.of(path).signature()
     for key in ("inputs", "outputs"):
         differ = [
@@ -236,18 +238,21 @@ def _check_onnx_engine(path: Path, manifest: Manifest) -> list[str]:
         ]
         if differ:
             raise TritonConfigError(f"{path.name} does not match its manifest's {key}: {'; '.join(differ)}. Rebuild with `make engine`")
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in onnx.external_data_helper._get_all_tensors(model)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
+    locations = data_files(onnx.load(str(path), load_external_data=False))  # the graph only, never its weights
     for location in locations:
         if not (path.parent / location).is_file():
             raise TritonConfigError(f"{path.name} keeps weights in {location}, which is missing beside it: rebuild")
-    return sorted(locations)
+    return locations
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows (a build's files are replaced, never changed in place,
+    so the repository keeps the bytes it was given, and gigabytes of weights are neither copied nor
+    stored twice), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def config_text(config, source: str) -> str:
@@ -283,10 +288,10 @@ def write_model(
     with StagedFolder(Path(repository) / name) as staged:
         (staged.path / VERSION).mkdir(parents=True)
         (staged.path / CONFIG).write_text(text)
-        shutil.copyfile(engine_path, staged.path / VERSION / filename)
+        _link_or_copy(engine_path, staged.path / VERSION / filename)
         for location in extra_files:  # external weights stay beside the model under their recorded name
             (staged.path / VERSION / location).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(engine_path.parent / location, staged.path / VERSION / location)
+            _link_or_copy(engine_path.parent / location, staged.path / VERSION / location)
         return staged.publish()
 
 

@@ -21,6 +21,7 @@ class Task:
     metric: str = "accuracy"  # the clean metric of a trained model
     utility_grid: str = "classification"  # the eval sweep's sigma grid (SPEC section 1)
     segmentation: bool = False  # measured per pixel: mIoU besides accuracy
+    uses_tokenizer: bool = False  # text in and out: a build keeps a tokenizer for generation
     # How many rows of the verification batch are tiled per statistical run at most (the family's
     # batch max bounds it too).
 

@@ -23,9 +23,11 @@ def verify_build(
     reduced_precision: Agreement | None = None,
 ) -> list[Check]:
     """`bare`, `verification`, `engine`: runners of the bare model, the verification flavour and the
-    production engine. `max_batch`: the largest batch the engine takes; small outputs are tiled up to
-    it for the statistics. `reduced_precision`: for FP16 builds, the task's comparator replaces the
-    element-wise one."""
+    production engine, used in that order; bare and verification are closed once done with (runners
+    opened on first use, runtime.base.OnFirstUse, then hold one model's weights at a time).
+    `max_batch`: the largest batch the engine takes; small outputs are tiled up to it for the
+    statistics. `reduced_precision`: for FP16 builds, the task's comparator replaces the element-wise
+    one."""
 
     def differential(name, expected, actual):
         if reduced_precision is not None:
@@ -38,14 +40,13 @@ def verify_build(
     repeats = int(np.clip(np.ceil(MIN_SAMPLES / bare_logits.size), 1, max(1, max_batch // batch)))
     stats_inputs = tile_batch(inputs, repeats) if repeats > 1 else inputs
     stats_bare = bare.run(stats_inputs) if repeats > 1 else bare_logits
+    bare.close()
+    modulated = verification.run(
+        inputs, reference.utility, reference.focus, noise_utility=reference.noise_utility, noise_focus=reference.noise_focus
+    )
+    verification.close()
     checks = [
         differential(f"bare model vs {reference.source}", reference.logits, bare_logits),
-        differential(
-            f"modulated (verification flavour) vs {reference.source} reference",
-            reference.modulated,
-            verification.run(
-                inputs, reference.utility, reference.focus, noise_utility=reference.noise_utility, noise_focus=reference.noise_focus
-            ),
-        ),
+        differential(f"modulated (verification flavour) vs {reference.source} reference", reference.modulated, modulated),
     ]
     return checks + statistical_checks(engine, stats_inputs, stats_bare, class_axis, seed)

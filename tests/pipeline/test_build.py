@@ -34,7 +34,7 @@ def test_artifacts_and_manifest(built):
     folder = out / manifest.model
     assert manifest.folder == folder
     assert sorted(p.name for p in out.iterdir()) == [manifest.model]  # no staging left
-    assert [line[:5] for line in lines if line.startswith("[")] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    assert [line[:5] for line in lines if line.startswith("[")] == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"]
     written = json.loads((folder / MANIFEST).read_text())
     assert written["schema"] == 2 and written["verification"]["passed"] is True
     for entry in written["artifacts"].values():
