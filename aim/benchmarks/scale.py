@@ -3,10 +3,10 @@ of every step (issue 12, section 4).
 
 For each family that states a real-size config (Family.scale; the Llama family: TinyLlama-1.1B's
 shape), a random-weight checkpoint is saved by `save_pretrained` in bf16 as three safetensors shards
-(cached under OUT/<family>.checkpoint, as a user's checkpoint arrives), then built by
-`aim engine <family> --checkpoint DIR` in a child process. The build records each step's wall time
-and peak resident memory in its manifest (pipeline/memory.py); after it, the Triton writer and the
-FP16 pass run in fresh processes on the build, each reporting its own peak.
+(cached under OUT/<family>.checkpoint, as a user's checkpoint arrives), then built as `aim engine
+<family> --checkpoint DIR` builds it, in a child process. The build records each step's wall time
+and peak resident memory in its manifest (pipeline/memory.py); after it, the FP16 graph passes and
+the Triton writer run in fresh processes on the build, each reporting the memory its work added.
 
     python -m aim.benchmarks.scale [--out build/scale] [--families NAME,...]
 """
@@ -14,13 +14,16 @@ FP16 pass run in fresh processes on the build, each reporting its own peak.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from aim.families import get_family, list_families
-from aim.files import StagedFolder
+from aim.files import StagedFolder, remove
 
 SHARDS = 3
 DTYPE = "bfloat16"
@@ -49,17 +52,104 @@ def scaled() -> list[str]:
     return [name for name in list_families() if get_family(name).scale is not None]
 
 
+def _child(code: str) -> dict:
+    """Runs `code` in a fresh Python (its last stdout line is JSON), the output streamed through."""
+    lines = []
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as process:
+        for line in process.stdout:
+            lines.append(line)
+            if not line.startswith("{"):
+                print("    " + line, end="", flush=True)
+    if process.returncode != 0:
+        raise SystemExit(f"scale-check: a step failed (exit code {process.returncode})")
+    return json.loads(lines[-1])
+
+
+# `aim engine NAME --checkpoint DIR --out OUT`, then what its manifest recorded.
+_BUILD = """
+import json, sys
+from aim.cli import main
+from aim.layout import Manifest
+if main(["engine", {name!r}, "--checkpoint", {checkpoint!r}, "--out", {out!r}]) != 0:
+    sys.exit(1)
+manifest = Manifest.load({folder!r})
+print(json.dumps({{"timings_s": manifest.timings_s, "peak_rss_mb": manifest.peak_rss_mb, "parameters": manifest.source.parameters,
+                  "dtype": manifest.source.dtype, "passed": manifest.verification.passed, "folder": str(manifest.folder)}}))
+"""
+
+# Its peak above what the process held once the imports were done: the memory of the work itself.
+_MEASURED = """
+import json, time
+from pathlib import Path
+from aim.pipeline import memory
+{imports}
+memory.reset_peak()
+before, started = memory.peak_rss(), time.perf_counter()
+{work}
+print(json.dumps({{"seconds": time.perf_counter() - started, "grown_mb": (memory.peak_rss() - before) / 1e6}}))
+"""
+
+
+def _passes_fp16(build: Path, scratch: Path) -> str:
+    """The graph passes of an FP16 build (redistribution, FP16 with its weights file, TensorRT check) on
+    the build's exported graph, in a scratch folder beside it (its files hard-linked, not copied)."""
+    remove(scratch)
+    scratch.mkdir(parents=True)
+    for name in ("exported.onnx", "exported.onnx.data"):
+        if (build / name).is_file():
+            os.link(build / name, scratch / name)
+    imports = "from aim.pipeline import steps\nfrom aim.layout import Manifest\nfrom aim.tasks import get_task\nfrom aim.families import get_family\n" \
+        "import aim.graph_passes.fp16, aim.graph_passes.trt_support, aim.runtime.tensorrt\n" \
+        f"manifest = Manifest.load({str(build)!r})\nscratch = Path({str(scratch)!r})"
+    work = "steps.passes(get_task(manifest.task), scratch, scratch / 'exported.onnx', 'fp16', 'onnxruntime', get_family(manifest.model).fp16_keep_fp32)"
+    return _MEASURED.format(imports=imports, work=work)
+
+
+def _triton(build: Path, repository: Path) -> str:
+    imports = "from aim.serving.triton import write_model"
+    return _MEASURED.format(imports=imports, work=f"write_model({str(build)!r}, {str(repository)!r})")
+
+
+def check(name: str, out: Path) -> dict:
+    """Checkpoint (cached), `make engine` on it, then the FP16 passes and the Triton writer on the build;
+    returns the figures (also written to OUT/<name>.scale.json)."""
+    started = time.perf_counter()
+    checkpoint = make_checkpoint(name, out / f"{name}.checkpoint")
+    print(f"{name}: checkpoint {checkpoint} ({time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"{name}: aim engine {name} --checkpoint {checkpoint} --out {out}", flush=True)
+    build = _child(_BUILD.format(name=name, out=str(out), checkpoint=str(checkpoint), folder=str(out / name)))
+    folder = Path(build["folder"])
+    print(f"{name}: FP16 graph passes on the build's exported graph", flush=True)
+    fp16 = _child(_passes_fp16(folder, out / f".{name}.fp16-passes"))
+    remove(out / f".{name}.fp16-passes")
+    print(f"{name}: Triton model repository from the build", flush=True)
+    triton = _child(_triton(folder, out / "triton"))
+    figures = {"model": name, **build, "fp16_passes": fp16, "triton_writer": triton}
+    (out / f"{name}.scale.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def table(figures: dict) -> str:
+    """The README's table: wall time and peak resident memory of each step."""
+    fp32_gb = figures["parameters"] * 4 / 1e9
+    rows = ["| step | wall time (s) | peak resident (GB) |", "|---|---:|---:|"]
+    for step, seconds in figures["timings_s"].items():
+        rows.append(f"| {step} | {seconds:.0f} | {figures['peak_rss_mb'].get(step, float('nan')) / 1e3:.2f} |")
+    peak = max(figures["peak_rss_mb"].values()) / 1e3
+    rows.append(f"| **make engine** | **{sum(figures['timings_s'].values()):.0f}** | **{peak:.2f}** ({peak / fp32_gb:.2f}x the {fp32_gb:.1f} GB of FP32 weights) |")
+    for key, what in (("fp16_passes", "FP16 graph passes (+ TensorRT check), above the process after imports"), ("triton_writer", "Triton writer, above the process after imports")):
+        rows.append(f"| {what} | {figures[key]['seconds']:.0f} | +{figures[key]['grown_mb'] / 1e3:.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aim.benchmarks.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="build/scale", type=Path)
     parser.add_argument("--families", default=",".join(scaled()), help="comma-separated families")
     args = parser.parse_args(argv)
     for name in [n for n in args.families.split(",") if n]:
-        started = time.perf_counter()
-        checkpoint = make_checkpoint(name, args.out / f"{name}.checkpoint")
-        print(f"{name}: checkpoint {checkpoint} ({time.perf_counter() - started:.0f} s)", flush=True)
+        figures = check(name, args.out)
+        print(f"\n{name}: {figures['parameters']:,} parameters stored as {figures['dtype']}, verification "
+              + ("passed" if figures["passed"] else "FAILED") + " (measured on this machine; other processes may share it)")
+        print(table(figures))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
