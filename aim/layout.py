@@ -205,7 +205,8 @@ class Manifest:
     calibration: dict | None = None
     schema: int = SCHEMA
     folder: Path | None = field(default=None, compare=False)  # where it was read from or written to
-    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # per step of the build: peak resident memory
+    # Per step of the build: resident memory (MB) at its start and at its peak (Linux; else empty).
+    memory_mb: dict[str, dict[str, float]] = field(default_factory=dict)
 
     # -- files
 
@@ -284,7 +285,7 @@ class Manifest:
             calibration=data.get("calibration"),
             schema=data["schema"],
             folder=folder,
-            peak_rss_mb=data.get("peak_rss_mb", {}),
+            memory_mb=data.get("memory_mb", {}),
         )
 
     def save(self, folder: str | os.PathLike | None = None) -> Path:

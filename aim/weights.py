@@ -11,18 +11,18 @@ writes bytes: gathering torch.onnx's one-file-per-tensor output into one file, a
 Why not onnx's own helpers (load_external_data_for_tensor, save_external_data): they move the bytes
 through the tensor's raw_data field, and the model's protobuf arena keeps them until the whole model
 is freed (measured: 4.6 GB resident to gather 4.4 GB of weights one tensor at a time). Here bytes go
-file to file, and a tensor's array is read alone with numpy.
+file to file, and a tensor is read in blocks with numpy.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper
 
 from aim.errors import InvalidGraphError
 from aim.files import atomic_path
@@ -62,20 +62,25 @@ def _refer(tensor: TensorProto, location: str, offset: int, length: int) -> None
         entry.key, entry.value = key, str(value)
 
 
-def read_array(tensor: TensorProto, weights_dir: str | os.PathLike) -> np.ndarray:
-    """One tensor's values, read alone (from `weights_dir` if external)."""
-    if not external_data_helper.uses_external_data(tensor):
-        return numpy_helper.to_array(tensor)
+def read_blocks(tensor: TensorProto, weights_dir: str | os.PathLike, block_bytes: int = _CHUNK) -> Iterator[np.ndarray]:
+    """An external tensor's values in order, flat, `block_bytes` at a time: however large the tensor,
+    memory holds one block."""
     location, offset, _ = where(tensor)
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    count = int(np.prod(tensor.dims, dtype=np.int64))
+    left = int(np.prod(tensor.dims, dtype=np.int64))
+    per_block = max(1, block_bytes // dtype.itemsize)
+    path = Path(weights_dir) / location
     try:
-        values = np.fromfile(Path(weights_dir) / location, dtype=dtype, count=count, offset=offset)
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            while left:
+                values = np.fromfile(handle, dtype=dtype, count=min(per_block, left))
+                if values.size == 0:
+                    raise InvalidGraphError(f"{path} is shorter than the model says (tensor {tensor.name!r}): copy it whole")
+                left -= values.size
+                yield values
     except OSError as error:
-        raise InvalidGraphError(f"the weights of {tensor.name!r} are not readable in {Path(weights_dir) / location}: {error}") from error
-    if values.size != count:
-        raise InvalidGraphError(f"{Path(weights_dir) / location} is shorter than the model says (tensor {tensor.name!r}): copy it whole")
-    return values.reshape(tuple(tensor.dims))
+        raise InvalidGraphError(f"the weights of {tensor.name!r} are not readable in {path}: {error}") from error
 
 
 class WeightsFile:
@@ -112,12 +117,13 @@ class WeightsFile:
         self._handle.write(b"\0" * (start - end))
         return start
 
-    def add_array(self, tensor: TensorProto, values: Callable[[], np.ndarray], key: tuple) -> TensorProto:
-        """Makes `tensor` (its dtype and dims set) refer to the bytes of `values()`, written here the
-        first time `key` is seen; later tensors with the same key share them (`values` is not called)."""
+    def add(self, tensor: TensorProto, blocks: Callable[[], Iterable[np.ndarray]], key: tuple) -> TensorProto:
+        """Makes `tensor` (its dtype and dims set) refer to the bytes of `blocks()` written in order, here
+        the first time `key` is seen; later tensors with the same key share them (`blocks` is not called)."""
         if key not in self._copied:
             start = self._start()
-            self._handle.write(np.ascontiguousarray(values()).tobytes())
+            for block in blocks():
+                self._handle.write(memoryview(np.ascontiguousarray(block).reshape(-1)).cast("B"))  # no copy to bytes
             self._handle.flush()  # a graph referring to it may be checked before the file is closed
             self._copied[key] = (start, self._handle.tell() - start)
         _refer(tensor, self.location, *self._copied[key])

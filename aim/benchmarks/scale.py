@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import shutil
 import subprocess
 import sys
 import time
@@ -73,7 +73,7 @@ from aim.layout import Manifest
 if main(["engine", {name!r}, "--checkpoint", {checkpoint!r}, "--out", {out!r}]) != 0:
     sys.exit(1)
 manifest = Manifest.load({folder!r})
-print(json.dumps({{"timings_s": manifest.timings_s, "peak_rss_mb": manifest.peak_rss_mb, "parameters": manifest.source.parameters,
+print(json.dumps({{"timings_s": manifest.timings_s, "memory_mb": manifest.memory_mb, "parameters": manifest.source.parameters,
                   "dtype": manifest.source.dtype, "passed": manifest.verification.passed, "folder": str(manifest.folder)}}))
 """
 
@@ -92,12 +92,12 @@ print(json.dumps({{"seconds": time.perf_counter() - started, "grown_mb": (memory
 
 def _passes_fp16(build: Path, scratch: Path) -> str:
     """The graph passes of an FP16 build (redistribution, FP16 with its weights file, TensorRT check) on
-    the build's exported graph, in a scratch folder beside it (its files hard-linked, not copied)."""
+    a copy of the build's exported graph (onnx's checker refuses a data file with several hard links)."""
     remove(scratch)
     scratch.mkdir(parents=True)
     for name in ("exported.onnx", "exported.onnx.data"):
         if (build / name).is_file():
-            os.link(build / name, scratch / name)
+            shutil.copyfile(build / name, scratch / name)
     imports = "from aim.pipeline import steps\nfrom aim.layout import Manifest\nfrom aim.tasks import get_task\nfrom aim.families import get_family\n" \
         "import aim.graph_passes.fp16, aim.graph_passes.trt_support, aim.runtime.tensorrt\n" \
         f"manifest = Manifest.load({str(build)!r})\nscratch = Path({str(scratch)!r})"
@@ -130,15 +130,17 @@ def check(name: str, out: Path) -> dict:
 
 
 def table(figures: dict) -> str:
-    """The README's table: wall time and peak resident memory of each step."""
+    """The README's table: wall time and resident memory of each step."""
     fp32_gb = figures["parameters"] * 4 / 1e9
-    rows = ["| step | wall time (s) | peak resident (GB) |", "|---|---:|---:|"]
+    memory = figures["memory_mb"]
+    rows = ["| step | wall time (s) | peak resident (GB) | added by the step (GB) |", "|---|---:|---:|---:|"]
     for step, seconds in figures["timings_s"].items():
-        rows.append(f"| {step} | {seconds:.0f} | {figures['peak_rss_mb'].get(step, float('nan')) / 1e3:.2f} |")
-    peak = max(figures["peak_rss_mb"].values()) / 1e3
-    rows.append(f"| **make engine** | **{sum(figures['timings_s'].values()):.0f}** | **{peak:.2f}** ({peak / fp32_gb:.2f}x the {fp32_gb:.1f} GB of FP32 weights) |")
-    for key, what in (("fp16_passes", "FP16 graph passes (+ TensorRT check), above the process after imports"), ("triton_writer", "Triton writer, above the process after imports")):
-        rows.append(f"| {what} | {figures[key]['seconds']:.0f} | +{figures[key]['grown_mb'] / 1e3:.3f} |")
+        peak, start = memory[step]["peak"] / 1e3, memory[step]["start"] / 1e3
+        rows.append(f"| {step} | {seconds:.0f} | {peak:.2f} | {peak - start:+.2f} |")
+    peak = max(m["peak"] for m in memory.values()) / 1e3
+    rows.append(f"| **make engine** | **{sum(figures['timings_s'].values()):.0f}** | **{peak:.2f}** ({peak / fp32_gb:.2f}x the {fp32_gb:.1f} GB of FP32 weights) | |")
+    for key, what in (("fp16_passes", "FP16 graph passes + TensorRT check (fresh process)"), ("triton_writer", "Triton writer (fresh process)")):
+        rows.append(f"| {what} | {figures[key]['seconds']:.0f} | | {figures[key]['grown_mb'] / 1e3:+.3f} |")
     return "\n".join(rows)
 
 

@@ -25,7 +25,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from aim.contract import PREFIX
 from aim.errors import InvalidGraphError
-from aim.weights import WeightsFile, external_tensors, read_array, where
+from aim.weights import WeightsFile, external_tensors, read_blocks, where
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504: FP32 constants beyond it are clamped (e.g. masks of -3.4e38)
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -64,9 +64,9 @@ def _half_tensor(tensor: TensorProto, name: str | None = None) -> TensorProto:
 
 
 class _HalfWeights:
-    """FP16 copies of weights kept in an external data file: each read alone, converted and appended to
-    `weights`, so memory holds one tensor at a time; the FP16 graphs of a build share `weights`, and a
-    weight they all use is written once. Weights held in the graph are converted in place."""
+    """FP16 copies of weights kept in an external data file: read, converted and appended to `weights`
+    block by block, so memory holds a block however large the tensor. The FP16 graphs of a build
+    share `weights`: a weight they all use is written once. Weights held in the graph stay in it."""
 
     def __init__(self, weights: WeightsFile | None, weights_dir):
         self.weights, self.weights_dir = weights, weights_dir
@@ -79,10 +79,11 @@ class _HalfWeights:
         half = TensorProto(name=name, data_type=HALF, dims=tensor.dims)
         key = where(tensor)
 
-        def values():
-            return np.clip(read_array(tensor, self.weights_dir).astype(np.float32), -FP16_MAX, FP16_MAX).astype(np.float16)
+        def blocks():  # FP32 blocks read, clipped in place and converted: memory holds a block, not the tensor
+            for fp32 in read_blocks(tensor, self.weights_dir):
+                yield np.clip(fp32, -FP16_MAX, FP16_MAX, out=fp32).astype(np.float16)
 
-        return self.weights.add_array(half, values, key)
+        return self.weights.add(half, blocks, key)
 
 
 def _subgraphs(node: onnx.NodeProto):

@@ -27,29 +27,31 @@ from aim.tasks import Task, get_task
 
 
 class Progress:
-    """Numbered steps on the log, each with its wall time and peak resident memory (kept for the manifest)."""
+    """Numbered steps on the log, each with its wall time and resident memory (kept for the manifest):
+    at its start and its peak, so that what a step itself adds shows (pipeline/memory.py)."""
 
     def __init__(self, total: int, log: Callable[[str], None]):
         self.total, self.step, self.log = total, 0, log
         self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
-        self.peaks: dict[str, float] = {}
+        self.memory: dict[str, dict[str, float]] = {}
 
     def __call__(self, what: str):
         self.step += 1
         self.last = time.perf_counter()
-        self.resets = memory.reset_peak()
+        self.fresh_peak = memory.reset_peak()  # else the peak is the process's since it started
+        self.start_rss = memory.rss()
         self.log(f"[{self.step}/{self.total}] {what}")
 
     def done(self, key: str, detail: str = ""):
         now = time.perf_counter()
         self.timings[key] = round(now - self.last, 3)
         self.last = now
-        peak = memory.peak_rss()
-        if peak is not None:  # without a reset the figure is the peak since the process started
-            self.peaks[key] = round(peak / 1e6, 1)
-        memory_note = f", peak {peak / 1e9:.2f} GB resident" + ("" if self.resets else " (since start)") if peak is not None else ""
-        self.log(f"      done in {self.timings[key]:.1f} s{memory_note}{': ' + detail if detail else ''}")
+        peak, note = memory.peak_rss(), ""
+        if peak is not None and self.start_rss is not None and self.fresh_peak:
+            self.memory[key] = {"start": round(self.start_rss / 1e6, 1), "peak": round(peak / 1e6, 1)}
+            note = f", peak {peak / 1e9:.2f} GB resident (+{(peak - self.start_rss) / 1e9:.2f} GB)"
+        self.log(f"      done in {self.timings[key]:.1f} s{note}{': ' + detail if detail else ''}")
 
 
 def build_model(
@@ -165,7 +167,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         ),
         artifacts={},
         timings_s=progress.timings,
-        peak_rss_mb=progress.peaks,  # filled in as the steps end, like timings_s
+        memory_mb=progress.memory,  # filled in as the steps end, like timings_s
         versions=package_versions(),
         folder=folder,
     )

@@ -9,14 +9,23 @@ import re
 _STATUS, _CLEAR = "/proc/self/status", "/proc/self/clear_refs"
 
 
-def peak_rss() -> int | None:
-    """Bytes: the most this process has had resident since it started or since reset_peak()."""
+def _status(field: str) -> int | None:
     try:
         with open(_STATUS) as status:
-            found = re.search(r"^VmHWM:\s*(\d+) kB", status.read(), re.MULTILINE)
+            found = re.search(rf"^{field}:\s*(\d+) kB", status.read(), re.MULTILINE)
     except OSError:
         return None
     return int(found.group(1)) * 1024 if found else None
+
+
+def peak_rss() -> int | None:
+    """Bytes: the most this process has had resident since it started or since reset_peak()."""
+    return _status("VmHWM")
+
+
+def rss() -> int | None:
+    """Bytes resident now."""
+    return _status("VmRSS")
 
 
 def reset_peak() -> bool:

@@ -245,16 +245,6 @@ def _check_onnx_engine(path: Path, manifest: Manifest) -> list[str]:
     return locations
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where the file system allows (a build's files are replaced, never changed in place,
-    so the repository keeps the bytes it was given, and gigabytes of weights are neither copied nor
-    stored twice), else a copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
 def config_text(config, source: str) -> str:
     from google.protobuf import text_format
 
@@ -288,10 +278,10 @@ def write_model(
     with StagedFolder(Path(repository) / name) as staged:
         (staged.path / VERSION).mkdir(parents=True)
         (staged.path / CONFIG).write_text(text)
-        _link_or_copy(engine_path, staged.path / VERSION / filename)
+        shutil.copyfile(engine_path, staged.path / VERSION / filename)
         for location in extra_files:  # external weights stay beside the model under their recorded name
             (staged.path / VERSION / location).parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(engine_path.parent / location, staged.path / VERSION / location)
+            shutil.copyfile(engine_path.parent / location, staged.path / VERSION / location)
         return staged.publish()
 
 

@@ -46,6 +46,9 @@ def test_artifacts_and_manifest(built):
     for entry in written["artifacts"].values():
         assert sha256(folder / entry["path"]) == entry["sha256"]
     assert {"torch", "onnx", "onnxruntime", "transformers", "python"} <= set(written["versions"])
+    steps = ["load", "export", "reference", "passes", "engine", "verify"]
+    assert list(manifest.timings_s) == list(manifest.memory_mb) == steps  # Linux: the peak of each step
+    assert all(0 < m["start"] <= m["peak"] for m in manifest.memory_mb.values())
     assert Manifest.load(folder) == manifest  # what was written reads back as the same manifest
     family, task, model = load(manifest.model)
     names = [t.name for t in manifest.graph.inputs]
