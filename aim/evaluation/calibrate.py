@@ -118,6 +118,9 @@ def calibrate(
     graph = add_utility_level(load_graph(manifest.path("modulated")), table["sigmas"])
     save_onnx(graph, paths["calibrated"])
     ort_engine.build(paths["calibrated"], paths["calibrated_engine"])
+    engine_data = paths["calibrated_engine"].with_name(paths["calibrated_engine"].name + ".data")
+    if engine_data.is_file():  # a large model's engine keeps its weights beside it: hashed with the rest
+        paths["calibrated_engine.data"] = engine_data
     log(f"  wrote {paths['calibrated'].name} and {paths['calibrated_engine'].name} (input utility_level [B] in [0, 1])")
 
     # A check on held-out inputs: the test split, never seen by the calibration.
