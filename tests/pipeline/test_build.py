@@ -128,6 +128,36 @@ def test_verify_folder_rechecks_and_detects_tampering(built):
         manifest_path.write_text(json.dumps(data))
 
 
+def test_verification_holds_one_engine_at_a_time(built, monkeypatch):
+    """The bare, verification and production engines are opened in turn, each closed before the next
+    opens: a large model's weights are in memory once, not three times."""
+    import aim.runtime.folder
+    from aim.verify.build import verify_build
+
+    _, manifest, _ = built
+    if manifest.model != "llama":
+        pytest.skip("one family suffices: every task goes through the same runners (llama's is the quickest here)")
+    open_now, most = set(), []
+
+    class Counted(OnnxRuntimeEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            open_now.add(id(self))
+            most.append(len(open_now))
+
+        def close(self):
+            open_now.discard(id(self))
+            super().close()
+
+    monkeypatch.setattr(aim.runtime.folder, "OnnxRuntimeEngine", Counted)
+    runners = aim.runtime.folder.role_runners(manifest, "onnxruntime")
+    verification = manifest.verification
+    checks = verify_build(*runners, Reference.load(manifest.folder / REFERENCE), verification.tolerance,
+                          manifest.modulation.class_axis, manifest.dynamic_dims["batch"].max)
+    runners[2].close()
+    assert all(check.passed for check in checks) and len(most) == 3 and max(most) == 1 and not open_now
+
+
 def test_unknown_model_writes_nothing(tmp_path):
     with pytest.raises(UnknownModelError, match="resnet"):
         build_model("alexnet", tmp_path / "build")
