@@ -27,8 +27,10 @@ from onnx import TensorProto, external_data_helper, helper
 from aim.errors import InvalidGraphError
 from aim.files import atomic_path
 
-ALIGN = 4096  # every tensor starts on a page boundary, which lets a runtime map it instead of copying it
-_CHUNK = 1 << 24  # bytes per read when copying between files
+# Every tensor starts on a page boundary, so a runtime that maps external data can map it (ONNX Runtime
+# 1.32 on a CPU copied it anyway here: its sessions' memory is anonymous).
+ALIGN = 4096
+_CHUNK = 1 << 24  # bytes per read: copying between files, reading a tensor in blocks
 _PROTOBUF_LIMIT = 2**31 - 1  # a model whose bytes are in memory past this keeps its weights in <name>.data
 
 
@@ -104,10 +106,6 @@ class WeightsFile:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-
-    @property
-    def written(self) -> bool:
-        return self.path.is_file()
 
     def _start(self) -> int:
         if self._handle is None:

@@ -127,7 +127,7 @@ def passes(task: Task, folder: Path, exported: Path, precision: str, backend: st
     del graphs
     sources = dict(ROLES)
     if precision == "fp16":
-        with WeightsFile(folder / FILES["weights.fp16"]) as half_weights:  # written one tensor at a time
+        with WeightsFile(folder / FILES["weights.fp16"]) as half_weights:  # written block by block
             for role, key in ROLES.items():
                 half = folder / paths[key].name.replace(".onnx", ".fp16.onnx")
                 paths[f"{key}.fp16"] = save_onnx(convert_to_fp16(load_onnx(paths[key]), keep_fp32, half_weights, folder), half)
