@@ -155,3 +155,7 @@ def main(argv=None) -> int:
               + ("passed" if figures["passed"] else "FAILED") + " (measured on this machine; other processes may share it)")
         print(table(figures))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
