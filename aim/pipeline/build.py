@@ -49,6 +49,7 @@ class Progress:
         self.last = now
         peak, note = memory.peak_rss(), ""
         if peak is not None and self.start_rss is not None and self.fresh_peak:
+            peak = max(peak, self.start_rss)  # the kernel's counters lag a little: the step held its start
             self.memory[key] = {"start": round(self.start_rss / 1e6, 1), "peak": round(peak / 1e6, 1)}
             note = f", peak {peak / 1e9:.2f} GB resident (+{(peak - self.start_rss) / 1e9:.2f} GB)"
         self.log(f"      done in {self.timings[key]:.1f} s{note}{': ' + detail if detail else ''}")
