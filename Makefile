@@ -41,7 +41,7 @@ SOURCE = if [ -n "$$ONNX" ]; then set -- --onnx "$$ONNX" --logits "$$LOGITS" --t
 # The engine of MODEL under OUT, built first if its folder has no manifest yet.
 BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
-.PHONY: engine generate triton serve loadtest test models bench clean help train eval calibrate false-alarms
+.PHONY: engine generate triton serve loadtest test models bench clean help train eval calibrate false-alarms scale-check
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
@@ -58,6 +58,7 @@ help:
 	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
 	@echo "make calibrate MODEL=x   level -> sigma table and an engine taking utility_level in [0, 1]"
 	@echo "make false-alarms MODEL=x [REPEATS=1000]  the statistical checks' false alarms and misses, measured (not in CI)"
+	@echo "make scale-check         a TinyLlama-1.1B-shaped bf16 checkpoint through make engine: time and peak memory per step (~10 GB RAM, 15 GB disk)"
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -106,6 +107,10 @@ false-alarms: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Real sizes (not in `make test`): the checkpoint is cached in $(OUT)/scale/llama.checkpoint.
+scale-check: $(STAMP)
+	$(PY) -m aim.benchmarks.scale --out "$$OUT/scale"
 
 clean:
 	rm -rf -- "$$OUT"

@@ -5,10 +5,12 @@ a folder written by another schema is refused with a message that says to rebuil
 
     build/<model>/
       exported.onnx             torch.onnx's trace (or the user's own ONNX)
+      exported.onnx.data        its weights, past 2 GiB: every FP32 graph below refers to this one file
       bare.onnx                 the deployable model without modulation (logits resized, if asked)
       modulated.onnx            production flavour: inputs utility, focus; noise drawn in the graph
       modulated.verify.onnx     verification flavour: the noise tensors are inputs too
-      engine.<backend>...       the engine (ONNX Runtime's optimised model, or TensorRT plans)
+      *.fp16.onnx               FP16 builds: the graphs in FP16 (weights.fp16.data: their weights, shared)
+      engine.<backend>...       the engine (ONNX Runtime's optimised model (+ .data), or TensorRT plans)
       reference.npz             inputs, knobs, noise and the reference outputs verified against
       tokenizer/                text generation: the tokenizer generation decodes with
       manifest.json
@@ -38,6 +40,11 @@ FILES = {
     "modulated": "modulated.onnx",  # production flavour: in-graph noise
     "verification": "modulated.verify.onnx",  # the noise as inputs, for element-wise comparison
     "engine": "engine.onnxruntime.onnx",  # ONNX Runtime's optimised model
+    # External data (aim/weights.py): the exported weights, which the bare, production and verification
+    # graphs share; the FP16 graphs' weights, shared likewise; the ONNX Runtime engine's own.
+    "weights": "exported.onnx.data",
+    "weights.fp16": "weights.fp16.data",
+    "engine.data": "engine.onnxruntime.onnx.data",
 }
 CALIBRATION_FILES = {
     "calibration": "calibration.json",
@@ -130,6 +137,7 @@ class Source:
     onnx_sha256: str | None = None
     shapes: dict | None = None
     inputs: dict | None = None  # {"path", "sha256"} of the verification inputs given as .npz
+    dtype: str | None = None  # how the checkpoint stores its weights (bfloat16, float16, float32); None for random weights
 
 
 @dataclass
@@ -212,6 +220,8 @@ class Manifest:
     calibration: dict | None = None
     schema: int = SCHEMA
     folder: Path | None = field(default=None, compare=False)  # where it was read from or written to
+    # Per step of the build: resident memory (MB) at its start and at its peak (Linux; else empty).
+    memory_mb: dict[str, dict[str, float]] = field(default_factory=dict)
 
     # -- files
 
@@ -290,6 +300,7 @@ class Manifest:
             calibration=data.get("calibration"),
             schema=data["schema"],
             folder=folder,
+            memory_mb=data.get("memory_mb", {}),
         )
 
     def save(self, folder: str | os.PathLike | None = None) -> Path:

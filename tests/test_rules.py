@@ -24,7 +24,7 @@ PACKAGE = ROOT / "aim"
 LAYERS = [
     ["aim.errors", "aim.lazy", "aim.specs"],
     ["aim.files", "aim.contract"],
-    ["aim.layout"],
+    ["aim.layout", "aim.weights"],
     ["aim.families"],
     ["aim.export", "aim.graph_passes"],
     ["aim.runtime"],

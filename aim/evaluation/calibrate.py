@@ -151,6 +151,9 @@ def write_calibrated(manifest: Manifest, sigmas, log: Callable[[str], None] = pr
     paths = {key: manifest.folder / name for key, name in CALIBRATION_FILES.items()}
     save_onnx(add_utility_level(load_graph(manifest.graph_path("production")), sigmas), paths["calibrated"])
     onnxruntime_engine(paths["calibrated"], paths["calibrated_engine"], manifest.precision)
+    engine_data = paths["calibrated_engine"].with_name(paths["calibrated_engine"].name + ".data")
+    if engine_data.is_file():  # a large model's engine keeps its weights beside it: hashed with the rest
+        paths["calibrated_engine.data"] = engine_data
     log(f"  wrote {paths['calibrated'].name} and {paths['calibrated_engine'].name} (input utility_level [B] in [0, 1])")
     return paths
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 from aim.errors import CheckpointError
-from aim.files import atomic_path
+from aim.files import remove
 from aim.specs import TensorSpec
+from aim.weights import save_model
 
 
 def checkpoint_config(folder: str | os.PathLike) -> dict:
@@ -36,9 +37,13 @@ def checkpoint_config(folder: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(model_class, folder: str | os.PathLike):
-    """`model_class.from_pretrained(folder)` in eval mode, offline; load errors become CheckpointError."""
+    """`model_class.from_pretrained(folder)` in FP32 (whatever the checkpoint stores: the export and the
+    reference are FP32; FP16 engines are made from the FP32 graph) and eval mode, offline; load errors
+    become CheckpointError."""
+    import torch
+
     try:
-        return model_class.from_pretrained(str(folder), local_files_only=True).eval()
+        return model_class.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"could not load the checkpoint in {folder}: {error}") from error
 
@@ -64,23 +69,33 @@ def export_onnx(
     dim left symbolic, written to a temporary name and renamed.
 
     The legacy TorchScript exporter is used: it is several times faster than dynamo for these models
-    and gives the dynamic axes by name.
+    and gives the dynamic axes by name. Past protobuf's 2 GiB it writes every weight to a file of
+    its own (hundreds for a 1B model), in a scratch folder here; they are gathered into one
+    `<name>.data` beside the graph, file to file (aim/weights.py).
     """
+    import onnx
     import torch
 
     path = Path(path)
     names = [spec.name for spec in input_specs]
     dynamic_axes = {spec.name: spec.dynamic_axes for spec in (*input_specs, *output_specs)}
-    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), context():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-        torch.onnx.export(
-            module.eval(),
-            tuple(inputs[name] for name in names),
-            str(tmp),
-            input_names=names,
-            output_names=[spec.name for spec in output_specs],
-            dynamic_axes=dynamic_axes,
-            opset_version=opset,
-            dynamo=False,
-        )
+    scratch = path.with_name(f".{path.name}.torch.tmp-{os.getpid()}")  # a leftover files.remove_leftovers knows
+    remove(scratch)
+    scratch.mkdir(parents=True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), context():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(
+                module.eval(),
+                tuple(inputs[name] for name in names),
+                str(scratch / path.name),
+                input_names=names,
+                output_names=[spec.name for spec in output_specs],
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                dynamo=False,
+            )
+        save_model(onnx.load(str(scratch / path.name), load_external_data=False), path, weights_dir=scratch, check=False)
+    finally:
+        remove(scratch)
     return path

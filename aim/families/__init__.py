@@ -69,6 +69,9 @@ class Family:
     benchmark: Benchmark | None = None
     opset: int = 17
     extra: dict = field(default_factory=dict)
+    # The transformers config of a real-size checkpoint (`make scale-check` saves it in bf16, sharded,
+    # and builds it), or None.
+    scale: Callable[[], object] | None = None
 
     def model_class_object(self):
         import transformers

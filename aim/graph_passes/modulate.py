@@ -68,4 +68,4 @@ def modulate_file(
 ) -> Path:
     """Reads `source`, splices the redistribution onto output `logits`, writes `destination` atomically."""
     graph = prepare(load_onnx(source))
-    return save_onnx(modulate_graph(graph, logits, class_axis, flavour, upsample_to), destination)
+    return save_onnx(modulate_graph(graph, logits, class_axis, flavour, upsample_to), destination, weights_dir=Path(source).parent)

@@ -379,6 +379,10 @@ def _class_axis(z: gs.Variable, class_axis: int) -> tuple[int, int]:
     return axis, classes
 
 
+def _nbytes(constant: gs.Constant) -> int:
+    return int(np.prod(constant.shape, dtype=np.int64)) * np.dtype(constant.dtype).itemsize
+
+
 def _movable_producer(graph: gs.Graph, z: gs.Variable) -> gs.Node | None:
     """The node computing the logits, if nothing else needs it: then it can be computed inside the
     If's branches, and the skip branch writes the bare logits straight into the output (no copy)."""
@@ -395,7 +399,8 @@ def _movable_producer(graph: gs.Graph, z: gs.Variable) -> gs.Node | None:
         return None
     # Weights used inside both branches would be stored twice (a classifier head: megabytes), while
     # the copy saved is only that of the small logits such heads make.
-    if any(isinstance(t, gs.Constant) and t.values.nbytes > MAX_MOVED_CONSTANT for t in producer.inputs):
+    # Sized from shape and type: a weight kept in an external data file is never read (aim/weights.py).
+    if any(isinstance(t, gs.Constant) and _nbytes(t) > MAX_MOVED_CONSTANT for t in producer.inputs):
         return None
     return producer
 

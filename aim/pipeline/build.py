@@ -19,7 +19,7 @@ from aim.errors import VerificationError
 from aim.families import Family, get_family
 from aim.files import StagedFolder, remove
 from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Modulation, Source, Verification, package_versions
-from aim.pipeline import steps
+from aim.pipeline import memory, steps
 from aim.pipeline.verify import checks
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
 from aim.runtime.base import profile_from_io
@@ -28,23 +28,32 @@ from aim.verify.tolerance import logit_spread, scaled_tolerance
 
 
 class Progress:
-    """Numbered steps on the log, each with its wall time (kept for the manifest)."""
+    """Numbered steps on the log, each with its wall time and resident memory (kept for the manifest):
+    at its start and its peak, so that what a step itself adds shows (pipeline/memory.py)."""
 
     def __init__(self, total: int, log: Callable[[str], None]):
         self.total, self.step, self.log = total, 0, log
         self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.memory: dict[str, dict[str, float]] = {}
 
     def __call__(self, what: str):
         self.step += 1
         self.last = time.perf_counter()
+        self.fresh_peak = memory.reset_peak()  # else the peak is the process's since it started
+        self.start_rss = memory.rss()
         self.log(f"[{self.step}/{self.total}] {what}")
 
     def done(self, key: str, detail: str = ""):
         now = time.perf_counter()
         self.timings[key] = round(now - self.last, 3)
         self.last = now
-        self.log(f"      done in {self.timings[key]:.1f} s{': ' + detail if detail else ''}")
+        peak, note = memory.peak_rss(), ""
+        if peak is not None and self.start_rss is not None and self.fresh_peak:
+            peak = max(peak, self.start_rss)  # the kernel's counters lag a little: the step held its start
+            self.memory[key] = {"start": round(self.start_rss / 1e6, 1), "peak": round(peak / 1e6, 1)}
+            note = f", peak {peak / 1e9:.2f} GB resident (+{(peak - self.start_rss) / 1e9:.2f} GB)"
+        self.log(f"      done in {self.timings[key]:.1f} s{note}{': ' + detail if detail else ''}")
 
 
 def build_model(
@@ -92,19 +101,29 @@ def modulation_record(logits: str, class_axis: int, num_classes: int, upsampled_
 
 
 def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, precision: str, seed: int, log) -> Manifest:
-    progress = Progress(5, log)
+    progress = Progress(6, log)
     progress(f"model {family.name} ({family.task}) from " + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})"))
     loaded = steps.load(family, task, checkpoint, seed)
     tokenizer_dir = steps.save_tokenizer(loaded.tokenizer, folder) if loaded.tokenizer is not None else None
     progress.done(
         "load",
-        f"{loaded.parameters:,} parameters, {loaded.num_classes} classes"
-        + (f", tokenizer of {len(loaded.tokenizer)} tokens" if loaded.tokenizer is not None else ""),
+        f"{loaded.parameters:,} parameters"
+        + (f" stored as {loaded.dtype}, loaded in float32" if loaded.dtype else "")
+        + f", {loaded.num_classes} classes"
+        + (f", tokenizer of {len(loaded.tokenizer)} tokens" if loaded.tokenizer is not None else "")
+        + (", no tokenizer in the checkpoint (verified on token ids; `generate` needs one)" if task.uses_tokenizer and loaded.tokenizer is None else ""),
     )
 
     progress("export to ONNX (torch.onnx, dynamic " + ", ".join(family.dims) + ")")
     exported = steps.export(family, task, loaded.model, folder / FILES["exported"])
-    progress.done("export", exported.name)
+    weights = folder / FILES["weights"]
+    progress.done("export", exported.name + (f", weights in {weights.name} ({weights.stat().st_size / 1e9:.2f} GB)" if weights.is_file() else ""))
+
+    progress("PyTorch reference on the verification inputs, then the PyTorch model is released")
+    reference = steps.reference(family, task, loaded, seed)
+    reference_path = reference.save(folder / REFERENCE)
+    steps.release(loaded)
+    progress.done("reference", reference_path.name)
 
     progress(
         "graph passes: " + ("upsample logits, " if task.upsample_logits_to else "") + "redistribution (production + verification)"
@@ -125,14 +144,12 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         "verify: PyTorch vs engine (" + ("element-wise" if precision == "fp32" else f"{family.fp16.metric} agreement") + "), production noise statistics"
         + ("" if runnable else f"; the {backend} engine cannot run here, so ONNX Runtime runs the graphs it was built from")
     )
-    reference = steps.reference(family, task, loaded, seed)
-    reference_path = reference.save(folder / REFERENCE)
     production = GraphIO.of(graphs.paths[graphs.sources["production"]])
     manifest = Manifest(
         model=family.name,
         task=task.name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source=Source(str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters),
+        source=Source(str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, loaded.dtype),
         backend=backend,
         precision=precision,
         engine=engine.name,
@@ -158,6 +175,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         ),
         artifacts={},
         timings_s=progress.timings,
+        memory_mb=progress.memory,  # filled in as the steps end, like timings_s
         versions=package_versions(),
         folder=folder,
     )

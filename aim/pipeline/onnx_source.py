@@ -221,7 +221,7 @@ def _build(source: OnnxSource, name: str, task, folder: Path, backend: str, prec
     convert = "fp32" if native_fp16 else precision
     precision = "fp16" if native_fp16 else precision
     progress(f"graph {source.path} ({source.parameters:,} parameters; logits {source.logits!r} {source.logits_dtype}, classes on axis {source.class_axis})")
-    exported = save_onnx(source.model, folder / FILES["exported"])
+    exported = save_onnx(source.model, folder / FILES["exported"], weights_dir=source.path.parent)  # its weights file, if any, is copied in
     progress.done("load", "dims " + ", ".join(f"{dim} {r.min}..{r.max}" for dim, r in source.dims.items()))
 
     progress(

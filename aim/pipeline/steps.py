@@ -1,10 +1,11 @@
 """The steps of `make engine`, each a small function that returns its artifact.
 
-    load      family + checkpoint -> Loaded (the PyTorch model, its tokenizer, its size)
-    export    -> exported.onnx (torch.onnx)
+    load      family + checkpoint -> Loaded (the PyTorch model in FP32, its tokenizer, its size)
+    export    -> exported.onnx (torch.onnx; its weights in exported.onnx.data past 2 GiB)
+    reference -> reference.npz: what PyTorch computes on the verification inputs (then `release`
+                 frees the PyTorch model)
     passes    -> bare, production and verification graphs (+ FP16 copies), TensorRT compatibility
     engines   -> the engine files of the backend
-    reference -> reference.npz: what PyTorch computes on the verification inputs
 
 The verdicts on the build's engines against the reference come from pipeline/verify.py.
 """
@@ -27,37 +28,53 @@ from aim.runtime.backends import TENSORRT_BACKENDS
 from aim.runtime.base import profile_from_io
 from aim.tasks import Task
 from aim.verify.reference import Reference, differential_knobs
+from aim.weights import WeightsFile
 
 PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
 class Loaded:
-    model: object  # the PyTorch model, eval mode
+    model: object  # the PyTorch model, eval mode, FP32; None once released (after the reference)
     tokenizer: object | None
     num_classes: int
     parameters: int
     checkpoint: Path | None
+    dtype: str | None = None  # how the checkpoint stores its weights
 
 
 def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
-    """The family's model: a local `save_pretrained` folder (its architecture must be the family's),
-    or random weights from the family's tiny config (seeded). Nothing is downloaded."""
+    """The family's model in FP32: a local `save_pretrained` folder (its architecture must be the
+    family's; stored in any dtype), or random weights from the family's tiny config (seeded). Nothing
+    is downloaded."""
+    from aim.export.checkpoint import checkpoint_dtype
     from aim.export.torch_export import checkpoint_config, load_checkpoint, random_model
 
+    dtype = None
     if checkpoint is None:
         model = random_model(family.build, seed)
     else:
-        found = checkpoint_config(checkpoint).get("model_type")
+        config = checkpoint_config(checkpoint)
+        found = config.get("model_type")
         if found != family.model_type:
             raise CheckpointError(
                 f"{checkpoint} holds a {found!r} model, but MODEL={family.name} expects {family.model_type!r}. "
                 f"Pick the model family that matches the checkpoint."
             )
+        dtype = checkpoint_dtype(checkpoint, config)
         model = load_checkpoint(family.model_class_object(), checkpoint)
     tokenizer = task.tokenizer(model, checkpoint)
     parameters = sum(p.numel() for p in model.parameters())
-    return Loaded(model, tokenizer, task.num_classes(model), parameters, Path(checkpoint).resolve() if checkpoint else None)
+    return Loaded(model, tokenizer, task.num_classes(model), parameters, Path(checkpoint).resolve() if checkpoint else None, dtype)
+
+
+def release(loaded: Loaded) -> None:
+    """Frees the PyTorch model once the reference is computed: the engines are built and verified
+    without it, so a large model's weights are not held twice."""
+    import gc
+
+    loaded.model = None
+    gc.collect()
 
 
 def save_tokenizer(tokenizer, folder: Path) -> Path:
@@ -100,6 +117,8 @@ def passes(
     from aim.graph_passes.trt_support import check_tensorrt_support
     from aim.runtime.tensorrt import EngineBuildError
 
+    # The graphs are read without their weights: those in exported.onnx.data (a model past 2 GiB) stay
+    # references, which every graph saved beside it shares (aim/weights.py).
     paths = {"exported": exported}
     graphs = deployment_graphs(load_onnx(exported), logits, task.class_axis, task.upsample_logits_to)
     if task.upsample_logits_to:
@@ -108,12 +127,17 @@ def passes(
         paths["bare"] = exported  # nothing changed: the exported file is the bare model
     paths["modulated"] = save_onnx(graphs["production"], folder / FILES["modulated"])
     paths["verification"] = save_onnx(graphs["verification"], folder / FILES["verification"])
+    del graphs
     sources = dict(ROLES)
     if precision == "fp16":
-        for role, key in ROLES.items():
-            half = folder / paths[key].name.replace(".onnx", ".fp16.onnx")
-            paths[f"{key}.fp16"] = save_onnx(convert_to_fp16(load_onnx(paths[key]), keep_fp32), half)
-            sources[role] = f"{key}.fp16"
+        with WeightsFile(folder / FILES["weights.fp16"]) as half_weights:  # written block by block
+            for role, key in ROLES.items():
+                half = folder / paths[key].name.replace(".onnx", ".fp16.onnx")
+                paths[f"{key}.fp16"] = save_onnx(convert_to_fp16(load_onnx(paths[key]), keep_fp32, half_weights, folder), half)
+                sources[role] = f"{key}.fp16"
+    for key in ("weights", "weights.fp16"):
+        if (folder / FILES[key]).is_file():
+            paths[key] = folder / FILES[key]
     target = backend if backend in TENSORRT_BACKENDS else "tensorrt"  # ONNX Runtime builds: would TensorRT take it?
     compatibility = {role: check_tensorrt_support(paths[key], backend=target) for role, key in sources.items()}
     unsupported: dict[str, list[str]] = {}  # finding -> the graphs that have it
@@ -138,6 +162,8 @@ def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: di
     builds = {}
     if backend == "onnxruntime":
         onnxruntime_engine(production, files["engine"], precision)
+        if (folder / FILES["engine.data"]).is_file():  # a large model's engine keeps its weights beside it
+            files["engine.data"] = folder / FILES["engine.data"]
     else:
         from aim.runtime import tensorrt as trt_engine
 

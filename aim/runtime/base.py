@@ -9,6 +9,8 @@ context managers: leaving the block releases what the backend holds (GPU memory,
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from aim.contract import FOCUS, UTILITY, UTILITY_LEVEL, check_level, check_modulation
@@ -158,3 +160,28 @@ class Runner:
             feed[UTILITY], feed[FOCUS] = check_modulation(utility, focus, batch, self.num_classes)
         feed.update(noise)
         return self.infer(feed)[self.outputs[0]]
+
+
+class OnFirstUse:
+    """A runner opened on first use and released by close() (a later use opens it again). The bare,
+    verification and production engines of a build are checked one after the other through these,
+    so that a large model's weights are in memory once, not three times."""
+
+    def __init__(self, open_runner: Callable[[], Runner]):
+        self._open, self._runner = open_runner, None
+
+    def __getattr__(self, name):
+        if self._runner is None:
+            self._runner = self._open()
+        return getattr(self._runner, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None

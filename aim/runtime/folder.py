@@ -7,6 +7,7 @@ import os
 
 from aim.layout import GraphIO, Manifest
 from aim.runtime.backends import TENSORRT_BACKENDS, runnable_here
+from aim.runtime.base import OnFirstUse
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 
 # The TensorRT plan of each role (artifact keys, see layout.engine_files).
@@ -21,22 +22,23 @@ def open_build(folder: str | os.PathLike, check: bool = True) -> Manifest:
     return manifest
 
 
-def role_runners(manifest: Manifest, runner: str) -> list:
-    """(bare, verification, production) runners of a build. `runner` is the backend that runs them:
-    the engine's own, or ONNX Runtime on the very graphs a TensorRT engine was built from where the
-    engine cannot run here."""
+def role_runners(manifest: Manifest, runner: str) -> list[OnFirstUse]:
+    """(bare, verification, production) runners of a build, each opened on first use and released by
+    close(): a caller using them in turn holds one engine's weights at a time. `runner` is the
+    backend that runs them: the engine's own, or ONNX Runtime on the very graphs a TensorRT engine was
+    built from where the engine cannot run here."""
     if runner in TENSORRT_BACKENDS:
         from aim.runtime.tensorrt import TensorRTEngine, engine_io
 
-        engines = []
-        for role in ("bare", "verification", "production"):
+        def plan(role):
             build = manifest.tensorrt[PLANS[role]]
             inputs, outputs = engine_io(GraphIO.of(manifest.graph_path(role)))
-            engines.append(TensorRTEngine(manifest.folder / build["path"], runner, inputs, outputs, build["profile"]))
-        return engines
+            return lambda: TensorRTEngine(manifest.folder / build["path"], runner, inputs, outputs, build["profile"])
+
+        return [OnFirstUse(plan(role)) for role in ("bare", "verification", "production")]
     production = manifest.engine_path() if manifest.backend == "onnxruntime" else manifest.graph_path("production")
     paths = [manifest.graph_path("bare"), manifest.graph_path("verification"), production]
-    return [OnnxRuntimeEngine(path, profile=manifest.profile if path == production else None) for path in paths]
+    return [OnFirstUse(lambda path=path: OnnxRuntimeEngine(path, profile=manifest.profile if path == production else None)) for path in paths]
 
 
 def production_runner(manifest: Manifest):

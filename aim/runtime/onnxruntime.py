@@ -56,13 +56,37 @@ def _session(path: Path, options):
 
 
 def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, threads: int | None = None) -> Path:
-    """Optimises `onnx_path` with ONNX Runtime and saves the result atomically at `engine_path`."""
+    """Optimises `onnx_path` with ONNX Runtime and saves the result atomically at `engine_path`. A
+    model whose weights are in an external data file gets an engine with its own, `<engine>.data`
+    (written first; the engine file appears last)."""
     engine_path = Path(engine_path)
+    data = engine_path.with_name(engine_path.name + ".data")
     with atomic_path(engine_path) as tmp:
         options = session_options(threads, level="extended")
         options.optimized_model_filepath = str(tmp)
-        _session(Path(onnx_path), options)
+        if _keeps_external_data(Path(onnx_path)):  # past 2 GiB ONNX Runtime cannot save the optimised weights inside the model
+            data.unlink(missing_ok=True)
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data.name)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            _session(Path(onnx_path), options)
+        except BaseException:
+            data.unlink(missing_ok=True)
+            raise
     return engine_path
+
+
+def _keeps_external_data(path: Path) -> bool:
+    """Whether the model at `path` keeps weights in an external data file (the graph is read, not its
+    weights); an unreadable file is left to ONNX Runtime, which says what is wrong with it."""
+    import onnx
+
+    from aim.weights import external_tensors
+
+    try:
+        return bool(external_tensors(onnx.load(str(path), load_external_data=False)))
+    except Exception:  # protobuf's DecodeError, a missing file, ...
+        return False
 
 
 class OnnxRuntimeEngine(Runner):

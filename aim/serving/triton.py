@@ -294,6 +294,8 @@ def _check_onnx_engine(path: Path, manifest: Manifest, graph: GraphIO) -> list[s
     files (relative locations, as the model records them)."""
     import onnx
 
+    from aim.weights import data_files
+
     said, have = graph.signature(), GraphIO.of(path).signature()
     for key in ("inputs", "outputs"):
         differ = [
@@ -303,18 +305,11 @@ def _check_onnx_engine(path: Path, manifest: Manifest, graph: GraphIO) -> list[s
         ]
         if differ:
             raise TritonConfigError(f"{path.name} does not match its manifest's {key}: {'; '.join(differ)}. Rebuild with `make engine`")
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in onnx.external_data_helper._get_all_tensors(model)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
+    locations = data_files(onnx.load(str(path), load_external_data=False))  # the graph only, never its weights
     for location in locations:
         if not (path.parent / location).is_file():
             raise TritonConfigError(f"{path.name} keeps weights in {location}, which is missing beside it: rebuild")
-    return sorted(locations)
+    return locations
 
 
 def config_text(config, source: str) -> str:

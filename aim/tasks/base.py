@@ -24,6 +24,7 @@ class Task:
     # FP16 builds of a model without a family (a user's ONNX) are compared by this: what the task
     # reads from its logits. A family states its own (Family.fp16).
     fp16: Agreement | None = None
+    uses_tokenizer: bool = False  # text in and out: a build keeps a tokenizer for generation
     # How many rows of the verification batch are tiled per statistical run at most (the family's
     # batch max bounds it too).
 

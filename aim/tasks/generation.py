@@ -280,9 +280,17 @@ def load_build(folder: str | os.PathLike, log: Callable[[str], None] | None = No
     from aim.runtime.folder import open_build, production_runner
     from aim.tasks.tokens import TextTokenizer
 
-    manifest = open_build(folder)
+    manifest = open_build(folder, check=False)  # refused for what it lacks before hashing gigabytes
     if not manifest.tokenizer:
+        if any(tensor.name.startswith(PAST) for tensor in manifest.graph.inputs):
+            raise AimError(
+                f"{folder} was built from a checkpoint without a tokenizer ({manifest.source.checkpoint}), so there is "
+                f"no way to turn text into its tokens. Save the model's own tokenizer into that folder "
+                f"(`AutoTokenizer.from_pretrained(...).save_pretrained(DIR)`) and rebuild. The engine itself is "
+                f"verified and takes token ids (`aim run`, Triton)."
+            )
         raise AimError(f"{folder} has no tokenizer: it is not a text-generation build. Build one with `make engine MODEL=llama`.")
+    manifest.check_artifacts()
     engine, note = production_runner(manifest)
     if note and log is not None:
         log(note)

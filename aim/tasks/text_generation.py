@@ -24,6 +24,7 @@ from aim.tasks.generation import (
     generate,
     kv_vs_recompute,
     pad_id_of,
+    pad_left,
     position_ids,
     stop_tokens_of,
 )
@@ -63,6 +64,7 @@ class TextGeneration(Task):
         why="the next token comes from the top candidates (greedy: the first; sampling: the top-k); FP16 may swap near-tied ones",
     )
     utility_grid = "language"
+    uses_tokenizer = True
 
     def input_specs(self, model) -> tuple[TensorSpec, ...]:
         layers, heads, head_dim = cache_shape(model)
@@ -116,22 +118,31 @@ class TextGeneration(Task):
     # -- generation: the reference and the checks
 
     def tokenizer(self, model, checkpoint):
-        """The checkpoint folder's own tokenizer; the tiny random-weight model (no checkpoint) gets a
-        local byte-level BPE sized to its vocabulary."""
+        """The checkpoint folder's own tokenizer, used as it is; a checkpoint without one gets none
+        (generation is refused for its build; no tokenizer is trained silently for a user's model).
+        Only the tiny random-weight model (no checkpoint) gets a local byte-level BPE sized to its
+        vocabulary."""
         from aim.export.tokenizer import checkpoint_tokenizer, demo_tokenizer, has_tokenizer
 
+        if checkpoint is None:
+            return demo_tokenizer(model.config.vocab_size)
         if has_tokenizer(checkpoint):
             return checkpoint_tokenizer(checkpoint, model.config.vocab_size)
-        return demo_tokenizer(model.config.vocab_size)
+        return None
 
     def reference_extra(self, model, tokenizer, seed: int = 0) -> dict:
-        """PyTorch `generate()` greedy tokens for several prompts and batch sizes."""
+        """PyTorch `generate()` greedy tokens for several prompts and batch sizes: the PROMPTS through
+        the tokenizer, or without one, random token ids of the same lengths in words (seeded)."""
         import torch
 
-        stop, pad = stop_tokens_of(tokenizer), pad_id_of(tokenizer)
+        stop, pad = _special_tokens(model.config, tokenizer)
         arrays = {"generation.stop_tokens": np.array(stop, np.int64), "generation.pad_token_id": np.array(pad, np.int64)}
+        prompts = _token_prompts(model.config.vocab_size, stop, seed) if tokenizer is None else None
         for index, batch in enumerate(BATCHES):
-            ids, mask = encode(tokenizer, [PROMPTS[i] for i in batch])
+            if tokenizer is None:
+                ids, mask = pad_left([prompts[i] for i in batch], pad)
+            else:
+                ids, mask = encode(tokenizer, [PROMPTS[i] for i in batch])
             with torch.no_grad():
                 out = model.generate(
                     input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=NEW_TOKENS,
@@ -220,6 +231,24 @@ class TextGeneration(Task):
         if count is not None:
             data = data.take(slice(0, count))
         return datasets.Split(prefill_inputs(engine, data.inputs["input_ids"], data.inputs["attention_mask"]), data.labels)
+
+
+def _special_tokens(config, tokenizer) -> tuple[list[int], int]:
+    """(stop tokens, pad id): the tokenizer's, or without one the model config's (eos_token_id may be a list)."""
+    if tokenizer is not None:
+        return stop_tokens_of(tokenizer), pad_id_of(tokenizer)
+    eos = config.eos_token_id
+    stop = [] if eos is None else [int(t) for t in np.atleast_1d(eos)]
+    pad = config.pad_token_id if config.pad_token_id is not None else (stop[0] if stop else 0)
+    return stop, int(pad)
+
+
+def _token_prompts(vocab_size: int, stop: list[int], seed: int) -> list[list[int]]:
+    """Token-id prompts for a model without a tokenizer: as many ids as PROMPTS has words, drawn
+    among the ids that are not stop tokens."""
+    rng = np.random.default_rng(seed)
+    allowed = np.setdiff1d(np.arange(vocab_size), stop)
+    return [rng.choice(allowed, size=len(prompt.split())).tolist() for prompt in PROMPTS]
 
 
 def load_tokenizer(checkpoint):

@@ -34,9 +34,11 @@ def verify_build(
     reduced_precision: Agreement | None = None,
 ) -> list[Check]:
     """`bare`, `verification`, `engine`: runners of the bare model, the verification flavour and the
-    production engine. `max_batch`: the largest batch the engine takes; small outputs are tiled up to
-    it for the statistics. `reduced_precision`: for FP16 builds, the task's comparator replaces the
-    element-wise one."""
+    production engine, used in that order; bare and verification are closed once done with (runners
+    opened on first use, runtime.base.OnFirstUse, then hold one model's weights at a time).
+    `max_batch`: the largest batch the engine takes; small outputs are tiled up to it for the
+    statistics. `reduced_precision`: for FP16 builds, the task's comparator replaces the element-wise
+    one."""
 
     def differential(name, expected, actual):
         if reduced_precision is not None:
@@ -46,14 +48,13 @@ def verify_build(
     inputs = reference.inputs
     bare_logits = bare.run(inputs)
     stats_inputs, stats_bare = statistics_inputs(bare, inputs, bare_logits, max_batch)
+    bare.close()
+    modulated = verification.run(
+        inputs, reference.utility, reference.focus, noise_utility=reference.noise_utility, noise_focus=reference.noise_focus
+    )
+    verification.close()
     checks = [
         differential(f"bare model vs {reference.source}", reference.logits, bare_logits),
-        differential(
-            f"modulated (verification flavour) vs {reference.source} reference",
-            reference.modulated,
-            verification.run(
-                inputs, reference.utility, reference.focus, noise_utility=reference.noise_utility, noise_focus=reference.noise_focus
-            ),
-        ),
+        differential(f"modulated (verification flavour) vs {reference.source} reference", reference.modulated, modulated),
     ]
     return checks + statistical_checks(engine, stats_inputs, stats_bare, class_axis, seed)
