@@ -83,4 +83,22 @@ def export_onnx(
             opset_version=opset,
             dynamo=False,
         )
+        _static_output_dims(tmp, output_specs)
     return path
+
+
+def _static_output_dims(path: Path, output_specs: tuple[TensorSpec, ...]) -> None:
+    """Writes back the static sizes the specs give (the number of classes) where the exporter's shape
+    inference lost them (after a Resize to a computed size, UperNet's logits have no static class count)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # the graph only: weights stay where they are
+    specs = {spec.name: spec for spec in output_specs}
+    changed = False
+    for output in model.graph.output:
+        for dim, size in zip(output.type.tensor_type.shape.dim, specs[output.name].dims):
+            if isinstance(size, int) and dim.dim_value != size:
+                dim.dim_value = size  # (clears a symbolic dim_param: they are one field)
+                changed = True
+    if changed:
+        onnx.save(model, str(path))

@@ -4,7 +4,9 @@ A family says which transformers class it is, which task it serves (by the task'
 never import tasks), the tiny random-weight config `make engine` builds without a checkpoint, the
 ranges of its dynamic dims, its tolerances, and the sizes it is trained and benchmarked at. Adding a
 family is adding one module here that calls `register(...)`; nothing outside this package names one.
-transformers is imported only when a model is built.
+A checkpoint folder of any supported architecture needs no family module: its record is derived
+from its config.json (architectures.py, aim/tasks/checkpoint.py). transformers is imported only
+when a model is built.
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ class Family:
     task: str  # the name of a task in aim.tasks
     model_type: str  # config.json's model_type of this architecture
     model_class: str  # the transformers class that loads a checkpoint, by name
-    tiny: Callable[[], object]  # the transformers config of the tiny random-weight model
+    # The transformers config of the tiny random-weight model; None for a record derived from a
+    # checkpoint folder (aim/tasks/checkpoint.py), which always loads its weights.
+    tiny: Callable[[], object] | None
     # Ranges of the dynamic dims: export example, tests and TensorRT profiles use them.
     dims: dict[str, DimRange]
     # Small sizes for tracing and for the verification run of `make engine`; dims that are dynamic
@@ -69,6 +73,8 @@ class Family:
     benchmark: Benchmark | None = None
     opset: int = 17
     extra: dict = field(default_factory=dict)
+    # A record derived from a checkpoint folder: the architecture it holds (architectures.Architecture).
+    architecture: object | None = None
 
     def model_class_object(self):
         import transformers
@@ -77,6 +83,8 @@ class Family:
 
     def build(self, config=None):
         """A model of this family with random weights from `config` (default: the tiny one)."""
+        if config is None and self.tiny is None:
+            raise UnknownModelError(f"{self.name} has no built-in tiny model: it is built from its checkpoint folder")
         return self.model_class_object()(config if config is not None else self.tiny())
 
     def sizes(self, **overrides: int) -> dict[str, int]:
