@@ -9,7 +9,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODEL ?= segformer
+MODEL ?= $(if $(CHECKPOINT),,segformer)
 BACKEND ?= auto
 PRECISION ?= fp32
 OUT ?= build
@@ -23,18 +23,21 @@ export MODEL BACKEND PRECISION OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKEN
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
-# The engine of MODEL under OUT, built first if its folder has no manifest yet.
-BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+# The build's name: MODEL, or without one the checkpoint folder's, as `aim engine` names it.
+NAME = name="$${MODEL:-$$($(PY) -c 'import sys; from aim.tasks.checkpoint import build_name; print(build_name(sys.argv[1]))' "$$CHECKPOINT")}"
+# The engine of that name under OUT, built first if its folder has no manifest yet.
+BUILT = $(NAME) && { test -f "$$OUT/$$name/manifest.json" || $(PY) -m aim.cli engine $${MODEL:+"$$MODEL"} --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; }
 
 .PHONY: engine generate triton serve test models bench clean help train eval calibrate
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
+	@echo "make engine CHECKPOINT=dir   any supported architecture of the three tasks (make models), into OUT/<folder name>"
 	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
 	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
 	@echo "make test      the test suite"
-	@echo "make models    list the model families"
+	@echo "make models    list the model families, and checkpoint architectures by task"
 	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
 	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
 	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
@@ -49,18 +52,16 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 engine: $(STAMP)
-	$(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+	$(PY) -m aim.cli engine $${MODEL:+"$$MODEL"} --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
 triton: $(STAMP)
-	$(BUILT)
-	$(PY) -m aim.cli triton "$$OUT/$$MODEL" --repository "$$REPO"
+	$(BUILT) && $(PY) -m aim.cli triton "$$OUT/$$name" --repository "$$REPO"
 
 serve: triton
-	$(PY) -m aim.cli serve "$$REPO" --model "$$MODEL"
+	$(NAME) && $(PY) -m aim.cli serve "$$REPO" --model "$$name"
 
 generate: $(STAMP)
-	$(BUILT)
-	$(PY) -m aim.cli generate "$$OUT/$$MODEL" --prompt "$$PROMPT" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
+	$(BUILT) && $(PY) -m aim.cli generate "$$OUT/$$name" --prompt "$$PROMPT" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
 
 train: $(STAMP)
 	$(PY) -m aim.cli train "$$MODEL"

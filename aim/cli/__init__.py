@@ -1,8 +1,9 @@
 """`aim`: a thin command line over the Python API, one module per command.
 
-    aim models                                   the model families and their tasks
+    aim models                                   the model families, and checkpoint architectures by task
     aim engine MODEL [--checkpoint DIR] [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--precision fp32|fp16]
                                                  export -> passes -> engine -> verify into build/MODEL/
+    aim engine --checkpoint DIR                  the same for the folder's own architecture, into build/<folder name>/
     aim trt-check model.onnx                     which nodes TensorRT's ONNX parser would refuse, and why
     aim export MODEL -o model.onnx               trace a family to ONNX
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]

@@ -44,14 +44,6 @@ def onnx_config(model, task: str, **options):
     return constructor(model.config, **options)
 
 
-def exports_with_past(model_type: str) -> bool:
-    """Whether Optimum has a `text-generation-with-past` ONNX config for this architecture."""
-    import optimum.exporters.onnx.model_configs  # noqa: F401
-    from optimum.exporters.tasks import TasksManager
-
-    return model_type.replace("_", "-") in {t.replace("_", "-") for t in TasksManager.get_supported_model_type_for_task(WITH_PAST, exporter="onnx")}
-
-
 @dataclass(frozen=True)
 class DecoderIO:
     """A causal LM's graph IO by Optimum's `text-generation-with-past` conventions."""

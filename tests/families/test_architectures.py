@@ -99,6 +99,16 @@ CONFIGS = {
 CASES = [(task, model_type) for task, configs in CONFIGS.items() for model_type in configs]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Models this small run fastest on one thread (PyTorch's pool costs more than it saves, several
+    times more on a machine other jobs share)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_every_tested_architecture_has_a_case():
     """Optimum's rule: listed as tested means built here, and nothing is built here unlisted."""
     assert {task: sorted(configs) for task, configs in CONFIGS.items()} == {task: sorted(names) for task, names in TESTED.items()}
@@ -237,3 +247,23 @@ def test_task_and_class_come_from_the_config(tmp_path):
     vit = architecture_of({"model_type": "vit", "architectures": ["ViTForImageClassification"]})
     assert vit.fixed_image_size and not both[0].fixed_image_size
     assert build_name(tmp_path / "a b") == "a-b"
+
+
+def test_cli_engine_takes_a_checkpoint_without_a_model(tmp_path, capsys):
+    from aim.cli import main
+
+    folder = tmp_path / "my resnet"
+    save_checkpoint(folder, "image-classification", "resnet", seed=3)
+    assert main(["engine", "--checkpoint", str(folder), "--out", str(tmp_path / "build")]) == 0
+    out = capsys.readouterr().out
+    assert "model my-resnet (image-classification, ResNetForImageClassification)" in out and "verification PASSED" in out
+    assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["my-resnet"]
+    for argv, message in (
+        (["engine", "--out", str(tmp_path / "none")], "give a model (see `aim models`) or a checkpoint folder"),
+        (["engine", "--checkpoint", str(write_config(tmp_path / "ssm", model_type="mamba")), "--out", str(tmp_path / "none")], "refused"),
+        (["engine", "resnet", "--checkpoint", str(write_config(tmp_path / "q", model_type="qwen2")), "--out", str(tmp_path / "none")], "Leave MODEL out"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "none").exists()
