@@ -5,7 +5,7 @@
                                                  export -> passes -> engine -> verify into build/MODEL/
     aim engine --checkpoint DIR                  the same for the folder's own architecture, into build/<folder name>/
     aim trt-check model.onnx                     which nodes TensorRT's ONNX parser would refuse, and why
-    aim export MODEL -o model.onnx               trace a family to ONNX
+    aim export [MODEL] -o model.onnx [--checkpoint DIR]   trace a family (or the checkpoint's architecture) to ONNX
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
     aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan

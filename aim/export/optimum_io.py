@@ -8,9 +8,10 @@ layers, key/value heads and head size); its model patcher makes the forward trac
 vmap, a cache that does not concatenate onto an empty tensor, ops the TorchScript exporter lacks).
 
 Where we depart from Optimum, and why:
-- position_ids: Optimum leaves them out for some architectures (Gemma) although the model takes them;
-  transformers' `generate()` then computes them from the attention mask, so a left-padded batch
-  would get other positions in the engine than in PyTorch. We add them whenever the forward takes them.
+- position_ids: Optimum leaves them out for some architectures (Gemma) although the forward takes them;
+  transformers' `generate()` passes them, counted from the attention mask, so we add them whenever the
+  forward takes them. (Rotary models only see a constant shift per left-padded row without them, which
+  changes the logits by rounding; absolute positions (GPT-2) give other tokens: the test saw both.)
 - the logits: Optimum exports every position's [B, S, V]; the redistribution acts on the next-token
   logits [B, V] (export/wrappers.py), so the model is asked for the last position only.
 - dim names: ours (contract.BATCH, "sequence", ...) so that profiles and the manifest keep one vocabulary.

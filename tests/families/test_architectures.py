@@ -258,6 +258,8 @@ def test_cli_engine_takes_a_checkpoint_without_a_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "model my-resnet (image-classification, ResNetForImageClassification)" in out and "verification PASSED" in out
     assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["my-resnet"]
+    assert main(["export", "--checkpoint", str(folder), "-o", str(tmp_path / "resnet.onnx")]) == 0
+    assert "exported my-resnet" in capsys.readouterr().out and (tmp_path / "resnet.onnx").is_file()
     for argv, message in (
         (["engine", "--out", str(tmp_path / "none")], "give a model (see `aim models`) or a checkpoint folder"),
         (["engine", "--checkpoint", str(write_config(tmp_path / "ssm", model_type="mamba")), "--out", str(tmp_path / "none")], "refused"),
