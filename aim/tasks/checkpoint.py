@@ -16,7 +16,7 @@ from aim.families import Family
 from aim.families.architectures import architecture_of
 from aim.tasks import get_task
 
-OPSET = 18  # Col2Im (MobileViTV2's folding) needs 18; the built-in families keep their own
+OPSET = 17
 
 
 def build_name(folder: str | os.PathLike) -> str:

@@ -237,6 +237,27 @@ def test_an_untested_architecture_is_tried_with_a_note(tmp_path):
     assert notes == ["note: deit is not among the tested architectures; the verification against PyTorch decides"]
 
 
+def test_an_export_failure_is_a_refusal_for_an_untested_architecture_only(tmp_path, monkeypatch):
+    """An untested architecture whose export fails is the user's error (exit 2, the supported list); the
+    same failure on a tested one is a bug and keeps its traceback."""
+    import transformers
+
+    import aim.export.torch_export as torch_export
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("an op the exporter lacks")
+
+    monkeypatch.setattr(torch_export, "export_onnx", fails)
+    config = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    transformers.DeiTForImageClassification(config).save_pretrained(tmp_path / "deit")
+    with pytest.raises(CheckpointError, match=r"deit is not among the tested architectures, and its export failed \(RuntimeError: an op the exporter lacks\)"):
+        build_model(None, tmp_path / "build", checkpoint=tmp_path / "deit", log=lambda _: None)
+    save_checkpoint(tmp_path / "resnet", "image-classification", "resnet")
+    with pytest.raises(RuntimeError, match="an op the exporter lacks"):
+        build_model(None, tmp_path / "build", checkpoint=tmp_path / "resnet", log=lambda _: None)
+    assert not (tmp_path / "build").exists() or list((tmp_path / "build").iterdir()) == []
+
+
 def test_task_and_class_come_from_the_config(tmp_path):
     """The same model_type serves two tasks; the saved class decides (Optimum's mapping)."""
     both = [
