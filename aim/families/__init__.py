@@ -14,10 +14,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
 
 from aim.errors import UnknownModelError
 from aim.specs import Agreement, DimRange, Tolerance
+
+if TYPE_CHECKING:
+    from aim.families.architectures import Architecture
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,8 @@ class Family:
     benchmark: Benchmark | None = None
     opset: int = 17
     extra: dict = field(default_factory=dict)
-    # A record derived from a checkpoint folder: the architecture it holds (architectures.Architecture).
-    architecture: object | None = None
+    # A record derived from a checkpoint folder: the architecture it holds.
+    architecture: Architecture | None = None
 
     def model_class_object(self):
         import transformers
@@ -106,7 +110,8 @@ def register(family: Family) -> Family:
 
 
 def _load_all() -> None:
-    """Imports every module of this package: each registers its family (no list to keep in step)."""
+    """Imports every module of this package: each registers its family (no list to keep in step;
+    architectures.py registers none, it is the table of what checkpoint folders may hold)."""
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
 
