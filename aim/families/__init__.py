@@ -16,7 +16,6 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-
 from aim.errors import UnknownModelError
 from aim.specs import Agreement, DimRange, Tolerance
 
