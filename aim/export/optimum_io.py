@@ -51,26 +51,36 @@ class DecoderIO:
 
     tokens: tuple[str, ...]  # the non-cache inputs, in order: input_ids, attention_mask[, position_ids]
     layers: int
-    heads: int  # key/value heads
-    head_dim: int
+    dims: dict[str, tuple]  # every input and present output: Optimum's dynamic axes in our names, the rest static
     logits_to_keep: bool  # the forward can compute the last position's logits only
 
     def cache(self, prefix: str) -> list[str]:
         return [f"{prefix}{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
 
 
+def _dims(axes: dict[int, str], shape: tuple) -> tuple:
+    """One tensor's dims: Optimum's dynamic axes in our names, the other axes the size they have."""
+    unknown = set(axes.values()) - set(DIMS)
+    if unknown:
+        raise NotImplementedError(f"dynamic axes {sorted(unknown)}: the decode loop knows {sorted(DIMS)}")
+    return tuple(DIMS[axes[i]] if i in axes else size for i, size in enumerate(shape))
+
+
 def decoder_io(model) -> DecoderIO:
     config = onnx_config(model, WITH_PAST, use_past_in_inputs=True)
     parameters = inspect.signature(model.forward).parameters
-    tokens = [name for name in config.inputs if not name.startswith(PAST)]
-    if "position_ids" not in tokens and "position_ids" in parameters:
-        tokens.append("position_ids")  # see the module docstring
+    axes = {**config.inputs, **config.outputs}
+    if "position_ids" not in axes and "position_ids" in parameters:
+        axes["position_ids"] = axes["input_ids"]  # see the module docstring
+    tokens = tuple(name for name in axes if name in ("input_ids", "attention_mask", "position_ids"))
     dummy = config.generate_dummy_inputs(framework="pt", batch_size=1, sequence_length=2)  # (its generators draw lengths in [1, n))
     past = dummy["past_key_values"]
     shape = tuple(past[0][0].shape)
     if len(shape) != 4 or any(tuple(t.shape) != shape for layer in past for t in layer):
         raise NotImplementedError(f"cache layout {shape}: the decode loop takes [batch, heads, past_sequence, head_dim] per layer")
-    return DecoderIO(tuple(tokens), len(past), shape[1], shape[3], "logits_to_keep" in parameters)
+    dims = {name: _dims(axes[name], (1, 2)) for name in tokens}
+    dims.update({name: _dims(axes[name], shape) for name in axes if name.startswith((PAST, PRESENT))})
+    return DecoderIO(tokens, len(past), dims, "logits_to_keep" in parameters)
 
 
 @contextlib.contextmanager

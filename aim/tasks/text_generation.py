@@ -2,9 +2,9 @@
 
 The export follows Optimum's `text-generation-with-past` config of the model's architecture
 (export/optimum_io.py): `input_ids`, `attention_mask` [B, past + new], `position_ids` (where the model
-takes them), `past_key_values.{i}.key/value` in, `present.{i}.key/value` out, dynamic `batch`,
-`sequence`, `past_sequence` (0 at prefill) and `total_sequence`; the cache's heads and head size are
-what Optimum's generator gives the architecture. Unlike Optimum's export (logits [B, S, V]) the graph
+takes them), `past_key_values.{i}.key/value` in, `present.{i}.key/value` out, with its dynamic axes
+under our names `batch`, `sequence`, `past_sequence` (0 at prefill) and `total_sequence`; the cache's
+heads and head size are what Optimum's generator gives the architecture. Unlike Optimum's export (logits [B, S, V]) the graph
 keeps the last position's logits only (export/wrappers.py).
 
 Beyond the logits a build is checked on what generation does: greedy tokens at utility 0 equal
@@ -90,17 +90,16 @@ class TextGeneration(Task):
 
     def input_specs(self, model) -> tuple[TensorSpec, ...]:
         io = decoder_io(model)
-        dims = {"input_ids": (BATCH, "sequence"), "attention_mask": (BATCH, "total_sequence"), "position_ids": (BATCH, "sequence")}
         return (
-            *(TensorSpec(name, "int64", dims[name]) for name in io.tokens),
-            *(TensorSpec(name, "float32", (BATCH, io.heads, "past_sequence", io.head_dim)) for name in io.cache(PAST)),
+            *(TensorSpec(name, "int64", io.dims[name]) for name in io.tokens),
+            *(TensorSpec(name, "float32", io.dims[name]) for name in io.cache(PAST)),
         )
 
     def output_specs(self, model) -> tuple[TensorSpec, ...]:
         io = decoder_io(model)
         return (
-            TensorSpec(LOGITS, "float32", (BATCH, self.num_classes(model))),
-            *(TensorSpec(name, "float32", (BATCH, io.heads, "total_sequence", io.head_dim)) for name in io.cache(PRESENT)),
+            TensorSpec(LOGITS, "float32", (BATCH, self.num_classes(model))),  # next token only (export/wrappers.py)
+            *(TensorSpec(name, "float32", io.dims[name]) for name in io.cache(PRESENT)),
         )
 
     def num_classes(self, model) -> int:
@@ -139,8 +138,9 @@ class TextGeneration(Task):
             "position_ids": torch.from_numpy(position_ids(attention_mask.numpy(), seq)),
         }
         inputs = {name: inputs[name] for name in io.tokens}
-        for name in io.cache(PAST):
-            inputs[name] = torch.randn(batch, io.heads, past, io.head_dim, generator=generator)
+        for name in io.cache(PAST):  # the cache's static dims (heads, head size) as the spec has them
+            shape = [{BATCH: batch, "past_sequence": past}.get(dim, dim) for dim in io.dims[name]]
+            inputs[name] = torch.randn(*shape, generator=generator)
         return inputs
 
     # -- generation: the reference and the checks
