@@ -117,6 +117,7 @@ class Source:
     checkpoint: str | None  # absolute path of the checkpoint folder; None for random weights
     seed: int
     parameters: int
+    model_class: str | None = None  # the transformers class that loaded the model (its architecture)
 
 
 @dataclass

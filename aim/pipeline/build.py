@@ -118,7 +118,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         model=family.name,
         task=task.name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source=Source(str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters),
+        source=Source(str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, family.model_class),
         backend=backend,
         precision=precision,
         engine=engine.name,

@@ -167,11 +167,12 @@ def prompt_inputs(engine) -> dict:
 @pytest.mark.parametrize(("task", "model_type"), CASES, ids=[f"{t}-{m}" for t, m in CASES])
 def test_checkpoint_builds_and_verifies_without_a_model_name(tmp_path, task, model_type):
     folder = tmp_path / f"tiny-{model_type}"
-    save_checkpoint(folder, task, model_type)
+    model = save_checkpoint(folder, task, model_type)
     manifest = build_model(None, tmp_path / "build", checkpoint=folder, log=lambda _: None)
 
     assert manifest.folder == tmp_path / "build" / f"tiny-{model_type}"  # OUT/<the checkpoint folder's name>
     assert (manifest.task, manifest.verification.passed) == (task, True)
+    assert manifest.source.model_class == type(model).__name__  # the class Optimum's table gives is transformers' Auto class's
     checks = {check.name: check for check in manifest.verification.checks}
     assert all(check.passed for check in checks.values()), [c for c in checks.values() if not c.passed]
     expected = {"bare model vs PyTorch", "utility noise ~ N(0,1)", "utility and focus noises independent", "identity at utility 0, focus 0"}
