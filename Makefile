@@ -9,7 +9,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODEL ?= segformer
+MODEL ?= $(if $(CHECKPOINT),,segformer)
 BACKEND ?= auto
 PRECISION ?= fp32
 OUT ?= build
@@ -34,17 +34,21 @@ export MODEL BACKEND PRECISION OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKEN
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
-# The model to build: `set --` makes it the shell's arguments, --onnx and its flags when ONNX is given, else MODEL.
+# The model to build: `set --` makes it the shell's arguments, --onnx and its flags when ONNX is given, else
+# MODEL and/or CHECKPOINT (a checkpoint alone is built as its own architecture).
 SOURCE = if [ -n "$$ONNX" ]; then set -- --onnx "$$ONNX" --logits "$$LOGITS" --task "$$TASK" $${CLASS_AXIS:+--class-axis "$$CLASS_AXIS"} \
 	$${MIN_SHAPES:+--min-shapes "$$MIN_SHAPES"} $${OPT_SHAPES:+--opt-shapes "$$OPT_SHAPES"} $${MAX_SHAPES:+--max-shapes "$$MAX_SHAPES"} \
-	$${INPUTS:+--inputs "$$INPUTS"}; else set -- "$$MODEL" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; fi
-# The engine of MODEL under OUT, built first if its folder has no manifest yet.
-BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+	$${INPUTS:+--inputs "$$INPUTS"}; else set -- $${MODEL:+"$$MODEL"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; fi
+# The build's name: MODEL, or without one the checkpoint folder's, as `aim engine` names it.
+NAME = name="$${MODEL:-$$($(PY) -c 'import sys; from aim.tasks.checkpoint import build_name; print(build_name(sys.argv[1]))' "$$CHECKPOINT")}"
+# The engine of that name under OUT, built first if its folder has no manifest yet.
+BUILT = $(NAME) && { test -f "$$OUT/$$name/manifest.json" || $(PY) -m aim.cli engine $${MODEL:+"$$MODEL"} --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; }
 
 .PHONY: engine generate triton serve loadtest test models bench clean help train eval calibrate false-alarms scale-check
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [OUT=build]"
+	@echo "make engine CHECKPOINT=dir   any supported architecture of the three tasks (make models), into OUT/<folder name>"
 	@echo "make engine ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224 [MIN_SHAPES=..] [OPT_SHAPES=..] [CLASS_AXIS=1] [TASK=..] [INPUTS=data.npz]"
 	@echo "make calibrate ONNX=yours.onnx LOGITS=name MAX_SHAPES=.. DATA=unlabeled.npy   your model's level -> sigma table"
 	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
@@ -52,7 +56,7 @@ help:
 	@echo "make loadtest MODEL=x    the modulated beside the bare model on the real server, under load (a few minutes): build/loadtest/"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
 	@echo "make test      the test suite"
-	@echo "make models    list the model families"
+	@echo "make models    list the model families, and checkpoint architectures by task"
 	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
 	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
 	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
@@ -72,19 +76,16 @@ engine: $(STAMP)
 	$(SOURCE); $(PY) -m aim.cli engine "$$@" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION"
 
 triton: $(STAMP)
-	$(BUILT)
-	$(PY) -m aim.cli triton "$$OUT/$$MODEL" --repository "$$REPO"
+	$(BUILT) && $(PY) -m aim.cli triton "$$OUT/$$name" --repository "$$REPO"
 
 serve: triton
-	$(PY) -m aim.cli serve "$$REPO" --model "$$MODEL"
+	$(NAME) && $(PY) -m aim.cli serve "$$REPO" --model "$$name"
 
 loadtest: $(STAMP)
-	$(BUILT)
-	$(PY) -m aim.cli loadtest "$$OUT/$$MODEL" --out "$$OUT/loadtest"
+	$(BUILT) && $(PY) -m aim.cli loadtest "$$OUT/$$name" --out "$$OUT/loadtest"
 
 generate: $(STAMP)
-	$(BUILT)
-	$(PY) -m aim.cli generate "$$OUT/$$MODEL" --prompt "$$PROMPT" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
+	$(BUILT) && $(PY) -m aim.cli generate "$$OUT/$$name" --prompt "$$PROMPT" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
 
 train: $(STAMP)
 	$(PY) -m aim.cli train "$$MODEL"
@@ -102,8 +103,7 @@ bench: $(STAMP)
 	$(PY) -m aim.benchmarks --out "$$OUT/bench"
 
 false-alarms: $(STAMP)
-	$(BUILT)
-	$(PY) -m aim.benchmarks.false_alarms "$$OUT/$$MODEL" --repeats "$$REPEATS"
+	$(BUILT) && $(PY) -m aim.benchmarks.false_alarms "$$OUT/$$name" --repeats "$$REPEATS"
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -138,6 +138,7 @@ class Source:
     shapes: dict | None = None
     inputs: dict | None = None  # {"path", "sha256"} of the verification inputs given as .npz
     dtype: str | None = None  # how the checkpoint stores its weights (bfloat16, float16, float32); None for random weights
+    model_class: str | None = None  # the transformers class that loaded the model (its architecture)
 
 
 @dataclass

@@ -1,12 +1,13 @@
 """`aim`: a thin command line over the Python API, one module per command.
 
-    aim models                                   the model families and their tasks
+    aim models                                   the model families, and checkpoint architectures by task
     aim engine MODEL [--checkpoint DIR] [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--precision fp32|fp16]
                                                  export -> passes -> engine -> verify into build/MODEL/
+    aim engine --checkpoint DIR                  the same for the folder's own architecture, into build/<folder name>/
     aim engine --onnx yours.onnx --logits NAME --min-shapes x:1x3x224x224 --max-shapes x:32x3x224x224
                                                  the same for your own ONNX, into build/yours/
     aim trt-check model.onnx                     which nodes TensorRT's ONNX parser would refuse, and why
-    aim export MODEL -o model.onnx               trace a family to ONNX
+    aim export [MODEL] -o model.onnx [--checkpoint DIR]   trace a family (or the checkpoint's architecture) to ONNX
     aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
     aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan

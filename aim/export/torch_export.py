@@ -95,7 +95,20 @@ def export_onnx(
                 opset_version=opset,
                 dynamo=False,
             )
-        save_model(onnx.load(str(scratch / path.name), load_external_data=False), path, weights_dir=scratch, check=False)
+        model = onnx.load(str(scratch / path.name), load_external_data=False)  # the graph: weights stay in scratch
+        _static_output_dims(model, output_specs)
+        save_model(model, path, weights_dir=scratch, check=False)
     finally:
         remove(scratch)
     return path
+
+
+def _static_output_dims(model, output_specs: tuple[TensorSpec, ...]) -> None:
+    """Writes back into `model` (a ModelProto) the static sizes the specs give (the number of classes)
+    where the exporter's shape inference lost them (after a Resize to a computed size, UperNet's logits
+    have no static class count)."""
+    specs = {spec.name: spec for spec in output_specs}
+    for output in model.graph.output:
+        for dim, size in zip(output.type.tensor_type.shape.dim, specs[output.name].dims):
+            if isinstance(size, int) and dim.dim_value != size:
+                dim.dim_value = size  # (clears a symbolic dim_param: they are one field)

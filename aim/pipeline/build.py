@@ -16,7 +16,7 @@ from typing import Callable
 
 from aim.contract import LOGITS, MAX_STRENGTH
 from aim.errors import VerificationError
-from aim.families import Family, get_family
+from aim.families import Family
 from aim.files import StagedFolder, remove
 from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Modulation, Source, Verification, package_versions
 from aim.pipeline import memory, steps
@@ -57,7 +57,7 @@ class Progress:
 
 
 def build_model(
-    model: str,
+    model: str | None,
     out_dir: str | os.PathLike = "build",
     checkpoint: str | os.PathLike | None = None,
     backend: str = "onnxruntime",
@@ -65,8 +65,9 @@ def build_model(
     log: Callable[[str], None] = print,
     precision: str = "fp32",
 ) -> Manifest:
-    """Builds and verifies the modulated engine of family `model`; returns its manifest."""
-    family = get_family(model)  # an unknown name fails here, before anything is written
+    """Builds and verifies the modulated engine of family `model`, or (model None) of the checkpoint
+    folder's own architecture into OUT/<the folder's name>; returns its manifest."""
+    family = steps.family_of(model, checkpoint, log)  # an unknown name or architecture fails here, before anything is written
     task = get_task(family.task)
     steps.check_precision(family, precision)
     backend, why = choose_backend(backend)  # a backend that cannot work fails here, with what to install
@@ -102,7 +103,7 @@ def modulation_record(logits: str, class_axis: int, num_classes: int, upsampled_
 
 def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, precision: str, seed: int, log) -> Manifest:
     progress = Progress(6, log)
-    progress(f"model {family.name} ({family.task}) from " + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})"))
+    progress(f"model {family.name} ({family.task}, {family.model_class}) from " + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})"))
     loaded = steps.load(family, task, checkpoint, seed)
     tokenizer_dir = steps.save_tokenizer(loaded.tokenizer, folder) if loaded.tokenizer is not None else None
     progress.done(
@@ -129,7 +130,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         "graph passes: " + ("upsample logits, " if task.upsample_logits_to else "") + "redistribution (production + verification)"
         + (", fp16 (redistribution kept fp32)" if precision == "fp16" else "") + ", TensorRT compatibility check"
     )
-    graphs = steps.passes(task, folder, exported, precision, backend, family.fp16_keep_fp32)
+    graphs = steps.passes(task, folder, exported, precision, backend, family.fp16_keep_fp32 + task.keep_fp32(loaded.model))
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
     progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"))
 
@@ -149,7 +150,9 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         model=family.name,
         task=task.name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source=Source(str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, loaded.dtype),
+        source=Source(
+            str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, dtype=loaded.dtype, model_class=family.model_class
+        ),
         backend=backend,
         precision=precision,
         engine=engine.name,

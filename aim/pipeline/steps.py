@@ -25,6 +25,7 @@ from aim.graph_passes.modulate import deployment_graphs
 from aim.layout import FILES, ROLES, TOKENIZER_DIR, GraphIO, engine_files
 from aim.runtime import onnxruntime as ort_engine
 from aim.runtime.backends import TENSORRT_BACKENDS
+from aim.specs import TensorSpec
 from aim.runtime.base import profile_from_io
 from aim.tasks import Task
 from aim.verify.reference import Reference, differential_knobs
@@ -43,6 +44,19 @@ class Loaded:
     dtype: str | None = None  # how the checkpoint stores its weights
 
 
+def family_of(model: str | None, checkpoint=None, log=None) -> Family:
+    """The family MODEL names, or, without one, the record derived from the checkpoint folder's
+    config.json (any supported architecture of the three tasks)."""
+    from aim.families import get_family
+    from aim.tasks.checkpoint import checkpoint_family
+
+    if model is not None:
+        return get_family(model)
+    if checkpoint is None:
+        raise AimError("give a model (see `aim models`) or a checkpoint folder: `make engine CHECKPOINT=dir`")
+    return checkpoint_family(checkpoint, log)
+
+
 def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
     """The family's model in FP32: a local `save_pretrained` folder (its architecture must be the
     family's; stored in any dtype), or random weights from the family's tiny config (seeded). Nothing
@@ -59,7 +73,7 @@ def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
         if found != family.model_type:
             raise CheckpointError(
                 f"{checkpoint} holds a {found!r} model, but MODEL={family.name} expects {family.model_type!r}. "
-                f"Pick the model family that matches the checkpoint."
+                f"Leave MODEL out to build the checkpoint as its own architecture (`make engine CHECKPOINT={checkpoint}`)."
             )
         dtype = checkpoint_dtype(checkpoint, config)
         model = load_checkpoint(family.model_class_object(), checkpoint)
@@ -91,13 +105,32 @@ def save_tokenizer(tokenizer, folder: Path) -> Path:
 
 
 def export(family: Family, task: Task, model, path: Path) -> Path:
-    """torch.onnx's trace of the task's wrapper around the model, every dynamic dim symbolic."""
+    """torch.onnx's trace of the task's wrapper around the model, every dynamic dim symbolic, traced at
+    other sizes than it is verified at where the task says so (a size baked in then fails verification).
+    An architecture no test covers that fails to export is the user's CheckpointError, not a bug."""
     from aim.export.torch_export import export_onnx
+    from aim.families.architectures import supported
 
-    inputs = task.example_inputs(model, family.sizes(**family.verify_sizes))
-    return export_onnx(
-        task.wrap(model), inputs, task.input_specs(model), task.output_specs(model), path, family.opset, task.export_context
-    )
+    try:
+        inputs = task.example_inputs(model, task.trace_sizes(family.sizes(**family.verify_sizes), family.dims))
+        specs = (_static(task.input_specs(model), family.dims), _static(task.output_specs(model), family.dims))
+        return export_onnx(task.wrap(model), inputs, *specs, path, family.opset, lambda: task.export_context(model))
+    except Exception as error:
+        if family.architecture is None or family.architecture.tested or isinstance(error, AimError):
+            raise
+        raise CheckpointError(
+            f"{family.model_type} is not among the tested architectures, and its export failed ({type(error).__name__}: {error}). "
+            f"Supported: {supported()}."
+        ) from error
+
+
+def _static(specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
+    """The specs with every dim whose range is one value (an image size the architecture fixes) static."""
+
+    def dim(d):
+        return dims[d].min if isinstance(d, str) and d in dims and dims[d].min == dims[d].max else d
+
+    return tuple(TensorSpec(spec.name, spec.dtype, tuple(dim(d) for d in spec.dims)) for spec in specs)
 
 
 @dataclass
