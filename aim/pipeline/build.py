@@ -121,6 +121,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
     progress.done("export", exported.name + (f", weights in {weights.name} ({weights.stat().st_size / 1e9:.2f} GB)" if weights.is_file() else ""))
 
     progress("PyTorch reference on the verification inputs, then the PyTorch model is released")
+    keep_fp32 = family.fp16_keep_fp32 + task.keep_fp32(loaded.model)  # found by module: before the model goes
     reference = steps.reference(family, task, loaded, seed)
     reference_path = reference.save(folder / REFERENCE)
     steps.release(loaded)
@@ -130,7 +131,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         "graph passes: " + ("upsample logits, " if task.upsample_logits_to else "") + "redistribution (production + verification)"
         + (", fp16 (redistribution kept fp32)" if precision == "fp16" else "") + ", TensorRT compatibility check"
     )
-    graphs = steps.passes(task, folder, exported, precision, backend, family.fp16_keep_fp32 + task.keep_fp32(loaded.model))
+    graphs = steps.passes(task, folder, exported, precision, backend, keep_fp32)
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
     progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"))
 

@@ -283,7 +283,7 @@ def test_cli_engine_takes_a_checkpoint_without_a_model(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(folder), "-o", str(tmp_path / "resnet.onnx")]) == 0
     assert "exported my-resnet" in capsys.readouterr().out and (tmp_path / "resnet.onnx").is_file()
     for argv, message in (
-        (["engine", "--out", str(tmp_path / "none")], "give a model (see `aim models`) or a checkpoint folder"),
+        (["engine", "--out", str(tmp_path / "none")], "give a model family (`aim engine MODEL`, see `aim models`), a checkpoint folder"),
         (["engine", "--checkpoint", str(write_config(tmp_path / "ssm", model_type="mamba")), "--out", str(tmp_path / "none")], "refused"),
         (["engine", "resnet", "--checkpoint", str(write_config(tmp_path / "q", model_type="qwen2")), "--out", str(tmp_path / "none")], "Leave MODEL out"),
     ):
