@@ -27,7 +27,7 @@ def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # gone, or a file is where its folder should be
             path.unlink()
 
 
@@ -36,6 +36,7 @@ def atomic_path(path: str | os.PathLike):
     """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path.parent)  # temporary files of killed writers
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -88,8 +89,8 @@ def folder_lock(folder: Path):
 
 class StagedFolder:
     """A folder built beside its final place and published by rename, so a reader sees the old
-    folder or the new one, never a mix. Used as a context manager: on an error (or Ctrl-C, or SIGTERM
-    turned into SystemExit) the staging folder is removed; `publish()` swaps it in under a lock, so
+    folder or the new one, never a mix. Used as a context manager: on an error (or Ctrl-C, or SIGTERM,
+    which the CLI turns into KeyboardInterrupt) the staging folder is removed; `publish()` swaps it in under a lock, so
     two processes publishing the same folder take turns. Leftovers of killed processes are removed
     on entry."""
 
@@ -111,7 +112,12 @@ class StagedFolder:
         with folder_lock(target.parent):
             if target.exists() or target.is_symlink():
                 os.replace(target, old)
-            os.replace(self.path, target)
+            try:
+                os.replace(self.path, target)
+            except BaseException:
+                if old.exists() or old.is_symlink():
+                    os.replace(old, target)  # the previous folder stays where it was
+                raise
         remove(old)
         self.published = target
         return target

@@ -26,6 +26,7 @@ and exit code 2; a bug still shows its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import signal
 import sys
@@ -43,18 +44,65 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+# Options whose value is free text that may start with "-" (`--focus "-import=100"`, a prompt
+# "-x"): argparse would take such a value for an option, so "--focus VALUE" becomes "--focus=VALUE".
+FREE_TEXT = ("--prompt", "--focus")
+
+# OS errors that are the user's or the machine's, not the program's (a path missing, taken, unwritable
+# or read-only, a full disk, a file-size limit), with what to do. Any other OSError is a bug and keeps
+# its traceback.
+_IN_THE_WAY = "a file or folder is in the way: pick another path, or move that one"
+_NO_WRITE = "write somewhere you may write"
+_NO_SPACE = "free some space (or raise the limit) and run again"
+USER_ERRNOS = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: _IN_THE_WAY,
+    errno.EISDIR: _IN_THE_WAY,
+    errno.EEXIST: _IN_THE_WAY,
+    errno.ENOTEMPTY: _IN_THE_WAY,
+    errno.EACCES: _NO_WRITE,
+    errno.EPERM: _NO_WRITE,
+    errno.EROFS: _NO_WRITE,
+    errno.ENOSPC: _NO_SPACE,
+    errno.EDQUOT: _NO_SPACE,
+    errno.EFBIG: _NO_SPACE,
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.ELOOP: "check the path's symbolic links",
+}
+
+
+def _free_text(argv: list[str]) -> list[str]:
+    joined, args = [], iter(argv)
+    for arg in args:
+        value = next(args, None) if arg in FREE_TEXT else None
+        joined.append(f"{arg}={value}" if value is not None else arg)
+    return joined
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OS error on a user's path: what happened, where, and what to do."""
+    where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    what = error.strerror or errno.errorcode.get(error.errno, str(error))
+    return f"{where + ': ' if where else ''}{what}: {USER_ERRNOS[error.errno]}"
+
+
 def _terminate(signum, frame):
     """SIGTERM (a timeout, a cancelled job) unwinds like Ctrl-C, so staging folders are removed."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_free_text(sys.argv[1:] if argv is None else list(argv)))
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
-    except (AimError, FileNotFoundError) as error:
+    except AimError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in USER_ERRNOS:
+            raise  # not a path or a machine limit: a bug, which keeps its traceback
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
