@@ -16,6 +16,7 @@ from typing import Callable
 from aim.evaluation.train import TRAINING, train
 from aim.families import Family, get_family
 from aim.layout import Manifest, ManifestError
+from aim.runtime.folder import open_build
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.tasks import Task, get_task
 from aim.tasks.datasets import Split
@@ -68,7 +69,8 @@ def prepare_engine(
     else:
         log(f"building the engine of {checkpoint} into {folder}")
         build_model(model, out_dir, checkpoint, backend="onnxruntime", seed=seed, log=log)
-    manifest = Manifest.load(folder)
+    manifest = open_build(folder)  # every file checked against its hash
+    # No profile: the sweeps run ONNX Runtime at batches past the TensorRT profile's (ONNX Runtime has none).
     return Prepared(folder, OnnxRuntimeEngine(manifest.engine_path()), checkpoint, training, family, get_task(family.task))
 
 
