@@ -285,6 +285,11 @@ class Manifest:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
+    @staticmethod
+    def found_in(folder: str | os.PathLike) -> bool:
+        """Whether `folder` is a build folder (it has a manifest, readable or not)."""
+        return (Path(folder) / MANIFEST).is_file()
+
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Manifest":
         folder = Path(folder)

@@ -15,12 +15,12 @@ from aim.files import atomic_path
 _PROTOBUF_LIMIT = 2**31 - 1
 
 
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise InvalidGraphError(f"{path}: no such ONNX file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as error:  # protobuf raises DecodeError, onnx raises others for external data
         raise InvalidGraphError(
             f"{path} is not a readable ONNX model ({type(error).__name__}: {error}). "

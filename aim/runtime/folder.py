@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from aim.layout import MANIFEST, GraphIO, Manifest
+from aim.layout import GraphIO, Manifest
 from aim.runtime.backends import TENSORRT_BACKENDS, runnable_here
 from aim.runtime.base import profile_from_io
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
@@ -56,7 +56,7 @@ def open_runner(path: str | os.PathLike, threads: int | None = None):
     file runs as it is."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    if not (folder / MANIFEST).is_file():
+    if not Manifest.found_in(folder):
         return OnnxRuntimeEngine(path, threads)
     manifest = open_build(folder)
     if path.is_dir():
