@@ -1,7 +1,9 @@
 """The build folder: its file names, and the manifest that describes it.
 
 `Manifest` is the only code that reads or writes manifest.json. The file carries a schema number;
-a folder written by another schema is refused with a message that says to rebuild it.
+a folder written by another schema is refused with a message that says to rebuild it. It also
+carries its own digest (sha256 of the rest of its content), so a hand-edited manifest (a tolerance
+raised to 1e9, a hash replaced, a wider profile) is refused instead of obeyed.
 
     build/<model>/
       exported.onnx             torch.onnx's trace (or the user's own ONNX)
@@ -16,6 +18,7 @@ a folder written by another schema is refused with a message that says to rebuil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -27,7 +30,7 @@ from aim.errors import AimError
 from aim.files import atomic_path, sha256
 from aim.specs import Agreement, Check, DimRange, Tolerance
 
-SCHEMA = 2  # bumped when the manifest's structure changes; older folders are refused (rebuild)
+SCHEMA = 3  # bumped when the manifest's structure changes; older folders are refused (rebuild)
 MANIFEST = "manifest.json"
 REFERENCE = "reference.npz"
 TOKENIZER_DIR = "tokenizer"
@@ -58,7 +61,18 @@ def engine_files(backend: str) -> dict[str, str]:
 
 
 class ManifestError(AimError):
-    """manifest.json is missing, unreadable or of another schema."""
+    """manifest.json is missing, unreadable, of another schema, or edited since it was written."""
+
+
+def digest(data: dict) -> str:
+    """sha256 of a manifest's content: every key but "digest", as canonical JSON."""
+    body = {key: value for key, value in data.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(data: dict) -> dict:
+    """The manifest's content with its digest, as manifest.json holds it."""
+    return {**data, "digest": digest(data)}
 
 
 @dataclass
@@ -282,7 +296,7 @@ class Manifest:
             self.folder = Path(folder)
         path = self.file
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            tmp.write_text(json.dumps(sealed(self.to_dict()), indent=2) + "\n")
         return path
 
     @staticmethod
@@ -305,6 +319,11 @@ class Manifest:
             raise ManifestError(
                 f"{path} was written by another version of this tool (manifest schema {found}, this one reads "
                 f"{SCHEMA}): rebuild the folder with `make engine`"
+            )
+        if data.get("digest") != digest(data):
+            raise ManifestError(
+                f"{path} was edited after it was written (its content does not match its digest): a build's record "
+                f"(tolerances, hashes, ranges) is not to be changed by hand. Rebuild the folder with `make engine`."
             )
         try:
             return cls.from_dict(data, folder)

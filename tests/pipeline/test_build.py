@@ -11,7 +11,7 @@ import torch
 from aim.errors import AimError, CheckpointError, UnknownModelError, VerificationError
 from aim.families import _REGISTRY, get_family, list_families
 from aim.files import sha256
-from aim.layout import FILES, MANIFEST, REFERENCE, Manifest
+from aim.layout import FILES, MANIFEST, REFERENCE, SCHEMA, Manifest, sealed
 from aim.pipeline.build import build_model
 from aim.pipeline.report import report
 from aim.pipeline.verify import verify_folder
@@ -36,7 +36,7 @@ def test_artifacts_and_manifest(built):
     assert sorted(p.name for p in out.iterdir()) == [manifest.model]  # no staging left
     assert [line[:5] for line in lines if line.startswith("[")] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
     written = json.loads((folder / MANIFEST).read_text())
-    assert written["schema"] == 2 and written["verification"]["passed"] is True
+    assert written["schema"] == SCHEMA and written["verification"]["passed"] is True
     for entry in written["artifacts"].values():
         assert sha256(folder / entry["path"]) == entry["sha256"]
     assert {"torch", "onnx", "onnxruntime", "transformers", "python"} <= set(written["versions"])
@@ -109,14 +109,14 @@ def test_verify_folder_rechecks_and_detects_tampering(built):
         # Even with its hash accepted, the differential check catches the change.
         data["artifacts"]["verification"]["sha256"] = sha256(path)
         data["artifacts"]["verification"]["bytes"] = path.stat().st_size
-        manifest_path.write_text(json.dumps(data))
+        manifest_path.write_text(json.dumps(sealed(data)))
         result = verify_folder(folder)
         assert result.verification.failed() == ["modulated (verification flavour) vs PyTorch reference"]
     finally:
         path.write_bytes(original)
         data["artifacts"]["verification"]["sha256"] = sha256(path)
         data["artifacts"]["verification"]["bytes"] = path.stat().st_size
-        manifest_path.write_text(json.dumps(data))
+        manifest_path.write_text(json.dumps(sealed(data)))
 
 
 def test_unknown_model_writes_nothing(tmp_path):
