@@ -211,6 +211,8 @@ class Manifest:
     calibration: dict | None = None
     schema: int = SCHEMA
     folder: Path | None = field(default=None, compare=False)  # where it was read from or written to
+    # Text generation: the positions the model was made for (prompt and new tokens); generation refuses more.
+    max_positions: int | None = None
 
     # -- files
 
@@ -289,6 +291,7 @@ class Manifest:
             calibration=data.get("calibration"),
             schema=data["schema"],
             folder=folder,
+            max_positions=data.get("max_positions"),
         )
 
     def save(self, folder: str | os.PathLike | None = None) -> Path:

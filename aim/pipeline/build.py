@@ -153,6 +153,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         timings_s=progress.timings,
         versions=package_versions(),
         folder=folder,
+        max_positions=task.positions(loaded.model),
     )
     for key, path in graphs.paths.items():
         manifest.record(key, path)

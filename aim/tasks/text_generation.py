@@ -118,6 +118,9 @@ class TextGeneration(Task):
             return checkpoint_tokenizer(checkpoint, model.config.vocab_size)
         return demo_tokenizer(model.config.vocab_size)
 
+    def positions(self, model) -> int | None:
+        return getattr(model.config, "max_position_embeddings", None)
+
     def reference_extra(self, model, tokenizer, seed: int = 0) -> dict:
         """PyTorch `generate()` greedy tokens for several prompts and batch sizes."""
         import torch
