@@ -23,6 +23,11 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def folder_hashes(folder: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file directly in `folder` (a checkpoint: config, weights, tokenizer), by name."""
+    return {path.name: sha256(path) for path in sorted(Path(folder).iterdir()) if path.is_file()}
+
+
 def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

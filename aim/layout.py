@@ -131,6 +131,7 @@ class Source:
     checkpoint: str | None  # absolute path of the checkpoint folder; None for random weights
     seed: int
     parameters: int
+    files: dict[str, str] = field(default_factory=dict)  # the checkpoint's files: name -> sha256
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Callable
 from aim.contract import LOGITS, MAX_STRENGTH
 from aim.errors import VerificationError
 from aim.families import Family, get_family
-from aim.files import StagedFolder, remove
+from aim.files import StagedFolder, folder_hashes, remove
 from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Modulation, Source, Verification, package_versions
 from aim.pipeline import steps
 from aim.pipeline.verify import checks
@@ -117,7 +117,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         model=family.name,
         task=task.name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source=Source(str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters),
+        source=Source(str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, folder_hashes(loaded.checkpoint) if loaded.checkpoint else {}),
         backend=backend,
         precision=precision,
         engine=engine.name,
