@@ -4,6 +4,7 @@ published by rename under a lock, and the clean-up of what a killed process left
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -52,6 +53,18 @@ def atomic_path(path: str | os.PathLike):
                 remove(leftover)
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raises now the OSError that writing into `folder` would raise later (a file where a folder
+    should be, no permission), so that a long run does not fail only at its end."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -92,6 +105,12 @@ def folder_lock(folder: Path):
         os.close(handle)  # closing releases the lock
 
 
+def _not_a_file(folder: Path) -> None:
+    """A folder is replaced by a new one; a file of the user's of that name is not."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(errno.EEXIST, "a file, not a folder, has this name", str(folder))
+
+
 class StagedFolder:
     """A folder built beside its final place and published by rename, so a reader sees the old
     folder or the new one, never a mix. Used as a context manager: on an error (or Ctrl-C, or SIGTERM,
@@ -105,6 +124,7 @@ class StagedFolder:
         self.published: Path | None = None
 
     def __enter__(self) -> "StagedFolder":
+        _not_a_file(self.final)
         remove_leftovers(self.final.parent)
         remove(self.path)
         self.path.mkdir(parents=True)
@@ -115,6 +135,7 @@ class StagedFolder:
         target = Path(target) if target is not None else self.final
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         with folder_lock(target.parent):
+            _not_a_file(target)
             if target.exists() or target.is_symlink():
                 os.replace(target, old)
             try:

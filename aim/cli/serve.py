@@ -5,14 +5,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from aim.cli import args as shared
+
 
 def add(sub) -> None:
     p = sub.add_parser("serve", help="run the Triton server on a model repository")
     p.add_argument("repository", nargs="?", default="build/triton")
     p.add_argument("--model", action="append", help="load only this model (repeatable; default: all)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=shared.port, default=8000)
+    p.add_argument("--grpc-port", type=shared.port, default=8001)
     p.set_defaults(func=run)
 
 

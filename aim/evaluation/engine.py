@@ -15,6 +15,7 @@ from typing import Callable
 
 from aim.evaluation.train import TRAINING, train
 from aim.families import Family, get_family
+from aim.files import check_writable
 from aim.layout import Manifest, ManifestError
 from aim.runtime.folder import open_build
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
@@ -56,6 +57,7 @@ def prepare_engine(
     from aim.pipeline.build import build_model
 
     family = get_family(model)
+    check_writable(out_dir)  # before training and building
     training = None
     if checkpoint is None:
         training = train(model, seed=seed, log=log)
