@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from aim.cli import args as shared
+from aim.errors import AimError
 
 
 def add(sub) -> None:
@@ -25,6 +26,8 @@ def run(args) -> int:
     from aim.serving.server import TritonServer
 
     repository = Path(args.repository)
+    if repository.is_dir() and not any(repository.glob("*/config.pbtxt")):
+        raise AimError(f"{repository} holds no model (no <model>/config.pbtxt): write one with `aim triton build/MODEL --repository {repository}`")
     log = repository.with_name(repository.name + ".log")  # kept after the server stops
     server = TritonServer(repository, args.http_port, args.grpc_port, models=args.model or ["*"], host=args.host, log_path=log)
     print(f"starting tritonserver on {args.repository} ...", flush=True)

@@ -1,6 +1,7 @@
 """`make engine` end to end, per family: artifacts, manifest, verification, and failure behaviour."""
 
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -161,6 +162,8 @@ def test_local_checkpoint_end_to_end(tmp_path, name):
     manifest = build_model(name, tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lambda _: None)
     assert manifest.verification.passed
     assert manifest.source.checkpoint == str((tmp_path / "ckpt").resolve())
+    checkpoint_files = sorted((tmp_path / "ckpt").iterdir())
+    assert manifest.source.files == {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in checkpoint_files}
     inputs = Reference.load(manifest.folder / REFERENCE).inputs
     torch_inputs = {key: torch.from_numpy(value) for key, value in inputs.items()}
 
