@@ -37,20 +37,38 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
+def _make_folder(folder: Path) -> list[Path]:
+    """mkdir -p; returns the folders it created, deepest first (to remove them again on failure)."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (someone else's files): it stays
+            folder.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds."""
+    """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds. On a
+    failure nothing is left: neither the temporary file nor the folders made for it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(path.parent)
     remove_leftovers(path.parent)  # temporary files of killed writers
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    done = False
     try:
         yield tmp
         os.replace(tmp, path)
+        done = True
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
             if leftover.exists() or leftover.is_symlink():
                 remove(leftover)
+        if not done:
+            _remove_empty(created)
 
 
 def check_writable(folder: str | os.PathLike) -> None:
@@ -113,21 +131,27 @@ def _not_a_file(folder: Path) -> None:
 
 class StagedFolder:
     """A folder built beside its final place and published by rename, so a reader sees the old
-    folder or the new one, never a mix. Used as a context manager: on an error (or Ctrl-C, or SIGTERM,
-    which the CLI turns into KeyboardInterrupt) the staging folder is removed; `publish()` swaps it in under a lock, so
-    two processes publishing the same folder take turns. Leftovers of killed processes are removed
-    on entry."""
+    folder or the new one, never a mix. Used as a context manager: on an error (or Ctrl-C, or
+    SIGTERM, which the CLI turns into KeyboardInterrupt) the staging folder and the folders made for
+    it are removed; `publish()` swaps it in under a lock, so two processes publishing the same folder
+    take turns. Leftovers of killed processes are removed on entry."""
 
     def __init__(self, final: str | os.PathLike):
         self.final = Path(final)
         self.path = self.final.with_name(f".{self.final.name}.staging-{os.getpid()}")
         self.published: Path | None = None
+        self.created: list[Path] = []
 
     def __enter__(self) -> "StagedFolder":
         _not_a_file(self.final)
-        remove_leftovers(self.final.parent)
-        remove(self.path)
-        self.path.mkdir(parents=True)
+        self.created = _make_folder(self.final.parent)
+        try:
+            remove_leftovers(self.final.parent)
+            remove(self.path)
+            self.path.mkdir()
+        except BaseException:
+            _remove_empty(self.created)
+            raise
         return self
 
     def publish(self, target: str | os.PathLike | None = None) -> Path:
@@ -151,5 +175,4 @@ class StagedFolder:
     def __exit__(self, *exc) -> None:
         if self.published is None:
             remove(self.path)
-            with contextlib.suppress(OSError):
-                self.final.parent.rmdir()  # only if empty: an error leaves nothing behind
+            _remove_empty(self.created)  # the folders made for it: an error leaves nothing behind

@@ -54,5 +54,11 @@ def test_unexpected_and_reshaped_tensors_are_named(checkpoint):
             load_checkpoint(model_class, folder)
     finally:
         write(folder, weights)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
+    try:
+        with pytest.raises(CheckpointError, match="could not load the checkpoint"):
+            load_checkpoint(model_class, folder)
+    finally:
+        write(folder, weights)
     model = load_checkpoint(model_class, folder)  # the whole checkpoint loads, with its own weights
     assert torch.equal(model.state_dict()["classifier.1.weight"], weights["classifier.1.weight"])
