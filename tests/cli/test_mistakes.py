@@ -4,6 +4,7 @@ still shows its traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -159,8 +160,8 @@ CASES = {
     "triton: no build": (lambda w: ["triton", w.tmp, "--repository", w.out], "no build there"),
     "triton: repository is a file": (lambda w: ["triton", w.resnet, "--repository", w.afile], "in the way"),
     "triton: edited manifest": (lambda w: ["triton", w.edited_manifest, "--repository", w.out], "edited after it was written"),
-    "serve: --http-port -1": (lambda w: ["serve", w.out, "--http-port", "-1"], "1..65535"),
-    "serve: no repository": (lambda w: ["serve", w.out], "does not exist"),
+    "serve: --http-port -1": (lambda w: ["serve", w.tmp / "no-repository", "--http-port", "-1"], "1..65535"),
+    "serve: no repository": (lambda w: ["serve", w.tmp / "no-repository"], "does not exist"),
     "serve: a repository without models": (lambda w: ["serve", w.tmp], "holds no model"),
 }
 
@@ -177,6 +178,7 @@ def cli(argv, capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize("case", CASES)
 def test_a_mistake_gets_one_error_line_and_leaves_nothing(world, case, capsys):
     argv, expected = CASES[case]
+    world = dataclasses.replace(world, out=world.tmp / "out" / str(list(CASES).index(case)))  # each case its own
     code, _, err = cli(argv(world), capsys)
     assert code == 2, err
     assert "Traceback" not in err
@@ -273,3 +275,15 @@ def test_eval_refuses_a_class_the_model_lacks_before_the_sweeps(monkeypatch, cap
     monkeypatch.setattr(evaluation, "eval_inputs", no_sweeps)
     code, _, err = cli(["eval", "resnet", "--boost", "99", "--out", tmp_path], capsys)
     assert code == 2 and "--boost 99: the model has 10 classes (0..9)" in err, err
+
+
+def test_train_refuses_its_folder_before_training(world, monkeypatch, capsys):
+    from aim.evaluation import train
+
+    class NoTraining:
+        def __getattr__(self, name):
+            raise AssertionError(f"training started ({name})")
+
+    monkeypatch.setattr(train, "get_task", lambda name: NoTraining())
+    code, _, err = cli(["train", "resnet", "--out", world.afile / "checkpoint"], capsys)
+    assert code == 2 and "in the way" in err, err
