@@ -1,5 +1,6 @@
 """Writing files and folders so that a reader never sees half of one: atomic files, staged folders
-published by rename under a lock, and the clean-up of what a killed process left behind."""
+published by rename under a lock, the clean-up of what a killed process left behind, and of what
+this process has half-written when it is stopped (`remove_pending`, for a signal handler)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 # Names of the temporary files and folders below: .<name>.<kind>-<pid>[.data]
@@ -37,6 +39,31 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
+# This process's temporary files and staging folders now being written, each with the folders made
+# for it: what a stopped process removes before it exits.
+_PENDING: dict[Path, list[Path]] = {}
+
+
+def remove_pending() -> None:
+    """Removes this process's half-written files and staging folders (and the folders made for them).
+    For a signal handler that exits right after: a swap in progress is never cut (see _held)."""
+    for path, created in list(_PENDING.items()):
+        remove(path)
+        _remove_empty(created)
+    _PENDING.clear()
+
+
+@contextlib.contextmanager
+def _held():
+    """SIGINT and SIGTERM wait until the block ends (the two renames of a swap are never parted)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _make_folder(folder: Path) -> list[Path]:
     """mkdir -p; returns the folders it created, deepest first (to remove them again on failure)."""
     created = [p for p in (folder, *folder.parents) if not p.exists()]
@@ -58,13 +85,17 @@ def atomic_path(path: str | os.PathLike):
     created = _make_folder(path.parent)
     remove_leftovers(path.parent)  # temporary files of killed writers
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    leftovers = (tmp, tmp.with_name(tmp.name + ".data"))  # torch.onnx and onnx may write weights beside it
+    for leftover in leftovers:
+        _PENDING[leftover] = created
     done = False
     try:
         yield tmp
         os.replace(tmp, path)
         done = True
     finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
+        for leftover in leftovers:
+            _PENDING.pop(leftover, None)
             if leftover.exists() or leftover.is_symlink():
                 remove(leftover)
         if not done:
@@ -131,9 +162,9 @@ def _not_a_file(folder: Path) -> None:
 
 class StagedFolder:
     """A folder built beside its final place and published by rename, so a reader sees the old
-    folder or the new one, never a mix. Used as a context manager: on an error (or Ctrl-C, or
-    SIGTERM, which the CLI turns into KeyboardInterrupt) the staging folder and the folders made for
-    it are removed; `publish()` swaps it in under a lock, so two processes publishing the same folder
+    folder or the new one, never a mix. Used as a context manager: on an error the staging folder and
+    the folders made for it are removed (on Ctrl-C or SIGTERM, the CLI's handler removes them with
+    remove_pending); `publish()` swaps it in under a lock, so two processes publishing the same folder
     take turns. Leftovers of killed processes are removed on entry."""
 
     def __init__(self, final: str | os.PathLike):
@@ -145,11 +176,13 @@ class StagedFolder:
     def __enter__(self) -> "StagedFolder":
         _not_a_file(self.final)
         self.created = _make_folder(self.final.parent)
+        _PENDING[self.path] = self.created
         try:
             remove_leftovers(self.final.parent)
             remove(self.path)
             self.path.mkdir()
         except BaseException:
+            _PENDING.pop(self.path, None)
             _remove_empty(self.created)
             raise
         return self
@@ -158,7 +191,7 @@ class StagedFolder:
         """Replaces `target` (default: the final folder) by the staged one."""
         target = Path(target) if target is not None else self.final
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        with folder_lock(target.parent):
+        with _held(), folder_lock(target.parent):
             _not_a_file(target)
             if target.exists() or target.is_symlink():
                 os.replace(target, old)
@@ -168,11 +201,15 @@ class StagedFolder:
                 if old.exists() or old.is_symlink():
                     os.replace(old, target)  # the previous folder stays where it was
                 raise
+            _PENDING.pop(self.path, None)
+            _PENDING[old] = []  # if stopped now, the replaced folder goes too
+            self.published = target
         remove(old)
-        self.published = target
+        _PENDING.pop(old, None)
         return target
 
     def __exit__(self, *exc) -> None:
+        _PENDING.pop(self.path, None)
         if self.published is None:
             remove(self.path)
             _remove_empty(self.created)  # the folders made for it: an error leaves nothing behind

@@ -28,10 +28,13 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import signal
 import sys
+import threading
 
 from aim.errors import AimError
+from aim.files import remove_pending
 
 COMMANDS = ("models", "engine", "trt_check", "export", "modulate", "build", "run", "verify", "generate", "train", "evaluate", "triton", "serve")
 
@@ -86,14 +89,20 @@ def describe_os_error(error: OSError) -> str:
     return f"{where + ': ' if where else ''}{what}: {USER_ERRNOS[error.errno]}"
 
 
-def _terminate(signum, frame):
-    """SIGTERM (a timeout, a cancelled job) unwinds like Ctrl-C, so staging folders are removed."""
-    raise KeyboardInterrupt(f"signal {signum}")
+def _stop(signum, frame):
+    """Ctrl-C or SIGTERM (a timeout, a cancelled job): what this process has half-written is removed
+    and it exits at once (130 for SIGINT, 143 for SIGTERM). Not by raising KeyboardInterrupt: raised
+    where the signal lands, it is swallowed when that is a finalizer (a __del__), and the work goes on
+    after a traceback."""
+    remove_pending()
+    os.write(2, b"interrupted\n")
+    os._exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(_free_text(sys.argv[1:] if argv is None else list(argv)))
-    signal.signal(signal.SIGTERM, _terminate)
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {number: signal.signal(number, _stop) for number in handled}
     try:
         return args.func(args)
     except AimError as error:
@@ -107,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)  # a caller in the same process (tests) gets its own back
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def run(args) -> int:
     print(f"starting tritonserver on {args.repository} ...", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, the with block stops the server
     try:
         with server:
             print(f"HTTP  http://{server.http_url}   (health: http://{server.http_url}/v2/health/ready)")
