@@ -102,7 +102,8 @@ def _stop(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(_free_text(sys.argv[1:] if argv is None else list(argv)))
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous = {number: signal.signal(number, _stop) for number in handled}
+    # a signal the caller ignores (a background job's SIGINT) stays ignored
+    previous = {number: signal.signal(number, _stop) for number in handled if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         return args.func(args)
     except AimError as error:
