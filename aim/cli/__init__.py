@@ -9,9 +9,10 @@
     aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
     aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan
     aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
+    aim run build/MODEL --input NAME=file.npy    a build's engine: hashes checked, shapes outside its range refused
     aim run engine.calibrated.onnxruntime.onnx --input NAME=file.npy --level 0.8   (a calibrated engine)
     aim verify build/MODEL [--seed N]            re-run the checks of a build against its stored reference
-    aim generate build/llama --prompt TEXT [--utility 0.5] [--focus "+word=5,-other=10"] [--max-new-tokens 32]
+    aim generate build/llama --prompt TEXT [--utility 0.5] [--focus "+word=5,-other=10"] [--max-new-tokens 32] [--truncate]
                                                  text from a built language model, streamed token by token
     aim train MODEL                              train the family's small model on package-shipped data (cached)
     aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
@@ -19,8 +20,9 @@
     aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
     aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
 
-A mistake of the user's (a bad argument, a missing file, a corrupt model) ends with one `error:` line
-and exit code 2; a bug still shows its traceback.
+A mistake of the user's (a bad argument, a missing file, a corrupt model, a path that cannot be
+written, a full disk) ends with one `error:` line and exit code 2; a bug still shows its traceback.
+Ctrl-C and SIGTERM remove what the process has half-written and exit with 130 and 143.
 """
 
 from __future__ import annotations
