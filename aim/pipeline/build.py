@@ -117,7 +117,10 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         model=family.name,
         task=task.name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source=Source(str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, folder_hashes(loaded.checkpoint) if loaded.checkpoint else {}),
+        source=Source(
+            str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters,
+            files=folder_hashes(loaded.checkpoint) if loaded.checkpoint else {},
+        ),
         backend=backend,
         precision=precision,
         engine=engine.name,
