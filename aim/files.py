@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 # Names of the temporary files and folders below: .<name>.<kind>-<pid>[.data]
@@ -155,8 +156,13 @@ def folder_lock(folder: Path):
 
 
 def _not_a_file(folder: Path) -> None:
-    """A folder is replaced by a new one; a file of the user's of that name is not."""
-    if folder.exists() and not folder.is_dir():
+    """A folder is replaced by a new one; a file of the user's of that name is not. One stat: another
+    process may swap the folder between two."""
+    try:
+        mode = os.stat(folder).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not stat.S_ISDIR(mode):
         raise FileExistsError(errno.EEXIST, "a file, not a folder, has this name", str(folder))
 
 
