@@ -24,8 +24,8 @@ def positive_int(text: str) -> int:
 
 def port(text: str) -> int:
     value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535 (0: any free port), got {value}")
     return value
 
 

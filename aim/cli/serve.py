@@ -14,8 +14,8 @@ def add(sub) -> None:
     p.add_argument("repository", nargs="?", default="build/triton")
     p.add_argument("--model", action="append", help="load only this model (repeatable; default: all)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
-    p.add_argument("--http-port", type=shared.port, default=8000)
-    p.add_argument("--grpc-port", type=shared.port, default=8001)
+    p.add_argument("--http-port", type=shared.port, default=8000, help="0: any free port")
+    p.add_argument("--grpc-port", type=shared.port, default=8001, help="0: any free port")
     p.set_defaults(func=run)
 
 
