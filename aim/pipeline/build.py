@@ -164,6 +164,10 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
     if tokenizer_dir is not None:
         for path in sorted(tokenizer_dir.iterdir()):
             manifest.record(f"tokenizer/{path.name}", path)
+    recorded = {entry.path for entry in manifest.artifacts.values()}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):  # whatever else the build depends on (external weights)
+        if str(path.relative_to(folder)) not in recorded:
+            manifest.record(str(path.relative_to(folder)), path)
     found = checks(manifest, task, reference, runner, seed)
     manifest.verification.checks = found
     manifest.verification.passed = all(check.passed for check in found)

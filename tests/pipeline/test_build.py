@@ -40,6 +40,8 @@ def test_artifacts_and_manifest(built):
     assert written["schema"] == SCHEMA and written["verification"]["passed"] is True
     for entry in written["artifacts"].values():
         assert sha256(folder / entry["path"]) == entry["sha256"]
+    every_file = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    assert {entry["path"] for entry in written["artifacts"].values()} == every_file  # every file the build depends on
     assert {"torch", "onnx", "onnxruntime", "transformers", "python"} <= set(written["versions"])
     assert Manifest.load(folder) == manifest  # what was written reads back as the same manifest
     family, task, model = load(manifest.model)
