@@ -1,7 +1,9 @@
 """The build folder: its file names, and the manifest that describes it.
 
 `Manifest` is the only code that reads or writes manifest.json. The file carries a schema number;
-a folder written by another schema is refused with a message that says to rebuild it.
+a folder written by another schema is refused with a message that says to rebuild it. It also
+carries its own digest (sha256 of the rest of its content), so a hand-edited manifest (a tolerance
+raised to 1e9, a hash replaced, a wider profile) is refused instead of obeyed.
 
     build/<model>/
       exported.onnx             torch.onnx's trace (or the user's own ONNX)
@@ -18,6 +20,7 @@ a folder written by another schema is refused with a message that says to rebuil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -29,7 +32,7 @@ from aim.errors import AimError
 from aim.files import atomic_path, sha256
 from aim.specs import Agreement, Check, DimRange, Tolerance
 
-SCHEMA = 2  # bumped when the manifest's structure changes; older folders are refused (rebuild)
+SCHEMA = 3  # bumped when the manifest's structure changes; older folders are refused (rebuild)
 MANIFEST = "manifest.json"
 REFERENCE = "reference.npz"
 TOKENIZER_DIR = "tokenizer"
@@ -65,7 +68,18 @@ def engine_files(backend: str) -> dict[str, str]:
 
 
 class ManifestError(AimError):
-    """manifest.json is missing, unreadable or of another schema."""
+    """manifest.json is missing, unreadable, of another schema, or edited since it was written."""
+
+
+def digest(data: dict) -> str:
+    """sha256 of a manifest's content: every key but "digest", as canonical JSON."""
+    body = {key: value for key, value in data.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(data: dict) -> dict:
+    """The manifest's content with its digest, as manifest.json holds it."""
+    return {**data, "digest": digest(data)}
 
 
 @dataclass
@@ -139,6 +153,7 @@ class Source:
     inputs: dict | None = None  # {"path", "sha256"} of the verification inputs given as .npz
     dtype: str | None = None  # how the checkpoint stores its weights (bfloat16, float16, float32); None for random weights
     model_class: str | None = None  # the transformers class that loaded the model (its architecture)
+    files: dict[str, str] = field(default_factory=dict)  # the checkpoint's files: name -> sha256
 
 
 @dataclass
@@ -223,6 +238,8 @@ class Manifest:
     folder: Path | None = field(default=None, compare=False)  # where it was read from or written to
     # Per step of the build: resident memory (MB) at its start and at its peak (Linux; else empty).
     memory_mb: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Text generation: the positions the model was made for (prompt and new tokens); generation refuses more.
+    max_positions: int | None = None
 
     # -- files
 
@@ -302,6 +319,7 @@ class Manifest:
             schema=data["schema"],
             folder=folder,
             memory_mb=data.get("memory_mb", {}),
+            max_positions=data.get("max_positions"),
         )
 
     def save(self, folder: str | os.PathLike | None = None) -> Path:
@@ -309,8 +327,13 @@ class Manifest:
             self.folder = Path(folder)
         path = self.file
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            tmp.write_text(json.dumps(sealed(self.to_dict()), indent=2) + "\n")
         return path
+
+    @staticmethod
+    def found_in(folder: str | os.PathLike) -> bool:
+        """Whether `folder` is a build folder (it has a manifest, readable or not)."""
+        return (Path(folder) / MANIFEST).is_file()
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Manifest":
@@ -327,6 +350,11 @@ class Manifest:
             raise ManifestError(
                 f"{path} was written by another version of this tool (manifest schema {found}, this one reads "
                 f"{SCHEMA}): rebuild the folder with `make engine`"
+            )
+        if data.get("digest") != digest(data):
+            raise ManifestError(
+                f"{path} was edited after it was written (its content does not match its digest): a build's record "
+                f"(tolerances, hashes, ranges) is not to be changed by hand. Rebuild the folder with `make engine`."
             )
         try:
             return cls.from_dict(data, folder)

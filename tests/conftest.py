@@ -70,6 +70,23 @@ def family(request, tmp_path_factory) -> Exported:
     return exported
 
 
+@pytest.fixture(scope="session")
+def build_folder(tmp_path_factory):
+    """build_folder("resnet") -> Path of a verified build folder (built on first use, shared by every
+    test of the session: copy it before changing anything in it)."""
+    from aim.pipeline.build import build_model
+
+    root = tmp_path_factory.mktemp("builds")
+    built: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in built:
+            built[model] = build_model(model, root, log=lambda line: None).folder
+        return built[model]
+
+    return get
+
+
 def tiny_classifier(path: Path, features: int = 6, classes: int = 5, dtype=TensorProto.FLOAT, seed: int = 0) -> Path:
     """A classifier written by hand with onnx.helper, not by the exporter: x [B, F] -> MatMul, Add -> scores [B, C]."""
     rng = np.random.default_rng(seed)

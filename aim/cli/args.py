@@ -22,6 +22,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535 (0: any free port), got {value}")
+    return value
+
+
 def seed(parser: argparse.ArgumentParser, default: int | None = 0, help: str = "seed of everything random (default: 0)") -> None:
     parser.add_argument("--seed", type=non_negative_int, default=default, help=help)
 

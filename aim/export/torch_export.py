@@ -38,14 +38,52 @@ def checkpoint_config(folder: str | os.PathLike) -> dict:
 
 def load_checkpoint(model_class, folder: str | os.PathLike):
     """`model_class.from_pretrained(folder)` in FP32 (whatever the checkpoint stores: the export and the
-    reference are FP32; FP16 engines are made from the FP32 graph) and eval mode, offline; load errors
-    become CheckpointError."""
-    import torch
+    reference are FP32; FP16 engines are made from the FP32 graph) and eval mode, offline, its weights
+    required to cover the model exactly (check_coverage); load errors become CheckpointError."""
+    import pickle
 
+    import torch
+    from safetensors import SafetensorError
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its warnings about missing or unused weights: check_coverage says it in one error
     try:
-        return model_class.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32).eval()
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise CheckpointError(f"could not load the checkpoint in {folder}: {error}") from error
+        model, info = model_class.from_pretrained(
+            str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"could not load the checkpoint in {folder}: {str(error).strip()[:1000]}") from error
+    finally:
+        logging.set_verbosity(verbosity)
+    check_coverage(model, info, folder)
+    return model.eval()
+
+
+def check_coverage(model, info: dict, folder: str | os.PathLike) -> None:
+    """Refuses a checkpoint whose weights do not cover the model: tensors the model has and the
+    checkpoint lacks (transformers would fill them with unseeded random values, and the build would
+    then verify the engine against that same broken model), tensors the model does not have, and
+    tensors of another shape. `info`: from_pretrained's loading info, which names them."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the checkpoint"), ("unexpected_keys", "in the checkpoint but not in the model")):
+        names = sorted(info.get(key) or [])
+        if names:
+            problems.append(f"{len(names)} tensor(s) {what}: {_names(names)}")
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+        shown = [f"{name} (the model's is {shapes[name]})" if name in shapes else str(name) for name in mismatched]
+        problems.append(f"{len(mismatched)} tensor(s) of another shape than the model's: {_names(shown)}")
+    if problems:
+        raise CheckpointError(
+            f"the weights in {folder} do not cover the model its config.json describes: " + "; ".join(problems)
+            + ". Save the checkpoint again with `model.save_pretrained(DIR)` from the model it describes."
+        )
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def random_model(build: Callable[[], object], seed: int = 0):

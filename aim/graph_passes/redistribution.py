@@ -354,7 +354,18 @@ def _logits_output(graph: gs.Graph, logits: str) -> gs.Variable:
             f"the graph has no output named {logits!r}; its outputs are {sorted(outputs)}. "
             f"Pass the name of the logits output (--logits NAME)."
         )
-    return outputs[logits]
+    z = outputs[logits]
+    if z in graph.inputs:
+        raise InvalidGraphError(
+            f"output {logits!r} is also a graph input (passed straight through): modulating it would rename the input "
+            f"that clients send. Pass the name of the output the model computes its logits into (--logits NAME)."
+        )
+    if z.dtype is not None and (np.issubdtype(np.dtype(z.dtype), np.integer) or np.dtype(z.dtype) == np.bool_):
+        raise InvalidGraphError(
+            f"output {logits!r} is {np.dtype(z.dtype).name}: it holds class ids or flags, not logits, and noise added to "
+            f"them would change the ids. Pass the floating-point output the model computes its scores into (--logits NAME)."
+        )
+    return z
 
 
 def _class_axis(z: gs.Variable, class_axis: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from typing import Callable
 from aim.contract import LOGITS, MAX_STRENGTH
 from aim.errors import VerificationError
 from aim.families import Family
-from aim.files import StagedFolder, remove
+from aim.files import StagedFolder, folder_hashes, remove
 from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Modulation, Source, Verification, package_versions
 from aim.pipeline import memory, steps
 from aim.pipeline.verify import checks
@@ -152,7 +152,8 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         task=task.name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         source=Source(
-            str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, dtype=loaded.dtype, model_class=family.model_class
+            str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, dtype=loaded.dtype, model_class=family.model_class,
+            files=folder_hashes(loaded.checkpoint) if loaded.checkpoint else {},
         ),
         backend=backend,
         precision=precision,
@@ -182,6 +183,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         memory_mb=progress.memory,  # filled in as the steps end, like timings_s
         versions=package_versions(),
         folder=folder,
+        max_positions=task.positions(loaded.model),
     )
     for key, path in graphs.paths.items():
         manifest.record(key, path)
@@ -189,6 +191,10 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
     if tokenizer_dir is not None:
         for path in sorted(tokenizer_dir.iterdir()):
             manifest.record(f"tokenizer/{path.name}", path)
+    recorded = {entry.path for entry in manifest.artifacts.values()}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):  # whatever else the build depends on (external weights)
+        if str(path.relative_to(folder)) not in recorded:
+            manifest.record(str(path.relative_to(folder)), path)
     found = checks(manifest, task, reference, runner, seed)
     manifest.verification.checks = found
     manifest.verification.passed = all(check.passed for check in found)

@@ -4,10 +4,11 @@ engines (the engine itself where it can run here, else ONNX Runtime on the graph
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from aim.layout import GraphIO, Manifest
 from aim.runtime.backends import TENSORRT_BACKENDS, runnable_here
-from aim.runtime.base import OnFirstUse
+from aim.runtime.base import OnFirstUse, profile_from_io
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 
 # The TensorRT plan of each role (artifact keys, see layout.engine_files).
@@ -38,7 +39,33 @@ def role_runners(manifest: Manifest, runner: str) -> list[OnFirstUse]:
         return [OnFirstUse(plan(role)) for role in ("bare", "verification", "production")]
     production = manifest.engine_path() if manifest.backend == "onnxruntime" else manifest.graph_path("production")
     paths = [manifest.graph_path("bare"), manifest.graph_path("verification"), production]
-    return [OnFirstUse(lambda path=path: OnnxRuntimeEngine(path, profile=manifest.profile if path == production else None)) for path in paths]
+    return [OnFirstUse(lambda path=path: OnnxRuntimeEngine(path, profile=graph_profile(manifest, path))) for path in paths]
+
+
+def graph_profile(manifest: Manifest, path: Path) -> dict:
+    """The range of shapes a graph of the build takes: the build's dims' ranges on its inputs (the
+    production engine's is the manifest's profile, the one TensorRT was built with)."""
+    if path == manifest.engine_path() or path == manifest.graph_path("production"):
+        return manifest.profile
+    return profile_from_io(GraphIO.of(path).inputs, manifest.dynamic_dims)
+
+
+def open_runner(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime runner for an engine or model file, or for a build folder (its production
+    engine). A build folder, or a file recorded in one, is opened through open_build (every file
+    checked against its hash) and its runner refuses shapes outside the build's range; any other
+    file runs as it is."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not Manifest.found_in(folder):
+        return OnnxRuntimeEngine(path, threads)
+    manifest = open_build(folder)
+    if path.is_dir():
+        path = manifest.engine_path() if manifest.backend == "onnxruntime" else manifest.graph_path("production")
+    recorded = {manifest.folder / entry.path for entry in manifest.artifacts.values()}
+    if path not in recorded:
+        return OnnxRuntimeEngine(path, threads)
+    return OnnxRuntimeEngine(path, threads, profile=graph_profile(manifest, path))
 
 
 def production_runner(manifest: Manifest):

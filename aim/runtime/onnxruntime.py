@@ -38,7 +38,9 @@ def session_options(threads: int | None = None, level: str = "all", spinning: bo
         options.intra_op_num_threads = threads
     if not spinning:  # idle pool threads sleep instead of spinning: fairer when several sessions share cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+    # Fatal only: warnings about unused initializers are noise here, and an error comes back as the
+    # exception, which says the same (a logged copy would be a second, coloured error line).
+    options.log_severity_level = 4
     return options
 
 

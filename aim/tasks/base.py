@@ -92,6 +92,10 @@ class Task:
         """The tokenizer a build saves for the task (text generation), or None."""
         return None
 
+    def positions(self, model) -> int | None:
+        """The longest sequence the model was made for (text generation: prompt and new tokens), if any."""
+        return None
+
     def reference_extra(self, model, tokenizer, seed: int = 0) -> dict:
         """Task-level PyTorch outputs computed at build time, stored in reference.npz."""
         return {}

@@ -160,6 +160,9 @@ class TextGeneration(Task):
             return checkpoint_tokenizer(checkpoint, model.config.vocab_size)
         return None
 
+    def positions(self, model) -> int | None:
+        return getattr(model.config, "max_position_embeddings", None)
+
     def reference_extra(self, model, tokenizer, seed: int = 0) -> dict:
         """PyTorch `generate()` greedy tokens for several prompts and batch sizes: the PROMPTS through
         the tokenizer, or without one, random token ids of the same lengths in words (seeded)."""

@@ -1,6 +1,7 @@
 """`make engine` end to end, per family: artifacts, manifest, verification, and failure behaviour."""
 
 import dataclasses
+import hashlib
 import json
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from aim.cli import main as cli_main
 from aim.errors import AimError, CheckpointError, UnknownModelError, VerificationError
 from aim.families import _REGISTRY, get_family, list_families
 from aim.files import sha256
-from aim.layout import FILES, MANIFEST, REFERENCE, TOKENIZER_DIR, Manifest
+from aim.layout import FILES, MANIFEST, REFERENCE, SCHEMA, TOKENIZER_DIR, Manifest, sealed
 from aim.pipeline.build import build_model
 from aim.pipeline.report import report
 from aim.pipeline.verify import verify_folder
@@ -45,9 +46,11 @@ def test_artifacts_and_manifest(built):
     assert sorted(p.name for p in out.iterdir()) == [manifest.model]  # no staging left
     assert [line[:5] for line in lines if line.startswith("[")] == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"]
     written = json.loads((folder / MANIFEST).read_text())
-    assert written["schema"] == 2 and written["verification"]["passed"] is True
+    assert written["schema"] == SCHEMA and written["verification"]["passed"] is True
     for entry in written["artifacts"].values():
         assert sha256(folder / entry["path"]) == entry["sha256"]
+    every_file = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    assert {entry["path"] for entry in written["artifacts"].values()} == every_file  # every file the build depends on
     assert {"torch", "onnx", "onnxruntime", "transformers", "python"} <= set(written["versions"])
     steps = ["load", "export", "reference", "passes", "engine", "verify"]
     assert list(manifest.timings_s) == list(manifest.memory_mb) == steps  # Linux: the peak of each step
@@ -178,14 +181,14 @@ def test_verify_folder_reproduces_the_verdicts_and_detects_tampering(built):
         # Even with its hash accepted, the differential check catches the change.
         data["artifacts"]["verification"]["sha256"] = sha256(path)
         data["artifacts"]["verification"]["bytes"] = path.stat().st_size
-        manifest_path.write_text(json.dumps(data))
+        manifest_path.write_text(json.dumps(sealed(data)))
         result = verify_folder(folder)
         assert result.verification.failed() == ["modulated (verification flavour) vs PyTorch reference"]
     finally:
         path.write_bytes(original)
         data["artifacts"]["verification"]["sha256"] = sha256(path)
         data["artifacts"]["verification"]["bytes"] = path.stat().st_size
-        manifest_path.write_text(json.dumps(data))
+        manifest_path.write_text(json.dumps(sealed(data)))
 
 
 def test_verification_holds_one_engine_at_a_time(built, monkeypatch):
@@ -277,6 +280,8 @@ def test_local_checkpoint_end_to_end(tmp_path, name):
     manifest = build_model(name, tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lambda _: None)
     assert manifest.verification.passed
     assert manifest.source.checkpoint == str((tmp_path / "ckpt").resolve())
+    checkpoint_files = sorted((tmp_path / "ckpt").iterdir())
+    assert manifest.source.files == {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in checkpoint_files}
     inputs = Reference.load(manifest.folder / REFERENCE).inputs
     torch_inputs = {key: torch.from_numpy(value) for key, value in inputs.items()}
 

@@ -14,7 +14,7 @@ import aim.cli as cli
 from aim.errors import AimError, TritonConfigError
 from aim.families import get_family, list_families
 from aim.files import sha256
-from aim.layout import MANIFEST, Manifest
+from aim.layout import MANIFEST, Manifest, sealed
 from aim.serving.triton import CONFIG, check_config, parse_config, read_config, write_model
 from tests.conftest import load
 
@@ -65,7 +65,7 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
     manifest["engine"] = "engine.tensorrt.plan"
     plan = folder / "engine.tensorrt.plan"
     manifest["artifacts"]["tensorrt"] = {"path": plan.name, "bytes": plan.stat().st_size, "sha256": sha256(plan)}
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps(sealed(manifest)))
     config = read_config(write_model(folder, tmp_path / "repo"))
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
@@ -158,7 +158,7 @@ def test_schema_errors_name_line_and_column():
 def _edit_manifest(folder, edit):
     manifest = json.loads((folder / MANIFEST).read_text())
     edit(manifest)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps(sealed(manifest)))
 
 
 def _set_focus_dims(manifest, dims):

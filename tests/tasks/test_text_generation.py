@@ -223,13 +223,15 @@ def test_focus_on_words_and_ids(build):
     assert boost == {"fox": 5.0, 123: 4.0} and suppress == {"import": 10.0}
     focus = token_focus(tokenizer, 32000, boost, suppress)
     fox, imp = word_tokens(tokenizer, "fox"), word_tokens(tokenizer, "import")
-    assert len(fox) == 2 and all(focus[t] == 5.0 for t in fox)  # "fox" and " fox" are different tokens
-    assert all(focus[t] == -10.0 for t in imp) and focus[123] == 4.0
+    # "import" and " import" are two tokens; "fox" is one, " fox" splits (" f", "o", "x") and is left out
+    assert [tokenizer.decode([t]) for t in imp] == [" import", "import"] and [tokenizer.decode([t]) for t in fox] == ["fox"]
+    assert all(focus[t] == -10.0 for t in imp) and focus[fox[0]] == 5.0 and focus[123] == 4.0
     assert np.count_nonzero(focus) == len(fox) + len(imp) + 1
-    assert tokenizer.decode([fox[0]]).strip().startswith("f")
-    for bad in ("fox=5", "+fox", "+fox=lots"):
+    for bad in ("fox=5", "+fox", "+fox=lots", "+#-1=5", "+#x=5"):
         with pytest.raises(InvalidInputError, match="focus"):
             parse_focus(bad)
+    with pytest.raises(InvalidInputError, match="not one token.*'z'"):  # never its first piece
+        token_focus(tokenizer, 32000, boost={"zqxjkvwy": 5.0})
     with pytest.raises(InvalidInputError, match="out of range"):
         token_focus(tokenizer, 32000, boost={40000: 1.0})
 
