@@ -122,6 +122,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
 
     progress("PyTorch reference on the verification inputs, then the PyTorch model is released")
     keep_fp32 = family.fp16_keep_fp32 + task.keep_fp32(loaded.model)  # found by module: before the model goes
+    max_positions = task.positions(loaded.model)  # likewise read from the model's config before it goes
     reference = steps.reference(family, task, loaded, seed)
     reference_path = reference.save(folder / REFERENCE)
     steps.release(loaded)
@@ -183,7 +184,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         memory_mb=progress.memory,  # filled in as the steps end, like timings_s
         versions=package_versions(),
         folder=folder,
-        max_positions=task.positions(loaded.model),
+        max_positions=max_positions,
     )
     for key, path in graphs.paths.items():
         manifest.record(key, path)
