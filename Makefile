@@ -9,7 +9,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODEL ?= segformer
+MODEL ?= $(if $(CHECKPOINT),,segformer)
 BACKEND ?= auto
 PRECISION ?= fp32
 NOISE ?= fresh
@@ -20,29 +20,54 @@ PROMPT ?= def main():
 UTILITY ?= 0
 FOCUS ?=
 MAX_NEW_TOKENS ?= 32
+REPEATS ?= 1000
 REPO ?= $(OUT)/triton
-export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO
+# Your own ONNX instead of MODEL (make engine ONNX=yours.onnx LOGITS=scores MAX_SHAPES=image:32x3x224x224).
+ONNX ?=
+LOGITS ?= logits
+CLASS_AXIS ?=
+TASK ?= image-classification
+MIN_SHAPES ?=
+OPT_SHAPES ?=
+MAX_SHAPES ?=
+INPUTS ?=
+DATA ?=
+export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS DATA REPEATS
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
-# The engine of MODEL under OUT, built first if its folder has no manifest yet.
-ENGINE = $(PY) -m aim.cli engine "$$MODEL" --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" --noise "$$NOISE" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
-BUILT = test -f "$$OUT/$$MODEL/manifest.json" || $(ENGINE)
+# The model to build: `set --` makes it the shell's arguments, --onnx and its flags when ONNX is given, else
+# MODEL and/or CHECKPOINT (a checkpoint alone is built as its own architecture).
+SOURCE = if [ -n "$$ONNX" ]; then set -- --onnx "$$ONNX" --logits "$$LOGITS" --task "$$TASK" $${CLASS_AXIS:+--class-axis "$$CLASS_AXIS"} \
+	$${MIN_SHAPES:+--min-shapes "$$MIN_SHAPES"} $${OPT_SHAPES:+--opt-shapes "$$OPT_SHAPES"} $${MAX_SHAPES:+--max-shapes "$$MAX_SHAPES"} \
+	$${INPUTS:+--inputs "$$INPUTS"}; else set -- $${MODEL:+"$$MODEL"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; fi
+# How the engine is built: backend, precision and the production noise (fresh, or keyed by a key file).
+BUILD_FLAGS = --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" --noise "$$NOISE" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"}
+# The build's name: MODEL, or without one the checkpoint folder's, as `aim engine` names it.
+NAME = name="$${MODEL:-$$($(PY) -c 'import sys; from aim.tasks.checkpoint import build_name; print(build_name(sys.argv[1]))' "$$CHECKPOINT")}"
+# The engine of that name under OUT, built first if its folder has no manifest yet.
+BUILT = $(NAME) && { test -f "$$OUT/$$name/manifest.json" || $(PY) -m aim.cli engine $${MODEL:+"$$MODEL"} $(BUILD_FLAGS) $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; }
 
-.PHONY: engine generate triton serve test models bench clean help train eval calibrate attack
+.PHONY: engine generate triton serve loadtest test models bench clean help train eval calibrate attack false-alarms scale-check
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
+	@echo "make engine CHECKPOINT=dir   any supported architecture of the three tasks (make models), into OUT/<folder name>"
+	@echo "make engine ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224 [MIN_SHAPES=..] [OPT_SHAPES=..] [CLASS_AXIS=1] [TASK=..] [INPUTS=data.npz]"
+	@echo "make calibrate ONNX=yours.onnx LOGITS=name MAX_SHAPES=.. DATA=unlabeled.npy   your model's level -> sigma table"
 	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
 	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
+	@echo "make loadtest MODEL=x    the modulated beside the bare model on the real server, under load (a few minutes): build/loadtest/"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
 	@echo "make test      the test suite"
-	@echo "make models    list the model families"
+	@echo "make models    list the model families, and checkpoint architectures by task"
 	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
 	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
 	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
 	@echo "make calibrate MODEL=x   level -> sigma table and an engine taking utility_level in [0, 1]"
 	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: build/x/attack/"
+	@echo "make false-alarms MODEL=x [REPEATS=1000]  the statistical checks' false alarms and misses, measured (not in CI)"
+	@echo "make scale-check         a TinyLlama-1.1B-shaped bf16 checkpoint through make engine: time and peak memory per step (~10 GB RAM, 15 GB disk)"
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -53,18 +78,19 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 engine: $(STAMP)
-	$(ENGINE)
+	$(SOURCE); $(PY) -m aim.cli engine "$$@" $(BUILD_FLAGS)
 
 triton: $(STAMP)
-	$(BUILT)
-	$(PY) -m aim.cli triton "$$OUT/$$MODEL" --repository "$$REPO"
+	$(BUILT) && $(PY) -m aim.cli triton "$$OUT/$$name" --repository "$$REPO"
 
 serve: triton
-	$(PY) -m aim.cli serve "$$REPO" --model "$$MODEL"
+	$(NAME) && $(PY) -m aim.cli serve "$$REPO" --model "$$name"
+
+loadtest: $(STAMP)
+	$(BUILT) && $(PY) -m aim.cli loadtest "$$OUT/$$name" --out "$$OUT/loadtest"
 
 generate: $(STAMP)
-	$(BUILT)
-	$(PY) -m aim.cli generate "$$OUT/$$MODEL" --prompt "$$PROMPT" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
+	$(BUILT) && $(PY) -m aim.cli generate "$$OUT/$$name" --prompt "$$PROMPT" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
 
 train: $(STAMP)
 	$(PY) -m aim.cli train "$$MODEL"
@@ -73,7 +99,7 @@ eval: $(STAMP)
 	$(PY) -m aim.cli eval "$$MODEL" --out "$$OUT" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
 
 calibrate: $(STAMP)
-	$(PY) -m aim.cli calibrate "$$MODEL" --out "$$OUT" $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+	$(SOURCE); $(PY) -m aim.cli calibrate "$$@" --out "$$OUT" $${DATA:+--data "$$DATA"}
 
 attack: $(STAMP)
 	$(PY) -m aim.cli attack "$$MODEL" --out "$$OUT" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
@@ -84,8 +110,15 @@ models: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m aim.benchmarks --out "$$OUT/bench"
 
+false-alarms: $(STAMP)
+	$(BUILT) && $(PY) -m aim.benchmarks.false_alarms "$$OUT/$$name" --repeats "$$REPEATS"
+
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Real sizes (not in `make test`): the checkpoint is cached in $(OUT)/scale/llama.checkpoint.
+scale-check: $(STAMP)
+	$(PY) -m aim.benchmarks.scale --out "$$OUT/scale"
 
 clean:
 	rm -rf -- "$$OUT"

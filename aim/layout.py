@@ -1,14 +1,18 @@
 """The build folder: its file names, and the manifest that describes it.
 
 `Manifest` is the only code that reads or writes manifest.json. The file carries a schema number;
-a folder written by another schema is refused with a message that says to rebuild it.
+a folder written by another schema is refused with a message that says to rebuild it. It also
+carries its own digest (sha256 of the rest of its content), so a hand-edited manifest (a tolerance
+raised to 1e9, a hash replaced, a wider profile) is refused instead of obeyed.
 
     build/<model>/
       exported.onnx             torch.onnx's trace (or the user's own ONNX)
+      exported.onnx.data        its weights, past 2 GiB: every FP32 graph below refers to this one file
       bare.onnx                 the deployable model without modulation (logits resized, if asked)
       modulated.onnx            production flavour: inputs utility, focus; noise drawn in the graph
       modulated.verify.onnx     verification flavour: the noise tensors are inputs too
-      engine.<backend>...       the engine (ONNX Runtime's optimised model, or TensorRT plans)
+      *.fp16.onnx               FP16 builds: the graphs in FP16 (weights.fp16.data: their weights, shared)
+      engine.<backend>...       the engine (ONNX Runtime's optimised model (+ .data), or TensorRT plans)
       reference.npz             inputs, knobs, noise and the reference outputs verified against
       tokenizer/                text generation: the tokenizer generation decodes with
       manifest.json
@@ -16,6 +20,7 @@ a folder written by another schema is refused with a message that says to rebuil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -27,7 +32,7 @@ from aim.errors import AimError
 from aim.files import atomic_path, sha256
 from aim.specs import Agreement, Check, DimRange, Tolerance
 
-SCHEMA = 2  # bumped when the manifest's structure changes; older folders are refused (rebuild)
+SCHEMA = 3  # bumped when the manifest's structure changes; older folders are refused (rebuild)
 MANIFEST = "manifest.json"
 REFERENCE = "reference.npz"
 TOKENIZER_DIR = "tokenizer"
@@ -39,6 +44,11 @@ FILES = {
     "modulated": "modulated.onnx",  # production flavour: in-graph noise
     "verification": "modulated.verify.onnx",  # the noise as inputs, for element-wise comparison
     "engine": "engine.onnxruntime.onnx",  # ONNX Runtime's optimised model
+    # External data (aim/weights.py): the exported weights, which the bare, production and verification
+    # graphs share; the FP16 graphs' weights, shared likewise; the ONNX Runtime engine's own.
+    "weights": "exported.onnx.data",
+    "weights.fp16": "weights.fp16.data",
+    "engine.data": "engine.onnxruntime.onnx.data",
 }
 CALIBRATION_FILES = {
     "calibration": "calibration.json",
@@ -59,7 +69,18 @@ def engine_files(backend: str) -> dict[str, str]:
 
 
 class ManifestError(AimError):
-    """manifest.json is missing, unreadable or of another schema."""
+    """manifest.json is missing, unreadable, of another schema, or edited since it was written."""
+
+
+def digest(data: dict) -> str:
+    """sha256 of a manifest's content: every key but "digest", as canonical JSON."""
+    body = {key: value for key, value in data.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(data: dict) -> dict:
+    """The manifest's content with its digest, as manifest.json holds it."""
+    return {**data, "digest": digest(data)}
 
 
 @dataclass
@@ -80,7 +101,14 @@ class GraphIO:
         Reads the graph only, never external weights."""
         import onnx
 
-        graph = onnx.load(str(path), load_external_data=False).graph
+        return cls.of_model(onnx.load(str(path), load_external_data=False))
+
+    @classmethod
+    def of_model(cls, model) -> "GraphIO":
+        """Inputs and outputs of an onnx.ModelProto (see `of`)."""
+        import onnx
+
+        graph = model.graph
         initializers = {init.name for init in graph.initializer}
 
         def describe(value):
@@ -118,6 +146,15 @@ class Source:
     checkpoint: str | None  # absolute path of the checkpoint folder; None for random weights
     seed: int
     parameters: int
+    # A user's own ONNX (`aim engine --onnx`): its absolute path and sha256, the shape flags that gave
+    # its dims' ranges ({"min"|"opt"|"max": "name:1x3x224x224,..."}) and the --inputs file, if any.
+    onnx: str | None = None
+    onnx_sha256: str | None = None
+    shapes: dict | None = None
+    inputs: dict | None = None  # {"path", "sha256"} of the verification inputs given as .npz
+    dtype: str | None = None  # how the checkpoint stores its weights (bfloat16, float16, float32); None for random weights
+    model_class: str | None = None  # the transformers class that loaded the model (its architecture)
+    files: dict[str, str] = field(default_factory=dict)  # the checkpoint's files: name -> sha256
 
 
 @dataclass
@@ -151,6 +188,7 @@ class Verification:
     checks: list[Check]
     seed: int = 0
     verified: str | None = None  # when `aim verify` last re-ran the checks
+    logit_spread: float | None = None  # of the reference logits: sets the fp32 tolerance (verify/tolerance.py)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Verification":
@@ -165,6 +203,7 @@ class Verification:
             checks=[Check(**c) for c in data["checks"]],
             seed=data.get("seed", 0),
             verified=data.get("verified"),
+            logit_spread=data.get("logit_spread"),
         )
 
     def failed(self) -> list[str]:
@@ -200,6 +239,10 @@ class Manifest:
     calibration: dict | None = None
     schema: int = SCHEMA
     folder: Path | None = field(default=None, compare=False)  # where it was read from or written to
+    # Per step of the build: resident memory (MB) at its start and at its peak (Linux; else empty).
+    memory_mb: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Text generation: the positions the model was made for (prompt and new tokens); generation refuses more.
+    max_positions: int | None = None
 
     # -- files
 
@@ -278,6 +321,8 @@ class Manifest:
             calibration=data.get("calibration"),
             schema=data["schema"],
             folder=folder,
+            memory_mb=data.get("memory_mb", {}),
+            max_positions=data.get("max_positions"),
         )
 
     def save(self, folder: str | os.PathLike | None = None) -> Path:
@@ -285,8 +330,13 @@ class Manifest:
             self.folder = Path(folder)
         path = self.file
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            tmp.write_text(json.dumps(sealed(self.to_dict()), indent=2) + "\n")
         return path
+
+    @staticmethod
+    def found_in(folder: str | os.PathLike) -> bool:
+        """Whether `folder` is a build folder (it has a manifest, readable or not)."""
+        return (Path(folder) / MANIFEST).is_file()
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Manifest":
@@ -303,6 +353,11 @@ class Manifest:
             raise ManifestError(
                 f"{path} was written by another version of this tool (manifest schema {found}, this one reads "
                 f"{SCHEMA}): rebuild the folder with `make engine`"
+            )
+        if data.get("digest") != digest(data):
+            raise ManifestError(
+                f"{path} was edited after it was written (its content does not match its digest): a build's record "
+                f"(tolerances, hashes, ranges) is not to be changed by hand. Rebuild the folder with `make engine`."
             )
         try:
             return cls.from_dict(data, folder)

@@ -71,6 +71,23 @@ def family(request, tmp_path_factory) -> Exported:
 
 
 @pytest.fixture(scope="session")
+def build_folder(tmp_path_factory):
+    """build_folder("resnet") -> Path of a verified build folder (built on first use, shared by every
+    test of the session: copy it before changing anything in it)."""
+    from aim.pipeline.build import build_model
+
+    root = tmp_path_factory.mktemp("builds")
+    built: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in built:
+            built[model] = build_model(model, root, log=lambda line: None).folder
+        return built[model]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def keyed_build(tmp_path_factory):
     """keyed_build("resnet") -> the manifest of a verified keyed build (`make engine NOISE=keyed`, one
     key file for every family), built on first use; keyed_build.key_file is that file."""

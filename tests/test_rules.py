@@ -24,7 +24,7 @@ PACKAGE = ROOT / "aim"
 LAYERS = [
     ["aim.errors", "aim.lazy", "aim.specs"],
     ["aim.files", "aim.contract"],
-    ["aim.layout"],
+    ["aim.layout", "aim.weights"],
     ["aim.families"],
     ["aim.export", "aim.graph_passes"],
     ["aim.runtime"],
@@ -126,8 +126,9 @@ def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
 
 RUNTIME_MODULES = [
     "aim.contract", "aim.runtime.base", "aim.runtime.onnxruntime", "aim.runtime.tensorrt", "aim.runtime.folder",
-    "aim.serving.triton", "aim.serving.server", "aim.tasks.generation", "aim.tasks.tokens",
-    "aim.cli", "aim.cli.run", "aim.cli.serve", "aim.cli.generate", "aim.cli.triton",
+    "aim.serving.triton", "aim.serving.server", "aim.serving.load", "aim.serving.workloads", "aim.serving.loadtest",
+    "aim.serving.loadplot", "aim.tasks.generation", "aim.tasks.tokens",
+    "aim.cli", "aim.cli.run", "aim.cli.serve", "aim.cli.generate", "aim.cli.triton", "aim.cli.loadtest",
 ]
 HEAVY = ("torch", "transformers", "onnx_graphsurgeon")
 

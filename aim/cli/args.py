@@ -22,6 +22,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535 (0: any free port), got {value}")
+    return value
+
+
 def seed(parser: argparse.ArgumentParser, default: int | None = 0, help: str = "seed of everything random (default: 0)") -> None:
     parser.add_argument("--seed", type=non_negative_int, default=default, help=help)
 
@@ -60,3 +67,22 @@ def noise(parser: argparse.ArgumentParser) -> None:
         help="keyed noise: the key file to build with; a fresh key is written there (mode 600) if it does not exist, "
         "so rebuilds answer as before (default: a fresh key, kept only inside the engine)",
     )
+
+
+def onnx_source(parser: argparse.ArgumentParser) -> None:
+    """A user's own ONNX instead of a model family (aim engine, aim calibrate)."""
+    group = parser.add_argument_group("a model of your own, instead of MODEL")
+    group.add_argument("--onnx", metavar="FILE.onnx", help="your ONNX model: built into OUT/<file stem>/, verified against itself on ONNX Runtime")
+    group.add_argument("--logits", default="logits", help="name of its logits output (default: logits)")
+    group.add_argument("--class-axis", type=int, help="axis of the classes in the logits (default: the task's, 1)")
+    group.add_argument("--task", default="image-classification", help="what the logits are for: the FP16 comparator (default: image-classification)")
+    group.add_argument("--inputs", metavar="DATA.npz", help="verification inputs, one array per graph input (default: drawn from the graph's types and shapes)")
+    shapes(group)
+
+
+def shapes(parser) -> None:
+    """trtexec's --minShapes/--optShapes/--maxShapes: the range of every dynamic dim."""
+    for bound in ("min", "opt", "max"):
+        parser.add_argument(
+            f"--{bound}-shapes", metavar="NAME:1x3x224x224,...", help=f"{bound} shape of inputs with dynamic dims (trtexec's --{bound}Shapes)"
+        )

@@ -10,7 +10,8 @@ def add(sub) -> None:
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-rtx"))
-    p.add_argument("--model", help="TensorRT: the family whose dims' ranges make the optimization profile")
+    p.add_argument("--model", help="TensorRT: the family whose dims' ranges make the optimization profile (or the shape flags)")
+    shared.shapes(p)
     shared.threads(p)
     p.set_defaults(func=run)
 
@@ -26,12 +27,18 @@ def run(args) -> int:
     from aim.graph_passes.trt_support import check_tensorrt_support
     from aim.layout import GraphIO
     from aim.runtime.base import profile_from_io
+    from aim.runtime.shapes import ShapeRanges
     from aim.runtime.tensorrt import build_engine
 
-    if not args.model:
-        raise AimError("a TensorRT engine needs the range of every dynamic dim: pass --model FAMILY, whose dims' ranges make the profile")
+    shapes = ShapeRanges.parse(args.min_shapes, args.opt_shapes, args.max_shapes)
+    if bool(args.model) == bool(shapes):
+        raise AimError(
+            "a TensorRT engine needs the range of every dynamic dim: pass the shapes of the inputs "
+            "(--min-shapes/--opt-shapes/--max-shapes NAME:1x3x224x224, trtexec's spelling), or --model FAMILY, whose dims' ranges make the profile; one of the two"
+        )
     check_tensorrt_support(args.input, backend=args.backend).raise_if_unsupported(args.input)
-    profile = profile_from_io(GraphIO.of(args.input).inputs, get_family(args.model).dims)
+    inputs = GraphIO.of(args.input).inputs
+    profile = shapes.profile(inputs) if shapes else profile_from_io(inputs, get_family(args.model).dims)
     result = build_engine(args.input, args.output, args.backend, profile)
     print(f"built {args.backend} {result.version} engine {result.path}: {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
     for name, shapes in result.profile.items():

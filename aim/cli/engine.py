@@ -1,4 +1,6 @@
-"""aim engine MODEL: export -> passes -> engine -> verify, into OUT/MODEL/."""
+"""aim engine [MODEL] [--checkpoint DIR] | --onnx FILE: export (or your ONNX) -> passes -> engine -> verify,
+into OUT/MODEL/, or without MODEL into OUT/<the checkpoint folder's name>/ (its architecture and task read
+from its config.json), or OUT/<the ONNX file's stem>/."""
 
 from __future__ import annotations
 
@@ -6,23 +8,47 @@ from aim.cli import args as shared
 
 
 def add(sub) -> None:
-    p = sub.add_parser("engine", help="the whole pipeline for one model family, into OUT/MODEL/")
-    p.add_argument("model", help="model family (see `aim models`)")
-    p.add_argument("--checkpoint", help="a local save_pretrained folder (default: tiny config, random weights)")
+    p = sub.add_parser("engine", help="the whole pipeline for a model family, a checkpoint folder or your own ONNX, into OUT/NAME/")
+    p.add_argument("model", nargs="?", help="model family (see `aim models`); leave it out to build --checkpoint as its own architecture, or give --onnx")
+    p.add_argument(
+        "--checkpoint",
+        help="a local save_pretrained folder (default: the family's tiny config, random weights); without MODEL, built into OUT/<folder name>",
+    )
     shared.out(p)
     shared.backend(p)
     shared.precision(p)
     shared.noise(p)
     shared.seed(p)
+    shared.onnx_source(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from aim.errors import AimError
     from aim.pipeline.build import build_model
     from aim.pipeline.report import report
 
-    manifest = build_model(
-        args.model, args.out, args.checkpoint, args.backend, args.seed, precision=args.precision, noise=args.noise, noise_key=args.noise_key
-    )
+    if args.onnx is None and args.model is None and args.checkpoint is None:
+        raise AimError(
+            "give a model family (`aim engine MODEL`, see `aim models`), a checkpoint folder (`aim engine --checkpoint DIR`) "
+            "or your own ONNX (`aim engine --onnx yours.onnx --logits NAME`)"
+        )
+    if args.onnx is not None:
+        if args.model is not None:
+            raise AimError("give a model family or --onnx, not both: your ONNX is its own model")
+        if args.checkpoint:
+            raise AimError("--checkpoint is a family's weights; your --onnx carries its own")
+        from aim.pipeline.onnx_source import build_onnx
+        from aim.runtime.shapes import ShapeRanges
+
+        shapes = ShapeRanges.parse(args.min_shapes, args.opt_shapes, args.max_shapes)
+        manifest = build_onnx(
+            args.onnx, args.logits, args.out, args.class_axis, args.task, shapes, args.inputs, args.backend, args.precision, args.seed,
+            noise=args.noise, noise_key=args.noise_key,
+        )
+    else:
+        manifest = build_model(
+            args.model, args.out, args.checkpoint, args.backend, args.seed, precision=args.precision, noise=args.noise, noise_key=args.noise_key
+        )
     print(report(manifest))
     return 0

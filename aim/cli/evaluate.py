@@ -5,8 +5,8 @@ from __future__ import annotations
 from aim.cli import args as shared
 
 
-def _common(p) -> None:
-    p.add_argument("model")
+def _common(p, model_nargs: str | None = None, model_help: str = "model family (see `aim models`)") -> None:
+    p.add_argument("model", nargs=model_nargs, help=model_help)
     p.add_argument("--checkpoint", help="a save_pretrained folder (default: the family's trained model, trained if needed)")
     shared.out(p)
     shared.seed(p)
@@ -20,7 +20,9 @@ def add(sub) -> None:
     p.add_argument("--suppress", type=shared.non_negative_int, help="class to suppress (default: its most frequent answer)")
     p.set_defaults(func=run_eval)
     p = sub.add_parser("calibrate", help="invert G on calibration inputs: level -> sigma, and an engine taking utility_level")
-    _common(p)
+    _common(p, "?", "model family (see `aim models`), or with --data a build folder (OUT/NAME)")
+    p.add_argument("--data", metavar="UNLABELED.npy", help="your unlabelled inputs (.npy; .npz by input name) for a build folder or --onnx")
+    shared.onnx_source(p)
     p.set_defaults(func=run_calibrate)
 
 
@@ -32,7 +34,27 @@ def run_eval(args) -> int:
 
 
 def run_calibrate(args) -> int:
+    from pathlib import Path
+
+    from aim.errors import AimError
     from aim.evaluation.calibrate import calibrate, report
 
-    print(report(calibrate(args.model, args.out, args.checkpoint, seed=args.seed)))
+    if args.onnx is not None or args.data is not None:
+        from aim.evaluation.calibrate_data import calibrate_build, calibrate_onnx
+        from aim.runtime.shapes import ShapeRanges
+
+        if args.data is None or (args.onnx is None) == (args.model is None):
+            raise AimError("calibrate your own model with --data UNLABELED.npy and either a build folder (`aim calibrate OUT/NAME --data ...`) or --onnx FILE")
+        if args.onnx is None:
+            entry = calibrate_build(args.model, args.data, args.seed)
+        else:
+            shapes = ShapeRanges.parse(args.min_shapes, args.opt_shapes, args.max_shapes)
+            entry = calibrate_onnx(
+                args.onnx, args.data, args.out, args.seed, logits=args.logits, class_axis=args.class_axis, task=args.task, shapes=shapes, inputs=args.inputs
+            )
+    elif args.model is None or Path(args.model).is_dir():
+        raise AimError("give a model family (`aim calibrate MODEL`), or your unlabelled inputs with --data UNLABELED.npy and a build folder or --onnx FILE")
+    else:
+        entry = calibrate(args.model, args.out, args.checkpoint, seed=args.seed)
+    print(report(entry))
     return 0

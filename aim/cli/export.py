@@ -1,4 +1,4 @@
-"""aim export MODEL -o model.onnx: trace a family to ONNX."""
+"""aim export [MODEL] -o model.onnx [--checkpoint DIR]: trace a family, or a checkpoint folder's own architecture, to ONNX."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from aim.cli import args as shared
 
 
 def add(sub) -> None:
-    p = sub.add_parser("export", help="trace a model family to ONNX")
-    p.add_argument("model")
+    p = sub.add_parser("export", help="trace a model family (or, without one, --checkpoint's architecture) to ONNX")
+    p.add_argument("model", nargs="?")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--checkpoint")
     shared.seed(p)
@@ -18,13 +18,12 @@ def run(args) -> int:
     from pathlib import Path
 
     from aim.errors import AimError
-    from aim.families import get_family
     from aim.pipeline import steps
     from aim.tasks import get_task
 
     if Path(args.output).is_dir():
         raise AimError(f"-o {args.output} is a folder: give the path of the ONNX file to write")
-    family = get_family(args.model)
+    family = steps.family_of(args.model, args.checkpoint)
     task = get_task(family.task)
     loaded = steps.load(family, task, args.checkpoint, args.seed)
     path = steps.export(family, task, loaded.model, Path(args.output))

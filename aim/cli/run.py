@@ -1,4 +1,7 @@
-"""aim run engine.onnx --input NAME=file.npy [--utility S] [--boost C=S] [--suppress C=S] [--level L]."""
+"""aim run engine.onnx|build/MODEL --input NAME=file.npy [--utility S] [--boost C=S] [--suppress C=S] [--level L].
+
+A build folder (or an engine file in one) is opened with its files' hashes checked, and shapes
+outside the range it was built for are refused before anything runs."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from aim.errors import AimError
 
 def add(sub) -> None:
     p = sub.add_parser("run", help="run an engine with given utility and focus")
-    p.add_argument("engine")
+    p.add_argument("engine", help="an ONNX engine or model file, or a build folder (its engine)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     shared.utility(p)
     p.add_argument("--level", type=float, help="calibrated engines (aim calibrate): utility level in [0, 1], 1 = original")
@@ -44,22 +47,36 @@ def _load(item: str):
         raise AimError(f"--input {item}: not a readable .npy file ({error})") from None
 
 
+def _run(engine, inputs, utility, focus, level):
+    """engine.run, with ONNX Runtime's own failures on these inputs (a shape the model's nodes do not
+    take, memory it cannot allocate) said in one line: the inputs are the user's, the engine too."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    try:
+        return engine.run(inputs, utility, focus, level=level)
+    except (Fail, InvalidArgument, RuntimeException) as error:
+        shapes = {name: list(value.shape) for name, value in inputs.items()}
+        raise AimError(f"ONNX Runtime could not run {engine.name} on inputs {shapes}: {str(error).strip()[:500]}") from error
+
+
 def run(args) -> int:
     import numpy as np
 
     from aim.contract import focus_vector
-    from aim.runtime.onnxruntime import OnnxRuntimeEngine
+    from aim.files import atomic_path
+    from aim.runtime.folder import open_runner
 
     inputs = dict(_load(item) for item in args.input)
-    with OnnxRuntimeEngine(args.engine, args.threads) as engine:
+    with open_runner(args.engine, args.threads) as engine:
         focus = None
         if args.boost or args.suppress:
             if not (engine.modulated or engine.calibrated):
                 raise AimError(f"{args.engine} is not modulated: it has no focus input")
             focus = focus_vector(engine.num_classes, _parse_classes(args.boost, "--boost"), _parse_classes(args.suppress, "--suppress"))
-        logits = engine.run(inputs, args.utility, focus, level=args.level)
+        logits = _run(engine, inputs, args.utility, focus, args.level)
     if args.output:
-        np.save(args.output, logits)
+        with atomic_path(args.output) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, logits)
     top = np.argmax(logits, axis=1)
     print(f"logits {list(logits.shape)}; argmax over classes of the first sample: {np.ravel(top[0])[:16].tolist()}")
     return 0

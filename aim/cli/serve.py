@@ -5,14 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from aim.cli import args as shared
+from aim.errors import AimError
+
 
 def add(sub) -> None:
     p = sub.add_parser("serve", help="run the Triton server on a model repository")
     p.add_argument("repository", nargs="?", default="build/triton")
     p.add_argument("--model", action="append", help="load only this model (repeatable; default: all)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=shared.port, default=8000, help="0: any free port")
+    p.add_argument("--grpc-port", type=shared.port, default=8001, help="0: any free port")
     p.set_defaults(func=run)
 
 
@@ -23,11 +26,14 @@ def run(args) -> int:
     from aim.serving.server import TritonServer
 
     repository = Path(args.repository)
+    if repository.is_dir() and not any(repository.glob("*/config.pbtxt")):
+        raise AimError(f"{repository} holds no model (no <model>/config.pbtxt): write one with `aim triton build/MODEL --repository {repository}`")
     log = repository.with_name(repository.name + ".log")  # kept after the server stops
     server = TritonServer(repository, args.http_port, args.grpc_port, models=args.model or ["*"], host=args.host, log_path=log)
     print(f"starting tritonserver on {args.repository} ...", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, the with block stops the server
     try:
         with server:
             print(f"HTTP  http://{server.http_url}   (health: http://{server.http_url}/v2/health/ready)")

@@ -31,6 +31,7 @@ from aim.files import atomic_path
 from aim.graph_passes.calibration import add_utility_level
 from aim.graph_passes.io import load_graph, save_onnx
 from aim.layout import CALIBRATION_FILES, Manifest
+from aim.pipeline.steps import onnxruntime_engine
 from aim.runtime import onnxruntime as ort_engine
 from aim.tasks import metrics
 
@@ -71,7 +72,7 @@ def _fingerprint(inputs: dict) -> str:
     return digest.hexdigest()
 
 
-def measure_levels(engine, split, batch: int, clean: np.ndarray, levels, repeats: int, target_fn) -> list[dict]:
+def measure_levels(engine, split, batch: int, clean: np.ndarray, levels, repeats: int, target_fn, class_axis: int = 1) -> list[dict]:
     """Measured agreement of a calibrated engine with `clean` predictions at each level."""
 
     results = []
@@ -82,7 +83,7 @@ def measure_levels(engine, split, batch: int, clean: np.ndarray, levels, repeats
             for start in range(0, len(split), batch):
                 part = {k: v[start : start + batch] for k, v in split.inputs.items()}
                 out.append(engine.run(part, level=float(level)))
-            rates.append(metrics.agreement(np.argmax(np.concatenate(out), axis=1).reshape(-1), clean))
+            rates.append(metrics.agreement(np.argmax(np.concatenate(out), axis=class_axis).reshape(-1), clean))
         agree = float(np.mean(rates))
         results.append({"level": float(level), "target": float(target_fn(level)), "measured": agree, "samples": int(clean.size) * repeats})
     return results
@@ -114,11 +115,7 @@ def calibrate(
         log(f"  level {level:4.2f} -> sigma {sigma:10.4f}   agreement target {want:.4f}, G {got:.4f}")
 
     manifest = Manifest.load(folder)
-    paths = {key: folder / name for key, name in CALIBRATION_FILES.items()}
-    graph = add_utility_level(load_graph(manifest.path("modulated")), table["sigmas"])
-    save_onnx(graph, paths["calibrated"])
-    ort_engine.build(paths["calibrated"], paths["calibrated_engine"])
-    log(f"  wrote {paths['calibrated'].name} and {paths['calibrated_engine'].name} (input utility_level [B] in [0, 1])")
+    paths = write_calibrated(manifest, table["sigmas"], log)
 
     # A check on held-out inputs: the test split, never seen by the calibration.
     test = eval_inputs(prepared, seed, split="test")
@@ -143,9 +140,27 @@ def calibrate(
             "labels_used": False,
         },
         "check": {"split": "test", "inputs": len(test.split), "levels": check},
-        "input": "utility_level FP32 [batch] in [0, 1]: 1 = the exact model, 0 = chance; NaN counts as 1",
         "seconds": round(time.perf_counter() - started, 1),
     }
+    return record_calibration(manifest, paths, entry)
+
+
+def write_calibrated(manifest: Manifest, sigmas, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """The build's production graph taking utility_level through the table `sigmas`, and its ONNX
+    Runtime engine, in the build folder; returns the calibration files by key."""
+    paths = {key: manifest.folder / name for key, name in CALIBRATION_FILES.items()}
+    save_onnx(add_utility_level(load_graph(manifest.graph_path("production")), sigmas), paths["calibrated"])
+    onnxruntime_engine(paths["calibrated"], paths["calibrated_engine"], manifest.precision)
+    engine_data = paths["calibrated_engine"].with_name(paths["calibrated_engine"].name + ".data")
+    if engine_data.is_file():  # a large model's engine keeps its weights beside it: hashed with the rest
+        paths["calibrated_engine.data"] = engine_data
+    log(f"  wrote {paths['calibrated'].name} and {paths['calibrated_engine'].name} (input utility_level [B] in [0, 1])")
+    return paths
+
+
+def record_calibration(manifest: Manifest, paths: dict[str, Path], entry: dict) -> dict:
+    """calibration.json, and the table, its provenance and the files in the manifest."""
+    entry = {**entry, "input": "utility_level FP32 [batch] in [0, 1]: 1 = the exact model, 0 = chance; NaN counts as 1"}
     with atomic_path(paths["calibration"]) as tmp:
         tmp.write_text(json.dumps(entry, indent=2) + "\n")
     manifest.calibration = {**entry, "files": {key: path.name for key, path in paths.items()}}

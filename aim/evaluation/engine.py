@@ -15,7 +15,9 @@ from typing import Callable
 
 from aim.evaluation.train import TRAINING, train
 from aim.families import Family, get_family
+from aim.files import check_writable
 from aim.layout import Manifest, ManifestError
+from aim.runtime.folder import open_build
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.tasks import Task, get_task
 from aim.tasks.datasets import Split
@@ -55,6 +57,7 @@ def prepare_engine(
     from aim.pipeline.build import build_model
 
     family = get_family(model)
+    check_writable(out_dir)  # before training and building
     training = None
     if checkpoint is None:
         training = train(model, seed=seed, log=log)
@@ -68,7 +71,8 @@ def prepare_engine(
     else:
         log(f"building the engine of {checkpoint} into {folder}")
         build_model(model, out_dir, checkpoint, backend="onnxruntime", seed=seed, log=log)
-    manifest = Manifest.load(folder)
+    manifest = open_build(folder)  # every file checked against its hash
+    # No profile: the sweeps run ONNX Runtime at batches past the TensorRT profile's (ONNX Runtime has none).
     return Prepared(folder, OnnxRuntimeEngine(manifest.engine_path()), checkpoint, training, family, get_task(family.task))
 
 

@@ -269,6 +269,10 @@ def evaluate(
         raise AimError(f"--repeats must be at least 1, got {repeats}")
     onnxruntime.set_seed(seed)  # before the engine's session exists: it seeds only sessions made after it
     prepared = prepare_engine(model, out_dir, checkpoint, seed, log)
+    classes = prepared.engine.num_classes
+    for flag, chosen in (("boost", boost), ("suppress", suppress)):
+        if chosen is not None and not 0 <= chosen < classes:  # before the sweeps, not after the first one
+            raise AimError(f"--{flag} {chosen}: the model has {classes} classes (0..{classes - 1}); pick one of them")
     task = prepared.task
     setup = eval_inputs(prepared, seed)
     # Labels are the model's classes only for the family's own trained model (it has training.json).

@@ -20,7 +20,7 @@ import numpy as np
 
 from aim.errors import AimError
 from aim.families import get_family
-from aim.files import StagedFolder
+from aim.files import StagedFolder, check_writable
 from aim.tasks import get_task
 from aim.tasks.datasets import Split
 
@@ -60,6 +60,7 @@ def train(
     if steps < 1:
         raise AimError(f"--steps must be at least 1, got {steps}")
     folder = Path(out_dir) if out_dir else TRAINED / model
+    check_writable(folder)  # before minutes of training
     settings = {"model": model, "steps": steps, "seed": seed, "lr": recipe.lr, "batch": recipe.batch, "version": recipe.version}
     record = folder / TRAINING
     if not force and record.is_file():

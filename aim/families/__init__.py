@@ -4,7 +4,9 @@ A family says which transformers class it is, which task it serves (by the task'
 never import tasks), the tiny random-weight config `make engine` builds without a checkpoint, the
 ranges of its dynamic dims, its tolerances, and the sizes it is trained and benchmarked at. Adding a
 family is adding one module here that calls `register(...)`; nothing outside this package names one.
-transformers is imported only when a model is built.
+A checkpoint folder of any supported architecture needs no family module: its record is derived
+from its config.json (architectures.py, aim/tasks/checkpoint.py). transformers is imported only
+when a model is built.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from aim.errors import UnknownModelError
 from aim.specs import Agreement, DimRange, Tolerance
+
+if TYPE_CHECKING:
+    from aim.families.architectures import Architecture
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,9 @@ class Family:
     task: str  # the name of a task in aim.tasks
     model_type: str  # config.json's model_type of this architecture
     model_class: str  # the transformers class that loads a checkpoint, by name
-    tiny: Callable[[], object]  # the transformers config of the tiny random-weight model
+    # The transformers config of the tiny random-weight model; None for a record derived from a
+    # checkpoint folder (aim/tasks/checkpoint.py), which always loads its weights.
+    tiny: Callable[[], object] | None
     # Ranges of the dynamic dims: export example, tests and TensorRT profiles use them.
     dims: dict[str, DimRange]
     # Small sizes for tracing and for the verification run of `make engine`; dims that are dynamic
@@ -69,6 +76,11 @@ class Family:
     benchmark: Benchmark | None = None
     opset: int = 17
     extra: dict = field(default_factory=dict)
+    # The transformers config of a real-size checkpoint (`make scale-check` saves it in bf16, sharded,
+    # and builds it), or None.
+    scale: Callable[[], object] | None = None
+    # A record derived from a checkpoint folder: the architecture it holds.
+    architecture: Architecture | None = None
 
     def model_class_object(self):
         import transformers
@@ -77,6 +89,8 @@ class Family:
 
     def build(self, config=None):
         """A model of this family with random weights from `config` (default: the tiny one)."""
+        if config is None and self.tiny is None:
+            raise UnknownModelError(f"{self.name} has no built-in tiny model: it is built from its checkpoint folder")
         return self.model_class_object()(config if config is not None else self.tiny())
 
     def sizes(self, **overrides: int) -> dict[str, int]:
@@ -98,7 +112,8 @@ def register(family: Family) -> Family:
 
 
 def _load_all() -> None:
-    """Imports every module of this package: each registers its family (no list to keep in step)."""
+    """Imports every module of this package: each registers its family (no list to keep in step;
+    architectures.py registers none, it is the table of what checkpoint folders may hold)."""
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
 

@@ -54,6 +54,25 @@ def decode_step():
     )
 
 
+def tinyllama():
+    """TinyLlama-1.1B's shape (22 layers, width 2048, GQA 32/4 heads, MLP 5632, vocabulary 32000):
+    the real-size checkpoint `make scale-check` saves in bf16 and builds (random weights: no hub)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
 LLAMA = register(
     Family(
         name="llama",
@@ -92,5 +111,6 @@ LLAMA = register(
             "Llama decode step (1 new token after a 128-token KV cache), width 2048, 6 layers, 0.4 B params, vocabulary 32000",
             repeats=30,
         ),
+        scale=tinyllama,
     )
 )

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from aim.contract import PREFIX
 from aim.errors import InvalidGraphError
+from aim.weights import WeightsFile, external_tensors, read_blocks, where
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504: FP32 constants beyond it are clamped (e.g. masks of -3.4e38)
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -60,6 +61,29 @@ def _formal(params, index: int):
 def _half_tensor(tensor: TensorProto, name: str | None = None) -> TensorProto:
     values = np.clip(numpy_helper.to_array(tensor).astype(np.float32), -FP16_MAX, FP16_MAX)
     return numpy_helper.from_array(values.astype(np.float16), name if name is not None else tensor.name)
+
+
+class _HalfWeights:
+    """FP16 copies of weights kept in an external data file: read, converted and appended to `weights`
+    block by block, so memory holds a block however large the tensor. The FP16 graphs of a build
+    share `weights`: a weight they all use is written once. Weights held in the graph stay in it."""
+
+    def __init__(self, weights: WeightsFile | None, weights_dir):
+        self.weights, self.weights_dir = weights, weights_dir
+
+    def __call__(self, tensor: TensorProto, name: str) -> TensorProto:
+        if not external_data_helper.uses_external_data(tensor):
+            return _half_tensor(tensor, name)
+        if self.weights is None:
+            raise InvalidGraphError(f"{tensor.name!r} is kept in an external data file: converting it needs a file for the FP16 weights")
+        half = TensorProto(name=name, data_type=HALF, dims=tensor.dims)
+        key = where(tensor)
+
+        def blocks():  # FP32 blocks read, clipped in place and converted: memory holds a block, not the tensor
+            for fp32 in read_blocks(tensor, self.weights_dir):
+                yield np.clip(fp32, -FP16_MAX, FP16_MAX, out=fp32).astype(np.float16)
+
+        return self.weights.add(half, blocks, key)
 
 
 def _subgraphs(node: onnx.NodeProto):
@@ -105,8 +129,8 @@ def _collect_types(graph: onnx.GraphProto, types: dict[str, int]):
 class _Converter:
     """Converts one graph (and, recursively, the subgraphs of PREFIX-named nodes) in place."""
 
-    def __init__(self, prefixes: tuple[str, ...], opset: int, types: dict[str, int]):
-        self.prefixes, self.opset, self.types = prefixes, opset, types
+    def __init__(self, prefixes: tuple[str, ...], opset: int, types: dict[str, int], half: _HalfWeights):
+        self.prefixes, self.opset, self.types, self.half = prefixes, opset, types, half
 
     def _convert_model_node(self, node: onnx.NodeProto, as_type, new_type: dict):
         """A node of the model: FP32 tensors become FP16 wherever its schema allows tensor(float16)."""
@@ -153,7 +177,7 @@ class _Converter:
             if key not in casts:
                 tag = "fp32" if want == FLOAT else "fp16"
                 if name in initializers and want == HALF:
-                    copy = _half_tensor(initializers[name], f"{name}/fp16")
+                    copy = self.half(initializers[name], f"{name}/fp16")
                     new_initializers.append(copy)
                     casts[key] = copy.name
                 else:
@@ -268,17 +292,23 @@ def _hoist_shared_nodes(node: onnx.NodeProto, prefixes: tuple[str, ...]) -> tupl
     return hoisted, list(moved.values())
 
 
-def convert_to_fp16(model: onnx.ModelProto, keep_fp32: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """A copy of `model` computing in FP16, with nodes named under PREFIX or a `keep_fp32` prefix in FP32."""
+def convert_to_fp16(
+    model: onnx.ModelProto, keep_fp32: tuple[str, ...] = (), weights: WeightsFile | None = None, weights_dir=None
+) -> onnx.ModelProto:
+    """A copy of `model` computing in FP16, with nodes named under PREFIX or a `keep_fp32` prefix in FP32.
+
+    Weights that `model` keeps in an external data file (read from `weights_dir`) get their FP16
+    copies written to `weights`, one tensor at a time; weights in the graph are converted in it."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception as error:
         raise InvalidGraphError(f"fp16 conversion needs the element type of every tensor; shape inference failed: {error}") from error
     types: dict[str, int] = {}
     _collect_types(inferred.graph, types)
-    _Converter((PREFIX, *keep_fp32), _opset(model), types).convert(inferred.graph, {}, {})
+    _Converter((PREFIX, *keep_fp32), _opset(model), types, _HalfWeights(weights, weights_dir)).convert(inferred.graph, {}, {})
     result = onnx.shape_inference.infer_shapes(inferred, strict_mode=True)
-    onnx.checker.check_model(result)
+    if not external_tensors(result):  # in memory, the checker would look for data files in the working directory
+        onnx.checker.check_model(result)  # (save_onnx checks the file as written)
     return result
 
 

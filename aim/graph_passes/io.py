@@ -9,18 +9,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from aim.errors import InvalidGraphError
-from aim.files import atomic_path
-
-# Protobuf's hard limit; larger models keep their weights in an external data file.
-_PROTOBUF_LIMIT = 2**31 - 1
+from aim.weights import save_model
 
 
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+def load_onnx(path: str | os.PathLike, weights: bool = False) -> onnx.ModelProto:
+    """The model at `path`. Weights in an external data file stay references into it unless `weights`
+    (aim/weights.py): the passes change the graph's tail and never need them."""
     path = Path(path)
     if not path.is_file():
         raise InvalidGraphError(f"{path}: no such ONNX file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=weights)
     except Exception as error:  # protobuf raises DecodeError, onnx raises others for external data
         raise InvalidGraphError(
             f"{path} is not a readable ONNX model ({type(error).__name__}: {error}). "
@@ -35,20 +34,11 @@ def load_graph(path: str | os.PathLike) -> gs.Graph:
     return gs.import_onnx(load_onnx(path))
 
 
-def save_onnx(model: onnx.ModelProto | gs.Graph, path: str | os.PathLike, check: bool = True) -> Path:
-    """Checks the model (onnx.checker) and writes it atomically; weights go to `<name>.data` past 2 GiB."""
+def save_onnx(model: onnx.ModelProto | gs.Graph, path: str | os.PathLike, check: bool = True, weights_dir: str | os.PathLike | None = None) -> Path:
+    """Checks the model (onnx.checker) and writes it atomically. Weights that are references stay
+    references when their file is beside `path` (`weights_dir`, where they resolve, defaults to
+    path's folder), else they are copied into `<name>.data`; weights in memory go to `<name>.data`
+    past 2 GiB (aim/weights.py)."""
     if isinstance(model, gs.Graph):
         model = gs.export_onnx(model)
-    path = Path(path)
-    large = model.ByteSize() > _PROTOBUF_LIMIT
-    if check and not large:
-        try:
-            onnx.checker.check_model(model)
-        except onnx.checker.ValidationError as error:
-            raise InvalidGraphError(f"the graph for {path.name} is not valid ONNX: {error}") from error
-    with atomic_path(path) as tmp:
-        if large:
-            onnx.save(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
-        else:
-            onnx.save(model, str(tmp))
-    return path
+    return save_model(model, path, weights_dir, check)

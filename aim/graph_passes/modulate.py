@@ -16,6 +16,9 @@ from aim.graph_passes.upsample import upsample_logits
 
 # Unsqueeze with axes as an input (13) and Shape with start/end (15) are used by the passes.
 MIN_OPSET = 15
+# ONNX Runtime 1.32 has RandomUniformLike and RandomNormalLike kernels up to opset 21 (opset 22 added
+# bfloat16 to them): a graph of opset 22 or later with the production flavour's noise would not load.
+MAX_OPSET = 21
 
 
 def prepare(model: onnx.ModelProto) -> gs.Graph:
@@ -23,6 +26,13 @@ def prepare(model: onnx.ModelProto) -> gs.Graph:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise InvalidGraphError("the model imports no standard ONNX opset")
+    if opset > MAX_OPSET:
+        raise InvalidGraphError(
+            f"the model is opset {opset}, and ONNX Runtime has no kernels for the noise ops (RandomUniformLike, "
+            f"RandomNormalLike) past opset {MAX_OPSET}: the modulated graph would not load. Export the model at opset "
+            f"{MAX_OPSET} or below (torch.onnx.export(..., opset_version={MAX_OPSET})), or convert it with "
+            f"onnx.version_converter.convert_version(model, {MAX_OPSET})."
+        )
     if opset < MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, MIN_OPSET)
@@ -73,4 +83,4 @@ def modulate_file(
 ) -> Path:
     """Reads `source`, splices the redistribution onto output `logits`, writes `destination` atomically."""
     graph = prepare(load_onnx(source))
-    return save_onnx(modulate_graph(graph, logits, class_axis, flavour, upsample_to, key), destination)
+    return save_onnx(modulate_graph(graph, logits, class_axis, flavour, upsample_to, key), destination, weights_dir=Path(source).parent)

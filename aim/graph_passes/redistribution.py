@@ -13,7 +13,8 @@ What the statement adds to the bare formula, and why:
   So no request can turn the logits into NaN or inf.
 - Skipping (benchmark P1a): when the whole batch asks for utility 0 and focus 0, an `If` returns the
   bare logits without drawing any noise; the bare logits' producer node is moved into both branches,
-  so that branch writes straight into the output instead of copying it.
+  so that branch writes straight into the output instead of copying it (FP32 logits only: see
+  _movable_producer).
 - Sparse focus (benchmark P2): focus noise is drawn only for the classes some sample focuses on
   (their indices -> Gather -> add -> ScatterElements back), not over the whole logits tensor.
 - One draw (benchmark P2): the production flavour draws n1 and n2 from ONE random node (Box-Muller
@@ -609,7 +610,18 @@ def _logits_output(graph: gs.Graph, logits: str) -> gs.Variable:
             f"the graph has no output named {logits!r}; its outputs are {sorted(outputs)}. "
             f"Pass the name of the logits output (--logits NAME)."
         )
-    return outputs[logits]
+    z = outputs[logits]
+    if z in graph.inputs:
+        raise InvalidGraphError(
+            f"output {logits!r} is also a graph input (passed straight through): modulating it would rename the input "
+            f"that clients send. Pass the name of the output the model computes its logits into (--logits NAME)."
+        )
+    if z.dtype is not None and (np.issubdtype(np.dtype(z.dtype), np.integer) or np.dtype(z.dtype) == np.bool_):
+        raise InvalidGraphError(
+            f"output {logits!r} is {np.dtype(z.dtype).name}: it holds class ids or flags, not logits, and noise added to "
+            f"them would change the ids. Pass the floating-point output the model computes its scores into (--logits NAME)."
+        )
+    return z
 
 
 def _class_axis(z: gs.Variable, class_axis: int) -> tuple[int, int]:
@@ -634,17 +646,28 @@ def _class_axis(z: gs.Variable, class_axis: int) -> tuple[int, int]:
     return axis, classes
 
 
+def _nbytes(constant: gs.Constant) -> int:
+    return int(np.prod(constant.shape, dtype=np.int64)) * np.dtype(constant.dtype).itemsize
+
+
 def _movable_producer(graph: gs.Graph, z: gs.Variable) -> gs.Node | None:
     """The node computing the logits, if nothing else needs it: then it can be computed inside the
     If's branches, and the skip branch writes the bare logits straight into the output (no copy)."""
     if len(z.inputs) != 1 or z.outputs or z in graph.inputs:
+        return None
+    # Reduced-precision logits stay where they are: ONNX Runtime's CPU provider runs FP16 chains it has
+    # no FP16 kernels for in FP32 and rounds to FP16 only where a tensor leaves the chain (a graph output,
+    # an If's input). Moved into a branch, the producer would read inputs rounded at the branch's edge,
+    # which the bare graph never rounds: a third of the "exact" logits differed, mostly by one FP16 ulp.
+    if np.dtype(z.dtype) != np.float32:
         return None
     producer = z.inputs[0]
     if len(producer.outputs) != 1 or producer.op in ("If", "Loop", "Scan"):
         return None
     # Weights used inside both branches would be stored twice (a classifier head: megabytes), while
     # the copy saved is only that of the small logits such heads make.
-    if any(isinstance(t, gs.Constant) and t.values.nbytes > MAX_MOVED_CONSTANT for t in producer.inputs):
+    # Sized from shape and type: a weight kept in an external data file is never read (aim/weights.py).
+    if any(isinstance(t, gs.Constant) and _nbytes(t) > MAX_MOVED_CONSTANT for t in producer.inputs):
         return None
     return producer
 

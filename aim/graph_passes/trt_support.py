@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from aim.errors import InvalidGraphError
+from aim.graph_passes.io import load_onnx
 
 TABLE = Path(__file__).parent / "data" / "tensorrt_onnx_support.json"
 
@@ -345,7 +346,7 @@ def check_tensorrt_support(
     """Every node of `model` (a ModelProto or a path) against the parser's operator matrix, and the
     known differences of `backend` ("tensorrt" or "tensorrt-rtx")."""
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
+        model = load_onnx(model)  # without its weights; a clear error for a missing or unreadable file
     table = table or load_table()
     if backend not in table.get("backends", {}):
         raise ValueError(f"no TensorRT backend {backend!r} in {TABLE.name}; known: {sorted(table.get('backends', {}))}")

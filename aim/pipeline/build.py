@@ -16,39 +16,49 @@ from typing import Callable
 
 from aim.contract import LOGITS, MAX_STRENGTH
 from aim.errors import VerificationError
-from aim.families import Family, get_family
-from aim.files import StagedFolder, remove
+from aim.families import Family
+from aim.files import StagedFolder, folder_hashes, remove
 from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Modulation, Source, Verification, package_versions
 from aim.graph_passes.noise_key import NoiseKey
-from aim.pipeline import steps
+from aim.pipeline import memory, steps
 from aim.pipeline.verify import checks, keyed_expectation
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
 from aim.runtime.base import profile_from_io
 from aim.tasks import Task, get_task
+from aim.verify.tolerance import logit_spread, scaled_tolerance
 
 
 class Progress:
-    """Numbered steps on the log, each with its wall time (kept for the manifest)."""
+    """Numbered steps on the log, each with its wall time and resident memory (kept for the manifest):
+    at its start and its peak, so that what a step itself adds shows (pipeline/memory.py)."""
 
     def __init__(self, total: int, log: Callable[[str], None]):
         self.total, self.step, self.log = total, 0, log
         self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.memory: dict[str, dict[str, float]] = {}
 
     def __call__(self, what: str):
         self.step += 1
         self.last = time.perf_counter()
+        self.fresh_peak = memory.reset_peak()  # else the peak is the process's since it started
+        self.start_rss = memory.rss()
         self.log(f"[{self.step}/{self.total}] {what}")
 
     def done(self, key: str, detail: str = ""):
         now = time.perf_counter()
         self.timings[key] = round(now - self.last, 3)
         self.last = now
-        self.log(f"      done in {self.timings[key]:.1f} s{': ' + detail if detail else ''}")
+        peak, note = memory.peak_rss(), ""
+        if peak is not None and self.start_rss is not None and self.fresh_peak:
+            peak = max(peak, self.start_rss)  # the kernel's counters lag a little: the step held its start
+            self.memory[key] = {"start": round(self.start_rss / 1e6, 1), "peak": round(peak / 1e6, 1)}
+            note = f", peak {peak / 1e9:.2f} GB resident (+{(peak - self.start_rss) / 1e9:.2f} GB)"
+        self.log(f"      done in {self.timings[key]:.1f} s{note}{': ' + detail if detail else ''}")
 
 
 def build_model(
-    model: str,
+    model: str | None,
     out_dir: str | os.PathLike = "build",
     checkpoint: str | os.PathLike | None = None,
     backend: str = "onnxruntime",
@@ -58,14 +68,14 @@ def build_model(
     noise: str = "fresh",
     noise_key: str | os.PathLike | None = None,
 ) -> Manifest:
-    """Builds and verifies the modulated engine of family `model`; returns its manifest. `noise`:
-    "fresh" or "keyed"; `noise_key`: a key file to build keyed noise with, drawn and written there
-    (mode 600) once the build has passed if the file does not exist yet."""
-    family = get_family(model)  # an unknown name fails here, before anything is written
+    """Builds and verifies the modulated engine of family `model`, or (model None) of the checkpoint
+    folder's own architecture into OUT/<the folder's name>; returns its manifest. `noise`: "fresh" or
+    "keyed"; `noise_key`: a key file to build keyed noise with, drawn and written there (mode 600)
+    once the build has passed if the file does not exist yet."""
+    family = steps.family_of(model, checkpoint, log)  # an unknown name or architecture fails here, before anything is written
     task = get_task(family.task)
     steps.check_precision(family, precision)
-    steps.check_noise(noise, noise_key)
-    key, fresh_key = NoiseKey.load_or_draw(noise_key) if noise == "keyed" else (None, False)  # a bad key file fails here
+    key, fresh_key = noise_key_of(noise, noise_key)  # a bad key file fails here
     backend, why = choose_backend(backend)  # a backend that cannot work fails here, with what to install
     log(f"backend {why}")
     if checkpoint is not None:
@@ -73,10 +83,7 @@ def build_model(
 
         checkpoint_config(checkpoint)  # not a checkpoint folder: fails before anything is written
     out = Path(out_dir)
-    if key is not None:
-        log("noise keyed: " + (f"the key in {noise_key}" if not fresh_key else "a fresh key from the OS random source")
-            + (f", saved to {noise_key} (mode 600) if the build passes" if fresh_key and noise_key else "")
-            + (", kept only inside the engine" if noise_key is None else "") + f"; fingerprint {key.fingerprint}")
+    log_noise(key, fresh_key, noise_key, log)
     with StagedFolder(out / family.name) as staged:
         manifest = _build(family, task, staged.path, checkpoint, backend, precision, seed, log, key)
         if not manifest.verification.passed:
@@ -89,27 +96,71 @@ def build_model(
     return manifest
 
 
+def noise_key_of(noise: str, noise_key) -> tuple[NoiseKey | None, bool]:
+    """The build's noise key (None for fresh noise), and whether it was drawn now (not read from a file)."""
+    steps.check_noise(noise, noise_key)
+    return NoiseKey.load_or_draw(noise_key) if noise == "keyed" else (None, False)
+
+
+def log_noise(key: NoiseKey | None, fresh_key: bool, noise_key, log) -> None:
+    if key is not None:
+        log("noise keyed: " + (f"the key in {noise_key}" if not fresh_key else "a fresh key from the OS random source")
+            + (f", saved to {noise_key} (mode 600) if the build passes" if fresh_key and noise_key else "")
+            + (", kept only inside the engine" if noise_key is None else "") + f"; fingerprint {key.fingerprint}")
+
+
+def modulation_record(
+    logits: str, class_axis: int, num_classes: int, upsampled_to: str | None, precision: str, key: NoiseKey | None = None
+) -> Modulation:
+    """What the manifest says about the modulation of a build's logits (fresh noise, or keyed by `key`)."""
+    return Modulation(
+        logits=logits,
+        class_axis=class_axis,
+        num_classes=num_classes,
+        upsampled_to=upsampled_to,
+        formula="logits' = logits + utility * n1 + focus * |n2|, n1, n2 ~ N(0,1) per element, "
+        + ("keyed: a function of the request and a secret key (the same request, the same answer)" if key else "fresh per run"),
+        utility=f"FP32 [batch], in [0, {MAX_STRENGTH:g}] logit units; 0 = the original model",
+        focus=f"FP32 [batch, classes], in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]; > 0 boosts a class, < 0 suppresses it",
+        fp32_nodes="every node named aim_redistribution/* computes in FP32" + (", also in this FP16 engine" if precision == "fp16" else ""),
+        noise="keyed" if key else "fresh",
+        key_fingerprint=key.fingerprint if key else None,
+    )
+
+
 def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, precision: str, seed: int, log, key: NoiseKey | None) -> Manifest:
-    progress = Progress(5, log)
-    progress(f"model {family.name} ({family.task}) from " + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})"))
+    progress = Progress(6, log)
+    progress(f"model {family.name} ({family.task}, {family.model_class}) from " + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})"))
     loaded = steps.load(family, task, checkpoint, seed)
     tokenizer_dir = steps.save_tokenizer(loaded.tokenizer, folder) if loaded.tokenizer is not None else None
     progress.done(
         "load",
-        f"{loaded.parameters:,} parameters, {loaded.num_classes} classes"
-        + (f", tokenizer of {len(loaded.tokenizer)} tokens" if loaded.tokenizer is not None else ""),
+        f"{loaded.parameters:,} parameters"
+        + (f" stored as {loaded.dtype}, loaded in float32" if loaded.dtype else "")
+        + f", {loaded.num_classes} classes"
+        + (f", tokenizer of {len(loaded.tokenizer)} tokens" if loaded.tokenizer is not None else "")
+        + (", no tokenizer in the checkpoint (verified on token ids; `generate` needs one)" if task.uses_tokenizer and loaded.tokenizer is None else ""),
     )
 
     progress("export to ONNX (torch.onnx, dynamic " + ", ".join(family.dims) + ")")
     exported = steps.export(family, task, loaded.model, folder / FILES["exported"])
-    progress.done("export", exported.name)
+    weights = folder / FILES["weights"]
+    progress.done("export", exported.name + (f", weights in {weights.name} ({weights.stat().st_size / 1e9:.2f} GB)" if weights.is_file() else ""))
+
+    progress("PyTorch reference on the verification inputs, then the PyTorch model is released")
+    keep_fp32 = family.fp16_keep_fp32 + task.keep_fp32(loaded.model)  # found by module: before the model goes
+    max_positions = task.positions(loaded.model)  # likewise read from the model's config before it goes
+    reference = steps.reference(family, task, loaded, seed)
+    reference_path = reference.save(folder / REFERENCE)
+    steps.release(loaded)
+    progress.done("reference", reference_path.name)
 
     progress(
         "graph passes: " + ("upsample logits, " if task.upsample_logits_to else "")
         + f"redistribution (production{', keyed noise,' if key else ''} + verification)"
         + (", fp16 (redistribution kept fp32)" if precision == "fp16" else "") + ", TensorRT compatibility check"
     )
-    graphs = steps.passes(task, folder, exported, precision, backend, family.fp16_keep_fp32, key)
+    graphs = steps.passes(task, folder, exported, precision, backend, keep_fp32, key=key)
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
     progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"))
 
@@ -124,30 +175,20 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         "verify: PyTorch vs engine (" + ("element-wise" if precision == "fp32" else f"{family.fp16.metric} agreement") + "), production noise statistics"
         + ("" if runnable else f"; the {backend} engine cannot run here, so ONNX Runtime runs the graphs it was built from")
     )
-    reference = steps.reference(family, task, loaded, seed)
     production = GraphIO.of(graphs.paths[graphs.sources["production"]])
     manifest = Manifest(
         model=family.name,
         task=task.name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source=Source(str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters),
+        source=Source(
+            str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, dtype=loaded.dtype, model_class=family.model_class,
+            files=folder_hashes(loaded.checkpoint) if loaded.checkpoint else {},
+        ),
         backend=backend,
         precision=precision,
         engine=engine.name,
         graphs=graphs.sources,
-        modulation=Modulation(
-            logits=LOGITS,
-            class_axis=task.class_axis,
-            num_classes=loaded.num_classes,
-            upsampled_to=task.upsample_logits_to,
-            formula="logits' = logits + utility * n1 + focus * |n2|, n1, n2 ~ N(0,1) per element, "
-            + ("keyed: a function of the request and a secret key (the same request, the same answer)" if key else "fresh per run"),
-            utility=f"FP32 [batch], in [0, {MAX_STRENGTH:g}] logit units; 0 = the original model",
-            focus=f"FP32 [batch, classes], in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]; > 0 boosts a class, < 0 suppresses it",
-            fp32_nodes="every node named aim_redistribution/* computes in FP32" + (", also in this FP16 engine" if precision == "fp16" else ""),
-            noise="keyed" if key else "fresh",
-            key_fingerprint=key.fingerprint if key else None,
-        ),
+        modulation=modulation_record(LOGITS, task.class_axis, loaded.num_classes, task.upsample_logits_to, precision, key),
         tokenizer=tokenizer_dir.name if tokenizer_dir else None,
         graph=production,
         verification_graph=GraphIO.of(graphs.paths[graphs.sources["verification"]]),
@@ -160,25 +201,33 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
             runner=runner,
             engine_run=EngineRun(runnable, why),
             shapes=reference.shapes(),
-            tolerance=family.tolerance,
+            tolerance=scaled_tolerance(family.tolerance, reference.logits, task.class_axis),
             reduced_precision=family.fp16 if precision == "fp16" else None,
             checks=[],
             seed=seed,
+            logit_spread=logit_spread(reference.logits, task.class_axis),
         ),
         artifacts={},
         timings_s=progress.timings,
+        memory_mb=progress.memory,  # filled in as the steps end, like timings_s
         versions=package_versions(),
         folder=folder,
+        max_positions=max_positions,
     )
     for name, path in graphs.paths.items():
         manifest.record(name, path)
     if key is not None:
         reference.keyed_modulated = keyed_expectation(manifest, reference, runner, key)
         manifest.verification.shapes = reference.shapes()
-    manifest.record("reference", reference.save(folder / REFERENCE))
+        reference.save(reference_path)  # again, with what the keyed engine must answer
+    manifest.record("reference", reference_path)
     if tokenizer_dir is not None:
         for path in sorted(tokenizer_dir.iterdir()):
             manifest.record(f"tokenizer/{path.name}", path)
+    recorded = {entry.path for entry in manifest.artifacts.values()}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):  # whatever else the build depends on (external weights)
+        if str(path.relative_to(folder)) not in recorded:
+            manifest.record(str(path.relative_to(folder)), path)
     found = checks(manifest, task, reference, runner, seed)
     manifest.verification.checks = found
     manifest.verification.passed = all(check.passed for check in found)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from aim.layout import Manifest
+from aim.verify.statistics import ALPHA, FALSE_FAILURE_RATE, STATISTICAL_CHECKS
 
 
 def report(manifest: Manifest) -> str:
     verification = manifest.verification
     lines = [f"{manifest.model} ({manifest.task}), backend {manifest.backend}, {manifest.precision}"]
+    source = manifest.source
+    if source.onnx:
+        lines.append(f"  source  {source.onnx} (sha256 {source.onnx_sha256[:16]}...), logits {manifest.modulation.logits!r}")
     if manifest.modulation.noise == "keyed":
         lines.append(f"  noise    keyed (the same request, the same answer), key fingerprint {manifest.modulation.key_fingerprint}")
     for key in ("inputs", "outputs"):
@@ -20,6 +24,11 @@ def report(manifest: Manifest) -> str:
     lines.append(f"  checks{ran_on}:")
     for check in verification.checks:
         lines.append(f"    {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+    if any(check.name in STATISTICAL_CHECKS for check in verification.checks):
+        lines.append(
+            f"  statistics: each check fails below p {ALPHA:g}, so a correct engine fails them with probability <= "
+            f"{FALSE_FAILURE_RATE:g}; ONNX Runtime seed {verification.seed} (aim verify reproduces them)"
+        )
     tolerance = verification.tolerance
     lines.append(f"  tolerance: atol {tolerance.atol:g}, rtol {tolerance.rtol:g} ({tolerance.why})")
     reduced = verification.reduced_precision

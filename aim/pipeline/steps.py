@@ -1,10 +1,11 @@
 """The steps of `make engine`, each a small function that returns its artifact.
 
-    load      family + checkpoint -> Loaded (the PyTorch model, its tokenizer, its size)
-    export    -> exported.onnx (torch.onnx)
+    load      family + checkpoint -> Loaded (the PyTorch model in FP32, its tokenizer, its size)
+    export    -> exported.onnx (torch.onnx; its weights in exported.onnx.data past 2 GiB)
+    reference -> reference.npz: what PyTorch computes on the verification inputs (then `release`
+                 frees the PyTorch model)
     passes    -> bare, production and verification graphs (+ FP16 copies), TensorRT compatibility
     engines   -> the engine files of the backend
-    reference -> reference.npz: what PyTorch computes on the verification inputs
 
 The verdicts on the build's engines against the reference come from pipeline/verify.py.
 """
@@ -25,40 +26,70 @@ from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import FILES, ROLES, TOKENIZER_DIR, GraphIO, engine_files
 from aim.runtime import onnxruntime as ort_engine
 from aim.runtime.backends import TENSORRT_BACKENDS
+from aim.specs import TensorSpec
 from aim.runtime.base import profile_from_io
 from aim.tasks import Task
 from aim.verify.reference import Reference, differential_knobs
+from aim.weights import WeightsFile
 
 PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
 class Loaded:
-    model: object  # the PyTorch model, eval mode
+    model: object  # the PyTorch model, eval mode, FP32; None once released (after the reference)
     tokenizer: object | None
     num_classes: int
     parameters: int
     checkpoint: Path | None
+    dtype: str | None = None  # how the checkpoint stores its weights
+
+
+def family_of(model: str | None, checkpoint=None, log=None) -> Family:
+    """The family MODEL names, or, without one, the record derived from the checkpoint folder's
+    config.json (any supported architecture of the three tasks)."""
+    from aim.families import get_family
+    from aim.tasks.checkpoint import checkpoint_family
+
+    if model is not None:
+        return get_family(model)
+    if checkpoint is None:
+        raise AimError("give a model (see `aim models`) or a checkpoint folder: `make engine CHECKPOINT=dir`")
+    return checkpoint_family(checkpoint, log)
 
 
 def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
-    """The family's model: a local `save_pretrained` folder (its architecture must be the family's),
-    or random weights from the family's tiny config (seeded). Nothing is downloaded."""
+    """The family's model in FP32: a local `save_pretrained` folder (its architecture must be the
+    family's; stored in any dtype), or random weights from the family's tiny config (seeded). Nothing
+    is downloaded."""
+    from aim.export.checkpoint import checkpoint_dtype
     from aim.export.torch_export import checkpoint_config, load_checkpoint, random_model
 
+    dtype = None
     if checkpoint is None:
         model = random_model(family.build, seed)
     else:
-        found = checkpoint_config(checkpoint).get("model_type")
+        config = checkpoint_config(checkpoint)
+        found = config.get("model_type")
         if found != family.model_type:
             raise CheckpointError(
                 f"{checkpoint} holds a {found!r} model, but MODEL={family.name} expects {family.model_type!r}. "
-                f"Pick the model family that matches the checkpoint."
+                f"Leave MODEL out to build the checkpoint as its own architecture (`make engine CHECKPOINT={checkpoint}`)."
             )
+        dtype = checkpoint_dtype(checkpoint, config)
         model = load_checkpoint(family.model_class_object(), checkpoint)
     tokenizer = task.tokenizer(model, checkpoint)
     parameters = sum(p.numel() for p in model.parameters())
-    return Loaded(model, tokenizer, task.num_classes(model), parameters, Path(checkpoint).resolve() if checkpoint else None)
+    return Loaded(model, tokenizer, task.num_classes(model), parameters, Path(checkpoint).resolve() if checkpoint else None, dtype)
+
+
+def release(loaded: Loaded) -> None:
+    """Frees the PyTorch model once the reference is computed: the engines are built and verified
+    without it, so a large model's weights are not held twice."""
+    import gc
+
+    loaded.model = None
+    gc.collect()
 
 
 def save_tokenizer(tokenizer, folder: Path) -> Path:
@@ -75,13 +106,32 @@ def save_tokenizer(tokenizer, folder: Path) -> Path:
 
 
 def export(family: Family, task: Task, model, path: Path) -> Path:
-    """torch.onnx's trace of the task's wrapper around the model, every dynamic dim symbolic."""
+    """torch.onnx's trace of the task's wrapper around the model, every dynamic dim symbolic, traced at
+    other sizes than it is verified at where the task says so (a size baked in then fails verification).
+    An architecture no test covers that fails to export is the user's CheckpointError, not a bug."""
     from aim.export.torch_export import export_onnx
+    from aim.families.architectures import supported
 
-    inputs = task.example_inputs(model, family.sizes(**family.verify_sizes))
-    return export_onnx(
-        task.wrap(model), inputs, task.input_specs(model), task.output_specs(model), path, family.opset, task.export_context
-    )
+    try:
+        inputs = task.example_inputs(model, task.trace_sizes(family.sizes(**family.verify_sizes), family.dims))
+        specs = (_static(task.input_specs(model), family.dims), _static(task.output_specs(model), family.dims))
+        return export_onnx(task.wrap(model), inputs, *specs, path, family.opset, lambda: task.export_context(model))
+    except Exception as error:
+        if family.architecture is None or family.architecture.tested or isinstance(error, AimError):
+            raise
+        raise CheckpointError(
+            f"{family.model_type} is not among the tested architectures, and its export failed ({type(error).__name__}: {error}). "
+            f"Supported: {supported()}."
+        ) from error
+
+
+def _static(specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
+    """The specs with every dim whose range is one value (an image size the architecture fixes) static."""
+
+    def dim(d):
+        return dims[d].min if isinstance(d, str) and d in dims and dims[d].min == dims[d].max else d
+
+    return tuple(TensorSpec(spec.name, spec.dtype, tuple(dim(d) for d in spec.dims)) for spec in specs)
 
 
 @dataclass
@@ -92,29 +142,38 @@ class Graphs:
 
 
 def passes(
-    task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = (), key: NoiseKey | None = None
+    task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = (), logits: str = LOGITS,
+    key: NoiseKey | None = None,
 ) -> Graphs:
     """Bare, production and verification graphs (FP16 copies if asked; keyed production noise with
     `key`), and TensorRT's verdict on them; refuses the build if TensorRT is the backend and would
-    refuse a node."""
+    refuse a node. `task`: what the passes read of it, `class_axis` and `upsample_logits_to`;
+    `logits`: the logits output's name."""
     from aim.graph_passes.fp16 import convert_to_fp16
     from aim.graph_passes.trt_support import check_tensorrt_support
     from aim.runtime.tensorrt import EngineBuildError
 
+    # The graphs are read without their weights: those in exported.onnx.data (a model past 2 GiB) stay
+    # references, which every graph saved beside it shares (aim/weights.py).
     paths = {"exported": exported}
-    graphs = deployment_graphs(load_onnx(exported), LOGITS, task.class_axis, task.upsample_logits_to, key)
+    graphs = deployment_graphs(load_onnx(exported), logits, task.class_axis, task.upsample_logits_to, key)
     if task.upsample_logits_to:
         paths["bare"] = save_onnx(graphs["bare"], folder / FILES["bare"])
     else:
         paths["bare"] = exported  # nothing changed: the exported file is the bare model
     paths["modulated"] = save_onnx(graphs["production"], folder / FILES["modulated"])
     paths["verification"] = save_onnx(graphs["verification"], folder / FILES["verification"])
+    del graphs
     sources = dict(ROLES)
     if precision == "fp16":
-        for role, key in ROLES.items():
-            half = folder / paths[key].name.replace(".onnx", ".fp16.onnx")
-            paths[f"{key}.fp16"] = save_onnx(convert_to_fp16(load_onnx(paths[key]), keep_fp32), half)
-            sources[role] = f"{key}.fp16"
+        with WeightsFile(folder / FILES["weights.fp16"]) as half_weights:  # written block by block
+            for role, key in ROLES.items():
+                half = folder / paths[key].name.replace(".onnx", ".fp16.onnx")
+                paths[f"{key}.fp16"] = save_onnx(convert_to_fp16(load_onnx(paths[key]), keep_fp32, half_weights, folder), half)
+                sources[role] = f"{key}.fp16"
+    for key in ("weights", "weights.fp16"):
+        if (folder / FILES[key]).is_file():
+            paths[key] = folder / FILES[key]
     target = backend if backend in TENSORRT_BACKENDS else "tensorrt"  # ONNX Runtime builds: would TensorRT take it?
     compatibility = {role: check_tensorrt_support(paths[key], backend=target) for role, key in sources.items()}
     unsupported: dict[str, list[str]] = {}  # finding -> the graphs that have it
@@ -137,14 +196,10 @@ def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: di
     files = {key: folder / name for key, name in engine_files(backend).items()}
     production = graphs.paths[graphs.sources["production"]]
     builds = {}
-    if backend == "onnxruntime" and precision == "fp16":
-        # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
-        # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
-        # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
-        with atomic_path(files["engine"]) as tmp:
-            shutil.copyfile(production, tmp)
-    elif backend == "onnxruntime":
-        ort_engine.build(production, files["engine"])
+    if backend == "onnxruntime":
+        onnxruntime_engine(production, files["engine"], precision)
+        if (folder / FILES["engine.data"]).is_file():  # a large model's engine keeps its weights beside it
+            files["engine.data"] = folder / FILES["engine.data"]
     else:
         from aim.runtime import tensorrt as trt_engine
 
@@ -155,6 +210,18 @@ def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: di
             builds[key] = trt_engine.build_engine(source, files[key], backend, profile, cache, log).as_dict()
     graphs.paths.update(files)
     return builds
+
+
+def onnxruntime_engine(graph: Path, engine: Path, precision: str) -> Path:
+    """The ONNX Runtime engine of `graph`: its optimised model, or for FP16 the graph itself."""
+    if precision == "fp16":
+        # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
+        # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
+        # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
+        with atomic_path(engine) as tmp:
+            shutil.copyfile(graph, tmp)
+        return engine
+    return ort_engine.build(graph, engine)
 
 
 def reference(family: Family, task: Task, loaded: Loaded, seed: int = 0) -> Reference:

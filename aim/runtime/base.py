@@ -9,6 +9,8 @@ context managers: leaving the block releases what the backend holds (GPU memory,
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from aim.contract import FOCUS, UTILITY, UTILITY_LEVEL, check_level, check_modulation
@@ -25,8 +27,8 @@ def check_profile(feed: dict[str, np.ndarray], profile: dict[str, dict[str, list
         if len(shape) != len(low) or any(s < lo or s > hi for s, lo, hi in zip(shape, low, high)):
             raise InvalidInputError(
                 f"input {name!r} has shape {shape}, outside the range {engine} was built for: min {low}, max {high}. "
-                f"Use shapes in that range, or rebuild the engine with a wider range (--min-shapes/--max-shapes, "
-                f"or the DimRange in the model's family)."
+                f"Use shapes in that range, or rebuild the engine with a wider range (the DimRange of that dim in "
+                f"the model's family)."
             )
 
 
@@ -144,7 +146,10 @@ class Runner:
         broadcast: `utility` a number or [B], `focus` None, [C] or [B, C]. A calibrated engine takes
         `level` (a number or [B] in [0, 1]; default 1, the exact model) instead of `utility`."""
         feed = dict(inputs)
-        batch = int(np.shape(next(iter(inputs.values())))[0]) if inputs else 0  # no inputs: check_feed says which
+        first = np.shape(next(iter(inputs.values()))) if inputs else ()  # no inputs: check_feed says which
+        batch = int(first[0]) if first else 0
+        if first and batch == 0:
+            raise InvalidInputError(f"the inputs of {self.name} hold no sample (batch 0, shape {list(first)}): give at least one")
         if self.calibrated:
             if np.any(np.asarray(utility) != 0):
                 raise InvalidInputError(f"{self.name} is calibrated: pass level= in [0, 1], not a utility sigma")
@@ -158,3 +163,28 @@ class Runner:
             feed[UTILITY], feed[FOCUS] = check_modulation(utility, focus, batch, self.num_classes)
         feed.update(noise)
         return self.infer(feed)[self.outputs[0]]
+
+
+class OnFirstUse:
+    """A runner opened on first use and released by close() (a later use opens it again). The bare,
+    verification and production engines of a build are checked one after the other through these,
+    so that a large model's weights are in memory once, not three times."""
+
+    def __init__(self, open_runner: Callable[[], Runner]):
+        self._open, self._runner = open_runner, None
+
+    def __getattr__(self, name):
+        if self._runner is None:
+            self._runner = self._open()
+        return getattr(self._runner, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None

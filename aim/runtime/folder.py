@@ -4,9 +4,11 @@ engines (the engine itself where it can run here, else ONNX Runtime on the graph
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from aim.layout import GraphIO, Manifest
 from aim.runtime.backends import TENSORRT_BACKENDS, runnable_here
+from aim.runtime.base import OnFirstUse, profile_from_io
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 
 # The TensorRT plan of each role (artifact keys, see layout.engine_files).
@@ -21,22 +23,49 @@ def open_build(folder: str | os.PathLike, check: bool = True) -> Manifest:
     return manifest
 
 
-def role_runners(manifest: Manifest, runner: str) -> list:
-    """(bare, verification, production) runners of a build. `runner` is the backend that runs them:
-    the engine's own, or ONNX Runtime on the very graphs a TensorRT engine was built from where the
-    engine cannot run here."""
+def role_runners(manifest: Manifest, runner: str) -> list[OnFirstUse]:
+    """(bare, verification, production) runners of a build, each opened on first use and released by
+    close(): a caller using them in turn holds one engine's weights at a time. `runner` is the
+    backend that runs them: the engine's own, or ONNX Runtime on the very graphs a TensorRT engine was
+    built from where the engine cannot run here."""
     if runner in TENSORRT_BACKENDS:
         from aim.runtime.tensorrt import TensorRTEngine, engine_io
 
-        engines = []
-        for role in ("bare", "verification", "production"):
+        def plan(role):
             build = manifest.tensorrt[PLANS[role]]
             inputs, outputs = engine_io(GraphIO.of(manifest.graph_path(role)))
-            engines.append(TensorRTEngine(manifest.folder / build["path"], runner, inputs, outputs, build["profile"]))
-        return engines
+            return lambda: TensorRTEngine(manifest.folder / build["path"], runner, inputs, outputs, build["profile"])
+
+        return [OnFirstUse(plan(role)) for role in ("bare", "verification", "production")]
     production = manifest.engine_path() if manifest.backend == "onnxruntime" else manifest.graph_path("production")
     paths = [manifest.graph_path("bare"), manifest.graph_path("verification"), production]
-    return [OnnxRuntimeEngine(path, profile=manifest.profile if path == production else None) for path in paths]
+    return [OnFirstUse(lambda path=path: OnnxRuntimeEngine(path, profile=graph_profile(manifest, path))) for path in paths]
+
+
+def graph_profile(manifest: Manifest, path: Path) -> dict:
+    """The range of shapes a graph of the build takes: the build's dims' ranges on its inputs (the
+    production engine's is the manifest's profile, the one TensorRT was built with)."""
+    if path == manifest.engine_path() or path == manifest.graph_path("production"):
+        return manifest.profile
+    return profile_from_io(GraphIO.of(path).inputs, manifest.dynamic_dims)
+
+
+def open_runner(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime runner for an engine or model file, or for a build folder (its production
+    engine). A build folder, or a file recorded in one, is opened through open_build (every file
+    checked against its hash) and its runner refuses shapes outside the build's range; any other
+    file runs as it is."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not Manifest.found_in(folder):
+        return OnnxRuntimeEngine(path, threads)
+    manifest = open_build(folder)
+    if path.is_dir():
+        path = manifest.engine_path() if manifest.backend == "onnxruntime" else manifest.graph_path("production")
+    recorded = {manifest.folder / entry.path for entry in manifest.artifacts.values()}
+    if path not in recorded:
+        return OnnxRuntimeEngine(path, threads)
+    return OnnxRuntimeEngine(path, threads, profile=graph_profile(manifest, path))
 
 
 def production_runner(manifest: Manifest):

@@ -38,7 +38,9 @@ def session_options(threads: int | None = None, level: str = "all", spinning: bo
         options.intra_op_num_threads = threads
     if not spinning:  # idle pool threads sleep instead of spinning: fairer when several sessions share cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+    # Fatal only: warnings about unused initializers are noise here, and an error comes back as the
+    # exception, which says the same (a logged copy would be a second, coloured error line).
+    options.log_severity_level = 4
     return options
 
 
@@ -56,13 +58,37 @@ def _session(path: Path, options):
 
 
 def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, threads: int | None = None) -> Path:
-    """Optimises `onnx_path` with ONNX Runtime and saves the result atomically at `engine_path`."""
+    """Optimises `onnx_path` with ONNX Runtime and saves the result atomically at `engine_path`. A
+    model whose weights are in an external data file gets an engine with its own, `<engine>.data`
+    (written first; the engine file appears last)."""
     engine_path = Path(engine_path)
+    data = engine_path.with_name(engine_path.name + ".data")
     with atomic_path(engine_path) as tmp:
         options = session_options(threads, level="extended")
         options.optimized_model_filepath = str(tmp)
-        _session(Path(onnx_path), options)
+        if _keeps_external_data(Path(onnx_path)):  # past 2 GiB ONNX Runtime cannot save the optimised weights inside the model
+            data.unlink(missing_ok=True)
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data.name)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            _session(Path(onnx_path), options)
+        except BaseException:
+            data.unlink(missing_ok=True)
+            raise
     return engine_path
+
+
+def _keeps_external_data(path: Path) -> bool:
+    """Whether the model at `path` keeps weights in an external data file (the graph is read, not its
+    weights); an unreadable file is left to ONNX Runtime, which says what is wrong with it."""
+    import onnx
+
+    from aim.weights import external_tensors
+
+    try:
+        return bool(external_tensors(onnx.load(str(path), load_external_data=False)))
+    except Exception:  # protobuf's DecodeError, a missing file, ...
+        return False
 
 
 class OnnxRuntimeEngine(Runner):
@@ -73,16 +99,20 @@ class OnnxRuntimeEngine(Runner):
     def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True, profile: dict | None = None):
         self.path = Path(path)
         self.profile = profile  # the shapes it was built for, when a build folder says (else any)
+        self._options = (threads, spinning)
         self.session = _session(self.path, session_options(threads, spinning=spinning))
         self.inputs = {i.name: (_NP_DTYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    @staticmethod
-    def set_seed(seed: int):
-        """Seeds ONNX Runtime's random ops (process-wide): repeatable noise for tests and demos."""
+    def set_seed(self, seed: int):
+        """Repeatable in-graph noise from here on: ONNX Runtime's random kernels take their seed when a
+        session is created (onnxruntime.set_seed seeds only sessions made after it), so the session is
+        made again after seeding. Process-wide: sessions created later get the same stream."""
         import onnxruntime as ort
 
         ort.set_seed(int(seed))
+        threads, spinning = self._options
+        self.session = _session(self.path, session_options(threads, spinning=spinning))
 
     def _infer(self, feed: dict) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.session.run(None, feed)))

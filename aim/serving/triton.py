@@ -14,6 +14,15 @@ The config is built as Triton's own ModelConfig protobuf (the one `tritonclient`
 text format, parsed back and checked against the manifest for what the schema cannot catch (dims,
 missing or extra tensors, max_batch_size <= 0) before anything is written; the model folder is
 written in a staging folder and renamed into place.
+
+`bare=True` writes the build's bare model (no utility, focus) as `<model>-bare`, its engine made the
+way the build made its own (ONNX Runtime's optimised model, or the bare TensorRT plan), with the same
+batching and instances: the baseline a load test compares the modulated model against.
+
+Instances: on a CPU the default uses the cores (`cpu_cores()`): min(cores, MAX_DEFAULT_INSTANCES)
+instances, each with cores // instances ONNX Runtime threads, so instances x threads = cores and
+neither idles nor oversubscribes. Several instances run batches side by side; with the Python-based
+backend each is its own process, so its per-request Python work runs in parallel too.
 """
 
 from __future__ import annotations
@@ -34,6 +43,13 @@ VERSION = "1"
 # Wait this long for more requests before running a batch: small next to a model's run time, long
 # enough that concurrent clients share a batch.
 MAX_QUEUE_DELAY_US = 2000
+BARE_SUFFIX = "-bare"  # the bare model's default name in the repository: <model>-bare
+# The cap of the default CPU instance count: each instance holds its own session (weights and
+# buffers), and beyond a few instances dynamic batching already keeps every core busy.
+MAX_DEFAULT_INSTANCES = 4
+# The ONNX Runtime intra-op thread count per instance: the parameter name Triton's C++ ONNX Runtime
+# backend reads, and so does ours (backends/onnxruntime/model.py).
+THREADS_PARAMETER = "intra_op_thread_count"
 
 # Engine file -> (platform, instance kind, file name in the version folder).
 PLATFORMS = {
@@ -89,6 +105,29 @@ def platform_for(engine_file: str) -> tuple[str, str, str]:
     return PLATFORMS[suffix]
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def instance_plan(kind: str, instances: int | None = None, threads: int | None = None) -> tuple[int, int | None]:
+    """(instance count, ONNX Runtime threads per instance or None) for an instance kind. A GPU model
+    runs one instance per GPU unless told; on a CPU the defaults split the cores (module docstring)."""
+    for label, value in (("instances", instances), ("threads", threads)):
+        if value is not None and value < 1:
+            raise TritonConfigError(f"{label} must be at least 1, got {value}")
+    if kind == "KIND_GPU":
+        if threads is not None:
+            raise TritonConfigError("threads set ONNX Runtime's CPU threads; a TensorRT plan runs on the GPU: leave it out")
+        return instances or 1, None
+    cores = cpu_cores()
+    count = instances or min(cores, MAX_DEFAULT_INSTANCES)
+    return count, threads or max(1, cores // count)
+
+
 def _tensor_dims(tensor, role: str) -> list[int]:
     """The per-request dims of a manifest tensor: its dims without the leading batch dim, -1 if dynamic."""
     dims = tensor.dims
@@ -106,9 +145,14 @@ def _data_type(tensor, role: str) -> str:
     return DATA_TYPES[tensor.dtype]
 
 
-def expected_tensors(manifest: Manifest) -> dict[str, dict[str, tuple[str, list[int], list[int] | None]]]:
+def served_graph(manifest: Manifest, bare: bool = False) -> GraphIO:
+    """Inputs and outputs of the graph a repository entry serves: the production engine's, or the bare model's."""
+    return GraphIO.of(manifest.graph_path("bare")) if bare else manifest.graph
+
+
+def expected_tensors(manifest: Manifest, bare: bool = False) -> dict[str, dict[str, tuple[str, list[int], list[int] | None]]]:
     """What the config must declare, per the manifest: {"input"|"output": {name: (type, dims, reshape)}}."""
-    graph = manifest.graph
+    graph = served_graph(manifest, bare)
     if not graph.inputs or not graph.outputs:
         raise TritonConfigError("the manifest lists no graph inputs or outputs: rebuild the engine with `make engine`")
     wanted = {"input": {}, "output": {}}
@@ -119,6 +163,8 @@ def expected_tensors(manifest: Manifest) -> dict[str, dict[str, tuple[str, list[
             if not dims:  # a [B] tensor: Triton needs at least one dim per request, the engine wants none
                 dims, reshape = [1], []
             wanted[role][tensor.name] = (_data_type(tensor, role), dims, reshape)
+    if bare:
+        return wanted
     inputs = wanted["input"]
     for knob in (UTILITY, FOCUS):
         if knob not in inputs:
@@ -142,7 +188,15 @@ def max_batch_size(manifest: Manifest) -> int:
     return int(manifest.dynamic_dims[BATCH].max)
 
 
-def build_config(manifest: Manifest, name: str, engine_file: str, max_queue_delay_us: int = MAX_QUEUE_DELAY_US):
+def build_config(
+    manifest: Manifest,
+    name: str,
+    engine_file: str,
+    max_queue_delay_us: int = MAX_QUEUE_DELAY_US,
+    instances: int | None = None,
+    threads: int | None = None,
+    bare: bool = False,
+):
     """The ModelConfig message for a manifest (checked separately by check_config)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -152,7 +206,7 @@ def build_config(manifest: Manifest, name: str, engine_file: str, max_queue_dela
     config.platform = platform
     config.max_batch_size = max_batch_size(manifest)
     config.default_model_filename = filename
-    for role, tensors in expected_tensors(manifest).items():
+    for role, tensors in expected_tensors(manifest, bare).items():
         for tensor_name, (data_type, dims, reshape) in tensors.items():
             entry = getattr(config, role).add()
             entry.name = tensor_name
@@ -161,12 +215,15 @@ def build_config(manifest: Manifest, name: str, engine_file: str, max_queue_dela
             if reshape is not None:
                 entry.reshape.SetInParent()  # an empty shape is the message's point: [1] -> []
                 entry.reshape.shape.extend(reshape)
-    config.instance_group.add(count=1, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    count, threads = instance_plan(kind, instances, threads)
+    config.instance_group.add(count=count, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    if threads is not None:
+        config.parameters[THREADS_PARAMETER].string_value = str(threads)
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     return config
 
 
-def check_config(config, manifest: Manifest, engine_file: str, where: str = CONFIG) -> None:
+def check_config(config, manifest: Manifest, engine_file: str, where: str = CONFIG, bare: bool = False) -> None:
     """What Triton's schema cannot catch, against the manifest: raises TritonConfigError naming the problem."""
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -180,7 +237,7 @@ def check_config(config, manifest: Manifest, engine_file: str, where: str = CONF
             f"max_batch_size is {config.max_batch_size}; it must be between 1 and the engine profile's max batch {limit} "
             f"(0 would turn batching off and make Triton send tensors without the batch dim the engine expects)"
         )
-    wanted = expected_tensors(manifest)
+    wanted = expected_tensors(manifest, bare)
     for role in ("input", "output"):
         declared = {}
         for entry in getattr(config, role):
@@ -205,6 +262,8 @@ def check_config(config, manifest: Manifest, engine_file: str, where: str = CONF
     kinds = {pb.ModelInstanceGroup.Kind.Name(group.kind) for group in config.instance_group}
     if kinds - {kind, "KIND_AUTO"}:
         problems.append(f"instance_group kind {sorted(kinds)} does not fit {platform} (needs {kind})")
+    if any(group.count < 1 for group in config.instance_group):
+        problems.append(f"instance_group count {[group.count for group in config.instance_group]}: every group needs at least 1 instance")
     if not config.HasField("dynamic_batching"):
         problems.append("dynamic_batching is off: requests of different clients would never share a batch")
     if problems:
@@ -222,12 +281,22 @@ def _engine_file(manifest: Manifest, engine: str | None) -> Path:
     return path
 
 
-def _check_onnx_engine(path: Path, manifest: Manifest) -> list[str]:
-    """An ONNX engine's own inputs/outputs must be the manifest's; returns its external data files
-    (relative locations, as the model records them)."""
+def _bare_engine(manifest: Manifest) -> tuple[Path, bool]:
+    """(file, build_it) of the bare model's engine: the bare TensorRT plan, or for ONNX Runtime the bare
+    graph, to be optimised as the build optimised its engine (FP16 graphs are their own engine there)."""
+    if manifest.backend != "onnxruntime":
+        return manifest.path("engine.bare"), False
+    return manifest.graph_path("bare"), manifest.precision != "fp16"
+
+
+def _check_onnx_engine(path: Path, manifest: Manifest, graph: GraphIO) -> list[str]:
+    """An ONNX engine's own inputs/outputs must be `graph`'s (the manifest's); returns its external data
+    files (relative locations, as the model records them)."""
     import onnx
 
-    said, have = manifest.graph.signature(), GraphIO.of(path).signature()
+    from aim.weights import data_files
+
+    said, have = graph.signature(), GraphIO.of(path).signature()
     for key in ("inputs", "outputs"):
         differ = [
             f"{name!r}: engine {have[key].get(name, 'absent')}, manifest {said[key].get(name, 'absent')}"
@@ -236,18 +305,11 @@ def _check_onnx_engine(path: Path, manifest: Manifest) -> list[str]:
         ]
         if differ:
             raise TritonConfigError(f"{path.name} does not match its manifest's {key}: {'; '.join(differ)}. Rebuild with `make engine`")
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in onnx.external_data_helper._get_all_tensors(model)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
+    locations = data_files(onnx.load(str(path), load_external_data=False))  # the graph only, never its weights
     for location in locations:
         if not (path.parent / location).is_file():
             raise TritonConfigError(f"{path.name} keeps weights in {location}, which is missing beside it: rebuild")
-    return sorted(locations)
+    return locations
 
 
 def config_text(config, source: str) -> str:
@@ -262,28 +324,42 @@ def write_model(
     name: str | None = None,
     engine: str | None = None,
     max_queue_delay_us: int = MAX_QUEUE_DELAY_US,
+    instances: int | None = None,
+    threads: int | None = None,
+    bare: bool = False,
 ) -> Path:
     """Writes <repository>/<name>/ (config.pbtxt and 1/model.*) for the engine of a build folder.
 
     `engine` is the engine file relative to the build folder (default: the manifest's engine); its
-    suffix picks the platform. Every file of the build is checked against its hash first. Other
-    models already in the repository are left alone.
+    suffix picks the platform. `bare` serves the build's bare model instead (default name
+    <model>-bare). `instances` and `threads` as `instance_plan` takes them. Every file of the build is
+    checked against its hash first. Other models already in the repository are left alone.
     """
     manifest = open_build(build_folder)
-    name = name or manifest.model
+    if bare and engine:
+        raise TritonConfigError(f"bare serves the build's bare model, engine={engine!r} picks a modulated engine: give one of them")
+    name = name or manifest.model + (BARE_SUFFIX if bare else "")
     if not name or not _NAME.match(name):
         raise TritonConfigError(f"model name {name!r}: use letters, digits, '_', '-' and '.' only")
-    engine_path = _engine_file(manifest, engine)
+    engine_path, build_it = _bare_engine(manifest) if bare else (_engine_file(manifest, engine), False)
     platform, _, filename = platform_for(engine_path.name)
-    text = config_text(build_config(manifest, name, engine_path.name, max_queue_delay_us), str(manifest.file))
-    check_config(parse_config(text, f"{name}/{CONFIG}"), manifest, engine_path.name, f"{name}/{CONFIG}")
+    config = build_config(manifest, name, engine_path.name, max_queue_delay_us, instances, threads, bare)
+    text = config_text(config, str(manifest.file))
+    check_config(parse_config(text, f"{name}/{CONFIG}"), manifest, engine_path.name, f"{name}/{CONFIG}", bare)
     # An ONNX engine can be read here: its own inputs/outputs must be what the manifest says.
-    extra_files = _check_onnx_engine(engine_path, manifest) if platform == "onnxruntime_onnx" else []
+    graph = served_graph(manifest, bare)
+    extra_files = _check_onnx_engine(engine_path, manifest, graph) if platform == "onnxruntime_onnx" and not build_it else []
 
     with StagedFolder(Path(repository) / name) as staged:
         (staged.path / VERSION).mkdir(parents=True)
         (staged.path / CONFIG).write_text(text)
-        shutil.copyfile(engine_path, staged.path / VERSION / filename)
+        if build_it:
+            from aim.runtime import onnxruntime as ort_engine
+
+            ort_engine.build(engine_path, staged.path / VERSION / filename)
+            _check_onnx_engine(staged.path / VERSION / filename, manifest, graph)
+        else:
+            shutil.copyfile(engine_path, staged.path / VERSION / filename)
         for location in extra_files:  # external weights stay beside the model under their recorded name
             (staged.path / VERSION / location).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(engine_path.parent / location, staged.path / VERSION / location)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from aim.specs import Agreement, Check, TensorSpec, Tolerance
+from aim.specs import Agreement, Check, DimRange, TensorSpec, Tolerance
 
 
 class Task:
@@ -21,10 +21,24 @@ class Task:
     metric: str = "accuracy"  # the clean metric of a trained model
     utility_grid: str = "classification"  # the eval sweep's sigma grid (SPEC section 1)
     segmentation: bool = False  # measured per pixel: mIoU besides accuracy
-    # How many rows of the verification batch are tiled per statistical run at most (the family's
-    # batch max bounds it too).
+    uses_tokenizer: bool = False  # text in and out: a build keeps a tokenizer for generation
+    # What a model of this task gets when its checkpoint names no family (aim/tasks/checkpoint.py) or
+    # it is a user's ONNX: the ranges of the dynamic dims, the sizes traced and verified at, the
+    # tolerances, and the FP16 comparator (what the task reads from its logits; a family states its own).
+    dims: dict[str, DimRange] = {}
+    verify_sizes: dict[str, int] = {}
+    tolerance: Tolerance | None = None
+    fp16: Agreement | None = None
 
     # -- tracing
+
+    def checkpoint_dims(self, config: dict, fixed_image_size: bool, folder=None) -> tuple[dict[str, DimRange], dict[str, int]]:
+        """(dims, verify sizes) of a checkpoint's model (config.json as a dict, in `folder`): the task's defaults."""
+        return dict(self.dims), dict(self.verify_sizes)
+
+    def trace_sizes(self, sizes: dict[str, int], dims: dict[str, DimRange]) -> dict[str, int]:
+        """The sizes torch.onnx traces at, given the verification's `sizes`."""
+        return dict(sizes)
 
     def input_specs(self, model) -> tuple[TensorSpec, ...]:
         """Every graph input of the exported model, in order (before utility and focus)."""
@@ -45,9 +59,13 @@ class Task:
         """Random inputs {name: torch tensor} at `sizes` of the dynamic dims."""
         raise NotImplementedError
 
-    def export_context(self):
-        """Patches active while tracing (a context manager)."""
+    def export_context(self, model):
+        """Patches active while tracing `model` (a context manager)."""
         return contextlib.nullcontext()
+
+    def keep_fp32(self, model) -> tuple[str, ...]:
+        """Node-name prefixes of the model's export that FP16 graphs keep in FP32 (besides the family's)."""
+        return ()
 
     # -- the PyTorch reference
 
@@ -72,6 +90,10 @@ class Task:
 
     def tokenizer(self, model, checkpoint):
         """The tokenizer a build saves for the task (text generation), or None."""
+        return None
+
+    def positions(self, model) -> int | None:
+        """The longest sequence the model was made for (text generation: prompt and new tokens), if any."""
         return None
 
     def reference_extra(self, model, tokenizer, seed: int = 0) -> dict:

@@ -89,6 +89,40 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Ge
     return np.take_along_axis(candidates, index[:, None], axis=-1)[:, 0]
 
 
+def length_limits(engine, max_positions: int | None = None) -> tuple[int | None, int | None, str]:
+    """(longest prompt, longest prompt + new tokens, where the limits come from): the engine's range
+    (its profile: `input_ids` [batch, sequence], `attention_mask` [batch, past + new]) and the
+    positions the model was made for. None where nothing limits."""
+    profile = getattr(engine, "profile", None) or {}
+    prompt = profile.get("input_ids", {}).get("max", [None, None])[1]
+    total = profile.get("attention_mask", {}).get("max", [None, None])[1]
+    why = [f"the engine's range: prompts of up to {prompt} tokens, {total} positions in all"] if total else []
+    if max_positions is not None and (total is None or max_positions < total):
+        total = max_positions
+        why.append(f"the model's {max_positions} positions")
+    if prompt is not None and total is not None:
+        prompt = min(prompt, total)
+    return prompt, total, " and ".join(why)
+
+
+def check_length(engine, prompt_tokens: int, max_new_tokens: int, max_positions: int | None = None) -> None:
+    """Refuses, before any work, a prompt or a number of new tokens past the engine's range or the
+    model's positions (the last step attends to prompt + new tokens - 1 positions)."""
+    longest_prompt, total, why = length_limits(engine, max_positions)
+    if longest_prompt is not None and prompt_tokens > longest_prompt:
+        raise InvalidInputError(
+            f"the prompt has {prompt_tokens} tokens, more than the {longest_prompt} this build takes ({why}). "
+            f"Shorten it, or pass --truncate to keep its last tokens."
+        )
+    if total is not None and prompt_tokens + max_new_tokens - 1 > total:
+        room = total - prompt_tokens + 1
+        raise InvalidInputError(
+            f"{prompt_tokens} prompt tokens and {max_new_tokens} new tokens need {prompt_tokens + max_new_tokens - 1} "
+            f"positions, more than the {total} this build takes ({why}). Ask for at most {room} new tokens "
+            f"(--max-new-tokens {room}), shorten the prompt, or pass --truncate to keep its last tokens."
+        )
+
+
 def _cache_inputs(engine) -> dict[str, tuple]:
     names = {name: dims for name, (_, dims) in engine.inputs.items() if name.startswith(PAST)}
     if not names:
@@ -115,12 +149,15 @@ def generate(
     on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     keep_logits: bool = False,
     forced: np.ndarray | None = None,
+    max_positions: int | None = None,
 ) -> Generation:
     """Generates up to `max_new_tokens` per sequence. `input_ids`: a list of token lists (padded on the
     left here) or a left-padded [B, S] array with its `attention_mask`. A sequence stops at any of
     `stop_tokens` and is padded with `pad_token_id` afterwards; the loop ends when all have stopped.
     `on_token(step, tokens [B], finished [B])` is called after each step (streaming). `forced` [B, T]:
-    teacher forcing, step s takes forced[:, s] instead of its own choice (to score a given continuation)."""
+    teacher forcing, step s takes forced[:, s] instead of its own choice (to score a given continuation).
+    A prompt longer than the engine's range or the model's positions (`max_positions`), or more new
+    tokens than fit after it, is refused before anything runs."""
     if attention_mask is None and isinstance(input_ids, np.ndarray):
         ids, mask = input_ids.astype(np.int64), np.ones(input_ids.shape, np.int64)  # no padding
     elif attention_mask is None:
@@ -133,6 +170,12 @@ def generate(
         max_new_tokens = min(max_new_tokens, np.shape(forced)[1])
     if max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if len(mask) == 0:
+        raise InvalidInputError("give at least one prompt")
+    empty = np.flatnonzero(~mask.astype(bool).any(axis=1))  # a fully masked row would generate from nothing
+    if empty.size:
+        raise InvalidInputError(f"every prompt needs at least one token; prompt {empty[0] + 1} has none")
+    check_length(engine, ids.shape[1], max_new_tokens, max_positions)
     if temperature < 0 or not np.isfinite(temperature):
         raise InvalidInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
@@ -230,7 +273,7 @@ def kv_vs_recompute(engine, input_ids: np.ndarray, attention_mask: np.ndarray, s
 
 def parse_focus(text: str | None) -> tuple[dict, dict]:
     """`"+word=5,-other=10,+#123=4"` -> ({"word": 5, 123: 4}, {"other": 10}). `+` boosts, `-`
-    suppresses, `#N` is token id N, anything else a word."""
+    suppresses, `#N` is token id N (N >= 0), anything else a word."""
     boost, suppress = {}, {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         sign, body = item[0], item[1:]
@@ -241,21 +284,42 @@ def parse_focus(text: str | None) -> tuple[dict, dict]:
             value = float(strength)
         except ValueError:
             raise InvalidInputError(f"focus strength in {item!r} is not a number") from None
-        key = int(target[1:]) if target.startswith("#") and target[1:].isdigit() else target
-        (boost if sign == "+" else suppress)[key] = value
+        if target.startswith("#") and len(target) > 1:
+            if not target[1:].isdigit():
+                raise InvalidInputError(f"focus {item!r}: {target} is not a token id; #N takes a token id N >= 0 (e.g. +#123=4)")
+            target = int(target[1:])
+        (boost if sign == "+" else suppress)[target] = value
     return boost, suppress
 
 
 def word_tokens(tokenizer, word: str) -> list[int]:
-    """The token ids that start `word`, alone and after a space (BPE tokenizers tell them apart)."""
-    ids = set()
+    """The tokens that are `word`, alone and after a space (BPE tokenizers tell them apart). A form
+    the tokenizer splits is left out: acting on its first piece would act on every word starting so
+    ("zqx" would boost "z"); a word neither form of which is one token is refused."""
+    ids, pieces = set(), []
     for variant in (word, " " + word):
         encoded = tokenizer.encode(variant, add_special_tokens=False)
-        if encoded:
+        if len(encoded) == 1:
             ids.add(encoded[0])
+        else:
+            pieces.append(f"{variant!r} is {[tokenizer.decode([token]) for token in encoded]}")
     if not ids:
-        raise InvalidInputError(f"the tokenizer gives no token for {word!r}")
+        raise InvalidInputError(
+            f"focus word {word!r} is not one token of this tokenizer ({'; '.join(pieces)}): focus acts on whole "
+            f"tokens. Pick a word that is one token, or give token ids (#N)."
+        )
     return sorted(ids)
+
+
+def focus_targets(tokenizer, boost: dict, suppress: dict) -> list[str]:
+    """What each focus item acts on, one line each: `+fox=2 acts on 'fox' (#1234)`."""
+    lines = []
+    for sign, chosen in (("+", boost), ("-", suppress)):
+        for key, strength in chosen.items():
+            tokens = [key] if isinstance(key, int) else word_tokens(tokenizer, key)
+            shown = ", ".join(f"{tokenizer.decode([token])!r} (#{token})" for token in tokens)
+            lines.append(f"focus {sign}{'#' if isinstance(key, int) else ''}{key}={strength:g} acts on {shown}")
+    return lines
 
 
 def token_focus(tokenizer, num_classes: int, boost: dict | None = None, suppress: dict | None = None) -> np.ndarray:
@@ -280,9 +344,17 @@ def load_build(folder: str | os.PathLike, log: Callable[[str], None] | None = No
     from aim.runtime.folder import open_build, production_runner
     from aim.tasks.tokens import TextTokenizer
 
-    manifest = open_build(folder)
+    manifest = open_build(folder, check=False)  # refused for what it lacks before hashing gigabytes
     if not manifest.tokenizer:
+        if any(tensor.name.startswith(PAST) for tensor in manifest.graph.inputs):
+            raise AimError(
+                f"{folder} was built from a checkpoint without a tokenizer ({manifest.source.checkpoint}), so there is "
+                f"no way to turn text into its tokens. Save the model's own tokenizer into that folder "
+                f"(`AutoTokenizer.from_pretrained(...).save_pretrained(DIR)`) and rebuild. The engine itself is "
+                f"verified and takes token ids (`aim run`, Triton)."
+            )
         raise AimError(f"{folder} has no tokenizer: it is not a text-generation build. Build one with `make engine MODEL=llama`.")
+    manifest.check_artifacts()
     engine, note = production_runner(manifest)
     if note and log is not None:
         log(note)
@@ -320,17 +392,34 @@ def generate_text(
     seed: int | None = None,
     stream: Callable[[str], None] | None = None,
     log: Callable[[str], None] | None = None,
+    truncate: bool = False,
 ) -> tuple[list[str], Generation]:
     """Texts generated by the engine of a build folder for `prompts`; `focus` as in parse_focus
-    ("+word=5,-other=10,+#123=4"). `stream(text)` receives the first sequence's new text piece by piece."""
-    engine, tokenizer, _ = load_build(folder, log)
+    ("+word=5,-other=10,+#123=4"; `log` is told which tokens each item acts on). `stream(text)`
+    receives the first sequence's new text piece by piece. A prompt too long for the build is refused,
+    or with `truncate` cut to its last tokens (`log` is told)."""
     if not prompts:
         raise InvalidInputError("give at least one prompt")
+    engine, tokenizer, manifest = load_build(folder, log)
     focus_array = None
     if focus:
         boost, suppress = parse_focus(focus)
         focus_array = token_focus(tokenizer, engine.inputs[FOCUS][1][1], boost, suppress)
+        for line in focus_targets(tokenizer, boost, suppress) if log is not None else ():
+            log(line)
     ids, mask = encode(tokenizer, prompts)
+    empty = [i + 1 for i, row in enumerate(mask) if not row.any()]
+    if empty:
+        raise InvalidInputError(f"prompt {empty[0]} ({prompts[empty[0] - 1]!r}) encodes to no tokens: give some text")
+    longest_prompt, total, why = length_limits(engine, manifest.max_positions)
+    if truncate and total is not None:
+        keep = min(total - max_new_tokens + 1, longest_prompt or total)
+        if keep < 1:
+            check_length(engine, 1, max_new_tokens, manifest.max_positions)  # says why no prompt fits
+        if ids.shape[1] > keep:
+            ids, mask = ids[:, -keep:], mask[:, -keep:]
+            if log is not None:
+                log(f"prompts cut to their last {keep} tokens, so that {max_new_tokens} new tokens fit ({why})")
     stops = stop_tokens_of(tokenizer)
     first, state = [], {"shown": "", "done": False}
 
@@ -349,7 +438,7 @@ def generate_text(
     run = generate(
         engine, ids, mask, max_new_tokens=max_new_tokens, stop_tokens=stops, pad_token_id=pad_id_of(tokenizer),
         utility=utility, focus=focus_array, temperature=temperature, top_k=top_k, seed=seed,
-        on_token=on_token if stream else None,
+        on_token=on_token if stream else None, max_positions=manifest.max_positions,
     )
     texts = [tokenizer.decode(until_stop(row, stops), skip_special_tokens=True) for row in run.tokens]
     return texts, run

@@ -12,6 +12,17 @@ from aim.verify.reference import Reference, tile_batch
 from aim.verify.statistics import MIN_SAMPLES, statistical_checks
 
 
+def statistics_inputs(bare, inputs: dict, bare_logits: np.ndarray, max_batch: int) -> tuple[dict, np.ndarray]:
+    """The statistical checks' inputs and bare logits: the reference inputs, their batch tiled (up to
+    `max_batch`) until one run gives MIN_SAMPLES values where it can, so small outputs need fewer runs."""
+    batch = bare_logits.shape[0]
+    repeats = int(np.clip(np.ceil(MIN_SAMPLES / bare_logits.size), 1, max(1, max_batch // batch)))
+    if repeats == 1:
+        return inputs, bare_logits
+    tiled = tile_batch(inputs, repeats)
+    return tiled, bare.run(tiled)
+
+
 def verify_build(
     bare,
     verification,
@@ -25,9 +36,11 @@ def verify_build(
     keyed: bool = False,
 ) -> list[Check]:
     """`bare`, `verification`, `engine`: runners of the bare model, the verification flavour and the
-    production engine. `max_batch`: the largest batch the engine takes; small outputs are tiled up to
-    it for the statistics. `reduced_precision`: for FP16 builds, the task's comparator replaces the
-    element-wise one. `keyed`: the production engine's noise is keyed (verify/keyed.py)."""
+    production engine, used in that order; bare and verification are closed once done with (runners
+    opened on first use, runtime.base.OnFirstUse, then hold one model's weights at a time).
+    `max_batch`: the largest batch the engine takes; small outputs are tiled up to it for the
+    statistics. `reduced_precision`: for FP16 builds, the task's comparator replaces the element-wise
+    one. `keyed`: the production engine's noise is keyed (verify/keyed.py)."""
 
     def differential(name, expected, actual):
         if reduced_precision is not None:
@@ -36,19 +49,15 @@ def verify_build(
 
     inputs = reference.inputs
     bare_logits = bare.run(inputs)
-    batch = bare_logits.shape[0]
-    repeats = int(np.clip(np.ceil(MIN_SAMPLES / bare_logits.size), 1, max(1, max_batch // batch)))
-    stats_inputs = tile_batch(inputs, repeats) if repeats > 1 else inputs
-    stats_bare = bare.run(stats_inputs) if repeats > 1 else bare_logits
+    stats_inputs, stats_bare = statistics_inputs(bare, inputs, bare_logits, max_batch)
+    bare.close()
+    modulated = verification.run(
+        inputs, reference.utility, reference.focus, noise_utility=reference.noise_utility, noise_focus=reference.noise_focus
+    )
+    verification.close()
     checks = [
         differential(f"bare model vs {reference.source}", reference.logits, bare_logits),
-        differential(
-            f"modulated (verification flavour) vs {reference.source} reference",
-            reference.modulated,
-            verification.run(
-                inputs, reference.utility, reference.focus, noise_utility=reference.noise_utility, noise_focus=reference.noise_focus
-            ),
-        ),
+        differential(f"modulated (verification flavour) vs {reference.source} reference", reference.modulated, modulated),
     ]
     if keyed:
         return checks + keyed_checks(engine, stats_inputs, stats_bare, class_axis, reference, tolerance, reduced_precision is not None)

@@ -19,7 +19,7 @@ import numpy as np
 from aim.lazy import lazy_import
 from aim.specs import Check, Tolerance
 from aim.verify.compare import compare, identical
-from aim.verify.statistics import KS_ALPHA, MAX_RUNS, MIN_SAMPLES, SIGMA, _ks, _subsample
+from aim.verify.statistics import ALPHA, MAX_RUNS, MIN_SAMPLES, SIGMA, _distribution, _subsample
 
 stats = lazy_import("scipy.stats")
 
@@ -39,10 +39,10 @@ def tiers(runs: int, batch: int) -> np.ndarray:
 
 def _correlation(name: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Check:
     """Pearson correlation of neighbouring values, per pair of slices, each judged by its z-score
-    r * sqrt(n) against the two-sided normal quantile of KS_ALPHA shared among the pairs (Bonferroni):
-    independent noise fails the whole check at most once in 1 / KS_ALPHA builds, like one KS test,
+    r * sqrt(n) against the two-sided normal quantile of ALPHA shared among the pairs (Bonferroni):
+    independent noise fails the whole check at most once in 1 / ALPHA builds, like one KS test,
     and a correlation of 5 / sqrt(n) fails it nearly always."""
-    limit = float(stats.norm.isf(KS_ALPHA / (2 * len(pairs))))
+    limit = float(stats.norm.isf(ALPHA / (2 * len(pairs))))
     found = []
     for a, b in pairs:
         a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
@@ -136,20 +136,20 @@ def keyed_checks(
     plain = outputs(lambda s: None)
     utility = (plain - bare) / scale
     rng = np.random.default_rng(0)
-    checks.append(_ks("utility noise ~ N(0,1), distinct requests", _subsample(utility, rng), stats.norm, "(z'-z)/utility vs N(0,1)"))
+    checks.append(_distribution("utility noise ~ N(0,1), distinct requests", _subsample(utility, rng), stats.norm, "(z'-z)/utility vs N(0,1)"))
     for sign, label in ((1.0, "boost"), (-1.0, "suppress")):
         # The focus does not enter the digest, so the same request with and without it differ by
         # exactly its focus noise (the sum is rounded once in FP32, which keeps the sign).
         half = (outputs(lambda s: np.full(classes, sign * SIGMA, np.float32)) - plain) * sign
         one_signed = bool(np.all(half >= 0))
-        check = _ks(f"focus {label} noise half-normal", _subsample(half / SIGMA, rng), stats.halfnorm, f"{label}: |noise| vs half-normal")
+        check = _distribution(f"focus {label} noise half-normal", _subsample(half / SIGMA, rng), stats.halfnorm, f"{label}: |noise| vs half-normal")
         check.passed = check.passed and one_signed
         check.detail += "; one-signed" if one_signed else "; WRONG SIGN seen"
         check.metrics["one_signed"] = one_signed
         checks.append(check)
     both = (outputs(lambda s: np.broadcast_to(s[:, None], (batch, classes))) - bare) / scale
     checks.append(
-        _ks("utility and focus noises independent", _subsample(both, rng), stats.skewnorm(1.0, scale=np.sqrt(2.0)), "n1+|n2| vs sqrt(2)*SkewNormal(1)")
+        _distribution("utility and focus noises independent", _subsample(both, rng), stats.skewnorm(1.0, scale=np.sqrt(2.0)), "n1+|n2| vs sqrt(2)*SkewNormal(1)")
     )
     checks.append(_correlation("no correlation between rows or neighbouring elements", _neighbours(utility, class_axis + 1)))
     return checks

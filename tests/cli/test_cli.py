@@ -25,8 +25,8 @@ def test_unknown_model_lists_models_and_writes_nothing(tmp_path):
 
 def test_models_lists_every_family(capsys):
     assert main(["models"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert listed == ["llama", "resnet", "segformer"]
+    families = capsys.readouterr().out.split("\n\n")[0]
+    assert [line.split()[0] for line in families.splitlines()] == ["llama", "resnet", "segformer"]
 
 
 def test_modulate_build_run_on_a_model_you_bring(tmp_path, capsys):

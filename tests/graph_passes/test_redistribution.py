@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from aim.contract import (
     FOCUS,
@@ -324,27 +324,97 @@ def test_skip_branch_computes_the_bare_logits_itself(tmp_path):
     assert [n.op for n in skip.nodes] == ["Identity"] and skip.nodes[0].inputs[0].name == "x"
 
 
+def seeded_session(path, seed: int):
+    ort.set_seed(seed)  # before the session exists: ONNX Runtime seeds only sessions made after it
+    return session(path)
+
+
 @pytest.mark.parametrize("method", NOISE_METHODS)
 def test_production_noise_is_standard_normal_and_focus_independent(tmp_path, method):
-    """One draw for both noises, on an odd class count (Box-Muller's last pair is cut)."""
+    """One draw for both noises, on an odd class count (Box-Muller's last pair is cut). Seeded before
+    the session; each scipy test rejects at 1e-7 on >= 20,000 values (the checker's ALPHA)."""
     from scipy import stats
 
     source = identity_model(tmp_path / "identity.onnx", ["batch", 1001])
     graph = add_redistribution(load_graph(source), "logits", 1, noise=method)
-    run = session(save_onnx(graph, tmp_path / "production.onnx"))
+    run = seeded_session(save_onnx(graph, tmp_path / "production.onnx"), 21)
     x = np.zeros((8, 1001), np.float32)
     focus = np.zeros((8, 1001), np.float32)
-    focus[:, [3, 500]] = 1.0
+    focus[:, 1::2] = 1.0  # 500 classes, n2 only for them
     draws = [run.run(None, {"x": x, UTILITY: np.ones(8, np.float32), FOCUS: focus})[0] for _ in range(6)]
     noise = np.stack(draws)
-    plain = np.delete(noise, [3, 500], axis=2).ravel()  # n1 only
-    assert plain.size > 40000
-    assert stats.kstest(plain, stats.norm.cdf).pvalue > 1e-3
-    both = noise[:, :, [3, 500]].ravel()  # n1 + |n2|, independent: sqrt(2) * SkewNormal(1)
-    assert stats.kstest(both, stats.skewnorm(1.0, scale=np.sqrt(2.0)).cdf).pvalue > 1e-3
+    plain = noise[:, :, 0::2].ravel()  # n1 only
+    both = noise[:, :, 1::2].ravel()  # n1 + |n2|, independent: sqrt(2) * SkewNormal(1)
+    assert plain.size >= 20_000 and both.size >= 20_000
+    assert stats.kstest(plain, stats.norm.cdf).pvalue > 1e-7
+    assert stats.kstest(both, stats.skewnorm(1.0, scale=np.sqrt(2.0)).cdf).pvalue > 1e-7
     # Fresh draws every run, and no element repeats another row's value.
     assert np.mean(draws[0] != draws[1]) > 0.999
     assert np.unique(noise[0]).size > 0.999 * noise[0].size
+
+
+@pytest.mark.parametrize("method", NOISE_METHODS)
+def test_focus_noise_is_not_a_neighbours_utility_noise(tmp_path, method):
+    """Cross-class and cross-row independence, on enough pairs to see a correlation of 0.05.
+
+    Utility 1 everywhere, focus 4 on a checkerboard of (row, class): a focused element is n1 + 4|n2|,
+    its four neighbours (class +-1, row +-1) are n1 alone. Were n2 drawn from a neighbour's n1 (a
+    shifted stream), scipy's Pearson r between focused elements and their neighbours' |n1| would be
+    ~0.92; a dependence r between |n2| and a neighbour's |n1| shows as 0.92 r. With n >= 200,000 pairs
+    per neighbour, independent noises keep |r| sqrt(n) below 5.6 (all four: false alarm < 1e-7) and
+    r = 0.05 gives 0.046 sqrt(n) >= 20 (never missed)."""
+    from scipy import stats
+
+    source = identity_model(tmp_path / "identity.onnx", ["batch", 1001])
+    graph = add_redistribution(load_graph(source), "logits", 1, noise=method)
+    run = seeded_session(save_onnx(graph, tmp_path / "production.onnx"), 22)
+    rows, classes = 64, 1001
+    focused = (np.arange(rows)[:, None] + np.arange(classes)[None, :]) % 2 == 1
+    feed = {"x": np.zeros((rows, classes), np.float32), UTILITY: np.ones(rows, np.float32), FOCUS: np.where(focused, 4.0, 0.0).astype(np.float32)}
+    noise = np.stack([run.run(None, feed)[0] for _ in range(7)])  # [runs, rows, classes]
+    threshold = stats.norm.isf(1e-7 / 4 / 2)
+    for dr, dc in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        here = noise[:, max(0, -dr) : rows - max(0, dr), max(0, -dc) : classes - max(0, dc)]
+        there = noise[:, max(0, dr) : rows + min(0, dr) or None, max(0, dc) : classes + min(0, dc) or None]
+        chosen = focused[max(0, -dr) : rows - max(0, dr), max(0, -dc) : classes - max(0, dc)]
+        a, b = here[:, chosen].ravel(), np.abs(there[:, chosen].ravel())
+        assert a.size >= 200_000
+        r = stats.pearsonr(a, b).statistic
+        assert abs(r) * np.sqrt(a.size) < threshold, f"offset {(dr, dc)}: r = {r:.4f} over {a.size} pairs"
+        assert (threshold + stats.norm.isf(1e-6)) / np.sqrt(a.size) < 0.92 * 0.05  # r = 0.05 would be seen
+
+
+def poisoned(path, target):
+    """The graph with every random node replaced by 0 / 0 over its shape: NaN noise, which turns
+    every logit it touches into NaN (0 * NaN = NaN), so any run that draws noise shows it."""
+    graph = load_graph(path)
+    randoms = [node for node in all_nodes(graph) if node.op.startswith("Random")]
+    assert len(randoms) == 1
+    for node in randoms:
+        node.op, node.attrs, node.inputs = "Div", {}, [node.inputs[0], node.inputs[0]]
+    return save_onnx(graph, target)
+
+
+@pytest.mark.parametrize("method", NOISE_METHODS)
+@pytest.mark.parametrize("hand_made", ["identity", "classifier"])
+def test_premium_tier_draws_no_noise(tmp_path, method, hand_made):
+    """Utility 0 and focus 0 for the whole batch take the If's skip branch: no noise is drawn at all
+    (benchmark P1a's premium tier). With NaN noise in the graph, that request still returns the bare
+    logits bit for bit, while any request that asks for noise (even one row at utility 0.5, or focus on
+    one class) comes back NaN: the noise branch ran, and 0 * noise did not hide it."""
+    if hand_made == "identity":
+        source, logits, feed = identity_model(tmp_path / "bare.onnx", ["batch", 6]), "logits", {"x": np.arange(18, dtype=np.float32).reshape(3, 6)}
+    else:
+        source, logits, feed = tiny_classifier(tmp_path / "bare.onnx", classes=6), "scores", {"x": np.ones((3, 6), np.float32)}
+    graph = add_redistribution(load_graph(source), logits, 1, noise=method)
+    run = session(poisoned(save_onnx(graph, tmp_path / "production.onnx"), tmp_path / "poisoned.onnx"))
+    bare = session(source).run(None, feed)[0]
+    zero = {**feed, UTILITY: np.zeros(3, np.float32), FOCUS: np.zeros((3, 6), np.float32)}
+    np.testing.assert_array_equal(run.run(None, zero)[0], bare)
+    some = dict(zero, **{UTILITY: np.array([0.0, 0.5, 0.0], np.float32)})
+    assert np.all(np.isnan(run.run(None, some)[0]))
+    focus = dict(zero, **{FOCUS: np.eye(3, 6, 2, dtype=np.float32)})
+    assert np.all(np.isnan(run.run(None, focus)[0]))
 
 
 def test_weights_are_not_moved_into_the_branches(tmp_path):
@@ -366,3 +436,47 @@ def test_weights_are_not_moved_into_the_branches(tmp_path):
     zero = {"x": x, UTILITY: np.zeros(3, np.float32), FOCUS: np.zeros((3, 100), np.float32)}
     bare = session(tmp_path / "head.onnx").run(None, {"x": x})[0]
     np.testing.assert_array_equal(session(target).run(None, zero)[0], bare)
+
+
+def fp16_conv_classifier(path, classes: int = 10):
+    """An FP16 model as `model.half()` exports it: Conv, Relu, GlobalAveragePool, Flatten, Gemm. ONNX
+    Runtime's CPU provider has no FP16 kernels for most of these and runs the chain in FP32."""
+    rng = np.random.default_rng(3)
+    weights = [
+        numpy_helper.from_array(rng.normal(size=shape).astype(np.float16), name)
+        for name, shape in (("conv.w", (8, 3, 3, 3)), ("conv.b", (8,)), ("head.w", (classes, 8)), ("head.b", (classes,)))
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["image", "conv.w", "conv.b"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+            helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="pool"),
+            helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+            helper.make_node("Gemm", ["flat", "head.w", "head.b"], ["scores"], name="head", transB=1),
+        ],
+        "half",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT16, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT16, ["n", classes])],
+        initializer=weights,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_an_fp16_model_keeps_its_logits_bit_for_bit_at_utility_0(tmp_path):
+    """ONNX Runtime rounds an FP16 chain it runs in FP32 only where a tensor leaves it: moving the
+    logits' producer into the If's branches rounded its inputs at the branch edge, and 32% of the
+    logits came back off the bare model's (most by one FP16 ulp, some by up to 10)."""
+    source = fp16_conv_classifier(tmp_path / "half.onnx")
+    production = modulate_file(source, tmp_path / "half.mod.onnx", "scores", 1)
+    x = np.random.default_rng(4).normal(size=(32, 3, 8, 8)).astype(np.float16)
+    bare = session(source).run(None, {"image": x})[0]
+    utility = np.zeros(32, np.float32)
+    utility[1::2] = 2.0
+    run = session(production)
+    skipped = run.run(None, {"image": x, UTILITY: np.zeros(32, np.float32), FOCUS: np.zeros((32, 10), np.float32)})[0]
+    mixed = run.run(None, {"image": x, UTILITY: utility, FOCUS: np.zeros((32, 10), np.float32)})[0]
+    assert skipped.dtype == np.float16
+    assert np.array_equal(skipped, bare)  # the skip branch
+    assert np.array_equal(mixed[0::2], bare[0::2])  # utility-0 rows of a noisy batch
+    assert np.all(mixed[1::2] != bare[1::2])

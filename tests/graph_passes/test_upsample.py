@@ -53,3 +53,25 @@ def test_upsample_keeps_name_and_prefixes_its_nodes(tmp_path):
 def test_upsample_to_unknown_tensor(tmp_path):
     with pytest.raises(InvalidGraphError, match="no such tensor"):
         upsample_logits(load_graph(segmenter(tmp_path / "seg.onnx")), "logits", like="image")
+
+
+def test_hand_computed_half_pixel_example(tmp_path):
+    """2x2 logits [[0, 1], [2, 3]] to 4x4, worked out by hand. Half-pixel bilinear (align_corners=False,
+    what transformers' SegFormer post-processor asks for): output pixel i samples input coordinate
+    (i + 0.5) / 2 - 0.5, clamped to [0, 1], i.e. weights 0, 0.25, 0.75, 1 along each axis, so
+    out[i, j] = 2 a[i] + a[j] with a = (0, 0.25, 0.75, 1). (align_corners=True would give a = (0, 1/3, 2/3, 1).)"""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["low"], ["logits"])],
+        "low_resolution",
+        [helper.make_tensor_value_info("low", TensorProto.FLOAT, [1, 1, 2, 2]), helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 2, 2])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "low.onnx"))
+    path = save_onnx(upsample_logits(load_graph(tmp_path / "low.onnx"), "logits", like="pixel_values"), tmp_path / "up.onnx")
+    low = np.array([[[[0.0, 1.0], [2.0, 3.0]]]], np.float32)
+    a = np.array([0.0, 0.25, 0.75, 1.0])
+    expected = (2 * a[:, None] + a[None, :])[None, None]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"low": low, "pixel_values": np.zeros((1, 3, 4, 4), np.float32)})
+    np.testing.assert_array_equal(out, expected)  # every value is exact in binary floating point
+    np.testing.assert_array_equal(upsample_torch(torch.from_numpy(low), (4, 4)).numpy(), expected)

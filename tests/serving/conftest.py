@@ -1,31 +1,12 @@
-"""Build folders (`make engine`'s output) shared by the Triton tests: each model built once per session."""
+"""The Triton server tests' set-up (the build folders they use come from tests/conftest.py's build_folder)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-from aim.pipeline.build import build_model
-
-
-@pytest.fixture(scope="session")
-def build_folder(tmp_path_factory):
-    """build_folder("resnet") -> Path of a verified build folder (built on first use)."""
-    root = tmp_path_factory.mktemp("builds")
-    built: dict[str, Path] = {}
-
-    def get(model: str) -> Path:
-        if model not in built:
-            manifest = build_model(model, root, log=lambda line: None)
-            built[model] = manifest.folder
-        return built[model]
-
-    return get
-
 
 TRITON_MODELS = ("resnet", "llama")
 KEYED = "-keyed"  # keyed builds (make engine NOISE=keyed) of every family are served beside them as <model>-keyed
+INSTANCES = 2  # per model, stated: the default follows the machine's cores
 
 
 def _server_can_run() -> str | None:
@@ -43,8 +24,8 @@ def _server_can_run() -> str | None:
 
 @pytest.fixture(scope="session")
 def triton(build_folder, keyed_build, tmp_path_factory):
-    """The real Triton server (nvidia-pytriton's 2.51) on a generated repository with resnet and llama,
-    and the keyed builds of every family."""
+    """The real Triton server (nvidia-pytriton's 2.51) on a generated repository with resnet, llama and
+    resnet's bare model (resnet-bare), INSTANCES instances each, and the keyed builds of every family."""
     from aim.families import list_families
     from aim.serving.server import TritonServer
     from aim.serving.triton import write_model
@@ -54,9 +35,10 @@ def triton(build_folder, keyed_build, tmp_path_factory):
         pytest.skip(reason)
     repo = tmp_path_factory.mktemp("triton") / "repository"
     for model in TRITON_MODELS:
-        write_model(build_folder(model), repo)
+        write_model(build_folder(model), repo, instances=INSTANCES)
+    write_model(build_folder(TRITON_MODELS[0]), repo, instances=INSTANCES, bare=True)
     for model in list_families():
-        write_model(keyed_build(model).folder, repo, name=model + KEYED)
+        write_model(keyed_build(model).folder, repo, name=model + KEYED, instances=INSTANCES)
     log = repo.with_name("tritonserver.log")
     server = TritonServer(repo, log_path=log).start()  # raises with the server's log if it cannot start
     try:

@@ -14,7 +14,7 @@ import aim.cli as cli
 from aim.errors import AimError, TritonConfigError
 from aim.families import get_family, list_families
 from aim.files import sha256
-from aim.layout import MANIFEST, Manifest
+from aim.layout import MANIFEST, Manifest, sealed
 from aim.serving.triton import CONFIG, check_config, parse_config, read_config, write_model
 from tests.conftest import load
 
@@ -65,7 +65,7 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
     manifest["engine"] = "engine.tensorrt.plan"
     plan = folder / "engine.tensorrt.plan"
     manifest["artifacts"]["tensorrt"] = {"path": plan.name, "bytes": plan.stat().st_size, "sha256": sha256(plan)}
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps(sealed(manifest)))
     config = read_config(write_model(folder, tmp_path / "repo"))
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
@@ -158,7 +158,7 @@ def test_schema_errors_name_line_and_column():
 def _edit_manifest(folder, edit):
     manifest = json.loads((folder / MANIFEST).read_text())
     edit(manifest)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps(sealed(manifest)))
 
 
 def _set_focus_dims(manifest, dims):
@@ -210,3 +210,67 @@ def test_cli_writes_the_repository_and_reports_errors(build_folder, tmp_path, ca
     assert read_config(repo / "resnet").dynamic_batching.max_queue_delay_microseconds == 500
     assert cli.main(["triton", str(tmp_path / "nothing"), "--repository", str(repo)]) == 2
     assert "Build one first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cores, instances, threads", [(1, 1, 1), (2, 2, 1), (6, 4, 1), (8, 4, 2), (32, 4, 8)])
+def test_the_cpu_default_uses_the_cores(build_folder, tmp_path, monkeypatch, cores, instances, threads):
+    """instances x threads = the cores (up to 4 instances, the rest as threads), whatever the machine."""
+    import aim.serving.triton as triton
+
+    monkeypatch.setattr(triton, "cpu_cores", lambda: cores)
+    config = read_config(write_model(build_folder("resnet"), tmp_path / "repo"))
+    assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(instances, "KIND_CPU")]
+    assert config.parameters["intra_op_thread_count"].string_value == str(threads)
+
+
+def test_instances_and_threads_as_asked_and_refused_where_they_make_no_sense(build_folder, tmp_path, capsys):
+    folder = build_folder("resnet")
+    repo = tmp_path / "repo"
+    assert cli.main(["triton", str(folder), "--repository", str(repo), "--instances", "3", "--threads", "5"]) == 0
+    config = read_config(repo / "resnet")
+    assert [g.count for g in config.instance_group] == [3] and config.parameters["intra_op_thread_count"].string_value == "5"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["triton", str(folder), "--repository", str(repo), "--instances", "0"])
+    assert exit_.value.code == 2 and "--instances: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(TritonConfigError, match="instances must be at least 1"):
+        write_model(folder, repo, instances=0)
+    broken = copy.deepcopy(config)
+    broken.instance_group[0].count = 0
+    with pytest.raises(TritonConfigError, match=r"instance_group count \[0\]"):
+        check_config(broken, Manifest.load(folder), "engine.onnxruntime.onnx")
+
+
+def test_a_plan_runs_one_instance_per_gpu_and_takes_no_cpu_threads(build_folder, tmp_path):
+    from aim.serving.triton import instance_plan
+
+    assert instance_plan("KIND_GPU") == (1, None) and instance_plan("KIND_GPU", 2) == (2, None)
+    with pytest.raises(TritonConfigError, match="runs on the GPU"):
+        instance_plan("KIND_GPU", threads=2)
+
+
+def test_the_bare_entry_serves_the_bare_model_optimised_like_the_engine(build_folder, tmp_path):
+    """--bare: <model>-bare, the model's own inputs and outputs (no utility, focus), the bare graph
+    optimised by ONNX Runtime as the build optimised its engine, and the same logits as that graph."""
+    import numpy as np
+    import onnx
+
+    from aim.runtime.onnxruntime import OnnxRuntimeEngine
+
+    folder = build_folder("resnet")
+    manifest = Manifest.load(folder)
+    target = write_model(folder, tmp_path / "repo", bare=True, instances=2)
+    assert target.name == "resnet-bare"
+    config = read_config(target)
+    assert [i.name for i in config.input] == ["pixel_values"] and [o.name for o in config.output] == ["logits"]
+    assert [g.count for g in config.instance_group] == [2] and config.max_batch_size == manifest.dynamic_dims["batch"].max
+    served, graph = target / "1" / "model.onnx", manifest.graph_path("bare")
+    nodes = [n.op_type for n in onnx.load(str(served)).graph.node]
+    assert not any(op.startswith("RandomUniform") or op.startswith("RandomNormal") for op in nodes)
+    assert len(nodes) < len(onnx.load(str(graph)).graph.node)  # fused by ONNX Runtime, like engine.onnxruntime.onnx
+    image = {"pixel_values": np.random.default_rng(0).normal(size=(3, 3, 40, 40)).astype(np.float32)}
+    assert np.array_equal(OnnxRuntimeEngine(served).infer(image)["logits"], OnnxRuntimeEngine(graph).infer(image)["logits"])
+    with pytest.raises(TritonConfigError, match="give one of them"):
+        write_model(folder, tmp_path / "repo", bare=True, engine="engine.onnxruntime.onnx")
+    check_config(config, manifest, "model.onnx", bare=True)
+    with pytest.raises(TritonConfigError, match="'utility' of the engine is missing"):
+        check_config(config, manifest, "model.onnx")  # the bare entry is no modulated model

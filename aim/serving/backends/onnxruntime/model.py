@@ -11,8 +11,15 @@ Runs inside Triton's Python backend stub: only numpy, onnxruntime and triton_pyt
 Tensors cross the stub by DLPack, never by `as_numpy()` / `Tensor(name, ndarray)`: the stub of
 Triton 2.51 reads numpy 1.x's array structs, so with numpy 2 those give zero-filled inputs and empty
 outputs without an error; DLPack carries shape, dtype and data pointer itself.
+
+The stub marks a DLPack capsule it has consumed "used_dlpack" where the DLPack protocol says
+"used_dltensor" (python_backend src/pb_tensor.cc, FromDLPackCapsule). numpy's capsule destructor then
+takes the capsule for unconsumed, fails to read it and prints a traceback to the server log: one per
+output tensor, so one or more per request. `_output_tensor` renames the capsule to the protocol's
+name after the stub took it. Ownership is as before: the stub's tensor calls numpy's deleter.
 """
 
+import ctypes
 import json
 import os
 
@@ -26,6 +33,41 @@ THREADS_PARAMETER = "intra_op_thread_count"  # the same parameter name as Triton
 def _reshape(entry):
     reshape = entry.get("reshape")
     return None if reshape is None else [int(d) for d in reshape.get("shape", [])]
+
+
+# PyCapsule_SetName keeps the pointer, not a copy: these bytes live as long as the module.
+_STUB_CONSUMED = b"used_dlpack"
+_CONSUMED = b"used_dltensor"
+_capsule_is_valid = ctypes.pythonapi.PyCapsule_IsValid
+_capsule_is_valid.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_set_name = ctypes.pythonapi.PyCapsule_SetName
+_capsule_set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _output_tensor(name, array):
+    """pb_utils.Tensor of a numpy array, by DLPack, with the capsule marked consumed as DLPack says."""
+    capsule = np.ascontiguousarray(array).__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)
+    if _capsule_is_valid(capsule, _STUB_CONSUMED):
+        _capsule_set_name(capsule, _CONSUMED)
+    return tensor
+
+
+class _StubTensor:
+    """A stub tensor as numpy.from_dlpack wants it. numpy first calls `__dlpack__(max_version=...)`,
+    which the 2.51 stub's tensors refuse with a TypeError (they take `stream` only), and then calls
+    again without: an exception per input. This hands numpy the stub's capsule on the first call."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __dlpack__(self, **_):
+        return self.tensor.to_dlpack()
+
+    def __dlpack_device__(self):
+        return self.tensor.__dlpack_device__()
 
 
 def _parameter(config, key):
@@ -54,12 +96,14 @@ class TritonPythonModel:
 
     def _feed(self, request):
         """The request's inputs as the model sees them: [b, *reshape] instead of [b, *dims]."""
+        # One inputs() call: pb_utils.get_input_tensor_by_name calls it (and wraps every tensor) per name.
+        tensors = {tensor.name(): tensor for tensor in request.inputs()}
         feed = {}
         for name, reshape in self.inputs:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            tensor = tensors.get(name)
             if tensor is None:
                 raise ValueError(f"input {name!r} is missing")
-            array = np.from_dlpack(tensor)
+            array = np.from_dlpack(_StubTensor(tensor))
             if reshape is not None:
                 lead = [array.shape[0]] if self.batching else []
                 array = array.reshape(lead + reshape)
@@ -82,7 +126,7 @@ class TritonPythonModel:
                 part = results[name][start : start + size] if self.batching else results[name]
                 if reshape is not None:
                     part = part.reshape(([size] if self.batching else []) + dims)
-                tensors.append(pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(part)))
+                tensors.append(_output_tensor(name, part))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses

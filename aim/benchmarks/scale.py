@@ -1,0 +1,161 @@
+"""`make scale-check`: a real-size checkpoint through `make engine`, with the wall time and peak memory
+of every step (issue 12, section 4).
+
+For each family that states a real-size config (Family.scale; the Llama family: TinyLlama-1.1B's
+shape), a random-weight checkpoint is saved by `save_pretrained` in bf16 as three safetensors shards
+(cached under OUT/<family>.checkpoint, as a user's checkpoint arrives), then built as `aim engine
+<family> --checkpoint DIR` builds it, in a child process. The build records each step's wall time
+and peak resident memory in its manifest (pipeline/memory.py); after it, the FP16 graph passes and
+the Triton writer run in fresh processes on the build, each reporting the memory its work added.
+
+    python -m aim.benchmarks.scale [--out build/scale] [--families NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aim.families import get_family, list_families
+from aim.files import StagedFolder, remove
+
+SHARDS = 3
+DTYPE = "bfloat16"
+
+
+def make_checkpoint(name: str, folder: Path, dtype: str = DTYPE, shards: int = SHARDS, seed: int = 0) -> Path:
+    """The family's real-size model with random weights, saved in `dtype` as `shards` safetensors
+    shards (kept: a later run reuses it)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+
+    family = get_family(name)
+    torch.manual_seed(seed)
+    model = family.model_class_object()._from_config(family.scale(), dtype=getattr(torch, dtype))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    with StagedFolder(folder) as staged:
+        # A shard closes before the tensor that would take it past the limit: a little above size /
+        # shards gives `shards` files.
+        model.save_pretrained(staged.path, max_shard_size=f"{math.ceil(size / shards / 1e6 * 1.02)}MB")
+        staged.publish()
+    return folder
+
+
+def scaled() -> list[str]:
+    return [name for name in list_families() if get_family(name).scale is not None]
+
+
+def _child(code: str) -> dict:
+    """Runs `code` in a fresh Python (its last stdout line is JSON), the output streamed through."""
+    lines = []
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as process:
+        for line in process.stdout:
+            lines.append(line)
+            if not line.startswith("{"):
+                print("    " + line, end="", flush=True)
+    if process.returncode != 0:
+        raise SystemExit(f"scale-check: a step failed (exit code {process.returncode})")
+    return json.loads(lines[-1])
+
+
+# `aim engine NAME --checkpoint DIR --out OUT`, then what its manifest recorded.
+_BUILD = """
+import json, sys
+from aim.cli import main
+from aim.layout import Manifest
+if main(["engine", {name!r}, "--checkpoint", {checkpoint!r}, "--out", {out!r}]) != 0:
+    sys.exit(1)
+manifest = Manifest.load({folder!r})
+print(json.dumps({{"timings_s": manifest.timings_s, "memory_mb": manifest.memory_mb, "parameters": manifest.source.parameters,
+                  "dtype": manifest.source.dtype, "passed": manifest.verification.passed, "folder": str(manifest.folder)}}))
+"""
+
+# Its peak above what the process held once the imports were done: the memory of the work itself.
+_MEASURED = """
+import json, time
+from pathlib import Path
+from aim.pipeline import memory
+{imports}
+memory.reset_peak()
+before, started = memory.peak_rss(), time.perf_counter()
+{work}
+print(json.dumps({{"seconds": time.perf_counter() - started, "grown_mb": (memory.peak_rss() - before) / 1e6}}))
+"""
+
+
+def _passes_fp16(build: Path, scratch: Path) -> str:
+    """The graph passes of an FP16 build (redistribution, FP16 with its weights file, TensorRT check) on
+    a copy of the build's exported graph (onnx's checker refuses a data file with several hard links)."""
+    remove(scratch)
+    scratch.mkdir(parents=True)
+    for name in ("exported.onnx", "exported.onnx.data"):
+        if (build / name).is_file():
+            shutil.copyfile(build / name, scratch / name)
+    imports = "from aim.pipeline import steps\nfrom aim.layout import Manifest\nfrom aim.tasks import get_task\nfrom aim.families import get_family\n" \
+        "import aim.graph_passes.fp16, aim.graph_passes.trt_support, aim.runtime.tensorrt\n" \
+        f"manifest = Manifest.load({str(build)!r})\nscratch = Path({str(scratch)!r})"
+    work = "steps.passes(get_task(manifest.task), scratch, scratch / 'exported.onnx', 'fp16', 'onnxruntime', get_family(manifest.model).fp16_keep_fp32)"
+    return _MEASURED.format(imports=imports, work=work)
+
+
+def _triton(build: Path, repository: Path) -> str:
+    imports = "from aim.serving.triton import write_model"
+    return _MEASURED.format(imports=imports, work=f"write_model({str(build)!r}, {str(repository)!r})")
+
+
+def check(name: str, out: Path) -> dict:
+    """Checkpoint (cached), `make engine` on it, then the FP16 passes and the Triton writer on the build;
+    returns the figures (also written to OUT/<name>.scale.json)."""
+    started = time.perf_counter()
+    checkpoint = make_checkpoint(name, out / f"{name}.checkpoint")
+    print(f"{name}: checkpoint {checkpoint} ({time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"{name}: aim engine {name} --checkpoint {checkpoint} --out {out}", flush=True)
+    build = _child(_BUILD.format(name=name, out=str(out), checkpoint=str(checkpoint), folder=str(out / name)))
+    folder = Path(build["folder"])
+    print(f"{name}: FP16 graph passes on the build's exported graph", flush=True)
+    fp16 = _child(_passes_fp16(folder, out / f".{name}.fp16-passes"))
+    remove(out / f".{name}.fp16-passes")
+    print(f"{name}: Triton model repository from the build", flush=True)
+    triton = _child(_triton(folder, out / "triton"))
+    figures = {"model": name, **build, "fp16_passes": fp16, "triton_writer": triton}
+    (out / f"{name}.scale.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def table(figures: dict) -> str:
+    """The README's table: wall time and resident memory of each step."""
+    fp32_gb = figures["parameters"] * 4 / 1e9
+    memory = figures["memory_mb"]
+    rows = ["| step | wall time (s) | peak resident (GB) | added by the step (GB) |", "|---|---:|---:|---:|"]
+    for step, seconds in figures["timings_s"].items():
+        peak, start = memory[step]["peak"] / 1e3, memory[step]["start"] / 1e3
+        rows.append(f"| {step} | {seconds:.0f} | {peak:.2f} | {peak - start:+.2f} |")
+    peak = max(m["peak"] for m in memory.values()) / 1e3
+    rows.append(f"| **make engine** | **{sum(figures['timings_s'].values()):.0f}** | **{peak:.2f}** ({peak / fp32_gb:.2f}x the {fp32_gb:.1f} GB of FP32 weights) | |")
+    for key, what in (("fp16_passes", "FP16 graph passes + TensorRT check (fresh process)"), ("triton_writer", "Triton writer (fresh process)")):
+        rows.append(f"| {what} | {figures[key]['seconds']:.0f} | | {figures[key]['grown_mb'] / 1e3:+.3f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aim.benchmarks.scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="build/scale", type=Path)
+    parser.add_argument("--families", default=",".join(scaled()), help="comma-separated families")
+    args = parser.parse_args(argv)
+    for name in [n for n in args.families.split(",") if n]:
+        figures = check(name, args.out)
+        print(f"\n{name}: {figures['parameters']:,} parameters stored as {figures['dtype']}, verification "
+              + ("passed" if figures["passed"] else "FAILED") + " (measured on this machine; other processes may share it)")
+        print(table(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
