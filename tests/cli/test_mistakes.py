@@ -116,7 +116,7 @@ CASES = {
     "modulate: class axis 9": (lambda w: ["modulate", w.mine_onnx, "-o", w.out / "m.onnx", "--logits", "scores", "--class-axis", "9"], "out of range"),
     "modulate: -o under a file": (lambda w: ["modulate", w.mine_onnx, "-o", w.afile / "m.onnx", "--logits", "scores"], "in the way"),
     "build: random bytes": (lambda w: ["build", w.rand_onnx, "-o", w.out / "e.onnx"], "cannot load"),
-    "build: TensorRT without --model": (lambda w: ["build", w.mod_onnx, "-o", w.out / "e.plan", "--backend", "tensorrt-rtx"], "pass --model FAMILY"),
+    "build: TensorRT without --model": (lambda w: ["build", w.mod_onnx, "-o", w.out / "e.plan", "--backend", "tensorrt-rtx"], "or --model FAMILY"),
     "build: --threads -3": (lambda w: ["build", w.mod_onnx, "-o", w.out / "e.onnx", "--threads", "-3"], "must be >= 1"),
     "trt-check: random bytes": (lambda w: ["trt-check", w.rand_onnx], "not a readable ONNX model"),
     "run: empty batch": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.empty_npy}"], "hold no sample (batch 0"),
