@@ -119,6 +119,7 @@ def export_onnx(
     dynamic_axes = {spec.name: spec.dynamic_axes for spec in (*input_specs, *output_specs)}
     scratch = path.with_name(f".{path.name}.torch.tmp-{os.getpid()}")  # a leftover files.remove_leftovers knows
     remove(scratch)
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     scratch.mkdir(parents=True)
     try:
         with torch.no_grad(), warnings.catch_warnings(), context():
@@ -136,8 +137,15 @@ def export_onnx(
         model = onnx.load(str(scratch / path.name), load_external_data=False)  # the graph: weights stay in scratch
         _static_output_dims(model, output_specs)
         save_model(model, path, weights_dir=scratch, check=False)
-    finally:
+    except BaseException:
         remove(scratch)
+        for folder in made:  # a failed export leaves no folder made for it either
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: something else is in it now
+        raise
+    remove(scratch)
     return path
 
 

@@ -247,3 +247,27 @@ def test_calibrate_onnx_reuses_the_build_of_that_file(scorer, built, tmp_path, c
     assert manifest.created == created and manifest.calibration["calibration_set"]["inputs"] == 8
     assert main(["calibrate", str(built)]) == 2  # a folder needs --data
     assert "--data" in capsys.readouterr().err
+
+
+def test_keyed_noise_on_your_onnx_is_verified_against_the_twin_and_keeps_its_key(scorer, tmp_path):
+    """`make engine ONNX=... NOISE=keyed NOISE_KEY=file`: the keyed checks replace the fresh ones, the
+    manifest names the key by its fingerprint, and the same request gets the same answer."""
+    from aim.graph_passes.noise_key import NoiseKey
+    from aim.runtime.folder import production_runner
+
+    module, path = scorer
+    key = tmp_path / "owner.key"
+    argv = ["engine", "--onnx", str(path), "--logits", "scores", "--out", str(tmp_path), "--noise", "keyed", "--noise-key", str(key), *SHAPES]
+    assert main(argv) == 0
+    manifest = Manifest.load(tmp_path / "scorer")
+    checks = {check.name: check for check in manifest.verification.checks}
+    assert manifest.verification.passed and "keyed production vs PyTorch twin (element-wise)" in checks, checks
+    assert manifest.modulation.noise == "keyed" and manifest.modulation.key_fingerprint == NoiseKey.read(key).fingerprint
+    image = np.random.default_rng(1).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    engine, _ = production_runner(manifest)
+    with engine:
+        first = engine.run({"image": image}, 3.0)
+        assert np.array_equal(first, engine.run({"image": image}, 3.0))
+        with torch.no_grad():
+            clean = module(torch.from_numpy(image))[1].numpy()
+        assert np.allclose(engine.run({"image": image}, 0.0), clean, atol=1e-5) and not np.allclose(first, clean, atol=0.5)

@@ -221,6 +221,17 @@ def _counts(client, name):
     return int(stats["inference_count"]), int(stats["execution_count"])
 
 
+def _counted(client, name, before, requests: int, wait_s: float = 10.0):
+    """(inferences, executions) since `before`, once the server has counted all `requests`: Triton
+    updates its statistics after it sends a batch's responses, so the last ones may lag a little."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        inferences, executions = (after - first for after, first in zip(_counts(client, name), before))
+        if inferences >= requests or time.monotonic() > deadline:
+            return inferences, executions
+        time.sleep(0.05)
+
+
 def test_64_concurrent_requests_are_batched_and_utility_zero_stays_exact(clients, models):
     """Isolation under dynamic batching: requests of mixed utility share batches on the server, and
     each response is its own: utility-0 responses are the bare logits bit for bit, the others carry
@@ -243,7 +254,7 @@ def test_64_concurrent_requests_are_batched_and_utility_zero_stays_exact(clients
     for _ in range(64):
         assert done.acquire(timeout=60), "a response did not arrive within 60 s"
     assert not errors, errors
-    inferences, executions = (after - first for after, first in zip(_counts(clients["http"], model.name), before))
+    inferences, executions = _counted(clients["http"], model.name, before, 64)
     assert inferences == 64
     assert executions < inferences, f"no dynamic batching: {executions} executions for {inferences} requests"
 
@@ -419,7 +430,7 @@ def test_a_keyed_model_gives_the_same_request_the_same_answer_also_in_a_dynamic_
         )
     for _ in range(16):
         assert done.acquire(timeout=60), "a response did not arrive within 60 s"
-    inferences, executions = (after - first for after, first in zip(_counts(clients["http"], name), before))
+    inferences, executions = _counted(clients["http"], name, before, 16)
     assert inferences == 16 and executions < inferences, f"no dynamic batching: {executions} executions"
     for index, (result, error) in results.items():
         assert error is None, error
