@@ -18,13 +18,15 @@ from aim.contract import LOGITS, MAX_STRENGTH
 from aim.errors import VerificationError
 from aim.families import Family
 from aim.files import StagedFolder, folder_hashes, remove
-from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Modulation, Source, Verification, package_versions
 from aim.graph_passes.noise_key import NoiseKey
+from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Modulation, Source, Verification, package_versions
 from aim.pipeline import memory, steps
 from aim.pipeline.verify import checks, keyed_expectation
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
 from aim.runtime.base import profile_from_io
+from aim.specs import Tolerance
 from aim.tasks import Task, get_task
+from aim.verify.reference import Reference
 from aim.verify.tolerance import logit_spread, scaled_tolerance
 
 
@@ -196,16 +198,8 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         profile=profile_from_io(production.inputs, family.dims),
         tensorrt=builds or None,
         compatibility={role: report.as_dict() for role, report in graphs.compatibility.items()},
-        verification=Verification(
-            passed=False,
-            runner=runner,
-            engine_run=EngineRun(runnable, why),
-            shapes=reference.shapes(),
-            tolerance=scaled_tolerance(family.tolerance, reference.logits, task.class_axis),
-            reduced_precision=family.fp16 if precision == "fp16" else None,
-            checks=[],
-            seed=seed,
-            logit_spread=logit_spread(reference.logits, task.class_axis),
+        verification=verification_record(
+            runner, runnable, why, reference, family.tolerance, task.class_axis, family.fp16 if precision == "fp16" else None, seed
         ),
         artifacts={},
         timings_s=progress.timings,
@@ -214,23 +208,44 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         folder=folder,
         max_positions=max_positions,
     )
-    for name, path in graphs.paths.items():
-        manifest.record(name, path)
+    return verify_and_save(manifest, graphs, task, reference, reference_path, key, progress)
+
+
+def verification_record(runner: str, runnable: bool, why: str, reference: Reference, tolerance: Tolerance, class_axis: int, reduced, seed: int) -> Verification:
+    """The manifest's verification entry before the checks run: who runs them, on what, within what."""
+    return Verification(
+        passed=False,
+        runner=runner,
+        engine_run=EngineRun(runnable, why),
+        shapes=reference.shapes(),
+        tolerance=scaled_tolerance(tolerance, reference.logits, class_axis),
+        reduced_precision=reduced,
+        checks=[],
+        seed=seed,
+        logit_spread=logit_spread(reference.logits, class_axis),
+    )
+
+
+def verify_and_save(manifest: Manifest, graphs, task: Task, reference: Reference, reference_path: Path, key: NoiseKey | None, progress) -> Manifest:
+    """Records every file of the build folder (graphs, reference, and whatever else the build depends
+    on: external weights, the tokenizer), adds to the reference what a keyed engine must answer, runs
+    every check and saves the manifest."""
+    folder, verification = manifest.folder, manifest.verification
+    for role, path in graphs.paths.items():
+        manifest.record(role, path)
     if key is not None:
-        reference.keyed_modulated = keyed_expectation(manifest, reference, runner, key)
-        manifest.verification.shapes = reference.shapes()
+        reference.keyed_modulated = keyed_expectation(manifest, reference, verification.runner, key)
+        verification.shapes = reference.shapes()
         reference.save(reference_path)  # again, with what the keyed engine must answer
     manifest.record("reference", reference_path)
-    if tokenizer_dir is not None:
-        for path in sorted(tokenizer_dir.iterdir()):
-            manifest.record(f"tokenizer/{path.name}", path)
     recorded = {entry.path for entry in manifest.artifacts.values()}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):  # whatever else the build depends on (external weights)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if str(path.relative_to(folder)) not in recorded:
             manifest.record(str(path.relative_to(folder)), path)
-    found = checks(manifest, task, reference, runner, seed)
-    manifest.verification.checks = found
-    manifest.verification.passed = all(check.passed for check in found)
-    progress.done("verify", ("passed" if manifest.verification.passed else "FAILED") + ("" if runnable else f" on ONNX Runtime; engine run skipped: {why}"))
+    found = checks(manifest, task, reference, verification.runner, verification.seed)
+    verification.checks = found
+    verification.passed = all(check.passed for check in found)
+    skipped = "" if verification.engine_run.ran else f" on ONNX Runtime; engine run skipped: {verification.engine_run.reason}"
+    progress.done("verify", ("passed" if verification.passed else "FAILED") + skipped)
     manifest.save()
     return manifest

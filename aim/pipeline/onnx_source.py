@@ -27,10 +27,9 @@ from aim.files import StagedFolder, remove, sha256
 from aim.graph_passes.dims import conventional_io
 from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.noise_key import NoiseKey
-from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Source, Verification, package_versions
+from aim.layout import FILES, REFERENCE, GraphIO, Manifest, Source, package_versions
 from aim.pipeline import steps
-from aim.pipeline.build import Progress, log_noise, modulation_record, noise_key_of
-from aim.pipeline.verify import checks, keyed_expectation
+from aim.pipeline.build import Progress, log_noise, modulation_record, noise_key_of, verification_record, verify_and_save
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
 from aim.runtime.base import profile_from_io
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
@@ -38,7 +37,6 @@ from aim.runtime.shapes import ShapeRanges
 from aim.specs import Agreement, DimRange, Tolerance
 from aim.tasks import get_task
 from aim.verify.reference import Reference, differential_knobs
-from aim.verify.tolerance import logit_spread, scaled_tolerance
 
 SOURCE = "bare ONNX on ONNX Runtime"  # what the reference is (Reference.source)
 TOLERANCE = Tolerance(
@@ -277,32 +275,12 @@ def _build(source: OnnxSource, name: str, task, folder: Path, backend: str, prec
         profile=profile_from_io(production.inputs, source.dims),
         tensorrt=builds or None,
         compatibility={role: report.as_dict() for role, report in graphs.compatibility.items()},
-        verification=Verification(
-            passed=False,
-            runner=runner,
-            engine_run=EngineRun(runnable, why),
-            shapes=ref.shapes(),
-            tolerance=scaled_tolerance(TOLERANCE, ref.logits, class_axis),
-            reduced_precision=fp16_comparator(task, num_classes) if precision == "fp16" else None,
-            checks=[],
-            seed=seed,
-            logit_spread=logit_spread(ref.logits, class_axis),
+        verification=verification_record(
+            runner, runnable, why, ref, TOLERANCE, class_axis, fp16_comparator(task, num_classes) if precision == "fp16" else None, seed
         ),
         artifacts={},
         timings_s=progress.timings,
         versions=package_versions(),
         folder=folder,
     )
-    for role, path in graphs.paths.items():
-        manifest.record(role, path)
-    if key is not None:
-        ref.keyed_modulated = keyed_expectation(manifest, ref, runner, key)
-        manifest.verification.shapes = ref.shapes()
-        ref.save(reference_path)  # again, with what the keyed engine must answer
-    manifest.record("reference", reference_path)
-    found = checks(manifest, task, ref, runner, seed)
-    manifest.verification.checks = found
-    manifest.verification.passed = all(check.passed for check in found)
-    progress.done("verify", ("passed" if manifest.verification.passed else "FAILED") + ("" if runnable else f" on ONNX Runtime; engine run skipped: {why}"))
-    manifest.save()
-    return manifest
+    return verify_and_save(manifest, graphs, task, ref, reference_path, key, progress)

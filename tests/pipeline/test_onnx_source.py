@@ -72,6 +72,8 @@ def test_the_build_folder_is_the_families_one(scorer, built):
     assert manifest.source.shapes == {"min": "image:1x3x16x16", "opt": "image:4x3x32x32", "max": "image:16x3x64x64"}
     assert manifest.changed_artifacts() == []
     assert {"exported", "bare", "modulated", "verification", "engine", "reference"} <= set(manifest.artifacts)
+    every_file = {str(p.relative_to(built)) for p in built.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert {entry.path for entry in manifest.artifacts.values()} == every_file  # the folder holds nothing unrecorded
     # The user's dims under the folder's names: the batch is `batch`, h and w keep theirs; logits first.
     assert manifest.dynamic_dims == {"batch": DimRange(1, 4, 16), "h": DimRange(16, 32, 64), "w": DimRange(16, 32, 64)}
     assert [(t.name, t.dims) for t in manifest.graph.inputs] == [("image", ["batch", 3, "h", "w"]), ("utility", ["batch"]), ("focus", ["batch", CLASSES])]
@@ -271,3 +273,21 @@ def test_keyed_noise_on_your_onnx_is_verified_against_the_twin_and_keeps_its_key
         with torch.no_grad():
             clean = module(torch.from_numpy(image))[1].numpy()
         assert np.allclose(engine.run({"image": image}, 0.0), clean, atol=1e-5) and not np.allclose(first, clean, atol=0.5)
+
+
+def test_an_onnx_with_external_weights_builds_with_every_file_recorded(scorer, tmp_path):
+    """Weights in a file beside the graph are copied into the build and recorded with their hash, so
+    `aim verify` would notice them changed."""
+    import onnx
+
+    _, path = scorer
+    model = onnx.load(str(path))
+    mine = tmp_path / "yours" / "scorer.onnx"
+    mine.parent.mkdir()
+    onnx.save(model, str(mine), save_as_external_data=True, all_tensors_to_one_file=True, location="scorer.weights", size_threshold=0)
+    assert main(["engine", "--onnx", str(mine), "--logits", "scores", "--out", str(tmp_path / "out"), *SHAPES]) == 0
+    folder = tmp_path / "out" / "scorer"
+    manifest = Manifest.load(folder)
+    every_file = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert any(name.endswith(".data") or name.endswith(".weights") for name in every_file), every_file
+    assert {entry.path for entry in manifest.artifacts.values()} == every_file
