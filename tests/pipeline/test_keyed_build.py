@@ -76,3 +76,15 @@ def test_bad_noise_arguments_exit_2_and_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "k").exists()
+
+
+@pytest.mark.parametrize("model", list_families())
+def test_tensorrt_rtx_builds_the_keyed_engine_of_every_family(model, tmp_path):
+    """`make engine MODEL=x NOISE=keyed BACKEND=tensorrt-rtx`: real plans from the keyed graphs (Llama's
+    with its KV cache), verified by the keyed checks on ONNX Runtime where no GPU runs them."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
+    manifest = build_model(model, tmp_path, backend="tensorrt-rtx", noise="keyed", log=lambda _: None)
+    assert manifest.engine.endswith(".plan") and (manifest.folder / manifest.engine).stat().st_size > 0
+    assert manifest.tensorrt["engine"]["backend"] == "tensorrt-rtx"
+    assert manifest.modulation.noise == "keyed" and manifest.verification.passed
+    assert KEYED_CHECKS <= {check.name for check in manifest.verification.checks}
