@@ -19,11 +19,9 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from aim.graph_passes.modulate import modulate_file
-    from aim.graph_passes.noise_key import NoiseKey
-    from aim.pipeline.steps import check_noise
+    from aim.pipeline.steps import noise_key_of
 
-    check_noise(args.noise, args.noise_key)
-    key, fresh = NoiseKey.load_or_draw(args.noise_key) if args.noise == "keyed" else (None, False)
+    key, fresh = noise_key_of(args.noise, args.noise_key)
     path = modulate_file(args.input, args.output, args.logits, args.class_axis, args.flavour, args.upsample_to, key)
     if fresh and args.noise_key:
         key.write(args.noise_key)

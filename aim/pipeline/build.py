@@ -77,7 +77,7 @@ def build_model(
     family = steps.family_of(model, checkpoint, log)  # an unknown name or architecture fails here, before anything is written
     task = get_task(family.task)
     steps.check_precision(family, precision)
-    key, fresh_key = noise_key_of(noise, noise_key)  # a bad key file fails here
+    key, fresh_key = steps.noise_key_of(noise, noise_key)  # a bad key file fails here
     backend, why = choose_backend(backend)  # a backend that cannot work fails here, with what to install
     log(f"backend {why}")
     if checkpoint is not None:
@@ -96,12 +96,6 @@ def build_model(
         manifest.folder = staged.publish()
     remove(out / f"{family.name}.failed")  # an earlier failure of this model is superseded
     return manifest
-
-
-def noise_key_of(noise: str, noise_key) -> tuple[NoiseKey | None, bool]:
-    """The build's noise key (None for fresh noise), and whether it was drawn now (not read from a file)."""
-    steps.check_noise(noise, noise_key)
-    return NoiseKey.load_or_draw(noise_key) if noise == "keyed" else (None, False)
 
 
 def log_noise(key: NoiseKey | None, fresh_key: bool, noise_key, log) -> None:

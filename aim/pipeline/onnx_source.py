@@ -29,7 +29,7 @@ from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import FILES, REFERENCE, GraphIO, Manifest, Source, package_versions
 from aim.pipeline import steps
-from aim.pipeline.build import Progress, log_noise, modulation_record, noise_key_of, verification_record, verify_and_save
+from aim.pipeline.build import Progress, log_noise, modulation_record, verification_record, verify_and_save
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
 from aim.runtime.base import profile_from_io
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
@@ -200,7 +200,7 @@ def build_onnx(
     task_object = get_task(task)
     if precision not in steps.PRECISIONS:
         raise AimError(f"unknown precision {precision!r}; available: {', '.join(steps.PRECISIONS)}")
-    key, fresh_key = noise_key_of(noise, noise_key)  # a bad key file fails here
+    key, fresh_key = steps.noise_key_of(noise, noise_key)  # a bad key file fails here
     backend, why = choose_backend(backend)
     log(f"backend {why}")
     class_axis = task_object.class_axis if class_axis is None else class_axis

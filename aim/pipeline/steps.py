@@ -26,8 +26,8 @@ from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import FILES, ROLES, TOKENIZER_DIR, GraphIO, engine_files
 from aim.runtime import onnxruntime as ort_engine
 from aim.runtime.backends import TENSORRT_BACKENDS
-from aim.specs import TensorSpec
 from aim.runtime.base import profile_from_io
+from aim.specs import TensorSpec
 from aim.tasks import Task
 from aim.verify.reference import Reference, differential_knobs
 from aim.weights import WeightsFile
@@ -253,8 +253,11 @@ def check_precision(family: Family, precision: str) -> None:
         raise AimError(f"{family.name} states no FP16 comparator (Family.fp16), so an FP16 engine could not be verified")
 
 
-def check_noise(noise: str, noise_key) -> None:
+def noise_key_of(noise: str, noise_key) -> tuple[NoiseKey | None, bool]:
+    """The noise key of a build or a modulated graph (None for fresh noise), and whether it was drawn
+    now rather than read from the file `noise_key`; a bad combination or key file fails here."""
     if noise not in NOISE_SOURCES:
         raise AimError(f"unknown noise {noise!r}; available: {', '.join(NOISE_SOURCES)}")
     if noise_key is not None and noise != "keyed":
         raise AimError("a noise key (--noise-key) is for keyed noise: add --noise keyed (NOISE=keyed), or drop the key")
+    return NoiseKey.load_or_draw(noise_key) if noise == "keyed" else (None, False)
