@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,14 @@ def sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], advice: str):
+    """The JSON in `path`, or `error` saying that it is not readable JSON, why, and `advice`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(f"{path} is not readable JSON ({problem}): {advice}") from None
 
 
 def folder_hashes(folder: str | os.PathLike) -> dict[str, str]:
@@ -50,7 +59,7 @@ def remove_pending() -> None:
     For a signal handler that exits right after: a swap in progress is never cut (see _held)."""
     for path, created in list(_PENDING.items()):
         remove(path)
-        _remove_empty(created)
+        remove_empty(created)
     _PENDING.clear()
 
 
@@ -65,14 +74,14 @@ def _held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _make_folder(folder: Path) -> list[Path]:
+def make_folder(folder: Path) -> list[Path]:
     """mkdir -p; returns the folders it created, deepest first (to remove them again on failure)."""
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     return created
 
 
-def _remove_empty(folders: list[Path]) -> None:
+def remove_empty(folders: list[Path]) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):  # not empty (someone else's files): it stays
             folder.rmdir()
@@ -83,7 +92,7 @@ def atomic_path(path: str | os.PathLike):
     """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds. On a
     failure nothing is left: neither the temporary file nor the folders made for it."""
     path = Path(path)
-    created = _make_folder(path.parent)
+    created = make_folder(path.parent)
     remove_leftovers(path.parent)  # temporary files of killed writers
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     leftovers = (tmp, tmp.with_name(tmp.name + ".data"))  # torch.onnx and onnx may write weights beside it
@@ -100,7 +109,7 @@ def atomic_path(path: str | os.PathLike):
             if leftover.exists() or leftover.is_symlink():
                 remove(leftover)
         if not done:
-            _remove_empty(created)
+            remove_empty(created)
 
 
 def check_writable(folder: str | os.PathLike) -> None:
@@ -181,7 +190,7 @@ class StagedFolder:
 
     def __enter__(self) -> "StagedFolder":
         _not_a_file(self.final)
-        self.created = _make_folder(self.final.parent)
+        self.created = make_folder(self.final.parent)
         _PENDING[self.path] = self.created
         try:
             remove_leftovers(self.final.parent)
@@ -189,7 +198,7 @@ class StagedFolder:
             self.path.mkdir()
         except BaseException:
             _PENDING.pop(self.path, None)
-            _remove_empty(self.created)
+            remove_empty(self.created)
             raise
         return self
 
@@ -218,4 +227,4 @@ class StagedFolder:
         _PENDING.pop(self.path, None)
         if self.published is None:
             remove(self.path)
-            _remove_empty(self.created)  # the folders made for it: an error leaves nothing behind
+            remove_empty(self.created)  # the folders made for it: an error leaves nothing behind

@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 from aim.errors import AimError
-from aim.files import atomic_path, sha256
+from aim.files import atomic_path, read_json, sha256
 from aim.specs import Agreement, Check, DimRange, Tolerance
 
 SCHEMA = 3  # bumped when the manifest's structure changes; older folders are refused (rebuild)
@@ -344,10 +344,7 @@ class Manifest:
         path = folder / MANIFEST
         if not path.is_file():
             raise ManifestError(f"{folder}: no build there (no {MANIFEST}). Build one first: `make engine MODEL=...`")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ManifestError(f"{path} is not readable JSON ({error}): rebuild the folder with `make engine`") from None
+        data = read_json(path, ManifestError, "rebuild the folder with `make engine`")
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             found = data.get("schema", "none") if isinstance(data, dict) else "none"
             raise ManifestError(

@@ -7,14 +7,13 @@ names and dynamic axes of its inputs and outputs.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Callable, ContextManager
 
 from aim.errors import CheckpointError
-from aim.files import remove
+from aim.files import make_folder, read_json, remove, remove_empty
 from aim.specs import TensorSpec
 from aim.weights import save_model
 
@@ -27,10 +26,7 @@ def checkpoint_config(folder: str | os.PathLike) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a checkpoint folder: it has no config.json. Pass a folder written by `model.save_pretrained(DIR)`.")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not readable JSON ({error}): save the checkpoint again") from None
+    config = read_json(path, CheckpointError, "save the checkpoint again")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds no JSON object: save the checkpoint again")
     return config
@@ -119,8 +115,8 @@ def export_onnx(
     dynamic_axes = {spec.name: spec.dynamic_axes for spec in (*input_specs, *output_specs)}
     scratch = path.with_name(f".{path.name}.torch.tmp-{os.getpid()}")  # a leftover files.remove_leftovers knows
     remove(scratch)
-    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
-    scratch.mkdir(parents=True)
+    made = make_folder(path.parent)
+    scratch.mkdir()
     try:
         with torch.no_grad(), warnings.catch_warnings(), context():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
@@ -139,11 +135,7 @@ def export_onnx(
         save_model(model, path, weights_dir=scratch, check=False)
     except BaseException:
         remove(scratch)
-        for folder in made:  # a failed export leaves no folder made for it either
-            try:
-                folder.rmdir()
-            except OSError:
-                break  # not empty: something else is in it now
+        remove_empty(made)  # a failed export leaves no folder made for it either
         raise
     remove(scratch)
     return path
