@@ -221,3 +221,24 @@ def test_the_rules_catch_a_violation(rule, tmp_path, monkeypatch):
     monkeypatch.setitem(MODULES, "aim.pipeline.fake", fake)
     with pytest.raises(AssertionError):
         rule()
+
+
+def test_aim_verify_needs_no_torch_or_transformers(build_folder, keyed_build):
+    """`aim verify` re-runs every check of a build (fresh noise, and keyed noise, whose PyTorch twin's
+    answer the reference stores) in a process where torch and transformers cannot be imported.
+    (Where torch is installed, Polygraphy's comparator imports it to ask whether an array is a torch
+    tensor; it needs it no more than that.)"""
+    for folder in (build_folder("llama"), keyed_build("resnet").folder):
+        code = (
+            "import sys\n"
+            "class NotInstalled:  # torch and transformers cannot be found, as if not installed\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NotInstalled())\n"
+            f"from aim.cli import main\nassert main(['verify', {str(folder)!r}]) == 0\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "PASS" in done.stdout and "FAIL" not in done.stdout
