@@ -31,8 +31,9 @@ MIN_SHAPES ?=
 OPT_SHAPES ?=
 MAX_SHAPES ?=
 INPUTS ?=
+UPSAMPLE_TO ?=
 DATA ?=
-export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS DATA REPEATS
+export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -40,7 +41,7 @@ PYTRITON := nvidia-pytriton==0.7.0
 # MODEL and/or CHECKPOINT (a checkpoint alone is built as its own architecture).
 SOURCE = if [ -n "$$ONNX" ]; then set -- --onnx "$$ONNX" --logits "$$LOGITS" --task "$$TASK" $${CLASS_AXIS:+--class-axis "$$CLASS_AXIS"} \
 	$${MIN_SHAPES:+--min-shapes "$$MIN_SHAPES"} $${OPT_SHAPES:+--opt-shapes "$$OPT_SHAPES"} $${MAX_SHAPES:+--max-shapes "$$MAX_SHAPES"} \
-	$${INPUTS:+--inputs "$$INPUTS"}; else set -- $${MODEL:+"$$MODEL"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; fi
+	$${INPUTS:+--inputs "$$INPUTS"} $${UPSAMPLE_TO:+--upsample-to "$$UPSAMPLE_TO"}; else set -- $${MODEL:+"$$MODEL"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; fi
 # How the engine is built: backend, precision and the production noise (fresh, or keyed by a key file).
 BUILD_FLAGS = --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" --noise "$$NOISE" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"}
 # The build's name: MODEL, or without one the checkpoint folder's, as `aim engine` names it.
@@ -53,7 +54,7 @@ BUILT = $(NAME) && { test -f "$$OUT/$$name/manifest.json" || $(PY) -m aim.cli en
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
 	@echo "make engine CHECKPOINT=dir   any supported architecture of the three tasks (make models), into OUT/<folder name>"
-	@echo "make engine ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224 [MIN_SHAPES=..] [OPT_SHAPES=..] [CLASS_AXIS=1] [TASK=..] [INPUTS=data.npz]"
+	@echo "make engine ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224 [MIN_SHAPES=..] [OPT_SHAPES=..] [CLASS_AXIS=1] [TASK=..] [INPUTS=data.npz] [UPSAMPLE_TO=input]"
 	@echo "make calibrate ONNX=yours.onnx LOGITS=name MAX_SHAPES=.. DATA=unlabeled.npy   your model's level -> sigma table"
 	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
 	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"

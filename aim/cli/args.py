@@ -77,6 +77,10 @@ def onnx_source(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--class-axis", type=int, help="axis of the classes in the logits (default: the task's, 1)")
     group.add_argument("--task", default="image-classification", help="what the logits are for: the FP16 comparator (default: image-classification)")
     group.add_argument("--inputs", metavar="DATA.npz", help="verification inputs, one array per graph input (default: drawn from the graph's types and shapes)")
+    group.add_argument(
+        "--upsample-to", metavar="INPUT",
+        help="segmentation: resize the logits [B, C, h, w] to this input's spatial size (bilinear) before the modulation, so it acts per input pixel",
+    )
     shapes(group)
 
 

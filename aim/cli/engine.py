@@ -44,7 +44,7 @@ def run(args) -> int:
         shapes = ShapeRanges.parse(args.min_shapes, args.opt_shapes, args.max_shapes)
         manifest = build_onnx(
             args.onnx, args.logits, args.out, args.class_axis, args.task, shapes, args.inputs, args.backend, args.precision, args.seed,
-            noise=args.noise, noise_key=args.noise_key,
+            noise=args.noise, noise_key=args.noise_key, upsample_to=args.upsample_to,
         )
     else:
         manifest = build_model(

@@ -50,7 +50,8 @@ def run_calibrate(args) -> int:
         else:
             shapes = ShapeRanges.parse(args.min_shapes, args.opt_shapes, args.max_shapes)
             entry = calibrate_onnx(
-                args.onnx, args.data, args.out, args.seed, logits=args.logits, class_axis=args.class_axis, task=args.task, shapes=shapes, inputs=args.inputs
+                args.onnx, args.data, args.out, args.seed, logits=args.logits, class_axis=args.class_axis, task=args.task, shapes=shapes, inputs=args.inputs,
+                upsample_to=args.upsample_to,
             )
     elif args.model is None or Path(args.model).is_dir():
         raise AimError("give a model family (`aim calibrate MODEL`), or your unlabelled inputs with --data UNLABELED.npy and a build folder or --onnx FILE")

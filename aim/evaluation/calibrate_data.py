@@ -134,7 +134,11 @@ def calibrate_onnx(onnx_path, data, out_dir="build", seed: int = 0, log: Callabl
     shapes = build.get("shapes")
     try:
         built = Manifest.load(folder)
-        same = built.source.onnx_sha256 == sha256(onnx_path) and (not shapes or built.source.shapes == shapes.flags())
+        same = (
+            built.source.onnx_sha256 == sha256(onnx_path)
+            and (not shapes or built.source.shapes == shapes.flags())
+            and built.modulation.upsampled_to == build.get("upsample_to")
+        )
     except ManifestError:
         same = False
     if same:

@@ -53,10 +53,11 @@ INTEGER_HIGH = 100
 
 @dataclass(frozen=True)
 class _Logits:
-    """What the graph passes read of a task, for a user's logits: their class axis; never resized."""
+    """What the graph passes read of a task, for a user's logits: their class axis, and the input whose
+    spatial size they are resized to (--upsample-to), if any."""
 
     class_axis: int
-    upsample_logits_to: None = None
+    upsample_logits_to: str | None = None
 
 
 @dataclass
@@ -85,33 +86,50 @@ class OnnxSource:
         return sum(int(np.prod(init.dims)) for init in self.model.graph.initializer)
 
 
-def read_source(path, logits: str, class_axis: int, shapes: ShapeRanges, backend: str, inputs=None) -> OnnxSource:
+def read_source(path, logits: str, class_axis: int, shapes: ShapeRanges, backend: str, inputs=None, upsample_to: str | None = None) -> OnnxSource:
     """Every check that needs no output folder: the file, the logits, the batch, the shape flags
-    against the graph (a dynamic dim left without a range is named), the given inputs."""
+    against the graph (a dynamic dim left without a range is named), --upsample-to, the given inputs."""
     path = Path(path)
     model = load_onnx(path)
     shapes.dims(GraphIO.of_model(model).inputs)  # errors name the dims as the user's graph names them
     model = conventional_io(model, logits)
     io = GraphIO.of_model(model)
     dims = shapes.dims(io.inputs)
+    _check_upsample(io, path, class_axis, upsample_to)
     if backend in TENSORRT_BACKENDS:
-        _check_logits_dims(io.outputs[0], dims)
+        _check_logits_dims(io.outputs[0], dims, 2 if upsample_to else None)
     given = _read_inputs(inputs, io, shapes, path) if inputs is not None else None
     return OnnxSource(path, model, logits, class_axis, shapes, dims, given, Path(inputs) if inputs is not None else None)
 
 
-def _check_logits_dims(logits, dims: dict[str, DimRange]) -> None:
+def _check_logits_dims(logits, dims: dict[str, DimRange], resized_from: int | None = None) -> None:
     """The verification flavour takes noise shaped like the logits: TensorRT needs each of their dynamic
     dims to be an input's dim. (Measuring a range for a dim of its own, e.g. a segmentation head's h/4,
-    is not enough: TensorRT for RTX 1.7 then fails to build the verification flavour, a Myelin error.)"""
-    for axis, dim in enumerate(logits.dims):
+    is not enough: TensorRT for RTX 1.7 then fails to build the verification flavour, a Myelin error.)
+    `resized_from`: the first axis --upsample-to resizes to an input's dims (the noise's dims then)."""
+    for axis, dim in enumerate(logits.dims[:resized_from]):
         if not (isinstance(dim, int) and dim > 0) and dim not in dims:
             raise InvalidGraphError(
                 f"the logits {logits.name!r} have {'dynamic dim ' + repr(dim) if dim else 'an unnamed dynamic dim'} on axis {axis}, "
                 f"which is no input's dim; a TensorRT engine of the verification flavour (noise shaped like the logits) needs "
-                f"the logits' dynamic dims to be the inputs' (resize the logits to the input in the model, as the segmentation "
-                f"family does), or use --backend onnxruntime."
+                f"the logits' dynamic dims to be the inputs' (resize the logits to an input with --upsample-to INPUT, as the "
+                f"segmentation family does, or in the model), or use --backend onnxruntime."
             )
+
+
+def _check_upsample(io: GraphIO, path: Path, class_axis: int, upsample_to: str | None) -> None:
+    """--upsample-to names an input of the logits' rank, and the classes are on axis 1."""
+    if upsample_to is None:
+        return
+    inputs, logits = {tensor.name: tensor for tensor in io.inputs}, io.outputs[0]
+    if upsample_to not in inputs:
+        raise AimError(f"--upsample-to {upsample_to!r} is not an input of {path}; its inputs are {sorted(inputs)}")
+    rank = len(inputs[upsample_to].dims)
+    if rank != len(logits.dims) or rank < 3 or class_axis % rank != 1:
+        raise AimError(
+            f"--upsample-to resizes logits [B, C, h, w] to an input [B, *, H, W] of the same rank: {upsample_to!r} has rank {rank}, "
+            f"logits {logits.name!r} rank {len(logits.dims)} with classes on axis {class_axis}"
+        )
 
 
 def _read_inputs(file, io: GraphIO, shapes: ShapeRanges, source: Path) -> dict[str, np.ndarray]:
@@ -151,15 +169,19 @@ def verification_inputs(io: GraphIO, dims: dict[str, DimRange], seed: int = 0) -
     return inputs
 
 
-def reference(source: OnnxSource, inputs: dict[str, np.ndarray], class_axis: int, seed: int = 0) -> Reference:
-    """The user's bare graph on ONNX Runtime (their file as given), and the PyTorch twin of the
-    redistribution on its logits with the seeded knobs and noise."""
+def reference(source: OnnxSource, inputs: dict[str, np.ndarray], class_axis: int, seed: int = 0, upsample_to: str | None = None) -> Reference:
+    """The user's bare graph on ONNX Runtime (their file as given), its logits resized by PyTorch's
+    bilinear interpolation to input `upsample_to`'s spatial size if asked, and the PyTorch twin of
+    the redistribution on them with the seeded knobs and noise."""
     import torch
 
     from aim.graph_passes.redistribution import redistribute_torch
+    from aim.graph_passes.upsample import upsample_torch
 
     with OnnxRuntimeEngine(source.path) as bare:
         logits = bare.infer(inputs)[source.logits]
+    if upsample_to is not None:
+        logits = upsample_torch(torch.from_numpy(logits.astype(np.float32)), inputs[upsample_to].shape[2:]).numpy().astype(logits.dtype)
     knobs = differential_knobs(logits.shape[0], logits.shape[class_axis], logits.shape, seed)
     modulated = redistribute_torch(torch.from_numpy(logits), class_axis=class_axis, **{k: torch.from_numpy(v) for k, v in knobs.items()})
     return Reference(inputs=inputs, logits=logits, modulated=modulated.numpy(), source=SOURCE, **knobs)
@@ -194,9 +216,12 @@ def build_onnx(
     log: Callable[[str], None] = print,
     noise: str = "fresh",
     noise_key: str | os.PathLike | None = None,
+    upsample_to: str | None = None,
 ) -> Manifest:
     """Builds and verifies the modulated engine of a user's ONNX into OUT/<file stem>/; returns its
-    manifest. `noise`, `noise_key`: as `build_model`'s (keyed noise, its key file)."""
+    manifest. `noise`, `noise_key`: as `build_model`'s (keyed noise, its key file); `upsample_to`: an
+    input whose spatial size the logits [B, C, h, w] are resized to (bilinear) before the
+    modulation, so that it acts per input pixel (segmentation)."""
     task_object = get_task(task)
     if precision not in steps.PRECISIONS:
         raise AimError(f"unknown precision {precision!r}; available: {', '.join(steps.PRECISIONS)}")
@@ -204,12 +229,12 @@ def build_onnx(
     backend, why = choose_backend(backend)
     log(f"backend {why}")
     class_axis = task_object.class_axis if class_axis is None else class_axis
-    source = read_source(onnx_path, logits, class_axis, shapes or ShapeRanges({}), backend, inputs)
+    source = read_source(onnx_path, logits, class_axis, shapes or ShapeRanges({}), backend, inputs, upsample_to)
     name = build_name(source.path)
     out = Path(out_dir)
     log_noise(key, fresh_key, noise_key, log)
     with StagedFolder(out / name) as staged:
-        manifest = _build(source, name, task_object, staged.path, backend, precision, seed, log, key)
+        manifest = _build(source, name, task_object, staged.path, backend, precision, seed, log, key, upsample_to)
         if not manifest.verification.passed:
             failed = staged.publish(out / f"{name}.failed")
             raise VerificationError(f"verification failed: {', '.join(manifest.verification.failed())}. Artifacts and report kept in {failed}/")
@@ -220,7 +245,9 @@ def build_onnx(
     return manifest
 
 
-def _build(source: OnnxSource, name: str, task, folder: Path, backend: str, precision: str, seed: int, log, key: NoiseKey | None) -> Manifest:
+def _build(
+    source: OnnxSource, name: str, task, folder: Path, backend: str, precision: str, seed: int, log, key: NoiseKey | None, upsample_to: str | None = None
+) -> Manifest:
     progress = Progress(4, log)
     native_fp16 = source.logits_dtype == "float16"
     # An FP16 graph is FP16 already: nothing to convert, and its engine is built as FP16 builds are.
@@ -231,10 +258,10 @@ def _build(source: OnnxSource, name: str, task, folder: Path, backend: str, prec
     progress.done("load", "dims " + ", ".join(f"{dim} {r.min}..{r.max}" for dim, r in source.dims.items()))
 
     progress(
-        f"graph passes: redistribution (production{', keyed noise,' if key else ''} + verification)" + (", fp16 (redistribution kept fp32)" if convert == "fp16" else "")
+        "graph passes: " + (f"upsample logits to {upsample_to!r}, " if upsample_to else "") + f"redistribution (production{', keyed noise,' if key else ''} + verification)" + (", fp16 (redistribution kept fp32)" if convert == "fp16" else "")
         + ", TensorRT compatibility check"
     )
-    graphs = steps.passes(_Logits(source.class_axis), folder, exported, convert, backend, logits=source.logits, key=key)
+    graphs = steps.passes(_Logits(source.class_axis, upsample_to), folder, exported, convert, backend, logits=source.logits, key=key)
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
     progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"))
 
@@ -252,7 +279,7 @@ def _build(source: OnnxSource, name: str, task, folder: Path, backend: str, prec
     if given and next(iter(inputs.values())).shape[0] == 1 and source.dims[BATCH].max >= 2:
         inputs = {k: np.concatenate([v, v]) for k, v in inputs.items()}  # a second row to carry utility > 0
     class_axis = source.class_axis % len(source.io.outputs[0].dims)  # valid: the passes checked it
-    ref = reference(source, inputs, class_axis, seed)
+    ref = reference(source, inputs, class_axis, seed, upsample_to)
     num_classes = ref.logits.shape[class_axis]
     reference_path = ref.save(folder / REFERENCE)
     manifest = Manifest(
@@ -267,7 +294,7 @@ def _build(source: OnnxSource, name: str, task, folder: Path, backend: str, prec
         precision=precision,
         engine=engine.name,
         graphs=graphs.sources,
-        modulation=modulation_record(source.logits, class_axis, num_classes, None, precision, key),
+        modulation=modulation_record(source.logits, class_axis, num_classes, upsample_to, precision, key),
         tokenizer=None,
         graph=production,
         verification_graph=GraphIO.of(graphs.paths[graphs.sources["verification"]]),

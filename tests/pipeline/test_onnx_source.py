@@ -291,3 +291,61 @@ def test_an_onnx_with_external_weights_builds_with_every_file_recorded(scorer, t
     every_file = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"}
     assert any(name.endswith(".data") or name.endswith(".weights") for name in every_file), every_file
     assert {entry.path for entry in manifest.artifacts.values()} == every_file
+
+
+class Segmenter(torch.nn.Module):
+    """masks [n, 5, h/2, w/2]: per-pixel class scores at half the image's resolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1)
+
+    def forward(self, photo):
+        return self.conv(photo)
+
+
+def test_upsample_to_modulates_your_segmenter_per_input_pixel(tmp_path, capsys):
+    """`make engine ONNX=seg.onnx LOGITS=masks TASK=semantic-segmentation UPSAMPLE_TO=photo`: the engine's
+    logits are the module's, resized as PyTorch's bilinear interpolation resizes them, at the input's
+    size; noise then lands on every input pixel; a wrong input name is refused with the inputs named."""
+    torch.manual_seed(0)
+    module = Segmenter().eval()
+    path = tmp_path / "seg.onnx"
+    torch.onnx.export(
+        module, (torch.randn(1, 3, 32, 32),), str(path), input_names=["photo"], output_names=["masks"],
+        dynamic_axes={"photo": {0: "n", 2: "h", 3: "w"}, "masks": {0: "n", 2: "mh", 3: "mw"}}, dynamo=False,
+    )
+    shapes = ["--min-shapes", "photo:1x3x16x16", "--opt-shapes", "photo:2x3x32x32", "--max-shapes", "photo:4x3x64x64"]
+    args = ["engine", "--onnx", str(path), "--logits", "masks", "--task", "semantic-segmentation", "--out", str(tmp_path / "out"), *shapes]
+    assert main([*args, "--upsample-to", "image"]) == 2
+    assert "'image' is not an input" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main([*args, "--upsample-to", "photo"]) == 0
+    manifest = Manifest.load(tmp_path / "out" / "seg")
+    assert manifest.verification.passed and manifest.modulation.upsampled_to == "photo"
+    photo = np.random.default_rng(2).normal(size=(2, 3, 40, 24)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.nn.functional.interpolate(module(torch.from_numpy(photo)), size=(40, 24), mode="bilinear", align_corners=False).numpy()
+    with OnnxRuntimeEngine(manifest.engine_path()) as engine:
+        clean = engine.run({"photo": photo}, 0.0)
+        np.testing.assert_allclose(clean, expected, rtol=1e-5, atol=1e-5)
+        noise = engine.run({"photo": photo}, 1.0) - clean
+    assert noise.shape == (2, 5, 40, 24) and 0.9 < noise.std() < 1.1  # N(0, 1) on every input pixel
+    assert np.abs(noise[:, :, 0::2, 0::2] - noise[:, :, 1::2, 1::2]).min() > 0  # not upsampled low-res noise
+
+
+def test_tensorrt_rtx_builds_your_segmenter_once_its_logits_are_resized_to_the_input(tmp_path, capsys):
+    """Logits at half the image's size have dims no input has, which TensorRT for RTX cannot build the
+    verification flavour of; resized by --upsample-to, they are the input's, and the plans build."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
+    torch.manual_seed(0)
+    path = tmp_path / "seg.onnx"
+    torch.onnx.export(
+        Segmenter().eval(), (torch.randn(1, 3, 32, 32),), str(path), input_names=["photo"], output_names=["masks"],
+        dynamic_axes={"photo": {0: "n", 2: "h", 3: "w"}, "masks": {0: "n", 2: "mh", 3: "mw"}}, dynamo=False,
+    )
+    args = ["engine", "--onnx", str(path), "--logits", "masks", "--task", "semantic-segmentation", "--out", str(tmp_path),
+            "--backend", "tensorrt-rtx", "--max-shapes", "photo:2x3x32x32", "--min-shapes", "photo:1x3x16x16"]
+    assert main(args) == 2 and "which is no input's dim" in capsys.readouterr().err
+    assert main([*args, "--upsample-to", "photo"]) == 0
+    manifest = Manifest.load(tmp_path / "seg")
+    assert manifest.engine.endswith(".plan") and manifest.verification.passed and manifest.modulation.upsampled_to == "photo"
