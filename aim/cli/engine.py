@@ -20,6 +20,10 @@ def add(sub) -> None:
     shared.noise(p)
     shared.seed(p)
     shared.onnx_source(p)
+    p.add_argument(
+        "--reuse", action="store_true",
+        help="keep the verified build in OUT/NAME if it was built as asked (weights, backend, precision, noise and key); else build",
+    )
     p.set_defaults(func=run)
 
 
@@ -33,7 +37,18 @@ def run(args) -> int:
             "give a model family (`aim engine MODEL`, see `aim models`), a checkpoint folder (`aim engine --checkpoint DIR`) "
             "or your own ONNX (`aim engine --onnx yours.onnx --logits NAME`)"
         )
+    if args.reuse and args.onnx is None:
+        import sys
+
+        from aim.pipeline.build import reusable_build
+
+        built = reusable_build(args.model, args.out, args.checkpoint, args.backend, args.precision, args.noise, args.noise_key, args.seed)
+        if built is not None:  # said on stderr: the command that asked for the build may be printing its own output
+            print(f"reused {built.folder}: built as asked ({built.backend}, {built.precision}, {built.modulation.noise} noise), verified", file=sys.stderr)
+            return 0
     if args.onnx is not None:
+        if args.reuse:
+            raise AimError("--reuse is for a model family or a checkpoint folder; your --onnx is built again each time")
         if args.model is not None:
             raise AimError("give a model family or --onnx, not both: your ONNX is its own model")
         if args.checkpoint:

@@ -19,7 +19,7 @@ from aim.errors import VerificationError
 from aim.families import Family
 from aim.files import StagedFolder, folder_hashes, remove
 from aim.graph_passes.noise_key import NoiseKey
-from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, Modulation, Source, Verification, package_versions
+from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, ManifestError, Modulation, Source, Verification, package_versions
 from aim.pipeline import memory, steps
 from aim.pipeline.verify import checks, keyed_expectation
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
@@ -96,6 +96,41 @@ def build_model(
         manifest.folder = staged.publish()
     remove(out / f"{family.name}.failed")  # an earlier failure of this model is superseded
     return manifest
+
+
+def reusable_build(
+    model: str | None,
+    out_dir: str | os.PathLike = "build",
+    checkpoint: str | os.PathLike | None = None,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    noise: str = "fresh",
+    noise_key: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> Manifest | None:
+    """The verified build in OUT/NAME if it was built as asked (the same weights: the family's tiny
+    ones of this seed, or the checkpoint with the files it had; backend, precision, noise and, given a
+    key file, that key), else None: `make triton NOISE=keyed` must not serve an earlier fresh-noise
+    build. A key file that does not exist yet asks for a build that writes it."""
+    family = steps.family_of(model, checkpoint)  # an unknown name fails here
+    if noise_key is not None and not Path(noise_key).exists():
+        return None
+    key, _ = steps.noise_key_of(noise, noise_key)
+    try:
+        built = Manifest.load(Path(out_dir) / family.name)
+    except ManifestError:
+        return None
+    wanted = str(Path(checkpoint).resolve()) if checkpoint else None
+    same = (
+        built.verification.passed
+        and built.backend == choose_backend(backend)[0]
+        and built.precision == precision
+        and built.modulation.noise == noise
+        and (noise_key is None or built.modulation.key_fingerprint == key.fingerprint)
+        and built.source.checkpoint == wanted
+        and (built.source.seed == seed if wanted is None else built.source.files == folder_hashes(checkpoint))
+    )
+    return built if same else None
 
 
 def log_noise(key: NoiseKey | None, fresh_key: bool, noise_key, log) -> None:

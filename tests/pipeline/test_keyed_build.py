@@ -3,6 +3,7 @@ by its fingerprint only, the key file rebuilds an engine that answers as before,
 writes nothing."""
 
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -88,3 +89,42 @@ def test_tensorrt_rtx_builds_the_keyed_engine_of_every_family(model, tmp_path):
     assert manifest.tensorrt["engine"]["backend"] == "tensorrt-rtx"
     assert manifest.modulation.noise == "keyed" and manifest.verification.passed
     assert KEYED_CHECKS <= {check.name for check in manifest.verification.checks}
+
+
+def test_reuse_keeps_a_build_made_as_asked_and_rebuilds_one_made_otherwise(build_folder, tmp_path, capsys):
+    """`aim engine --reuse` (what `make triton/generate/loadtest` run first): a fresh-noise build is not
+    what NOISE=keyed asks for, so it is rebuilt keyed; asked again, the keyed build is kept; a key file
+    that is another key's, another precision or another seed ask for a build again."""
+    out = tmp_path / "out"
+    shutil.copytree(build_folder("resnet"), out / "resnet")
+    fresh = Manifest.load(out / "resnet")
+    assert main(["engine", "resnet", "--out", str(out), "--reuse"]) == 0  # asked as built: kept
+    assert "reused" in capsys.readouterr().err and Manifest.load(out / "resnet").created == fresh.created
+    key_file = tmp_path / "owner.key"
+    keyed = ["engine", "resnet", "--out", str(out), "--noise", "keyed", "--noise-key", str(key_file), "--reuse"]
+    assert main(keyed) == 0
+    built = Manifest.load(out / "resnet")
+    assert "reused" not in capsys.readouterr().err and built.modulation.noise == "keyed"
+    assert built.modulation.key_fingerprint == NoiseKey.read(key_file).fingerprint
+    assert main(keyed) == 0 and "reused" in capsys.readouterr().err and Manifest.load(out / "resnet").created == built.created
+    shutil.copytree(out / "resnet", tmp_path / "keyed")
+    NoiseKey.draw().write(tmp_path / "other.key")
+    asked = ["engine", "resnet", "--out", str(out), "--noise", "keyed", "--reuse"]
+    for changed in (["--noise-key", str(tmp_path / "other.key")], ["--noise-key", str(key_file), "--precision", "fp16"], ["--seed", "1"]):
+        shutil.rmtree(out / "resnet")
+        shutil.copytree(tmp_path / "keyed", out / "resnet")  # the keyed build, each time
+        assert main(asked + changed) == 0
+        assert "reused" not in capsys.readouterr().err, changed
+
+
+def test_make_triton_with_noise_keyed_serves_a_keyed_build_not_the_earlier_fresh_one(build_folder, tmp_path):
+    from tests.test_makefile import make
+
+    out = tmp_path / "out"
+    shutil.copytree(build_folder("resnet"), out / "resnet")
+    result = make("triton", MODEL="resnet", OUT=str(out), NOISE="keyed", REPO=str(tmp_path / "repo"))
+    assert result.returncode == 0, result.stderr
+    assert Manifest.load(out / "resnet").modulation.noise == "keyed"
+    assert "reused" not in result.stderr
+    again = make("triton", MODEL="resnet", OUT=str(out), NOISE="keyed", REPO=str(tmp_path / "repo2"))
+    assert again.returncode == 0 and "reused" in again.stderr, again.stderr
