@@ -112,6 +112,17 @@ def atomic_path(path: str | os.PathLike):
             remove_empty(created)
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure as a PNG at `path`, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
 def check_writable(folder: str | os.PathLike) -> None:
     """Raises now the OSError that writing into `folder` would raise later (a file where a folder
     should be, no permission), so that a long run does not fail only at its end."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from aim.contract import LOGITS
 from aim.evaluation import theory
-from aim.files import atomic_path
+from aim.files import atomic_path, save_figure
 from aim.layout import ATTACK_DIR, Manifest
 
 QUERIES = (1, 2, 4, 8, 16, 32, 64)
@@ -230,10 +230,7 @@ def plot(points: list[Point], path: Path, title: str, sigma: float) -> Path:
     axes[0].set_ylabel("agreement with the clean answer")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def report(summary: dict, points_path: str | os.PathLike | None = None) -> str:

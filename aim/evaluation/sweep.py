@@ -30,7 +30,7 @@ import numpy as np
 
 from aim.errors import AimError
 from aim.evaluation import theory
-from aim.files import atomic_path
+from aim.files import atomic_path, save_figure
 from aim.layout import EVAL_DIR
 from aim.tasks import metrics
 from aim.tasks.datasets import Split
@@ -239,11 +239,7 @@ def plot(points: list[Point], folder: Path, title: str, chance: float | None = N
             ax.legend(fontsize=8)
             ax.set_title(f"{title}: {sweep} sweep (points: engine, lines: theory)", fontsize=10)
         fig.tight_layout()
-        path = folder / f"{name}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, folder / f"{name}.png"))
     return written
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aim.files import atomic_path
+from aim.files import save_figure
 
 STYLES = {"bare": ("C0", "bare model"), "utility0": ("C2", "modulated, utility 0"), "mixed": ("C3", "modulated, mixed tiers")}
 LINES = {"grpc": "-", "http": "--"}
@@ -40,7 +40,4 @@ def plot(results: dict, path: Path) -> Path:
         ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
