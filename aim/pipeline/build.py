@@ -195,10 +195,7 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
     progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"))
 
-    progress(f"engine: {backend}" + (f" ({precision}, strongly typed)" if backend in TENSORRT_BACKENDS else f" ({precision})"))
-    builds = steps.engines(graphs, folder, backend, precision, family.dims, log)
-    engine = graphs.paths["engine"]
-    progress.done("engine", engine.name + (f": {builds['engine']['bytes'] / 1e6:.1f} MB, built in {builds['engine']['build_s']:.1f} s" if builds else ""))
+    builds, engine = engine_step(progress, graphs, folder, backend, precision, family.dims, log)
 
     runnable, why = runnable_here(backend)
     runner = backend if runnable else "onnxruntime"
@@ -238,6 +235,15 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         max_positions=max_positions,
     )
     return verify_and_save(manifest, graphs, task, reference, reference_path, key, progress)
+
+
+def engine_step(progress, graphs, folder: Path, backend: str, precision: str, dims, log) -> tuple[dict, Path]:
+    """The engine step of a build: the backend's engines of the graphs; (their build records, the engine's path)."""
+    progress(f"engine: {backend}" + (f" ({precision}, strongly typed)" if backend in TENSORRT_BACKENDS else f" ({precision})"))
+    builds = steps.engines(graphs, folder, backend, precision, dims, log)
+    engine = graphs.paths["engine"]
+    progress.done("engine", engine.name + (f": {builds['engine']['bytes'] / 1e6:.1f} MB, built in {builds['engine']['build_s']:.1f} s" if builds else ""))
+    return builds, engine
 
 
 def verification_record(runner: str, runnable: bool, why: str, reference: Reference, tolerance: Tolerance, class_axis: int, reduced, seed: int) -> Verification:

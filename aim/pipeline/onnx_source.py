@@ -29,7 +29,7 @@ from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import FILES, REFERENCE, GraphIO, Manifest, Source, package_versions
 from aim.pipeline import steps
-from aim.pipeline.build import Progress, log_noise, modulation_record, verification_record, verify_and_save
+from aim.pipeline.build import Progress, engine_step, log_noise, modulation_record, verification_record, verify_and_save
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
 from aim.runtime.base import profile_from_io
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
@@ -265,10 +265,7 @@ def _build(
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
     progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"))
 
-    progress(f"engine: {backend}" + (f" ({precision}, strongly typed)" if backend in TENSORRT_BACKENDS else f" ({precision})"))
-    builds = steps.engines(graphs, folder, backend, precision, source.dims, log)
-    engine = graphs.paths["engine"]
-    progress.done("engine", engine.name + (f": {builds['engine']['bytes'] / 1e6:.1f} MB, built in {builds['engine']['build_s']:.1f} s" if builds else ""))
+    builds, engine = engine_step(progress, graphs, folder, backend, precision, source.dims, log)
 
     runnable, why = runnable_here(backend)
     runner = backend if runnable else "onnxruntime"

@@ -151,12 +151,6 @@ class SemanticSegmentation(_ImageTask):
     """Synthetic shapes for training and evaluation (5 classes, 64x64, labelled per pixel)."""
 
     name = "semantic-segmentation"
-    fp16 = Agreement(
-        metric="class_map",
-        k=1,
-        min_fraction=0.99,
-        why="the segmentation map is the argmax per pixel; FP16 flips only pixels whose top two classes are nearly tied",
-    )
     upsample_logits_to = PIXELS
     dims = {BATCH: DimRange(1, 2, 8), "height": DimRange(64, 512, 1024), "width": DimRange(64, 512, 1024)}
     verify_sizes = {BATCH: 2, "height": 64, "width": 96}
