@@ -50,7 +50,7 @@ NAME = name="$${MODEL:-$$($(PY) -c 'import sys; from aim.tasks.checkpoint import
 # (weights, BACKEND, PRECISION, NOISE and NOISE_KEY): `make triton NOISE=keyed` never serves a fresh-noise build.
 BUILT = $(NAME) && $(PY) -m aim.cli engine $${MODEL:+"$$MODEL"} $(BUILD_FLAGS) $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"} --reuse
 
-.PHONY: engine generate triton serve loadtest test models bench clean help train eval calibrate attack false-alarms scale-check
+.PHONY: engine generate triton serve loadtest test format models bench clean help train eval calibrate attack false-alarms scale-check
 
 help:
 	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
@@ -116,7 +116,14 @@ false-alarms: $(STAMP)
 	$(BUILT) && $(PY) -m aim.benchmarks.false_alarms "$$OUT/$$name" --repeats "$$REPEATS"
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
+
+# Lint fixes and formatting, as `make test` checks them.
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # Real sizes (not in `make test`): the checkpoint is cached in $(OUT)/scale/llama.checkpoint.
 scale-check: $(STAMP)

@@ -45,7 +45,9 @@ def _per_sample(value, batch: int, name: str) -> np.ndarray:
     if u.ndim == 0:
         u = np.full([batch], u, dtype=np.float32)
     if u.shape != (batch,):
-        raise InvalidInputError(f"{name} must be a number or have one value per sample ({batch}), got shape {list(u.shape)}")
+        raise InvalidInputError(
+            f"{name} must be a number or have one value per sample ({batch}), got shape {list(u.shape)}"
+        )
     return u
 
 
@@ -78,7 +80,9 @@ def check_modulation(utility, focus, batch: int, num_classes: int) -> tuple[np.n
     if not np.all(np.isfinite(f)):
         raise InvalidInputError("focus must be finite: it holds NaN or inf")
     if np.any(np.abs(f) > MAX_STRENGTH):
-        raise InvalidInputError(f"focus strengths must lie in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got up to {np.abs(f).max():g}")
+        raise InvalidInputError(
+            f"focus strengths must lie in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got up to {np.abs(f).max():g}"
+        )
     return u, f
 
 
@@ -87,7 +91,9 @@ def check_level(level, batch: int) -> np.ndarray:
     u = _per_sample(level, batch, UTILITY_LEVEL)
     bad = ~np.isfinite(u) | (u < 0) | (u > 1)
     if np.any(bad):
-        raise InvalidInputError(f"utility_level must lie in [0, 1] (1 = the exact model, 0 = chance), got {_shown(u[bad])}")
+        raise InvalidInputError(
+            f"utility_level must lie in [0, 1] (1 = the exact model, 0 = chance), got {_shown(u[bad])}"
+        )
     return u
 
 
@@ -97,8 +103,12 @@ def focus_vector(num_classes: int, boost: dict[int, float] | None = None, suppre
     for sign, chosen in ((1.0, boost or {}), (-1.0, suppress or {})):
         for index, strength in chosen.items():
             if not 0 <= index < num_classes:
-                raise InvalidInputError(f"class {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+                raise InvalidInputError(
+                    f"class {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+                )
             if not math.isfinite(strength) or not 0 <= strength <= MAX_STRENGTH:
-                raise InvalidInputError(f"focus strength for class {index} must lie in [0, {MAX_STRENGTH:g}], got {strength}")
+                raise InvalidInputError(
+                    f"focus strength for class {index} must lie in [0, {MAX_STRENGTH:g}], got {strength}"
+                )
             f[index] = sign * strength
     return f

@@ -45,7 +45,9 @@ def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # gone, or a file is where its folder should be
+        with contextlib.suppress(
+            FileNotFoundError, NotADirectoryError
+        ):  # gone, or a file is where its folder should be
             path.unlink()
 
 
@@ -199,7 +201,7 @@ class StagedFolder:
         self.published: Path | None = None
         self.created: list[Path] = []
 
-    def __enter__(self) -> "StagedFolder":
+    def __enter__(self) -> StagedFolder:
         _not_a_file(self.final)
         self.created = make_folder(self.final.parent)
         _PENDING[self.path] = self.created

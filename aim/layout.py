@@ -57,7 +57,17 @@ CALIBRATION_FILES = {
 }
 # Which graph each engine runs (artifact keys): the bare model, the verification flavour, production.
 ROLES = {"bare": "bare", "verification": "verification", "production": "modulated"}
-PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "optimum", "numpy", "scipy")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnx-graphsurgeon",
+    "polygraphy",
+    "optimum",
+    "numpy",
+    "scipy",
+)
 
 
 def engine_files(backend: str) -> dict[str, str]:
@@ -65,7 +75,11 @@ def engine_files(backend: str) -> dict[str, str]:
     plan per graph, since the differential checks run the bare and verification graphs as engines too."""
     if backend == "onnxruntime":
         return {"engine": FILES["engine"]}
-    return {"engine": f"engine.{backend}.plan", "engine.bare": f"bare.{backend}.plan", "engine.verification": f"modulated.verify.{backend}.plan"}
+    return {
+        "engine": f"engine.{backend}.plan",
+        "engine.bare": f"bare.{backend}.plan",
+        "engine.verification": f"modulated.verify.{backend}.plan",
+    }
 
 
 class ManifestError(AimError):
@@ -96,7 +110,7 @@ class GraphIO:
     outputs: list[Tensor]
 
     @classmethod
-    def of(cls, path: str | os.PathLike) -> "GraphIO":
+    def of(cls, path: str | os.PathLike) -> GraphIO:
         """Inputs and outputs of an ONNX file: name, element type, dims (ints or symbolic names).
         Reads the graph only, never external weights."""
         import onnx
@@ -104,7 +118,7 @@ class GraphIO:
         return cls.of_model(onnx.load(str(path), load_external_data=False))
 
     @classmethod
-    def of_model(cls, model) -> "GraphIO":
+    def of_model(cls, model) -> GraphIO:
         """Inputs and outputs of an onnx.ModelProto (see `of`)."""
         import onnx
 
@@ -116,7 +130,9 @@ class GraphIO:
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
             return Tensor(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, dims)
 
-        return cls([describe(v) for v in graph.input if v.name not in initializers], [describe(v) for v in graph.output])
+        return cls(
+            [describe(v) for v in graph.input if v.name not in initializers], [describe(v) for v in graph.output]
+        )
 
     def input(self, name: str) -> Tensor | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -126,7 +142,7 @@ class GraphIO:
         return {key: {t.name: (t.dtype, list(t.dims)) for t in getattr(self, key)} for key in ("inputs", "outputs")}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GraphIO":
+    def from_dict(cls, data: dict) -> GraphIO:
         return cls([Tensor(**t) for t in data["inputs"]], [Tensor(**t) for t in data["outputs"]])
 
 
@@ -137,7 +153,7 @@ class Artifact:
     sha256: str
 
     @classmethod
-    def of(cls, path: Path, root: Path) -> "Artifact":
+    def of(cls, path: Path, root: Path) -> Artifact:
         return cls(str(path.relative_to(root)), path.stat().st_size, sha256(path))
 
 
@@ -152,7 +168,9 @@ class Source:
     onnx_sha256: str | None = None
     shapes: dict | None = None
     inputs: dict | None = None  # {"path", "sha256"} of the verification inputs given as .npz
-    dtype: str | None = None  # how the checkpoint stores its weights (bfloat16, float16, float32); None for random weights
+    dtype: str | None = (
+        None  # how the checkpoint stores its weights (bfloat16, float16, float32); None for random weights
+    )
     model_class: str | None = None  # the transformers class that loaded the model (its architecture)
     files: dict[str, str] = field(default_factory=dict)  # the checkpoint's files: name -> sha256
 
@@ -191,7 +209,7 @@ class Verification:
     logit_spread: float | None = None  # of the reference logits: sets the fp32 tolerance (verify/tolerance.py)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Verification":
+    def from_dict(cls, data: dict) -> Verification:
         reduced = data.get("reduced_precision")
         return cls(
             passed=data["passed"],
@@ -264,7 +282,7 @@ class Manifest:
     def changed_artifacts(self) -> list[str]:
         """Artifacts that are missing or whose bytes differ from the build's sha256."""
         changed = []
-        for key, entry in self.artifacts.items():
+        for entry in self.artifacts.values():
             path = self._root() / entry.path
             if not path.is_file() or path.stat().st_size != entry.bytes or sha256(path) != entry.sha256:
                 changed.append(entry.path)
@@ -274,7 +292,8 @@ class Manifest:
         changed = self.changed_artifacts()
         if changed:
             raise ManifestError(
-                f"{', '.join(changed)} in {self._root()} {'is' if len(changed) == 1 else 'are'} missing or changed since the "
+                f"{', '.join(changed)} in {self._root()} {'is' if len(changed) == 1 else 'are'} missing or "
+                "changed since the "
                 f"build (sha256 differs from the manifest): rebuild with `make engine`"
             )
 
@@ -296,7 +315,7 @@ class Manifest:
         return {"schema": data.pop("schema"), **data}
 
     @classmethod
-    def from_dict(cls, data: dict, folder: Path | None = None) -> "Manifest":
+    def from_dict(cls, data: dict, folder: Path | None = None) -> Manifest:
         return cls(
             model=data["model"],
             task=data["task"],
@@ -339,7 +358,7 @@ class Manifest:
         return (Path(folder) / MANIFEST).is_file()
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "Manifest":
+    def load(cls, folder: str | os.PathLike) -> Manifest:
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
@@ -359,7 +378,10 @@ class Manifest:
         try:
             return cls.from_dict(data, folder)
         except (KeyError, TypeError, ValueError) as error:
-            raise ManifestError(f"{path} is incomplete or malformed ({type(error).__name__}: {error}): rebuild the folder with `make engine`") from None
+            raise ManifestError(
+                f"{path} is incomplete or malformed ({type(error).__name__}: {error}): rebuild the folder with "
+                "`make engine`"
+            ) from None
 
 
 def package_versions() -> dict[str, str]:

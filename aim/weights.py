@@ -17,8 +17,8 @@ file to file, and a tensor is read in blocks with numpy.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -49,7 +49,9 @@ def where(tensor: TensorProto) -> tuple[str, int, int | None]:
     info = external_data_helper.ExternalDataInfo(tensor)
     location = info.location
     if not location or Path(location).is_absolute() or ".." in Path(location).parts:
-        raise InvalidGraphError(f"tensor {tensor.name!r} keeps its data at {location!r}: only a file beside the model is accepted")
+        raise InvalidGraphError(
+            f"tensor {tensor.name!r} keeps its data at {location!r}: only a file beside the model is accepted"
+        )
     return location, info.offset or 0, info.length
 
 
@@ -78,7 +80,9 @@ def read_blocks(tensor: TensorProto, weights_dir: str | os.PathLike, block_bytes
             while left:
                 values = np.fromfile(handle, dtype=dtype, count=min(per_block, left))
                 if values.size == 0:
-                    raise InvalidGraphError(f"{path} is shorter than the model says (tensor {tensor.name!r}): copy it whole")
+                    raise InvalidGraphError(
+                        f"{path} is shorter than the model says (tensor {tensor.name!r}): copy it whole"
+                    )
                 left -= values.size
                 yield values
     except OSError as error:
@@ -96,7 +100,7 @@ class WeightsFile:
         self._handle = None
         self._copied: dict[tuple, tuple[int, int]] = {}  # (source, offset, length) -> (offset, length) here
 
-    def __enter__(self) -> "WeightsFile":
+    def __enter__(self) -> WeightsFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -142,7 +146,9 @@ class WeightsFile:
                 while left:
                     block = reader.read(min(_CHUNK, left))
                     if not block:
-                        raise InvalidGraphError(f"{source} is shorter than the model says (tensor {tensor.name!r}): copy it whole")
+                        raise InvalidGraphError(
+                            f"{source} is shorter than the model says (tensor {tensor.name!r}): copy it whole"
+                        )
                     self._handle.write(block)
                     left -= len(block)
             self._handle.flush()
@@ -150,7 +156,9 @@ class WeightsFile:
         _refer(tensor, self.location, *self._copied[key])
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, weights_dir: str | os.PathLike | None = None, check: bool = True) -> Path:
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike, weights_dir: str | os.PathLike | None = None, check: bool = True
+) -> Path:
     """Writes `model` at `path` atomically, its weights in one external data file at most.
 
     A model read with its references only keeps them when its data file is beside `path`

@@ -42,7 +42,9 @@ class Exported:
 
     def reference(self, seed: int = 0):
         """What `make engine` verifies against (verify.reference.Reference), for this model."""
-        loaded = steps.Loaded(self.model, self.task.tokenizer(self.model, None), self.task.num_classes(self.model), 0, None)
+        loaded = steps.Loaded(
+            self.model, self.task.tokenizer(self.model, None), self.task.num_classes(self.model), 0, None
+        )
         return steps.reference(self.family, self.task, loaded, seed)
 
     def logits(self, inputs: dict, model=None):
@@ -98,7 +100,9 @@ def keyed_build(tmp_path_factory):
 
     def get(model: str):
         if model not in built:
-            built[model] = build_model(model, root / "build", noise="keyed", noise_key=root / "noise.key", log=lambda line: None)
+            built[model] = build_model(
+                model, root / "build", noise="keyed", noise_key=root / "noise.key", log=lambda line: None
+            )
         return built[model]
 
     get.key_file = root / "noise.key"
@@ -109,7 +113,9 @@ def tiny_classifier(path: Path, features: int = 6, classes: int = 5, dtype=Tenso
     """A classifier written by hand with onnx.helper, not by the exporter: x [B, F] -> MatMul, Add -> scores [B, C]."""
     rng = np.random.default_rng(seed)
     np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
-    weight = helper.make_tensor("weight", dtype, [features, classes], rng.normal(size=(features, classes)).astype(np_dtype).ravel())
+    weight = helper.make_tensor(
+        "weight", dtype, [features, classes], rng.normal(size=(features, classes)).astype(np_dtype).ravel()
+    )
     bias = helper.make_tensor("bias", dtype, [classes], rng.normal(size=classes).astype(np_dtype))
     graph = helper.make_graph(
         [

@@ -21,10 +21,15 @@ def make(target: str, **variables: str) -> subprocess.CompletedProcess:
     argv = ["make", "--no-print-directory", "-C", str(ROOT), target, f"VENV={VENV}", "-o", str(stamp)]
     dry = subprocess.run([*argv, "-n", *(f"{k}={v}" for k, v in variables.items())], capture_output=True, text=True)
     assert "pip install" not in dry.stdout and "-m venv" not in dry.stdout, dry.stdout  # never sets anything up
-    return subprocess.run([*argv, "-s", *(f"{k}={v}" for k, v in variables.items())], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*argv, "-s", *(f"{k}={v}" for k, v in variables.items())], capture_output=True, text=True, timeout=300
+    )
 
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None or not (VENV / "bin" / "python").exists(), reason="needs make and a virtual environment")
+pytestmark = pytest.mark.skipif(
+    shutil.which("make") is None or not (VENV / "bin" / "python").exists(),
+    reason="needs make and a virtual environment",
+)
 
 
 def test_shell_code_in_model_is_a_model_name(tmp_path):
@@ -39,7 +44,9 @@ def test_shell_code_in_model_is_a_model_name(tmp_path):
 
 def test_out_with_a_space_prompt_with_quotes_focus_with_a_dash(tmp_path, build_folder):
     out = tmp_path / "my build"
-    shutil.copytree(build_folder("llama"), out / "llama", copy_function=os.link)  # the build exists: make does not rebuild
+    shutil.copytree(
+        build_folder("llama"), out / "llama", copy_function=os.link
+    )  # the build exists: make does not rebuild
     result = make("generate", MODEL="llama", OUT=str(out), PROMPT='say "hi"', MAX_NEW_TOKENS="2", FOCUS="-#7=100")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith('say "hi"')

@@ -69,7 +69,9 @@ def imports_of(name: str, path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             for alias in node.names:
                 candidate = f"{base}.{alias.name}"
                 found.add(candidate if candidate in MODULES else base)
@@ -103,7 +105,7 @@ def test_no_import_circle():
         state[node] = "open"
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                circles.append(" -> ".join(stack[stack.index(target):] + [target]))
+                circles.append(" -> ".join(stack[stack.index(target) :] + [target]))
             elif target not in state:
                 visit(target, stack + [target])
         state[node] = "done"
@@ -125,10 +127,25 @@ def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
 # -- 2. a torch-free runtime
 
 RUNTIME_MODULES = [
-    "aim.contract", "aim.runtime.base", "aim.runtime.onnxruntime", "aim.runtime.tensorrt", "aim.runtime.folder",
-    "aim.serving.triton", "aim.serving.server", "aim.serving.load", "aim.serving.workloads", "aim.serving.loadtest",
-    "aim.serving.loadplot", "aim.tasks.generation", "aim.tasks.tokens",
-    "aim.cli", "aim.cli.run", "aim.cli.serve", "aim.cli.generate", "aim.cli.triton", "aim.cli.loadtest",
+    "aim.contract",
+    "aim.runtime.base",
+    "aim.runtime.onnxruntime",
+    "aim.runtime.tensorrt",
+    "aim.runtime.folder",
+    "aim.serving.triton",
+    "aim.serving.server",
+    "aim.serving.load",
+    "aim.serving.workloads",
+    "aim.serving.loadtest",
+    "aim.serving.loadplot",
+    "aim.tasks.generation",
+    "aim.tasks.tokens",
+    "aim.cli",
+    "aim.cli.run",
+    "aim.cli.serve",
+    "aim.cli.generate",
+    "aim.cli.triton",
+    "aim.cli.loadtest",
 ]
 HEAVY = ("torch", "transformers", "onnx_graphsurgeon")
 
@@ -136,13 +153,18 @@ HEAVY = ("torch", "transformers", "onnx_graphsurgeon")
 def loaded_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", code + "\nimport sys\nprint(' '.join(sorted(m for m in sys.modules)))"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
     return set(out.stdout.split())
 
 
 def test_the_runtime_imports_no_torch_transformers_or_graphsurgeon():
-    loaded = loaded_after("\n".join(f"import {name}" for name in RUNTIME_MODULES) + "\nimport aim.cli\naim.cli.parser()")
+    loaded = loaded_after(
+        "\n".join(f"import {name}" for name in RUNTIME_MODULES) + "\nimport aim.cli\naim.cli.parser()"
+    )
     assert sorted(m for m in HEAVY if m in loaded) == []
 
 
@@ -165,6 +187,7 @@ def test_the_torch_free_check_can_fail():
 
 
 # -- 3. one owner per fact
+
 
 def family_names() -> set[str]:
     from aim.families import list_families
@@ -200,6 +223,7 @@ def test_no_family_is_named_outside_its_file():
 
 # -- 4. only the Manifest type touches manifest.json
 
+
 def test_only_layout_names_the_manifest_file():
     found = []
     for name, path in MODULES.items():
@@ -207,9 +231,18 @@ def test_only_layout_names_the_manifest_file():
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.Name) and node.id == "MANIFEST" or isinstance(node, ast.alias) and node.name == "MANIFEST":
+            if (
+                isinstance(node, ast.Name)
+                and node.id == "MANIFEST"
+                or isinstance(node, ast.alias)
+                and node.name == "MANIFEST"
+            ):
                 found.append(f"{name}: MANIFEST")
-        found += [f"{name}:{line}" for line, value in literals(path) if value.endswith("manifest.json") and "manifest.json" == value.split("/")[-1]]
+        found += [
+            f"{name}:{line}"
+            for line, value in literals(path)
+            if value.endswith("manifest.json") and "manifest.json" == value.split("/")[-1]
+        ]
     assert found == []
 
 

@@ -19,7 +19,8 @@ def chain_model(weights: list[np.ndarray]) -> onnx.ModelProto:
         nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [out], name=f"matmul{i}"))
         previous = out
     graph = helper.make_graph(
-        nodes, "chain",
+        nodes,
+        "chain",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weights[0].shape[0]])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", weights[-1].shape[1]])],
         [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
@@ -36,13 +37,17 @@ def chain_reference(x: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
 def per_tensor_files(model: onnx.ModelProto, folder) -> None:
     """What torch.onnx writes past 2 GiB: every weight in a file of its own."""
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    onnx.save(
+        model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0
+    )
 
 
 @pytest.fixture
 def weights():
     rng = np.random.default_rng(0)
-    return [rng.standard_normal((48, 48), dtype=np.float32) / 7 for _ in range(3)] + [rng.standard_normal((48, 10), dtype=np.float32)]
+    return [rng.standard_normal((48, 48), dtype=np.float32) / 7 for _ in range(3)] + [
+        rng.standard_normal((48, 10), dtype=np.float32)
+    ]
 
 
 def outputs(path, x):
@@ -68,7 +73,9 @@ def test_per_tensor_files_are_gathered_into_one_aligned_file(tmp_path, weights):
         assert len(blocks) > 1
         np.testing.assert_array_equal(np.concatenate(blocks).reshape(expected.shape), expected)
     x = np.random.default_rng(1).standard_normal((2, 48), dtype=np.float32)
-    np.testing.assert_allclose(outputs(path, x), chain_reference(x, weights), rtol=1e-4, atol=1e-4)  # fp32 sums of 48 terms
+    np.testing.assert_allclose(
+        outputs(path, x), chain_reference(x, weights), rtol=1e-4, atol=1e-4
+    )  # fp32 sums of 48 terms
 
 
 def test_a_graph_saved_beside_the_weights_refers_to_them(tmp_path, weights):
@@ -76,13 +83,21 @@ def test_a_graph_saved_beside_the_weights_refers_to_them(tmp_path, weights):
     first = save_model(chain_model(weights), tmp_path / "first.onnx")  # in memory, under 2 GiB: one file
     assert data_files(onnx.load(str(first), load_external_data=False)) == []
     per_tensor_files(chain_model(weights), tmp_path / "scratch")
-    exported = save_model(onnx.load(str(tmp_path / "scratch" / "model.onnx"), load_external_data=False), tmp_path / "build" / "exported.onnx", weights_dir=tmp_path / "scratch")
+    exported = save_model(
+        onnx.load(str(tmp_path / "scratch" / "model.onnx"), load_external_data=False),
+        tmp_path / "build" / "exported.onnx",
+        weights_dir=tmp_path / "scratch",
+    )
     data = exported.parent / "exported.onnx.data"
     size = data.stat().st_size
     beside = save_model(onnx.load(str(exported), load_external_data=False), exported.parent / "second.onnx")
     assert beside.stat().st_size < 10_000 and data.stat().st_size == size
     assert sorted(p.name for p in exported.parent.iterdir()) == ["exported.onnx", "exported.onnx.data", "second.onnx"]
-    elsewhere = save_model(onnx.load(str(exported), load_external_data=False), tmp_path / "other" / "third.onnx", weights_dir=exported.parent)
+    elsewhere = save_model(
+        onnx.load(str(exported), load_external_data=False),
+        tmp_path / "other" / "third.onnx",
+        weights_dir=exported.parent,
+    )
     assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["third.onnx", "third.onnx.data"]
     x = np.ones((1, 48), np.float32)
     np.testing.assert_array_equal(outputs(beside, x), outputs(elsewhere, x))

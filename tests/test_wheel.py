@@ -38,7 +38,9 @@ def pin(name: str) -> str:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    done = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out, ROOT], cwd=out)
+    done = run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out, ROOT], cwd=out
+    )
     assert done.returncode == 0, done.stderr
     (path,) = out.glob("aim_modulation-*.whl")
     return path
@@ -50,7 +52,9 @@ def venv(folder: Path, wheel: Path, *packages: str, beside_pins: bool = False) -
     assert done.returncode == 0, done.stderr
     python = folder / "bin" / "python"
     if beside_pins:
-        site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=folder).stdout.strip())
+        site = Path(
+            run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=folder).stdout.strip()
+        )
         (site / "pinned_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--disable-pip-version-check"]
     if packages:
@@ -82,16 +86,22 @@ def test_installed_wheel_builds_an_engine_from_another_folder(wheel, tmp_path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "small",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
     )
     import onnx
 
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(work / "small.onnx"))
     check = run([bin_dir / "aim", "trt-check", "small.onnx"], cwd=work)
     assert check.returncode == 0 and "all supported" in check.stdout, check.stdout + check.stderr
-    engine = run([bin_dir / "aim", "engine", "resnet", "--out", "out", "--backend", "onnxruntime"], cwd=work, timeout=300)
-    assert engine.returncode == 0 and "verification PASSED" in engine.stdout, engine.stdout[-2000:] + engine.stderr[-2000:]
+    engine = run(
+        [bin_dir / "aim", "engine", "resnet", "--out", "out", "--backend", "onnxruntime"], cwd=work, timeout=300
+    )
+    assert engine.returncode == 0 and "verification PASSED" in engine.stdout, (
+        engine.stdout[-2000:] + engine.stderr[-2000:]
+    )
     assert (work / "out" / "resnet" / "engine.onnxruntime.onnx").is_file()
 
 
@@ -106,10 +116,33 @@ def test_aim_run_needs_only_numpy_onnx_and_onnxruntime(wheel, tmp_path):
     images = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", images)
     done = run(
-        [bin_dir / "aim", "run", manifest.engine_path(), "--input", f"pixel_values={tmp_path / 'x.npy'}", "--utility", "0.5", "--boost", "3=4", "-o", tmp_path / "out.npy"],
+        [
+            bin_dir / "aim",
+            "run",
+            manifest.engine_path(),
+            "--input",
+            f"pixel_values={tmp_path / 'x.npy'}",
+            "--utility",
+            "0.5",
+            "--boost",
+            "3=4",
+            "-o",
+            tmp_path / "out.npy",
+        ],
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert np.load(tmp_path / "out.npy").shape == (2, manifest.modulation.num_classes)
-    refused = run([bin_dir / "aim", "run", manifest.engine_path(), "--input", f"pixel_values={tmp_path / 'x.npy'}", "--utility", "-1"], cwd=tmp_path)
+    refused = run(
+        [
+            bin_dir / "aim",
+            "run",
+            manifest.engine_path(),
+            "--input",
+            f"pixel_values={tmp_path / 'x.npy'}",
+            "--utility",
+            "-1",
+        ],
+        cwd=tmp_path,
+    )
     assert refused.returncode == 2 and refused.stderr.startswith("error: utility")

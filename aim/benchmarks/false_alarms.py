@@ -39,7 +39,9 @@ def _statistics_setup(folder):
     manifest = open_build(folder)
     reference = Reference.load(manifest.folder / REFERENCE)
     bare = role_runners(manifest, "onnxruntime")[0]
-    inputs, logits = statistics_inputs(bare, reference.inputs, bare.run(reference.inputs), manifest.dynamic_dims[BATCH].max)
+    inputs, logits = statistics_inputs(
+        bare, reference.inputs, bare.run(reference.inputs), manifest.dynamic_dims[BATCH].max
+    )
     return manifest, inputs, logits, manifest.modulation.class_axis
 
 
@@ -102,18 +104,33 @@ def misses(folder, repeats: int, log=print) -> dict:
     for defect, (what, caught_by) in DEFECTS.items():
         missed = 0
         for seed in range(repeats):
-            checks = {c.name: c.passed for c in statistical_checks(DefectiveEngine(logits, axis, defect, seed), inputs, logits, axis, seed)}
+            checks = {
+                c.name: c.passed
+                for c in statistical_checks(DefectiveEngine(logits, axis, defect, seed), inputs, logits, axis, seed)
+            }
             if caught_by is None:
                 missed += not all(checks.values())  # the defect-free stand-in: a false alarm
             else:
                 missed += checks[caught_by]
-        found[defect] = {"what": what, "caught_by": caught_by, "repeats": repeats, "missed" if caught_by else "false_alarms": missed}
-        log(f"  {defect:13} {what}: " + (f"{caught_by!r} missed it {missed}/{repeats}" if caught_by else f"{missed}/{repeats} false alarms"))
+        found[defect] = {
+            "what": what,
+            "caught_by": caught_by,
+            "repeats": repeats,
+            "missed" if caught_by else "false_alarms": missed,
+        }
+        log(
+            f"  {defect:13} {what}: "
+            + (f"{caught_by!r} missed it {missed}/{repeats}" if caught_by else f"{missed}/{repeats} false alarms")
+        )
     return found
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m aim.benchmarks.false_alarms", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m aim.benchmarks.false_alarms",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("folder", type=Path, help="a build folder (make engine), e.g. build/llama")
     parser.add_argument("--repeats", type=int, default=1000, help="repeated verdicts of the real engine (default 1000)")
     parser.add_argument("--defect-repeats", type=int, default=100, help="repeats per defect stand-in (default 100)")

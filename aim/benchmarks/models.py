@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from aim.families import get_family, list_families
 
@@ -20,7 +20,9 @@ class BenchModel:
 def realistic(name: str) -> BenchModel:
     family = get_family(name)
     bench = family.benchmark
-    return BenchModel(name, lambda: family.build(bench.config()), family.sizes(**bench.sizes), bench.shape, bench.repeats)
+    return BenchModel(
+        name, lambda: family.build(bench.config()), family.sizes(**bench.sizes), bench.shape, bench.repeats
+    )
 
 
 def tiny(name: str) -> BenchModel:

@@ -1,4 +1,4 @@
-"""The figures of issue 7, each a ratio of two things measured in the same run, on the same inputs.
+"""What modulation costs, each a ratio of two things measured in the same run, on the same inputs.
 
 P1a  latency(modulated, utility 0 and focus 0 for the batch) / latency(bare)
 P1b  latency(modulated, utility > 0) / latency(bare)          (also with focus on one class)
@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -89,7 +89,10 @@ def build_engines(bench: BenchModel, folder: Path, key, log: Callable[[str], Non
     family = get_family(bench.family)
     task = get_task(family.task)
     model = random_model(bench.build, seed=0)
-    log(f"  {bench.family}: {bench.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; exporting")
+    log(
+        f"  {bench.family}: {bench.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+        "parameters; exporting"
+    )
     exported = steps.export(family, task, model, folder / "exported.onnx")
     graphs = deployment_graphs(load_onnx(exported), LOGITS, task.class_axis, task.upsample_logits_to)
     graphs["keyed"] = add_redistribution(graphs["bare"].copy(), LOGITS, task.class_axis, key=key)
@@ -137,14 +140,21 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     # keep spinning after a call and would slow down whichever engine variant ran next.
     variants = {"bare": lambda: bare.session.run(None, inputs)}
     for label, engine in (("modulated", modulated), ("keyed", keyed)):
-        variants.update({
-            f"{label}, utility 0": lambda engine=engine: engine.session.run(None, feeds["zero"]),
-            f"{label}, utility {SIGMA:g}": lambda engine=engine: engine.session.run(None, feeds["noisy"]),
-            f"{label}, utility {SIGMA:g} + focus 1 class": lambda engine=engine: engine.session.run(None, feeds["focused"]),
-        })
+        variants.update(
+            {
+                f"{label}, utility 0": lambda engine=engine: engine.session.run(None, feeds["zero"]),
+                f"{label}, utility {SIGMA:g}": lambda engine=engine: engine.session.run(None, feeds["noisy"]),
+                f"{label}, utility {SIGMA:g} + focus 1 class": lambda engine=engine: engine.session.run(
+                    None, feeds["focused"]
+                ),
+            }
+        )
     times = measure(variants, repeats=bench.repeats)
     times.update(
-        measure({"pytorch eager": lambda: eager(False), "pytorch eager + torch.normal": lambda: eager(True)}, repeats=bench.repeats)
+        measure(
+            {"pytorch eager": lambda: eager(False), "pytorch eager + torch.normal": lambda: eager(True)},
+            repeats=bench.repeats,
+        )
     )
     figures = {}
     for label, suffix in (("modulated", ""), ("keyed", " keyed")):
@@ -159,7 +169,9 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, LOGITS)
     log(f"  {bench.family}: statistical and exact-identity checks on the benchmarked engines")
     modulated.set_seed(STATISTICS_SEED)  # a session made again after seeding: repeatable verdicts
-    checks = statistical_checks(modulated, tile_batch(inputs, 2), bare.run(tile_batch(inputs, 2)), task.class_axis, STATISTICS_SEED)
+    checks = statistical_checks(
+        modulated, tile_batch(inputs, 2), bare.run(tile_batch(inputs, 2)), task.class_axis, STATISTICS_SEED
+    )
     keyed_checks = _keyed_checks(keyed, bare, inputs, task.class_axis, key)
     memory = peak_memory(paths, feeds["noisy"], inputs, folder)
     sizes = {name: path.stat().st_size for name, path in paths.items()}
@@ -170,7 +182,10 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
         "latency": times,
         "figures": figures,
         "targets": {
-            **{key: _judge(key, figures[key]["ratio"], bench.family) for key in ("P1a", "P1b", "P1a keyed", "P1b keyed", "P3 utility 0", "P3 utility > 0")},
+            **{
+                key: _judge(key, figures[key]["ratio"], bench.family)
+                for key in ("P1a", "P1b", "P1a keyed", "P1b keyed", "P3 utility 0", "P3 utility > 0")
+            },
             "engine bytes added": _judge("engine bytes added", sizes["production"] - sizes["bare"]),
             "engine bytes added (keyed)": _judge("engine bytes added (keyed)", sizes["keyed"] - sizes["bare"]),
         },
@@ -197,7 +212,9 @@ def _keyed_checks(keyed, bare, inputs: dict, class_axis: int, key) -> list:
 
     logits = bare.run(inputs)
     knobs = differential_knobs(logits.shape[0], logits.shape[class_axis], logits.shape, 0)
-    twin = redistribute_torch(*(torch.from_numpy(a) for a in (logits, knobs["utility"], knobs["focus"])), class_axis=class_axis, key=key)
+    twin = redistribute_torch(
+        *(torch.from_numpy(a) for a in (logits, knobs["utility"], knobs["focus"])), class_axis=class_axis, key=key
+    )
     reference = Reference(inputs=inputs, logits=logits, modulated=logits, keyed_modulated=twin.numpy(), **knobs)
     tolerance = Tolerance(1e-4, 1e-4, "fp32: the same statement, kernels that differ in the last bits")
     # Two rows where the logits are small; a 39 M-logit segmentation map alone (the keyed engine's
@@ -241,7 +258,9 @@ def peak_memory(paths: dict, noisy_feed: dict, inputs: dict, folder: Path) -> di
     for key, feed in (("bare", "feed.bare.npz"), ("production", "feed.noisy.npz")):
         out = subprocess.run(
             [sys.executable, "-c", _PEAK_RSS, str(paths[key]), str(folder / feed), str(THREADS)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         peaks[key] = int(out.stdout.strip().splitlines()[-1])
     return {"peak_rss_bytes": peaks, "ratio": peaks["production"] / peaks["bare"]}
@@ -263,7 +282,8 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
 
     def single(op: str, path: Path, **attrs) -> Path:
         graph = helper.make_graph(
-            [helper.make_node(op, ["z"], ["logits"], **attrs)], op,
+            [helper.make_node(op, ["z"], ["logits"], **attrs)],
+            op,
             [helper.make_tensor_value_info("z", TensorProto.FLOAT, dims)],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, dims)],
         )
@@ -285,7 +305,9 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
     feeds = {name: {"z": z} for name in paths}
     for method in sources:
         feeds[f"subgraph ({method})"] = {"z": z, UTILITY: np.full([shape[0]], SIGMA, np.float32), FOCUS: focus}
-    times = measure({name: (lambda name=name: sessions[name].run(None, feeds[name])) for name in paths}, repeats=repeats)
+    times = measure(
+        {name: (lambda name=name: sessions[name].run(None, feeds[name])) for name in paths}, repeats=repeats
+    )
     result = {"shape": shape, "latency": times}
     for method in sources:
         cost = times[f"subgraph ({method})"]["median_ms"] - times["unmodulated"]["median_ms"]
@@ -300,7 +322,9 @@ def bench_make_engine(family: str, log: Callable[[str], None]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for label in ("cold", "warm"):
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "aim.cli", "engine", family, "--out", tmp], check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "aim.cli", "engine", family, "--out", tmp], check=True, capture_output=True
+            )
             walls[label] = time.perf_counter() - start
             log(f"  make engine MODEL={family}: {label} {walls[label]:.1f} s")
     return {"model": family, "wall_s": walls}
@@ -337,7 +361,9 @@ def run(models: list[str], out: Path, quick: bool = False, make_engine: bool = T
             shape = result["logits_shape"]
             big = int(np.prod(shape)) > 1_000_000
             log(f"  {name}: P2 over a logits tensor of shape {shape}")
-            results["noise"][name] = bench_noise(shape, _class_axis(name), Path(work) / "noise", bench.repeats if big else 50)
+            results["noise"][name] = bench_noise(
+                shape, _class_axis(name), Path(work) / "noise", bench.repeats if big else 50
+            )
     timed = [name for name in models if get_family(name).benchmark.time_make_engine]
     if make_engine and not quick and timed:
         results["P4"] = bench_make_engine(timed[0], log)
@@ -362,19 +388,48 @@ def table(results: dict) -> str:
             spread = result["figures"].get(key)
             value = target["value"]
             shown = f"{value:.3f}" if not key.startswith("engine bytes added") else f"{value / 1024:.1f} KiB"
-            rows.append((key, name, shown, f"{spread['low']:.3f}..{spread['high']:.3f}" if spread else "", target["target"], "yes" if target["met"] else "NO"))
+            rows.append(
+                (
+                    key,
+                    name,
+                    shown,
+                    f"{spread['low']:.3f}..{spread['high']:.3f}" if spread else "",
+                    target["target"],
+                    "yes" if target["met"] else "NO",
+                )
+            )
         for key in ("P1b with focus", "P1b keyed with focus"):
             extra = result["figures"][key]
             rows.append((key, name, f"{extra['ratio']:.3f}", f"{extra['low']:.3f}..{extra['high']:.3f}", "", ""))
         rows.append(("peak RSS ratio", name, f"{result['memory']['ratio']:.3f}", "", "", ""))
         for key, label in (("checks_passed", "checks"), ("keyed_checks_passed", "keyed checks")):
-            rows.append((label, name, "passed" if result[key] else "FAILED", "", "all pass", "yes" if result[key] else "NO"))
+            rows.append(
+                (label, name, "passed" if result[key] else "FAILED", "", "all pass", "yes" if result[key] else "NO")
+            )
     for name, noise in results["noise"].items():
         for key, p2 in noise.items():
             if key.startswith("P2"):
-                rows.append((key, f"{name} {noise['shape']}", f"{p2['value']:.3f}", "", p2["target"], "yes" if p2["met"] else "NO"))
+                rows.append(
+                    (
+                        key,
+                        f"{name} {noise['shape']}",
+                        f"{p2['value']:.3f}",
+                        "",
+                        p2["target"],
+                        "yes" if p2["met"] else "NO",
+                    )
+                )
     if "P4" in results:
         walls = results["P4"]["wall_s"]
-        rows.append(("P4 make engine", results["P4"]["model"], f"cold {walls['cold']:.1f} s, warm {walls['warm']:.1f} s", "", "", ""))
+        rows.append(
+            (
+                "P4 make engine",
+                results["P4"]["model"],
+                f"cold {walls['cold']:.1f} s, warm {walls['warm']:.1f} s",
+                "",
+                "",
+                "",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows)

@@ -1,5 +1,5 @@
 """`make scale-check`: a real-size checkpoint through `make engine`, with the wall time and peak memory
-of every step (issue 12, section 4).
+of every step.
 
 For each family that states a real-size config (Family.scale; the Llama family: TinyLlama-1.1B's
 shape), a random-weight checkpoint is saved by `save_pretrained` in bf16 as three safetensors shards
@@ -73,8 +73,10 @@ from aim.layout import Manifest
 if main(["engine", {name!r}, "--checkpoint", {checkpoint!r}, "--out", {out!r}]) != 0:
     sys.exit(1)
 manifest = Manifest.load({folder!r})
-print(json.dumps({{"timings_s": manifest.timings_s, "memory_mb": manifest.memory_mb, "parameters": manifest.source.parameters,
-                  "dtype": manifest.source.dtype, "passed": manifest.verification.passed, "folder": str(manifest.folder)}}))
+print(json.dumps({{
+    "timings_s": manifest.timings_s, "memory_mb": manifest.memory_mb, "parameters": manifest.source.parameters,
+    "dtype": manifest.source.dtype, "passed": manifest.verification.passed, "folder": str(manifest.folder),
+}}))
 """
 
 # Its peak above what the process held once the imports were done: the memory of the work itself.
@@ -98,10 +100,16 @@ def _passes_fp16(build: Path, scratch: Path) -> str:
     for name in ("exported.onnx", "exported.onnx.data"):
         if (build / name).is_file():
             shutil.copyfile(build / name, scratch / name)
-    imports = "from aim.pipeline import steps\nfrom aim.layout import Manifest\nfrom aim.tasks import get_task\nfrom aim.families import get_family\n" \
-        "import aim.graph_passes.fp16, aim.graph_passes.trt_support, aim.runtime.tensorrt\n" \
+    imports = (
+        "from aim.pipeline import steps\nfrom aim.layout import Manifest\nfrom aim.tasks import "
+        "get_task\nfrom aim.families import get_family\n"
+        "import aim.graph_passes.fp16, aim.graph_passes.trt_support, aim.runtime.tensorrt\n"
         f"manifest = Manifest.load({str(build)!r})\nscratch = Path({str(scratch)!r})"
-    work = "steps.passes(get_task(manifest.task), scratch, scratch / 'exported.onnx', 'fp16', 'onnxruntime', get_family(manifest.model).fp16_keep_fp32)"
+    )
+    work = (
+        "steps.passes(get_task(manifest.task), scratch, scratch / 'exported.onnx', 'fp16', 'onnxruntime', "
+        "get_family(manifest.model).fp16_keep_fp32)"
+    )
     return _MEASURED.format(imports=imports, work=work)
 
 
@@ -138,8 +146,14 @@ def table(figures: dict) -> str:
         peak, start = memory[step]["peak"] / 1e3, memory[step]["start"] / 1e3
         rows.append(f"| {step} | {seconds:.0f} | {peak:.2f} | {peak - start:+.2f} |")
     peak = max(m["peak"] for m in memory.values()) / 1e3
-    rows.append(f"| **make engine** | **{sum(figures['timings_s'].values()):.0f}** | **{peak:.2f}** ({peak / fp32_gb:.2f}x the {fp32_gb:.1f} GB of FP32 weights) | |")
-    for key, what in (("fp16_passes", "FP16 graph passes + TensorRT check (fresh process)"), ("triton_writer", "Triton writer (fresh process)")):
+    rows.append(
+        f"| **make engine** | **{sum(figures['timings_s'].values()):.0f}** | **{peak:.2f}** "
+        f"({peak / fp32_gb:.2f}x the {fp32_gb:.1f} GB of FP32 weights) | |"
+    )
+    for key, what in (
+        ("fp16_passes", "FP16 graph passes + TensorRT check (fresh process)"),
+        ("triton_writer", "Triton writer (fresh process)"),
+    ):
         rows.append(f"| {what} | {figures[key]['seconds']:.0f} | | {figures[key]['grown_mb'] / 1e3:+.3f} |")
     return "\n".join(rows)
 
@@ -151,8 +165,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for name in [n for n in args.families.split(",") if n]:
         figures = check(name, args.out)
-        print(f"\n{name}: {figures['parameters']:,} parameters stored as {figures['dtype']}, verification "
-              + ("passed" if figures["passed"] else "FAILED") + " (measured on this machine; other processes may share it)")
+        print(
+            f"\n{name}: {figures['parameters']:,} parameters stored as {figures['dtype']}, verification "
+            + ("passed" if figures["passed"] else "FAILED")
+            + " (measured on this machine; other processes may share it)"
+        )
         print(table(figures))
     return 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,7 +24,13 @@ def measure(variants: dict[str, Callable[[], object]], repeats: int, warmup: int
 
 def summary(values: list[float]) -> dict:
     q1, median, q3 = np.percentile(values, [25, 50, 75])
-    return {"median_ms": float(median), "q1_ms": float(q1), "q3_ms": float(q3), "min_ms": float(min(values)), "n": len(values)}
+    return {
+        "median_ms": float(median),
+        "q1_ms": float(q1),
+        "q3_ms": float(q3),
+        "min_ms": float(min(values)),
+        "n": len(values),
+    }
 
 
 def ratio(numerator: dict, denominator: dict) -> dict:

@@ -18,7 +18,8 @@
     aim run build/MODEL --input NAME=file.npy    a build's engine: hashes checked, shapes outside its range refused
     aim run engine.calibrated.onnxruntime.onnx --input NAME=file.npy --level 0.8   (a calibrated engine)
     aim verify build/MODEL [--seed N]            re-run the checks of a build against its stored reference
-    aim generate build/llama --prompt TEXT [--utility 0.5] [--focus "+word=5,-other=10"] [--max-new-tokens 32] [--truncate]
+    aim generate build/llama --prompt TEXT [--utility 0.5] [--focus "+word=5,-other=10"]
+                 [--max-new-tokens 32] [--truncate]
                                                  text from a built language model, streamed token by token
     aim train MODEL                              train the family's small model on package-shipped data (cached)
     aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
@@ -47,7 +48,23 @@ import threading
 from aim.errors import AimError
 from aim.files import remove_pending
 
-COMMANDS = ("models", "engine", "trt_check", "export", "modulate", "build", "run", "verify", "generate", "train", "evaluate", "attack", "triton", "serve", "loadtest")
+COMMANDS = (
+    "models",
+    "engine",
+    "trt_check",
+    "export",
+    "modulate",
+    "build",
+    "run",
+    "verify",
+    "generate",
+    "train",
+    "evaluate",
+    "attack",
+    "triton",
+    "serve",
+    "loadtest",
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(_free_text(sys.argv[1:] if argv is None else list(argv)))
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     # a signal the caller ignores (a background job's SIGINT) stays ignored
-    previous = {number: signal.signal(number, _stop) for number in handled if signal.getsignal(number) is not signal.SIG_IGN}
+    previous = {
+        number: signal.signal(number, _stop) for number in handled if signal.getsignal(number) is not signal.SIG_IGN
+    }
     try:
         return args.func(args)
     except AimError as error:

@@ -29,7 +29,9 @@ def port(text: str) -> int:
     return value
 
 
-def seed(parser: argparse.ArgumentParser, default: int | None = 0, help: str = "seed of everything random (default: 0)") -> None:
+def seed(
+    parser: argparse.ArgumentParser, default: int | None = 0, help: str = "seed of everything random (default: 0)"
+) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=default, help=help)
 
 
@@ -39,31 +41,44 @@ def out(parser: argparse.ArgumentParser) -> None:
 
 def backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backend", default="auto", choices=BACKENDS,
-        help="auto: TensorRT with a CUDA GPU and tensorrt installed, else ONNX Runtime; tensorrt-rtx builds on any machine",
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="auto: TensorRT with a CUDA GPU and tensorrt installed, else ONNX Runtime; tensorrt-rtx builds "
+        "on any machine",
     )
 
 
 def precision(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="fp16 is written into the graph; the redistribution stays fp32")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "fp16"),
+        help="fp16 is written into the graph; the redistribution stays fp32",
+    )
 
 
 def threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: its own choice)")
 
 
-def utility(parser: argparse.ArgumentParser, help: str = "noise scale sigma >= 0, in logit units (0 = original)") -> None:
+def utility(
+    parser: argparse.ArgumentParser, help: str = "noise scale sigma >= 0, in logit units (0 = original)"
+) -> None:
     parser.add_argument("--utility", type=float, default=0.0, help=f"{help}; at most {MAX_STRENGTH:g}")
 
 
 def noise(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--noise", default="fresh", choices=NOISE_SOURCES,
+        "--noise",
+        default="fresh",
+        choices=NOISE_SOURCES,
         help="fresh: drawn anew on every run (default); keyed: a function of the request and a secret key, "
         "so the same request gets the same answer and repeating it cannot average the noise away",
     )
     parser.add_argument(
-        "--noise-key", metavar="FILE",
+        "--noise-key",
+        metavar="FILE",
         help="keyed noise: the key file to build with; a fresh key is written there (mode 600) if it does not exist, "
         "so rebuilds answer as before (default: a fresh key, kept only inside the engine)",
     )
@@ -72,14 +87,28 @@ def noise(parser: argparse.ArgumentParser) -> None:
 def onnx_source(parser: argparse.ArgumentParser) -> None:
     """A user's own ONNX instead of a model family (aim engine, aim calibrate)."""
     group = parser.add_argument_group("a model of your own, instead of MODEL")
-    group.add_argument("--onnx", metavar="FILE.onnx", help="your ONNX model: built into OUT/<file stem>/, verified against itself on ONNX Runtime")
+    group.add_argument(
+        "--onnx",
+        metavar="FILE.onnx",
+        help="your ONNX model: built into OUT/<file stem>/, verified against itself on ONNX Runtime",
+    )
     group.add_argument("--logits", default="logits", help="name of its logits output (default: logits)")
     group.add_argument("--class-axis", type=int, help="axis of the classes in the logits (default: the task's, 1)")
-    group.add_argument("--task", default="image-classification", help="what the logits are for: the FP16 comparator (default: image-classification)")
-    group.add_argument("--inputs", metavar="DATA.npz", help="verification inputs, one array per graph input (default: drawn from the graph's types and shapes)")
     group.add_argument(
-        "--upsample-to", metavar="INPUT",
-        help="segmentation: resize the logits [B, C, h, w] to this input's spatial size (bilinear) before the modulation, so it acts per input pixel",
+        "--task",
+        default="image-classification",
+        help="what the logits are for: the FP16 comparator (default: image-classification)",
+    )
+    group.add_argument(
+        "--inputs",
+        metavar="DATA.npz",
+        help="verification inputs, one array per graph input (default: drawn from the graph's types and shapes)",
+    )
+    group.add_argument(
+        "--upsample-to",
+        metavar="INPUT",
+        help="segmentation: resize the logits [B, C, h, w] to this input's spatial size (bilinear) before the "
+        "modulation, so it acts per input pixel",
     )
     shapes(group)
 
@@ -88,5 +117,7 @@ def shapes(parser) -> None:
     """trtexec's --minShapes/--optShapes/--maxShapes: the range of every dynamic dim."""
     for bound in ("min", "opt", "max"):
         parser.add_argument(
-            f"--{bound}-shapes", metavar="NAME:1x3x224x224,...", help=f"{bound} shape of inputs with dynamic dims (trtexec's --{bound}Shapes)"
+            f"--{bound}-shapes",
+            metavar="NAME:1x3x224x224,...",
+            help=f"{bound} shape of inputs with dynamic dims (trtexec's --{bound}Shapes)",
         )

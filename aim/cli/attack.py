@@ -6,11 +6,21 @@ from aim.cli import args as shared
 
 
 def add(sub) -> None:
-    p = sub.add_parser("attack", help="repeat a request K times and average: what a client gains against fresh and keyed noise")
+    p = sub.add_parser(
+        "attack", help="repeat a request K times and average: what a client gains against fresh and keyed noise"
+    )
     p.add_argument("model")
-    p.add_argument("--checkpoint", help="a save_pretrained folder (default: the family's trained model, trained if needed)")
-    p.add_argument("--noise-key", metavar="FILE", help="the key of the keyed engine (default: a fresh one; written there if the file does not exist)")
-    p.add_argument("--inputs", type=shared.positive_int, help="test inputs to attack (default: the family's evaluation set)")
+    p.add_argument(
+        "--checkpoint", help="a save_pretrained folder (default: the family's trained model, trained if needed)"
+    )
+    p.add_argument(
+        "--noise-key",
+        metavar="FILE",
+        help="the key of the keyed engine (default: a fresh one; written there if the file does not exist)",
+    )
+    p.add_argument(
+        "--inputs", type=shared.positive_int, help="test inputs to attack (default: the family's evaluation set)"
+    )
     shared.out(p)
     shared.seed(p)
     p.set_defaults(func=run)

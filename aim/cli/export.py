@@ -1,4 +1,5 @@
-"""aim export [MODEL] -o model.onnx [--checkpoint DIR]: trace a family, or a checkpoint folder's own architecture, to ONNX."""
+"""aim export [MODEL] -o model.onnx [--checkpoint DIR]: trace a family, or a checkpoint folder's own
+architecture, to ONNX."""
 
 from __future__ import annotations
 

@@ -11,13 +11,29 @@ from aim.cli import args as shared
 def add(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a built language model (streamed)")
     p.add_argument("folder", help="a build folder (build/llama) or a model name built under --out")
-    p.add_argument("--prompt", action="append", required=True, help="the prompt; repeat for a batch (different lengths are left-padded)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="the prompt; repeat for a batch (different lengths are left-padded)",
+    )
     shared.utility(p, help="noise scale sigma >= 0 in logit units, every step (0 = original)")
     p.add_argument("--focus", help='tokens to boost or suppress: "+word=5,-other=10,+#123=4" (#N: token id N)')
-    p.add_argument("--max-new-tokens", type=shared.positive_int, default=32, help="at most this many (default: 32); prompt + new tokens must fit the build")
-    p.add_argument("--truncate", action="store_true", help="cut a prompt too long for the build to its last tokens (default: refuse it)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=shared.positive_int,
+        default=32,
+        help="at most this many (default: 32); prompt + new tokens must fit the build",
+    )
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut a prompt too long for the build to its last tokens (default: refuse it)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=shared.non_negative_int, default=0, help="sample among the K most likely tokens (0 = all)")
+    p.add_argument(
+        "--top-k", type=shared.non_negative_int, default=0, help="sample among the K most likely tokens (0 = all)"
+    )
     shared.seed(p, default=None, help="seeds sampling and the engine's noise")
     shared.out(p)
     p.add_argument("--quiet", action="store_true", help="no streaming: print the texts at the end")
@@ -40,10 +56,17 @@ def run(args) -> int:
         print(piece, end="", flush=True)
 
     texts, run = generate_text(
-        folder, prompts, utility=args.utility, focus=args.focus, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        folder,
+        prompts,
+        utility=args.utility,
+        focus=args.focus,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
         stream=stream if streaming else None,
-        log=lambda note: print(f"note: {note}", file=sys.stderr, flush=True), truncate=args.truncate,
+        log=lambda note: print(f"note: {note}", file=sys.stderr, flush=True),
+        truncate=args.truncate,
     )
     if streaming:
         print("" if started else prompts[0])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 def add(sub) -> None:
-    sub.add_parser("models", help="list the model families, and the architectures of checkpoint folders by task").set_defaults(func=run)
+    sub.add_parser(
+        "models", help="list the model families, and the architectures of checkpoint folders by task"
+    ).set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -27,6 +27,12 @@ def run(args) -> int:
         key.write(args.noise_key)
     print(f"wrote {args.flavour} flavour to {path}: inputs utility [B], focus [B, C] added on {args.logits!r}")
     if key is not None and args.flavour == "production":
-        kept = f"key saved to {args.noise_key}" if fresh and args.noise_key else f"key from {args.noise_key}" if args.noise_key else "key kept only inside the graph"
+        kept = (
+            f"key saved to {args.noise_key}"
+            if fresh and args.noise_key
+            else f"key from {args.noise_key}"
+            if args.noise_key
+            else "key kept only inside the graph"
+        )
         print(f"noise keyed: the same request gets the same answer; {kept}, fingerprint {key.fingerprint}")
     return 0

@@ -16,7 +16,9 @@ def add(sub) -> None:
     p.add_argument("engine", help="an ONNX engine or model file, or a build folder (its engine)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     shared.utility(p)
-    p.add_argument("--level", type=float, help="calibrated engines (aim calibrate): utility level in [0, 1], 1 = original")
+    p.add_argument(
+        "--level", type=float, help="calibrated engines (aim calibrate): utility level in [0, 1], 1 = original"
+    )
     p.add_argument("--boost", action="append", default=[], metavar="CLASS=STRENGTH")
     p.add_argument("--suppress", action="append", default=[], metavar="CLASS=STRENGTH")
     p.add_argument("-o", "--output", help="save the logits as .npy")
@@ -56,7 +58,9 @@ def _run(engine, inputs, utility, focus, level):
         return engine.run(inputs, utility, focus, level=level)
     except (Fail, InvalidArgument, RuntimeException) as error:
         shapes = {name: list(value.shape) for name, value in inputs.items()}
-        raise AimError(f"ONNX Runtime could not run {engine.name} on inputs {shapes}: {str(error).strip()[:500]}") from error
+        raise AimError(
+            f"ONNX Runtime could not run {engine.name} on inputs {shapes}: {str(error).strip()[:500]}"
+        ) from error
 
 
 def run(args) -> int:
@@ -72,7 +76,9 @@ def run(args) -> int:
         if args.boost or args.suppress:
             if not (engine.modulated or engine.calibrated):
                 raise AimError(f"{args.engine} is not modulated: it has no focus input")
-            focus = focus_vector(engine.num_classes, _parse_classes(args.boost, "--boost"), _parse_classes(args.suppress, "--suppress"))
+            focus = focus_vector(
+                engine.num_classes, _parse_classes(args.boost, "--boost"), _parse_classes(args.suppress, "--suppress")
+            )
         logits = _run(engine, inputs, args.utility, focus, args.level)
     if args.output:
         with atomic_path(args.output) as tmp, open(tmp, "wb") as handle:

@@ -20,7 +20,8 @@ def run(args) -> int:
 
     result = train(args.model, args.out, args.steps, args.seed, args.force)
     print(
-        f"{args.model}: clean {result['metric']} {result['clean_metric']:.4f} on {result['test_samples']} test samples, "
+        f"{args.model}: clean {result['metric']} {result['clean_metric']:.4f} on {result['test_samples']} test "
+        "samples, "
         f"trained in {result['train_seconds']} s; checkpoint {result['checkpoint']}"
     )
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 def add(sub) -> None:
-    p = sub.add_parser("trt-check", help="check an ONNX file against TensorRT's ONNX operator matrix (no TensorRT needed)")
+    p = sub.add_parser(
+        "trt-check", help="check an ONNX file against TensorRT's ONNX operator matrix (no TensorRT needed)"
+    )
     p.add_argument("input")
     p.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"))
     p.set_defaults(func=run)

@@ -26,9 +26,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -145,7 +145,10 @@ def attack(
     clean_top = clean.argmax(1)
     sigma = float(theory.invert_agreement(clean, [TARGET])[0][0])
     theory_curve = theory.agreement_curve(clean, sigma / np.sqrt(QUERIES))
-    log(f"attack on {model}: {len(split)} inputs ({len(clean)} rows), sigma {sigma:.4g} (G = {theory_curve[0]:.3f}), K up to {max(QUERIES)}")
+    log(
+        f"attack on {model}: {len(split)} inputs ({len(clean)} rows), sigma {sigma:.4g} (G = "
+        f"{theory_curve[0]:.3f}), K up to {max(QUERIES)}"
+    )
     log(f"  perturbed repeats: {task.perturbation}")
 
     points: list[Point] = []
@@ -163,8 +166,23 @@ def attack(
                     for index, k in enumerate(QUERIES):
                         p = agreement[k]
                         expected = float(theory_curve[index]) if noise == "fresh" and aggregate == "mean" else None
-                        points.append(Point(noise, repeats, aggregate, k, p, expected, len(clean), float(np.sqrt(p * (1 - p) / len(clean)))))
-                log(f"  {noise:5} {repeats:9}: K=1 {found['mean'][1]:.3f} -> K=64 mean {found['mean'][64]:.3f}, vote {found['vote'][64]:.3f}, distinct {found['distinct'][64]:.3f}")
+                        points.append(
+                            Point(
+                                noise,
+                                repeats,
+                                aggregate,
+                                k,
+                                p,
+                                expected,
+                                len(clean),
+                                float(np.sqrt(p * (1 - p) / len(clean))),
+                            )
+                        )
+                log(
+                    f"  {noise:5} {repeats:9}: K=1 {found['mean'][1]:.3f} -> K=64 mean "
+                    f"{found['mean'][64]:.3f}, vote {found['vote'][64]:.3f}, distinct "
+                    f"{found['distinct'][64]:.3f}"
+                )
         variants = task.variants(keyed, split.inputs, max(QUERIES), prepared.checkpoint, seed)
         share = fresh_draw_share(keyed, variants, split.inputs, sigma, setup.batch)
         log(f"  keyed: {share:.1%} of the perturbed repeats bought a fresh draw")
@@ -213,15 +231,30 @@ def plot(points: list[Point], path: Path, title: str, sigma: float) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     styles = {
-        ("fresh", "mean"): "o-C0", ("fresh", "vote"): "s:C0",
-        ("keyed", "mean"): "o-C3", ("keyed", "vote"): "s:C3", ("keyed", "distinct"): "^--C1",
+        ("fresh", "mean"): "o-C0",
+        ("fresh", "vote"): "s:C0",
+        ("keyed", "mean"): "o-C3",
+        ("keyed", "vote"): "s:C3",
+        ("keyed", "distinct"): "^--C1",
     }
     for ax, repeats in zip(axes, ("exact", "perturbed")):
         for (noise, aggregate), style in styles.items():
             chosen = [p for p in points if (p.noise, p.repeats, p.aggregate) == (noise, repeats, aggregate)]
-            ax.plot([p.queries for p in chosen], [p.agreement for p in chosen], style, ms=4, label=f"{noise} noise, {aggregate} of K")
+            ax.plot(
+                [p.queries for p in chosen],
+                [p.agreement for p in chosen],
+                style,
+                ms=4,
+                label=f"{noise} noise, {aggregate} of K",
+            )
         theory_points = [p for p in points if p.theory is not None and p.repeats == repeats]
-        ax.plot([p.queries for p in theory_points], [p.theory for p in theory_points], "k--", lw=1, label="theory: G(sigma / sqrt K)")
+        ax.plot(
+            [p.queries for p in theory_points],
+            [p.theory for p in theory_points],
+            "k--",
+            lw=1,
+            label="theory: G(sigma / sqrt K)",
+        )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("queries K")
         ax.set_title(f"{title}, sigma {sigma:.3g}: {repeats} repeats", fontsize=10)
@@ -235,7 +268,8 @@ def plot(points: list[Point], path: Path, title: str, sigma: float) -> Path:
 
 def report(summary: dict, points_path: str | os.PathLike | None = None) -> str:
     lines = [
-        f"{summary['model']}: {summary['rows']} rows, sigma {summary['sigma']:.4g} (one query agrees {summary['agreement_one_query_theory']:.3f} by theory)",
+        f"{summary['model']}: {summary['rows']} rows, sigma {summary['sigma']:.4g} (one query agrees "
+        f"{summary['agreement_one_query_theory']:.3f} by theory)",
         f"  perturbed repeats: {summary['perturbation']}",
         f"  keyed noise: {summary['keyed_fresh_draw_share']:.1%} of the perturbed repeats bought a fresh draw",
         "  agreement with the clean answer after K queries:",
@@ -248,6 +282,8 @@ def report(summary: dict, points_path: str | os.PathLike | None = None) -> str:
             for aggregate in ("mean", "vote", "distinct"):
                 chosen = [r for r in rows if (r["noise"], r["repeats"], r["aggregate"]) == (noise, repeats, aggregate)]
                 values = " ".join(f"{float(r['agreement']):.3f}" for r in chosen)
-                lines.append(f"  {noise:5} {repeats:9} {aggregate:8} K={','.join(r['queries'] for r in chosen)}: {values}")
+                lines.append(
+                    f"  {noise:5} {repeats:9} {aggregate:8} K={','.join(r['queries'] for r in chosen)}: {values}"
+                )
     lines.append("  files: " + ", ".join(summary["files"]))
     return "\n".join(lines)

@@ -20,8 +20,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -72,7 +72,9 @@ def _fingerprint(inputs: dict) -> str:
     return digest.hexdigest()
 
 
-def measure_levels(engine, split, batch: int, clean: np.ndarray, levels, repeats: int, target_fn, class_axis: int = 1) -> list[dict]:
+def measure_levels(
+    engine, split, batch: int, clean: np.ndarray, levels, repeats: int, target_fn, class_axis: int = 1
+) -> list[dict]:
     """Measured agreement of a calibrated engine with `clean` predictions at each level."""
 
     results = []
@@ -85,7 +87,14 @@ def measure_levels(engine, split, batch: int, clean: np.ndarray, levels, repeats
                 out.append(engine.run(part, level=float(level)))
             rates.append(metrics.agreement(np.argmax(np.concatenate(out), axis=class_axis).reshape(-1), clean))
         agree = float(np.mean(rates))
-        results.append({"level": float(level), "target": float(target_fn(level)), "measured": agree, "samples": int(clean.size) * repeats})
+        results.append(
+            {
+                "level": float(level),
+                "target": float(target_fn(level)),
+                "measured": agree,
+                "samples": int(clean.size) * repeats,
+            }
+        )
     return results
 
 
@@ -109,9 +118,14 @@ def calibrate(
     calib = eval_inputs(prepared, seed, split="calibration")
     data = EngineData(prepared.engine, calib.split, calib.batch)
     rows = data.rows(data.clean)
-    log(f"calibrating {model}: G(sigma) from {rows.shape[0]} unlabelled rows of the calibration split ({len(calib.split)} inputs), {rows.shape[1]} classes")
+    log(
+        f"calibrating {model}: G(sigma) from {rows.shape[0]} unlabelled rows of the calibration split "
+        f"({len(calib.split)} inputs), {rows.shape[1]} classes"
+    )
     table = calibration_table(rows, levels)
-    for level, sigma, want, got in list(zip(table["levels"], table["sigmas"], table["target_agreement"], table["predicted_agreement"]))[::10]:
+    for level, sigma, want, got in list(
+        zip(table["levels"], table["sigmas"], table["target_agreement"], table["predicted_agreement"])
+    )[::10]:
         log(f"  level {level:4.2f} -> sigma {sigma:10.4f}   agreement target {want:.4f}, G {got:.4f}")
 
     manifest = Manifest.load(folder)
@@ -123,9 +137,14 @@ def calibrate(
     clean = test_data.predictions(test_data.clean)
     engine = ort_engine.OnnxRuntimeEngine(paths["calibrated_engine"])
     C = rows.shape[1]
-    check = measure_levels(engine, test.split, test.batch, clean, CHECK_LEVELS, test.repeats, lambda L: targets([L], C)[0])
+    check = measure_levels(
+        engine, test.split, test.batch, clean, CHECK_LEVELS, test.repeats, lambda L: targets([L], C)[0]
+    )
     for item in check:
-        log(f"  check on the test split: level {item['level']:.2f} agreement {item['measured']:.4f} (target {item['target']:.4f}, {item['samples']} samples)")
+        log(
+            f"  check on the test split: level {item['level']:.2f} agreement {item['measured']:.4f} (target "
+            f"{item['target']:.4f}, {item['samples']} samples)"
+        )
 
     entry = {
         **table,
@@ -171,11 +190,15 @@ def record_calibration(manifest: Manifest, paths: dict[str, Path], entry: dict) 
 
 
 def report(entry: dict) -> str:
-    lines = [f"calibration ({entry['calibration_set']['rows']} unlabelled rows, {entry['num_classes']} classes): level -> sigma"]
+    lines = [
+        f"calibration ({entry['calibration_set']['rows']} unlabelled rows, {entry['num_classes']} classes): "
+        "level -> sigma"
+    ]
     for level, sigma, want in list(zip(entry["levels"], entry["sigmas"], entry["target_agreement"]))[::10]:
         lines.append(f"  {level:4.2f} -> {sigma:10.4f}  (agreement {want:.4f})")
     for item in entry["check"]["levels"]:
-        lines.append(f"  measured on held-out inputs at level {item['level']:.2f}: {item['measured']:.4f} (target {item['target']:.4f})")
+        lines.append(
+            f"  measured on held-out inputs at level {item['level']:.2f}: {item['measured']:.4f} (target "
+            f"{item['target']:.4f})"
+        )
     return "\n".join(lines)
-
-

@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from aim.contract import BATCH, MODULATION_INPUTS
 from aim.errors import AimError, InvalidInputError
-from aim.evaluation.calibrate import CHECK_LEVELS, LEVELS, calibration_table, measure_levels, record_calibration, targets, write_calibrated
+from aim.evaluation.calibrate import (
+    CHECK_LEVELS,
+    LEVELS,
+    calibration_table,
+    measure_levels,
+    record_calibration,
+    targets,
+    write_calibrated,
+)
 from aim.files import sha256
 from aim.layout import Manifest, ManifestError
 from aim.runtime.folder import open_build, production_runner
@@ -41,7 +49,7 @@ class Unlabelled:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
-    def take(self, index) -> "Unlabelled":
+    def take(self, index) -> Unlabelled:
         return Unlabelled({name: array[index] for name, array in self.inputs.items()})
 
 
@@ -59,18 +67,24 @@ def read_data(path: str | os.PathLike, manifest: Manifest) -> Unlabelled:
     elif len(names) == 1:
         arrays = {names[0]: loaded}
     else:
-        raise InvalidInputError(f"--data {path}: the model has inputs {names}; give an .npz with one array per input (numpy.savez)")
+        raise InvalidInputError(
+            f"--data {path}: the model has inputs {names}; give an .npz with one array per input (numpy.savez)"
+        )
     if sorted(arrays) != sorted(names):
         raise InvalidInputError(f"--data {path} holds {sorted(arrays)}; the model's inputs are {sorted(names)}")
     sizes = {len(array) if np.ndim(array) else 0 for array in arrays.values()}
     if len(sizes) != 1 or sizes.pop() < 2:
-        raise InvalidInputError(f"--data {path}: every input needs the same number of samples on axis 0, at least 2 (one held out)")
+        raise InvalidInputError(
+            f"--data {path}: every input needs the same number of samples on axis 0, at least 2 (one held out)"
+        )
     return Unlabelled(arrays)
 
 
 def _run(engine, data: Unlabelled, batch: int) -> np.ndarray:
     """Clean logits (utility 0) of every input, `batch` at a time."""
-    return np.concatenate([engine.run(data.take(slice(start, start + batch)).inputs) for start in range(0, len(data), batch)])
+    return np.concatenate(
+        [engine.run(data.take(slice(start, start + batch)).inputs) for start in range(0, len(data), batch)]
+    )
 
 
 def calibrate_build(folder, data, seed: int = 0, levels=LEVELS, log: Callable[[str], None] = print) -> dict:
@@ -92,18 +106,28 @@ def calibrate_build(folder, data, seed: int = 0, levels=LEVELS, log: Callable[[s
         clean = _run(runner, calibration, batch)
         clean_check = np.argmax(_run(runner, check_set, batch), axis=axis).reshape(-1)
     rows = np.moveaxis(clean, axis, -1).reshape(-1, clean.shape[axis])
-    log(f"calibrating {manifest.model}: G(sigma) from {rows.shape[0]} unlabelled rows of {len(calibration)} inputs of {data}, {rows.shape[1]} classes")
+    log(
+        f"calibrating {manifest.model}: G(sigma) from {rows.shape[0]} unlabelled rows of {len(calibration)} "
+        f"inputs of {data}, {rows.shape[1]} classes"
+    )
     table = calibration_table(rows, levels)
-    for level, sigma, want, got in list(zip(table["levels"], table["sigmas"], table["target_agreement"], table["predicted_agreement"]))[::10]:
+    for level, sigma, want, got in list(
+        zip(table["levels"], table["sigmas"], table["target_agreement"], table["predicted_agreement"])
+    )[::10]:
         log(f"  level {level:4.2f} -> sigma {sigma:10.4f}   agreement target {want:.4f}, G {got:.4f}")
     paths = write_calibrated(manifest, table["sigmas"], log)
 
     repeats = int(np.clip(np.ceil(CHECK_PREDICTIONS / clean_check.size), 1, MAX_REPEATS))
     classes = rows.shape[1]
     with OnnxRuntimeEngine(paths["calibrated_engine"]) as engine:
-        check = measure_levels(engine, check_set, batch, clean_check, CHECK_LEVELS, repeats, lambda L: targets([L], classes)[0], axis)
+        check = measure_levels(
+            engine, check_set, batch, clean_check, CHECK_LEVELS, repeats, lambda L: targets([L], classes)[0], axis
+        )
     for item in check:
-        log(f"  check on {held} held-out inputs: level {item['level']:.2f} agreement {item['measured']:.4f} (target {item['target']:.4f}, {item['samples']} samples)")
+        log(
+            f"  check on {held} held-out inputs: level {item['level']:.2f} agreement {item['measured']:.4f} "
+            f"(target {item['target']:.4f}, {item['samples']} samples)"
+        )
     entry = {
         **table,
         "num_classes": classes,
@@ -122,10 +146,12 @@ def calibrate_build(folder, data, seed: int = 0, levels=LEVELS, log: Callable[[s
     return record_calibration(manifest, paths, entry)
 
 
-def calibrate_onnx(onnx_path, data, out_dir="build", seed: int = 0, log: Callable[[str], None] = print, **build) -> dict:
+def calibrate_onnx(
+    onnx_path, data, out_dir="build", seed: int = 0, log: Callable[[str], None] = print, **build
+) -> dict:
     """Builds OUT/<stem>/ from a user's ONNX (`build`: build_onnx's arguments) unless it holds a
     build of that very file with those shapes, then calibrates it on `data`."""
-    from aim.pipeline.onnx_source import build_onnx, build_name
+    from aim.pipeline.onnx_source import build_name, build_onnx
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from aim.evaluation.train import TRAINING, train
 from aim.families import Family, get_family
@@ -73,7 +73,9 @@ def prepare_engine(
         build_model(model, out_dir, checkpoint, backend="onnxruntime", seed=seed, log=log)
     manifest = open_build(folder)  # every file checked against its hash
     # No profile: the sweeps run ONNX Runtime at batches past the TensorRT profile's (ONNX Runtime has none).
-    return Prepared(folder, OnnxRuntimeEngine(manifest.engine_path()), checkpoint, training, family, get_task(family.task))
+    return Prepared(
+        folder, OnnxRuntimeEngine(manifest.engine_path()), checkpoint, training, family, get_task(family.task)
+    )
 
 
 def eval_inputs(prepared: Prepared, seed: int = 0, split: str = "test") -> Setup:

@@ -22,9 +22,9 @@ import csv
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -35,8 +35,11 @@ from aim.layout import EVAL_DIR
 from aim.tasks import metrics
 from aim.tasks.datasets import Split
 
-# The reference code's grids (SPEC section 1).
-UTILITY_GRID = {"classification": np.round(np.arange(0, 20.0001, 0.2), 4), "language": np.round(np.arange(0, 2.0001, 0.1), 4)}
+# The reference code's grids (docs/method.md §1).
+UTILITY_GRID = {
+    "classification": np.round(np.arange(0, 20.0001, 0.2), 4),
+    "language": np.round(np.arange(0, 2.0001, 0.1), 4),
+}
 FOCUS_GRID = np.round(np.arange(0, 20.0001, 0.5), 4)
 CSV_FIELDS = ("sweep", "strength", "quantity", "measured", "predicted", "samples", "standard_error")
 
@@ -104,7 +107,9 @@ def _se(p: np.ndarray, repeats: int) -> float:
     return float(np.sqrt(np.mean(p * (1 - p)) / (p.size * repeats))) if p.size else float("nan")
 
 
-def utility_sweep(data: EngineData, sigmas, repeats: int = 1, log: Callable = print, segmentation: bool = False) -> list[Point]:
+def utility_sweep(
+    data: EngineData, sigmas, repeats: int = 1, log: Callable = print, segmentation: bool = False
+) -> list[Point]:
     rows = data.rows(data.clean)
     clean = data.predictions(data.clean)
     labels = data.labels
@@ -122,17 +127,26 @@ def utility_sweep(data: EngineData, sigmas, repeats: int = 1, log: Callable = pr
                 ious.append(metrics.mean_iou(predicted, labels, data.num_classes))
         agree, correct = float(np.mean(agrees)), float(np.mean(corrects))
         n = rows.shape[0] * repeats
-        points.append(Point("utility", float(sigma), "agreement", agree, float(p_agree.mean()), n, _se(p_agree, repeats)))
+        points.append(
+            Point("utility", float(sigma), "agreement", agree, float(p_agree.mean()), n, _se(p_agree, repeats))
+        )
         if data.labelled:
-            points.append(Point("utility", float(sigma), "accuracy", correct, float(p_label.mean()), n, _se(p_label, repeats)))
+            points.append(
+                Point("utility", float(sigma), "accuracy", correct, float(p_label.mean()), n, _se(p_label, repeats))
+            )
         if segmentation and data.labelled:
             points.append(Point("utility", float(sigma), "mIoU", float(np.mean(ious)), None, n))
         if i % 10 == 0:
-            log(f"  utility {sigma:6.2f}: agreement {agree:.4f} (G {p_agree.mean():.4f})" + (f", accuracy {correct:.4f} (expected {p_label.mean():.4f})" if data.labelled else ""))
+            log(
+                f"  utility {sigma:6.2f}: agreement {agree:.4f} (G {p_agree.mean():.4f})"
+                + (f", accuracy {correct:.4f} (expected {p_label.mean():.4f})" if data.labelled else "")
+            )
     return points
 
 
-def focus_sweep(data: EngineData, cls: int, mode: str, strengths, repeats: int = 1, log: Callable = print) -> list[Point]:
+def focus_sweep(
+    data: EngineData, cls: int, mode: str, strengths, repeats: int = 1, log: Callable = print
+) -> list[Point]:
     """Focus on one class only: mode "boost" (+w) or "suppress" (-w)."""
     rows = data.rows(data.clean)
     clean = data.predictions(data.clean)
@@ -155,11 +169,34 @@ def focus_sweep(data: EngineData, cls: int, mode: str, strengths, repeats: int =
             rates.append(float(np.mean(predicted[mask] == cls)) if mask.any() else float("nan"))
             recalls.append(metrics.class_recall(predicted, labels, cls))
         rate, recall = float(np.mean(rates)), float(np.mean(recalls))
-        points.append(Point(mode, float(w), quantity, rate, float(p[mask].mean()) if mask.any() else None, int(mask.sum()) * repeats, _se(p[mask], repeats)))
+        points.append(
+            Point(
+                mode,
+                float(w),
+                quantity,
+                rate,
+                float(p[mask].mean()) if mask.any() else None,
+                int(mask.sum()) * repeats,
+                _se(p[mask], repeats),
+            )
+        )
         if data.labelled:
-            points.append(Point(mode, float(w), f"recall_class_{cls}", recall, float(p[labelled].mean()) if labelled.any() else None, int(labelled.sum()) * repeats, _se(p[labelled], repeats)))
+            points.append(
+                Point(
+                    mode,
+                    float(w),
+                    f"recall_class_{cls}",
+                    recall,
+                    float(p[labelled].mean()) if labelled.any() else None,
+                    int(labelled.sum()) * repeats,
+                    _se(p[labelled], repeats),
+                )
+            )
         if i % 10 == 0:
-            log(f"  {mode} class {cls} by {w:5.1f}: {quantity} {rate:.4f} (predicted {p[mask].mean() if mask.any() else float('nan'):.4f})")
+            log(
+                f"  {mode} class {cls} by {w:5.1f}: {quantity} {rate:.4f} (predicted "
+                f"{p[mask].mean() if mask.any() else float('nan'):.4f})"
+            )
     return points
 
 
@@ -182,8 +219,12 @@ def read_csv(path: Path) -> list[Point]:
     with open(path, newline="") as handle:
         return [
             Point(
-                r["sweep"], float(r["strength"]), r["quantity"], float(r["measured"]),
-                float(r["predicted"]) if r["predicted"] else None, int(r["samples"]),
+                r["sweep"],
+                float(r["strength"]),
+                r["quantity"],
+                float(r["measured"]),
+                float(r["predicted"]) if r["predicted"] else None,
+                int(r["samples"]),
                 float(r["standard_error"]) if r["standard_error"] else None,
             )
             for r in csv.DictReader(handle)
@@ -203,7 +244,9 @@ def summarise(points: list[Point]) -> dict:
         entry["max_abs_diff"] = max(entry["max_abs_diff"], diff)
         if point.standard_error:
             entry["max_z"] = max(entry["max_z"], diff / point.standard_error)
-        entry["min_samples"] = point.samples if entry["min_samples"] is None else min(entry["min_samples"], point.samples)
+        entry["min_samples"] = (
+            point.samples if entry["min_samples"] is None else min(entry["min_samples"], point.samples)
+        )
     return summary
 
 
@@ -224,12 +267,21 @@ def plot(points: list[Point], folder: Path, title: str, chance: float | None = N
         for ax, sweep in zip(axes[0], panels):
             quantities = sorted({p.quantity for p in points if p.sweep == sweep})
             for index, quantity in enumerate(quantities):
-                chosen = sorted((p for p in points if p.sweep == sweep and p.quantity == quantity), key=lambda p: p.strength)
+                chosen = sorted(
+                    (p for p in points if p.sweep == sweep and p.quantity == quantity), key=lambda p: p.strength
+                )
                 x = [p.strength for p in chosen]
                 colour = f"C{index}"
                 ax.plot(x, [p.measured for p in chosen], "o", ms=3.5, color=colour, label=f"{quantity} measured")
                 if any(p.predicted is not None for p in chosen):
-                    ax.plot(x, [np.nan if p.predicted is None else p.predicted for p in chosen], "-", color=colour, lw=1.5, label=f"{quantity} predicted")
+                    ax.plot(
+                        x,
+                        [np.nan if p.predicted is None else p.predicted for p in chosen],
+                        "-",
+                        color=colour,
+                        lw=1.5,
+                        label=f"{quantity} predicted",
+                    )
             if sweep == "utility" and chance is not None:
                 ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance 1/C = {chance:.3g}")
             ax.set_xlabel("utility sigma (logit units)" if sweep == "utility" else f"focus strength |w| ({sweep})")
@@ -280,7 +332,10 @@ def evaluate(
     focus_grid = FOCUS_GRID if focus_grid is None else np.asarray(focus_grid)
     repeats = setup.repeats if repeats is None else repeats
     clean = data.predictions(data.clean)
-    log(f"evaluating {model}: {len(setup.split)} test inputs ({clean.size} rows), {data.num_classes} classes, {repeats} repeat(s) per point")
+    log(
+        f"evaluating {model}: {len(setup.split)} test inputs ({clean.size} rows), {data.num_classes} classes, "
+        f"{repeats} repeat(s) per point"
+    )
     if data.labelled:
         log(f"  clean engine: accuracy {metrics.accuracy(clean, data.labels):.4f}")
     points = utility_sweep(data, utility_grid, repeats, log, segmentation=task.segmentation)
@@ -302,7 +357,9 @@ def evaluate(
         "rows": int(clean.size),
         "repeats": repeats,
         "num_classes": data.num_classes,
-        "clean": {} if not data.labelled else {
+        "clean": {}
+        if not data.labelled
+        else {
             "accuracy": metrics.accuracy(clean, data.labels),
             **({"mIoU": metrics.mean_iou(clean, data.labels, data.num_classes)} if task.segmentation else {}),
         },
@@ -318,9 +375,14 @@ def evaluate(
 
 
 def report(summary: dict) -> str:
-    lines = [f"{summary['model']}: {summary['rows']} rows x {summary['repeats']} repeat(s), {summary['num_classes']} classes"]
+    lines = [
+        f"{summary['model']}: {summary['rows']} rows x {summary['repeats']} repeat(s), {summary['num_classes']} classes"
+    ]
     lines.append("  clean: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["clean"].items()))
     for key, entry in summary["comparisons"].items():
-        lines.append(f"  {key:28} max |measured - predicted| {entry['max_abs_diff']:.4f}  ({entry['max_z']:.1f} s.e.; >= {entry['min_samples']} samples per point)")
+        lines.append(
+            f"  {key:28} max |measured - predicted| {entry['max_abs_diff']:.4f}  ({entry['max_z']:.1f} s.e.; "
+            f">= {entry['min_samples']} samples per point)"
+        )
     lines.append("  files: " + ", ".join(summary["files"]))
     return "\n".join(lines)

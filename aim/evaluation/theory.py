@@ -1,4 +1,4 @@
-"""What the theory predicts (SPEC section 3), computed from clean logits.
+"""What the theory predicts (docs/method.md §3), computed from clean logits.
 
 Under utility noise z' = z + sigma * n, class y wins with probability
 
@@ -156,7 +156,9 @@ def invert_agreement(logits, targets, class_axis: int = -1, grid: int = 64) -> t
     g = np.minimum.accumulate(g)  # exactly monotone: quadrature noise is far below 1e-6
     reached = targets[targets < 1]
     if reached.size and (reached.min() < g[-1] or reached.max() > g[0]):
-        raise ValueError(f"targets {reached.min():.4g}..{reached.max():.4g} outside the reachable G range {g[-1]:.4g}..{g[0]:.4g}")
+        raise ValueError(
+            f"targets {reached.min():.4g}..{reached.max():.4g} outside the reachable G range {g[-1]:.4g}..{g[0]:.4g}"
+        )
     keep = np.concatenate([[True], np.diff(g) < 0])  # strictly decreasing points for the interpolator
     inverse = PchipInterpolator(g[keep][::-1], np.log(sigmas[keep])[::-1])
     sigma = np.where(targets >= 1, 0.0, np.exp(inverse(np.minimum(targets, g[0]))))

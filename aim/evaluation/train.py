@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -37,7 +37,9 @@ def clean_metric(task, model, split: Split, num_classes: int, batch: int = 64) -
     with torch.no_grad():
         for start in range(0, len(split), batch):
             part = split.take(slice(start, start + batch))
-            predicted.append(task.predictions(task.training_logits(model, {k: torch.tensor(v) for k, v in part.inputs.items()})))
+            predicted.append(
+                task.predictions(task.training_logits(model, {k: torch.tensor(v) for k, v in part.inputs.items()}))
+            )
     return task.clean_metric(np.concatenate(predicted), split.labels, num_classes)
 
 
@@ -61,7 +63,14 @@ def train(
         raise AimError(f"--steps must be at least 1, got {steps}")
     folder = Path(out_dir) if out_dir else TRAINED / model
     check_writable(folder)  # before minutes of training
-    settings = {"model": model, "steps": steps, "seed": seed, "lr": recipe.lr, "batch": recipe.batch, "version": recipe.version}
+    settings = {
+        "model": model,
+        "steps": steps,
+        "seed": seed,
+        "lr": recipe.lr,
+        "batch": recipe.batch,
+        "version": recipe.version,
+    }
     record = folder / TRAINING
     if not force and record.is_file():
         cached = json.loads(record.read_text())
@@ -77,10 +86,15 @@ def train(
     optimiser = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.01)
     # warm-up over 10% of the steps (at least 3 steps: OneCycleLR needs a non-empty warm-up phase)
     if steps >= 6:
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe.lr, total_steps=steps, pct_start=max(0.1, 3 / steps))
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimiser, max_lr=recipe.lr, total_steps=steps, pct_start=max(0.1, 3 / steps)
+        )
     else:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda _: 1.0)
-    log(f"training {model}: {steps} steps, batch {recipe.batch}, {sum(p.numel() for p in net.parameters()):,} parameters")
+    log(
+        f"training {model}: {steps} steps, batch {recipe.batch}, {sum(p.numel() for p in net.parameters()):,} "
+        "parameters"
+    )
     batches = task.training_batches(data, recipe.batch, rng)
     for step in range(1, steps + 1):
         inputs, labels = next(batches)
@@ -95,7 +109,13 @@ def train(
     value = clean_metric(task, net, data["test"], task.num_classes(net))
     log(f"  clean {task.metric} on the test split: {value:.4f} ({len(data['test'])} samples)")
 
-    result = {"settings": settings, "metric": task.metric, "clean_metric": value, "test_samples": len(data["test"]), "train_seconds": round(seconds, 1)}
+    result = {
+        "settings": settings,
+        "metric": task.metric,
+        "clean_metric": value,
+        "test_samples": len(data["test"]),
+        "train_seconds": round(seconds, 1),
+    }
     with StagedFolder(folder) as staged:
         net.eval().save_pretrained(staged.path)
         if "tokenizer" in data:

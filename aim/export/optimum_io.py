@@ -41,7 +41,9 @@ def onnx_config(model, task: str, **options):
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the per-architecture configs)
     from optimum.exporters.tasks import TasksManager
 
-    constructor = TasksManager.get_exporter_config_constructor(exporter="onnx", model=model, task=task, library_name="transformers")
+    constructor = TasksManager.get_exporter_config_constructor(
+        exporter="onnx", model=model, task=task, library_name="transformers"
+    )
     return constructor(model.config, **options)
 
 
@@ -73,11 +75,15 @@ def decoder_io(model) -> DecoderIO:
     if "position_ids" not in axes and "position_ids" in parameters:
         axes["position_ids"] = axes["input_ids"]  # see the module docstring
     tokens = tuple(name for name in axes if name in ("input_ids", "attention_mask", "position_ids"))
-    dummy = config.generate_dummy_inputs(framework="pt", batch_size=1, sequence_length=2)  # (its generators draw lengths in [1, n))
+    dummy = config.generate_dummy_inputs(
+        framework="pt", batch_size=1, sequence_length=2
+    )  # (its generators draw lengths in [1, n))
     past = dummy["past_key_values"]
     shape = tuple(past[0][0].shape)
     if len(shape) != 4 or any(tuple(t.shape) != shape for layer in past for t in layer):
-        raise NotImplementedError(f"cache layout {shape}: the decode loop takes [batch, heads, past_sequence, head_dim] per layer")
+        raise NotImplementedError(
+            f"cache layout {shape}: the decode loop takes [batch, heads, past_sequence, head_dim] per layer"
+        )
     dims = {name: _dims(axes[name], (1, 2)) for name in tokens}
     dims.update({name: _dims(axes[name], shape) for name in axes if name.startswith((PAST, PRESENT))})
     return DecoderIO(tokens, len(past), dims, "logits_to_keep" in parameters)

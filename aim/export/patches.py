@@ -55,7 +55,9 @@ def traceable_image_ops():
         batch, rows, columns = input.shape[0], height // kernel[0], width // kernel[1]
         patches = input.reshape(batch, -1, kernel[0], kernel[1], rows, columns)
         image = patches.permute(0, 1, 4, 2, 5, 3).reshape(batch, -1, rows * kernel[0], columns * kernel[1])
-        return F.pad(image, (0, width - columns * kernel[1], 0, height - rows * kernel[0]))  # fold leaves what no patch covers 0
+        return F.pad(
+            image, (0, width - columns * kernel[1], 0, height - rows * kernel[0])
+        )  # fold leaves what no patch covers 0
 
     F.adaptive_avg_pool2d, F.fold = adaptive_avg_pool2d, fold_patches
     try:

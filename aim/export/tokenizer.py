@@ -19,7 +19,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DEMO_SPECIAL = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: Llama's unk, bos, eos
 
 
-def train_bpe(texts: tuple[str, ...] | list[str], vocab_size: int, special: tuple[str, ...], unk: str | None = None, fill: bool = False) -> str:
+def train_bpe(
+    texts: tuple[str, ...] | list[str],
+    vocab_size: int,
+    special: tuple[str, ...],
+    unk: str | None = None,
+    fill: bool = False,
+) -> str:
     """A byte-level BPE learnt from `texts` (deterministic), serialised: `special` tokens take the first
     ids; with `fill`, reserved tokens pad a vocabulary the corpus could not fill, so that every id
     of a model with `vocab_size` logits decodes (as Llama 3's reserved special tokens do)."""
@@ -29,7 +35,10 @@ def train_bpe(texts: tuple[str, ...] | list[str], vocab_size: int, special: tupl
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=list(special),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(list(texts), trainer)
     missing = vocab_size - tokenizer.get_vocab_size()
@@ -61,10 +70,13 @@ def demo_tokenizer(vocab_size: int):
     library's modules (about 1.5 s, cached per process)."""
     if vocab_size < 256 + len(DEMO_SPECIAL):
         raise CheckpointError(
-            f"the model has {vocab_size} logits, too few for a byte-level tokenizer ({256 + len(DEMO_SPECIAL)} at least)"
+            f"the model has {vocab_size} logits, too few for a byte-level tokenizer ({256 + len(DEMO_SPECIAL)} "
+            "at least)"
         )
     unk, bos, eos = DEMO_SPECIAL
-    return fast_tokenizer(_demo(vocab_size), unk_token=unk, bos_token=bos, eos_token=eos, pad_token=eos, padding_side="left")
+    return fast_tokenizer(
+        _demo(vocab_size), unk_token=unk, bos_token=bos, eos_token=eos, pad_token=eos, padding_side="left"
+    )
 
 
 def has_tokenizer(folder: str | os.PathLike | None) -> bool:
@@ -80,7 +92,9 @@ def checkpoint_tokenizer(folder: str | os.PathLike, vocab_size: int):
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"could not load the tokenizer in {folder}: {error}") from error
     if len(tokenizer) > vocab_size:
-        raise CheckpointError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model only {vocab_size} logits")
+        raise CheckpointError(
+            f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model only {vocab_size} logits"
+        )
     tokenizer.padding_side = "left"  # batched generation pads on the left
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

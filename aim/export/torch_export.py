@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
 
 from aim.errors import CheckpointError
 from aim.files import make_folder, read_json, remove, remove_empty
@@ -25,7 +26,10 @@ def checkpoint_config(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{folder}: no such folder. Pass a folder written by `model.save_pretrained(DIR)`.")
     path = folder / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder} is not a checkpoint folder: it has no config.json. Pass a folder written by `model.save_pretrained(DIR)`.")
+        raise CheckpointError(
+            f"{folder} is not a checkpoint folder: it has no config.json. Pass a folder written by "
+            "`model.save_pretrained(DIR)`."
+        )
     config = read_json(path, CheckpointError, "save the checkpoint again")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds no JSON object: save the checkpoint again")
@@ -46,7 +50,11 @@ def load_checkpoint(model_class, folder: str | os.PathLike):
     logging.set_verbosity_error()  # its warnings about missing or unused weights: check_coverage says it in one error
     try:
         model, info = model_class.from_pretrained(
-            str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+            str(folder),
+            local_files_only=True,
+            dtype=torch.float32,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
         )
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"could not load the checkpoint in {folder}: {str(error).strip()[:1000]}") from error
@@ -62,7 +70,10 @@ def check_coverage(model, info: dict, folder: str | os.PathLike) -> None:
     then verify the engine against that same broken model), tensors the model does not have, and
     tensors of another shape. `info`: from_pretrained's loading info, which names them."""
     problems = []
-    for key, what in (("missing_keys", "missing from the checkpoint"), ("unexpected_keys", "in the checkpoint but not in the model")):
+    for key, what in (
+        ("missing_keys", "missing from the checkpoint"),
+        ("unexpected_keys", "in the checkpoint but not in the model"),
+    ):
         names = sorted(info.get(key) or [])
         if names:
             problems.append(f"{len(names)} tensor(s) {what}: {_names(names)}")
@@ -73,7 +84,8 @@ def check_coverage(model, info: dict, folder: str | os.PathLike) -> None:
         problems.append(f"{len(mismatched)} tensor(s) of another shape than the model's: {_names(shown)}")
     if problems:
         raise CheckpointError(
-            f"the weights in {folder} do not cover the model its config.json describes: " + "; ".join(problems)
+            f"the weights in {folder} do not cover the model its config.json describes: "
+            + "; ".join(problems)
             + ". Save the checkpoint again with `model.save_pretrained(DIR)` from the model it describes."
         )
 

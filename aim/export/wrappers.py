@@ -3,7 +3,7 @@ graph's inputs and its first output the logits the redistribution acts on.
 
 Why our own wrappers rather than Optimum's exported models: Optimum's `text-generation-with-past`
 export returns logits for every position, [B, S, V]; the redistribution belongs on the next-token
-logits [B, V] only (SPEC section 2), so the causal LM asks transformers for the last position
+logits [B, V] only (docs/method.md §2), so the causal LM asks transformers for the last position
 (`logits_to_keep=1` where the architecture has it) and keeps Optimum's input and output names and
 its model patcher (export/optimum_io.py). Image models need no more than `.logits` of the output:
 their input is Optimum's too (`pixel_values`).
@@ -40,7 +40,12 @@ class NextTokenWithPast(torch.nn.Module):
 
     One graph does prefill (a past of length 0) and decode (one new token after a past of T)."""
 
-    def __init__(self, model, tokens: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids"), logits_to_keep: bool = True):
+    def __init__(
+        self,
+        model,
+        tokens: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids"),
+        logits_to_keep: bool = True,
+    ):
         super().__init__()
         self.model = model
         self.tokens = tokens
@@ -50,7 +55,7 @@ class NextTokenWithPast(torch.nn.Module):
         from transformers.cache_utils import DynamicCache
 
         named = dict(zip(self.tokens, inputs))
-        past = inputs[len(self.tokens):]
+        past = inputs[len(self.tokens) :]
         cache = DynamicCache.from_legacy_cache(tuple(zip(past[0::2], past[1::2])))
         if self.logits_to_keep:
             named["logits_to_keep"] = 1  # the lm head on the last position only (not every position's [S, V])

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aim.errors import UnknownModelError
 from aim.specs import Agreement, DimRange, Tolerance
@@ -75,7 +76,6 @@ class Family:
     trained: Trained | None = None
     benchmark: Benchmark | None = None
     opset: int = 17
-    extra: dict = field(default_factory=dict)
     # The transformers config of a real-size checkpoint (`make scale-check` saves it in bf16, sharded,
     # and builds it), or None.
     scale: Callable[[], object] | None = None
@@ -130,11 +130,6 @@ def get_family(name: str) -> Family:
     except KeyError:
         names = list_families()
         raise UnknownModelError(
-            f"unknown model {name!r}. Models that exist: {', '.join(names)}. Use one of them, e.g. `make engine MODEL={names[0]}`."
+            f"unknown model {name!r}. Models that exist: {', '.join(names)}. Use one of them, e.g. `make "
+            f"engine MODEL={names[0]}`."
         ) from None
-
-
-def family_of_model_type(model_type: str) -> Family | None:
-    """The registered family whose architecture is `model_type` (config.json's), if any."""
-    _load_all()
-    return next((f for f in _REGISTRY.values() if f.model_type == model_type), None)

@@ -23,8 +23,30 @@ OPTIMUM_TASKS = {
 
 TESTED = {
     "image-classification": ("convnext", "efficientnet", "mobilenet_v2", "resnet", "swin", "vit"),
-    "semantic-segmentation": ("beit", "data2vec-vision", "dpt", "mobilenet_v2", "mobilevit", "mobilevitv2", "segformer", "upernet"),
-    "text-generation": ("falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi3", "qwen2", "qwen3"),
+    "semantic-segmentation": (
+        "beit",
+        "data2vec-vision",
+        "dpt",
+        "mobilenet_v2",
+        "mobilevit",
+        "mobilevitv2",
+        "segformer",
+        "upernet",
+    ),
+    "text-generation": (
+        "falcon",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "gpt2",
+        "gpt_neox",
+        "llama",
+        "mistral",
+        "opt",
+        "phi3",
+        "qwen2",
+        "qwen3",
+    ),
 }
 
 # Image architectures that take one input size only, the checkpoint's (height and width are static in
@@ -32,8 +54,10 @@ TESTED = {
 # known size (UperNet's pyramid pooling, AdaptiveAvgPool2d to 1, 2, 3 and 6 cells).
 FIXED_IMAGE_SIZE = {
     "vit": "absolute position embeddings of image_size / patch_size patches",
-    "beit": "relative position bias tables sized for image_size / patch_size patches; segmentation: UperNet's pyramid pooling",
-    "data2vec-vision": "relative position bias tables sized for image_size / patch_size patches; segmentation: UperNet's pyramid pooling",
+    "beit": "relative position bias tables sized for image_size / patch_size patches; segmentation: UperNet's "
+    "pyramid pooling",
+    "data2vec-vision": "relative position bias tables sized for image_size / patch_size patches; "
+    "segmentation: UperNet's pyramid pooling",
     "dpt": "its ViT backbone's position embeddings and the reassembled feature maps",
     "upernet": "its pyramid pooling (AdaptiveAvgPool2d to 1, 2, 3, 6 cells) exports only at a known input size",
 }
@@ -41,8 +65,10 @@ FIXED_IMAGE_SIZE = {
 REFUSED = {
     "timm_wrapper": "loads its network from timm, which needs torchvision (not installable beside the CPU torch here)",
     "imagegpt": "classifies colour-cluster token ids (input_ids), not pixel_values",
-    "perceiver": "its image classifiers take `inputs` preprocessed per variant (Fourier, conv, learned), not pixel_values",
-    "gemma3": "an image-text-to-text model (Gemma3ForConditionalGeneration); text-only Gemma 3 checkpoints (model_type gemma3_text) are supported",
+    "perceiver": "its image classifiers take `inputs` preprocessed per variant (Fourier, conv, learned), not "
+    "pixel_values",
+    "gemma3": "an image-text-to-text model (Gemma3ForConditionalGeneration); text-only Gemma 3 checkpoints "
+    "(model_type gemma3_text) are supported",
     "mamba": "a state-space model: it carries a recurrent state, not a KV cache",
     "mamba2": "a state-space model: it carries a recurrent state, not a KV cache",
     "falcon_mamba": "a state-space model: it carries a recurrent state, not a KV cache",
@@ -74,7 +100,10 @@ def _class_tasks() -> dict[str, dict[str, tuple[str, ...]]]:
 
     mappings = TasksManager._TRANSFORMERS_TASKS_TO_MODEL_MAPPINGS  # task -> {model_type: class name or names}
     return {
-        ours: {model_type: (names,) if isinstance(names, str) else tuple(names) for model_type, names in mappings.get(theirs, {}).items()}
+        ours: {
+            model_type: (names,) if isinstance(names, str) else tuple(names)
+            for model_type, names in mappings.get(theirs, {}).items()
+        }
         for ours, theirs in OPTIMUM_TASKS.items()
     }
 
@@ -95,9 +124,13 @@ def architecture_of(config: dict, where: str = "the checkpoint") -> Architecture
     refused and which architectures are supported."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
-        raise CheckpointError(f"{where}: config.json has no model_type. Save the model with `save_pretrained`. Supported: {supported()}.")
+        raise CheckpointError(
+            f"{where}: config.json has no model_type. Save the model with `save_pretrained`. Supported: {supported()}."
+        )
     if model_type in REFUSED:
-        raise CheckpointError(f"{where} holds a {model_type!r} model, which is refused: {REFUSED[model_type]}. Supported: {supported()}.")
+        raise CheckpointError(
+            f"{where} holds a {model_type!r} model, which is refused: {REFUSED[model_type]}. Supported: {supported()}."
+        )
     classes = _class_tasks()
     named = config.get("architectures") or []
     class_name = named[0] if named and isinstance(named[0], str) else None
@@ -106,7 +139,8 @@ def architecture_of(config: dict, where: str = "the checkpoint") -> Architecture
         if not tasks:
             raise CheckpointError(
                 f"{where} holds a {class_name} ({_optimum_task_of(class_name)}), which has no logits of the tasks "
-                f"{', '.join(OPTIMUM_TASKS)}: save the model with its head (e.g. *ForCausalLM, *ForImageClassification, "
+                f"{', '.join(OPTIMUM_TASKS)}: save the model with its head (e.g. *ForCausalLM, "
+                "*ForImageClassification, "
                 f"*ForSemanticSegmentation). Supported: {supported()}."
             )
     else:  # no architectures field: the model_type decides if it serves exactly one of the tasks

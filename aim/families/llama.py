@@ -108,7 +108,8 @@ LLAMA = register(
         benchmark=Benchmark(
             decode_step,
             {"batch": 1, "sequence": 1, "past_sequence": 128},
-            "Llama decode step (1 new token after a 128-token KV cache), width 2048, 6 layers, 0.4 B params, vocabulary 32000",
+            "Llama decode step (1 new token after a 128-token KV cache), width 2048, 6 layers, 0.4 B params, "
+            "vocabulary 32000",
             repeats=30,
         ),
         scale=tinyllama,

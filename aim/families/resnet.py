@@ -7,7 +7,9 @@ from aim.specs import Agreement, DimRange, Tolerance
 def tiny():
     from transformers import ResNetConfig
 
-    return ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10)
+    return ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10
+    )
 
 
 def trained(labels: tuple[str, ...], channels: int):
@@ -15,7 +17,12 @@ def trained(labels: tuple[str, ...], channels: int):
     from transformers import ResNetConfig
 
     return ResNetConfig(
-        num_channels=channels, embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=len(labels)
+        num_channels=channels,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        num_labels=len(labels),
     )
 
 
@@ -48,6 +55,8 @@ RESNET = register(
             "only near-tied classes; one swap at rank 5 in one of the two verification images (0.9) is tolerated",
         ),
         trained=Trained(trained, steps=300, lr=2e-3, batch=64, version=2, eval_batch=512, eval_repeats=20),
-        benchmark=Benchmark(resnet50, {"batch": 1, "height": 224, "width": 224}, "ResNet-50, 1000 classes, 1x3x224x224", repeats=30),
+        benchmark=Benchmark(
+            resnet50, {"batch": 1, "height": 224, "width": 224}, "ResNet-50, 1000 classes, 1x3x224x224", repeats=30
+        ),
     )
 )

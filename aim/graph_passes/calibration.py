@@ -27,11 +27,15 @@ NAME = f"{PREFIX}/calibration"
 def check_table(sigmas) -> np.ndarray:
     table = np.asarray(sigmas, dtype=np.float32)
     if table.ndim != 1 or table.size < 2:
-        raise InvalidInputError(f"a calibration table needs at least 2 sigmas (levels 0..1), got shape {list(table.shape)}")
+        raise InvalidInputError(
+            f"a calibration table needs at least 2 sigmas (levels 0..1), got shape {list(table.shape)}"
+        )
     if not np.all(np.isfinite(table)) or np.any(table < 0) or np.any(table > MAX_STRENGTH):
         raise InvalidInputError(f"calibration sigmas must be finite and in [0, {MAX_STRENGTH:g}], got {table.tolist()}")
     if np.any(np.diff(table) > 0):
-        raise InvalidInputError(f"calibration sigmas must not increase with the level (level 0 first), got {table.tolist()}")
+        raise InvalidInputError(
+            f"calibration sigmas must not increase with the level (level 0 first), got {table.tolist()}"
+        )
     return table
 
 

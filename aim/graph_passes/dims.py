@@ -34,7 +34,8 @@ def conventional_io(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
     outputs = {value.name: value for value in graph.output}
     if logits not in outputs:
         raise InvalidGraphError(
-            f"the graph has no output named {logits!r}; its outputs are {sorted(outputs)}. Pass the name of the logits output (--logits NAME)."
+            f"the graph has no output named {logits!r}; its outputs are {sorted(outputs)}. Pass the name of "
+            "the logits output (--logits NAME)."
         )
     batched = [*inputs, outputs[logits]]
     for value in batched:
@@ -48,14 +49,20 @@ def conventional_io(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
             )
     # The names dim 0 goes by in the user's graph become `batch` wherever they appear in its IO.
     old = {dims[0].dim_param for dims in map(_dims, batched) if dims[0].dim_param} - {BATCH}
-    taken = [v.name for v in (*inputs, *graph.output) for axis, d in enumerate(_dims(v)) if axis and d.dim_param == BATCH]
+    taken = [
+        v.name for v in (*inputs, *graph.output) for axis, d in enumerate(_dims(v)) if axis and d.dim_param == BATCH
+    ]
     if taken:
-        raise InvalidGraphError(f"{taken} name a dim other than axis 0 {BATCH!r}; rename it: {BATCH!r} is the batch here")
+        raise InvalidGraphError(
+            f"{taken} name a dim other than axis 0 {BATCH!r}; rename it: {BATCH!r} is the batch here"
+        )
     input_names = {value.name for value in inputs}
     for value in (*inputs, *graph.output, *graph.value_info):
         is_io = value.name in input_names or value.name in outputs
         for axis, dim in enumerate(_dims(value)):
-            if dim.dim_param in old or (is_io and axis == 0 and value.name in (*input_names, logits) and not dim.dim_param):
+            if dim.dim_param in old or (
+                is_io and axis == 0 and value.name in (*input_names, logits) and not dim.dim_param
+            ):
                 dim.dim_param = BATCH
             elif is_io and value.name in input_names and _is_dynamic(dim) and not dim.dim_param:
                 dim.dim_param = f"{value.name}_axis{axis}"

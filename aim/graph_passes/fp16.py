@@ -1,8 +1,8 @@
 """FP16 written into the ONNX graph, the TensorRT 11 way: the builder is never asked for reduced precision.
 
 Every FP32 tensor of the model becomes FP16, except in nodes kept in FP32: the redistribution
-subgraph (every node named under redistribution.PREFIX: the noise arithmetic stays FP32, SPEC
-section 4), any node whose name starts with a prefix the family's config lists (e.g. rotary
+subgraph (every node named under redistribution.PREFIX: the noise arithmetic stays FP32,
+docs/method.md §4), any node whose name starts with a prefix the family's config lists (e.g. rotary
 embeddings), and nodes that carry subgraphs (a model's If, Loop, Scan stay whole in FP32, their
 inner nodes included) unless they are the region's own (named under PREFIX): those are converted branch by
 branch, node by node. Explicit Casts sit at every edge between the two regions, and the graph's inputs and
@@ -75,7 +75,9 @@ class _HalfWeights:
         if not external_data_helper.uses_external_data(tensor):
             return _half_tensor(tensor, name)
         if self.weights is None:
-            raise InvalidGraphError(f"{tensor.name!r} is kept in an external data file: converting it needs a file for the FP16 weights")
+            raise InvalidGraphError(
+                f"{tensor.name!r} is kept in an external data file: converting it needs a file for the FP16 weights"
+            )
         half = TensorProto(name=name, data_type=HALF, dims=tensor.dims)
         key = where(tensor)
 
@@ -182,7 +184,11 @@ class _Converter:
                     casts[key] = copy.name
                 else:
                     side = owner if want == FLOAT else _CAST_PREFIX
-                    nodes.append(helper.make_node("Cast", [name], [f"{name}/{tag}"], name=f"{side}/Cast_to_{tag}/{name}", to=want))
+                    nodes.append(
+                        helper.make_node(
+                            "Cast", [name], [f"{name}/{tag}"], name=f"{side}/Cast_to_{tag}/{name}", to=want
+                        )
+                    )
                     casts[key] = f"{name}/{tag}"
                 new_type[casts[key]] = want
             return casts[key]
@@ -232,13 +238,19 @@ class _Converter:
                 for node in nodes:
                     node.output[:] = [inner if n == output.name else n for n in node.output]
                     node.input[:] = [inner if n == output.name else n for n in node.input]
-                nodes.append(helper.make_node("Cast", [inner], [output.name], name=f"{_CAST_PREFIX}/Cast_output/{output.name}", to=FLOAT))
+                nodes.append(
+                    helper.make_node(
+                        "Cast", [inner], [output.name], name=f"{_CAST_PREFIX}/Cast_output/{output.name}", to=FLOAT
+                    )
+                )
 
         used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
         for node in nodes:
             for sub in _subgraphs(node):
                 used |= _free_names(sub)
-        kept = [init for init in graph.initializer if init.name in used] + [i for i in new_initializers if i.name in used]
+        kept = [init for init in graph.initializer if init.name in used] + [
+            i for i in new_initializers if i.name in used
+        ]
         local = {i.name for i in graph.input} | {i.name for i in kept} | set(outer) | set(outer_initializers)
         del graph.node[:]
         graph.node.extend(_toposort(nodes, local))
@@ -247,7 +259,9 @@ class _Converter:
         del graph.value_info[:]
 
 
-def _hoist_shared_nodes(node: onnx.NodeProto, prefixes: tuple[str, ...]) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+def _hoist_shared_nodes(
+    node: onnx.NodeProto, prefixes: tuple[str, ...]
+) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
     """Model nodes (not under `prefixes`) that every branch of `node` computes identically from outer
     tensors and weights: removed from the branches and returned with their weights, to run once
     before `node`."""
@@ -264,7 +278,9 @@ def _hoist_shared_nodes(node: onnx.NodeProto, prefixes: tuple[str, ...]) -> tupl
                 continue
             if all(not name or name in free or name in weights for name in inner.input):
                 key = (
-                    inner.domain, inner.op_type, tuple(inner.input),
+                    inner.domain,
+                    inner.op_type,
+                    tuple(inner.input),
                     tuple(a.SerializeToString() for a in inner.attribute),
                     tuple(weights[name].SerializeToString() for name in inner.input if name in weights),
                 )
@@ -283,7 +299,11 @@ def _hoist_shared_nodes(node: onnx.NodeProto, prefixes: tuple[str, ...]) -> tupl
             _rename_inputs(graph, {inner.output[0]: copy.output[0]})
             for output in graph.output:
                 if output.name == inner.output[0]:  # the branch returned it: return it through an Identity
-                    graph.node.append(helper.make_node("Identity", [copy.output[0]], [output.name], name=f"{node.name}/Identity/{output.name}"))
+                    graph.node.append(
+                        helper.make_node(
+                            "Identity", [copy.output[0]], [output.name], name=f"{node.name}/Identity/{output.name}"
+                        )
+                    )
             still_used = {name for n in graph.node for name in n.input} | _free_names(graph)
             for init in list(graph.initializer):
                 if init.name in inner.input and init.name not in still_used:
@@ -302,10 +322,14 @@ def convert_to_fp16(
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception as error:
-        raise InvalidGraphError(f"fp16 conversion needs the element type of every tensor; shape inference failed: {error}") from error
+        raise InvalidGraphError(
+            f"fp16 conversion needs the element type of every tensor; shape inference failed: {error}"
+        ) from error
     types: dict[str, int] = {}
     _collect_types(inferred.graph, types)
-    _Converter((PREFIX, *keep_fp32), _opset(model), types, _HalfWeights(weights, weights_dir)).convert(inferred.graph, {}, {})
+    _Converter((PREFIX, *keep_fp32), _opset(model), types, _HalfWeights(weights, weights_dir)).convert(
+        inferred.graph, {}, {}
+    )
     result = onnx.shape_inference.infer_shapes(inferred, strict_mode=True)
     if not external_tensors(result):  # in memory, the checker would look for data files in the working directory
         onnx.checker.check_model(result)  # (save_onnx checks the file as written)
@@ -338,7 +362,10 @@ def fp32_violations(model: onnx.ModelProto, prefixes: tuple[str, ...] = (PREFIX,
     """Nodes under `prefixes` that read or write an FP16 tensor, other than the Casts at the region's
     edge (which read FP16 and write FP32). Empty when the region computes entirely in FP32."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info)}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info)
+    }
     types.update({i.name: i.data_type for i in inferred.graph.initializer})
     bad = []
 

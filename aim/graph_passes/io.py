@@ -34,7 +34,12 @@ def load_graph(path: str | os.PathLike) -> gs.Graph:
     return gs.import_onnx(load_onnx(path))
 
 
-def save_onnx(model: onnx.ModelProto | gs.Graph, path: str | os.PathLike, check: bool = True, weights_dir: str | os.PathLike | None = None) -> Path:
+def save_onnx(
+    model: onnx.ModelProto | gs.Graph,
+    path: str | os.PathLike,
+    check: bool = True,
+    weights_dir: str | os.PathLike | None = None,
+) -> Path:
     """Checks the model (onnx.checker) and writes it atomically. Weights that are references stay
     references when their file is beside `path` (`weights_dir`, where they resolve, defaults to
     path's folder), else they are copied into `<name>.data`; weights in memory go to `<name>.data`

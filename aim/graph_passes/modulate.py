@@ -37,7 +37,9 @@ def prepare(model: onnx.ModelProto) -> gs.Graph:
         try:
             model = onnx.version_converter.convert_version(model, MIN_OPSET)
         except Exception as error:
-            raise InvalidGraphError(f"opset {opset} is too old and could not be converted to {MIN_OPSET}: {error}") from error
+            raise InvalidGraphError(
+                f"opset {opset} is too old and could not be converted to {MIN_OPSET}: {error}"
+            ) from error
     if any(not output.type.tensor_type.HasField("shape") for output in model.graph.output):
         model = onnx.shape_inference.infer_shapes(model)
     return gs.import_onnx(model)
@@ -59,7 +61,11 @@ def modulate_graph(
 
 
 def deployment_graphs(
-    model: onnx.ModelProto, logits: str = "logits", class_axis: int = 1, upsample_to: str | None = None, key: NoiseKey | None = None
+    model: onnx.ModelProto,
+    logits: str = "logits",
+    class_axis: int = 1,
+    upsample_to: str | None = None,
+    key: NoiseKey | None = None,
 ) -> dict[str, gs.Graph]:
     """The bare graph (logits upsampled if asked) and both modulated flavours built on copies of it;
     with `key`, the production flavour's noise is keyed."""
@@ -83,4 +89,8 @@ def modulate_file(
 ) -> Path:
     """Reads `source`, splices the redistribution onto output `logits`, writes `destination` atomically."""
     graph = prepare(load_onnx(source))
-    return save_onnx(modulate_graph(graph, logits, class_axis, flavour, upsample_to, key), destination, weights_dir=Path(source).parent)
+    return save_onnx(
+        modulate_graph(graph, logits, class_axis, flavour, upsample_to, key),
+        destination,
+        weights_dir=Path(source).parent,
+    )

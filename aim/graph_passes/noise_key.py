@@ -64,7 +64,7 @@ class NoiseKey:
             raise NoiseKeyError(f"a noise key has {KEY_BYTES} bytes, got {len(self.secret)}")
 
     @classmethod
-    def draw(cls) -> "NoiseKey":
+    def draw(cls) -> NoiseKey:
         """A fresh key from the OS's random source."""
         return cls(secrets.token_bytes(KEY_BYTES))
 
@@ -76,7 +76,7 @@ class NoiseKey:
     # -- the key file: 64 hex digits and a newline
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "NoiseKey":
+    def read(cls, path: str | os.PathLike) -> NoiseKey:
         path = Path(path)
         try:
             text = path.read_text().strip()
@@ -84,9 +84,15 @@ class NoiseKey:
         except (OSError, UnicodeDecodeError) as error:
             raise NoiseKeyError(f"cannot read the noise key {path}: {error}") from None
         except ValueError:
-            raise NoiseKeyError(f"{path} is not a noise key: it must hold {2 * KEY_BYTES} hex digits (e.g. from `aim engine --noise-key {path}`, which creates it)") from None
+            raise NoiseKeyError(
+                f"{path} is not a noise key: it must hold {2 * KEY_BYTES} hex digits (e.g. from `aim engine "
+                f"--noise-key {path}`, which creates it)"
+            ) from None
         if len(secret) != KEY_BYTES:
-            raise NoiseKeyError(f"{path} is not a noise key: it holds {len(secret)} bytes, a key has {KEY_BYTES} ({2 * KEY_BYTES} hex digits)")
+            raise NoiseKeyError(
+                f"{path} is not a noise key: it holds {len(secret)} bytes, a key has {KEY_BYTES} "
+                f"({2 * KEY_BYTES} hex digits)"
+            )
         return cls(secret)
 
     def write(self, path: str | os.PathLike) -> Path:
@@ -99,7 +105,7 @@ class NoiseKey:
         return path
 
     @classmethod
-    def load_or_draw(cls, path: str | os.PathLike | None) -> tuple["NoiseKey", bool]:
+    def load_or_draw(cls, path: str | os.PathLike | None) -> tuple[NoiseKey, bool]:
         """The key in `path` if that file exists, else a fresh one; and whether it is fresh (the
         caller writes a fresh key to `path` once what it built with it has succeeded)."""
         if path is not None and Path(path).exists():
@@ -117,7 +123,9 @@ class NoiseKey:
         return (low + raw % np.uint64(PRIME - low)).astype(np.int64)
 
     def constants(self, num_classes: int) -> KeyedConstants:
-        bits = np.unpackbits(np.frombuffer(self._stream("projection", (num_classes * PROJECTIONS + 7) // 8), dtype=np.uint8))
+        bits = np.unpackbits(
+            np.frombuffer(self._stream("projection", (num_classes * PROJECTIONS + 7) // 8), dtype=np.uint8)
+        )
         signs = bits[: num_classes * PROJECTIONS].reshape(num_classes, PROJECTIONS)
         offsets = (np.frombuffer(self._stream("offsets", 4 * PROJECTIONS), dtype="<u4") >> 8) / 2.0**24  # exact in FP32
         multiplier, offset = self._residues("class counters", 2, low=1)

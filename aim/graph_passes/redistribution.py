@@ -1,4 +1,4 @@
-"""AIM logits redistribution (SPEC sections 1, 4): the ONNX subgraph and its PyTorch twin.
+"""AIM logits redistribution (docs/method.md §1, §4): the ONNX subgraph and its PyTorch twin.
 
     z' = z + utility * n1 + focus * |n2|        n1, n2 ~ N(0, 1) i.i.d. per element, fresh per call
                                                 (or keyed: a function of a secret key and the request)
@@ -331,11 +331,17 @@ class _GraphOps:
 
     def slice(self, x, start: int, end: int, axis: int):
         i64 = np.int64
-        return self.node("Slice", [x, self.constant([start], i64), self.constant([end], i64), self.constant([axis], i64)], dtype=x.dtype)
+        return self.node(
+            "Slice",
+            [x, self.constant([start], i64), self.constant([end], i64), self.constant([axis], i64)],
+            dtype=x.dtype,
+        )
 
     def on_axis(self, x, axis: int, rank: int):
         """A vector [J] laid along `axis` of a rank-`rank` tensor: [1, .., J, .., 1]."""
-        return self.node("Reshape", [x, self.constant([-1 if a == axis else 1 for a in range(rank)], np.int64)], dtype=x.dtype)
+        return self.node(
+            "Reshape", [x, self.constant([-1 if a == axis else 1 for a in range(rank)], np.int64)], dtype=x.dtype
+        )
 
     def arange(self, z, axis: int, extra: int = 0):
         """0, 1, .., z.shape[axis] + extra - 1 (int64) from z's shape at run time: a range of constant
@@ -379,11 +385,21 @@ class _GraphOps:
         # CumSum in FP32 (TensorRT's CumSum takes floating point), exact for counts below 2**24.
         ones = self.node("Cast", [chosen], {"to": onnx.TensorProto.FLOAT})
         running = self.node("CumSum", [ones, self.constant(0, np.int32)])
-        rank = self.node("Sub", [self.node("Cast", [running], {"to": onnx.TensorProto.INT64}, dtype=i64), self.constant(1, i64)], dtype=i64)
+        rank = self.node(
+            "Sub",
+            [self.node("Cast", [running], {"to": onnx.TensorProto.INT64}, dtype=i64), self.constant(1, i64)],
+            dtype=i64,
+        )
         slot = self.node("Where", [chosen, rank, count], dtype=i64)
-        slots = self.node("ConstantOfShape", [self.node("Add", [count, self.constant([1], i64)], dtype=i64)],
-                          {"value": onnx.helper.make_tensor("value", onnx.TensorProto.INT64, [1], [0])}, dtype=i64)
-        every = self.node("Range", [self.constant(0, i64), self.constant(self.classes, i64), self.constant(1, i64)], dtype=i64)
+        slots = self.node(
+            "ConstantOfShape",
+            [self.node("Add", [count, self.constant([1], i64)], dtype=i64)],
+            {"value": onnx.helper.make_tensor("value", onnx.TensorProto.INT64, [1], [0])},
+            dtype=i64,
+        )
+        every = self.node(
+            "Range", [self.constant(0, i64), self.constant(self.classes, i64), self.constant(1, i64)], dtype=i64
+        )
         placed = self.node("ScatterElements", [slots, slot, every], {"axis": 0}, dtype=i64)
         return self.node("Slice", [placed, self.constant([0], i64), count, self.constant([0], i64)], dtype=i64)
 
@@ -464,25 +480,41 @@ class _DrawnNoise:
         def like(size):  # a tensor shaped like z but with `size` entries on the class axis
             shape = ops.node(
                 "Concat",
-                [ops.node("Shape", [z], {"end": axis}, dtype=i64), size, ops.node("Shape", [z], {"start": axis + 1}, dtype=i64)],
+                [
+                    ops.node("Shape", [z], {"end": axis}, dtype=i64),
+                    size,
+                    ops.node("Shape", [z], {"start": axis + 1}, dtype=i64),
+                ],
                 {"axis": 0},
                 dtype=i64,
             )
-            return ops.node("ConstantOfShape", [shape], {"value": onnx.helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [0.0])})
+            return ops.node(
+                "ConstantOfShape",
+                [shape],
+                {"value": onnx.helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [0.0])},
+            )
 
         # No seed: TensorRT ignores seeds, and every run must draw afresh.
         if self.method == "normal":
-            normal = ops.node("RandomNormalLike", [like(total)], {"dtype": onnx.TensorProto.FLOAT, "mean": 0.0, "scale": 1.0})
+            normal = ops.node(
+                "RandomNormalLike", [like(total)], {"dtype": onnx.TensorProto.FLOAT, "mean": 0.0, "scale": 1.0}
+            )
         else:
-            half = ops.node("Div", [ops.node("Add", [total, ops.constant([1], i64)], dtype=i64), ops.constant([2], i64)], dtype=i64)
+            half = ops.node(
+                "Div", [ops.node("Add", [total, ops.constant([1], i64)], dtype=i64), ops.constant([2], i64)], dtype=i64
+            )
             whole = ops.node("Mul", [half, ops.constant([2], i64)], dtype=i64)
             # [TINY, 1): log() never sees 0.
-            uniform = ops.node("RandomUniformLike", [like(whole)], {"dtype": onnx.TensorProto.FLOAT, "low": TINY, "high": 1.0})
+            uniform = ops.node(
+                "RandomUniformLike", [like(whole)], {"dtype": onnx.TensorProto.FLOAT, "low": TINY, "high": 1.0}
+            )
             a = ops.node("Slice", [uniform, ops.constant([0], i64), half, axes])
             b = ops.node("Slice", [uniform, half, whole, axes])
             radius = ops.node("Sqrt", [ops.mul(ops.node("Log", [a]), ops.constant(-2.0))])
             angle = ops.mul(b, ops.constant(2.0 * math.pi))
-            normal = ops.node("Concat", [ops.mul(radius, ops.node(op, [angle])) for op in ("Cos", "Sin")], {"axis": axis})
+            normal = ops.node(
+                "Concat", [ops.mul(radius, ops.node(op, [angle])) for op in ("Cos", "Sin")], {"axis": axis}
+            )
         n1 = ops.node("Slice", [normal, ops.constant([0], i64), n1_size, axes])
         n2 = ops.node("Slice", [normal, n1_size, total, axes])
         return n1, n2
@@ -514,7 +546,9 @@ class _KeyedNoise:
 
     def __init__(self, constants: KeyedConstants, class_axis: int, num_classes: int, rank: int):
         if constants.projection.shape[0] != num_classes:
-            raise ValueError(f"keyed constants for {constants.projection.shape[0]} classes, the logits have {num_classes}")
+            raise ValueError(
+                f"keyed constants for {constants.projection.shape[0]} classes, the logits have {num_classes}"
+            )
         self.k, self.axis, self.classes, self.rank = constants, class_axis, num_classes, rank
 
     @staticmethod
@@ -538,8 +572,16 @@ class _KeyedNoise:
         projected = ops.matmul(centred, ops.to_float32(ops.constant(k.projection, np.float16)))  # [B, PROJECTIONS]
         sigma = ops.where(ops.greater(utility, 0.0), utility, ops.constant(FOCUS_ONLY_STEP))
         step = ops.mul(sigma, ops.constant(DIGEST_STEP * math.sqrt(self.classes)))  # +-1 projections: RMS * sqrt(C)
-        cells = ops.floor(ops.clip(ops.zero_nan(ops.add(ops.div(projected, ops.unsqueeze(step, [1])), ops.constant(k.offsets))), -(2.0**28), 2.0**28))
-        tier = ops.to_int64(ops.floor(ops.mul(utility, ops.constant(TIER_RESOLUTION))))  # utility <= MAX_STRENGTH: < PRIME
+        cells = ops.floor(
+            ops.clip(
+                ops.zero_nan(ops.add(ops.div(projected, ops.unsqueeze(step, [1])), ops.constant(k.offsets))),
+                -(2.0**28),
+                2.0**28,
+            )
+        )
+        tier = ops.to_int64(
+            ops.floor(ops.mul(utility, ops.constant(TIER_RESOLUTION)))
+        )  # utility <= MAX_STRENGTH: < PRIME
         words = ops.concat([ops.add(ops.to_int64(cells), ops.constant(2**28, i64)), ops.unsqueeze(tier, [1])], axis=1)
         seed = ops.constant([[k.absorb[0]]], i64)
         for i in range(PROJECTIONS + 1):
@@ -552,7 +594,10 @@ class _KeyedNoise:
         k, axis, rank, i64 = self.k, self.axis, self.rank, np.int64
         seed = ops.unsqueeze(self._seed(ops, z, utility), list(range(2, rank)))  # [B, 1, ..., 1]
         place = ops.mod(
-            ops.add(ops.mul(ops.positions(z, axis, rank), ops.constant(k.position_multiplier, i64)), ops.constant(k.position_offset, i64)),
+            ops.add(
+                ops.mul(ops.positions(z, axis, rank), ops.constant(k.position_multiplier, i64)),
+                ops.constant(k.position_offset, i64),
+            ),
             ops.constant(PRIME, i64),
         )
         position_hash = self._hash(ops, seed, place, k.position_rounds)  # like z, class axis 1
@@ -576,7 +621,9 @@ class _KeyedNoise:
         even = self.classes + self.classes % 2
         pairs = uniform(counters(ops.arange(z, axis, self.classes % 2)))
         r, theta = radius(ops.slice(pairs, 0, even // 2, axis)), angle(ops.slice(pairs, even // 2, even, axis))
-        n1 = ops.slice(ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], axis), 0, self.classes, axis)
+        n1 = ops.slice(
+            ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], axis), 0, self.classes, axis
+        )
 
         def focused(start):  # n2's slots follow n1's: computed for the K focused classes only
             return uniform(counters(ops.add(classes, ops.constant(start, i64))))
@@ -618,8 +665,10 @@ def _logits_output(graph: gs.Graph, logits: str) -> gs.Variable:
         )
     if z.dtype is not None and (np.issubdtype(np.dtype(z.dtype), np.integer) or np.dtype(z.dtype) == np.bool_):
         raise InvalidGraphError(
-            f"output {logits!r} is {np.dtype(z.dtype).name}: it holds class ids or flags, not logits, and noise added to "
-            f"them would change the ids. Pass the floating-point output the model computes its scores into (--logits NAME)."
+            f"output {logits!r} is {np.dtype(z.dtype).name}: it holds class ids or flags, not logits, and "
+            "noise added to "
+            "them would change the ids. Pass the floating-point output the model computes its scores into "
+            "(--logits NAME)."
         )
     return z
 
@@ -713,7 +762,11 @@ def add_redistribution(
         name = ops.unique(f"{producer.name or producer.op}/bare")
         out = gs.Variable(f"{name}/output", dtype=dtype, shape=shape)
         attrs = dict(producer.attrs)
-        ops.graph.nodes.append(gs.Node(producer.op, name=name, attrs=attrs, inputs=list(producer.inputs), outputs=[out], domain=producer.domain))
+        ops.graph.nodes.append(
+            gs.Node(
+                producer.op, name=name, attrs=attrs, inputs=list(producer.inputs), outputs=[out], domain=producer.domain
+            )
+        )
         return out
 
     # The bare logits get a new name; the modulated output takes over the name that clients know.

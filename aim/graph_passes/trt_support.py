@@ -42,7 +42,14 @@ _TYPE_NAMES = {
     getattr(TensorProto, "FLOAT4E2M1", -1): "FP4",
 }
 _CONTROL_FLOW = ("If", "Loop", "Scan")
-_NONDETERMINISTIC = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
+_NONDETERMINISTIC = (
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+)
 
 
 class UnsupportedGraphError(InvalidGraphError):
@@ -106,12 +113,14 @@ class SupportReport:
             )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_table(path: str | os.PathLike = TABLE) -> dict:
     data = json.loads(Path(path).read_text())
     for amendment in data.get("amendments", []):
         entry = data["operators"][amendment["op"]]
-        entry["types"] = entry.get("types", []) + [t for t in amendment.get("add_types", []) if t not in entry.get("types", [])]
+        entry["types"] = entry.get("types", []) + [
+            t for t in amendment.get("add_types", []) if t not in entry.get("types", [])
+        ]
     rules: dict[str, list[dict]] = {}
     for rule in data["rules"]:
         rules.setdefault(rule["op"], []).append(rule)
@@ -125,13 +134,14 @@ def table_name(table: dict, backend: str = "tensorrt") -> str:
     differences = len(extra.get("unsupported_ops", {})) + len(extra.get("rules", []))
     specific = f"; {backend} {extra.get('version', '')}: {differences} known difference(s)" if differences else ""
     amended = f", {len(table.get('amendments', []))} amendment(s)" if table.get("amendments") else ""
-    return f"TensorRT {source['tensorrt_version']} ONNX operator matrix (onnx-tensorrt docs/operators.md{amended}{specific})"
+    version = source["tensorrt_version"]
+    return f"TensorRT {version} ONNX operator matrix (onnx-tensorrt docs/operators.md{amended}{specific})"
 
 
 class _Scope:
     """What is known about the tensors of one graph (and, through `outer`, of the graphs around it)."""
 
-    def __init__(self, graph: onnx.GraphProto, outer: "_Scope | None" = None):
+    def __init__(self, graph: onnx.GraphProto, outer: _Scope | None = None):
         self.outer = outer
         self.types: dict[str, int] = {}
         self.values: dict[str, np.ndarray] = {}
@@ -248,19 +258,29 @@ def _check_rule(rule: dict, node: onnx.NodeProto, scope: _Scope) -> str | None:
         return rule["reason"] if _attribute(node, rule["attribute"]) is not None else None
     if kind == "output_unused":
         index = rule["output"]
-        if index < len(node.output) and node.output[index] and node.output[index] in scope.consumed | scope.graph_outputs:
+        if (
+            index < len(node.output)
+            and node.output[index]
+            and node.output[index] in scope.consumed | scope.graph_outputs
+        ):
             return f"{rule['reason']} (output {index} {node.output[index]!r} is used)"
         return None
     if kind == "all_ones":
         value = _attribute(node, rule["attribute"])
-        return f"{rule['reason']} ({rule['attribute']}={list(value)})" if value is not None and any(v != 1 for v in value) else None
+        return (
+            f"{rule['reason']} ({rule['attribute']}={list(value)})"
+            if value is not None and any(v != 1 for v in value)
+            else None
+        )
     if kind == "spatial_rank_in":
         value = _attribute(node, rule["attribute"])
         if value is not None and len(value) not in rule["allowed"]:
             return f"{rule['reason']} ({rule['attribute']} has {len(value)} dims)"
         return None
     if kind == "no_nested":
-        nested = [inner.name for _, graph in _subgraphs(node) for inner in _all_nodes(graph) if inner.op_type == rule["op"]]
+        nested = [
+            inner.name for _, graph in _subgraphs(node) for inner in _all_nodes(graph) if inner.op_type == rule["op"]
+        ]
         return f"{rule['reason']} (contains {nested})" if nested else None
     if kind == "branch_outputs_distinct":
         then_branch, else_branch = _attribute(node, "then_branch"), _attribute(node, "else_branch")
@@ -270,7 +290,9 @@ def _check_rule(rule: dict, node: onnx.NodeProto, scope: _Scope) -> str | None:
         if shared:
             return f"{rule['reason']} (both branches output {sorted(shared)})"
         for a, b in zip(then_branch.output, else_branch.output):
-            ra, rb = (len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else None for o in (a, b))
+            ra, rb = (
+                len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else None for o in (a, b)
+            )
             if ra is not None and rb is not None and ra != rb:
                 return f"{rule['reason']} ({a.name!r} has rank {ra}, {b.name!r} rank {rb})"
         return None
@@ -295,16 +317,36 @@ def _check_types(node: onnx.NodeProto, entry: dict, table: dict, scope: _Scope, 
         type_name = _TYPE_NAMES.get(elem, onnx.helper.tensor_dtype_to_string(elem).removeprefix("TensorProto."))
         name = node.name or node.output[0]
         if type_name in table["types"]["cast_down"]:
-            findings.append(Finding(name, node.op_type, f"{side} {index} is {type_name}: {table['types']['cast_down'][type_name]}", "warning", graph))
+            findings.append(
+                Finding(
+                    name,
+                    node.op_type,
+                    f"{side} {index} is {type_name}: {table['types']['cast_down'][type_name]}",
+                    "warning",
+                    graph,
+                )
+            )
         elif type_name not in entry["types"]:
             findings.append(
-                Finding(name, node.op_type, f"{side} {index} is {type_name}; TensorRT takes {node.op_type} in {', '.join(entry['types'])}", "error", graph)
+                Finding(
+                    name,
+                    node.op_type,
+                    f"{side} {index} is {type_name}; TensorRT takes {node.op_type} in {', '.join(entry['types'])}",
+                    "error",
+                    graph,
+                )
             )
     return findings
 
 
 def _check_graph(
-    graph: onnx.GraphProto, table: dict, functions: dict, path: str, outer: _Scope | None, report: SupportReport, backend: dict
+    graph: onnx.GraphProto,
+    table: dict,
+    functions: dict,
+    path: str,
+    outer: _Scope | None,
+    report: SupportReport,
+    backend: dict,
 ):
     scope = _Scope(graph, outer)
     for node in graph.node:
@@ -313,10 +355,24 @@ def _check_graph(
         if node.domain not in ("", "ai.onnx"):
             if (node.domain, node.op_type) in functions:
                 body = functions[(node.domain, node.op_type)]
-                _check_graph(onnx.helper.make_graph(body.node, body.name, [], []), table, functions, f"{path}/{name}", scope, report, backend)
+                _check_graph(
+                    onnx.helper.make_graph(body.node, body.name, [], []),
+                    table,
+                    functions,
+                    f"{path}/{name}",
+                    scope,
+                    report,
+                    backend,
+                )
                 continue
             report.findings.append(
-                Finding(name, f"{node.domain}.{node.op_type}", "not a standard ONNX op: TensorRT needs a plugin for it", "error", path)
+                Finding(
+                    name,
+                    f"{node.domain}.{node.op_type}",
+                    "not a standard ONNX op: TensorRT needs a plugin for it",
+                    "error",
+                    path,
+                )
             )
             continue
         entry = table["operators"].get(node.op_type)
@@ -325,13 +381,26 @@ def _check_graph(
             continue
         if not entry["supported"]:
             detail = f": {entry['restrictions']}" if "restrictions" in entry else ""
-            report.findings.append(Finding(name, node.op_type, f"not supported by TensorRT's ONNX parser{detail}", "error", path))
+            report.findings.append(
+                Finding(name, node.op_type, f"not supported by TensorRT's ONNX parser{detail}", "error", path)
+            )
             continue
         if node.op_type in backend.get("unsupported_ops", {}):
-            report.findings.append(Finding(name, node.op_type, f"not supported by {backend['name']}: {backend['unsupported_ops'][node.op_type]}", "error", path))
+            report.findings.append(
+                Finding(
+                    name,
+                    node.op_type,
+                    f"not supported by {backend['name']}: {backend['unsupported_ops'][node.op_type]}",
+                    "error",
+                    path,
+                )
+            )
             continue
         report.findings.extend(_check_types(node, entry, table, scope, path))
-        for rule in [*table["rules_by_op"].get(node.op_type, []), *(r for r in backend.get("rules", []) if r["op"] == node.op_type)]:
+        for rule in [
+            *table["rules_by_op"].get(node.op_type, []),
+            *(r for r in backend.get("rules", []) if r["op"] == node.op_type),
+        ]:
             reason = _check_rule(rule, node, scope)
             if reason:
                 severity = "warning" if rule["kind"] == "attribute_ignored" else "error"
@@ -355,7 +424,9 @@ def check_tensorrt_support(
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     low, high = table["opset"]["min"], table["opset"]["max"]
     if opset is None or not low <= opset <= high:
-        report.findings.append(Finding("(model)", "opset", f"opset {opset} is outside the parser's range {low}..{high}"))
+        report.findings.append(
+            Finding("(model)", "opset", f"opset {opset} is outside the parser's range {low}..{high}")
+        )
     try:  # strict: the default mode stops at the first inconsistency without a word
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)  # element types of intermediate tensors
     except Exception as error:  # the ops are still checked; the element types of their tensors are not
@@ -365,8 +436,10 @@ def check_tensorrt_support(
             inferred = model
         report.findings.append(
             Finding(
-                "(model)", "shape inference",
-                f"ONNX shape inference failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}), so the element "
+                "(model)",
+                "shape inference",
+                f"ONNX shape inference failed ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0][:200]}), so the element "
                 f"types of some intermediate tensors are unknown and were NOT checked against the parser's types; "
                 f"fix the graph so that `onnx.shape_inference.infer_shapes` runs, then check again",
                 "warning",
@@ -379,8 +452,10 @@ def check_tensorrt_support(
         if value.type.tensor_type.HasField("shape") and len(value.type.tensor_type.shape.dim) == 0:
             report.findings.append(
                 Finding(
-                    f"(input {value.name})", "graph input",
-                    "rank 0: Triton's batching (max_batch_size > 0) needs a batch dimension on every input; give it shape [batch]",
+                    f"(input {value.name})",
+                    "graph input",
+                    "rank 0: Triton's batching (max_batch_size > 0) needs a batch dimension on every input; "
+                    "give it shape [batch]",
                 )
             )
     functions = {(f.domain, f.name): f for f in model.functions}

@@ -1,4 +1,4 @@
-"""Resize logits to the input's spatial size (bilinear), so modulation acts per input pixel (SPEC §2).
+"""Resize logits to the input's spatial size (bilinear), so modulation acts per input pixel (docs/method.md §2).
 
 The ONNX Resize (linear, half_pixel) and its PyTorch twin (F.interpolate, bilinear,
 align_corners=False, as transformers' SegFormer post-processor does) compute the same thing.
@@ -21,7 +21,9 @@ def upsample_logits(graph: gs.Graph, logits: str = "logits", like: str = "pixel_
     z = _logits_output(graph, logits)
     tensors = graph.tensors()
     if like not in tensors:
-        raise InvalidGraphError(f"cannot upsample to {like!r}: the graph has no such tensor (inputs: {[t.name for t in graph.inputs]})")
+        raise InvalidGraphError(
+            f"cannot upsample to {like!r}: the graph has no such tensor (inputs: {[t.name for t in graph.inputs]})"
+        )
     reference = tensors[like]
     if z.shape is None or reference.shape is None or len(z.shape) != len(reference.shape) or len(z.shape) < 3:
         raise InvalidGraphError(
@@ -34,7 +36,15 @@ def upsample_logits(graph: gs.Graph, logits: str = "logits", like: str = "pixel_
 
     def shape_slice(tensor, start, end, name):
         out = gs.Variable(f"{PREFIX}/{name}", dtype=np.int64, shape=[end - start])
-        graph.nodes.append(gs.Node("Shape", name=f"{PREFIX}/Shape_{name}", inputs=[tensor], outputs=[out], attrs={"start": start, "end": end}))
+        graph.nodes.append(
+            gs.Node(
+                "Shape",
+                name=f"{PREFIX}/Shape_{name}",
+                inputs=[tensor],
+                outputs=[out],
+                attrs={"start": start, "end": end},
+            )
+        )
         return out
 
     sizes = gs.Variable(f"{PREFIX}/sizes", dtype=np.int64, shape=[rank])
@@ -65,4 +75,6 @@ def upsample_torch(logits, size):
     """The PyTorch twin of `upsample_logits`."""
     import torch.nn.functional as F
 
-    return F.interpolate(logits, size=tuple(size), mode="bilinear" if logits.dim() == 4 else "linear", align_corners=False)
+    return F.interpolate(
+        logits, size=tuple(size), mode="bilinear" if logits.dim() == 4 else "linear", align_corners=False
+    )

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from aim.contract import LOGITS, MAX_STRENGTH
 from aim.errors import VerificationError
 from aim.families import Family
 from aim.files import StagedFolder, folder_hashes, remove
 from aim.graph_passes.noise_key import NoiseKey
-from aim.layout import FILES, REFERENCE, EngineRun, GraphIO, Manifest, ManifestError, Modulation, Source, Verification, package_versions
+from aim.layout import (
+    FILES,
+    REFERENCE,
+    EngineRun,
+    GraphIO,
+    Manifest,
+    ManifestError,
+    Modulation,
+    Source,
+    Verification,
+    package_versions,
+)
 from aim.pipeline import memory, steps
 from aim.pipeline.verify import checks, keyed_expectation
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
@@ -74,7 +85,9 @@ def build_model(
     folder's own architecture into OUT/<the folder's name>; returns its manifest. `noise`: "fresh" or
     "keyed"; `noise_key`: a key file to build keyed noise with, drawn and written there (mode 600)
     once the build has passed if the file does not exist yet."""
-    family = steps.family_of(model, checkpoint, log)  # an unknown name or architecture fails here, before anything is written
+    family = steps.family_of(
+        model, checkpoint, log
+    )  # an unknown name or architecture fails here, before anything is written
     task = get_task(family.task)
     steps.check_precision(family, precision)
     key, fresh_key = steps.noise_key_of(noise, noise_key)  # a bad key file fails here
@@ -90,7 +103,10 @@ def build_model(
         manifest = _build(family, task, staged.path, checkpoint, backend, precision, seed, log, key)
         if not manifest.verification.passed:
             failed = staged.publish(out / f"{family.name}.failed")
-            raise VerificationError(f"verification failed: {', '.join(manifest.verification.failed())}. Artifacts and report kept in {failed}/")
+            raise VerificationError(
+                f"verification failed: {', '.join(manifest.verification.failed())}. Artifacts and report kept "
+                f"in {failed}/"
+            )
         if fresh_key and noise_key is not None:
             key.write(noise_key)  # before publishing: a published keyed engine always has its key file
         manifest.folder = staged.publish()
@@ -135,13 +151,22 @@ def reusable_build(
 
 def log_noise(key: NoiseKey | None, fresh_key: bool, noise_key, log) -> None:
     if key is not None:
-        log("noise keyed: " + (f"the key in {noise_key}" if not fresh_key else "a fresh key from the OS random source")
+        log(
+            "noise keyed: "
+            + (f"the key in {noise_key}" if not fresh_key else "a fresh key from the OS random source")
             + (f", saved to {noise_key} (mode 600) if the build passes" if fresh_key and noise_key else "")
-            + (", kept only inside the engine" if noise_key is None else "") + f"; fingerprint {key.fingerprint}")
+            + (", kept only inside the engine" if noise_key is None else "")
+            + f"; fingerprint {key.fingerprint}"
+        )
 
 
 def modulation_record(
-    logits: str, class_axis: int, num_classes: int, upsampled_to: str | None, precision: str, key: NoiseKey | None = None
+    logits: str,
+    class_axis: int,
+    num_classes: int,
+    upsampled_to: str | None,
+    precision: str,
+    key: NoiseKey | None = None,
 ) -> Modulation:
     """What the manifest says about the modulation of a build's logits (fresh noise, or keyed by `key`)."""
     return Modulation(
@@ -150,18 +175,36 @@ def modulation_record(
         num_classes=num_classes,
         upsampled_to=upsampled_to,
         formula="logits' = logits + utility * n1 + focus * |n2|, n1, n2 ~ N(0,1) per element, "
-        + ("keyed: a function of the request and a secret key (the same request, the same answer)" if key else "fresh per run"),
+        + (
+            "keyed: a function of the request and a secret key (the same request, the same answer)"
+            if key
+            else "fresh per run"
+        ),
         utility=f"FP32 [batch], in [0, {MAX_STRENGTH:g}] logit units; 0 = the original model",
         focus=f"FP32 [batch, classes], in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]; > 0 boosts a class, < 0 suppresses it",
-        fp32_nodes="every node named aim_redistribution/* computes in FP32" + (", also in this FP16 engine" if precision == "fp16" else ""),
+        fp32_nodes="every node named aim_redistribution/* computes in FP32"
+        + (", also in this FP16 engine" if precision == "fp16" else ""),
         noise="keyed" if key else "fresh",
         key_fingerprint=key.fingerprint if key else None,
     )
 
 
-def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, precision: str, seed: int, log, key: NoiseKey | None) -> Manifest:
+def _build(
+    family: Family,
+    task: Task,
+    folder: Path,
+    checkpoint,
+    backend: str,
+    precision: str,
+    seed: int,
+    log,
+    key: NoiseKey | None,
+) -> Manifest:
     progress = Progress(6, log)
-    progress(f"model {family.name} ({family.task}, {family.model_class}) from " + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})"))
+    progress(
+        f"model {family.name} ({family.task}, {family.model_class}) from "
+        + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})")
+    )
     loaded = steps.load(family, task, checkpoint, seed)
     tokenizer_dir = steps.save_tokenizer(loaded.tokenizer, folder) if loaded.tokenizer is not None else None
     progress.done(
@@ -170,13 +213,21 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         + (f" stored as {loaded.dtype}, loaded in float32" if loaded.dtype else "")
         + f", {loaded.num_classes} classes"
         + (f", tokenizer of {len(loaded.tokenizer)} tokens" if loaded.tokenizer is not None else "")
-        + (", no tokenizer in the checkpoint (verified on token ids; `generate` needs one)" if task.uses_tokenizer and loaded.tokenizer is None else ""),
+        + (
+            ", no tokenizer in the checkpoint (verified on token ids; `generate` needs one)"
+            if task.uses_tokenizer and loaded.tokenizer is None
+            else ""
+        ),
     )
 
     progress("export to ONNX (torch.onnx, dynamic " + ", ".join(family.dims) + ")")
     exported = steps.export(family, task, loaded.model, folder / FILES["exported"])
     weights = folder / FILES["weights"]
-    progress.done("export", exported.name + (f", weights in {weights.name} ({weights.stat().st_size / 1e9:.2f} GB)" if weights.is_file() else ""))
+    progress.done(
+        "export",
+        exported.name
+        + (f", weights in {weights.name} ({weights.stat().st_size / 1e9:.2f} GB)" if weights.is_file() else ""),
+    )
 
     progress("PyTorch reference on the verification inputs, then the PyTorch model is released")
     keep_fp32 = family.fp16_keep_fp32 + task.keep_fp32(loaded.model)  # found by module: before the model goes
@@ -187,21 +238,32 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
     progress.done("reference", reference_path.name)
 
     progress(
-        "graph passes: " + ("upsample logits, " if task.upsample_logits_to else "")
+        "graph passes: "
+        + ("upsample logits, " if task.upsample_logits_to else "")
         + f"redistribution (production{', keyed noise,' if key else ''} + verification)"
-        + (", fp16 (redistribution kept fp32)" if precision == "fp16" else "") + ", TensorRT compatibility check"
+        + (", fp16 (redistribution kept fp32)" if precision == "fp16" else "")
+        + ", TensorRT compatibility check"
     )
     graphs = steps.passes(task, folder, exported, precision, backend, keep_fp32, key=key)
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
-    progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"))
+    progress.done(
+        "passes",
+        "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"),
+    )
 
     builds, engine = engine_step(progress, graphs, folder, backend, precision, family.dims, log)
 
     runnable, why = runnable_here(backend)
     runner = backend if runnable else "onnxruntime"
     progress(
-        "verify: PyTorch vs engine (" + ("element-wise" if precision == "fp32" else f"{family.fp16.metric} agreement") + "), production noise statistics"
-        + ("" if runnable else f"; the {backend} engine cannot run here, so ONNX Runtime runs the graphs it was built from")
+        "verify: PyTorch vs engine ("
+        + ("element-wise" if precision == "fp32" else f"{family.fp16.metric} agreement")
+        + "), production noise statistics"
+        + (
+            ""
+            if runnable
+            else f"; the {backend} engine cannot run here, so ONNX Runtime runs the graphs it was built from"
+        )
     )
     production = GraphIO.of(graphs.paths[graphs.sources["production"]])
     manifest = Manifest(
@@ -209,14 +271,20 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         task=task.name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         source=Source(
-            str(loaded.checkpoint) if loaded.checkpoint else None, seed, loaded.parameters, dtype=loaded.dtype, model_class=family.model_class,
+            str(loaded.checkpoint) if loaded.checkpoint else None,
+            seed,
+            loaded.parameters,
+            dtype=loaded.dtype,
+            model_class=family.model_class,
             files=folder_hashes(loaded.checkpoint) if loaded.checkpoint else {},
         ),
         backend=backend,
         precision=precision,
         engine=engine.name,
         graphs=graphs.sources,
-        modulation=modulation_record(LOGITS, task.class_axis, loaded.num_classes, task.upsample_logits_to, precision, key),
+        modulation=modulation_record(
+            LOGITS, task.class_axis, loaded.num_classes, task.upsample_logits_to, precision, key
+        ),
         tokenizer=tokenizer_dir.name if tokenizer_dir else None,
         graph=production,
         verification_graph=GraphIO.of(graphs.paths[graphs.sources["verification"]]),
@@ -225,7 +293,14 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
         tensorrt=builds or None,
         compatibility={role: report.as_dict() for role, report in graphs.compatibility.items()},
         verification=verification_record(
-            runner, runnable, why, reference, family.tolerance, task.class_axis, family.fp16 if precision == "fp16" else None, seed
+            runner,
+            runnable,
+            why,
+            reference,
+            family.tolerance,
+            task.class_axis,
+            family.fp16 if precision == "fp16" else None,
+            seed,
         ),
         artifacts={},
         timings_s=progress.timings,
@@ -239,14 +314,34 @@ def _build(family: Family, task: Task, folder: Path, checkpoint, backend: str, p
 
 def engine_step(progress, graphs, folder: Path, backend: str, precision: str, dims, log) -> tuple[dict, Path]:
     """The engine step of a build: the backend's engines of the graphs; (their build records, the engine's path)."""
-    progress(f"engine: {backend}" + (f" ({precision}, strongly typed)" if backend in TENSORRT_BACKENDS else f" ({precision})"))
+    progress(
+        f"engine: {backend}"
+        + (f" ({precision}, strongly typed)" if backend in TENSORRT_BACKENDS else f" ({precision})")
+    )
     builds = steps.engines(graphs, folder, backend, precision, dims, log)
     engine = graphs.paths["engine"]
-    progress.done("engine", engine.name + (f": {builds['engine']['bytes'] / 1e6:.1f} MB, built in {builds['engine']['build_s']:.1f} s" if builds else ""))
+    progress.done(
+        "engine",
+        engine.name
+        + (
+            f": {builds['engine']['bytes'] / 1e6:.1f} MB, built in {builds['engine']['build_s']:.1f} s"
+            if builds
+            else ""
+        ),
+    )
     return builds, engine
 
 
-def verification_record(runner: str, runnable: bool, why: str, reference: Reference, tolerance: Tolerance, class_axis: int, reduced, seed: int) -> Verification:
+def verification_record(
+    runner: str,
+    runnable: bool,
+    why: str,
+    reference: Reference,
+    tolerance: Tolerance,
+    class_axis: int,
+    reduced,
+    seed: int,
+) -> Verification:
     """The manifest's verification entry before the checks run: who runs them, on what, within what."""
     return Verification(
         passed=False,
@@ -261,7 +356,9 @@ def verification_record(runner: str, runnable: bool, why: str, reference: Refere
     )
 
 
-def verify_and_save(manifest: Manifest, graphs, task: Task, reference: Reference, reference_path: Path, key: NoiseKey | None, progress) -> Manifest:
+def verify_and_save(
+    manifest: Manifest, graphs, task: Task, reference: Reference, reference_path: Path, key: NoiseKey | None, progress
+) -> Manifest:
     """Records every file of the build folder (graphs, reference, and whatever else the build depends
     on: external weights, the tokenizer), adds to the reference what a keyed engine must answer, runs
     every check and saves the manifest."""
@@ -280,7 +377,9 @@ def verify_and_save(manifest: Manifest, graphs, task: Task, reference: Reference
     found = checks(manifest, task, reference, verification.runner, verification.seed)
     verification.checks = found
     verification.passed = all(check.passed for check in found)
-    skipped = "" if verification.engine_run.ran else f" on ONNX Runtime; engine run skipped: {verification.engine_run.reason}"
+    skipped = (
+        "" if verification.engine_run.ran else f" on ONNX Runtime; engine run skipped: {verification.engine_run.reason}"
+    )
     progress.done("verify", ("passed" if verification.passed else "FAILED") + skipped)
     manifest.save()
     return manifest

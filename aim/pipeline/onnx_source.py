@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -86,7 +86,9 @@ class OnnxSource:
         return sum(int(np.prod(init.dims)) for init in self.model.graph.initializer)
 
 
-def read_source(path, logits: str, class_axis: int, shapes: ShapeRanges, backend: str, inputs=None, upsample_to: str | None = None) -> OnnxSource:
+def read_source(
+    path, logits: str, class_axis: int, shapes: ShapeRanges, backend: str, inputs=None, upsample_to: str | None = None
+) -> OnnxSource:
     """Every check that needs no output folder: the file, the logits, the batch, the shape flags
     against the graph (a dynamic dim left without a range is named), --upsample-to, the given inputs."""
     path = Path(path)
@@ -99,7 +101,9 @@ def read_source(path, logits: str, class_axis: int, shapes: ShapeRanges, backend
     if backend in TENSORRT_BACKENDS:
         _check_logits_dims(io.outputs[0], dims, 2 if upsample_to else None)
     given = _read_inputs(inputs, io, shapes, path) if inputs is not None else None
-    return OnnxSource(path, model, logits, class_axis, shapes, dims, given, Path(inputs) if inputs is not None else None)
+    return OnnxSource(
+        path, model, logits, class_axis, shapes, dims, given, Path(inputs) if inputs is not None else None
+    )
 
 
 def _check_logits_dims(logits, dims: dict[str, DimRange], resized_from: int | None = None) -> None:
@@ -110,9 +114,12 @@ def _check_logits_dims(logits, dims: dict[str, DimRange], resized_from: int | No
     for axis, dim in enumerate(logits.dims[:resized_from]):
         if not (isinstance(dim, int) and dim > 0) and dim not in dims:
             raise InvalidGraphError(
-                f"the logits {logits.name!r} have {'dynamic dim ' + repr(dim) if dim else 'an unnamed dynamic dim'} on axis {axis}, "
-                f"which is no input's dim; a TensorRT engine of the verification flavour (noise shaped like the logits) needs "
-                f"the logits' dynamic dims to be the inputs' (resize the logits to an input with --upsample-to INPUT, as the "
+                f"the logits {logits.name!r} have "
+                f"{'dynamic dim ' + repr(dim) if dim else 'an unnamed dynamic dim'} on axis {axis}, "
+                "which is no input's dim; a TensorRT engine of the verification flavour (noise shaped like "
+                "the logits) needs "
+                "the logits' dynamic dims to be the inputs' (resize the logits to an input with --upsample-to "
+                "INPUT, as the "
                 f"segmentation family does, or in the model), or use --backend onnxruntime."
             )
 
@@ -127,7 +134,8 @@ def _check_upsample(io: GraphIO, path: Path, class_axis: int, upsample_to: str |
     rank = len(inputs[upsample_to].dims)
     if rank != len(logits.dims) or rank < 3 or class_axis % rank != 1:
         raise AimError(
-            f"--upsample-to resizes logits [B, C, h, w] to an input [B, *, H, W] of the same rank: {upsample_to!r} has rank {rank}, "
+            "--upsample-to resizes logits [B, C, h, w] to an input [B, *, H, W] of the same rank: "
+            f"{upsample_to!r} has rank {rank}, "
             f"logits {logits.name!r} rank {len(logits.dims)} with classes on axis {class_axis}"
         )
 
@@ -140,7 +148,11 @@ def _read_inputs(file, io: GraphIO, shapes: ShapeRanges, source: Path) -> dict[s
     except (OSError, ValueError) as error:
         stored = error
     if not isinstance(stored, np.lib.npyio.NpzFile):
-        raise InvalidInputError(f"--inputs {file}: not a readable .npz file ({stored if isinstance(stored, Exception) else 'one array'}); save one with numpy.savez(file, name=array, ...)")
+        raise InvalidInputError(
+            f"--inputs {file}: not a readable .npz file "
+            f"({stored if isinstance(stored, Exception) else 'one array'}); save one with numpy.savez(file, "
+            "name=array, ...)"
+        )
     with stored:
         given = dict(stored)
     with OnnxRuntimeEngine(source, profile=shapes.profile(io.inputs)) as bare:
@@ -165,11 +177,16 @@ def verification_inputs(io: GraphIO, dims: dict[str, DimRange], seed: int = 0) -
         elif dtype == np.bool_:
             inputs[tensor.name] = rng.random(shape) < 0.5
         else:
-            raise InvalidInputError(f"input {tensor.name!r} is {tensor.dtype}, which cannot be drawn at random: give real inputs with --inputs data.npz")
+            raise InvalidInputError(
+                f"input {tensor.name!r} is {tensor.dtype}, which cannot be drawn at random: give real inputs "
+                "with --inputs data.npz"
+            )
     return inputs
 
 
-def reference(source: OnnxSource, inputs: dict[str, np.ndarray], class_axis: int, seed: int = 0, upsample_to: str | None = None) -> Reference:
+def reference(
+    source: OnnxSource, inputs: dict[str, np.ndarray], class_axis: int, seed: int = 0, upsample_to: str | None = None
+) -> Reference:
     """The user's bare graph on ONNX Runtime (their file as given), its logits resized by PyTorch's
     bilinear interpolation to input `upsample_to`'s spatial size if asked, and the PyTorch twin of
     the redistribution on them with the seeded knobs and noise."""
@@ -181,9 +198,15 @@ def reference(source: OnnxSource, inputs: dict[str, np.ndarray], class_axis: int
     with OnnxRuntimeEngine(source.path) as bare:
         logits = bare.infer(inputs)[source.logits]
     if upsample_to is not None:
-        logits = upsample_torch(torch.from_numpy(logits.astype(np.float32)), inputs[upsample_to].shape[2:]).numpy().astype(logits.dtype)
+        logits = (
+            upsample_torch(torch.from_numpy(logits.astype(np.float32)), inputs[upsample_to].shape[2:])
+            .numpy()
+            .astype(logits.dtype)
+        )
     knobs = differential_knobs(logits.shape[0], logits.shape[class_axis], logits.shape, seed)
-    modulated = redistribute_torch(torch.from_numpy(logits), class_axis=class_axis, **{k: torch.from_numpy(v) for k, v in knobs.items()})
+    modulated = redistribute_torch(
+        torch.from_numpy(logits), class_axis=class_axis, **{k: torch.from_numpy(v) for k, v in knobs.items()}
+    )
     return Reference(inputs=inputs, logits=logits, modulated=modulated.numpy(), source=SOURCE, **knobs)
 
 
@@ -199,7 +222,9 @@ def fp16_comparator(task, num_classes: int) -> Agreement:
     k = min(task.fp16.k, max(1, num_classes - 1))
     if k == task.fp16.k:
         return task.fp16
-    return dataclasses.replace(task.fp16, k=k, why=task.fp16.why + f" (k lowered to {k}: the model has {num_classes} classes)")
+    return dataclasses.replace(
+        task.fp16, k=k, why=task.fp16.why + f" (k lowered to {k}: the model has {num_classes} classes)"
+    )
 
 
 def build_onnx(
@@ -237,7 +262,10 @@ def build_onnx(
         manifest = _build(source, name, task_object, staged.path, backend, precision, seed, log, key, upsample_to)
         if not manifest.verification.passed:
             failed = staged.publish(out / f"{name}.failed")
-            raise VerificationError(f"verification failed: {', '.join(manifest.verification.failed())}. Artifacts and report kept in {failed}/")
+            raise VerificationError(
+                f"verification failed: {', '.join(manifest.verification.failed())}. Artifacts and report kept "
+                f"in {failed}/"
+            )
         if fresh_key and noise_key is not None:
             key.write(noise_key)  # before publishing: a published keyed engine always has its key file
         manifest.folder = staged.publish()
@@ -246,30 +274,59 @@ def build_onnx(
 
 
 def _build(
-    source: OnnxSource, name: str, task, folder: Path, backend: str, precision: str, seed: int, log, key: NoiseKey | None, upsample_to: str | None = None
+    source: OnnxSource,
+    name: str,
+    task,
+    folder: Path,
+    backend: str,
+    precision: str,
+    seed: int,
+    log,
+    key: NoiseKey | None,
+    upsample_to: str | None = None,
 ) -> Manifest:
     progress = Progress(4, log)
     native_fp16 = source.logits_dtype == "float16"
     # An FP16 graph is FP16 already: nothing to convert, and its engine is built as FP16 builds are.
     convert = "fp32" if native_fp16 else precision
     precision = "fp16" if native_fp16 else precision
-    progress(f"graph {source.path} ({source.parameters:,} parameters; logits {source.logits!r} {source.logits_dtype}, classes on axis {source.class_axis})")
-    exported = save_onnx(source.model, folder / FILES["exported"], weights_dir=source.path.parent)  # its weights file, if any, is copied in
+    progress(
+        f"graph {source.path} ({source.parameters:,} parameters; logits {source.logits!r} "
+        f"{source.logits_dtype}, classes on axis {source.class_axis})"
+    )
+    exported = save_onnx(
+        source.model, folder / FILES["exported"], weights_dir=source.path.parent
+    )  # its weights file, if any, is copied in
     progress.done("load", "dims " + ", ".join(f"{dim} {r.min}..{r.max}" for dim, r in source.dims.items()))
 
     progress(
-        "graph passes: " + (f"upsample logits to {upsample_to!r}, " if upsample_to else "") + f"redistribution (production{', keyed noise,' if key else ''} + verification)" + (", fp16 (redistribution kept fp32)" if convert == "fp16" else "")
+        "graph passes: "
+        + (f"upsample logits to {upsample_to!r}, " if upsample_to else "")
+        + f"redistribution (production{', keyed noise,' if key else ''} + verification)"
+        + (", fp16 (redistribution kept fp32)" if convert == "fp16" else "")
         + ", TensorRT compatibility check"
     )
-    graphs = steps.passes(_Logits(source.class_axis, upsample_to), folder, exported, convert, backend, logits=source.logits, key=key)
+    graphs = steps.passes(
+        _Logits(source.class_axis, upsample_to), folder, exported, convert, backend, logits=source.logits, key=key
+    )
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
-    progress.done("passes", "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"))
+    progress.done(
+        "passes",
+        "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"),
+    )
 
     builds, engine = engine_step(progress, graphs, folder, backend, precision, source.dims, log)
 
     runnable, why = runnable_here(backend)
     runner = backend if runnable else "onnxruntime"
-    progress(f"verify: {SOURCE} vs engine, production noise statistics" + ("" if runnable else f"; the {backend} engine cannot run here, so ONNX Runtime runs the graphs it was built from"))
+    progress(
+        f"verify: {SOURCE} vs engine, production noise statistics"
+        + (
+            ""
+            if runnable
+            else f"; the {backend} engine cannot run here, so ONNX Runtime runs the graphs it was built from"
+        )
+    )
     production = GraphIO.of(graphs.paths[graphs.sources["production"]])
     given = source.inputs is not None
     inputs = source.inputs if given else verification_inputs(source.io, source.dims, seed)
@@ -284,7 +341,12 @@ def _build(
         task=task.name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         source=Source(
-            None, seed, source.parameters, onnx=str(source.path.resolve()), onnx_sha256=sha256(source.path), shapes=source.shapes.flags(),
+            None,
+            seed,
+            source.parameters,
+            onnx=str(source.path.resolve()),
+            onnx_sha256=sha256(source.path),
+            shapes=source.shapes.flags(),
             inputs={"path": str(source.inputs_path.resolve()), "sha256": sha256(source.inputs_path)} if given else None,
         ),
         backend=backend,
@@ -300,7 +362,14 @@ def _build(
         tensorrt=builds or None,
         compatibility={role: report.as_dict() for role, report in graphs.compatibility.items()},
         verification=verification_record(
-            runner, runnable, why, ref, TOLERANCE, class_axis, fp16_comparator(task, num_classes) if precision == "fp16" else None, seed
+            runner,
+            runnable,
+            why,
+            ref,
+            TOLERANCE,
+            class_axis,
+            fp16_comparator(task, num_classes) if precision == "fp16" else None,
+            seed,
         ),
         artifacts={},
         timings_s=progress.timings,

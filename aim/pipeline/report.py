@@ -11,16 +11,28 @@ def report(manifest: Manifest) -> str:
     lines = [f"{manifest.model} ({manifest.task}), backend {manifest.backend}, {manifest.precision}"]
     source = manifest.source
     if source.onnx:
-        lines.append(f"  source  {source.onnx} (sha256 {source.onnx_sha256[:16]}...), logits {manifest.modulation.logits!r}")
+        lines.append(
+            f"  source  {source.onnx} (sha256 {source.onnx_sha256[:16]}...), logits {manifest.modulation.logits!r}"
+        )
     if manifest.modulation.noise == "keyed":
-        lines.append(f"  noise    keyed (the same request, the same answer), key fingerprint {manifest.modulation.key_fingerprint}")
+        lines.append(
+            "  noise    keyed (the same request, the same answer), key fingerprint "
+            f"{manifest.modulation.key_fingerprint}"
+        )
     for key in ("inputs", "outputs"):
         lines.append(f"  {key:8}" + ", ".join(f"{t.name} {t.dtype} {t.dims}" for t in getattr(manifest.graph, key)))
     for build in (manifest.tensorrt or {}).values():
-        lines.append(f"  {build['path']}: {build['bytes'] / 1e6:.1f} MB, built in {build['build_s']:.1f} s by {build['backend']} {build['version']}")
+        lines.append(
+            f"  {build['path']}: {build['bytes'] / 1e6:.1f} MB, built in {build['build_s']:.1f} s by "
+            f"{build['backend']} {build['version']}"
+        )
     if manifest.tensorrt:
-        lines.append("  profile: " + "; ".join(f"{name} {p['min']}..{p['max']}" for name, p in manifest.profile.items()))
-    ran_on = "" if verification.runner == manifest.backend else f" (on {verification.runner}: the engine cannot run here)"
+        lines.append(
+            "  profile: " + "; ".join(f"{name} {p['min']}..{p['max']}" for name, p in manifest.profile.items())
+        )
+    ran_on = (
+        "" if verification.runner == manifest.backend else f" (on {verification.runner}: the engine cannot run here)"
+    )
     lines.append(f"  checks{ran_on}:")
     for check in verification.checks:
         lines.append(f"    {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
@@ -39,6 +51,8 @@ def report(manifest: Manifest) -> str:
     if not verification.engine_run.ran:
         lines.append(f"  engine run SKIPPED: {verification.engine_run.reason}")
     lines.append(
-        "  verification " + ("PASSED" if verification.passed else "FAILED") + ("" if verification.engine_run.ran else " (graphs on ONNX Runtime; engine built, not run)")
+        "  verification "
+        + ("PASSED" if verification.passed else "FAILED")
+        + ("" if verification.engine_run.ran else " (graphs on ONNX Runtime; engine built, not run)")
     )
     return "\n".join(lines)

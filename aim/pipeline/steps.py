@@ -74,13 +74,16 @@ def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
         if found != family.model_type:
             raise CheckpointError(
                 f"{checkpoint} holds a {found!r} model, but MODEL={family.name} expects {family.model_type!r}. "
-                f"Leave MODEL out to build the checkpoint as its own architecture (`make engine CHECKPOINT={checkpoint}`)."
+                "Leave MODEL out to build the checkpoint as its own architecture (`make engine "
+                f"CHECKPOINT={checkpoint}`)."
             )
         dtype = checkpoint_dtype(checkpoint, config)
         model = load_checkpoint(family.model_class_object(), checkpoint)
     tokenizer = task.tokenizer(model, checkpoint)
     parameters = sum(p.numel() for p in model.parameters())
-    return Loaded(model, tokenizer, task.num_classes(model), parameters, Path(checkpoint).resolve() if checkpoint else None, dtype)
+    return Loaded(
+        model, tokenizer, task.num_classes(model), parameters, Path(checkpoint).resolve() if checkpoint else None, dtype
+    )
 
 
 def release(loaded: Loaded) -> None:
@@ -120,7 +123,8 @@ def export(family: Family, task: Task, model, path: Path) -> Path:
         if family.architecture is None or family.architecture.tested or isinstance(error, AimError):
             raise
         raise CheckpointError(
-            f"{family.model_type} is not among the tested architectures, and its export failed ({type(error).__name__}: {error}). "
+            f"{family.model_type} is not among the tested architectures, and its export failed "
+            f"({type(error).__name__}: {error}). "
             f"Supported: {supported()}."
         ) from error
 
@@ -142,7 +146,13 @@ class Graphs:
 
 
 def passes(
-    task: Task, folder: Path, exported: Path, precision: str, backend: str, keep_fp32: tuple[str, ...] = (), logits: str = LOGITS,
+    task: Task,
+    folder: Path,
+    exported: Path,
+    precision: str,
+    backend: str,
+    keep_fp32: tuple[str, ...] = (),
+    logits: str = LOGITS,
     key: NoiseKey | None = None,
 ) -> Graphs:
     """Bare, production and verification graphs (FP16 copies if asked; keyed production noise with
@@ -169,7 +179,9 @@ def passes(
         with WeightsFile(folder / FILES["weights.fp16"]) as half_weights:  # written block by block
             for role, key in ROLES.items():
                 half = folder / paths[key].name.replace(".onnx", ".fp16.onnx")
-                paths[f"{key}.fp16"] = save_onnx(convert_to_fp16(load_onnx(paths[key]), keep_fp32, half_weights, folder), half)
+                paths[f"{key}.fp16"] = save_onnx(
+                    convert_to_fp16(load_onnx(paths[key]), keep_fp32, half_weights, folder), half
+                )
                 sources[role] = f"{key}.fp16"
     for key in ("weights", "weights.fp16"):
         if (folder / FILES[key]).is_file():
@@ -184,7 +196,9 @@ def passes(
         listed = [f"{finding} [{', '.join(roles)}]" for finding, roles in unsupported.items()]
         more = f"\n  ... and {len(listed) - 20} more" if len(listed) > 20 else ""
         raise EngineBuildError(
-            f"TensorRT's ONNX parser would refuse {len(listed)} node(s):\n  " + "\n  ".join(listed[:20]) + more
+            f"TensorRT's ONNX parser would refuse {len(listed)} node(s):\n  "
+            + "\n  ".join(listed[:20])
+            + more
             + "\nUse BACKEND=onnxruntime, or change the model."
         )
     return Graphs(paths, sources, compatibility)
@@ -250,7 +264,9 @@ def check_precision(family: Family, precision: str) -> None:
     if precision not in PRECISIONS:
         raise AimError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
     if precision == "fp16" and family.fp16 is None:
-        raise AimError(f"{family.name} states no FP16 comparator (Family.fp16), so an FP16 engine could not be verified")
+        raise AimError(
+            f"{family.name} states no FP16 comparator (Family.fp16), so an FP16 engine could not be verified"
+        )
 
 
 def noise_key_of(noise: str, noise_key) -> tuple[NoiseKey | None, bool]:

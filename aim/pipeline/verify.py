@@ -36,7 +36,11 @@ def checks(manifest: Manifest, task: Task, reference: Reference, runner: str, se
             keyed=manifest.modulation.noise == "keyed",
         )
         # Task-level checks compare with the task's own PyTorch outputs (reference.extra): a user's ONNX has none.
-        task_checks = task.checks(runners[2], reference.extra, verification.tolerance, verification.reduced_precision) if reference.extra else []
+        task_checks = (
+            task.checks(runners[2], reference.extra, verification.tolerance, verification.reduced_precision)
+            if reference.extra
+            else []
+        )
         return found + task_checks
     finally:
         for each in runners:

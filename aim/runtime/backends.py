@@ -21,7 +21,9 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
     if requested == "tensorrt-rtx":
         trt_engine.import_api(requested)  # fails with what to install
         runnable, why = trt_engine.engine_runnable(requested)
-        return requested, "tensorrt-rtx: asked for; builds here" + ("" if runnable else f", but cannot run here ({why})")
+        return requested, "tensorrt-rtx: asked for; builds here" + (
+            "" if runnable else f", but cannot run here ({why})"
+        )
     if requested == "tensorrt":
         trt_engine.import_api(requested)
         gpu, why = trt_engine.cuda_gpu_available()
@@ -37,7 +39,10 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
     try:
         trt_engine.import_api("tensorrt")
     except trt_engine.BackendUnavailableError:
-        return "onnxruntime", f"onnxruntime: auto, {why} but the tensorrt module is not installed (pip install -e '.[gpu]')"
+        return (
+            "onnxruntime",
+            f"onnxruntime: auto, {why} but the tensorrt module is not installed (pip install -e '.[gpu]')",
+        )
     return "tensorrt", f"tensorrt: auto, {why} and tensorrt installed"
 
 

@@ -9,7 +9,7 @@ context managers: leaving the block releases what the backend holds (GPU memory,
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -116,7 +116,9 @@ class Runner:
                     raise InvalidInputError(f"input {name!r} must be {np.dtype(dtype).name}, got {array.dtype}")
                 array = array.astype(dtype)
             if array.ndim != len(dims):
-                raise InvalidInputError(f"input {name!r} must have rank {len(dims)} (dims {dims}), got shape {list(array.shape)}")
+                raise InvalidInputError(
+                    f"input {name!r} must have rank {len(dims)} (dims {dims}), got shape {list(array.shape)}"
+                )
             for axis, (want, got) in enumerate(zip(dims, array.shape)):
                 if isinstance(want, int) and want != got:
                     raise InvalidInputError(
@@ -126,7 +128,10 @@ class Runner:
                 if isinstance(want, str):
                     if bound.setdefault(want, (got, name))[0] != got:
                         other = bound[want][1]
-                        raise InvalidInputError(f"dim {want!r} is {got} in input {name!r} but {bound[want][0]} in {other!r}: they must agree")
+                        raise InvalidInputError(
+                            f"dim {want!r} is {got} in input {name!r} but {bound[want][0]} in {other!r}: they "
+                            "must agree"
+                        )
             checked[name] = array
         if self.profile:
             check_profile(checked, self.profile, self.name)
@@ -149,7 +154,9 @@ class Runner:
         first = np.shape(next(iter(inputs.values()))) if inputs else ()  # no inputs: check_feed says which
         batch = int(first[0]) if first else 0
         if first and batch == 0:
-            raise InvalidInputError(f"the inputs of {self.name} hold no sample (batch 0, shape {list(first)}): give at least one")
+            raise InvalidInputError(
+                f"the inputs of {self.name} hold no sample (batch 0, shape {list(first)}): give at least one"
+            )
         if self.calibrated:
             if np.any(np.asarray(utility) != 0):
                 raise InvalidInputError(f"{self.name} is calibrated: pass level= in [0, 1], not a utility sigma")

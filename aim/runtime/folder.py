@@ -39,7 +39,9 @@ def role_runners(manifest: Manifest, runner: str) -> list[OnFirstUse]:
         return [OnFirstUse(plan(role)) for role in ("bare", "verification", "production")]
     production = manifest.engine_path() if manifest.backend == "onnxruntime" else manifest.graph_path("production")
     paths = [manifest.graph_path("bare"), manifest.graph_path("verification"), production]
-    return [OnFirstUse(lambda path=path: OnnxRuntimeEngine(path, profile=graph_profile(manifest, path))) for path in paths]
+    return [
+        OnFirstUse(lambda path=path: OnnxRuntimeEngine(path, profile=graph_profile(manifest, path))) for path in paths
+    ]
 
 
 def graph_profile(manifest: Manifest, path: Path) -> dict:
@@ -81,4 +83,6 @@ def production_runner(manifest: Manifest):
     if manifest.backend == "onnxruntime":
         return OnnxRuntimeEngine(manifest.engine_path(), profile=manifest.profile), ""
     graph = manifest.graph_path("production")
-    return OnnxRuntimeEngine(graph, profile=manifest.profile), f"{manifest.engine} cannot run here ({why}): running {graph.name} on ONNX Runtime"
+    return OnnxRuntimeEngine(
+        graph, profile=manifest.profile
+    ), f"{manifest.engine} cannot run here ({why}): running {graph.name} on ONNX Runtime"

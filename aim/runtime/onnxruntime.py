@@ -66,7 +66,9 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, threads:
     with atomic_path(engine_path) as tmp:
         options = session_options(threads, level="extended")
         options.optimized_model_filepath = str(tmp)
-        if _keeps_external_data(Path(onnx_path)):  # past 2 GiB ONNX Runtime cannot save the optimised weights inside the model
+        if _keeps_external_data(
+            Path(onnx_path)
+        ):  # past 2 GiB ONNX Runtime cannot save the optimised weights inside the model
             data.unlink(missing_ok=True)
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data.name)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
@@ -96,7 +98,9 @@ class OnnxRuntimeEngine(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True, profile: dict | None = None):
+    def __init__(
+        self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True, profile: dict | None = None
+    ):
         self.path = Path(path)
         self.profile = profile  # the shapes it was built for, when a build folder says (else any)
         self._options = (threads, spinning)

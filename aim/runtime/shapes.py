@@ -35,7 +35,9 @@ def parse_shapes(text: str | None, flag: str = "--opt-shapes") -> dict[str, list
             continue
         name, colon, dims = entry.strip().rpartition(":")
         if not colon or not name or not _DIMS.match(dims):
-            raise ShapeError(f"{flag} takes NAME:DxDxD entries separated by commas, e.g. {flag} image:1x3x224x224; got {entry!r}")
+            raise ShapeError(
+                f"{flag} takes NAME:DxDxD entries separated by commas, e.g. {flag} image:1x3x224x224; got {entry!r}"
+            )
         if name in shapes:
             raise ShapeError(f"{flag} gives input {name!r} twice")
         shapes[name] = [int(d) for d in dims.split("x")]
@@ -53,8 +55,12 @@ class ShapeRanges:
     shapes: dict[str, dict[str, list[int]]]  # input -> {"min", "opt", "max"} -> shape
 
     @classmethod
-    def parse(cls, min_shapes: str | None = None, opt_shapes: str | None = None, max_shapes: str | None = None) -> "ShapeRanges":
-        given = {bound: parse_shapes(text, FLAGS[bound]) for bound, text in zip(BOUNDS, (min_shapes, opt_shapes, max_shapes))}
+    def parse(
+        cls, min_shapes: str | None = None, opt_shapes: str | None = None, max_shapes: str | None = None
+    ) -> ShapeRanges:
+        given = {
+            bound: parse_shapes(text, FLAGS[bound]) for bound, text in zip(BOUNDS, (min_shapes, opt_shapes, max_shapes))
+        }
         shapes = {}
         for name in dict.fromkeys(n for bound in BOUNDS for n in given[bound]):
             low, opt, high = (given[bound].get(name) for bound in BOUNDS)
@@ -63,7 +69,10 @@ class ShapeRanges:
             if not len(low) == len(opt) == len(high):
                 raise ShapeError(f"input {name!r} has shapes of different ranks: min {low}, opt {opt}, max {high}")
             if any(not a <= b <= c for a, b, c in zip(low, opt, high)) or any(c < 1 for c in high):
-                raise ShapeError(f"input {name!r}: need min <= opt <= max on every axis and max >= 1, got min {low}, opt {opt}, max {high}")
+                raise ShapeError(
+                    f"input {name!r}: need min <= opt <= max on every axis and max >= 1, got min {low}, opt "
+                    f"{opt}, max {high}"
+                )
             shapes[name] = {"min": low, "opt": opt, "max": high}
         return cls(shapes)
 
@@ -72,7 +81,10 @@ class ShapeRanges:
 
     def flags(self) -> dict[str, str]:
         """The ranges in the flags' own spelling (for the manifest and messages)."""
-        return {bound: ",".join(f"{name}:{'x'.join(map(str, s[bound]))}" for name, s in self.shapes.items()) for bound in BOUNDS}
+        return {
+            bound: ",".join(f"{name}:{'x'.join(map(str, s[bound]))}" for name, s in self.shapes.items())
+            for bound in BOUNDS
+        }
 
     def dims(self, inputs) -> dict[str, DimRange]:
         """The range of every named dynamic dim of graph `inputs` (layout.Tensor), from the inputs the
@@ -80,17 +92,26 @@ class ShapeRanges:
         by_name = {tensor.name: tensor for tensor in inputs}
         unknown = sorted(set(self.shapes) - set(by_name))
         if unknown:
-            raise ShapeError(f"the shape flags name {unknown}, which {'is' if len(unknown) == 1 else 'are'} not an input of the graph (inputs: {sorted(by_name)})")
+            raise ShapeError(
+                f"the shape flags name {unknown}, which {'is' if len(unknown) == 1 else 'are'} not an input of "
+                f"the graph (inputs: {sorted(by_name)})"
+            )
         ranges: dict[str, tuple[DimRange, str]] = {}
         for name, shapes in self.shapes.items():
             dims = by_name[name].dims
             if len(dims) != len(shapes["min"]):
-                raise ShapeError(f"input {name!r} has rank {len(dims)} (dims {dims}), but the shape flags give it {self._spelled(name)}")
+                raise ShapeError(
+                    f"input {name!r} has rank {len(dims)} (dims {dims}), but the shape flags give it "
+                    f"{self._spelled(name)}"
+                )
             for axis, dim in enumerate(dims):
                 sizes = [shapes[bound][axis] for bound in BOUNDS]
                 if not _is_dynamic(dim):
                     if sizes != [dim] * 3:
-                        raise ShapeError(f"input {name!r} axis {axis} is {dim} in the graph, but the shape flags give {self._spelled(name)}")
+                        raise ShapeError(
+                            f"input {name!r} axis {axis} is {dim} in the graph, but the shape flags give "
+                            f"{self._spelled(name)}"
+                        )
                     continue
                 if not dim:
                     continue  # unnamed: only this input's explicit shapes can bound it (see profile)
@@ -98,8 +119,10 @@ class ShapeRanges:
                 seen = ranges.setdefault(dim, (found, name))
                 if seen[0] != found:
                     raise ShapeError(
-                        f"dim {dim!r} is shared by inputs {seen[1]!r} and {name!r}, so it needs one range, but the flags give "
-                        f"{seen[0].min}..{seen[0].max} (opt {seen[0].opt}) and {found.min}..{found.max} (opt {found.opt})"
+                        f"dim {dim!r} is shared by inputs {seen[1]!r} and {name!r}, so it needs one range, but "
+                        "the flags give "
+                        f"{seen[0].min}..{seen[0].max} (opt {seen[0].opt}) and {found.min}..{found.max} (opt "
+                        f"{found.opt})"
                     )
         found_ranges = {dim: rng for dim, (rng, _) in ranges.items()}
         for tensor in inputs:
@@ -133,5 +156,6 @@ class ShapeRanges:
         spelled = "x".join(str(d) if not _is_dynamic(d) else f"<{d or f'axis {i}'}>" for i, d in enumerate(tensor.dims))
         return (
             f"input {tensor.name!r} axis {axis} has {what}, which has no range. Give the input's shapes with "
-            f"--min-shapes/--opt-shapes/--max-shapes (trtexec's spelling): {tensor.name}:{spelled} with a number for each <dim>"
+            f"--min-shapes/--opt-shapes/--max-shapes (trtexec's spelling): {tensor.name}:{spelled} with a "
+            "number for each <dim>"
         )

@@ -138,7 +138,8 @@ def parse_network(onnx_path: str | os.PathLike, backend: str):
             error = parser.get_error(i)
             errors.append(f"node {error.node_name()!r} ({error.node_operator()}): {error.desc()}")
         raise EngineBuildError(
-            f"{backend} {trt.__version__} cannot parse {Path(onnx_path).name}:\n  " + "\n  ".join(errors or logger.messages)
+            f"{backend} {trt.__version__} cannot parse {Path(onnx_path).name}:\n  "
+            + "\n  ".join(errors or logger.messages)
         )
     return trt, builder, network, parser, logger
 
@@ -196,7 +197,8 @@ def build_engine(
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(
-            f"{backend} {trt.__version__} could not build {Path(onnx_path).name}: " + ("; ".join(logger.messages) or "no reason given")
+            f"{backend} {trt.__version__} could not build {Path(onnx_path).name}: "
+            + ("; ".join(logger.messages) or "no reason given")
         )
     plan_path = Path(plan_path)
     with atomic_path(plan_path) as tmp:
@@ -254,7 +256,9 @@ def engine_runnable(backend: str) -> tuple[bool, str]:
         return False, str(error)
     gpu, detail = cuda_gpu_available()
     if not gpu:
-        return False, f"{detail}: {backend} engines run only on an NVIDIA GPU" + (" (RTX class)" if backend == "tensorrt-rtx" else "")
+        return False, f"{detail}: {backend} engines run only on an NVIDIA GPU" + (
+            " (RTX class)" if backend == "tensorrt-rtx" else ""
+        )
     return True, detail
 
 
@@ -282,7 +286,9 @@ class TensorRTEngine(Runner):
             rtx = self.backend == "tensorrt-rtx"
             # Polygraphy picks tensorrt or tensorrt_rtx when its TensorRT backend is first imported.
             if "polygraphy.backend.trt" in sys.modules and polygraphy_config.USE_TENSORRT_RTX != rtx:
-                raise AimError("one process runs engines of one TensorRT flavour (tensorrt or tensorrt-rtx); start another process")
+                raise AimError(
+                    "one process runs engines of one TensorRT flavour (tensorrt or tensorrt-rtx); start another process"
+                )
             polygraphy_config.USE_TENSORRT_RTX = rtx
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
@@ -290,7 +296,9 @@ class TensorRTEngine(Runner):
             try:
                 runner.activate()
             except Exception as error:  # Polygraphy reports a plan this GPU or version cannot load as a generic error
-                raise BackendUnavailableError(f"{self.backend} could not load {self.path.name} on this machine's GPU: {error}") from error
+                raise BackendUnavailableError(
+                    f"{self.backend} could not load {self.path.name} on this machine's GPU: {error}"
+                ) from error
             self._runner = runner
         return self._runner
 

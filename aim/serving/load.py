@@ -18,8 +18,8 @@ import itertools
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -51,7 +51,9 @@ class Run:
     outcomes: Counter  # what the checks said, every reply: {(kind, ok): count}
     errors: Counter  # server errors by message, every request
     seconds: float  # the whole run, warm-up and drain included
-    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds of the whole run by side (server, client), where known
+    cpu_s: dict[str, float] = field(
+        default_factory=dict
+    )  # CPU seconds of the whole run by side (server, client), where known
 
     @property
     def throughput(self) -> float:

@@ -6,7 +6,11 @@ from pathlib import Path
 
 from aim.files import save_figure
 
-STYLES = {"bare": ("C0", "bare model"), "utility0": ("C2", "modulated, utility 0"), "mixed": ("C3", "modulated, mixed tiers")}
+STYLES = {
+    "bare": ("C0", "bare model"),
+    "utility0": ("C2", "modulated, utility 0"),
+    "mixed": ("C3", "modulated, mixed tiers"),
+}
 LINES = {"grpc": "-", "http": "--"}
 
 
@@ -20,14 +24,28 @@ def plot(results: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for workload, (colour, label) in STYLES.items():
         for protocol, line in LINES.items():
-            chosen = sorted((p for p in results["points"] if p["workload"] == workload and p["protocol"] == protocol), key=lambda p: p["concurrency"])
+            chosen = sorted(
+                (p for p in results["points"] if p["workload"] == workload and p["protocol"] == protocol),
+                key=lambda p: p["concurrency"],
+            )
             if not chosen:
                 continue
             x = [p["concurrency"] for p in chosen]
-            axes[0].plot(x, [p["throughput"] for p in chosen], line, marker="o", ms=4, color=colour, label=f"{label} ({protocol})")
-            axes[1].plot(x, [p["p99_ms"] for p in chosen], line, marker="o", ms=4, color=colour, label=f"{label} ({protocol})")
+            axes[0].plot(
+                x,
+                [p["throughput"] for p in chosen],
+                line,
+                marker="o",
+                ms=4,
+                color=colour,
+                label=f"{label} ({protocol})",
+            )
+            axes[1].plot(
+                x, [p["p99_ms"] for p in chosen], line, marker="o", ms=4, color=colour, label=f"{label} ({protocol})"
+            )
     server = results["server"]
-    setup = f"{server['instances']} instances x {server['threads_per_instance']} ONNX Runtime thread(s), {results['machine']['cores']} cores"
+    threads = server["threads_per_instance"]
+    setup = f"{server['instances']} instances x {threads} ONNX Runtime thread(s), {results['machine']['cores']} cores"
     for ax, ylabel, title in ((axes[0], "requests / s", "throughput"), (axes[1], "p99 latency (ms)", "p99 latency")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({p["concurrency"] for p in results["points"]}))

@@ -21,9 +21,9 @@ import os
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from aim.serving.workloads import WORKLOADS, Request, bare_logits, judge, sample
 
 PROTOCOLS = ("grpc", "http")
 CONCURRENCY = (1, 8, 32, 128)
-# Served throughput modulated / bare, at every concurrency and protocol (issue 16).
+# Served throughput modulated / bare, at every concurrency and protocol.
 TARGETS = {"utility0": 0.97, "mixed": 0.90}
 REQUEST_TIMEOUT_S = 30.0  # one request; a hang beyond it is an error, not a stall of the run
 LOOPBACK = "127.0.0.1"
@@ -68,7 +68,9 @@ class Settings:
         if not self.concurrency or min(self.concurrency) < 1:
             raise LoadTestError(f"concurrency {list(self.concurrency)}: every value must be at least 1")
         if self.requests < 1 or self.seconds <= 0 or self.rounds < 1:
-            raise LoadTestError(f"requests {self.requests}, seconds {self.seconds:g}, rounds {self.rounds}: each must be positive")
+            raise LoadTestError(
+                f"requests {self.requests}, seconds {self.seconds:g}, rounds {self.rounds}: each must be positive"
+            )
 
 
 @dataclass
@@ -92,7 +94,11 @@ class Point:
             entry["checked"] += count
             entry["right"] += count if ok else 0
         sent = sum(run.sent for run in self.runs)
-        cpu = {side: sum(run.cpu_s[side] for run in self.runs) / sent * 1e3 for side in ("server", "client")} if all(r.cpu_s for r in self.runs) else None
+        cpu = (
+            {side: sum(run.cpu_s[side] for run in self.runs) / sent * 1e3 for side in ("server", "client")}
+            if all(r.cpu_s for r in self.runs)
+            else None
+        )
         return {
             "protocol": self.protocol,
             "concurrency": self.concurrency,
@@ -106,7 +112,10 @@ class Point:
             "errors": sum(errors.values()),
             "error_messages": [message for message, _ in errors.most_common(3)],
             "checks": dict(sorted(checks.items())),
-            "rounds": [{"throughput": run.throughput, "window_s": run.window_s, "replies": run.replies_in_window} for run in self.runs],
+            "rounds": [
+                {"throughput": run.throughput, "window_s": run.window_s, "replies": run.replies_in_window}
+                for run in self.runs
+            ],
         }
 
 
@@ -139,14 +148,18 @@ def _one_run(server, protocol: str, model: str, prepared: list, class_axis: int,
 
     module = _client_module(protocol)
     if protocol == "grpc":
+
         def open_client():
             return module.InferenceServerClient(server.grpc_url)
 
         def infer(client, tensors, outputs):
             return client.infer(model, tensors, outputs=outputs, client_timeout=REQUEST_TIMEOUT_S)
     else:
+
         def open_client():
-            return module.InferenceServerClient(server.http_url, connection_timeout=REQUEST_TIMEOUT_S, network_timeout=REQUEST_TIMEOUT_S)
+            return module.InferenceServerClient(
+                server.http_url, connection_timeout=REQUEST_TIMEOUT_S, network_timeout=REQUEST_TIMEOUT_S
+            )
 
         def infer(client, tensors, outputs):
             return client.infer(model, tensors, outputs=outputs)
@@ -165,7 +178,9 @@ def _one_run(server, protocol: str, model: str, prepared: list, class_axis: int,
 def _failures(summary: dict) -> list[str]:
     """What went wrong at one point: server errors, wrong replies."""
     where = f"{summary['protocol']} x{summary['concurrency']} {summary['workload']}"
-    found = [f"{where}: {summary['errors']} errors ({'; '.join(summary['error_messages'])})"] if summary["errors"] else []
+    found = (
+        [f"{where}: {summary['errors']} errors ({'; '.join(summary['error_messages'])})"] if summary["errors"] else []
+    )
     for kind, count in summary["checks"].items():
         if count["right"] < count["checked"]:
             found.append(f"{where}: {count['checked'] - count['right']} of {count['checked']} {kind} replies wrong")
@@ -217,7 +232,16 @@ def _repository(build_folder, manifest, out: Path, settings: Settings) -> tuple[
     repository = out / "repository"
     names = {"modulated": manifest.model, "bare": manifest.model + BARE_SUFFIX}
     for role, name in names.items():
-        write_model(build_folder, repository, name, None, settings.max_queue_delay_us, settings.instances, settings.threads, role == "bare")
+        write_model(
+            build_folder,
+            repository,
+            name,
+            None,
+            settings.max_queue_delay_us,
+            settings.instances,
+            settings.threads,
+            role == "bare",
+        )
     return repository, names
 
 
@@ -236,15 +260,28 @@ def _sweep(server, manifest, names: dict[str, str], settings: Settings, log) -> 
             for round_index in range(settings.rounds):
                 shift = round_index % len(WORKLOADS)
                 for name in WORKLOADS[shift:] + WORKLOADS[:shift]:
-                    point = points.setdefault((protocol, concurrency, name), Point(protocol, concurrency, name, served[name]))
-                    point.runs.append(_one_run(server, protocol, served[name], prepared[name], class_axis, output, budget))
+                    point = points.setdefault(
+                        (protocol, concurrency, name), Point(protocol, concurrency, name, served[name])
+                    )
+                    point.runs.append(
+                        _one_run(server, protocol, served[name], prepared[name], class_axis, output, budget)
+                    )
             row = {name: points[protocol, concurrency, name].summary() for name in WORKLOADS}
-            log(f"  {protocol:4} x{concurrency:<4} " + "  ".join(
-                f"{name} {row[name]['throughput']:7.0f}/s p99 {row[name]['p99_ms']:6.1f} ms" for name in WORKLOADS))
+            log(
+                f"  {protocol:4} x{concurrency:<4} "
+                + "  ".join(
+                    f"{name} {row[name]['throughput']:7.0f}/s p99 {row[name]['p99_ms']:6.1f} ms" for name in WORKLOADS
+                )
+            )
     return points
 
 
-def run_loadtest(build_folder: str | os.PathLike, out: str | os.PathLike, settings: Settings | None = None, log: Callable[[str], None] = print) -> dict:
+def run_loadtest(
+    build_folder: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: Settings | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """The sweep (module docstring); returns what it writes to <out>/loadtest.json."""
     from aim.runtime.folder import open_build
     from aim.serving.loadplot import plot
@@ -255,13 +292,18 @@ def run_loadtest(build_folder: str | os.PathLike, out: str | os.PathLike, settin
     manifest = open_build(build_folder)
     if manifest.backend != "onnxruntime":
         raise LoadTestError(
-            f"{build_folder} has a {manifest.backend} engine; the server here (nvidia-pytriton's) runs ONNX Runtime engines only. "
+            f"{build_folder} has a {manifest.backend} engine; the server here (nvidia-pytriton's) runs ONNX "
+            "Runtime engines only. "
             f"Load-test an ONNX Runtime build (BACKEND=onnxruntime), or a TensorRT one on a full Triton with its GPU"
         )
     out = Path(out)
     repository, names = _repository(build_folder, manifest, out, settings)
-    log(f"load test of {manifest.model}: {len(settings.protocols)} protocols x concurrency {list(settings.concurrency)} x "
-        f"{len(WORKLOADS)} workloads x {settings.rounds} rounds, each at most {settings.requests} requests / {settings.seconds:g} s")
+    log(
+        f"load test of {manifest.model}: {len(settings.protocols)} protocols x concurrency "
+        f"{list(settings.concurrency)} x "
+        f"{len(WORKLOADS)} workloads x {settings.rounds} rounds, each at most {settings.requests} requests / "
+        f"{settings.seconds:g} s"
+    )
     started = time.monotonic()
     log_path = out / "tritonserver.log"
     with TritonServer(repository, models=list(names.values()), host=LOOPBACK, log_path=log_path) as server:
@@ -278,9 +320,22 @@ def run_loadtest(build_folder: str | os.PathLike, out: str | os.PathLike, settin
         "build": str(Path(build_folder).resolve()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "server": {"models": names, "host": LOOPBACK, **_config_summary(repository, names["modulated"]), "log_tracebacks": tracebacks},
-        "settings": {**asdict(settings), "warmup": {c: settings.warmup(c) for c in settings.concurrency}, "request_timeout_s": REQUEST_TIMEOUT_S},
-        "workloads": {"bare": "the bare model", "utility0": "utility 0, focus 0", "mixed": "1/3 utility 0, 1/10 focus-only, the rest utility 0.5-5"},
+        "server": {
+            "models": names,
+            "host": LOOPBACK,
+            **_config_summary(repository, names["modulated"]),
+            "log_tracebacks": tracebacks,
+        },
+        "settings": {
+            **asdict(settings),
+            "warmup": {c: settings.warmup(c) for c in settings.concurrency},
+            "request_timeout_s": REQUEST_TIMEOUT_S,
+        },
+        "workloads": {
+            "bare": "the bare model",
+            "utility0": "utility 0, focus 0",
+            "mixed": "1/3 utility 0, 1/10 focus-only, the rest utility 0.5-5",
+        },
         "points": summaries,
         "ratios": ratios,
         "targets": _judge_targets(ratios),
@@ -298,7 +353,8 @@ def table(results: dict) -> str:
     """The README's table: per protocol and concurrency, bare beside modulated."""
     by_key = {(p["protocol"], p["concurrency"], p["workload"]): p for p in results["points"]}
     lines = [
-        "| protocol | clients | bare req/s | p50 / p99 ms | utility 0 req/s | / bare | p99 ms | mixed req/s | / bare | p50 / p99 ms | errors | utility-0 exact | focus right |",
+        "| protocol | clients | bare req/s | p50 / p99 ms | utility 0 req/s | / bare | p99 ms | mixed req/s | "
+        "/ bare | p50 / p99 ms | errors | utility-0 exact | focus right |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["ratios"]:
@@ -311,7 +367,8 @@ def table(results: dict) -> str:
             f"| {protocol} | {clients} | {bare['throughput']:.0f} | {bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} "
             f"| {zero['throughput']:.0f} | {row['utility0']:.3f} | {zero['p99_ms']:.1f} "
             f"| {mixed['throughput']:.0f} | {row['mixed']:.3f} | {mixed['p50_ms']:.1f} / {mixed['p99_ms']:.1f} "
-            f"| {errors} | {sum(e['right'] for e in exact)}/{sum(e['checked'] for e in exact)} | {focus['right']}/{focus['checked']} |"
+            f"| {errors} | {sum(e['right'] for e in exact)}/{sum(e['checked'] for e in exact)} | "
+            f"{focus['right']}/{focus['checked']} |"
         )
     return "\n".join(lines)
 
@@ -321,7 +378,8 @@ def cpu_table(results: dict) -> str:
     modulated, and the ratios it implies for a server with the cores to itself."""
     by_key = {(p["protocol"], p["concurrency"], p["workload"]): p for p in results["points"]}
     lines = [
-        "| protocol | clients | server CPU ms / request: bare | utility 0 | mixed | bare / utility 0 | bare / mixed | client CPU ms / request (bare) |",
+        "| protocol | clients | server CPU ms / request: bare | utility 0 | mixed | bare / utility 0 | bare / "
+        "mixed | client CPU ms / request (bare) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["ratios"]:
@@ -329,7 +387,8 @@ def cpu_table(results: dict) -> str:
         if not all(cpu):
             continue
         lines.append(
-            f"| {row['protocol']} | {row['concurrency']} | {cpu[0]['server']:.3f} | {cpu[1]['server']:.3f} | {cpu[2]['server']:.3f} "
+            f"| {row['protocol']} | {row['concurrency']} | {cpu[0]['server']:.3f} | {cpu[1]['server']:.3f} | "
+            f"{cpu[2]['server']:.3f} "
             f"| {row['utility0_by_server_cpu']:.3f} | {row['mixed_by_server_cpu']:.3f} | {cpu[0]['client']:.3f} |"
         )
     return "\n".join(lines)

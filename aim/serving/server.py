@@ -2,7 +2,7 @@
 
 `nvidia-pytriton` ships tritonserver with the Python backend but without the ONNX Runtime backend. A
 backend directory made for each server holds the Python backend's files (its library, its utils and
-the stub for this Python version) and the project's own `triton_backends/onnxruntime/model.py`, which
+the stub for this Python version) and the project's own `aim/serving/backends/onnxruntime/model.py`, which
 Triton runs as the `onnxruntime` backend of `onnxruntime_onnx` models (a "Python-based backend").
 
 The server needs, on these machines: the Python installation's lib folder and pytriton's libs on
@@ -131,14 +131,16 @@ class TritonServer:
             "--exit-on-error=true",
         ]
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> "TritonServer":
+    def start(self, timeout: float = START_TIMEOUT_S) -> TritonServer:
         if not Path(self.repository).is_dir():
-            raise TritonServerError(f"model repository {self.repository} does not exist: run `make triton MODEL=...` first")
+            raise TritonServerError(
+                f"model repository {self.repository} does not exist: run `make triton MODEL=...` first"
+            )
         if not (self.http_port and self.grpc_port):
             self.http_port, self.grpc_port = free_ports(2)
         return self._start(timeout)
 
-    def _start(self, timeout: float) -> "TritonServer":
+    def _start(self, timeout: float) -> TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="aim-triton-"))
         backend_dir = make_backend_dir(self._workdir / "backends")
         log_path = Path(self.log_path or self._workdir / "tritonserver.log")
@@ -223,7 +225,7 @@ class TritonServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc) -> None:

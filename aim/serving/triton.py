@@ -79,7 +79,8 @@ def model_config_class():
         from tritonclient.grpc import model_config_pb2
     except ImportError as error:
         raise TritonConfigError(
-            f"tritonclient is needed for Triton model configs ({error}); install it: pip install 'tritonclient[http,grpc]'"
+            f"tritonclient is needed for Triton model configs ({error}); install it: pip install "
+            "'tritonclient[http,grpc]'"
         ) from error
     return model_config_pb2.ModelConfig
 
@@ -121,7 +122,9 @@ def instance_plan(kind: str, instances: int | None = None, threads: int | None =
             raise TritonConfigError(f"{label} must be at least 1, got {value}")
     if kind == "KIND_GPU":
         if threads is not None:
-            raise TritonConfigError("threads set ONNX Runtime's CPU threads; a TensorRT plan runs on the GPU: leave it out")
+            raise TritonConfigError(
+                "threads set ONNX Runtime's CPU threads; a TensorRT plan runs on the GPU: leave it out"
+            )
         return instances or 1, None
     cores = cpu_cores()
     count = instances or min(cores, MAX_DEFAULT_INSTANCES)
@@ -150,7 +153,9 @@ def served_graph(manifest: Manifest, bare: bool = False) -> GraphIO:
     return GraphIO.of(manifest.graph_path("bare")) if bare else manifest.graph
 
 
-def expected_tensors(manifest: Manifest, bare: bool = False) -> dict[str, dict[str, tuple[str, list[int], list[int] | None]]]:
+def expected_tensors(
+    manifest: Manifest, bare: bool = False
+) -> dict[str, dict[str, tuple[str, list[int], list[int] | None]]]:
     """What the config must declare, per the manifest: {"input"|"output": {name: (type, dims, reshape)}}."""
     graph = served_graph(manifest, bare)
     if not graph.inputs or not graph.outputs:
@@ -184,7 +189,9 @@ def expected_tensors(manifest: Manifest, bare: bool = False) -> dict[str, dict[s
 
 def max_batch_size(manifest: Manifest) -> int:
     if BATCH not in manifest.dynamic_dims:
-        raise TritonConfigError(f"the manifest has no range for the {BATCH!r} dim: rebuild the engine with a dynamic batch")
+        raise TritonConfigError(
+            f"the manifest has no range for the {BATCH!r} dim: rebuild the engine with a dynamic batch"
+        )
     return int(manifest.dynamic_dims[BATCH].max)
 
 
@@ -234,7 +241,8 @@ def check_config(config, manifest: Manifest, engine_file: str, where: str = CONF
     limit = max_batch_size(manifest)
     if not 1 <= config.max_batch_size <= limit:
         problems.append(
-            f"max_batch_size is {config.max_batch_size}; it must be between 1 and the engine profile's max batch {limit} "
+            f"max_batch_size is {config.max_batch_size}; it must be between 1 and the engine profile's max "
+            f"batch {limit} "
             f"(0 would turn batching off and make Triton send tensors without the batch dim the engine expects)"
         )
     wanted = expected_tensors(manifest, bare)
@@ -251,19 +259,29 @@ def check_config(config, manifest: Manifest, engine_file: str, where: str = CONF
         for tensor_name in sorted(set(declared) & set(wanted[role])):
             entry, (data_type, dims, reshape) = declared[tensor_name], wanted[role][tensor_name]
             if pb.DataType.Name(entry.data_type) != data_type:
-                problems.append(f"{role} {tensor_name!r} has data_type {pb.DataType.Name(entry.data_type)}, the engine's is {data_type}")
+                problems.append(
+                    f"{role} {tensor_name!r} has data_type {pb.DataType.Name(entry.data_type)}, the engine's "
+                    f"is {data_type}"
+                )
             if list(entry.dims) != dims:
-                problems.append(f"{role} {tensor_name!r} has dims {list(entry.dims)}, the engine's are {dims} per request")
+                problems.append(
+                    f"{role} {tensor_name!r} has dims {list(entry.dims)}, the engine's are {dims} per request"
+                )
             got_reshape = list(entry.reshape.shape) if entry.HasField("reshape") else None
             if got_reshape != reshape:
                 problems.append(f"{role} {tensor_name!r} has reshape {got_reshape}, the engine needs {reshape}")
             if role == "input" and entry.optional:
-                problems.append(f"input {tensor_name!r} is optional: Triton's TensorRT backend accepts no optional inputs")
+                problems.append(
+                    f"input {tensor_name!r} is optional: Triton's TensorRT backend accepts no optional inputs"
+                )
     kinds = {pb.ModelInstanceGroup.Kind.Name(group.kind) for group in config.instance_group}
     if kinds - {kind, "KIND_AUTO"}:
         problems.append(f"instance_group kind {sorted(kinds)} does not fit {platform} (needs {kind})")
     if any(group.count < 1 for group in config.instance_group):
-        problems.append(f"instance_group count {[group.count for group in config.instance_group]}: every group needs at least 1 instance")
+        problems.append(
+            f"instance_group count {[group.count for group in config.instance_group]}: every group needs at "
+            "least 1 instance"
+        )
     if not config.HasField("dynamic_batching"):
         problems.append("dynamic_batching is off: requests of different clients would never share a batch")
     if problems:
@@ -304,7 +322,9 @@ def _check_onnx_engine(path: Path, manifest: Manifest, graph: GraphIO) -> list[s
             if said[key].get(name) != have[key].get(name)
         ]
         if differ:
-            raise TritonConfigError(f"{path.name} does not match its manifest's {key}: {'; '.join(differ)}. Rebuild with `make engine`")
+            raise TritonConfigError(
+                f"{path.name} does not match its manifest's {key}: {'; '.join(differ)}. Rebuild with `make engine`"
+            )
     locations = data_files(onnx.load(str(path), load_external_data=False))  # the graph only, never its weights
     for location in locations:
         if not (path.parent / location).is_file():
@@ -315,7 +335,9 @@ def _check_onnx_engine(path: Path, manifest: Manifest, graph: GraphIO) -> list[s
 def config_text(config, source: str) -> str:
     from google.protobuf import text_format
 
-    return f"# Generated by `aim triton` from {source}; do not edit: regenerate.\n" + text_format.MessageToString(config)
+    return f"# Generated by `aim triton` from {source}; do not edit: regenerate.\n" + text_format.MessageToString(
+        config
+    )
 
 
 def write_model(
@@ -337,7 +359,9 @@ def write_model(
     """
     manifest = open_build(build_folder)
     if bare and engine:
-        raise TritonConfigError(f"bare serves the build's bare model, engine={engine!r} picks a modulated engine: give one of them")
+        raise TritonConfigError(
+            f"bare serves the build's bare model, engine={engine!r} picks a modulated engine: give one of them"
+        )
     name = name or manifest.model + (BARE_SUFFIX if bare else "")
     if not name or not _NAME.match(name):
         raise TritonConfigError(f"model name {name!r}: use letters, digits, '_', '-' and '.' only")
@@ -348,7 +372,9 @@ def write_model(
     check_config(parse_config(text, f"{name}/{CONFIG}"), manifest, engine_path.name, f"{name}/{CONFIG}", bare)
     # An ONNX engine can be read here: its own inputs/outputs must be what the manifest says.
     graph = served_graph(manifest, bare)
-    extra_files = _check_onnx_engine(engine_path, manifest, graph) if platform == "onnxruntime_onnx" and not build_it else []
+    extra_files = (
+        _check_onnx_engine(engine_path, manifest, graph) if platform == "onnxruntime_onnx" and not build_it else []
+    )
 
     with StagedFolder(Path(repository) / name) as staged:
         (staged.path / VERSION).mkdir(parents=True)

@@ -82,7 +82,9 @@ def bare_logits(manifest: Manifest, feeds: list[dict[str, np.ndarray]]) -> list[
         return [engine.infer(feed)[manifest.modulation.logits] for feed in feeds]
 
 
-def workload(name: str, feeds: list[dict], bare: list[np.ndarray], num_classes: int, seed: int = 0, count: int = REQUESTS) -> list[Request]:
+def workload(
+    name: str, feeds: list[dict], bare: list[np.ndarray], num_classes: int, seed: int = 0, count: int = REQUESTS
+) -> list[Request]:
     """The requests of one workload, `count` of them, cycling over the samples."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")

@@ -23,7 +23,3 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise UnknownModelError(f"unknown task {name!r}; tasks: {', '.join(sorted(TASKS))}") from None
-
-
-def list_tasks() -> list[str]:
-    return sorted(TASKS)

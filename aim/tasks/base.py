@@ -19,7 +19,7 @@ class Task:
     # Input whose spatial size the logits are resized to before modulation (segmentation), or None.
     upsample_logits_to: str | None = None
     metric: str = "accuracy"  # the clean metric of a trained model
-    utility_grid: str = "classification"  # the eval sweep's sigma grid (SPEC section 1)
+    utility_grid: str = "classification"  # the eval sweep's sigma grid (docs/method.md §1)
     segmentation: bool = False  # measured per pixel: mIoU besides accuracy
     uses_tokenizer: bool = False  # text in and out: a build keeps a tokenizer for generation
     # What a model of this task gets when its checkpoint names no family (aim/tasks/checkpoint.py) or
@@ -32,7 +32,9 @@ class Task:
 
     # -- tracing
 
-    def checkpoint_dims(self, config: dict, fixed_image_size: bool, folder=None) -> tuple[dict[str, DimRange], dict[str, int]]:
+    def checkpoint_dims(
+        self, config: dict, fixed_image_size: bool, folder=None
+    ) -> tuple[dict[str, DimRange], dict[str, int]]:
         """(dims, verify sizes) of a checkpoint's model (config.json as a dict, in `folder`): the task's defaults."""
         return dict(self.dims), dict(self.verify_sizes)
 
@@ -147,9 +149,3 @@ class Task:
     def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
         """`count` imperceptible variants of the eval inputs `inputs` (shaped for `engine`), one by one."""
         raise NotImplementedError
-
-    def labels_fit(self, checkpoint) -> bool:
-        """Whether the data's labels are the model's classes (the family's own trained model)."""
-        from pathlib import Path
-
-        return checkpoint is not None and (Path(checkpoint) / "training.json").is_file()

@@ -38,7 +38,10 @@ def checkpoint_family(folder: str | os.PathLike, log=None) -> Family:
     task = get_task(architecture.task)
     dims, sizes = task.checkpoint_dims(config, architecture.fixed_image_size, Path(folder))
     if log is not None and not architecture.tested:
-        log(f"note: {architecture.model_type} is not among the tested architectures; the verification against PyTorch decides")
+        log(
+            f"note: {architecture.model_type} is not among the tested architectures; the verification against "
+            "PyTorch decides"
+        )
     return Family(
         name=build_name(folder),
         task=task.name,

@@ -31,7 +31,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, index) -> "Split":
+    def take(self, index) -> Split:
         return Split({k: v[index] for k, v in self.inputs.items()}, self.labels[index])
 
 
@@ -61,7 +61,12 @@ def digits(seed: int = 0, size: int = DIGITS_SIZE, channels: int = 1) -> dict[st
 SHAPE_CLASSES = ("background", "disc", "square", "triangle", "ring")
 SHAPES_SIZE = 64
 # Mean colour (RGB, in the images' -1..1 range) of each foreground class.
-SHAPE_COLOURS = {1: np.array([0.9, -0.6, -0.6]), 2: np.array([-0.6, 0.9, -0.6]), 3: np.array([-0.6, -0.6, 0.9]), 4: np.array([0.8, 0.8, -0.7])}
+SHAPE_COLOURS = {
+    1: np.array([0.9, -0.6, -0.6]),
+    2: np.array([-0.6, 0.9, -0.6]),
+    3: np.array([-0.6, -0.6, 0.9]),
+    4: np.array([0.8, 0.8, -0.7]),
+}
 
 
 def _shape_mask(kind: int, yy, xx, cy, cx, r, rng) -> np.ndarray:

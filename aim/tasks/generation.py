@@ -3,7 +3,7 @@
 One graph does prefill and decode (tasks/text_generation.py): the prompt goes in with a KV cache of length 0,
 each later step feeds one token per sequence and the `present.*` outputs of the previous step as
 `past_key_values.*`. The engine returns the modulated next-token logits [B, V]; greedy decoding,
-temperature and top-k sampling then happen on the host, on the redistributed logits (SPEC section 2:
+temperature and top-k sampling then happen on the host, on the redistributed logits (docs/method.md §2:
 the redistribution comes before argmax, temperature, top-k and sampling).
 
 The knobs are per sequence and may change per step: `utility` is a number, a [B] array, or a callable
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -46,8 +46,8 @@ def pad_left(prompts: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, n
     ids = np.full((len(prompts), width), pad_token_id, np.int64)
     mask = np.zeros((len(prompts), width), np.int64)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
@@ -165,7 +165,9 @@ def generate(
     else:
         ids, mask = np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64)
         if ids.shape != mask.shape or ids.ndim != 2:
-            raise InvalidInputError(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must be the same [B, S]")
+            raise InvalidInputError(
+                f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must be the same [B, S]"
+            )
     if forced is not None:
         max_new_tokens = min(max_new_tokens, np.shape(forced)[1])
     if max_new_tokens < 1:
@@ -192,7 +194,10 @@ def generate(
     past = {}  # prefill: an empty cache, [B, heads, 0, head_dim]
     for name, dims in cache.items():
         if len(dims) != 4 or not all(isinstance(d, int) for d in (dims[1], dims[3])):
-            raise AimError(f"cache input {name} has dims {dims}; expected [batch, heads, past_sequence, head_dim] with static heads and head_dim")
+            raise AimError(
+                f"cache input {name} has dims {dims}; expected [batch, heads, past_sequence, head_dim] with "
+                "static heads and head_dim"
+            )
         past[name] = np.zeros([batch, dims[1], 0, dims[3]], np.float32)
     generated = np.zeros((batch, 0), np.int64)
     finished = np.zeros(batch, bool)
@@ -207,12 +212,18 @@ def generate(
         if modulated:
             feed[UTILITY], feed[FOCUS] = check_modulation(u, f, batch, num_classes)
         elif np.any(np.asarray(u) != 0) or f is not None:
-            raise InvalidInputError(f"{getattr(engine, 'path', 'the engine')} is not modulated: it has no utility or focus input")
+            raise InvalidInputError(
+                f"{getattr(engine, 'path', 'the engine')} is not modulated: it has no utility or focus input"
+            )
         out = engine.infer(feed)
         logits = out["logits"]
         if keep_logits:
             kept.append(logits)
-        token = sample(logits, temperature, top_k, rng).astype(np.int64) if forced is None else np.asarray(forced[:, step], np.int64)
+        token = (
+            sample(logits, temperature, top_k, rng).astype(np.int64)
+            if forced is None
+            else np.asarray(forced[:, step], np.int64)
+        )
         token = np.where(finished, pad_token_id, token)
         finished = finished | np.isin(token, stops)
         generated = np.concatenate([generated, token[:, None]], axis=1)
@@ -220,7 +231,7 @@ def generate(
             on_token(step, token, finished)
         if finished.all():
             break
-        past = {name: out[PRESENT + name[len(PAST):]] for name in cache}
+        past = {name: out[PRESENT + name[len(PAST) :]] for name in cache}
         step_ids = token[:, None]
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
     return Generation(generated, finished, time.perf_counter() - start, kept)
@@ -279,14 +290,18 @@ def parse_focus(text: str | None) -> tuple[dict, dict]:
         sign, body = item[0], item[1:]
         target, _, strength = body.rpartition("=")
         if sign not in "+-" or not target or not strength:
-            raise InvalidInputError(f"focus items are +WORD=STRENGTH or -WORD=STRENGTH (#ID for a token id); got {item!r}")
+            raise InvalidInputError(
+                f"focus items are +WORD=STRENGTH or -WORD=STRENGTH (#ID for a token id); got {item!r}"
+            )
         try:
             value = float(strength)
         except ValueError:
             raise InvalidInputError(f"focus strength in {item!r} is not a number") from None
         if target.startswith("#") and len(target) > 1:
             if not target[1:].isdigit():
-                raise InvalidInputError(f"focus {item!r}: {target} is not a token id; #N takes a token id N >= 0 (e.g. +#123=4)")
+                raise InvalidInputError(
+                    f"focus {item!r}: {target} is not a token id; #N takes a token id N >= 0 (e.g. +#123=4)"
+                )
             target = int(target[1:])
         (boost if sign == "+" else suppress)[target] = value
     return boost, suppress
@@ -353,7 +368,9 @@ def load_build(folder: str | os.PathLike, log: Callable[[str], None] | None = No
                 f"(`AutoTokenizer.from_pretrained(...).save_pretrained(DIR)`) and rebuild. The engine itself is "
                 f"verified and takes token ids (`aim run`, Triton)."
             )
-        raise AimError(f"{folder} has no tokenizer: it is not a text-generation build. Build one with `make engine MODEL=llama`.")
+        raise AimError(
+            f"{folder} has no tokenizer: it is not a text-generation build. Build one with `make engine MODEL=llama`."
+        )
     manifest.check_artifacts()
     engine, note = production_runner(manifest)
     if note and log is not None:
@@ -432,13 +449,23 @@ def generate_text(
         first.append(int(token[0]))
         text = tokenizer.decode(first, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # else a multi-byte character is incomplete: wait for its next byte
-            stream(text[len(state["shown"]):])
+            stream(text[len(state["shown"]) :])
             state["shown"] = text
 
     run = generate(
-        engine, ids, mask, max_new_tokens=max_new_tokens, stop_tokens=stops, pad_token_id=pad_id_of(tokenizer),
-        utility=utility, focus=focus_array, temperature=temperature, top_k=top_k, seed=seed,
-        on_token=on_token if stream else None, max_positions=manifest.max_positions,
+        engine,
+        ids,
+        mask,
+        max_new_tokens=max_new_tokens,
+        stop_tokens=stops,
+        pad_token_id=pad_id_of(tokenizer),
+        utility=utility,
+        focus=focus_array,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        on_token=on_token if stream else None,
+        max_positions=manifest.max_positions,
     )
     texts = [tokenizer.decode(until_stop(row, stops), skip_special_tokens=True) for row in run.tokens]
     return texts, run

@@ -45,7 +45,9 @@ class _ImageTask(Task):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return {"height": int(height), "width": int(width)}
 
-    def checkpoint_dims(self, config: dict, fixed_image_size: bool, folder=None) -> tuple[dict[str, DimRange], dict[str, int]]:
+    def checkpoint_dims(
+        self, config: dict, fixed_image_size: bool, folder=None
+    ) -> tuple[dict[str, DimRange], dict[str, int]]:
         dims, sizes = dict(self.dims), dict(self.verify_sizes)
         if fixed_image_size:
             sizes.update(self.fixed_size(config, folder))
@@ -99,7 +101,10 @@ class _ImageTask(Task):
     def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
         rng = np.random.default_rng(seed)
         for _ in range(count):
-            yield {**inputs, PIXELS: inputs[PIXELS] + rng.choice(np.float32([-LEVEL, LEVEL]), size=inputs[PIXELS].shape)}
+            yield {
+                **inputs,
+                PIXELS: inputs[PIXELS] + rng.choice(np.float32([-LEVEL, LEVEL]), size=inputs[PIXELS].shape),
+            }
 
     def training_logits(self, model, inputs: dict):
         """The logits with gradients, as the engine computes them (resized to the input if the task asks)."""

@@ -4,8 +4,8 @@ The export follows Optimum's `text-generation-with-past` config of the model's a
 (export/optimum_io.py): `input_ids`, `attention_mask` [B, past + new], `position_ids` (where the model
 takes them), `past_key_values.{i}.key/value` in, `present.{i}.key/value` out, with its dynamic axes
 under our names `batch`, `sequence`, `past_sequence` (0 at prefill) and `total_sequence`; the cache's
-heads and head size are what Optimum's generator gives the architecture. Unlike Optimum's export (logits [B, S, V]) the graph
-keeps the last position's logits only (export/wrappers.py).
+heads and head size are what Optimum's generator gives the architecture. Unlike Optimum's export
+(logits [B, S, V]) the graph keeps the last position's logits only (export/wrappers.py).
 
 Beyond the logits a build is checked on what generation does: greedy tokens at utility 0 equal
 transformers' `generate()`, and decoding through the cache gives the logits of a full recompute.
@@ -80,7 +80,8 @@ class TextGeneration(Task):
     tolerance = Tolerance(
         atol=1e-4,
         rtol=1e-4,
-        why="fp32 both sides; matmul and softmax reductions ordered differently by ONNX Runtime and PyTorch, ~1e-6 relative per layer",
+        why="fp32 both sides; matmul and softmax reductions ordered differently by ONNX Runtime and PyTorch, "
+        "~1e-6 relative per layer",
     )
     fp16 = Agreement(
         metric="top_k",
@@ -121,7 +122,11 @@ class TextGeneration(Task):
     def keep_fp32(self, model) -> tuple[str, ...]:
         """Rotary embeddings (angles are position x frequency: in FP16 a position near 1000 keeps only
         ~0.5 rad of precision), by their node names under the wrapper's `model`."""
-        return tuple(f"/model/{name.replace('.', '/')}/" for name, module in model.named_modules() if "Rotary" in type(module).__name__)
+        return tuple(
+            f"/model/{name.replace('.', '/')}/"
+            for name, module in model.named_modules()
+            if "Rotary" in type(module).__name__
+        )
 
     def example_inputs(self, model, sizes: dict[str, int], seed: int = 0) -> dict:
         """A prefill-or-decode step: `sequence` new tokens after a random cache of `past_sequence`."""
@@ -169,7 +174,10 @@ class TextGeneration(Task):
         import torch
 
         stop, pad = _special_tokens(model.config, tokenizer)
-        arrays = {"generation.stop_tokens": np.array(stop, np.int64), "generation.pad_token_id": np.array(pad, np.int64)}
+        arrays = {
+            "generation.stop_tokens": np.array(stop, np.int64),
+            "generation.pad_token_id": np.array(pad, np.int64),
+        }
         prompts = _token_prompts(model.config.vocab_size, stop, seed) if tokenizer is None else None
         for index, batch in enumerate(BATCHES):
             if tokenizer is None:
@@ -178,12 +186,19 @@ class TextGeneration(Task):
                 ids, mask = encode(tokenizer, [PROMPTS[i] for i in batch])
             with torch.no_grad():
                 out = model.generate(
-                    input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=NEW_TOKENS,
-                    do_sample=False, pad_token_id=pad, eos_token_id=stop or None, top_k=None, top_p=None, temperature=None,
+                    input_ids=torch.from_numpy(ids),
+                    attention_mask=torch.from_numpy(mask),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=stop or None,
+                    top_k=None,
+                    top_p=None,
+                    temperature=None,
                 )
             arrays[f"generation.{index}.input_ids"] = ids
             arrays[f"generation.{index}.attention_mask"] = mask
-            arrays[f"generation.{index}.tokens"] = out[:, ids.shape[1]:].numpy().astype(np.int64)
+            arrays[f"generation.{index}.tokens"] = out[:, ids.shape[1] :].numpy().astype(np.int64)
         return arrays
 
     def checks(self, engine, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
@@ -212,7 +227,9 @@ class TextGeneration(Task):
             {"tokens_equal": equal, "tokens": total},
         )
         last = len(BATCHES) - 1
-        worst = kv_vs_recompute(engine, extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS)
+        worst = kv_vs_recompute(
+            engine, extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS
+        )
         kv = Check(
             "KV cache vs full recompute",
             worst <= tolerance.atol,
@@ -256,7 +273,10 @@ class TextGeneration(Task):
 
     # Whitespace before the context, not after it: a trailing space is part of the next token to a
     # BPE model and asks another question (measured: 3% of next tokens agree with the original's).
-    perturbation = "leading whitespace: the k-th shortest string of spaces, newlines and tabs before the context (as its own tokens)"
+    perturbation = (
+        "leading whitespace: the k-th shortest string of spaces, newlines and tabs before the context "
+        "(as its own tokens)"
+    )
 
     def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
         from aim.tasks.generation import prefill_inputs
@@ -266,7 +286,9 @@ class TextGeneration(Task):
         for prefix in whitespace(count):
             extra = np.asarray(tokenizer(prefix, add_special_tokens=False)["input_ids"], dtype=ids.dtype)
             extra = np.broadcast_to(extra, (ids.shape[0], extra.size))
-            yield prefill_inputs(engine, np.concatenate([extra, ids], axis=1), np.concatenate([np.ones_like(extra), mask], axis=1))
+            yield prefill_inputs(
+                engine, np.concatenate([extra, ids], axis=1), np.concatenate([np.ones_like(extra), mask], axis=1)
+            )
 
     def eval_split(self, engine, checkpoint, split: str, seed: int = 0, count: int | None = None):
         """Windows of the corpus, each a prefill step of the KV-cache export (positions and an empty
@@ -277,7 +299,9 @@ class TextGeneration(Task):
         data = datasets.corpus(load_tokenizer(checkpoint), seed)[split]
         if count is not None:
             data = data.take(slice(0, count))
-        return datasets.Split(prefill_inputs(engine, data.inputs["input_ids"], data.inputs["attention_mask"]), data.labels)
+        return datasets.Split(
+            prefill_inputs(engine, data.inputs["input_ids"], data.inputs["attention_mask"]), data.labels
+        )
 
 
 def whitespace(count: int) -> list[str]:
@@ -333,7 +357,16 @@ def _reduced_checks(engine, extra: dict, reduced: Agreement) -> list[Check]:
     for index in range(len(BATCHES)):
         ids, mask = extra[f"generation.{index}.input_ids"], extra[f"generation.{index}.attention_mask"]
         expected = extra[f"generation.{index}.tokens"]
-        run = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS, stop_tokens=stop, pad_token_id=pad, keep_logits=True, forced=expected)
+        run = generate(
+            engine,
+            ids,
+            mask,
+            max_new_tokens=NEW_TOKENS,
+            stop_tokens=stop,
+            pad_token_id=pad,
+            keep_logits=True,
+            forced=expected,
+        )
         for step, logits in enumerate(run.logits):
             live = np.flatnonzero(~np.isin(expected[:, :step], stop).any(axis=1)) if step else np.arange(len(ids))
             top = np.argpartition(-logits[live], k - 1, axis=1)[:, :k]
@@ -347,6 +380,14 @@ def _reduced_checks(engine, extra: dict, reduced: Agreement) -> list[Check]:
         {"fraction": fraction, "k": k, "steps": total},
     )
     last = len(BATCHES) - 1
-    cached, recomputed = cached_and_recomputed(engine, extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS)
-    kv = agreement("KV cache vs full recompute (reduced precision)", recomputed.reshape(-1, cached.shape[-1]), cached.reshape(-1, cached.shape[-1]), reduced, 1)
+    cached, recomputed = cached_and_recomputed(
+        engine, extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS
+    )
+    kv = agreement(
+        "KV cache vs full recompute (reduced precision)",
+        recomputed.reshape(-1, cached.shape[-1]),
+        cached.reshape(-1, cached.shape[-1]),
+        reduced,
+        1,
+    )
     return [greedy, kv]

@@ -32,7 +32,9 @@ class TextTokenizer:
 
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
-            raise AimError(f"{folder} has no tokenizer.json: rebuild the engine, which saves the tokenizer generation needs")
+            raise AimError(
+                f"{folder} has no tokenizer.json: rebuild the engine, which saves the tokenizer generation needs"
+            )
         try:
             self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
             config = {}
@@ -70,6 +72,6 @@ class TextTokenizer:
         mask = np.zeros((len(encoded), width), np.int64)
         for row, tokens in enumerate(encoded):
             if tokens:
-                ids[row, width - len(tokens):] = tokens
-                mask[row, width - len(tokens):] = 1
+                ids[row, width - len(tokens) :] = tokens
+                mask[row, width - len(tokens) :] = 1
         return ids, mask

@@ -52,13 +52,21 @@ def verify_build(
     stats_inputs, stats_bare = statistics_inputs(bare, inputs, bare_logits, max_batch)
     bare.close()
     modulated = verification.run(
-        inputs, reference.utility, reference.focus, noise_utility=reference.noise_utility, noise_focus=reference.noise_focus
+        inputs,
+        reference.utility,
+        reference.focus,
+        noise_utility=reference.noise_utility,
+        noise_focus=reference.noise_focus,
     )
     verification.close()
     checks = [
         differential(f"bare model vs {reference.source}", reference.logits, bare_logits),
-        differential(f"modulated (verification flavour) vs {reference.source} reference", reference.modulated, modulated),
+        differential(
+            f"modulated (verification flavour) vs {reference.source} reference", reference.modulated, modulated
+        ),
     ]
     if keyed:
-        return checks + keyed_checks(engine, stats_inputs, stats_bare, class_axis, reference, tolerance, reduced_precision is not None)
+        return checks + keyed_checks(
+            engine, stats_inputs, stats_bare, class_axis, reference, tolerance, reduced_precision is not None
+        )
     return checks + statistical_checks(engine, stats_inputs, stats_bare, class_axis, seed)

@@ -46,7 +46,9 @@ def agreement(name: str, reference: np.ndarray, actual: np.ndarray, spec: Agreem
     k = 1 if spec.metric == "class_map" else spec.k
     top_k = PostprocessFunc.top_k(k=(k, class_axis))
     indices = [
-        np.moveaxis(np.asarray(top_k(IterationResult({"out": np.ascontiguousarray(a)}))["out"]), class_axis, -1).reshape(-1, k)
+        np.moveaxis(
+            np.asarray(top_k(IterationResult({"out": np.ascontiguousarray(a)}))["out"]), class_axis, -1
+        ).reshape(-1, k)
         for a in (reference, actual)
     ]
     if spec.metric == "class_map":
@@ -66,7 +68,10 @@ def agreement(name: str, reference: np.ndarray, actual: np.ndarray, spec: Agreem
         "top1_agreement": top1,
         "max_abs_diff": float(np.max(np.abs(reference.astype(np.float64) - actual))),
     }
-    detail = f"{what}: {fraction:.4f} (needs >= {spec.min_fraction:g}); top-1 {top1:.4f}; max |diff| {metrics['max_abs_diff']:.3g}"
+    detail = (
+        f"{what}: {fraction:.4f} (needs >= {spec.min_fraction:g}); top-1 {top1:.4f}; "
+        f"max |diff| {metrics['max_abs_diff']:.3g}"
+    )
     return Check(name, fraction >= spec.min_fraction, detail, metrics)
 
 

@@ -16,7 +16,10 @@ DEFECTS = {
     "scale": ("utility noise 5% too wide (n1 * 1.05)", UTILITY_CHECK),
     "merged": ("one draw for both noises (n2 = n1): two random nodes merged by an optimiser", INDEPENDENCE_CHECK),
     "shifted": ("a shifted stream: n2 of class k is the draw that gave n1 of class k+1", CORRELATION_CHECK),
-    "shifted-rows": ("a shifted stream across rows: n2 of row r is the draw that gave n1 of row r+1", CORRELATION_CHECK),
+    "shifted-rows": (
+        "a shifted stream across rows: n2 of row r is the draw that gave n1 of row r+1",
+        CORRELATION_CHECK,
+    ),
     "stale": ("the same draws on every run", "fresh draws"),
     "signed": ("focus noise n2 instead of |n2|: a boost can lower the class", BOOST_CHECK),
 }
@@ -34,7 +37,9 @@ class DefectiveEngine:
     def _knob(self, value, axes: int) -> np.ndarray:
         """utility (axes 1: [B]) or focus (axes 2: [B, C]) broadcast and shaped to multiply the logits."""
         shape = self.bare.shape
-        full = np.broadcast_to(np.asarray(0.0 if value is None else value, np.float64), (shape[0], shape[self.axis])[:axes])
+        full = np.broadcast_to(
+            np.asarray(0.0 if value is None else value, np.float64), (shape[0], shape[self.axis])[:axes]
+        )
         if axes == 1:
             return full.reshape((shape[0],) + (1,) * (len(shape) - 1))
         return np.expand_dims(full, tuple(a for a in range(len(shape)) if a not in (0, self.axis)))

@@ -121,11 +121,21 @@ def keyed_checks(
     # Another tier: the normalised noise moves everywhere. Two independent N(0, 1) values fall within
     # 1e-3 of each other with probability 5.6e-4, the same draw always: more than half must move.
     tier = engine.run(inputs, sigmas[0] + 0.5, None)
-    moved = float(np.mean(np.abs((tier - bare) / (sigmas[0] + 0.5).reshape(per_row) - (first - bare) / sigmas[0].reshape(per_row)) > 1e-3))
+    moved = float(
+        np.mean(
+            np.abs((tier - bare) / (sigmas[0] + 0.5).reshape(per_row) - (first - bare) / sigmas[0].reshape(per_row))
+            > 1e-3
+        )
+    )
     checks += [
         same,
         invariant,
-        Check("another tier, another draw", moved > 0.5, f"{moved:.1%} of the noise differs by > 1e-3 at sigma + 0.5", {"differ": moved}),
+        Check(
+            "another tier, another draw",
+            moved > 0.5,
+            f"{moved:.1%} of the noise differs by > 1e-3 at sigma + 0.5",
+            {"differ": moved},
+        ),
     ]
 
     # Distinct requests: a distinct tier per row and run.
@@ -136,20 +146,40 @@ def keyed_checks(
     plain = outputs(lambda s: None)
     utility = (plain - bare) / scale
     rng = np.random.default_rng(0)
-    checks.append(_distribution("utility noise ~ N(0,1), distinct requests", _subsample(utility, rng), stats.norm, "(z'-z)/utility vs N(0,1)"))
+    checks.append(
+        _distribution(
+            "utility noise ~ N(0,1), distinct requests",
+            _subsample(utility, rng),
+            stats.norm,
+            "(z'-z)/utility vs N(0,1)",
+        )
+    )
     for sign, label in ((1.0, "boost"), (-1.0, "suppress")):
         # The focus does not enter the digest, so the same request with and without it differ by
         # exactly its focus noise (the sum is rounded once in FP32, which keeps the sign).
-        half = (outputs(lambda s: np.full(classes, sign * SIGMA, np.float32)) - plain) * sign
+        strength = np.full(classes, sign * SIGMA, np.float32)
+        half = (outputs(lambda s, strength=strength: strength) - plain) * sign
         one_signed = bool(np.all(half >= 0))
-        check = _distribution(f"focus {label} noise half-normal", _subsample(half / SIGMA, rng), stats.halfnorm, f"{label}: |noise| vs half-normal")
+        check = _distribution(
+            f"focus {label} noise half-normal",
+            _subsample(half / SIGMA, rng),
+            stats.halfnorm,
+            f"{label}: |noise| vs half-normal",
+        )
         check.passed = check.passed and one_signed
         check.detail += "; one-signed" if one_signed else "; WRONG SIGN seen"
         check.metrics["one_signed"] = one_signed
         checks.append(check)
     both = (outputs(lambda s: np.broadcast_to(s[:, None], (batch, classes))) - bare) / scale
     checks.append(
-        _distribution("utility and focus noises independent", _subsample(both, rng), stats.skewnorm(1.0, scale=np.sqrt(2.0)), "n1+|n2| vs sqrt(2)*SkewNormal(1)")
+        _distribution(
+            "utility and focus noises independent",
+            _subsample(both, rng),
+            stats.skewnorm(1.0, scale=np.sqrt(2.0)),
+            "n1+|n2| vs sqrt(2)*SkewNormal(1)",
+        )
     )
-    checks.append(_correlation("no correlation between rows or neighbouring elements", _neighbours(utility, class_axis + 1)))
+    checks.append(
+        _correlation("no correlation between rows or neighbouring elements", _neighbours(utility, class_axis + 1))
+    )
     return checks

@@ -40,7 +40,9 @@ class Reference:
     def arrays(self) -> dict[str, np.ndarray]:
         out = {f"input.{name}": array for name, array in self.inputs.items()}
         out.update({name: getattr(self, name) for name in self._FIELDS})
-        out.update(reference_logits=self.logits, reference_modulated=self.modulated, reference_source=np.array(self.source))
+        out.update(
+            reference_logits=self.logits, reference_modulated=self.modulated, reference_source=np.array(self.source)
+        )
         if self.keyed_modulated is not None:
             out["reference_keyed_modulated"] = self.keyed_modulated
         out.update(self.extra)
@@ -56,10 +58,16 @@ class Reference:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Reference":
+    def load(cls, path: str | os.PathLike) -> Reference:
         with np.load(path, allow_pickle=False) as stored:
             arrays = dict(stored)
-        known = {*cls._FIELDS, "reference_logits", "reference_modulated", "reference_source", "reference_keyed_modulated"}
+        known = {
+            *cls._FIELDS,
+            "reference_logits",
+            "reference_modulated",
+            "reference_source",
+            "reference_keyed_modulated",
+        }
         return cls(
             inputs={name.removeprefix("input."): a for name, a in arrays.items() if name.startswith("input.")},
             **{name: arrays[name] for name in cls._FIELDS},

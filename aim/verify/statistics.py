@@ -1,4 +1,4 @@
-"""Statistical checks of the production flavour's noise (SPEC section 5): random outputs cannot be
+"""Statistical checks of the production flavour's noise (docs/method.md §5): random outputs cannot be
 compared element by element across backends, so the engine's own draws are tested.
 
 False alarms: each statistical check fails only at p < ALPHA = 1e-7, and a build runs five of them
@@ -172,7 +172,7 @@ def _uncorrelated(name: str, noise: np.ndarray, mask: np.ndarray) -> Check:
 
 
 def statistical_checks(engine, inputs: dict, bare: np.ndarray, class_axis: int, seed: int = 0) -> list[Check]:
-    """Checks the production engine's noise (SPEC section 5) against the bare model's logits `bare`.
+    """Checks the production engine's noise (docs/method.md §5) against the bare model's logits `bare`.
     `seed` seeds the subsampling; the engine's own noise is seeded (where it can be) by whoever made
     its session (pipeline/verify.py seeds ONNX Runtime before any session exists)."""
     rng = np.random.default_rng(seed)
@@ -194,7 +194,8 @@ def statistical_checks(engine, inputs: dict, bare: np.ndarray, class_axis: int, 
         Check(
             "mixed batch (utility 0 rows exact)",
             exact and changed > 0.99,
-            f"utility-0 rows {'exact' if exact else 'NOT exact'}; {changed:.1%} of elements of utility-{SIGMA:g} rows changed",
+            f"utility-0 rows {'exact' if exact else 'NOT exact'}; {changed:.1%} of elements of "
+            f"utility-{SIGMA:g} rows changed",
             {"zero_rows_exact": exact, "noisy_rows_changed": changed},
         )
     )
@@ -208,7 +209,8 @@ def statistical_checks(engine, inputs: dict, bare: np.ndarray, class_axis: int, 
         Check(
             "fresh draws",
             fresh > 0.99 and rows_differ,
-            f"{fresh:.1%} of elements differ between two runs; rows of one batch {'differ' if rows_differ else 'REPEAT'}",
+            f"{fresh:.1%} of elements differ between two runs; rows of one batch "
+            f"{'differ' if rows_differ else 'REPEAT'}",
             {"differ_between_runs": fresh, "rows_differ": bool(rows_differ)},
         )
     )

@@ -40,7 +40,8 @@ def scaled_tolerance(base: Tolerance, logits: np.ndarray, class_axis: int) -> To
     spread = logit_spread(logits, class_axis)
     atol = float(min(base.atol, SPREAD_FRACTION * spread))
     why = (
-        f"atol = min({base.atol:g}, {SPREAD_FRACTION:g} x logit spread {spread:.3g}) (spread: median over positions of the "
+        f"atol = min({base.atol:g}, {SPREAD_FRACTION:g} x logit spread {spread:.3g}) (spread: median over "
+        "positions of the "
         f"std across classes); {base.why}"
     )
     return Tolerance(atol=atol, rtol=base.rtol, why=why)

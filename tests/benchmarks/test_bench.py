@@ -26,7 +26,19 @@ def test_quick_bench_writes_every_figure_and_its_engines_pass_the_checks(tmp_pat
     assert noise["shape"] == family["logits_shape"] and noise["latency"]["RandomNormalLike"]["median_ms"] > 0
     assert {"P2 (box-muller)", "P2 (normal)", "P2 (keyed)"} <= set(noise)
     table = lines[-2]
-    assert all(key in table for key in ("P1a", "P1b", "P1a keyed", "P1b keyed", "P2", "P2 (keyed)", "P3 utility 0", "engine bytes added (keyed)"))
+    assert all(
+        key in table
+        for key in (
+            "P1a",
+            "P1b",
+            "P1a keyed",
+            "P1b keyed",
+            "P2",
+            "P2 (keyed)",
+            "P3 utility 0",
+            "engine bytes added (keyed)",
+        )
+    )
     # Nothing of the work folders is left behind but the JSON.
     assert [p.name for p in tmp_path.iterdir()] == ["bench.quick.json"]
 

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_unknown_model_lists_models_and_writes_nothing(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "aim.cli", "engine", "nonexistent", "--out", str(tmp_path / "build")],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "unknown model 'nonexistent'" in result.stderr and "llama, resnet, segformer" in result.stderr
@@ -47,8 +49,23 @@ def test_modulate_build_run_on_a_model_you_bring(tmp_path, capsys):
 def test_bad_inputs_exit_2_with_the_reason(tmp_path, capsys):
     source = tiny_classifier(tmp_path / "mine.onnx")
     cases = [
-        (["modulate", str(source), "-o", str(tmp_path / "out" / "a.onnx"), "--logits", "logits"], "no output named 'logits'"),
-        (["modulate", str(source), "-o", str(tmp_path / "out" / "b.onnx"), "--logits", "scores", "--class-axis", "3"], "out of range"),
+        (
+            ["modulate", str(source), "-o", str(tmp_path / "out" / "a.onnx"), "--logits", "logits"],
+            "no output named 'logits'",
+        ),
+        (
+            [
+                "modulate",
+                str(source),
+                "-o",
+                str(tmp_path / "out" / "b.onnx"),
+                "--logits",
+                "scores",
+                "--class-axis",
+                "3",
+            ],
+            "out of range",
+        ),
         (["modulate", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "out" / "c.onnx")], "no such ONNX file"),
         (["build", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "out" / "d.onnx")], "no such"),
         (["run", str(source), "--utility", "nan"], "not modulated"),

@@ -22,8 +22,13 @@ def test_trt_check_passes_a_good_graph_and_names_a_refused_node(tmp_path, capsys
     assert main(["trt-check", str(good)]) == 0
     assert "all supported" in capsys.readouterr().out
     graph = h.make_graph(
-        [h.make_node("ScatterND", ["x", "i", "u"], ["y"], name="scatter_mul", reduction="mul")], "g",
-        [h.make_tensor_value_info("x", T.FLOAT, [2, 4]), h.make_tensor_value_info("i", T.INT64, [1, 1]), h.make_tensor_value_info("u", T.FLOAT, [1, 4])],
+        [h.make_node("ScatterND", ["x", "i", "u"], ["y"], name="scatter_mul", reduction="mul")],
+        "g",
+        [
+            h.make_tensor_value_info("x", T.FLOAT, [2, 4]),
+            h.make_tensor_value_info("i", T.INT64, [1, 1]),
+            h.make_tensor_value_info("u", T.FLOAT, [1, 4]),
+        ],
         [h.make_tensor_value_info("y", T.FLOAT, [2, 4])],
     )
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(tmp_path / "bad.onnx"))
@@ -35,10 +40,24 @@ def test_trt_check_passes_a_good_graph_and_names_a_refused_node(tmp_path, capsys
 def test_engine_with_an_unusable_tensorrt_backend_exits_2_and_writes_nothing(tmp_path):
     gpu, why = trt_engine.cuda_gpu_available()
     if gpu:
-        pytest.skip(f"this machine can run TensorRT ({why}); tests/engines/test_pipeline_tensorrt.py covers a missing module")
+        pytest.skip(
+            f"this machine can run TensorRT ({why}); tests/engines/test_pipeline_tensorrt.py covers a missing module"
+        )
     result = subprocess.run(
-        [sys.executable, "-m", "aim.cli", "engine", "resnet", "--backend", "tensorrt", "--out", str(tmp_path / "build")],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "aim.cli",
+            "engine",
+            "resnet",
+            "--backend",
+            "tensorrt",
+            "--out",
+            str(tmp_path / "build"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "tensorrt" in result.stderr and ("pip install" in result.stderr or "BACKEND=tensorrt-rtx" in result.stderr)

@@ -16,7 +16,18 @@ from tests.conftest import tiny_classifier
 def test_modulate_keyed_gives_the_same_answer_and_keeps_its_key(tmp_path, capsys):
     source = tiny_classifier(tmp_path / "mine.onnx")
     key = tmp_path / "owner.key"
-    argv = ["modulate", str(source), "-o", str(tmp_path / "keyed.onnx"), "--logits", "scores", "--noise", "keyed", "--noise-key", str(key)]
+    argv = [
+        "modulate",
+        str(source),
+        "-o",
+        str(tmp_path / "keyed.onnx"),
+        "--logits",
+        "scores",
+        "--noise",
+        "keyed",
+        "--noise-key",
+        str(key),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"fingerprint {NoiseKey.read(key).fingerprint}" in out and f"saved to {key}" in out
@@ -53,8 +64,24 @@ def test_tensorrt_rtx_builds_the_keyed_graph(tmp_path, dims):
     from aim.graph_passes.redistribution import add_redistribution
     from tests.graph_passes.test_redistribution import identity_model
 
-    graph = add_redistribution(load_graph(identity_model(tmp_path / "identity.onnx", dims)), "logits", 1, key=NoiseKey.draw())
+    graph = add_redistribution(
+        load_graph(identity_model(tmp_path / "identity.onnx", dims)), "logits", 1, key=NoiseKey.draw()
+    )
     save_onnx(graph, tmp_path / "keyed.onnx")
     plan = tmp_path / "keyed.plan"
-    assert main(["build", str(tmp_path / "keyed.onnx"), "-o", str(plan), "--backend", "tensorrt-rtx", "--model", "segformer"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(tmp_path / "keyed.onnx"),
+                "-o",
+                str(plan),
+                "--backend",
+                "tensorrt-rtx",
+                "--model",
+                "segformer",
+            ]
+        )
+        == 0
+    )
     assert plan.stat().st_size > 0

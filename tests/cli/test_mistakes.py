@@ -21,8 +21,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import aim.families
-from aim.errors import AimError, InvalidInputError
 from aim.cli import main
+from aim.errors import AimError, InvalidInputError
 from aim.layout import MANIFEST, Manifest
 from aim.runtime.folder import open_build, role_runners
 from tests.conftest import tiny_classifier
@@ -57,7 +57,10 @@ def replace(path: Path, data: bytes) -> None:
 
 
 def model_of(nodes, inputs, outputs, opset=17, initializer=()):
-    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializer)), opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializer)),
+        opset_imports=[helper.make_opsetid("", opset)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,14 @@ def world(tmp_path_factory, build_folder) -> World:
     model.opset_import[0].version = 23
     onnx.save(model, str(tmp / "opset23.onnx"))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])
-    onnx.save(model_of([helper.make_node("Relu", ["x"], ["y"])], [x], [x, helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])]), str(tmp / "pass.onnx"))
+    onnx.save(
+        model_of(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            [x],
+            [x, helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+        ),
+        str(tmp / "pass.onnx"),
+    )
 
     resnet, llama = build_folder("resnet"), build_folder("llama")
     tampered = linked_copy(llama, tmp / "tampered_tokenizer" / "llama")
@@ -101,54 +111,150 @@ def world(tmp_path_factory, build_folder) -> World:
 # name -> (argv of world, what the error line must say)
 CASES = {
     "engine: unknown model": (lambda w: ["engine", "alexnet", "--out", w.out], "unknown model 'alexnet'"),
-    "engine: shell code in the name": (lambda w: ["engine", "resnet; echo x", "--out", w.out], "unknown model 'resnet; echo x'"),
+    "engine: shell code in the name": (
+        lambda w: ["engine", "resnet; echo x", "--out", w.out],
+        "unknown model 'resnet; echo x'",
+    ),
     "engine: OUT is a file": (lambda w: ["engine", "resnet", "--out", w.afile], "a file or folder is in the way"),
-    "engine: no checkpoint folder": (lambda w: ["engine", "resnet", "--checkpoint", w.tmp / "nope", "--out", w.out], "no such folder"),
+    "engine: no checkpoint folder": (
+        lambda w: ["engine", "resnet", "--checkpoint", w.tmp / "nope", "--out", w.out],
+        "no such folder",
+    ),
     "engine: --seed -1": (lambda w: ["engine", "resnet", "--seed", "-1", "--out", w.out], "must be >= 0"),
     "engine: --precision fp8": (lambda w: ["engine", "resnet", "--precision", "fp8", "--out", w.out], "invalid choice"),
     "export: -o a folder": (lambda w: ["export", "resnet", "-o", w.tmp], "is a folder"),
-    "export: -o under a file": (lambda w: ["export", "resnet", "-o", w.afile / "x.onnx"], "a file or folder is in the way"),
-    "modulate: random bytes": (lambda w: ["modulate", w.rand_onnx, "-o", w.out / "m.onnx"], "not a readable ONNX model"),
-    "modulate: no such file": (lambda w: ["modulate", w.tmp / "nope.onnx", "-o", w.out / "m.onnx"], "no such ONNX file"),
-    "modulate: int64 output": (lambda w: ["modulate", w.int_onnx, "-o", w.out / "m.onnx", "--logits", "labels"], "is int64: it holds class ids"),
-    "modulate: opset 23": (lambda w: ["modulate", w.opset23_onnx, "-o", w.out / "m.onnx", "--logits", "scores"], "opset 23"),
-    "modulate: logits are an input": (lambda w: ["modulate", w.pass_onnx, "-o", w.out / "m.onnx", "--logits", "x"], "also a graph input"),
-    "modulate: class axis 9": (lambda w: ["modulate", w.mine_onnx, "-o", w.out / "m.onnx", "--logits", "scores", "--class-axis", "9"], "out of range"),
-    "modulate: -o under a file": (lambda w: ["modulate", w.mine_onnx, "-o", w.afile / "m.onnx", "--logits", "scores"], "in the way"),
+    "export: -o under a file": (
+        lambda w: ["export", "resnet", "-o", w.afile / "x.onnx"],
+        "a file or folder is in the way",
+    ),
+    "modulate: random bytes": (
+        lambda w: ["modulate", w.rand_onnx, "-o", w.out / "m.onnx"],
+        "not a readable ONNX model",
+    ),
+    "modulate: no such file": (
+        lambda w: ["modulate", w.tmp / "nope.onnx", "-o", w.out / "m.onnx"],
+        "no such ONNX file",
+    ),
+    "modulate: int64 output": (
+        lambda w: ["modulate", w.int_onnx, "-o", w.out / "m.onnx", "--logits", "labels"],
+        "is int64: it holds class ids",
+    ),
+    "modulate: opset 23": (
+        lambda w: ["modulate", w.opset23_onnx, "-o", w.out / "m.onnx", "--logits", "scores"],
+        "opset 23",
+    ),
+    "modulate: logits are an input": (
+        lambda w: ["modulate", w.pass_onnx, "-o", w.out / "m.onnx", "--logits", "x"],
+        "also a graph input",
+    ),
+    "modulate: class axis 9": (
+        lambda w: ["modulate", w.mine_onnx, "-o", w.out / "m.onnx", "--logits", "scores", "--class-axis", "9"],
+        "out of range",
+    ),
+    "modulate: -o under a file": (
+        lambda w: ["modulate", w.mine_onnx, "-o", w.afile / "m.onnx", "--logits", "scores"],
+        "in the way",
+    ),
     "build: random bytes": (lambda w: ["build", w.rand_onnx, "-o", w.out / "e.onnx"], "cannot load"),
-    "build: TensorRT without --model": (lambda w: ["build", w.mod_onnx, "-o", w.out / "e.plan", "--backend", "tensorrt-rtx"], "or --model FAMILY"),
+    "build: TensorRT without --model": (
+        lambda w: ["build", w.mod_onnx, "-o", w.out / "e.plan", "--backend", "tensorrt-rtx"],
+        "or --model FAMILY",
+    ),
     "build: --threads -3": (lambda w: ["build", w.mod_onnx, "-o", w.out / "e.onnx", "--threads", "-3"], "must be >= 1"),
     "trt-check: random bytes": (lambda w: ["trt-check", w.rand_onnx], "not a readable ONNX model"),
     "run: empty batch": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.empty_npy}"], "hold no sample (batch 0"),
     "run: corrupt .npy": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.bad_npy}"], "not a readable .npy"),
     "run: --input without a name": (lambda w: ["run", w.mod_onnx, "--input", w.x_npy], "NAME=FILE.npy"),
-    "run: image past the build's range": (lambda w: ["run", w.resnet, "--input", f"pixel_values={w.image_npy}"], "outside the range"),
-    "run: same, the engine file": (lambda w: ["run", w.resnet / "engine.onnxruntime.onnx", "--input", f"pixel_values={w.image_npy}"], "outside the range"),
-    "run: --utility nan, 10,000 rows": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.rows_npy}", "--utility", "nan"], "utility must be finite"),
-    "run: --level, not calibrated": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.x_npy}", "--level", "0.5"], "is not calibrated"),
-    "run: --boost 99=1": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.x_npy}", "--boost", "99=1"], "class 99 is out of range"),
-    "run: --boost x=1": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.x_npy}", "--boost", "x=1"], "takes CLASS=STRENGTH"),
-    "run: swapped engine": (lambda w: ["run", w.swapped_resnet, "--input", f"pixel_values={w.image_npy}"], "engine.onnxruntime.onnx in"),
-    "run: -o under a file": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.x_npy}", "-o", w.afile / "y.npy"], "in the way"),
+    "run: image past the build's range": (
+        lambda w: ["run", w.resnet, "--input", f"pixel_values={w.image_npy}"],
+        "outside the range",
+    ),
+    "run: same, the engine file": (
+        lambda w: ["run", w.resnet / "engine.onnxruntime.onnx", "--input", f"pixel_values={w.image_npy}"],
+        "outside the range",
+    ),
+    "run: --utility nan, 10,000 rows": (
+        lambda w: ["run", w.mod_onnx, "--input", f"x={w.rows_npy}", "--utility", "nan"],
+        "utility must be finite",
+    ),
+    "run: --level, not calibrated": (
+        lambda w: ["run", w.mod_onnx, "--input", f"x={w.x_npy}", "--level", "0.5"],
+        "is not calibrated",
+    ),
+    "run: --boost 99=1": (
+        lambda w: ["run", w.mod_onnx, "--input", f"x={w.x_npy}", "--boost", "99=1"],
+        "class 99 is out of range",
+    ),
+    "run: --boost x=1": (
+        lambda w: ["run", w.mod_onnx, "--input", f"x={w.x_npy}", "--boost", "x=1"],
+        "takes CLASS=STRENGTH",
+    ),
+    "run: swapped engine": (
+        lambda w: ["run", w.swapped_resnet, "--input", f"pixel_values={w.image_npy}"],
+        "engine.onnxruntime.onnx in",
+    ),
+    "run: -o under a file": (
+        lambda w: ["run", w.mod_onnx, "--input", f"x={w.x_npy}", "-o", w.afile / "y.npy"],
+        "in the way",
+    ),
     "verify: no build": (lambda w: ["verify", w.tmp], "no build there"),
     "verify: tolerance edited to 1e9": (lambda w: ["verify", w.edited_manifest], "edited after it was written"),
-    "verify: tokenizer_config edited": (lambda w: ["verify", w.tampered_tokenizer], "tokenizer/tokenizer_config.json in"),
+    "verify: tokenizer_config edited": (
+        lambda w: ["verify", w.tampered_tokenizer],
+        "tokenizer/tokenizer_config.json in",
+    ),
     "generate: no --prompt": (lambda w: ["generate", w.llama], "required: --prompt"),
     "generate: empty prompt": (lambda w: ["generate", w.llama, "--prompt", ""], "prompt 1 ('') encodes to no tokens"),
-    "generate: empty prompt in a batch": (lambda w: ["generate", w.llama, "--prompt", "hi", "--prompt", ""], "prompt 2 ('') encodes to no tokens"),
-    "generate: prompt past the range": (lambda w: ["generate", w.llama, "--prompt", "x = 1\n" * 700], "more than the 1024 this build takes"),
-    "generate: --max-new-tokens 100000": (lambda w: ["generate", w.llama, "--prompt", "hi", "--max-new-tokens", "100000"], "at most 1024 new tokens"),
-    "generate: --max-new-tokens 0": (lambda w: ["generate", w.llama, "--prompt", "hi", "--max-new-tokens", "0"], "must be >= 1"),
-    "generate: unknown focus word": (lambda w: ["generate", w.llama, "--prompt", "hi", "--focus", "+zqxjkvwy=5"], "not one token of this tokenizer"),
-    "generate: focus #-1": (lambda w: ["generate", w.llama, "--prompt", "hi", "--focus", "+#-1=5"], "#-1 is not a token id"),
-    "generate: focus #40000": (lambda w: ["generate", w.llama, "--prompt", "hi", "--focus", "+#40000=5"], "out of range"),
-    "generate: focus nan": (lambda w: ["generate", w.llama, "--prompt", "hi", "--focus", "-import=nan"], "must lie in [0, 10000]"),
-    "generate: --temperature -1": (lambda w: ["generate", w.llama, "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
-    "generate: --temperature nan": (lambda w: ["generate", w.llama, "--prompt", "hi", "--temperature", "nan"], "temperature must be >= 0"),
+    "generate: empty prompt in a batch": (
+        lambda w: ["generate", w.llama, "--prompt", "hi", "--prompt", ""],
+        "prompt 2 ('') encodes to no tokens",
+    ),
+    "generate: prompt past the range": (
+        lambda w: ["generate", w.llama, "--prompt", "x = 1\n" * 700],
+        "more than the 1024 this build takes",
+    ),
+    "generate: --max-new-tokens 100000": (
+        lambda w: ["generate", w.llama, "--prompt", "hi", "--max-new-tokens", "100000"],
+        "at most 1024 new tokens",
+    ),
+    "generate: --max-new-tokens 0": (
+        lambda w: ["generate", w.llama, "--prompt", "hi", "--max-new-tokens", "0"],
+        "must be >= 1",
+    ),
+    "generate: unknown focus word": (
+        lambda w: ["generate", w.llama, "--prompt", "hi", "--focus", "+zqxjkvwy=5"],
+        "not one token of this tokenizer",
+    ),
+    "generate: focus #-1": (
+        lambda w: ["generate", w.llama, "--prompt", "hi", "--focus", "+#-1=5"],
+        "#-1 is not a token id",
+    ),
+    "generate: focus #40000": (
+        lambda w: ["generate", w.llama, "--prompt", "hi", "--focus", "+#40000=5"],
+        "out of range",
+    ),
+    "generate: focus nan": (
+        lambda w: ["generate", w.llama, "--prompt", "hi", "--focus", "-import=nan"],
+        "must lie in [0, 10000]",
+    ),
+    "generate: --temperature -1": (
+        lambda w: ["generate", w.llama, "--prompt", "hi", "--temperature", "-1"],
+        "temperature must be >= 0",
+    ),
+    "generate: --temperature nan": (
+        lambda w: ["generate", w.llama, "--prompt", "hi", "--temperature", "nan"],
+        "temperature must be >= 0",
+    ),
     "generate: --top-k -1": (lambda w: ["generate", w.llama, "--prompt", "hi", "--top-k", "-1"], "must be >= 0"),
     "generate: --seed -1": (lambda w: ["generate", w.llama, "--prompt", "hi", "--seed", "-1"], "must be >= 0"),
-    "generate: tokenizer_config edited": (lambda w: ["generate", w.tampered_tokenizer, "--prompt", "hi"], "tokenizer/tokenizer_config.json in"),
-    "generate: swapped engine": (lambda w: ["generate", w.swapped_engine, "--prompt", "hi"], "engine.onnxruntime.onnx in"),
+    "generate: tokenizer_config edited": (
+        lambda w: ["generate", w.tampered_tokenizer, "--prompt", "hi"],
+        "tokenizer/tokenizer_config.json in",
+    ),
+    "generate: swapped engine": (
+        lambda w: ["generate", w.swapped_engine, "--prompt", "hi"],
+        "engine.onnxruntime.onnx in",
+    ),
     "train: --steps -1": (lambda w: ["train", "resnet", "--steps", "-1", "--out", w.out / "t"], "must be >= 1"),
     "train: --out a file": (lambda w: ["train", "resnet", "--out", w.afile], "in the way"),
     "train: unknown model": (lambda w: ["train", "alexnet", "--out", w.out / "t"], "unknown model"),
@@ -156,10 +262,16 @@ CASES = {
     "eval: --boost -1": (lambda w: ["eval", "resnet", "--boost", "-1", "--out", w.out], "must be >= 0"),
     "eval: --out under a file": (lambda w: ["eval", "resnet", "--out", w.afile / "x"], "in the way"),
     "calibrate: unknown model": (lambda w: ["calibrate", "alexnet", "--out", w.out], "unknown model"),
-    "triton: --max-queue-delay-us -5": (lambda w: ["triton", w.resnet, "--repository", w.out, "--max-queue-delay-us", "-5"], "must be >= 0"),
+    "triton: --max-queue-delay-us -5": (
+        lambda w: ["triton", w.resnet, "--repository", w.out, "--max-queue-delay-us", "-5"],
+        "must be >= 0",
+    ),
     "triton: no build": (lambda w: ["triton", w.tmp, "--repository", w.out], "no build there"),
     "triton: repository is a file": (lambda w: ["triton", w.resnet, "--repository", w.afile], "in the way"),
-    "triton: edited manifest": (lambda w: ["triton", w.edited_manifest, "--repository", w.out], "edited after it was written"),
+    "triton: edited manifest": (
+        lambda w: ["triton", w.edited_manifest, "--repository", w.out],
+        "edited after it was written",
+    ),
     "serve: --http-port -1": (lambda w: ["serve", w.tmp / "no-repository", "--http-port", "-1"], "1..65535"),
     "serve: no repository": (lambda w: ["serve", w.tmp / "no-repository"], "does not exist"),
     "serve: a repository without models": (lambda w: ["serve", w.tmp], "holds no model"),
@@ -228,10 +340,14 @@ def test_a_file_size_limit_mid_write_is_one_error_line_and_leaves_nothing(world)
 
 def test_what_generate_accepts(world, capsys):
     """Suppressing with "-word" through the CLI, which tokens a word acts on, and --truncate."""
-    code, out, err = cli(["generate", world.llama, "--prompt", "-x", "--focus", "-import=100", "--max-new-tokens", "2"], capsys)
+    code, out, err = cli(
+        ["generate", world.llama, "--prompt", "-x", "--focus", "-import=100", "--max-new-tokens", "2"], capsys
+    )
     assert code == 0, err
     assert out.startswith("-x") and "focus -import=100 acts on ' import' (#" in err and "'import' (#" in err
-    code, out, err = cli(["generate", world.llama, "--prompt", "x = 1\n" * 700, "--max-new-tokens", "4", "--truncate"], capsys)
+    code, out, err = cli(
+        ["generate", world.llama, "--prompt", "x = 1\n" * 700, "--max-new-tokens", "4", "--truncate"], capsys
+    )
     assert code == 0 and "cut to their last 1021 tokens" in err, err
 
 
@@ -271,7 +387,9 @@ def test_eval_refuses_a_class_the_model_lacks_before_the_sweeps(monkeypatch, cap
     def no_sweeps(*args, **kwargs):
         raise AssertionError("the sweeps started")
 
-    monkeypatch.setattr(evaluation, "prepare_engine", lambda *args, **kwargs: SimpleNamespace(engine=Engine(), task=None))
+    monkeypatch.setattr(
+        evaluation, "prepare_engine", lambda *args, **kwargs: SimpleNamespace(engine=Engine(), task=None)
+    )
     monkeypatch.setattr(evaluation, "eval_inputs", no_sweeps)
     code, _, err = cli(["eval", "resnet", "--boost", "99", "--out", tmp_path], capsys)
     assert code == 2 and "--boost 99: the model has 10 classes (0..9)" in err, err

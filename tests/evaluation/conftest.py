@@ -70,7 +70,9 @@ def trained(request, tmp_path_factory, quick_checkpoint) -> Trained:
     checkpoint = Path(result["checkpoint"])
     onnxruntime.set_seed(0)  # before the engine's session exists: it seeds only sessions made after it
     family, task, _ = load(model, checkpoint)
-    prepared = Prepared(root, OnnxRuntimeEngine(quick_engine(model, checkpoint, root)), checkpoint, result, family, task)
+    prepared = Prepared(
+        root, OnnxRuntimeEngine(quick_engine(model, checkpoint, root)), checkpoint, result, family, task
+    )
     parts = {}
     for split in ("test", "calibration"):
         setup = eval_inputs(prepared, split=split)

@@ -18,7 +18,18 @@ INPUTS = 128
 def test_attack_writes_its_curves_and_keyed_noise_holds(quick_checkpoint, tmp_path):
     checkpoint = quick_checkpoint("resnet")["checkpoint"]
     key = tmp_path / "noise.key"
-    argv = ["attack", "resnet", "--out", str(tmp_path), "--checkpoint", checkpoint, "--inputs", str(INPUTS), "--noise-key", str(key)]
+    argv = [
+        "attack",
+        "resnet",
+        "--out",
+        str(tmp_path),
+        "--checkpoint",
+        checkpoint,
+        "--inputs",
+        str(INPUTS),
+        "--noise-key",
+        str(key),
+    ]
     assert cli.main(argv) == 0
     folder = tmp_path / "resnet" / "attack"
     with open(folder / "attack.csv") as handle:
@@ -26,7 +37,9 @@ def test_attack_writes_its_curves_and_keyed_noise_holds(quick_checkpoint, tmp_pa
     assert len(rows) == 2 * 2 * 3 * len(QUERIES)
 
     def curve(noise, repeats, aggregate, field="agreement"):
-        return np.array([float(r[field]) for r in rows if (r["noise"], r["repeats"], r["aggregate"]) == (noise, repeats, aggregate)])
+        return np.array(
+            [float(r[field]) for r in rows if (r["noise"], r["repeats"], r["aggregate"]) == (noise, repeats, aggregate)]
+        )
 
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["rows"] == INPUTS and abs(summary["agreement_one_query_theory"] - 0.5) < 0.01

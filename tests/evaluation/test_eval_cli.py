@@ -20,7 +20,9 @@ from aim.runtime.onnxruntime import OnnxRuntimeEngine
 def evaluated(quick_checkpoint, tmp_path_factory):
     checkpoint = quick_checkpoint("resnet")["checkpoint"]
     out = tmp_path_factory.mktemp("eval-cli")
-    summary = sweep.evaluate("resnet", out, checkpoint, repeats=2, utility_grid=[0.0, 1.0, 4.0], focus_grid=[0.0, 4.0], log=lambda _: None)
+    summary = sweep.evaluate(
+        "resnet", out, checkpoint, repeats=2, utility_grid=[0.0, 1.0, 4.0], focus_grid=[0.0, 4.0], log=lambda _: None
+    )
     return out, checkpoint, summary
 
 
@@ -63,6 +65,14 @@ def test_eval_of_a_foreign_checkpoint_measures_label_free_quantities(tmp_path):
     from tests.conftest import load
 
     load("resnet", seed=0)[2].save_pretrained(tmp_path / "foreign")
-    summary = sweep.evaluate("resnet", tmp_path / "build", tmp_path / "foreign", repeats=1, utility_grid=[0.0, 0.05], focus_grid=[0.0, 0.05], log=lambda _: None)
+    summary = sweep.evaluate(
+        "resnet",
+        tmp_path / "build",
+        tmp_path / "foreign",
+        repeats=1,
+        utility_grid=[0.0, 0.05],
+        focus_grid=[0.0, 0.05],
+        log=lambda _: None,
+    )
     assert summary["clean"] == {}
     assert set(summary["comparisons"]) == {"utility/agreement", "boost/boost_rate", "suppress/survival"}

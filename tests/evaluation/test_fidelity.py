@@ -73,7 +73,17 @@ def test_boost_rate_follows_formula(trained, record_property):
     focus[boosted] = strength
     measured = _measure(data, runs, np.full_like(clean, boosted), focus=focus)
     se = float(np.sqrt(np.mean(p * (1 - p)) / (rows.shape[0] * runs)))
-    record_property("boost", {"class": boosted, "strength": strength, "predicted": float(p.mean()), "measured": measured, "samples": rows.shape[0] * runs, "standard_error": se})
+    record_property(
+        "boost",
+        {
+            "class": boosted,
+            "strength": strength,
+            "predicted": float(p.mean()),
+            "measured": measured,
+            "samples": rows.shape[0] * runs,
+            "standard_error": se,
+        },
+    )
     assert 0.1 < p.mean() < 0.9
     assert AGREEMENT_TOLERANCE >= Z * se
     assert abs(measured - p.mean()) < AGREEMENT_TOLERANCE, (measured, p.mean(), se)
@@ -97,10 +107,12 @@ def test_calibrated_engine(trained, tmp_path, record_property):
     assert engine.calibrated and not engine.modulated
 
     def run(level):
-        return np.concatenate([
-            engine.run({k: v[s : s + data.batch] for k, v in data.split.inputs.items()}, level=level)
-            for s in range(0, len(data.split), data.batch)
-        ])
+        return np.concatenate(
+            [
+                engine.run({k: v[s : s + data.batch] for k, v in data.split.inputs.items()}, level=level)
+                for s in range(0, len(data.split), data.batch)
+            ]
+        )
 
     assert np.array_equal(run(1.0), data.clean), "level 1 must be the exact model, bit for bit"
     clean = data.predictions(data.clean)
@@ -113,7 +125,15 @@ def test_calibrated_engine(trained, tmp_path, record_property):
         value = float(np.mean([metrics.agreement(data.predictions(run(level)), clean) for _ in range(runs)]))
         se = float(np.sqrt(np.mean(p * (1 - p)) / (rows.shape[0] * runs)))
         measured.append(value)
-        details.append({"level": level, "target": float(want), "measured": value, "samples": rows.shape[0] * runs, "standard_error": se})
+        details.append(
+            {
+                "level": level,
+                "target": float(want),
+                "measured": value,
+                "samples": rows.shape[0] * runs,
+                "standard_error": se,
+            }
+        )
         assert LEVEL_TOLERANCE >= Z * se
         assert abs(value - want) < LEVEL_TOLERANCE, details[-1]
     record_property("calibrated_levels", details)

@@ -46,11 +46,16 @@ def test_unexpected_and_reshaped_tensors_are_named(checkpoint):
     model_class = get_family("resnet").model_class_object()
     try:
         write(folder, {**weights, "extra.weight": torch.zeros(3)})
-        with pytest.raises(CheckpointError, match=r"1 tensor\(s\) in the checkpoint but not in the model: extra.weight"):
+        with pytest.raises(
+            CheckpointError, match=r"1 tensor\(s\) in the checkpoint but not in the model: extra.weight"
+        ):
             load_checkpoint(model_class, folder)
         classes, width = weights["classifier.1.weight"].shape
         write(folder, {**weights, "classifier.1.weight": torch.zeros(classes - 3, width)})
-        with pytest.raises(CheckpointError, match=rf"another shape than the model's: classifier.1.weight \(the model's is \[{classes}, {width}\]\)"):
+        with pytest.raises(
+            CheckpointError,
+            match=rf"another shape than the model's: classifier.1.weight \(the model's is \[{classes}, {width}\]\)",
+        ):
             load_checkpoint(model_class, folder)
     finally:
         write(folder, weights)

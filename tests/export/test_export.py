@@ -52,7 +52,9 @@ def test_dynamic_shapes_match_pytorch(family):
         assert out.shape[0] == sizes["batch"]
         if "height" in sizes and family.task.upsample_logits_to:
             assert out.shape[2:] == (sizes["height"], sizes["width"])  # per input pixel
-        tol = scaled_tolerance(family.family.tolerance, expected.numpy(), family.task.class_axis)  # as make engine sets it
+        tol = scaled_tolerance(
+            family.family.tolerance, expected.numpy(), family.task.class_axis
+        )  # as make engine sets it
         np.testing.assert_allclose(out, expected.numpy(), atol=tol.atol, rtol=tol.rtol)
 
 
@@ -72,8 +74,12 @@ def test_upsampled_logits_are_what_transformers_post_processing_computes(family,
     with torch.no_grad():
         outputs = family.model(**inputs)
     resized, interpolate = [], torch.nn.functional.interpolate
-    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: resized.append(interpolate(*a, **k)) or resized[-1])
-    maps = np.stack([m.numpy() for m in processor.post_process_semantic_segmentation(outputs, target_sizes=[(72, 40)] * 2)])
+    monkeypatch.setattr(
+        torch.nn.functional, "interpolate", lambda *a, **k: resized.append(interpolate(*a, **k)) or resized[-1]
+    )
+    maps = np.stack(
+        [m.numpy() for m in processor.post_process_semantic_segmentation(outputs, target_sizes=[(72, 40)] * 2)]
+    )
     theirs = torch.cat(resized).numpy()
     ours = OnnxRuntimeEngine(family.path("bare")).run({k: v.numpy() for k, v in inputs.items()})
     axis = family.task.class_axis
@@ -129,5 +135,7 @@ def test_export_leaves_no_partial_file(tmp_path):
 
     inputs = task.example_inputs(model, family.sizes(**family.verify_sizes))
     with pytest.raises(RuntimeError, match="tracing failed"):
-        export_onnx(Broken(), inputs, task.input_specs(model), task.output_specs(model), tmp_path / "out" / "model.onnx")
+        export_onnx(
+            Broken(), inputs, task.input_specs(model), task.output_specs(model), tmp_path / "out" / "model.onnx"
+        )
     assert not (tmp_path / "out").exists()  # neither the partial file nor the folder made for it

@@ -21,7 +21,9 @@ def test_adaptive_average_pooling_equals_pytorchs(cells):
     assert F.adaptive_avg_pool2d is original  # restored
 
 
-@pytest.mark.parametrize(("size", "kernel", "stride"), [((8, 6), (2, 2), (2, 2)), ((7, 9), (2, 3), (2, 3)), ((7, 9), (2, 2), (1, 1))])
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride"), [((8, 6), (2, 2), (2, 2)), ((7, 9), (2, 3), (2, 3)), ((7, 9), (2, 2), (1, 1))]
+)
 def test_fold_equals_pytorchs(size, kernel, stride):
     """Non-overlapping patches (rewritten; 7x9 leaves a border no patch covers) and overlapping ones (PyTorch's op)."""
     image = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))

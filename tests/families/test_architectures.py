@@ -48,11 +48,15 @@ def _vision(name, **fields):
 def _upernet():
     from transformers import ConvNextConfig, UperNetConfig
 
-    backbone = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"])
+    backbone = ConvNextConfig(
+        hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
     return UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, num_labels=SEGMENTS)
 
 
-_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+_VIT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+)
 _BEIT = dict(_VIT, num_hidden_layers=4, out_indices=[1, 2, 3, 4], num_labels=SEGMENTS)
 # Small widths; where the architecture has a head size of its own it differs from hidden / heads
 # (16 vs 8), so that a cache shaped from hidden / heads would fail.
@@ -61,36 +65,83 @@ CONFIGS = {
     "image-classification": {
         "convnext": _vision("ConvNextConfig", hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=CLASSES),
         # hidden_dim is the top convolution's width, round_filters(1280 * width_coefficient)
-        "efficientnet": _vision("EfficientNetConfig", width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128, num_labels=CLASSES),
+        "efficientnet": _vision(
+            "EfficientNetConfig", width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128, num_labels=CLASSES
+        ),
         "mobilenet_v2": _vision("MobileNetV2Config", depth_multiplier=0.25, num_labels=CLASSES),
-        "resnet": _vision("ResNetConfig", embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", num_labels=CLASSES),
-        "swin": _vision("SwinConfig", image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2, num_labels=CLASSES),
+        "resnet": _vision(
+            "ResNetConfig",
+            embedding_size=8,
+            hidden_sizes=[8, 16, 32, 64],
+            depths=[1, 1, 1, 1],
+            layer_type="basic",
+            num_labels=CLASSES,
+        ),
+        "swin": _vision(
+            "SwinConfig",
+            image_size=32,
+            patch_size=4,
+            embed_dim=8,
+            depths=[1, 1],
+            num_heads=[1, 2],
+            window_size=2,
+            num_labels=CLASSES,
+        ),
         "vit": _vision("ViTConfig", **_VIT, num_labels=CLASSES),
     },
     "semantic-segmentation": {
         "beit": _vision("BeitConfig", **_BEIT),
         "data2vec-vision": _vision("Data2VecVisionConfig", **_BEIT),
         "dpt": _vision(
-            "DPTConfig", **dict(_VIT, num_hidden_layers=4), backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
-            fusion_hidden_size=16, num_labels=SEGMENTS,
+            "DPTConfig",
+            **dict(_VIT, num_hidden_layers=4),
+            backbone_out_indices=[0, 1, 2, 3],
+            neck_hidden_sizes=[8, 16, 32, 32],
+            fusion_hidden_size=16,
+            num_labels=SEGMENTS,
         ),
         "mobilenet_v2": _vision("MobileNetV2Config", depth_multiplier=0.25, num_labels=SEGMENTS),
-        "mobilevit": _vision("MobileViTConfig", hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 16, 16, 16, 32, 64], aspp_out_channels=16, num_labels=SEGMENTS),
+        "mobilevit": _vision(
+            "MobileViTConfig",
+            hidden_sizes=[16, 16, 16],
+            neck_hidden_sizes=[8, 8, 16, 16, 16, 32, 64],
+            aspp_out_channels=16,
+            num_labels=SEGMENTS,
+        ),
         "mobilevitv2": _vision("MobileViTV2Config", width_multiplier=0.25, aspp_out_channels=16, num_labels=SEGMENTS),
-        "segformer": _vision("SegformerConfig", depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], num_attention_heads=[1, 1, 2, 2], decoder_hidden_size=16, num_labels=SEGMENTS),
+        "segformer": _vision(
+            "SegformerConfig",
+            depths=[1, 1, 1, 1],
+            hidden_sizes=[8, 16, 32, 64],
+            num_attention_heads=[1, 1, 2, 2],
+            decoder_hidden_size=16,
+            num_labels=SEGMENTS,
+        ),
         "upernet": _upernet,
     },
     "text-generation": {
-        "falcon": _text("FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4),  # multi-query: one key/value head
+        "falcon": _text(
+            "FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+        ),  # multi-query: one key/value head
         "gemma": _text("GemmaConfig", **_DECODER, head_dim=16),
         # sliding windows shorter than the generation checks' sequences (up to ~22 tokens)
         "gemma2": _text("Gemma2Config", **_DECODER, head_dim=16, sliding_window=8),
         "gemma3_text": _text("Gemma3TextConfig", **_DECODER, head_dim=16, sliding_window=8),
         "gpt2": _text("GPT2Config", n_embd=32, n_layer=2, n_head=4, n_positions=128),
-        "gpt_neox": _text("GPTNeoXConfig", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "gpt_neox": _text(
+            "GPTNeoXConfig", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+        ),
         "llama": _text("LlamaConfig", **_DECODER, head_dim=16),
         "mistral": _text("MistralConfig", **_DECODER, head_dim=16),
-        "opt": _text("OPTConfig", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128),
+        "opt": _text(
+            "OPTConfig",
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+        ),
         "phi3": _text("Phi3Config", **_DECODER, pad_token_id=0),
         "qwen2": _text("Qwen2Config", **_DECODER),
         "qwen3": _text("Qwen3Config", **_DECODER, head_dim=16),
@@ -111,7 +162,9 @@ def one_torch_thread():
 
 def test_every_tested_architecture_has_a_case():
     """Optimum's rule: listed as tested means built here, and nothing is built here unlisted."""
-    assert {task: sorted(configs) for task, configs in CONFIGS.items()} == {task: sorted(names) for task, names in TESTED.items()}
+    assert {task: sorted(configs) for task, configs in CONFIGS.items()} == {
+        task: sorted(names) for task, names in TESTED.items()
+    }
 
 
 def save_checkpoint(folder, task: str, model_type: str, seed: int = 0):
@@ -152,7 +205,9 @@ def transformers_logits(folder, task: str, inputs: dict) -> np.ndarray:
             return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits[:, -1].numpy()
         logits = model(pixel_values=torch.from_numpy(inputs["pixel_values"])).logits
         if task == "semantic-segmentation":
-            logits = torch.nn.functional.interpolate(logits, size=inputs["pixel_values"].shape[2:], mode="bilinear", align_corners=False)
+            logits = torch.nn.functional.interpolate(
+                logits, size=inputs["pixel_values"].shape[2:], mode="bilinear", align_corners=False
+            )
         return logits.numpy()
 
 
@@ -172,10 +227,17 @@ def test_checkpoint_builds_and_verifies_without_a_model_name(tmp_path, task, mod
 
     assert manifest.folder == tmp_path / "build" / f"tiny-{model_type}"  # OUT/<the checkpoint folder's name>
     assert (manifest.task, manifest.verification.passed) == (task, True)
-    assert manifest.source.model_class == type(model).__name__  # the class Optimum's table gives is transformers' Auto class's
+    assert (
+        manifest.source.model_class == type(model).__name__
+    )  # the class Optimum's table gives is transformers' Auto class's
     checks = {check.name: check for check in manifest.verification.checks}
     assert all(check.passed for check in checks.values()), [c for c in checks.values() if not c.passed]
-    expected = {"bare model vs PyTorch", "utility noise ~ N(0,1)", "utility and focus noises independent", "identity at utility 0, focus 0"}
+    expected = {
+        "bare model vs PyTorch",
+        "utility noise ~ N(0,1)",
+        "utility and focus noises independent",
+        "identity at utility 0, focus 0",
+    }
     if task == "text-generation":
         expected |= {"greedy tokens at utility 0 = PyTorch generate()", "KV cache vs full recompute"}
     assert expected <= set(checks)
@@ -191,9 +253,15 @@ def test_checkpoint_builds_and_verifies_without_a_model_name(tmp_path, task, mod
         inputs = Reference.load(manifest.folder / REFERENCE).inputs
         feed, out = inputs, engine.run(inputs)
         if model_type in FIXED_IMAGE_SIZE:  # static in the graph, at the checkpoint's size
-            assert manifest.graph.inputs[0].dims[2:] == list(inputs["pixel_values"].shape[2:]) == ([64, 96] if model_type == "upernet" else [32, 32])
+            assert (
+                manifest.graph.inputs[0].dims[2:]
+                == list(inputs["pixel_values"].shape[2:])
+                == ([64, 96] if model_type == "upernet" else [32, 32])
+            )
         else:  # verified at another size than traced: a size baked into the graph would have failed
-            assert inputs["pixel_values"].shape[2:] == tuple(get_task(task).verify_sizes[d] for d in ("height", "width"))
+            assert inputs["pixel_values"].shape[2:] == tuple(
+                get_task(task).verify_sizes[d] for d in ("height", "width")
+            )
     np.testing.assert_allclose(out, transformers_logits(folder, task, feed), atol=tolerance.atol, rtol=tolerance.rtol)
 
 
@@ -210,7 +278,10 @@ def write_config(folder, **config):
     ("config", "message"),
     [
         ({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}, "refused: a state-space model"),
-        ({"model_type": "llama", "architectures": ["LlamaModel"]}, r"LlamaModel \(feature-extraction\), which has no logits"),
+        (
+            {"model_type": "llama", "architectures": ["LlamaModel"]},
+            r"LlamaModel \(feature-extraction\), which has no logits",
+        ),
         ({"model_type": "beit"}, "names no architecture.*serves several tasks"),
         ({"model_type": "bert", "architectures": ["BertForSequenceClassification"]}, "has no logits"),
         ({"architectures": ["LlamaForCausalLM"]}, "no model_type"),
@@ -231,10 +302,16 @@ def test_every_refusal_has_a_reason_and_is_not_also_tested():
 
 
 def test_an_untested_architecture_is_tried_with_a_note(tmp_path):
-    folder = write_config(tmp_path / "my deit!", model_type="deit", architectures=["DeiTForImageClassification"], image_size=224)
+    folder = write_config(
+        tmp_path / "my deit!", model_type="deit", architectures=["DeiTForImageClassification"], image_size=224
+    )
     notes = []
     family = checkpoint_family(folder, notes.append)
-    assert (family.name, family.task, family.model_class) == ("my-deit", "image-classification", "DeiTForImageClassification")
+    assert (family.name, family.task, family.model_class) == (
+        "my-deit",
+        "image-classification",
+        "DeiTForImageClassification",
+    )
     assert notes == ["note: deit is not among the tested architectures; the verification against PyTorch decides"]
 
 
@@ -249,9 +326,15 @@ def test_an_export_failure_is_a_refusal_for_an_untested_architecture_only(tmp_pa
         raise RuntimeError("an op the exporter lacks")
 
     monkeypatch.setattr(torch_export, "export_onnx", fails)
-    config = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    config = transformers.DeiTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
     transformers.DeiTForImageClassification(config).save_pretrained(tmp_path / "deit")
-    with pytest.raises(CheckpointError, match=r"deit is not among the tested architectures, and its export failed \(RuntimeError: an op the exporter lacks\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"deit is not among the tested architectures, and its export failed \(RuntimeError: an op the "
+        r"exporter lacks\)",
+    ):
         build_model(None, tmp_path / "build", checkpoint=tmp_path / "deit", log=lambda _: None)
     save_checkpoint(tmp_path / "resnet", "image-classification", "resnet")
     with pytest.raises(RuntimeError, match="an op the exporter lacks"):
@@ -278,14 +361,38 @@ def test_cli_engine_takes_a_checkpoint_without_a_model(tmp_path, capsys):
     save_checkpoint(folder, "image-classification", "resnet", seed=3)
     assert main(["engine", "--checkpoint", str(folder), "--out", str(tmp_path / "build")]) == 0
     out = capsys.readouterr().out
-    assert "model my-resnet (image-classification, ResNetForImageClassification)" in out and "verification PASSED" in out
+    assert (
+        "model my-resnet (image-classification, ResNetForImageClassification)" in out and "verification PASSED" in out
+    )
     assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["my-resnet"]
     assert main(["export", "--checkpoint", str(folder), "-o", str(tmp_path / "resnet.onnx")]) == 0
     assert "exported my-resnet" in capsys.readouterr().out and (tmp_path / "resnet.onnx").is_file()
     for argv, message in (
-        (["engine", "--out", str(tmp_path / "none")], "give a model family (`aim engine MODEL`, see `aim models`), a checkpoint folder"),
-        (["engine", "--checkpoint", str(write_config(tmp_path / "ssm", model_type="mamba")), "--out", str(tmp_path / "none")], "refused"),
-        (["engine", "resnet", "--checkpoint", str(write_config(tmp_path / "q", model_type="qwen2")), "--out", str(tmp_path / "none")], "Leave MODEL out"),
+        (
+            ["engine", "--out", str(tmp_path / "none")],
+            "give a model family (`aim engine MODEL`, see `aim models`), a checkpoint folder",
+        ),
+        (
+            [
+                "engine",
+                "--checkpoint",
+                str(write_config(tmp_path / "ssm", model_type="mamba")),
+                "--out",
+                str(tmp_path / "none"),
+            ],
+            "refused",
+        ),
+        (
+            [
+                "engine",
+                "resnet",
+                "--checkpoint",
+                str(write_config(tmp_path / "q", model_type="qwen2")),
+                "--out",
+                str(tmp_path / "none"),
+            ],
+            "Leave MODEL out",
+        ),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err

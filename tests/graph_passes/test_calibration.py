@@ -56,8 +56,12 @@ def test_level_one_is_exact(calibrated):
     x = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
     noise = np.random.default_rng(2).normal(size=(3, 5)).astype(np.float32)
     zero = np.zeros_like(noise)
-    out = engine.infer({"x": x, UTILITY_LEVEL: np.ones(3, np.float32), "focus": zero, NOISE_UTILITY: noise, NOISE_FOCUS: noise})
-    bare = engine.infer({"x": x, UTILITY_LEVEL: np.ones(3, np.float32), "focus": zero, NOISE_UTILITY: zero, NOISE_FOCUS: zero})
+    out = engine.infer(
+        {"x": x, UTILITY_LEVEL: np.ones(3, np.float32), "focus": zero, NOISE_UTILITY: noise, NOISE_FOCUS: noise}
+    )
+    bare = engine.infer(
+        {"x": x, UTILITY_LEVEL: np.ones(3, np.float32), "focus": zero, NOISE_UTILITY: zero, NOISE_FOCUS: zero}
+    )
     assert np.array_equal(out["scores"], bare["scores"])
 
 

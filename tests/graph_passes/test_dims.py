@@ -13,10 +13,16 @@ from aim.layout import GraphIO
 def two_outputs(batch_dim="n", spatial=None):
     """x [batch, 4, spatial] -> probabilities (first), scores (second)."""
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["x"], ["scores"], axes=[2], keepdims=0), helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1)],
+        [
+            helper.make_node("ReduceMean", ["x"], ["scores"], axes=[2], keepdims=0),
+            helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1),
+        ],
         "user",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch_dim, 4, spatial])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch_dim, 4]), helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch_dim, 4])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch_dim, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch_dim, 4]),
+        ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -29,8 +35,12 @@ def test_batch_named_unnamed_dims_named_logits_first():
     assert [(t.name, t.dims) for t in io.outputs] == [("scores", ["batch", 4]), ("probabilities", ["batch", 4])]
     assert GraphIO.of_model(model).inputs[0].dims == ["n", 4, None]  # the user's model is left alone
     x = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
-    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, conventional)]
-    assert np.array_equal(run[0].run(["scores"], {"x": x})[0], run[1].run(None, {"x": x})[0])  # same computation, logits first
+    run = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, conventional)
+    ]
+    assert np.array_equal(
+        run[0].run(["scores"], {"x": x})[0], run[1].run(None, {"x": x})[0]
+    )  # same computation, logits first
 
 
 def test_a_static_batch_is_refused():

@@ -74,8 +74,10 @@ def test_redistribution_stays_fp32_with_casts_at_its_edge(family, kind):
 def test_violations_are_detected():
     """The checker of the tests above fails on a region node that computes in FP16."""
     graph = h.make_graph(
-        [h.make_node("Abs", ["x"], ["y"], name=f"{PREFIX}/Abs_1")], "g",
-        [h.make_tensor_value_info("x", T.FLOAT16, [2])], [h.make_tensor_value_info("y", T.FLOAT16, [2])],
+        [h.make_node("Abs", ["x"], ["y"], name=f"{PREFIX}/Abs_1")],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT16, [2])],
+        [h.make_tensor_value_info("y", T.FLOAT16, [2])],
     )
     assert fp32_violations(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
 
@@ -87,8 +89,11 @@ def test_fp16_graph_agrees_with_pytorch_on_onnxruntime(family, half):
     inputs = reference.inputs
     bare = OnnxRuntimeEngine(paths["bare"]).run(inputs)
     modulated = OnnxRuntimeEngine(paths["verification"]).run(
-        inputs, reference.utility, reference.focus,
-        noise_utility=reference.noise_utility, noise_focus=reference.noise_focus,
+        inputs,
+        reference.utility,
+        reference.focus,
+        noise_utility=reference.noise_utility,
+        noise_focus=reference.noise_focus,
     )
     for name, expected, actual in (("bare", reference.logits, bare), ("modulated", reference.modulated, modulated)):
         check = agreement(name, expected, actual, family.family.fp16, family.task.class_axis)
@@ -114,23 +119,35 @@ def test_comparator_fails_on_wrong_logits(family, half):
 def test_resize_scales_stay_fp32_and_subgraph_nodes_stay_whole():
     """Schema-driven: Resize's `scales` must be FP32; an If (with its branches) stays FP32 and reads
     outer FP16 tensors through Casts."""
-    then_branch = h.make_graph([h.make_node("Abs", ["y"], ["t"], name="then_abs")], "then", [], [h.make_tensor_value_info("t", T.FLOAT, None)])
-    else_branch = h.make_graph([h.make_node("Neg", ["y"], ["e"], name="else_neg")], "else", [], [h.make_tensor_value_info("e", T.FLOAT, None)])
+    then_branch = h.make_graph(
+        [h.make_node("Abs", ["y"], ["t"], name="then_abs")], "then", [], [h.make_tensor_value_info("t", T.FLOAT, None)]
+    )
+    else_branch = h.make_graph(
+        [h.make_node("Neg", ["y"], ["e"], name="else_neg")], "else", [], [h.make_tensor_value_info("e", T.FLOAT, None)]
+    )
     nodes = [
         h.make_node("Resize", ["x", "", "scales"], ["y"], name="resize", mode="linear"),
         h.make_node("If", ["flag"], ["z"], name="branch", then_branch=then_branch, else_branch=else_branch),
         h.make_node("Mul", ["z", "w"], ["out"], name="scale"),
     ]
     graph = h.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [h.make_tensor_value_info("x", T.FLOAT, [1, 1, 2, 2]), h.make_tensor_value_info("flag", T.BOOL, [])],
         [h.make_tensor_value_info("out", T.FLOAT, None)],
-        initializer=[numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"), numpy_helper.from_array(np.array(3.0, np.float32), "w")],
+        initializer=[
+            numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+            numpy_helper.from_array(np.array(3.0, np.float32), "w"),
+        ],
     )
     m = convert_to_fp16(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
     types = types_of(m)
     resize = next(n for n in m.graph.node if n.name == "resize")
-    assert types[resize.input[0]] == T.FLOAT16 and types[resize.input[2]] == T.FLOAT and types[resize.output[0]] == T.FLOAT16
+    assert (
+        types[resize.input[0]] == T.FLOAT16
+        and types[resize.input[2]] == T.FLOAT
+        and types[resize.output[0]] == T.FLOAT16
+    )
     branch = next(n for n in m.graph.node if n.name == "branch")
     assert types[branch.output[0]] == T.FLOAT
     inner = {n.input[0] for g in (branch.attribute[0].g, branch.attribute[1].g) for n in g.node}
@@ -145,7 +162,12 @@ def test_resize_scales_stay_fp32_and_subgraph_nodes_stay_whole():
 
 def test_agreement_config_is_stated_per_family(family):
     spec = family.family.fp16
-    assert isinstance(spec, Agreement) and spec.metric in ("top_k", "class_map") and 0 < spec.min_fraction <= 1 and spec.why
+    assert (
+        isinstance(spec, Agreement)
+        and spec.metric in ("top_k", "class_map")
+        and 0 < spec.min_fraction <= 1
+        and spec.why
+    )
 
 
 def test_model_nodes_moved_into_the_region_if_come_back_out(family):

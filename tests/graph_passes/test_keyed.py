@@ -61,7 +61,9 @@ def test_keyed_graph_and_torch_twin_agree(tmp_path, dims, shape, class_axis):
     # The same integers on both sides; the float ops (log, cos, sin, the digest's matmul) may differ
     # in their last bits between ONNX Runtime's and PyTorch's kernels: ~1e-7 of the values here.
     np.testing.assert_allclose(out, twin, rtol=1e-6, atol=1e-5)
-    other = redistribute_torch(*map(torch.from_numpy, (x, utility, focus)), class_axis=class_axis, key=NoiseKey(bytes(KEY_BYTES))).numpy()
+    other = redistribute_torch(
+        *map(torch.from_numpy, (x, utility, focus)), class_axis=class_axis, key=NoiseKey(bytes(KEY_BYTES))
+    ).numpy()
     assert np.mean(np.abs(other - twin) > 1e-3) > 0.95  # another key, another draw
     assert not np.array_equal(out, x) and np.array_equal(run(session, x, 0.0), x)  # utility 0, focus 0: exact
 
@@ -94,7 +96,12 @@ def test_distinct_requests_draw_independent_standard_normal_noise(tmp_path):
     noise = (run(session, x, 1.0) - x).astype(np.float64)
     assert stats.kstest(noise.ravel(), "norm").pvalue > 1e-3
     assert abs(noise.mean()) < 4 / np.sqrt(noise.size) and abs(noise.var() - 1) < 4 * np.sqrt(2 / noise.size)
-    for a, b in [(noise[:-1], noise[1:]), (noise[:, :-1], noise[:, 1:]), (noise[:, :5], noise[:, 5:]), (noise[:, :5] ** 2, noise[:, 5:] ** 2)]:
+    for a, b in [
+        (noise[:-1], noise[1:]),
+        (noise[:, :-1], noise[:, 1:]),
+        (noise[:, :5], noise[:, 5:]),
+        (noise[:, :5] ** 2, noise[:, 5:] ** 2),
+    ]:
         assert abs(correlation_z(a, b)) < Z_LIMIT
     # n1 + |n2| for independent n1, n2 is sqrt(2) SkewNormal(1).
     both = run(session, x, 1.0, np.ones((4000, 10), np.float32)) - x
@@ -105,11 +112,16 @@ def test_neighbouring_pixels_and_classes_are_uncorrelated(tmp_path):
     session, _ = keyed_session(tmp_path, ["batch", 6, "h", "w"])
     x = np.zeros((8, 6, 32, 32), np.float32)
     sigmas = 1.0 + np.arange(8, dtype=np.float32) / 16  # distinct tiers: distinct requests on equal logits
-    noise = (session.run(None, {"x": x, UTILITY: sigmas, FOCUS: np.zeros((8, 6), np.float32)})[0] / sigmas[:, None, None, None]).astype(np.float64)
+    noise = (
+        session.run(None, {"x": x, UTILITY: sigmas, FOCUS: np.zeros((8, 6), np.float32)})[0]
+        / sigmas[:, None, None, None]
+    ).astype(np.float64)
     assert stats.kstest(noise.ravel(), "norm").pvalue > 1e-3
     for axis in (0, 1, 2, 3):
         size = noise.shape[axis]
-        assert abs(correlation_z(noise.take(range(size - 1), axis=axis), noise.take(range(1, size), axis=axis))) < Z_LIMIT, axis
+        assert (
+            abs(correlation_z(noise.take(range(size - 1), axis=axis), noise.take(range(1, size), axis=axis))) < Z_LIMIT
+        ), axis
 
 
 def test_perturbations_smaller_than_a_cell_keep_the_draw(tmp_path):

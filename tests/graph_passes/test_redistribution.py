@@ -201,7 +201,13 @@ def test_check_modulation_broadcasts_and_refuses_bad_values():
     utility, focus = check_modulation(1.5, [1.0, 0.0, -2.0], batch=2, num_classes=3)
     assert utility.tolist() == [1.5, 1.5] and focus.shape == (2, 3) and focus[1, 2] == -2.0
     assert check_modulation([0, 2], None, 2, 3)[1].tolist() == [[0, 0, 0], [0, 0, 0]]
-    for bad, message in [(float("nan"), "finite"), (float("inf"), "finite"), (-0.5, r"\[0, 10000\]"), (2e4, r"\[0, 10000\]"), ([1, 2, 3], "one value per sample")]:
+    for bad, message in [
+        (float("nan"), "finite"),
+        (float("inf"), "finite"),
+        (-0.5, r"\[0, 10000\]"),
+        (2e4, r"\[0, 10000\]"),
+        ([1, 2, 3], "one value per sample"),
+    ]:
         with pytest.raises(InvalidInputError, match=message):
             check_modulation(bad, None, 2, 3)
     with pytest.raises(InvalidInputError, match=r"one value per class \(3\).*got shape \[4\]"):
@@ -238,7 +244,9 @@ def verification_feed(rng, shape, class_axis=1):
 
 
 def twin(feed, class_axis=1):
-    tensors = (torch.from_numpy(np.ascontiguousarray(feed[k])) for k in ("x", UTILITY, FOCUS, NOISE_UTILITY, NOISE_FOCUS))
+    tensors = (
+        torch.from_numpy(np.ascontiguousarray(feed[k])) for k in ("x", UTILITY, FOCUS, NOISE_UTILITY, NOISE_FOCUS)
+    )
     return redistribute_torch(*tensors, class_axis=class_axis).numpy()
 
 
@@ -277,11 +285,15 @@ def test_nan_negative_and_infinite_knobs_are_sanitised_in_the_graph(tmp_path, kn
 
     def run(values):
         f = dict(feed)
-        f[knob] = np.array(values, np.float32) if knob == UTILITY else np.tile(np.array(values, np.float32)[:, None], (1, 6))
+        f[knob] = (
+            np.array(values, np.float32) if knob == UTILITY else np.tile(np.array(values, np.float32)[:, None], (1, 6))
+        )
         return target.run(None, f)[0], twin(f)
 
     bad, reference = run([np.nan, -2.0, np.inf, -np.inf])
-    good, _ = run([0.0, 2.0 if knob == UTILITY else -2.0, MAX_STRENGTH, MAX_STRENGTH if knob == UTILITY else -MAX_STRENGTH])
+    good, _ = run(
+        [0.0, 2.0 if knob == UTILITY else -2.0, MAX_STRENGTH, MAX_STRENGTH if knob == UTILITY else -MAX_STRENGTH]
+    )
     assert np.all(np.isfinite(bad))
     np.testing.assert_array_equal(bad, good)
     np.testing.assert_array_equal(bad, reference)  # the twin applies the same rule
@@ -370,7 +382,11 @@ def test_focus_noise_is_not_a_neighbours_utility_noise(tmp_path, method):
     run = seeded_session(save_onnx(graph, tmp_path / "production.onnx"), 22)
     rows, classes = 64, 1001
     focused = (np.arange(rows)[:, None] + np.arange(classes)[None, :]) % 2 == 1
-    feed = {"x": np.zeros((rows, classes), np.float32), UTILITY: np.ones(rows, np.float32), FOCUS: np.where(focused, 4.0, 0.0).astype(np.float32)}
+    feed = {
+        "x": np.zeros((rows, classes), np.float32),
+        UTILITY: np.ones(rows, np.float32),
+        FOCUS: np.where(focused, 4.0, 0.0).astype(np.float32),
+    }
     noise = np.stack([run.run(None, feed)[0] for _ in range(7)])  # [runs, rows, classes]
     threshold = stats.norm.isf(1e-7 / 4 / 2)
     for dr, dc in ((0, 1), (0, -1), (1, 0), (-1, 0)):
@@ -403,9 +419,17 @@ def test_premium_tier_draws_no_noise(tmp_path, method, hand_made):
     logits bit for bit, while any request that asks for noise (even one row at utility 0.5, or focus on
     one class) comes back NaN: the noise branch ran, and 0 * noise did not hide it."""
     if hand_made == "identity":
-        source, logits, feed = identity_model(tmp_path / "bare.onnx", ["batch", 6]), "logits", {"x": np.arange(18, dtype=np.float32).reshape(3, 6)}
+        source, logits, feed = (
+            identity_model(tmp_path / "bare.onnx", ["batch", 6]),
+            "logits",
+            {"x": np.arange(18, dtype=np.float32).reshape(3, 6)},
+        )
     else:
-        source, logits, feed = tiny_classifier(tmp_path / "bare.onnx", classes=6), "scores", {"x": np.ones((3, 6), np.float32)}
+        source, logits, feed = (
+            tiny_classifier(tmp_path / "bare.onnx", classes=6),
+            "scores",
+            {"x": np.ones((3, 6), np.float32)},
+        )
     graph = add_redistribution(load_graph(source), logits, 1, noise=method)
     run = session(poisoned(save_onnx(graph, tmp_path / "production.onnx"), tmp_path / "poisoned.onnx"))
     bare = session(source).run(None, feed)[0]
@@ -444,7 +468,12 @@ def fp16_conv_classifier(path, classes: int = 10):
     rng = np.random.default_rng(3)
     weights = [
         numpy_helper.from_array(rng.normal(size=shape).astype(np.float16), name)
-        for name, shape in (("conv.w", (8, 3, 3, 3)), ("conv.b", (8,)), ("head.w", (classes, 8)), ("head.b", (classes,)))
+        for name, shape in (
+            ("conv.w", (8, 3, 3, 3)),
+            ("conv.b", (8,)),
+            ("head.w", (classes, 8)),
+            ("head.b", (classes,)),
+        )
     ]
     graph = helper.make_graph(
         [

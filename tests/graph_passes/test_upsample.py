@@ -14,7 +14,9 @@ from aim.graph_passes.upsample import PREFIX, upsample_logits, upsample_torch
 
 def segmenter(path, classes=4):
     """pixel_values [B, 3, H, W] -> logits [B, C, H/4, W/4] by average pooling and a 1x1 convolution."""
-    weight = helper.make_tensor("w", TensorProto.FLOAT, [classes, 3, 1, 1], np.random.default_rng(0).normal(size=classes * 3))
+    weight = helper.make_tensor(
+        "w", TensorProto.FLOAT, [classes, 3, 1, 1], np.random.default_rng(0).normal(size=classes * 3)
+    )
     graph = helper.make_graph(
         [
             helper.make_node("AveragePool", ["pixel_values"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
@@ -36,7 +38,9 @@ def test_resize_matches_pytorch_bilinear(tmp_path, size):
     x = np.random.default_rng(1).normal(size=(2, 3, *size)).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {"pixel_values": x})
-    low = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+    low = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": x}
+    )[0]
     assert out.shape == (2, 4, *size)  # per input pixel, also when H, W are not multiples of 4
     expected = upsample_torch(torch.from_numpy(low), size).numpy()
     # Same interpolation weights; the scale is computed as out/in vs in/out: float rounding only.
@@ -63,11 +67,16 @@ def test_hand_computed_half_pixel_example(tmp_path):
     graph = helper.make_graph(
         [helper.make_node("Identity", ["low"], ["logits"])],
         "low_resolution",
-        [helper.make_tensor_value_info("low", TensorProto.FLOAT, [1, 1, 2, 2]), helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [
+            helper.make_tensor_value_info("low", TensorProto.FLOAT, [1, 1, 2, 2]),
+            helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, 4, 4]),
+        ],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 2, 2])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "low.onnx"))
-    path = save_onnx(upsample_logits(load_graph(tmp_path / "low.onnx"), "logits", like="pixel_values"), tmp_path / "up.onnx")
+    path = save_onnx(
+        upsample_logits(load_graph(tmp_path / "low.onnx"), "logits", like="pixel_values"), tmp_path / "up.onnx"
+    )
     low = np.array([[[[0.0, 1.0], [2.0, 3.0]]]], np.float32)
     a = np.array([0.0, 0.25, 0.75, 1.0])
     expected = (2 * a[:, None] + a[None, :])[None, None]

@@ -44,7 +44,14 @@ def test_artifacts_and_manifest(built):
     folder = out / manifest.model
     assert manifest.folder == folder
     assert sorted(p.name for p in out.iterdir()) == [manifest.model]  # no staging left
-    assert [line[:5] for line in lines if line.startswith("[")] == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"]
+    assert [line[:5] for line in lines if line.startswith("[")] == [
+        "[1/6]",
+        "[2/6]",
+        "[3/6]",
+        "[4/6]",
+        "[5/6]",
+        "[6/6]",
+    ]
     written = json.loads((folder / MANIFEST).read_text())
     assert written["schema"] == SCHEMA and written["verification"]["passed"] is True
     for entry in written["artifacts"].values():
@@ -64,7 +71,10 @@ def test_artifacts_and_manifest(built):
     assert manifest.graph.inputs[-1].dims == ["batch", manifest.modulation.num_classes]
     for check in manifest.verification.checks:
         assert check.passed, check
-    assert any("vs PyTorch" in c.name and c.metrics["max_abs_diff"] <= family.tolerance.atol for c in manifest.verification.checks)
+    assert any(
+        "vs PyTorch" in c.name and c.metrics["max_abs_diff"] <= family.tolerance.atol
+        for c in manifest.verification.checks
+    )
     text = report(manifest)
     assert "verification PASSED" in text and "max |diff|" in text
 
@@ -215,8 +225,13 @@ def test_verification_holds_one_engine_at_a_time(built, monkeypatch):
     monkeypatch.setattr(aim.runtime.folder, "OnnxRuntimeEngine", Counted)
     runners = aim.runtime.folder.role_runners(manifest, "onnxruntime")
     verification = manifest.verification
-    checks = verify_build(*runners, Reference.load(manifest.folder / REFERENCE), verification.tolerance,
-                          manifest.modulation.class_axis, manifest.dynamic_dims["batch"].max)
+    checks = verify_build(
+        *runners,
+        Reference.load(manifest.folder / REFERENCE),
+        verification.tolerance,
+        manifest.modulation.class_axis,
+        manifest.dynamic_dims["batch"].max,
+    )
     runners[2].close()
     assert all(check.passed for check in checks) and len(most) == 3 and max(most) == 1 and not open_now
 
@@ -249,10 +264,18 @@ def test_failed_verification_fails_and_keeps_report_aside(tmp_path, monkeypatch)
 def killed_build(out: Path) -> Path:
     """A build into `out` killed by SIGKILL (as the OOM killer does) once its staging folder exists;
     returns the staging folder it left behind."""
-    process = subprocess.Popen([sys.executable, "-m", "aim.cli", "engine", "resnet", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aim.cli", "engine", "resnet", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
-        while not list(out.glob(f".resnet.staging-{process.pid}")) and time.monotonic() < deadline and process.poll() is None:
+        while (
+            not list(out.glob(f".resnet.staging-{process.pid}"))
+            and time.monotonic() < deadline
+            and process.poll() is None
+        ):
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
@@ -281,7 +304,9 @@ def test_local_checkpoint_end_to_end(tmp_path, name):
     assert manifest.verification.passed
     assert manifest.source.checkpoint == str((tmp_path / "ckpt").resolve())
     checkpoint_files = sorted((tmp_path / "ckpt").iterdir())
-    assert manifest.source.files == {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in checkpoint_files}
+    assert manifest.source.files == {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in checkpoint_files
+    }
     inputs = Reference.load(manifest.folder / REFERENCE).inputs
     torch_inputs = {key: torch.from_numpy(value) for key, value in inputs.items()}
 
@@ -306,7 +331,9 @@ def test_bf16_checkpoint_without_a_tokenizer(tmp_path, capsys):
     manifest = build_model("llama", tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lines.append)
     assert manifest.verification.passed and manifest.source.dtype == "bfloat16"
     assert manifest.tokenizer is None and not (manifest.folder / TOKENIZER_DIR).exists()
-    assert any("stored as bfloat16, loaded in float32" in line and "no tokenizer in the checkpoint" in line for line in lines)
+    assert any(
+        "stored as bfloat16, loaded in float32" in line and "no tokenizer in the checkpoint" in line for line in lines
+    )
     greedy = next(c for c in manifest.verification.checks if c.name.startswith("greedy tokens"))
     assert greedy.passed and greedy.metrics["tokens"] > 0
     weights = onnx.load(str(manifest.path("exported"))).graph.initializer
@@ -317,11 +344,20 @@ def test_bf16_checkpoint_without_a_tokenizer(tmp_path, capsys):
     expected = task.reference_logits(upcast, {key: torch.from_numpy(value) for key, value in inputs.items()}).numpy()
     out = OnnxRuntimeEngine(manifest.folder / FILES["engine"]).run(inputs)
     np.testing.assert_allclose(out, expected, atol=family.tolerance.atol, rtol=family.tolerance.rtol)
-    assert not np.allclose(out, task.reference_logits(load("llama", seed=0)[2], {k: torch.from_numpy(v) for k, v in inputs.items()}).numpy(), atol=1e-3)
+    assert not np.allclose(
+        out,
+        task.reference_logits(load("llama", seed=0)[2], {k: torch.from_numpy(v) for k, v in inputs.items()}).numpy(),
+        atol=1e-3,
+    )
     capsys.readouterr()
     assert cli_main(["generate", str(manifest.folder), "--prompt", "hello"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "without a tokenizer" in err and "save_pretrained(DIR)" in err and "Traceback" not in err
+    assert (
+        err.startswith("error: ")
+        and "without a tokenizer" in err
+        and "save_pretrained(DIR)" in err
+        and "Traceback" not in err
+    )
 
 
 def test_an_older_or_broken_manifest_is_refused_with_rebuild(built):
@@ -330,7 +366,10 @@ def test_an_older_or_broken_manifest_is_refused_with_rebuild(built):
     original = path.read_text()
     older = {**manifest.to_dict(), "schema": 1}
     try:
-        for text, message in ((json.dumps(older), "another version.*schema 1.*rebuild"), ("{", "not readable JSON.*rebuild")):
+        for text, message in (
+            (json.dumps(older), "another version.*schema 1.*rebuild"),
+            ("{", "not readable JSON.*rebuild"),
+        ):
             path.write_text(text)
             with pytest.raises(AimError, match=message):
                 Manifest.load(manifest.folder)

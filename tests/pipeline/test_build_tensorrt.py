@@ -46,7 +46,11 @@ def test_rtx_build_writes_plans_and_records_them(rtx_build):
     assert written["tensorrt"]["engine"]["profile"] == profile
     assert all(entry["passed"] for entry in written["compatibility"].values())
     # FP16 graphs are what the engines were built from; graph IO types stay FP32.
-    assert written["graphs"] == {"bare": "bare.fp16", "verification": "verification.fp16", "production": "modulated.fp16"}
+    assert written["graphs"] == {
+        "bare": "bare.fp16",
+        "verification": "verification.fp16",
+        "production": "modulated.fp16",
+    }
     assert written["artifacts"]["bare.fp16"]["path"] == "exported.fp16.onnx"  # ResNet's bare model is the export
     assert [t["dtype"] for t in written["graph"]["inputs"]] == ["float32"] * 3
     verification = written["verification"]
@@ -108,6 +112,10 @@ def test_unsupported_graph_fails_the_tensorrt_build_and_leaves_nothing(tmp_path,
     table = dict(trt_support.load_table())
     table["operators"] = {**table["operators"], "Conv": {"supported": False}}  # as if the parser lacked Conv
     monkeypatch.setattr(trt_support, "load_table", lambda *args: table)
-    with pytest.raises(AimError, match=r"(?s)would refuse 12 node.*convolution/Conv' \(Conv\): not supported.*\[bare, verification, production\]"):
+    with pytest.raises(
+        AimError,
+        match=r"(?s)would refuse 12 node.*convolution/Conv' \(Conv\): not supported.*\[bare, verification, "
+        r"production\]",
+    ):
         build_model("resnet", tmp_path / "build", backend="tensorrt-rtx", log=lambda _: None)
     assert not (tmp_path / "build").exists()

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start(*argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "aim.cli", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "aim.cli", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def staging_with(out: Path, model: str, pid: int, name: str, timeout: float = 120) -> Path:
@@ -88,7 +90,12 @@ def test_two_processes_publishing_one_folder_take_turns(tmp_path):
     final = tmp_path / "out" / "model"
     start = time.time() + 1  # after both have imported
     publishers = [
-        subprocess.Popen([sys.executable, "-c", PUBLISHER, str(final), str(start), "0.7"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", PUBLISHER, str(final), str(start), "0.7"],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     for publisher in publishers:
@@ -126,7 +133,9 @@ def test_a_file_of_that_name_is_not_replaced_and_leftovers_of_the_living_stay(tm
             pass
     assert (tmp_path / "model").read_text() == "the user's notes"
     # leftovers: a dead process's are removed, a running one's (ours) stay
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     for name in (f".model.staging-{dead}", f".x.onnx.tmp-{dead}", f".model.staging-{os.getpid()}"):
         (tmp_path / name).mkdir()
     assert sorted(p.name for p in files.remove_leftovers(tmp_path)) == [f".model.staging-{dead}", f".x.onnx.tmp-{dead}"]

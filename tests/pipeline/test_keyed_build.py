@@ -46,7 +46,10 @@ def test_keyed_build_verifies_and_records_only_the_fingerprint(keyed_build, mode
 
 def test_the_key_file_rebuilds_an_engine_that_answers_as_before(keyed_build, tmp_path, capsys):
     first = keyed_build("resnet")
-    assert main(["engine", "resnet", "--out", str(tmp_path), "--noise", "keyed", "--noise-key", str(keyed_build.key_file)]) == 0
+    assert (
+        main(["engine", "resnet", "--out", str(tmp_path), "--noise", "keyed", "--noise-key", str(keyed_build.key_file)])
+        == 0
+    )
     assert f"key fingerprint {first.modulation.key_fingerprint}" in capsys.readouterr().out
     inputs = Reference.load(first.folder / REFERENCE).inputs
 
@@ -106,11 +109,19 @@ def test_reuse_keeps_a_build_made_as_asked_and_rebuilds_one_made_otherwise(build
     built = Manifest.load(out / "resnet")
     assert "reused" not in capsys.readouterr().err and built.modulation.noise == "keyed"
     assert built.modulation.key_fingerprint == NoiseKey.read(key_file).fingerprint
-    assert main(keyed) == 0 and "reused" in capsys.readouterr().err and Manifest.load(out / "resnet").created == built.created
+    assert (
+        main(keyed) == 0
+        and "reused" in capsys.readouterr().err
+        and Manifest.load(out / "resnet").created == built.created
+    )
     shutil.copytree(out / "resnet", tmp_path / "keyed")
     NoiseKey.draw().write(tmp_path / "other.key")
     asked = ["engine", "resnet", "--out", str(out), "--noise", "keyed", "--reuse"]
-    for changed in (["--noise-key", str(tmp_path / "other.key")], ["--noise-key", str(key_file), "--precision", "fp16"], ["--seed", "1"]):
+    for changed in (
+        ["--noise-key", str(tmp_path / "other.key")],
+        ["--noise-key", str(key_file), "--precision", "fp16"],
+        ["--seed", "1"],
+    ):
         shutil.rmtree(out / "resnet")
         shutil.copytree(tmp_path / "keyed", out / "resnet")  # the keyed build, each time
         assert main(asked + changed) == 0

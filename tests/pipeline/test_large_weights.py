@@ -36,7 +36,9 @@ print(memory.peak_rss() - before)
 @pytest.fixture(scope="module")
 def weights():
     rng = np.random.default_rng(0)
-    hidden = [rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.float32(np.sqrt(WIDTH)) for _ in range(LAYERS - 1)]
+    hidden = [
+        rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.float32(np.sqrt(WIDTH)) for _ in range(LAYERS - 1)
+    ]
     return hidden + [rng.standard_normal((WIDTH, CLASSES), dtype=np.float32) / np.float32(np.sqrt(WIDTH))]
 
 
@@ -50,7 +52,9 @@ def exported(tmp_path_factory, weights):
 
 
 def run_passes(folder: Path, precision: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PASSES, str(folder), precision], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", PASSES, str(folder), precision], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.split()[-1])
 

@@ -48,8 +48,13 @@ def scorer(tmp_path_factory):
     module = Scorer().eval()
     path = folder / "scorer.onnx"
     torch.onnx.export(
-        module, (torch.randn(2, 3, 32, 32),), str(path), input_names=["image"], output_names=["features", "scores"],
-        dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "features": {0: "n"}, "scores": {0: "n"}}, dynamo=False,
+        module,
+        (torch.randn(2, 3, 32, 32),),
+        str(path),
+        input_names=["image"],
+        output_names=["features", "scores"],
+        dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "features": {0: "n"}, "scores": {0: "n"}},
+        dynamo=False,
     )
     return module, path
 
@@ -59,7 +64,23 @@ def built(scorer, tmp_path_factory):
     """The ONNX Runtime build folder of the scorer, made by the CLI."""
     _, path = scorer
     out = tmp_path_factory.mktemp("out")
-    assert main(["engine", "--onnx", str(path), "--logits", "scores", "--out", str(out), "--backend", "onnxruntime", *SHAPES]) == 0
+    assert (
+        main(
+            [
+                "engine",
+                "--onnx",
+                str(path),
+                "--logits",
+                "scores",
+                "--out",
+                str(out),
+                "--backend",
+                "onnxruntime",
+                *SHAPES,
+            ]
+        )
+        == 0
+    )
     return out / "scorer"
 
 
@@ -76,7 +97,11 @@ def test_the_build_folder_is_the_families_one(scorer, built):
     assert {entry.path for entry in manifest.artifacts.values()} == every_file  # the folder holds nothing unrecorded
     # The user's dims under the folder's names: the batch is `batch`, h and w keep theirs; logits first.
     assert manifest.dynamic_dims == {"batch": DimRange(1, 4, 16), "h": DimRange(16, 32, 64), "w": DimRange(16, 32, 64)}
-    assert [(t.name, t.dims) for t in manifest.graph.inputs] == [("image", ["batch", 3, "h", "w"]), ("utility", ["batch"]), ("focus", ["batch", CLASSES])]
+    assert [(t.name, t.dims) for t in manifest.graph.inputs] == [
+        ("image", ["batch", 3, "h", "w"]),
+        ("utility", ["batch"]),
+        ("focus", ["batch", CLASSES]),
+    ]
     assert [t.name for t in manifest.graph.outputs] == ["scores", "features"]
     assert manifest.profile["image"] == {"min": [1, 3, 16, 16], "opt": [4, 3, 32, 32], "max": [16, 3, 64, 64]}
     assert manifest.profile["focus"] == {"min": [1, CLASSES], "opt": [4, CLASSES], "max": [16, CLASSES]}
@@ -84,7 +109,10 @@ def test_the_build_folder_is_the_families_one(scorer, built):
     verification = manifest.verification
     assert verification.passed and verification.engine_run.ran
     names = [check.name for check in verification.checks]
-    assert names[:2] == ["bare model vs bare ONNX on ONNX Runtime", "modulated (verification flavour) vs bare ONNX on ONNX Runtime reference"]
+    assert names[:2] == [
+        "bare model vs bare ONNX on ONNX Runtime",
+        "modulated (verification flavour) vs bare ONNX on ONNX Runtime reference",
+    ]
     assert "identity at utility 0, focus 0" in names and "utility noise ~ N(0,1)" in names and len(names) == 10
 
     # The reference is the ONNX file's logits for inputs drawn from its types and shapes (opt size),
@@ -98,7 +126,12 @@ def test_the_build_folder_is_the_families_one(scorer, built):
     np.testing.assert_allclose(reference.logits, expected, rtol=1e-5, atol=1e-5)  # ONNX Runtime vs PyTorch, fp32
     with OnnxRuntimeEngine(manifest.engine_path()) as engine:
         np.testing.assert_array_equal(engine.run({"image": image}, 0.0), reference.logits)
-        np.testing.assert_allclose(engine.run({"image": image[:1, :, :48, :20]}), module(torch.from_numpy(image[:1, :, :48, :20]))[1].detach().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            engine.run({"image": image[:1, :, :48, :20]}),
+            module(torch.from_numpy(image[:1, :, :48, :20]))[1].detach().numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
     assert main(["verify", str(built)]) == 0  # the folder re-verifies from its manifest alone
 
@@ -106,13 +139,53 @@ def test_the_build_folder_is_the_families_one(scorer, built):
 def test_a_dynamic_dim_without_a_range_is_named_and_nothing_is_written(scorer, tmp_path, capsys):
     _, path = scorer
     out = tmp_path / "out"
-    assert main(["engine", "--onnx", str(path), "--logits", "scores", "--out", str(out), "--max-shapes", "image:8x3x32x32,pixels:1x3"]) == 2
-    assert "the shape flags name ['pixels'], which is not an input of the graph (inputs: ['image'])" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "engine",
+                "--onnx",
+                str(path),
+                "--logits",
+                "scores",
+                "--out",
+                str(out),
+                "--max-shapes",
+                "image:8x3x32x32,pixels:1x3",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "the shape flags name ['pixels'], which is not an input of the graph (inputs: ['image'])"
+        in capsys.readouterr().err
+    )
     assert main(["engine", "--onnx", str(path), "--logits", "scores", "--out", str(out)]) == 2
     assert "input 'image' axis 0 has dynamic dim 'n', which has no range" in capsys.readouterr().err
-    assert main(["engine", "--onnx", str(path), "--logits", "logits", "--out", str(out), "--max-shapes", "image:8x3x32x32"]) == 2
+    assert (
+        main(
+            ["engine", "--onnx", str(path), "--logits", "logits", "--out", str(out), "--max-shapes", "image:8x3x32x32"]
+        )
+        == 2
+    )
     assert "no output named 'logits'; its outputs are ['features', 'scores']" in capsys.readouterr().err
-    assert main(["engine", "--onnx", str(path), "--logits", "scores", "--out", str(out), "--max-shapes", "image:8x3x32x32", "--class-axis", "0"]) == 2
+    assert (
+        main(
+            [
+                "engine",
+                "--onnx",
+                str(path),
+                "--logits",
+                "scores",
+                "--out",
+                str(out),
+                "--max-shapes",
+                "image:8x3x32x32",
+                "--class-axis",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "class axis 0 is out of range" in capsys.readouterr().err
     assert not out.exists()
 
@@ -120,25 +193,66 @@ def test_a_dynamic_dim_without_a_range_is_named_and_nothing_is_written(scorer, t
 def test_tensorrt_rtx_plans_with_the_flags_profile(scorer, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
     _, path = scorer
-    assert main(["engine", "--onnx", str(path), "--logits", "scores", "--out", str(tmp_path), "--backend", "tensorrt-rtx", *SHAPES]) == 0
+    assert (
+        main(
+            [
+                "engine",
+                "--onnx",
+                str(path),
+                "--logits",
+                "scores",
+                "--out",
+                str(tmp_path),
+                "--backend",
+                "tensorrt-rtx",
+                *SHAPES,
+            ]
+        )
+        == 0
+    )
     manifest = Manifest.load(tmp_path / "scorer")
-    assert manifest.engine == "engine.tensorrt-rtx.plan" and set(manifest.tensorrt) == {"engine", "engine.bare", "engine.verification"}
+    assert manifest.engine == "engine.tensorrt-rtx.plan" and set(manifest.tensorrt) == {
+        "engine",
+        "engine.bare",
+        "engine.verification",
+    }
     for build in manifest.tensorrt.values():
         assert (tmp_path / "scorer" / build["path"]).stat().st_size == build["bytes"] > 10_000
     assert manifest.tensorrt["engine"]["profile"] == manifest.profile
-    assert manifest.tensorrt["engine"]["profile"]["image"] == {"min": [1, 3, 16, 16], "opt": [4, 3, 32, 32], "max": [16, 3, 64, 64]}
-    assert manifest.tensorrt["engine.verification"]["profile"]["noise_utility"]["max"] == [16, CLASSES]  # follows the logits
+    assert manifest.tensorrt["engine"]["profile"]["image"] == {
+        "min": [1, 3, 16, 16],
+        "opt": [4, 3, 32, 32],
+        "max": [16, 3, 64, 64],
+    }
+    assert manifest.tensorrt["engine.verification"]["profile"]["noise_utility"]["max"] == [
+        16,
+        CLASSES,
+    ]  # follows the logits
     assert manifest.verification.passed
     # `aim build` takes the same flags for a graph modulated by hand.
     plan = tmp_path / "by-hand.plan"
-    assert main(["build", str(manifest.path("modulated")), "-o", str(plan), "--backend", "tensorrt-rtx", "--max-shapes", "image:2x3x32x32"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(manifest.path("modulated")),
+                "-o",
+                str(plan),
+                "--backend",
+                "tensorrt-rtx",
+                "--max-shapes",
+                "image:2x3x32x32",
+            ]
+        )
+        == 0
+    )
     assert plan.stat().st_size > 10_000
 
 
 def test_triton_serves_the_folder(built, tmp_path):
+    import tritonclient.http as httpclient
     from tritonclient.utils import np_to_triton_dtype
 
-    import tritonclient.http as httpclient
     from aim.serving.server import TritonServer
     from aim.serving.triton import read_config, write_model
     from tests.serving.conftest import _server_can_run
@@ -146,7 +260,11 @@ def test_triton_serves_the_folder(built, tmp_path):
     model = write_model(built, tmp_path / "repository")
     config = read_config(model)
     assert config.name == "scorer" and config.max_batch_size == 16
-    assert [(i.name, list(i.dims)) for i in config.input] == [("image", [3, -1, -1]), ("utility", [1]), ("focus", [CLASSES])]
+    assert [(i.name, list(i.dims)) for i in config.input] == [
+        ("image", [3, -1, -1]),
+        ("utility", [1]),
+        ("focus", [CLASSES]),
+    ]
     reason = _server_can_run()
     if reason:
         pytest.skip(reason)
@@ -158,7 +276,11 @@ def test_triton_serves_the_folder(built, tmp_path):
 
         def infer(utility):
             tensors = []
-            for name, array in (("image", image), ("utility", np.full((3, 1), utility, np.float32)), ("focus", np.zeros((3, CLASSES), np.float32))):
+            for name, array in (
+                ("image", image),
+                ("utility", np.full((3, 1), utility, np.float32)),
+                ("focus", np.zeros((3, CLASSES), np.float32)),
+            ):
                 tensors.append(httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
                 tensors[-1].set_data_from_numpy(array)
             return client.infer("scorer", tensors).as_numpy("scores")
@@ -183,7 +305,10 @@ def test_calibrated_engine_keeps_the_agreement_the_theory_predicts(built, tmp_pa
     manifest = Manifest.load(built)
     calibration = manifest.calibration
     assert calibration["calibration_set"]["inputs"] == 128 and calibration["check"]["inputs"] == 32
-    assert calibration["calibration_set"]["sha256"] == hashlib.sha256((tmp_path / "unlabeled.npy").read_bytes()).hexdigest()
+    assert (
+        calibration["calibration_set"]["sha256"]
+        == hashlib.sha256((tmp_path / "unlabeled.npy").read_bytes()).hexdigest()
+    )
     assert json.loads((built / "calibration.json").read_text())["sigmas"] == calibration["sigmas"]
     sigma = calibration["sigmas"][calibration["levels"].index(0.5)]
     with OnnxRuntimeEngine(manifest.graph_path("bare")) as bare:
@@ -193,11 +318,20 @@ def test_calibrated_engine_keeps_the_agreement_the_theory_predicts(built, tmp_pa
     repeats = 20
     with OnnxRuntimeEngine(manifest.path("calibrated_engine")) as engine:
         assert engine.calibrated
-        np.testing.assert_array_equal(engine.run({"image": data[:16]}, level=1.0), clean[:16])  # level 1: the exact model
-        agree = np.mean([
-            np.mean(np.concatenate([engine.run({"image": data[i : i + 16]}, level=0.5) for i in range(0, 160, 16)]).argmax(1) == clean.argmax(1))
-            for _ in range(repeats)
-        ])
+        np.testing.assert_array_equal(
+            engine.run({"image": data[:16]}, level=1.0), clean[:16]
+        )  # level 1: the exact model
+        agree = np.mean(
+            [
+                np.mean(
+                    np.concatenate(
+                        [engine.run({"image": data[i : i + 16]}, level=0.5) for i in range(0, 160, 16)]
+                    ).argmax(1)
+                    == clean.argmax(1)
+                )
+                for _ in range(repeats)
+            ]
+        )
     standard_error = np.sqrt(np.mean(p * (1 - p)) / (p.size * repeats))
     assert abs(agree - p.mean()) < 4 * standard_error, (agree, p.mean(), standard_error)
     assert abs(p.mean() - 0.55) < 0.05  # level 0.5 targets 1/C + 0.5 (1 - 1/C) on the calibration rows
@@ -210,7 +344,19 @@ def test_fp16_onnx_stays_bit_exact_and_given_inputs_are_used(tmp_path):
     image = np.random.default_rng(5).normal(size=(3, 3, 8, 8)).astype(np.float16)
     np.savez(tmp_path / "data.npz", image=image)
     out = tmp_path / "out"
-    args = ["engine", "--onnx", str(source), "--logits", "scores", "--out", str(out), "--min-shapes", "image:1x3x8x8", "--max-shapes", "image:8x3x8x8"]
+    args = [
+        "engine",
+        "--onnx",
+        str(source),
+        "--logits",
+        "scores",
+        "--out",
+        str(out),
+        "--min-shapes",
+        "image:1x3x8x8",
+        "--max-shapes",
+        "image:8x3x8x8",
+    ]
     assert main([*args, "--inputs", str(tmp_path / "data.npz")]) == 0
     manifest = Manifest.load(out / "half")
     assert manifest.precision == "fp16" and manifest.verification.reduced_precision.metric == "top_k"
@@ -228,7 +374,23 @@ def test_fp16_precision_of_an_fp32_onnx_keeps_the_redistribution_fp32(scorer, tm
     from aim.graph_passes.fp16 import fp32_violations
 
     _, path = scorer
-    assert main(["engine", "--onnx", str(path), "--logits", "scores", "--out", str(tmp_path), "--precision", "fp16", *SHAPES]) == 0
+    assert (
+        main(
+            [
+                "engine",
+                "--onnx",
+                str(path),
+                "--logits",
+                "scores",
+                "--out",
+                str(tmp_path),
+                "--precision",
+                "fp16",
+                *SHAPES,
+            ]
+        )
+        == 0
+    )
     manifest = Manifest.load(tmp_path / "scorer")
     assert manifest.graphs["production"] == "modulated.fp16" and manifest.verification.passed
     reduced = manifest.verification.reduced_precision
@@ -242,7 +404,17 @@ def test_calibrate_onnx_reuses_the_build_of_that_file(scorer, built, tmp_path, c
     _, path = scorer
     np.save(tmp_path / "few.npy", np.random.default_rng(7).normal(size=(10, 3, 16, 16)).astype(np.float32))
     created = Manifest.load(built).created
-    args = ["calibrate", "--onnx", str(path), "--logits", "scores", "--out", str(built.parent), "--data", str(tmp_path / "few.npy")]
+    args = [
+        "calibrate",
+        "--onnx",
+        str(path),
+        "--logits",
+        "scores",
+        "--out",
+        str(built.parent),
+        "--data",
+        str(tmp_path / "few.npy"),
+    ]
     assert main(args) == 0
     assert f"engine reused: {built}" in capsys.readouterr().out
     manifest = Manifest.load(built)
@@ -259,12 +431,27 @@ def test_keyed_noise_on_your_onnx_is_verified_against_the_twin_and_keeps_its_key
 
     module, path = scorer
     key = tmp_path / "owner.key"
-    argv = ["engine", "--onnx", str(path), "--logits", "scores", "--out", str(tmp_path), "--noise", "keyed", "--noise-key", str(key), *SHAPES]
+    argv = [
+        "engine",
+        "--onnx",
+        str(path),
+        "--logits",
+        "scores",
+        "--out",
+        str(tmp_path),
+        "--noise",
+        "keyed",
+        "--noise-key",
+        str(key),
+        *SHAPES,
+    ]
     assert main(argv) == 0
     manifest = Manifest.load(tmp_path / "scorer")
     checks = {check.name: check for check in manifest.verification.checks}
     assert manifest.verification.passed and "keyed production vs PyTorch twin (element-wise)" in checks, checks
-    assert manifest.modulation.noise == "keyed" and manifest.modulation.key_fingerprint == NoiseKey.read(key).fingerprint
+    assert (
+        manifest.modulation.noise == "keyed" and manifest.modulation.key_fingerprint == NoiseKey.read(key).fingerprint
+    )
     image = np.random.default_rng(1).normal(size=(3, 3, 32, 32)).astype(np.float32)
     engine, _ = production_runner(manifest)
     with engine:
@@ -272,7 +459,9 @@ def test_keyed_noise_on_your_onnx_is_verified_against_the_twin_and_keeps_its_key
         assert np.array_equal(first, engine.run({"image": image}, 3.0))
         with torch.no_grad():
             clean = module(torch.from_numpy(image))[1].numpy()
-        assert np.allclose(engine.run({"image": image}, 0.0), clean, atol=1e-5) and not np.allclose(first, clean, atol=0.5)
+        assert np.allclose(engine.run({"image": image}, 0.0), clean, atol=1e-5) and not np.allclose(
+            first, clean, atol=0.5
+        )
 
 
 def test_an_onnx_with_external_weights_builds_with_every_file_recorded(scorer, tmp_path):
@@ -284,7 +473,14 @@ def test_an_onnx_with_external_weights_builds_with_every_file_recorded(scorer, t
     model = onnx.load(str(path))
     mine = tmp_path / "yours" / "scorer.onnx"
     mine.parent.mkdir()
-    onnx.save(model, str(mine), save_as_external_data=True, all_tensors_to_one_file=True, location="scorer.weights", size_threshold=0)
+    onnx.save(
+        model,
+        str(mine),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="scorer.weights",
+        size_threshold=0,
+    )
     assert main(["engine", "--onnx", str(mine), "--logits", "scores", "--out", str(tmp_path / "out"), *SHAPES]) == 0
     folder = tmp_path / "out" / "scorer"
     manifest = Manifest.load(folder)
@@ -312,11 +508,27 @@ def test_upsample_to_modulates_your_segmenter_per_input_pixel(tmp_path, capsys):
     module = Segmenter().eval()
     path = tmp_path / "seg.onnx"
     torch.onnx.export(
-        module, (torch.randn(1, 3, 32, 32),), str(path), input_names=["photo"], output_names=["masks"],
-        dynamic_axes={"photo": {0: "n", 2: "h", 3: "w"}, "masks": {0: "n", 2: "mh", 3: "mw"}}, dynamo=False,
+        module,
+        (torch.randn(1, 3, 32, 32),),
+        str(path),
+        input_names=["photo"],
+        output_names=["masks"],
+        dynamic_axes={"photo": {0: "n", 2: "h", 3: "w"}, "masks": {0: "n", 2: "mh", 3: "mw"}},
+        dynamo=False,
     )
     shapes = ["--min-shapes", "photo:1x3x16x16", "--opt-shapes", "photo:2x3x32x32", "--max-shapes", "photo:4x3x64x64"]
-    args = ["engine", "--onnx", str(path), "--logits", "masks", "--task", "semantic-segmentation", "--out", str(tmp_path / "out"), *shapes]
+    args = [
+        "engine",
+        "--onnx",
+        str(path),
+        "--logits",
+        "masks",
+        "--task",
+        "semantic-segmentation",
+        "--out",
+        str(tmp_path / "out"),
+        *shapes,
+    ]
     assert main([*args, "--upsample-to", "image"]) == 2
     assert "'image' is not an input" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert main([*args, "--upsample-to", "photo"]) == 0
@@ -324,7 +536,9 @@ def test_upsample_to_modulates_your_segmenter_per_input_pixel(tmp_path, capsys):
     assert manifest.verification.passed and manifest.modulation.upsampled_to == "photo"
     photo = np.random.default_rng(2).normal(size=(2, 3, 40, 24)).astype(np.float32)
     with torch.no_grad():
-        expected = torch.nn.functional.interpolate(module(torch.from_numpy(photo)), size=(40, 24), mode="bilinear", align_corners=False).numpy()
+        expected = torch.nn.functional.interpolate(
+            module(torch.from_numpy(photo)), size=(40, 24), mode="bilinear", align_corners=False
+        ).numpy()
     with OnnxRuntimeEngine(manifest.engine_path()) as engine:
         clean = engine.run({"photo": photo}, 0.0)
         np.testing.assert_allclose(clean, expected, rtol=1e-5, atol=1e-5)
@@ -340,12 +554,36 @@ def test_tensorrt_rtx_builds_your_segmenter_once_its_logits_are_resized_to_the_i
     torch.manual_seed(0)
     path = tmp_path / "seg.onnx"
     torch.onnx.export(
-        Segmenter().eval(), (torch.randn(1, 3, 32, 32),), str(path), input_names=["photo"], output_names=["masks"],
-        dynamic_axes={"photo": {0: "n", 2: "h", 3: "w"}, "masks": {0: "n", 2: "mh", 3: "mw"}}, dynamo=False,
+        Segmenter().eval(),
+        (torch.randn(1, 3, 32, 32),),
+        str(path),
+        input_names=["photo"],
+        output_names=["masks"],
+        dynamic_axes={"photo": {0: "n", 2: "h", 3: "w"}, "masks": {0: "n", 2: "mh", 3: "mw"}},
+        dynamo=False,
     )
-    args = ["engine", "--onnx", str(path), "--logits", "masks", "--task", "semantic-segmentation", "--out", str(tmp_path),
-            "--backend", "tensorrt-rtx", "--max-shapes", "photo:2x3x32x32", "--min-shapes", "photo:1x3x16x16"]
+    args = [
+        "engine",
+        "--onnx",
+        str(path),
+        "--logits",
+        "masks",
+        "--task",
+        "semantic-segmentation",
+        "--out",
+        str(tmp_path),
+        "--backend",
+        "tensorrt-rtx",
+        "--max-shapes",
+        "photo:2x3x32x32",
+        "--min-shapes",
+        "photo:1x3x16x16",
+    ]
     assert main(args) == 2 and "which is no input's dim" in capsys.readouterr().err
     assert main([*args, "--upsample-to", "photo"]) == 0
     manifest = Manifest.load(tmp_path / "seg")
-    assert manifest.engine.endswith(".plan") and manifest.verification.passed and manifest.modulation.upsampled_to == "photo"
+    assert (
+        manifest.engine.endswith(".plan")
+        and manifest.verification.passed
+        and manifest.modulation.upsampled_to == "photo"
+    )

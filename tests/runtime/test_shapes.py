@@ -6,7 +6,11 @@ from aim.layout import Tensor
 from aim.runtime.shapes import ShapeError, ShapeRanges, parse_shapes
 from aim.specs import DimRange
 
-MODULATED = [Tensor("image", "float32", ["n", 3, "h", "w"]), Tensor("utility", "float32", ["n"]), Tensor("focus", "float32", ["n", 10])]
+MODULATED = [
+    Tensor("image", "float32", ["n", 3, "h", "w"]),
+    Tensor("utility", "float32", ["n"]),
+    Tensor("focus", "float32", ["n", 10]),
+]
 
 
 def test_parse_like_trtexec():

@@ -44,13 +44,20 @@ def test_profile_follows_the_config(family, kind):
             assert all(w is None or w == g for w, g in zip(want, got)) and len(got) == len(want)
     if kind == "verification":
         for name in NOISE_INPUTS:
-            logits_dims = [batch.max, classes] + ([family.family.dims["height"].max, family.family.dims["width"].max] if family.task.upsample_logits_to else [])
+            logits_dims = [batch.max, classes] + (
+                [family.family.dims["height"].max, family.family.dims["width"].max]
+                if family.task.upsample_logits_to
+                else []
+            )
             assert profile[name]["max"] == logits_dims
 
 
 def test_profile_needs_a_range_for_every_dynamic_dim():
     with pytest.raises(InvalidGraphError, match="past_sequence"):
-        profile_from_io([Tensor("past_key", "float32", ["batch", 2, "past_sequence", 16])], {"batch": {"min": 1, "opt": 2, "max": 4}})
+        profile_from_io(
+            [Tensor("past_key", "float32", ["batch", 2, "past_sequence", 16])],
+            {"batch": {"min": 1, "opt": 2, "max": 4}},
+        )
 
 
 def test_shapes_outside_the_profile_are_refused_before_running():
@@ -83,7 +90,10 @@ def plans(family, tmp_path_factory):
                 source = folder / f"{kind}.fp16.onnx"
                 onnx.save(convert_to_fp16(onnx.load(str(family.path(kind))), family.family.fp16_keep_fp32), str(source))
             profile = profile_from_io(GraphIO.of(source).inputs, dims_of(family))
-            built[kind, precision] = (source, trt_engine.build_engine(source, folder / f"{kind}.{precision}.plan", BACKEND, profile))
+            built[kind, precision] = (
+                source,
+                trt_engine.build_engine(source, folder / f"{kind}.{precision}.plan", BACKEND, profile),
+            )
     return built
 
 
@@ -137,7 +147,10 @@ def test_runner_refuses_out_of_profile_shapes_on_any_machine(family, plans):
     engine = trt_engine.TensorRTEngine(result.path, BACKEND, inputs, outputs, result.profile)
     reference = family.reference(seed=0)
     feed = reference.inputs
-    too_big = {name: np.concatenate([array] * (family.family.dims["batch"].max // array.shape[0] + 1)) for name, array in feed.items()}
+    too_big = {
+        name: np.concatenate([array] * (family.family.dims["batch"].max // array.shape[0] + 1))
+        for name, array in feed.items()
+    }
     with pytest.raises(InvalidInputError, match="outside the range"):
         engine.run(too_big, 0.0, None)
     if not RUNNABLE:
@@ -155,7 +168,10 @@ def test_gpu_engine_verifies_against_pytorch(family, plans, tmp_path, precision)
     verification = family.path("verification")
     if precision == "fp16":
         verification = tmp_path / "verification.fp16.onnx"
-        onnx.save(convert_to_fp16(onnx.load(str(family.path("verification"))), family.family.fp16_keep_fp32), str(verification))
+        onnx.save(
+            convert_to_fp16(onnx.load(str(family.path("verification"))), family.family.fp16_keep_fp32),
+            str(verification),
+        )
     profile = profile_from_io(GraphIO.of(verification).inputs, dims_of(family))
     verify_plan = trt_engine.build_engine(verification, tmp_path / "verify.plan", BACKEND, profile)
     runners = []
@@ -163,8 +179,15 @@ def test_gpu_engine_verifies_against_pytorch(family, plans, tmp_path, precision)
         inputs, outputs = trt_engine.engine_io(GraphIO.of(source))
         runners.append(trt_engine.TensorRTEngine(result.path, BACKEND, inputs, outputs, result.profile))
     reference = family.reference(seed=0)
-    checks = verify_build(*runners, reference, family.family.tolerance, family.task.class_axis, family.family.dims["batch"].max, 0,
-                          family.family.fp16 if precision == "fp16" else None)
+    checks = verify_build(
+        *runners,
+        reference,
+        family.family.tolerance,
+        family.task.class_axis,
+        family.family.dims["batch"].max,
+        0,
+        family.family.fp16 if precision == "fp16" else None,
+    )
     assert all(c.passed for c in checks), [c.as_dict() for c in checks if not c.passed]
 
 
@@ -180,4 +203,6 @@ def test_gpu_engine_runs_at_profile_min_opt_max(family, plans):
             sizes["batch"] = 1  # the full max is 5 GiB per logits tensor; the spatial max is what matters
         feed = {k: v.numpy() for k, v in family.inputs(**sizes).items()}
         out = engine.run(feed, 0.0, None)
-        np.testing.assert_allclose(out, bare.run(feed), atol=family.family.tolerance.atol * 10, rtol=family.family.tolerance.rtol * 10)
+        np.testing.assert_allclose(
+            out, bare.run(feed), atol=family.family.tolerance.atol * 10, rtol=family.family.tolerance.rtol * 10
+        )

@@ -15,7 +15,8 @@ def _server_can_run() -> str | None:
     import platform
 
     if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return f"tritonserver from nvidia-pytriton runs on x86_64 Linux only, this is {platform.system()} {platform.machine()}"
+        here = f"{platform.system()} {platform.machine()}"
+        return f"tritonserver from nvidia-pytriton runs on x86_64 Linux only, this is {here}"
     libc, version = platform.libc_ver()
     if libc == "glibc" and tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
         return f"tritonserver from nvidia-pytriton needs glibc >= 2.35, this machine has {version}"

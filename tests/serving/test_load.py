@@ -74,10 +74,14 @@ def test_refused_requests_are_counted_and_other_exceptions_end_the_run():
 def test_a_slow_model_gets_a_shorter_warm_up_and_one_slower_than_the_budget_an_error():
     """The warm-up ends after a quarter of the time budget at the latest: 20 warm-up requests at 50 ms
     would take 1 s of a 1.2 s budget. A request slower than the whole budget is an error that says so."""
-    run = drive(lambda: object(), FakeServer(0.050).send, Budget(concurrency=1, requests=100, seconds=1.2, warmup=20), Refused)
+    run = drive(
+        lambda: object(), FakeServer(0.050).send, Budget(concurrency=1, requests=100, seconds=1.2, warmup=20), Refused
+    )
     assert 0.85 < run.window_s < 1.0 and 15 <= run.replies_in_window <= 19
     with pytest.raises(LoadError, match="give the load more time"):
-        drive(lambda: object(), FakeServer(0.300).send, Budget(concurrency=1, requests=10, seconds=0.2, warmup=5), Refused)
+        drive(
+            lambda: object(), FakeServer(0.300).send, Budget(concurrency=1, requests=10, seconds=0.2, warmup=5), Refused
+        )
 
 
 BARE = np.array([[0.5, -1.0, 2.0, 0.25]], np.float32)
@@ -119,7 +123,9 @@ def test_the_mixed_workload_has_its_stated_shares_and_knobs():
     requests = workload("mixed", feeds, [BARE] * 4, num_classes=4, count=3000)
     kinds = [r.kind for r in requests]
     # binomial, n = 3000: 5 standard deviations is at most 0.046
-    assert abs(kinds.count("exact") / 3000 - EXACT_SHARE) < 0.046 and abs(kinds.count("focus") / 3000 - FOCUS_SHARE) < 0.03
+    assert (
+        abs(kinds.count("exact") / 3000 - EXACT_SHARE) < 0.046 and abs(kinds.count("focus") / 3000 - FOCUS_SHARE) < 0.03
+    )
     for r in requests:
         utility, focus = r.inputs["utility"], r.inputs["focus"]
         assert utility.shape == (1, 1) and focus.shape == (1, 4)
@@ -128,5 +134,7 @@ def test_the_mixed_workload_has_its_stated_shares_and_knobs():
             assert np.sign(focus[0, r.focus_class]) == r.focus_sign
         if r.kind == "noisy":
             assert 0.5 <= utility[0, 0] <= 5
-    assert all(r.kind == "exact" and not np.any(r.inputs["utility"]) for r in workload("utility0", feeds, [BARE] * 4, 4))
+    assert all(
+        r.kind == "exact" and not np.any(r.inputs["utility"]) for r in workload("utility0", feeds, [BARE] * 4, 4)
+    )
     assert all(set(r.inputs) == {"x"} for r in workload("bare", feeds, [BARE] * 4, 4))

@@ -30,10 +30,13 @@ def test_a_small_sweep_writes_json_and_png_and_judges_every_reply(build_folder, 
     assert json.loads((out / "loadtest.json").read_text()) == json.loads(json.dumps(results))
     assert (out / "loadtest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["correct"] and results["failures"] == [] and results["server"]["log_tracebacks"] == 0
-    assert results["server"]["models"] == {"modulated": "resnet", "bare": "resnet-bare"} and results["server"]["host"] == "127.0.0.1"
+    assert (
+        results["server"]["models"] == {"modulated": "resnet", "bare": "resnet-bare"}
+        and results["server"]["host"] == "127.0.0.1"
+    )
     points = {(p["protocol"], p["concurrency"], p["workload"]): p for p in results["points"]}
     assert sorted(points) == sorted((p, c, w) for p in ("grpc", "http") for c in (1, 4) for w in WORKLOADS)
-    for (protocol, concurrency, name), point in points.items():
+    for (_protocol, concurrency, name), point in points.items():
         warmup = max(2 * concurrency, 20)
         assert point["sent"] == warmup + 30 and point["errors"] == 0  # bounded by the request count
         checked = sum(c["checked"] for c in point["checks"].values())
@@ -41,8 +44,16 @@ def test_a_small_sweep_writes_json_and_png_and_judges_every_reply(build_folder, 
         assert point["throughput"] > 0 and 0 < point["p50_ms"] <= point["p99_ms"]
         kinds = {"bare": {"exact"}, "utility0": {"exact"}, "mixed": {"exact", "focus", "noisy"}}[name]
         assert set(point["checks"]) == kinds, (name, point["checks"])
-    assert [(r["protocol"], r["concurrency"]) for r in results["ratios"]] == [("grpc", 1), ("grpc", 4), ("http", 1), ("http", 4)]
-    assert all(r["utility0"] > 0 and r["mixed"] > 0 for r in results["ratios"]) and set(results["targets"]) == {"utility0", "mixed"}
+    assert [(r["protocol"], r["concurrency"]) for r in results["ratios"]] == [
+        ("grpc", 1),
+        ("grpc", 4),
+        ("http", 1),
+        ("http", 4),
+    ]
+    assert all(r["utility0"] > 0 and r["mixed"] > 0 for r in results["ratios"]) and set(results["targets"]) == {
+        "utility0",
+        "mixed",
+    }
 
 
 def test_a_reply_that_is_not_exact_fails_the_run(build_folder, tmp_path, monkeypatch, capsys):
@@ -55,8 +66,24 @@ def test_a_reply_that_is_not_exact_fails_the_run(build_folder, tmp_path, monkeyp
 
     monkeypatch.setattr(loadtest, "bare_logits", nudged)
     out = tmp_path / "loadtest"
-    code = cli.main(["loadtest", str(build_folder("resnet")), "--out", str(out), "--concurrency", "2", "--protocol", "grpc",
-                     "--requests", "10", "--rounds", "1", "--instances", "1"])
+    code = cli.main(
+        [
+            "loadtest",
+            str(build_folder("resnet")),
+            "--out",
+            str(out),
+            "--concurrency",
+            "2",
+            "--protocol",
+            "grpc",
+            "--requests",
+            "10",
+            "--rounds",
+            "1",
+            "--instances",
+            "1",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 1 and "load test FAILED" in text and "exact replies wrong" in text, text
     results = json.loads((out / "loadtest.json").read_text())

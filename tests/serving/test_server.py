@@ -91,7 +91,11 @@ def request(model: Model, index=slice(None), utility=0.0, focus=None) -> dict:
     inputs = model.rows(index)
     batch = next(iter(inputs.values())).shape[0]
     u = np.broadcast_to(np.asarray(utility, np.float32).reshape(-1, 1), (batch, 1))
-    f = np.zeros((batch, model.classes), np.float32) if focus is None else np.broadcast_to(np.asarray(focus, np.float32), (batch, model.classes))
+    f = (
+        np.zeros((batch, model.classes), np.float32)
+        if focus is None
+        else np.broadcast_to(np.asarray(focus, np.float32), (batch, model.classes))
+    )
     return {**inputs, "utility": u, "focus": f}
 
 
@@ -106,7 +110,11 @@ def test_the_server_loads_the_generated_repository(triton, clients):
     assert "successfully loaded 'resnet'" in triton.log()
     config = clients["http"].get_model_config("resnet")  # as the server read it
     assert config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
-    assert config["max_batch_size"] == 32 and [i["name"] for i in config["input"]] == ["pixel_values", "utility", "focus"]
+    assert config["max_batch_size"] == 32 and [i["name"] for i in config["input"]] == [
+        "pixel_values",
+        "utility",
+        "focus",
+    ]
     assert clients["grpc"].is_model_ready("llama")
 
 
@@ -131,13 +139,17 @@ def test_every_model_runs_its_instances_and_the_bare_entry_is_the_bare_model(tri
 
     log = triton.log()
     for name in ("resnet", "llama", "resnet-bare"):
-        started = [f"TRITONBACKEND_ModelInstanceInitialize: {name}_0_{k} (CPU device 0)" in log for k in range(INSTANCES + 1)]
+        started = [
+            f"TRITONBACKEND_ModelInstanceInitialize: {name}_0_{k} (CPU device 0)" in log for k in range(INSTANCES + 1)
+        ]
         assert started == [True] * INSTANCES + [False], (name, started)
     assert clients["grpc"].get_model_config("resnet-bare").config.instance_group[0].count == INSTANCES
     model = models["resnet"]
     for protocol in sorted(PROTOCOLS):
         module = PROTOCOLS[protocol]
-        result = clients[protocol].infer("resnet-bare", _tensors(module, model.inputs), outputs=[module.InferRequestedOutput("logits")])
+        result = clients[protocol].infer(
+            "resnet-bare", _tensors(module, model.inputs), outputs=[module.InferRequestedOutput("logits")]
+        )
         assert np.array_equal(result.as_numpy("logits"), model.bare)
         assert np.array_equal(infer(protocol, clients[protocol], model, request(model)), result.as_numpy("logits"))
 
@@ -156,7 +168,9 @@ class TritonEngine:
     def infer(self, feed):
         feed = dict(feed, utility=np.asarray(feed["utility"], np.float32).reshape(-1, 1))  # Triton: [b, 1] per request
         result = self.client.infer(
-            self.manifest.model, _tensors(self.module, feed), outputs=[self.module.InferRequestedOutput(n) for n in self.outputs]
+            self.manifest.model,
+            _tensors(self.module, feed),
+            outputs=[self.module.InferRequestedOutput(n) for n in self.outputs],
         )
         return {name: result.as_numpy(name) for name in self.outputs}
 
@@ -188,7 +202,7 @@ def _binomial_bound(p: np.ndarray, repeats: int) -> tuple[float, float]:
 
 @pytest.mark.parametrize("name, protocol", [("resnet", "grpc"), ("llama", "http")])
 def test_boost_and_suppress_follow_the_theory(clients, models, name, protocol):
-    """SPEC section 3: boosting class k with strength w makes it win with probability 2 (1 - Phi(m / w))
+    """docs/method.md §3: boosting class k with strength w makes it win with probability 2 (1 - Phi(m / w))
     (m: its margin to the top); suppressing the top class keeps it on top with probability 2 Phi(g / w) - 1."""
     model, repeats = models[name], 8
     z = model.bare
@@ -200,7 +214,10 @@ def test_boost_and_suppress_follow_the_theory(clients, models, name, protocol):
     p_boost = np.where(margin <= 0, 1.0, 2 * (1 - norm.cdf(margin / w)))
     focus = np.zeros(model.classes, np.float32)
     focus[k] = w
-    wins = sum(int(np.sum(infer(protocol, clients[protocol], model, request(model, focus=focus)).argmax(1) == k)) for _ in range(repeats))
+    wins = sum(
+        int(np.sum(infer(protocol, clients[protocol], model, request(model, focus=focus)).argmax(1) == k))
+        for _ in range(repeats)
+    )
     expected, bound = _binomial_bound(p_boost, repeats)
     assert abs(wins - expected) <= bound, (wins, expected, bound)
     assert wins > repeats * np.sum(top == k) + 0.1 * repeats * len(z)  # it does win more often than unboosted
@@ -211,7 +228,10 @@ def test_boost_and_suppress_follow_the_theory(clients, models, name, protocol):
     w = float(np.median(gap))
     per_sample = np.zeros_like(z)
     per_sample[np.arange(len(z)), top] = -w
-    kept = sum(int(np.sum(infer(protocol, clients[protocol], model, request(model, focus=per_sample)).argmax(1) == top)) for _ in range(repeats))
+    kept = sum(
+        int(np.sum(infer(protocol, clients[protocol], model, request(model, focus=per_sample)).argmax(1) == top))
+        for _ in range(repeats)
+    )
     expected, bound = _binomial_bound(2 * norm.cdf(gap / w) - 1, repeats)
     assert abs(kept - expected) <= bound, (kept, expected, bound)
 
@@ -250,7 +270,9 @@ def test_64_concurrent_requests_are_batched_and_utility_zero_stays_exact(clients
 
     for index in range(64):
         inputs = request(model, slice(index % IMAGES, index % IMAGES + 1), levels[index % len(levels)])
-        client.async_infer(model.name, _tensors(grpcclient, inputs), lambda result, error, i=index: callback(i, result, error))
+        client.async_infer(
+            model.name, _tensors(grpcclient, inputs), lambda result, error, i=index: callback(i, result, error)
+        )
     for _ in range(64):
         assert done.acquire(timeout=60), "a response did not arrive within 60 s"
     assert not errors, errors
@@ -304,7 +326,10 @@ MALFORMED = {
     "focus of the wrong length": (lambda r: r.update(focus=r["focus"][:, :9]), "focus"),
     "missing utility": (lambda r: r.pop("utility"), "utility"),
     "utility as float64": (lambda r: r.update(utility=r["utility"].astype(np.float64)), "utility"),
-    "a batch above max_batch_size": (lambda r: r.update({k: np.concatenate([v, v[:1]]) for k, v in r.items()}), "batch"),
+    "a batch above max_batch_size": (
+        lambda r: r.update({k: np.concatenate([v, v[:1]]) for k, v in r.items()}),
+        "batch",
+    ),
 }
 
 
@@ -339,15 +364,35 @@ def test_nan_inf_and_negative_knobs_sent_straight_to_triton_give_finite_logits(c
     assert np.array_equal(logits[4], bare[4])  # NaN focus = focus 0
     assert np.mean(logits[1] != bare[1]) > 0.99  # -2 acts as 2
     # +inf boosts and -inf suppresses, by at most MAX_STRENGTH * |n| (|n| < 10 here with certainty)
-    assert logits[5, 3] > bare[5, 3] and logits[5, 4] < bare[5, 4] and np.array_equal(np.delete(logits[5], [3, 4]), np.delete(bare[5], [3, 4]))
+    assert (
+        logits[5, 3] > bare[5, 3]
+        and logits[5, 4] < bare[5, 4]
+        and np.array_equal(np.delete(logits[5], [3, 4]), np.delete(bare[5], [3, 4]))
+    )
     assert np.abs(logits - bare).max() < 10 * MAX_STRENGTH
 
 
 def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "aim.cli", "serve", str(triton.repository), "--http-port", "0", "--grpc-port", "0", "--model", "resnet"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "aim.cli",
+            "serve",
+            str(triton.repository),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--model",
+            "resnet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     lines, deadline = [], time.monotonic() + 60
     try:
@@ -408,25 +453,38 @@ def test_a_keyed_model_gives_the_same_request_the_same_answer_also_in_a_dynamic_
     rows = next(iter(inputs.values())).shape[0]
 
     def one(row, utility=2.0):
-        return {**{k: v[row : row + 1] for k, v in inputs.items()}, "utility": np.full((1, 1), utility, np.float32), "focus": np.zeros((1, classes), np.float32)}
+        return {
+            **{k: v[row : row + 1] for k, v in inputs.items()},
+            "utility": np.full((1, 1), utility, np.float32),
+            "focus": np.zeros((1, classes), np.float32),
+        }
 
     def send(protocol, request_inputs):
         module = PROTOCOLS[protocol]
-        result = clients[protocol].infer(name, _tensors(module, request_inputs), outputs=[module.InferRequestedOutput("logits")])
+        result = clients[protocol].infer(
+            name, _tensors(module, request_inputs), outputs=[module.InferRequestedOutput("logits")]
+        )
         return result.as_numpy("logits")
 
     alone = [send("http", one(row)) for row in range(rows)]
     for row in range(rows):
         assert np.array_equal(send("grpc", one(row)), alone[row])
     local = OnnxRuntimeEngine(manifest.engine_path())  # the server runs the build's keyed engine
-    np.testing.assert_allclose(np.concatenate(alone), np.concatenate([local.run({k: v[r : r + 1] for k, v in inputs.items()}, 2.0) for r in range(rows)]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.concatenate(alone),
+        np.concatenate([local.run({k: v[r : r + 1] for k, v in inputs.items()}, 2.0) for r in range(rows)]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     assert not np.allclose(send("http", one(0, utility=2.5)), alone[0], atol=1e-3)  # another tier, another draw
 
     before = _counts(clients["http"], name)
     results, done = {}, threading.Semaphore(0)
     for index in range(16):
         clients["grpc"].async_infer(
-            name, _tensors(grpcclient, one(index % rows)), lambda result, error, i=index: (results.__setitem__(i, (result, error)), done.release())
+            name,
+            _tensors(grpcclient, one(index % rows)),
+            lambda result, error, i=index: (results.__setitem__(i, (result, error)), done.release()),
         )
     for _ in range(16):
         assert done.acquire(timeout=60), "a response did not arrive within 60 s"

@@ -36,7 +36,11 @@ def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder,
 
     config = read_config(target)  # Triton's ModelConfig protobuf, from tritonclient
     assert isinstance(config, pb.ModelConfig)
-    assert (config.name, config.platform, config.max_batch_size) == (model, "onnxruntime_onnx", export.dims["batch"].max)
+    assert (config.name, config.platform, config.max_batch_size) == (
+        model,
+        "onnxruntime_onnx",
+        export.dims["batch"].max,
+    )
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_CPU"]
     assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds > 0
     specs = task.input_specs(pytorch_model)  # with the KV cache of a text family
@@ -51,7 +55,10 @@ def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder,
     assert list(focus.dims) == [manifest["modulation"]["num_classes"]] and not focus.HasField("reshape")
     assert not any(entry.optional for entry in config.input)  # TensorRT's backend takes no optional inputs
     rank = len(manifest["graph"]["outputs"][0]["dims"])  # [B, C] or [B, C, H, W] (segmentation, dynamic size)
-    assert [(o.name, list(o.dims)) for o in config.output][0] == ("logits", [manifest["modulation"]["num_classes"]] + [-1] * (rank - 2))
+    assert [(o.name, list(o.dims)) for o in config.output][0] == (
+        "logits",
+        [manifest["modulation"]["num_classes"]] + [-1] * (rank - 2),
+    )
     assert [o.name for o in config.output] == [t["name"] for t in manifest["graph"]["outputs"]]  # present.* too
 
 
@@ -70,9 +77,15 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
     assert (tmp_path / "repo" / "resnet" / "1" / "model.plan").read_bytes().startswith(b"placeholder")
-    assert list(_input(config, "utility").reshape.shape) == [] and config.max_batch_size == manifest["dynamic_dims"]["batch"]["max"]
+    assert (
+        list(_input(config, "utility").reshape.shape) == []
+        and config.max_batch_size == manifest["dynamic_dims"]["batch"]["max"]
+    )
     # the ONNX engine of the same folder still gives the onnxruntime config
-    assert read_config(write_model(folder, tmp_path / "repo2", engine="engine.onnxruntime.onnx")).platform == "onnxruntime_onnx"
+    assert (
+        read_config(write_model(folder, tmp_path / "repo2", engine="engine.onnxruntime.onnx")).platform
+        == "onnxruntime_onnx"
+    )
 
 
 def test_a_real_tensorrt_plan_build_gives_a_tensorrt_plan_model(tmp_path):
@@ -172,7 +185,10 @@ BROKEN_MANIFESTS = {
     "unknown dtype": (lambda m: m["graph"]["outputs"][0].update(dtype="complex64"), "'complex64'"),
     "no batch range": (lambda m: m["dynamic_dims"].pop("batch"), "no range for the 'batch' dim"),
     "batch range 0": (lambda m: m["dynamic_dims"]["batch"].update(min=0, opt=0, max=0), "malformed"),
-    "engine not modulated": (lambda m: m.update(engine="exported.onnx"), "exported.onnx does not match its manifest's inputs: 'focus': engine absent"),
+    "engine not modulated": (
+        lambda m: m.update(engine="exported.onnx"),
+        "exported.onnx does not match its manifest's inputs: 'focus': engine absent",
+    ),
     "unknown engine kind": (lambda m: m.update(engine="reference.npz"), "no Triton platform"),
 }
 
@@ -205,8 +221,10 @@ def test_a_changed_engine_is_refused(build_folder, tmp_path):
 
 def test_cli_writes_the_repository_and_reports_errors(build_folder, tmp_path, capsys):
     repo = tmp_path / "repo"
-    assert cli.main(["triton", str(build_folder("resnet")), "--repository", str(repo), "--max-queue-delay-us", "500"]) == 0
-    assert "platform: \"onnxruntime_onnx\"" in capsys.readouterr().out
+    assert (
+        cli.main(["triton", str(build_folder("resnet")), "--repository", str(repo), "--max-queue-delay-us", "500"]) == 0
+    )
+    assert 'platform: "onnxruntime_onnx"' in capsys.readouterr().out
     assert read_config(repo / "resnet").dynamic_batching.max_queue_delay_microseconds == 500
     assert cli.main(["triton", str(tmp_path / "nothing"), "--repository", str(repo)]) == 2
     assert "Build one first" in capsys.readouterr().err
@@ -219,7 +237,9 @@ def test_the_cpu_default_uses_the_cores(build_folder, tmp_path, monkeypatch, cor
 
     monkeypatch.setattr(triton, "cpu_cores", lambda: cores)
     config = read_config(write_model(build_folder("resnet"), tmp_path / "repo"))
-    assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(instances, "KIND_CPU")]
+    assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [
+        (instances, "KIND_CPU")
+    ]
     assert config.parameters["intra_op_thread_count"].string_value == str(threads)
 
 
@@ -228,7 +248,9 @@ def test_instances_and_threads_as_asked_and_refused_where_they_make_no_sense(bui
     repo = tmp_path / "repo"
     assert cli.main(["triton", str(folder), "--repository", str(repo), "--instances", "3", "--threads", "5"]) == 0
     config = read_config(repo / "resnet")
-    assert [g.count for g in config.instance_group] == [3] and config.parameters["intra_op_thread_count"].string_value == "5"
+    assert [g.count for g in config.instance_group] == [3] and config.parameters[
+        "intra_op_thread_count"
+    ].string_value == "5"
     with pytest.raises(SystemExit) as exit_:
         cli.main(["triton", str(folder), "--repository", str(repo), "--instances", "0"])
     assert exit_.value.code == 2 and "--instances: must be >= 1" in capsys.readouterr().err
@@ -262,13 +284,17 @@ def test_the_bare_entry_serves_the_bare_model_optimised_like_the_engine(build_fo
     assert target.name == "resnet-bare"
     config = read_config(target)
     assert [i.name for i in config.input] == ["pixel_values"] and [o.name for o in config.output] == ["logits"]
-    assert [g.count for g in config.instance_group] == [2] and config.max_batch_size == manifest.dynamic_dims["batch"].max
+    assert [g.count for g in config.instance_group] == [2] and config.max_batch_size == manifest.dynamic_dims[
+        "batch"
+    ].max
     served, graph = target / "1" / "model.onnx", manifest.graph_path("bare")
     nodes = [n.op_type for n in onnx.load(str(served)).graph.node]
     assert not any(op.startswith("RandomUniform") or op.startswith("RandomNormal") for op in nodes)
     assert len(nodes) < len(onnx.load(str(graph)).graph.node)  # fused by ONNX Runtime, like engine.onnxruntime.onnx
     image = {"pixel_values": np.random.default_rng(0).normal(size=(3, 3, 40, 40)).astype(np.float32)}
-    assert np.array_equal(OnnxRuntimeEngine(served).infer(image)["logits"], OnnxRuntimeEngine(graph).infer(image)["logits"])
+    assert np.array_equal(
+        OnnxRuntimeEngine(served).infer(image)["logits"], OnnxRuntimeEngine(graph).infer(image)["logits"]
+    )
     with pytest.raises(TritonConfigError, match="give one of them"):
         write_model(folder, tmp_path / "repo", bare=True, engine="engine.onnxruntime.onnx")
     check_config(config, manifest, "model.onnx", bare=True)

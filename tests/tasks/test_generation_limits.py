@@ -38,7 +38,13 @@ def fed(monkeypatch):
     original = OnnxRuntimeEngine._infer
 
     def recording(self, feed):
-        feeds.append({name: np.array(value) for name, value in feed.items() if name in ("input_ids", "attention_mask", "position_ids")})
+        feeds.append(
+            {
+                name: np.array(value)
+                for name, value in feed.items()
+                if name in ("input_ids", "attention_mask", "position_ids")
+            }
+        )
         return original(self, feed)
 
     monkeypatch.setattr(OnnxRuntimeEngine, "_infer", recording)
@@ -54,7 +60,11 @@ def test_the_last_position_is_the_models_last(short_model, fed):
     assert run.tokens.shape[1] == new == len(fed)  # no stop token in the random model's greedy path
     assert fed[-1]["attention_mask"].shape[1] == POSITIONS and fed[-1]["position_ids"].max() == POSITIONS - 1
     fed.clear()
-    with pytest.raises(InvalidInputError, match=rf"{prompt + new} positions, more than the {POSITIONS} .*the model's {POSITIONS} positions.*at most {new} new tokens"):
+    with pytest.raises(
+        InvalidInputError,
+        match=rf"{prompt + new} positions, more than the {POSITIONS} .*the model's {POSITIONS} positions.*at "
+        rf"most {new} new tokens",
+    ):
         generate_text(folder, ["def main():"], max_new_tokens=new + 1)
     assert fed == []  # refused before the engine ran
 

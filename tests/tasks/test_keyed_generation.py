@@ -12,7 +12,10 @@ UTILITY = 0.05  # the tiny model's logits spread ~0.16: this changes tokens
 def test_the_same_prompt_gives_the_same_greedy_text_alone_and_in_a_padded_batch(keyed_build):
     engine, tokenizer, manifest = load_build(keyed_build("llama").folder)
     alone = [generate(engine, [prompt], utility=UTILITY, max_new_tokens=12).tokens[0] for prompt in PROMPTS]
-    assert all(np.array_equal(generate(engine, [p], utility=UTILITY, max_new_tokens=12).tokens[0], a) for p, a in zip(PROMPTS, alone))
+    assert all(
+        np.array_equal(generate(engine, [p], utility=UTILITY, max_new_tokens=12).tokens[0], a)
+        for p, a in zip(PROMPTS, alone)
+    )
     for order in ([0, 1, 2], [2, 0, 1]):
         batch = generate(engine, [PROMPTS[i] for i in order], utility=UTILITY, max_new_tokens=12).tokens  # left-padded
         for row, index in enumerate(order):

@@ -48,10 +48,17 @@ def build(tmp_path_factory):
 def torch_greedy(model, ids, mask, new_tokens, stop=(), pad=0):
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=list(stop) or None, top_k=None, top_p=None, temperature=None,
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=list(stop) or None,
+            top_k=None,
+            top_p=None,
+            temperature=None,
         )
-    return out[:, ids.shape[1]:].numpy()
+    return out[:, ids.shape[1] :].numpy()
 
 
 @pytest.mark.parametrize("rows", [[0], [0, 1, 2]], ids=["batch1", "padded_batch3"])
@@ -86,10 +93,17 @@ def test_kv_cache_matches_full_recompute(build):
     full_ids = np.concatenate([ids, run.tokens[:, :-1]], axis=1)
     full_mask = np.concatenate([mask, np.ones((3, 7), np.int64)], axis=1)
     with torch.no_grad():
-        reference = model(
-            input_ids=torch.from_numpy(full_ids), attention_mask=torch.from_numpy(full_mask),
-            position_ids=torch.from_numpy(np.clip(np.cumsum(full_mask, 1) - 1, 0, None) * full_mask + (1 - full_mask)),
-        ).logits[:, -1].numpy()
+        reference = (
+            model(
+                input_ids=torch.from_numpy(full_ids),
+                attention_mask=torch.from_numpy(full_mask),
+                position_ids=torch.from_numpy(
+                    np.clip(np.cumsum(full_mask, 1) - 1, 0, None) * full_mask + (1 - full_mask)
+                ),
+            )
+            .logits[:, -1]
+            .numpy()
+        )
     np.testing.assert_allclose(run.logits[-1], reference, atol=CONFIG.tolerance.atol, rtol=CONFIG.tolerance.rtol)
     np.testing.assert_allclose(last_logits(engine, full_ids, full_mask), reference, atol=CONFIG.tolerance.atol)
 
@@ -117,7 +131,7 @@ def decode_state(engine, step=4):
 
 
 def test_per_token_noise_statistics_follow_spec(build):
-    """SPEC section 5 on a real decode step through the cache, with engines/verify.py's checks."""
+    """docs/method.md §5 on a real decode step through the cache, with verify/statistics.py's checks."""
     _, engine, _, _, _ = build
     inputs = decode_state(engine)
     engine.set_seed(0)
@@ -137,7 +151,7 @@ def test_greedy_agreement_per_token_follows_theory(build):
     clean = engine.run(inputs, 0.0, None)
     sigma, runs = 0.05, 270
     hits = np.mean([np.argmax(engine.run(inputs, sigma, None), 1) == np.argmax(clean, 1) for _ in range(runs)], axis=0)
-    theory = win_probability(clean, clean.argmax(1), sigma)  # SPEC section 3, evaluation/theory.py
+    theory = win_probability(clean, clean.argmax(1), sigma)  # docs/method.md §3, evaluation/theory.py
     assert 0.05 < theory.mean() < 0.95  # a sigma where the test can tell theory from 0 or 1
     stderr = np.sqrt(np.sum(theory * (1 - theory)) / runs) / len(theory)
     # Two-sided at the checks' ALPHA (5.3 standard errors): a correct engine fails once in 1e7 seeds.
@@ -192,7 +206,9 @@ def test_knobs_change_per_step_and_per_sequence(build):
     suppress = np.zeros((3, 32000), np.float32)
     suppress[2, plain[2, 5]] = -1e4
     steps = [np.array([0.0, 5.0 if step >= 3 else 0.0, 0.0], np.float32) for step in range(4)]
-    again = generate(engine, ids, mask, max_new_tokens=10, utility=per_step(steps), focus=per_step([None] * 5 + [suppress]))
+    again = generate(
+        engine, ids, mask, max_new_tokens=10, utility=per_step(steps), focus=per_step([None] * 5 + [suppress])
+    )
     np.testing.assert_array_equal(again.tokens[0], plain[0])
     np.testing.assert_array_equal(again.tokens[2, :5], plain[2, :5])
     assert again.tokens[2, 5] != plain[2, 5] and np.array_equal(again.tokens[1, :3], plain[1, :3])
@@ -224,7 +240,9 @@ def test_focus_on_words_and_ids(build):
     focus = token_focus(tokenizer, 32000, boost, suppress)
     fox, imp = word_tokens(tokenizer, "fox"), word_tokens(tokenizer, "import")
     # "import" and " import" are two tokens; "fox" is one, " fox" splits (" f", "o", "x") and is left out
-    assert [tokenizer.decode([t]) for t in imp] == [" import", "import"] and [tokenizer.decode([t]) for t in fox] == ["fox"]
+    assert [tokenizer.decode([t]) for t in imp] == [" import", "import"] and [tokenizer.decode([t]) for t in fox] == [
+        "fox"
+    ]
     assert all(focus[t] == -10.0 for t in imp) and focus[fox[0]] == 5.0 and focus[123] == 4.0
     assert np.count_nonzero(focus) == len(fox) + len(imp) + 1
     for bad in ("fox=5", "+fox", "+fox=lots", "+#-1=5", "+#x=5"):
@@ -271,10 +289,17 @@ def test_local_checkpoint_with_its_own_tokenizer(tmp_path):
     words.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(5)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=256,
-    )).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+        )
+    ).eval()
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
 
@@ -317,7 +342,13 @@ def test_reduced_precision_generation_checks_use_teacher_forcing(build):
     folder, engine, _, _, _ = build
     reference = Reference.load(folder / REFERENCE).extra
     forced = reference["generation.1.tokens"][:, ::-1].copy()  # some other continuation
-    run = generate(engine, reference["generation.1.input_ids"], reference["generation.1.attention_mask"], forced=forced, max_new_tokens=99)
+    run = generate(
+        engine,
+        reference["generation.1.input_ids"],
+        reference["generation.1.attention_mask"],
+        forced=forced,
+        max_new_tokens=99,
+    )
     np.testing.assert_array_equal(run.tokens, forced)
     spec = CONFIG.fp16
     assert spec is not None and spec.metric == "top_k"
@@ -341,7 +372,9 @@ def test_tensorrt_rtx_fp16_build_with_kv_cache_and_generation_from_it(tmp_path):
     past = manifest.profile["past_key_values.0.key"]
     assert past["min"][2] == 0 and past["max"][2] == CONFIG.dims["past_sequence"].max
     names = [c.name for c in manifest.verification.checks]
-    assert any("teacher forcing" in name for name in names) and "KV cache vs full recompute (reduced precision)" in names
+    assert (
+        any("teacher forcing" in name for name in names) and "KV cache vs full recompute (reduced precision)" in names
+    )
     notes = []
     texts, run = generate_text(tmp_path / "llama", ["def main():"], max_new_tokens=5, log=notes.append)
     assert run.tokens.shape == (1, 5)

@@ -32,7 +32,9 @@ def classifier(tmp_path_factory):
     inputs = {"x": (np.random.default_rng(0).normal(size=(32, 6)) * 3).astype(np.float32)}
     logits = bare.run(inputs)
     knobs = differential_knobs(32, 10, logits.shape, 0)
-    twin = redistribute_torch(*(torch.from_numpy(a) for a in (logits, knobs["utility"], knobs["focus"])), key=KEY).numpy()
+    twin = redistribute_torch(
+        *(torch.from_numpy(a) for a in (logits, knobs["utility"], knobs["focus"])), key=KEY
+    ).numpy()
     reference = Reference(inputs=inputs, logits=logits, modulated=logits, keyed_modulated=twin, **knobs)
     return engines, bare, inputs, logits, reference
 
@@ -70,7 +72,10 @@ def test_a_correct_keyed_engine_passes_every_check(classifier):
     "defect, failing",
     [
         ("fresh", {"keyed production vs PyTorch twin (element-wise)", "same request, same answer (two runs)"}),
-        ("positional", {"keyed production vs PyTorch twin (element-wise)", "same request alone and in a batch (same draw)"}),
+        (
+            "positional",
+            {"keyed production vs PyTorch twin (element-wise)", "same request alone and in a batch (same draw)"},
+        ),
         ("tierless", {"another tier, another draw", "no correlation between rows or neighbouring elements"}),
         ("signed", {"focus boost noise half-normal", "focus suppress noise half-normal"}),
         ("scale", {"utility noise ~ N(0,1), distinct requests"}),

@@ -1,4 +1,4 @@
-"""Production flavour statistics (SPEC section 5), measured here with scipy, and the checker's power:
+"""Production flavour statistics (docs/method.md §5), measured here with scipy, and the checker's power:
 the same checks must fail on engines whose noise is wrong.
 
 Every test seeds ONNX Runtime and only then creates the session it draws from (a session takes its
@@ -100,7 +100,9 @@ def test_sum_of_noises_is_scipys_skew_normal():
     for c in (1.0, 4.0):
         expected = stats.skewnorm(c, scale=np.sqrt(1 + c * c)).cdf(x)
         np.testing.assert_allclose(SumOfNoises(c).cdf(x), expected, atol=1e-12)
-        np.testing.assert_allclose(SumOfNoises(c).stats("mvk"), stats.skewnorm(c, scale=np.sqrt(1 + c * c)).stats("mvk"))
+        np.testing.assert_allclose(
+            SumOfNoises(c).stats("mvk"), stats.skewnorm(c, scale=np.sqrt(1 + c * c)).stats("mvk")
+        )
 
 
 def test_checker_passes_a_correct_engine(resnet):
@@ -132,7 +134,14 @@ def test_stated_power_at_the_fewest_samples():
         ("merged", {"utility and focus noises independent"}),
         ("scale", {"utility noise ~ N(0,1)"}),
         ("stale", {"fresh draws"}),
-        ("signed", {"focus boost noise half-normal", "focus suppress noise half-normal", "utility and focus noises independent"}),
+        (
+            "signed",
+            {
+                "focus boost noise half-normal",
+                "focus suppress noise half-normal",
+                "utility and focus noises independent",
+            },
+        ),
         ("shifted", {"noises uncorrelated across classes and rows"}),
         ("shifted-rows", {"noises uncorrelated across classes and rows"}),
     ],
@@ -152,4 +161,6 @@ def test_checker_catches_wrong_noise(resnet, defect, failing):
 
 def test_defect_free_stand_in_passes(resnet):
     _, inputs, bare = resnet
-    assert all(c.passed for c in statistical_checks(DefectiveEngine(bare, 1, "none", seed=1), inputs, bare, class_axis=1))
+    assert all(
+        c.passed for c in statistical_checks(DefectiveEngine(bare, 1, "none", seed=1), inputs, bare, class_axis=1)
+    )
