@@ -30,7 +30,8 @@ from pathlib import Path
 
 from aim.errors import AimError
 from aim.files import atomic_path, read_json, sha256
-from aim.specs import Agreement, Check, DimRange, Tolerance
+from aim.specs import DimRange
+from aim.verdicts import Agreement, Check, Tolerance
 
 SCHEMA = 3  # bumped when the manifest's structure changes; older folders are refused (rebuild)
 MANIFEST = "manifest.json"

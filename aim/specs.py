@@ -1,10 +1,9 @@
-"""Small records shared by every layer: tensors and their dynamic dims, tolerances, comparators and
-the result of one check. Plain dataclasses, no dependencies: a family, a task, the manifest and the
-verifier all speak them."""
+"""What a graph's tensors are: names, dtypes, and dynamic dims with their ranges. Plain dataclasses,
+no dependencies: a family, a task, the exporter and the manifest all speak them."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -33,38 +32,3 @@ class TensorSpec:
     @property
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Element-wise: an element passes if |a-b| <= atol or |a-b| <= rtol * |b| (Polygraphy's rule)."""
-
-    atol: float
-    rtol: float
-    why: str
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """Reduced-precision check of a task: FP16 logits cannot match FP32 element-wise, so compare what the
-    task reads from them. metric "top_k": mean overlap of the top-k class sets per sample (image
-    classes, next-token candidates); "class_map": fraction of pixels whose argmax class agrees.
-    Passes when the agreement is at least `min_fraction`."""
-
-    metric: str
-    k: int
-    min_fraction: float
-    why: str
-
-
-@dataclass
-class Check:
-    """One verdict of a verification: what was checked, whether it passed, and the numbers behind it."""
-
-    name: str
-    passed: bool
-    detail: str
-    metrics: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)

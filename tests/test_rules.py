@@ -22,7 +22,7 @@ PACKAGE = ROOT / "aim"
 
 # The layers, bottom first: a module may import its own unit and any unit of a lower layer.
 LAYERS = [
-    ["aim.errors", "aim.lazy", "aim.specs"],
+    ["aim.errors", "aim.lazy", "aim.specs", "aim.verdicts"],
     ["aim.files", "aim.contract"],
     ["aim.layout", "aim.weights"],
     ["aim.families"],
@@ -134,7 +134,7 @@ RUNTIME_MODULES = [
     "aim.runtime.folder",
     "aim.serving.triton",
     "aim.serving.server",
-    "aim.serving.load",
+    "aim.serving.load_generator",
     "aim.serving.workloads",
     "aim.serving.loadtest",
     "aim.serving.loadplot",

@@ -206,7 +206,7 @@ def _keyed_checks(keyed, bare, inputs: dict, class_axis: int, key) -> list:
     import torch
 
     from aim.graph_passes.redistribution import redistribute_torch
-    from aim.specs import Tolerance
+    from aim.verdicts import Tolerance
     from aim.verify.keyed import keyed_checks
     from aim.verify.reference import Reference, differential_knobs, tile_batch
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aim.errors import UnknownModelError
-from aim.specs import Agreement, DimRange, Tolerance
+from aim.specs import DimRange
+from aim.verdicts import Agreement, Tolerance
 
 if TYPE_CHECKING:
     from aim.families.architectures import Architecture

@@ -1,7 +1,8 @@
 """Llama text generation: next-token logits [B, V], prefill and decode in one graph with a KV cache."""
 
 from aim.families import Benchmark, Family, Trained, register
-from aim.specs import Agreement, DimRange, Tolerance
+from aim.specs import DimRange
+from aim.verdicts import Agreement, Tolerance
 
 TRAINED_VOCAB = 1024  # the BPE vocabulary the small trained model learns on the documentation corpus
 

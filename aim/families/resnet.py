@@ -1,7 +1,8 @@
 """ResNet image classification (transformers' ResNetForImageClassification: logits [B, C])."""
 
 from aim.families import Benchmark, Family, Trained, register
-from aim.specs import Agreement, DimRange, Tolerance
+from aim.specs import DimRange
+from aim.verdicts import Agreement, Tolerance
 
 
 def tiny():

@@ -1,7 +1,8 @@
 """SegFormer semantic segmentation: logits [B, C, H/4, W/4], upsampled to [B, C, H, W] before modulation."""
 
 from aim.families import Benchmark, Family, Trained, register
-from aim.specs import Agreement, DimRange, Tolerance
+from aim.specs import DimRange
+from aim.verdicts import Agreement, Tolerance
 
 
 def tiny():

@@ -6,10 +6,10 @@ between the two neighbouring entries:
 
     x = clip(level, 0, 1) * (n - 1);  i = min(floor(x), n - 2);  sigma = t[i] + (x - i) * (t[i+1] - t[i])
 
-so a monotone table gives a monotone, continuous level -> sigma map. A NaN level counts as 1 (no
-noise), as a NaN utility counts as 0. The nodes are named under the redistribution PREFIX so that an
-FP16 conversion keeps them in FP32 with the rest of the noise arithmetic. Element-wise ops, Floor,
-Cast and Gather only: all parsed by TensorRT.
+so a monotone table gives a monotone, continuous level -> sigma map. A NaN level counts as 0 (chance:
+fail closed), as a NaN utility counts as the strongest noise. The nodes are named under the
+redistribution PREFIX so that an FP16 conversion keeps them in FP32 with the rest of the noise
+arithmetic. Element-wise ops, Floor, Cast and Gather only: all parsed by TensorRT.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def add_utility_level(graph: gs.Graph, sigmas) -> gs.Graph:
 
     last = table.size - 1
     finite = node("Equal", [level_input, level_input], dtype=np.bool_)  # false only for NaN
-    level = node("Where", [finite, level_input, const("one", np.float32(1.0))])
+    # Fail closed: a NaN level is level 0 (chance), never level 1 (the exact model).
+    level = node("Where", [finite, level_input, const("nan_level", np.float32(0.0))])
     level = node("Clip", [level, const("zero", np.float32(0.0)), const("one_max", np.float32(1.0))])
     position = node("Mul", [level, const("steps", np.float32(last))])
     index = node("Min", [node("Floor", [position]), const("last_start", np.float32(last - 1))])
@@ -83,7 +84,7 @@ def level_to_sigma(levels, sigmas) -> np.ndarray:
     """The host-side twin of the embedded map (NumPy, FP32): for tests and reports."""
     table = check_table(sigmas)
     x = np.asarray(levels, dtype=np.float32)
-    x = np.clip(np.where(np.isnan(x), np.float32(1), x), 0, 1) * np.float32(table.size - 1)
+    x = np.clip(np.where(np.isnan(x), np.float32(0), x), 0, 1) * np.float32(table.size - 1)
     i = np.minimum(np.floor(x), table.size - 2)
     j = i.astype(np.int64)
     return table[j] + (x - i) * (table[j + 1] - table[j])

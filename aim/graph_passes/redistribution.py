@@ -9,8 +9,9 @@ and `_TorchOps` evaluates it in PyTorch. The two implementations are tested agai
 
 What the statement adds to the bare formula, and why:
 - Sanitising (the graph is served to clients that bypass our Python checks, e.g. through Triton):
-  NaN -> 0, utility -> min(|utility|, MAX_STRENGTH), focus clipped to [-MAX_STRENGTH, MAX_STRENGTH].
-  So no request can turn the logits into NaN or inf.
+  utility -> min(|utility|, MAX_STRENGTH) with NaN as MAX_STRENGTH (fail closed: the weakest tier,
+  never the bare model), focus clipped to [-MAX_STRENGTH, MAX_STRENGTH] with NaN as 0. So no request
+  can turn the logits into NaN or inf, nor buy the premium answer with a NaN.
 - Skipping (benchmark P1a): when the whole batch asks for utility 0 and focus 0, an `If` returns the
   bare logits without drawing any noise; the bare logits' producer node is moved into both branches,
   so that branch writes straight into the output instead of copying it (FP32 logits only: see
@@ -65,8 +66,9 @@ def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int):
     and `focus` [B, C] are the raw knobs; `noise.draw` supplies n1 (shaped like the logits) and n2
     (shaped like the logits of the focused classes only); keyed noise reads the sanitised utility too.
     """
-    u = ops.minimum(ops.abs(ops.zero_nan(utility)), MAX_STRENGTH)
-    f = ops.clip(ops.zero_nan(focus), -MAX_STRENGTH, MAX_STRENGTH)
+    # Fail closed: a NaN utility is the weakest tier (MAX_STRENGTH), never the bare model; a NaN focus is no focus.
+    u = ops.minimum(ops.abs(ops.nan_to(utility, MAX_STRENGTH)), MAX_STRENGTH)
+    f = ops.clip(ops.nan_to(focus, 0.0), -MAX_STRENGTH, MAX_STRENGTH)
     f_abs = ops.abs(f)
     active = ops.or_(ops.greater(ops.reduce_max(u), 0.0), ops.greater(ops.reduce_max(f_abs), 0.0))
     # [K]: the classes some row focuses on. Outside the If, and no If inside it: TensorRT for RTX
@@ -100,8 +102,8 @@ class _TorchOps:
         return x
 
     @staticmethod
-    def zero_nan(x):
-        return torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    def nan_to(x, value: float):
+        return torch.where(torch.isnan(x), torch.full_like(x, value), x)
 
     @staticmethod
     def minimum(x, bound: float):
@@ -266,8 +268,8 @@ class _GraphOps:
             return x
         return self.node("Unsqueeze", [x, self.constant(axes, np.int64)], dtype=x.dtype)
 
-    def zero_nan(self, x):
-        return self.node("Where", [self.node("IsNaN", [x], dtype=bool), self.constant(0.0), x])
+    def nan_to(self, x, value: float):
+        return self.node("Where", [self.node("IsNaN", [x], dtype=bool), self.constant(value), x])
 
     def minimum(self, x, bound: float):
         return self.node("Min", [x, self.constant(bound)])
@@ -574,7 +576,7 @@ class _KeyedNoise:
         step = ops.mul(sigma, ops.constant(DIGEST_STEP * math.sqrt(self.classes)))  # +-1 projections: RMS * sqrt(C)
         cells = ops.floor(
             ops.clip(
-                ops.zero_nan(ops.add(ops.div(projected, ops.unsqueeze(step, [1])), ops.constant(k.offsets))),
+                ops.nan_to(ops.add(ops.div(projected, ops.unsqueeze(step, [1])), ops.constant(k.offsets)), 0.0),
                 -(2.0**28),
                 2.0**28,
             )

@@ -35,8 +35,8 @@ from aim.pipeline import memory, steps
 from aim.pipeline.verify import checks, keyed_expectation
 from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
 from aim.runtime.base import profile_from_io
-from aim.specs import Tolerance
 from aim.tasks import Task, get_task
+from aim.verdicts import Tolerance
 from aim.verify.reference import Reference
 from aim.verify.tolerance import logit_spread, scaled_tolerance
 

@@ -34,8 +34,9 @@ from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_her
 from aim.runtime.base import profile_from_io
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.runtime.shapes import ShapeRanges
-from aim.specs import Agreement, DimRange, Tolerance
+from aim.specs import DimRange
 from aim.tasks import get_task
+from aim.verdicts import Agreement, Tolerance
 from aim.verify.reference import Reference, differential_knobs
 
 SOURCE = "bare ONNX on ONNX Runtime"  # what the reference is (Reference.source)

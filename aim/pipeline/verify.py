@@ -10,8 +10,8 @@ from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import REFERENCE, EngineRun, Manifest
 from aim.runtime.backends import runnable_here
 from aim.runtime.folder import open_build, role_runners
-from aim.specs import Check
 from aim.tasks import Task, get_task
+from aim.verdicts import Check
 from aim.verify.build import verify_build
 from aim.verify.reference import Reference
 

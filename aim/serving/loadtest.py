@@ -30,7 +30,7 @@ import numpy as np
 from aim.errors import AimError
 from aim.files import atomic_path
 from aim.serving.cputime import tree_cpu_s
-from aim.serving.load import Budget, Run, drive
+from aim.serving.load_generator import Budget, Run, drive
 from aim.serving.triton import BARE_SUFFIX, MAX_QUEUE_DELAY_US, write_model
 from aim.serving.workloads import WORKLOADS, Request, bare_logits, judge, samples, workload
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 
-from aim.specs import Agreement, Check, DimRange, TensorSpec, Tolerance
+from aim.specs import DimRange, TensorSpec
+from aim.verdicts import Agreement, Check, Tolerance
 
 
 class Task:

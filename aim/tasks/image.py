@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from aim.contract import BATCH, LOGITS
-from aim.specs import Agreement, DimRange, TensorSpec, Tolerance
+from aim.specs import DimRange, TensorSpec
 from aim.tasks.base import Task
+from aim.verdicts import Agreement, Tolerance
 
 PIXELS = "pixel_values"
 LEVEL = 2.0 / 255.0  # one 8-bit intensity level of the data's -1..1 pixel range

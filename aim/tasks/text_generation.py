@@ -18,7 +18,7 @@ import weakref
 import numpy as np
 
 from aim.contract import BATCH, LOGITS
-from aim.specs import Agreement, Check, DimRange, TensorSpec, Tolerance
+from aim.specs import DimRange, TensorSpec
 from aim.tasks.base import Task
 from aim.tasks.generation import (
     PAST,
@@ -32,6 +32,7 @@ from aim.tasks.generation import (
     position_ids,
     stop_tokens_of,
 )
+from aim.verdicts import Agreement, Check, Tolerance
 
 # The generation reference of a build: prompts, and the batches made of them.
 PROMPTS = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aim.specs import Agreement, Check, Tolerance
+from aim.verdicts import Agreement, Check, Tolerance
 from aim.verify.compare import agreement, compare
 from aim.verify.keyed import keyed_checks
 from aim.verify.reference import Reference, tile_batch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aim.specs import Agreement, Check, Tolerance
+from aim.verdicts import Agreement, Check, Tolerance
 
 
 def compare(name: str, reference: np.ndarray, actual: np.ndarray, tolerance: Tolerance) -> Check:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from aim.lazy import lazy_import
-from aim.specs import Check, Tolerance
+from aim.verdicts import Check, Tolerance
 from aim.verify.compare import compare, identical
 from aim.verify.statistics import ALPHA, MAX_RUNS, MIN_SAMPLES, SIGMA, _distribution, _subsample
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from aim.lazy import lazy_import
-from aim.specs import Check
+from aim.verdicts import Check
 from aim.verify.compare import identical
 
 stats = lazy_import("scipy.stats")

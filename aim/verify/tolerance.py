@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aim.specs import Tolerance
+from aim.verdicts import Tolerance
 
 SPREAD_FRACTION = 1e-3
 

@@ -47,7 +47,7 @@ def test_embedded_map_matches_its_twin_and_the_table(calibrated):
     np.testing.assert_allclose(sigma[:6], TABLE, rtol=1e-5, atol=1e-4)  # the table's own points
     np.testing.assert_allclose(sigma[6:10], np.interp(levels[6:10], np.linspace(0, 1, 6), TABLE), rtol=1e-5, atol=1e-4)
     assert sigma[10] == pytest.approx(TABLE[0], rel=1e-5) and sigma[11] == 0.0  # clipped to [0, 1]
-    assert sigma[12] == 0.0  # NaN counts as level 1: no noise
+    assert sigma[12] == pytest.approx(TABLE[0], rel=1e-5)  # NaN counts as level 0 (fail closed), not 1
     np.testing.assert_allclose(sigma, level_to_sigma(levels, TABLE), rtol=1e-5, atol=1e-4)
 
 

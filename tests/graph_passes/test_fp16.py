@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from aim.contract import PREFIX
 from aim.graph_passes.fp16 import convert_to_fp16, fp32_violations
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.specs import Agreement
+from aim.verdicts import Agreement
 from aim.verify.compare import agreement
 
 

@@ -275,7 +275,8 @@ def test_sparse_focus_and_mixed_utility_agree_with_the_twin(tmp_path):
 @pytest.mark.parametrize("knob", [UTILITY, FOCUS])
 def test_nan_negative_and_infinite_knobs_are_sanitised_in_the_graph(tmp_path, knob):
     """Clients that bypass the Python checks (e.g. through Triton) cannot make NaN or inf logits:
-    NaN counts as 0, a negative utility as its magnitude, +-inf as +-MAX_STRENGTH."""
+    a NaN utility counts as MAX_STRENGTH (fail closed, never the bare model), a NaN focus as 0, a negative
+    utility as its magnitude, +-inf as +-MAX_STRENGTH."""
     source = identity_model(tmp_path / "identity.onnx", ["batch", 6])
     target = session(modulate_file(source, tmp_path / "verify.onnx", "logits", 1, flavour="verification"))
     rng = np.random.default_rng(4)
@@ -292,12 +293,20 @@ def test_nan_negative_and_infinite_knobs_are_sanitised_in_the_graph(tmp_path, kn
 
     bad, reference = run([np.nan, -2.0, np.inf, -np.inf])
     good, _ = run(
-        [0.0, 2.0 if knob == UTILITY else -2.0, MAX_STRENGTH, MAX_STRENGTH if knob == UTILITY else -MAX_STRENGTH]
+        [
+            MAX_STRENGTH if knob == UTILITY else 0.0,
+            2.0 if knob == UTILITY else -2.0,
+            MAX_STRENGTH,
+            MAX_STRENGTH if knob == UTILITY else -MAX_STRENGTH,
+        ]
     )
     assert np.all(np.isfinite(bad))
     np.testing.assert_array_equal(bad, good)
     np.testing.assert_array_equal(bad, reference)  # the twin applies the same rule
-    np.testing.assert_array_equal(bad[0], feed["x"][0])  # NaN is 0: the bare logits
+    if knob == UTILITY:  # fail closed: a NaN utility never returns the bare logits
+        assert not np.array_equal(bad[0], feed["x"][0])
+    else:
+        np.testing.assert_array_equal(bad[0], feed["x"][0])  # a NaN focus is no focus
 
 
 def test_focused_classes_without_nonzero_or_topk(tmp_path):

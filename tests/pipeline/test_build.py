@@ -24,7 +24,7 @@ from aim.pipeline.build import build_model
 from aim.pipeline.report import report
 from aim.pipeline.verify import verify_folder
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.specs import Tolerance
+from aim.verdicts import Tolerance
 from aim.verify.compare import compare
 from aim.verify.reference import Reference
 from aim.verify.tolerance import SPREAD_FRACTION, logit_spread, scaled_tolerance

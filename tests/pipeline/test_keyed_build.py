@@ -17,7 +17,7 @@ from aim.layout import REFERENCE, Manifest
 from aim.pipeline.build import build_model
 from aim.pipeline.verify import verify_folder
 from aim.runtime.folder import production_runner
-from aim.specs import Check
+from aim.verdicts import Check
 from aim.verify.reference import Reference
 
 KEYED_CHECKS = {

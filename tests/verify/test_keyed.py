@@ -9,7 +9,7 @@ from aim.graph_passes.modulate import modulate_file
 from aim.graph_passes.noise_key import KEY_BYTES, NoiseKey
 from aim.graph_passes.redistribution import redistribute_torch
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.specs import Tolerance
+from aim.verdicts import Tolerance
 from aim.verify.keyed import keyed_checks
 from aim.verify.reference import Reference, differential_knobs
 from tests.conftest import tiny_classifier

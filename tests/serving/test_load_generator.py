@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from aim.serving.load import Budget, LoadError, drive
+from aim.serving.load_generator import Budget, LoadError, drive
 from aim.serving.workloads import EXACT_SHARE, FOCUS_SHARE, Request, judge, workload
 
 

@@ -1,0 +1,41 @@
+"""What a verification judges by and what it concludes: element-wise tolerances, a task's
+reduced-precision comparator, and the verdict of one check. Plain dataclasses, no dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Element-wise: an element passes if |a-b| <= atol or |a-b| <= rtol * |b| (Polygraphy's rule)."""
+
+    atol: float
+    rtol: float
+    why: str
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Reduced-precision check of a task: FP16 logits cannot match FP32 element-wise, so compare what the
+    task reads from them. metric "top_k": mean overlap of the top-k class sets per sample (image
+    classes, next-token candidates); "class_map": fraction of pixels whose argmax class agrees.
+    Passes when the agreement is at least `min_fraction`."""
+
+    metric: str
+    k: int
+    min_fraction: float
+    why: str
+
+
+@dataclass
+class Check:
+    """One verdict of a verification: what was checked, whether it passed, and the numbers behind it."""
+
+    name: str
+    passed: bool
+    detail: str
+    metrics: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
