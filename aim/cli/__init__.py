@@ -26,7 +26,8 @@
     aim calibrate MODEL [--checkpoint DIR]       level -> sigma table; an engine taking utility_level
     aim calibrate build/yours --data x.npy       the same on your unlabelled inputs (or --onnx FILE ... --data x.npy)
     aim attack MODEL [--noise-key FILE]          repeat-and-average attack on fresh vs keyed noise
-    aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
+    aim triton build/MODEL [--repository build/triton] [--tiers tiers.json]   Triton model repository entries
+    aim tiers key TIER --tiers tiers.json        a new key of a tier (its SHA-256 into the file, the key printed once)
     aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
     aim loadtest build/MODEL [--concurrency 1,8,32,128]   modulated beside bare on the real server, under load
 
@@ -64,6 +65,7 @@ COMMANDS = (
     "triton",
     "serve",
     "loadtest",
+    "tiers",
 )
 
 
