@@ -38,7 +38,7 @@ def run(args) -> int:
     server = TritonServer(
         repository, args.http_port, args.grpc_port, models=args.model or ["*"], host=args.host, log_path=log
     )
-    server.check_ports()  # one error line, before the server prints anything or touches a log
+    server.check()  # a port in use, another server's log: one error line, before anything starts
     print(f"starting tritonserver on {args.repository} ...", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -94,7 +94,7 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def _own_log(path: Path):
+def _own_log(path: Path, truncate: bool = True):
     """`path` opened for this server's log and locked (flock, shared with the server process, which
     inherits the open file). A log locked by a server still running is refused, never truncated."""
     import fcntl
@@ -109,7 +109,8 @@ def _own_log(path: Path):
             f"{path} is the log of a Triton server still running: stop that server first (or serve another "
             "repository, whose log is its own)"
         ) from None
-    log.truncate(0)
+    if truncate:
+        log.truncate(0)
     return log
 
 
@@ -178,6 +179,13 @@ class TritonServer:
         free = iter(free_ports(2))
         self.http_port, self.grpc_port = self.http_port or next(free), self.grpc_port or next(free)
         return self._start(timeout)
+
+    def check(self) -> None:
+        """Refuses, before anything starts or prints, a port (not 0) that another process listens on,
+        and a log that another server still writes."""
+        self.check_ports()
+        if self.log_path is not None and Path(self.log_path).exists():
+            _own_log(Path(self.log_path), truncate=False).close()
 
     def check_ports(self) -> None:
         """Refuses, before anything starts, a port (not 0) that another process listens on."""
