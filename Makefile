@@ -22,6 +22,8 @@ FOCUS ?=
 MAX_NEW_TOKENS ?= 32
 REPEATS ?= 1000
 REPO ?= $(OUT)/triton
+# The owner's tier table (make triton/serve TIERS=tiers.json): each request's tier comes from its key.
+TIERS ?=
 # Your own ONNX instead of MODEL (make engine ONNX=yours.onnx LOGITS=scores MAX_SHAPES=image:32x3x224x224).
 ONNX ?=
 LOGITS ?= logits
@@ -33,7 +35,7 @@ MAX_SHAPES ?=
 INPUTS ?=
 UPSAMPLE_TO ?=
 DATA ?=
-export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
+export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -57,8 +59,8 @@ help:
 	@echo "make engine CHECKPOINT=dir   any supported architecture of the three tasks (make models), into OUT/<folder name>"
 	@echo "make engine ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224 [MIN_SHAPES=..] [OPT_SHAPES=..] [CLASS_AXIS=1] [TASK=..] [INPUTS=data.npz] [UPSAMPLE_TO=input]"
 	@echo "make calibrate ONNX=yours.onnx LOGITS=name MAX_SHAPES=.. DATA=unlabeled.npy   your model's level -> sigma table"
-	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
-	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
+	@echo "make triton MODEL=x [REPO=build/triton] [TIERS=tiers.json]   Triton model repository for the engine (builds it if missing)"
+	@echo "make serve MODEL=x [REPO=build/triton] [TIERS=tiers.json]    Triton server on that repository (Ctrl-C stops it)"
 	@echo "make loadtest MODEL=x    the modulated beside the bare model on the real server, under load (a few minutes): build/loadtest/"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
 	@echo "make test      the test suite"
@@ -83,10 +85,12 @@ engine: $(STAMP)
 	$(SOURCE); $(PY) -m aim.cli engine "$$@" $(BUILD_FLAGS)
 
 triton: $(STAMP)
-	$(BUILT) && $(PY) -m aim.cli triton "$$OUT/$$name" --repository "$$REPO"
+	$(BUILT) && $(PY) -m aim.cli triton "$$OUT/$$name" --repository "$$REPO" $${TIERS:+--tiers "$$TIERS"}
 
+# The build's model, and its text model where `aim triton` wrote one (a text-generation build).
 serve: triton
-	$(NAME) && $(PY) -m aim.cli serve "$$REPO" --model "$$name"
+	$(NAME) && set -- --model "$$name" && if [ -d "$$REPO/$$name-text" ]; then set -- "$$@" --model "$$name-text"; fi; \
+	$(PY) -m aim.cli serve "$$REPO" "$$@"
 
 loadtest: $(STAMP)
 	$(BUILT) && $(PY) -m aim.cli loadtest "$$OUT/$$name" --out "$$OUT/loadtest"
