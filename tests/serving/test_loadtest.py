@@ -103,3 +103,18 @@ def test_bad_arguments_end_with_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["loadtest", str(tmp_path), "--concurrency", "8,0"])
     assert "every value must be at least 1" in capsys.readouterr().err
+
+
+def test_the_text_sweep_measures_streams_and_time_to_first_token(build_folder, tmp_path, capsys):
+    """`aim loadtest build/llama --text`: every stream read to its end, none failing; the first event
+    comes before the stream's end."""
+    out = tmp_path / "text"
+    flags = ["--text", "--concurrency", "2", "--requests", "4", "--max-tokens", "4", "--instances", "1"]
+    assert cli.main(["loadtest", str(build_folder("llama")), "--out", str(out), *flags]) == 0
+    assert "| clients | streams / s |" in capsys.readouterr().out
+    results = json.loads((out / "textload.json").read_text())
+    (point,) = results["points"]
+    assert results["correct"] and point["errors"] == 0 and point["streams"] == 2 + 4  # warm-up, then 4 measured
+    assert 0 < point["ttft_p50_ms"] <= point["stream_p50_ms"] and point["pieces_per_s"] >= point["streams_per_s"]
+    assert cli.main(["loadtest", str(build_folder("resnet")), "--out", str(out), "--text"]) == 2
+    assert "no text-generation build" in capsys.readouterr().err
