@@ -6,7 +6,7 @@ from aim.cli import args as shared
 
 
 def add(sub) -> None:
-    p = sub.add_parser("triton", help="write a Triton model repository entry for a build's engine")
+    p = sub.add_parser("triton", help="write Triton model repository entries for a build's engine (tiered: --tiers)")
     p.add_argument("build", help="a build folder with manifest.json, e.g. build/resnet")
     p.add_argument("--repository", default="build/triton", help="model repository root (default: build/triton)")
     p.add_argument("--name", help="model name in Triton (default: the manifest's model)")
