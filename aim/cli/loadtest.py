@@ -30,7 +30,7 @@ def add(sub) -> None:
     defaults = Settings()
     p = sub.add_parser(
         "loadtest",
-        help="load-test the modulated model beside the bare one (and the tiered one) on the real Triton server",
+        help="load-test the modulated model beside the bare one, tiered beside untiered, on Triton",
     )
     p.add_argument("build", help="a build folder with manifest.json, e.g. build/resnet (an ONNX Runtime engine)")
     p.add_argument(

@@ -38,7 +38,7 @@ import numpy as np
 from aim.contract import FOCUS, UTILITY, check_modulation
 from aim.errors import AimError, InvalidInputError
 
-SPEC = "front.json"
+FRONT_SPEC = "front.json"
 TIERS = "tiers.json"
 THREADS_PARAMETER = "intra_op_thread_count"  # the parameter name Triton's C++ ONNX Runtime backend reads
 ROLES = ("modulated", "bare", "text")
@@ -59,11 +59,11 @@ class FrontSpec:
     extra: dict = field(default_factory=dict)  # text: tokenizer folder, max_positions
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / SPEC).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        (Path(folder) / FRONT_SPEC).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> FrontSpec:
-        return cls(**json.loads((Path(folder) / SPEC).read_text()))
+        return cls(**json.loads((Path(folder) / FRONT_SPEC).read_text()))
 
     def engine_inputs(self) -> dict:
         return {name: (np.dtype(dtype).type, dims) for name, (dtype, dims) in self.inputs.items()}

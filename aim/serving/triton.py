@@ -48,7 +48,7 @@ from aim.serving.config import (  # noqa: F401  (read_config, THREADS_PARAMETER:
     read_config,
     served_graph,
 )
-from aim.serving.front import SPEC, TIERS, FrontSpec
+from aim.serving.front import FRONT_SPEC, TIERS, FrontSpec
 
 VERSION = "1"
 BARE_SUFFIX = "-bare"  # the bare model's default name in the repository: <model>-bare
@@ -136,7 +136,7 @@ def _spec(manifest: Manifest, role: str, engine_name: str, backend: str, tiered:
 
 def _takes_utility(model: Path) -> bool:
     """Whether a repository entry lets a client choose its noise: a `utility` input, or the bare model."""
-    spec = model / VERSION / SPEC
+    spec = model / VERSION / FRONT_SPEC
     if spec.is_file() and json.loads(spec.read_text()).get("role") == "bare":
         return True
     try:
