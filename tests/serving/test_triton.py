@@ -98,22 +98,58 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
     assert FrontSpec.load(other / "1").backend == "onnxruntime"
 
 
-def test_a_real_tensorrt_plan_build_gives_a_tensorrt_plan_model(tmp_path):
-    """With TensorRT builds in the pipeline (TensorRT for RTX builds plans on a CPU), the real manifest
-    of a .plan engine gives the tensorrt_plan model, and the plan is copied byte for byte."""
+@pytest.fixture(scope="module")
+def rtx_build(tmp_path_factory):
+    """A TensorRT for RTX build of resnet (plans build on a CPU; running them needs an RTX GPU)."""
     from aim.pipeline.build import build_model
 
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (the rtx extra) is not installed")
-    manifest = build_model("resnet", tmp_path / "build", backend="tensorrt-rtx", log=lambda line: None)
-    folder = tmp_path / "build" / "resnet"
+    root = tmp_path_factory.mktemp("rtx")
+    return build_model("resnet", root / "build", backend="tensorrt-rtx", log=lambda line: None)
+
+
+def test_a_real_tensorrt_plan_build_gives_a_gpu_model(rtx_build, tmp_path):
+    """With TensorRT builds in the pipeline (TensorRT for RTX builds plans on a CPU), the real manifest
+    of a .plan engine gives a KIND_GPU front, and the plan is copied byte for byte."""
+    manifest = rtx_build
     assert manifest.engine.endswith(".plan")
-    target = write_model(folder, tmp_path / "repo")
+    target = write_model(manifest.folder, tmp_path / "repo")
     config = read_config(target)
     assert config.backend == "python" and config.max_batch_size == get_family("resnet").dims["batch"].max
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
     assert (target / "1" / "model.plan").read_bytes() == manifest.engine_path().read_bytes()
     assert [i.name for i in config.input] == ["pixel_values", "utility", "focus"]
     assert FrontSpec.load(target / "1").backend == "tensorrt-rtx"  # run where TensorRT for RTX runs it
+
+
+def test_the_tiered_front_runs_the_tensorrt_plan_where_its_gpu_is(rtx_build, tmp_path):
+    """On a GPU the front holds the TensorRT plan (through the runner `aim run` uses): the premium key
+    gets the bare plan's logits, no key the default tier's noise. Needs the plan's GPU (an RTX GPU for
+    a TensorRT for RTX plan); elsewhere the front refuses to load, saying why, and the test is skipped."""
+    import numpy as np
+
+    from aim.runtime.folder import role_runners
+    from aim.runtime.tensorrt import BackendUnavailableError, engine_runnable
+    from aim.serving.front import Front
+    from aim.serving.tiers import key_digest
+
+    key = "aim_" + "k" * 43
+    tiers = _tiers(tmp_path / "tiers.json", {key_digest(key): "premium"})
+    target = write_model(rtx_build.folder, tmp_path / "repo", tiers=tiers)
+    runnable, why = engine_runnable("tensorrt-rtx")
+    if not runnable:
+        with pytest.raises(BackendUnavailableError, match="cannot run model.plan here"):
+            Front(target / "1")
+        pytest.skip(f"the TensorRT for RTX plan needs an RTX GPU to run: {why}")
+    front = Front(target / "1")
+    image = {"pixel_values": np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)}
+    premium = front.run([front.feed(image, {"authorization": f"Bearer {key}"})])[0]["logits"]
+    bare, _, _ = role_runners(rtx_build, "tensorrt-rtx")
+    np.testing.assert_array_equal(premium, bare.infer(image)["logits"])
+    free = front.run([front.feed(image, {})])[0]["logits"]
+    from tests.serving.test_tiered_server import noise_matches
+
+    assert noise_matches(free, premium, 3.0)  # the default tier's sigma (a chi-square check at 1e-9)
 
 
 def _break(config, how):
