@@ -135,10 +135,12 @@ def _spec(manifest: Manifest, role: str, engine_name: str, backend: str, tiered:
 
 
 def _takes_utility(model: Path) -> bool:
-    """Whether a repository entry lets a client choose its noise: a `utility` input, or the bare model."""
+    """Whether a repository entry lets a client choose its noise: the bare model, an untiered front
+    (a `utility` input, or a text model's `utility` field), or any model with a `utility` input."""
     spec = model / VERSION / FRONT_SPEC
-    if spec.is_file() and json.loads(spec.read_text()).get("role") == "bare":
-        return True
+    if spec.is_file():
+        found = json.loads(spec.read_text())
+        return found.get("role") == "bare" or not found.get("tiered")
     try:
         return any(entry.name in (UTILITY, UTILITY_LEVEL) for entry in read_config(model).input)
     except (OSError, TritonConfigError):

@@ -530,3 +530,33 @@ def test_a_keyed_model_gives_the_same_request_the_same_answer_also_in_a_dynamic_
     for index, (result, error) in results.items():
         assert error is None, error
         np.testing.assert_allclose(result.as_numpy("logits"), alone[index % rows], rtol=1e-6, atol=1e-6)
+
+
+def test_the_untiered_text_model_takes_utility_and_refuses_a_bad_one(triton, build_folder):
+    """llama-text of an untiered repository: `"utility": 0` gives `aim generate`'s text; a negative
+    utility, or none, is a 400 saying why."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from aim.tasks.generation import generate_text
+
+    def post(body):
+        request = urllib.request.Request(
+            f"http://{triton.http_url}/v2/models/llama-text/generate", data=json.dumps(body).encode(), method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    expected = generate_text(build_folder("llama"), ["def main():"], max_new_tokens=6)[0][0]
+    assert post({"text_input": "def main():", "max_tokens": 6, "utility": 0}) == (
+        200,
+        {"model_name": "llama-text", "model_version": "1", "text_output": expected},
+    )
+    status, said = post({"text_input": "def main():", "max_tokens": 6, "utility": -1})
+    assert status == 400 and "must lie in [0" in said["error"], said
+    status, said = post({"text_input": "def main():", "max_tokens": 6})
+    assert status == 400 and "give 'utility'" in said["error"], said

@@ -33,10 +33,10 @@ def test_the_issues_example_parses_and_a_level_needs_a_calibrated_build():
     assert table.default == "free" and [t.name for t in table.tiers.values()] == ["free", "pro", "premium"]
     with pytest.raises(TierError, match="'pro' gives a calibrated level .* not calibrated"):
         table.resolved(None)
-    # a calibration table level -> sigma (as `aim calibrate` records it): 0.8 lies between 0.5 (sigma 2)
-    # and 1 (sigma 0), linearly: 2 - 2 * (0.8 - 0.5) / 0.5 = 0.8
-    resolved = table.resolved({"levels": [0.0, 0.5, 1.0], "sigmas": [4.0, 2.0, 0.0]})
-    assert [resolved.sigma(name) for name in ("free", "pro", "premium")] == pytest.approx([3.0, 0.8, 0.0])
+    # a calibration table level -> sigma (as `aim calibrate` records it): 0.8 lies between 0.5 (sigma 3)
+    # and 1 (sigma 0), linearly: 3 - 3 * (0.8 - 0.5) / 0.5 = 1.2
+    resolved = table.resolved({"levels": [0.0, 0.5, 1.0], "sigmas": [6.0, 3.0, 0.0]})
+    assert [resolved.sigma(name) for name in ("free", "pro", "premium")] == pytest.approx([3.0, 1.2, 0.0])
 
 
 BAD = {

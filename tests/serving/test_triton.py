@@ -390,6 +390,10 @@ def test_a_repository_is_tiered_as_a_whole(build_folder, tmp_path, capsys):
     write_model(resnet, open_repo)
     with pytest.raises(TritonConfigError, match="takes a utility from the client"):
         write_model(llama, open_repo, tiers=tiers)
+    text_repo = tmp_path / "text"  # an untiered text model takes `utility` as a field: as open
+    write_model(llama, text_repo, text=True)
+    with pytest.raises(TritonConfigError, match="llama-text, which takes a utility"):
+        write_model(resnet, text_repo, tiers=tiers)
     write_model(resnet, tiered_repo, tiers=tiers)
     assert cli.main(["triton", str(llama), "--repository", str(tiered_repo)]) == 2
     assert "is tiered (resnet)" in capsys.readouterr().err
