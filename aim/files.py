@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -129,6 +130,59 @@ def read_json(path: str | os.PathLike, error: type[Exception], advice: str):
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
         raise error(f"{path} is not readable JSON ({problem}): {advice}") from None
+
+
+def _npy_fits(handle, data_bytes: int, name: str) -> None:
+    """Reads an .npy header from `handle` (at its start) and raises ValueError unless the array it
+    claims (shape x dtype) fits in the `data_bytes` the file holds, header included."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(handle)
+        header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+        shape, _, dtype = header(handle) if header else npy._read_array_header(handle, version)
+    except (ValueError, SyntaxError, TypeError) as error:
+        raise ValueError(f"{name}: its .npy header is not readable ({error})") from None
+    needed = handle.tell() + math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and needed > data_bytes:
+        raise ValueError(
+            f"{name}: its header claims an array of shape {tuple(shape)} {dtype} ({_size(needed)}), but the file "
+            f"holds {_size(data_bytes)}: the file is damaged or cut short"
+        )
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def load_arrays(path: str | os.PathLike):
+    """np.load(path, allow_pickle=False) (an array for .npy, an NpzFile for .npz) once every array's
+    header has been checked against the bytes the file holds: a header that claims 12 TB is a
+    ValueError saying so, not an allocation that fails (or succeeds) on the claim. OSError and
+    ValueError as np.load raises them."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    with open(path, "rb") as handle:
+        is_npy = handle.read(6) == b"\x93NUMPY"
+        if is_npy:
+            handle.seek(0)
+            _npy_fits(handle, os.fstat(handle.fileno()).st_size, str(path))
+    if not is_npy and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    if member.filename.endswith(".npy"):
+                        with archive.open(member) as handle:
+                            _npy_fits(handle, member.file_size, f"{path}: {member.filename}")
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as error:
+            raise ValueError(f"{path}: not a readable .npz archive ({error})") from None
+    return np.load(path, allow_pickle=False)
 
 
 def folder_hashes(folder: str | os.PathLike) -> dict[str, str]:

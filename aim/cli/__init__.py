@@ -45,6 +45,7 @@ import signal
 import sys
 import threading
 
+from aim.cli.args import Parser
 from aim.errors import AimError
 from aim.files import remove_pending
 
@@ -68,7 +69,7 @@ COMMANDS = (
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="aim", description="AIM model modulation: export, modulate, build, run, verify.")
+    top = Parser(prog="aim", description="AIM model modulation: export, modulate, build, run, verify.")
     sub = top.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").add(sub)
