@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from aim.evaluation import theory
 from aim.evaluation.sweep import EngineData
@@ -41,6 +42,16 @@ LEVELS = np.round(np.linspace(0.0, 1.0, 101), 4)
 FLOOR = 0.01
 # Levels measured through the calibrated engine on held-out inputs after calibration.
 CHECK_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The held-out check's verdict: a level is off when its measured agreement lies more than WITHIN
+# standard errors from its target. The standard error is the binomial one of the n held-out inputs,
+# sqrt(t (1 - t) / n): each input's agreement (a pixel or token average, over repeats) lies in [0, 1]
+# with mean t, so its variance is at most t (1 - t), whatever the repeats and rows per input. Bonferroni
+# over the levels: a table that does hold is flagged with probability <= FALSE_ALARM (normal
+# approximation of the mean); a deviation of WITHIN standard errors is missed about half the time.
+FALSE_ALARM = 0.01
+WITHIN = float(np.round(stats.norm.isf(FALSE_ALARM / 2 / (len(CHECK_LEVELS) - 1)), 2))  # level 1 is exact
+# Above this detectable deviation (WITHIN standard errors) the check is called weak, and more inputs advised.
+WEAK = 0.05
 
 
 def targets(levels, num_classes: int) -> np.ndarray:
@@ -86,16 +97,49 @@ def measure_levels(
                 part = {k: v[start : start + batch] for k, v in split.inputs.items()}
                 out.append(engine.run(part, level=float(level)))
             rates.append(metrics.agreement(np.argmax(np.concatenate(out), axis=class_axis).reshape(-1), clean))
-        agree = float(np.mean(rates))
+        agree, target = float(np.mean(rates)), float(target_fn(level))
+        error = float(np.sqrt(target * (1 - target) / len(split)))
         results.append(
             {
                 "level": float(level),
-                "target": float(target_fn(level)),
+                "target": target,
                 "measured": agree,
                 "samples": int(clean.size) * repeats,
+                "inputs": len(split),
+                "standard_error": error,
+                "within_sampling_error": bool(abs(agree - target) <= WITHIN * error + 1e-9),
             }
         )
     return results
+
+
+def held_out_verdict(levels: list[dict]) -> str:
+    """Whether the held-out agreements lie within their sampling error of the targets, and what to do
+    when they do not, or when too few inputs make the check weak."""
+    inputs = levels[0]["inputs"]
+    off = [item for item in levels if not item["within_sampling_error"]]
+    rule = (
+        f"|measured - target| <= {WITHIN:g} standard errors, s.e. = sqrt(t (1 - t) / n) with n = {inputs} held-out "
+        f"inputs; a table that holds is flagged with probability <= {FALSE_ALARM:g}"
+    )
+    more = "give more inputs (--data with more inputs; the check holds out 20% of them)"
+    if off:
+        where = ", ".join(
+            f"{item['level']:.2f} ({item['measured']:.3f} vs {item['target']:.3f}, "
+            f"{abs(item['measured'] - item['target']) / max(item['standard_error'], 1e-12):.1f} s.e.)"
+            for item in off
+        )
+        return (
+            f"WARNING: held-out agreement OUTSIDE its sampling error at level {where} ({rule}): the table, made "
+            "from the calibration inputs, does not hold on the held-out ones. Calibrate on more inputs like those "
+            f"the engine will serve: {more}."
+        )
+    blind = max(WITHIN * item["standard_error"] for item in levels)
+    return f"held-out agreement within its sampling error at every level ({rule})" + (
+        f"; with {inputs} inputs the check misses deviations below {blind:.2f}: for a tighter check, {more}"
+        if blind > WEAK
+        else ""
+    )
 
 
 def calibrate(
@@ -180,6 +224,7 @@ def write_calibrated(manifest: Manifest, sigmas, log: Callable[[str], None] = pr
 def record_calibration(manifest: Manifest, paths: dict[str, Path], entry: dict) -> dict:
     """calibration.json, and the table, its provenance and the files in the manifest."""
     entry = {**entry, "input": "utility_level FP32 [batch] in [0, 1]: 1 = the exact model, 0 = chance; NaN counts as 1"}
+    entry["check"] = {**entry["check"], "verdict": held_out_verdict(entry["check"]["levels"])}
     with atomic_path(paths["calibration"]) as tmp:
         tmp.write_text(json.dumps(entry, indent=2) + "\n")
     manifest.calibration = {**entry, "files": {key: path.name for key, path in paths.items()}}
@@ -199,6 +244,9 @@ def report(entry: dict) -> str:
     for item in entry["check"]["levels"]:
         lines.append(
             f"  measured on held-out inputs at level {item['level']:.2f}: {item['measured']:.4f} (target "
-            f"{item['target']:.4f})"
+            f"{item['target']:.4f}, s.e. {item['standard_error']:.4f}"
+            + ("" if item["within_sampling_error"] else ", OUTSIDE sampling error")
+            + ")"
         )
+    lines.append(entry["check"]["verdict"])
     return "\n".join(lines)
