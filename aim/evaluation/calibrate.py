@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, special
 
 from aim.evaluation import theory
 from aim.evaluation.sweep import EngineData
@@ -42,15 +42,15 @@ LEVELS = np.round(np.linspace(0.0, 1.0, 101), 4)
 FLOOR = 0.01
 # Levels measured through the calibrated engine on held-out inputs after calibration.
 CHECK_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# The held-out check's verdict: a level is off when its measured agreement lies more than WITHIN
-# standard errors from its target. The standard error is the binomial one of the n held-out inputs,
-# sqrt(t (1 - t) / n): each input's agreement (a pixel or token average, over repeats) lies in [0, 1]
-# with mean t, so its variance is at most t (1 - t), whatever the repeats and rows per input. Bonferroni
-# over the levels: a table that does hold is flagged with probability <= FALSE_ALARM (normal
-# approximation of the mean); a deviation of WITHIN standard errors is missed about half the time.
+# The held-out check's verdict: a level is off when its measured agreement, the mean over n held-out
+# inputs of each input's agreement (a value in [0, 1]: a pixel or token average over the repeats), is
+# too far from its target for n independent inputs of mean t. Hoeffding's (1963) bound says how far:
+# P(mean >= x) <= exp(-n KL(x || t)) for any such values (likewise below), KL the Bernoulli relative
+# entropy; a level is off when that bound is below FALSE_ALARM / (2 x levels). So a table that holds
+# on inputs like the held-out ones is flagged with probability <= FALSE_ALARM, however few the inputs
+# (no normal approximation), and the target taken as exact.
 FALSE_ALARM = 0.01
-WITHIN = float(np.round(stats.norm.isf(FALSE_ALARM / 2 / (len(CHECK_LEVELS) - 1)), 2))  # level 1 is exact
-# Above this detectable deviation (WITHIN standard errors) the check is called weak, and more inputs advised.
+# A check that flags only measured deviations beyond this is called weak, and more inputs advised.
 WEAK = 0.05
 
 
@@ -98,7 +98,6 @@ def measure_levels(
                 out.append(engine.run(part, level=float(level)))
             rates.append(metrics.agreement(np.argmax(np.concatenate(out), axis=class_axis).reshape(-1), clean))
         agree, target = float(np.mean(rates)), float(target_fn(level))
-        error = float(np.sqrt(target * (1 - target) / len(split)))
         results.append(
             {
                 "level": float(level),
@@ -106,11 +105,28 @@ def measure_levels(
                 "measured": agree,
                 "samples": int(clean.size) * repeats,
                 "inputs": len(split),
-                "standard_error": error,
-                "within_sampling_error": bool(abs(agree - target) <= WITHIN * error + 1e-9),
+                "standard_error": float(np.sqrt(target * (1 - target) / len(split))),  # binomial, for the reader
+                "tail_bound": tail_bound(agree, target, len(split)),
             }
         )
+    for item in results:
+        item["within_sampling_error"] = item["tail_bound"] > FALSE_ALARM / (2 * len(results))
     return results
+
+
+def tail_bound(measured: float, target: float, n: int) -> float:
+    """Hoeffding's bound on the probability that the mean of n independent values in [0, 1] of mean
+    `target` lies at least as far from it as `measured`, on that side: exp(-n KL(measured || target))."""
+    kl = special.rel_entr(measured, target) + special.rel_entr(1 - measured, 1 - target)
+    return float(np.exp(-n * kl))
+
+
+def detectable(target: float, n: int, levels: int) -> float:
+    """The smallest measured deviation above `target` the check flags with n inputs (1 - target if none)."""
+    limit = FALSE_ALARM / (2 * levels)
+    if not 0 < target < 1 or tail_bound(1.0, target, n) >= limit:
+        return 1.0 - target
+    return float(optimize.brentq(lambda x: tail_bound(x, target, n) - limit, target, 1.0) - target)
 
 
 def held_out_verdict(levels: list[dict]) -> str:
@@ -119,14 +135,13 @@ def held_out_verdict(levels: list[dict]) -> str:
     inputs = levels[0]["inputs"]
     off = [item for item in levels if not item["within_sampling_error"]]
     rule = (
-        f"|measured - target| <= {WITHIN:g} standard errors, s.e. = sqrt(t (1 - t) / n) with n = {inputs} held-out "
-        f"inputs; a table that holds is flagged with probability <= {FALSE_ALARM:g}"
+        f"Hoeffding's bound for the mean of {inputs} held-out inputs: a table that holds is flagged with "
+        f"probability <= {FALSE_ALARM:g}"
     )
     more = "give more inputs (--data with more inputs; the check holds out 20% of them)"
     if off:
         where = ", ".join(
-            f"{item['level']:.2f} ({item['measured']:.3f} vs {item['target']:.3f}, "
-            f"{abs(item['measured'] - item['target']) / max(item['standard_error'], 1e-12):.1f} s.e.)"
+            f"{item['level']:.2f} ({item['measured']:.3f} vs {item['target']:.3f}, chance <= {item['tail_bound']:.1g})"
             for item in off
         )
         return (
@@ -134,9 +149,9 @@ def held_out_verdict(levels: list[dict]) -> str:
             "from the calibration inputs, does not hold on the held-out ones. Calibrate on more inputs like those "
             f"the engine will serve: {more}."
         )
-    blind = max(WITHIN * item["standard_error"] for item in levels)
+    blind = max(detectable(item["target"], inputs, len(levels)) for item in levels if item["target"] < 1)
     return f"held-out agreement within its sampling error at every level ({rule})" + (
-        f"; with {inputs} inputs the check misses deviations below {blind:.2f}: for a tighter check, {more}"
+        f"; with {inputs} inputs it flags only deviations above {blind:.2f}: for a tighter check, {more}"
         if blind > WEAK
         else ""
     )
