@@ -2,7 +2,7 @@
 published by rename under a lock, the clean-up of what a killed process left behind, and of what
 this process has half-written when it is stopped (`remove_pending`, for a signal handler).
 
-What a write may replace, the one rule every writer here obeys (docs/checkpoints.md says it to users):
+What a write may replace, the one rule every writer here obeys (docs/mistakes.md says it to users):
 - a file (`atomic_path`): nothing, or a regular file; never a device (`-o /dev/null`), a pipe, a
   socket, a folder or a symbolic link;
 - a folder (`StagedFolder`): nothing, an empty folder, or a folder its writer recognises as its own
@@ -114,7 +114,8 @@ def check_folder_replaceable(
             )
         raise FileExistsError(errno.EEXIST, "a file, not a folder, has this name", str(folder))
     try:
-        empty = next(os.scandir(folder), None) is None
+        with os.scandir(folder) as entries:
+            empty = next(entries, None) is None
     except OSError:
         empty = False
     if not empty and not (ours is not None and ours(folder)):
