@@ -439,7 +439,10 @@ def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
             (("--http-port", "0", "--grpc-port", "0"), f"{log} is the log of a Triton server still running"),
         ):
             second = _aim_serve(triton.repository, *flags, "--model", "resnet")
-            out, _ = second.communicate(timeout=60)
+            try:
+                out, _ = second.communicate(timeout=60)
+            finally:
+                _stop(second)
             assert second.returncode == 2 and out.startswith("error: ") and said in out, out
             assert len(out.strip().splitlines()) == 1, out  # one line, no banner, no Triton log
             assert log.read_bytes()[: len(written)] == written  # the running server's log, untouched
@@ -448,7 +451,17 @@ def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
         out, _ = process.communicate(timeout=30)
         assert process.returncode == 0 and "stopped" in out, out
     finally:
-        if process.poll() is None:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ctrl-C, so that `aim serve` stops its server (which runs in a process group of its own), then
+    SIGKILL if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
