@@ -22,6 +22,8 @@ FOCUS ?=
 MAX_NEW_TOKENS ?= 32
 REPEATS ?= 1000
 REPO ?= $(OUT)/triton
+# The owner's tier table (make triton/serve TIERS=tiers.json): each request's tier comes from its key.
+TIERS ?=
 # Your own ONNX instead of MODEL (make engine ONNX=yours.onnx LOGITS=scores MAX_SHAPES=image:32x3x224x224).
 ONNX ?=
 LOGITS ?= logits
@@ -33,7 +35,7 @@ MAX_SHAPES ?=
 INPUTS ?=
 UPSAMPLE_TO ?=
 DATA ?=
-export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
+export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -52,24 +54,27 @@ BUILT = $(NAME) && $(PY) -m aim.cli engine $${MODEL:+"$$MODEL"} $(BUILD_FLAGS) $
 
 .PHONY: engine generate triton serve loadtest test format models bench clean help train eval calibrate attack false-alarms scale-check
 
+# One line per target; the CLI's commands are listed by `aim --help` (tests/cli/test_command_list.py).
 help:
-	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
-	@echo "make engine CHECKPOINT=dir   any supported architecture of the three tasks (make models), into OUT/<folder name>"
-	@echo "make engine ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224 [MIN_SHAPES=..] [OPT_SHAPES=..] [CLASS_AXIS=1] [TASK=..] [INPUTS=data.npz] [UPSAMPLE_TO=input]"
-	@echo "make calibrate ONNX=yours.onnx LOGITS=name MAX_SHAPES=.. DATA=unlabeled.npy   your model's level -> sigma table"
-	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
-	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
-	@echo "make loadtest MODEL=x    the modulated beside the bare model on the real server, under load (a few minutes): build/loadtest/"
-	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
-	@echo "make test      the test suite"
-	@echo "make models    list the model families, and checkpoint architectures by task"
-	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
-	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
-	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
-	@echo "make calibrate MODEL=x   level -> sigma table and an engine taking utility_level in [0, 1]"
-	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: build/x/attack/"
-	@echo "make false-alarms MODEL=x [REPEATS=1000]  the statistical checks' false alarms and misses, measured (not in CI)"
-	@echo "make scale-check         a TinyLlama-1.1B-shaped bf16 checkpoint through make engine: time and peak memory per step (~10 GB RAM, 15 GB disk)"
+	@echo "make engine MODEL=resnet|segformer|llama | CHECKPOINT=dir | ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224"
+	@echo "            [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
+	@echo "            export -> graph passes -> engine -> verify into OUT/NAME/ (ONNX also takes MIN_SHAPES, OPT_SHAPES, CLASS_AXIS, TASK, INPUTS, UPSAMPLE_TO)"
+	@echo "make test          ruff check, ruff format --check, then the test suite"
+	@echo "make format        ruff's lint fixes and formatting, as make test checks them"
+	@echo "make models        the model families, and checkpoint architectures by task"
+	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]   text, streamed"
+	@echo "make triton MODEL=x [REPO=build/triton] [TIERS=tiers.json]   Triton model repository entries for the engine"
+	@echo "make serve MODEL=x [REPO=build/triton] [TIERS=tiers.json]    the Triton server on that repository (Ctrl-C stops it)"
+	@echo "make loadtest MODEL=x       modulated beside bare, tiered beside untiered, on the real server under load: OUT/loadtest/"
+	@echo "make train MODEL=x          the family's small model on package-shipped data (cached in build/trained/x)"
+	@echo "make eval MODEL=x           utility and focus sweeps through the engine, measured vs theory: OUT/x/eval/"
+	@echo "make calibrate MODEL=x | ONNX=.. LOGITS=.. MAX_SHAPES=.. DATA=unlabeled.npy   level -> sigma, an engine taking utility_level"
+	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: OUT/x/attack/"
+	@echo "make bench                  modulation's cost as ratios (realistic sizes, a few minutes): OUT/bench/bench.json"
+	@echo "make false-alarms MODEL=x [REPEATS=1000]   the statistical checks' false alarms and misses, measured"
+	@echo "make scale-check            a TinyLlama-1.1B-shaped bf16 checkpoint through make engine (~10 GB RAM, 15 GB disk)"
+	@echo "make clean                  remove OUT"
+	@echo "The CLI's commands: aim --help (.venv/bin/aim). Targets that need an engine build it first unless OUT/NAME holds one made as asked."
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -83,16 +88,26 @@ engine: $(STAMP)
 	$(SOURCE); $(PY) -m aim.cli engine "$$@" $(BUILD_FLAGS)
 
 triton: $(STAMP)
-	$(BUILT) && $(PY) -m aim.cli triton "$$OUT/$$name" --repository "$$REPO"
+	$(BUILT) && $(PY) -m aim.cli triton "$$OUT/$$name" --repository "$$REPO" $${TIERS:+--tiers "$$TIERS"}
 
+# The build's model, and its text model where `aim triton` wrote one (a text-generation build).
 serve: triton
-	$(NAME) && $(PY) -m aim.cli serve "$$REPO" --model "$$name"
+	$(NAME) && set -- --model "$$name" && if [ -d "$$REPO/$$name-text" ]; then set -- "$$@" --model "$$name-text"; fi; \
+	$(PY) -m aim.cli serve "$$REPO" "$$@"
 
 loadtest: $(STAMP)
 	$(BUILT) && $(PY) -m aim.cli loadtest "$$OUT/$$name" --out "$$OUT/loadtest"
 
+# make strips the blanks that begin a command-line value (PROMPT=" The" becomes "The", another question):
+# the prompt as typed is read back from make's own arguments (/proc/<make>/cmdline, Linux), else as make has it.
+# The trailing x keeps a trailing newline of the prompt through $$( ).
+TYPED_PROMPT = prompt="$$($(PY) -c 'import sys, pathlib; f = pathlib.Path(f"/proc/{sys.argv[1]}/cmdline"); \
+	typed = [a[7:] for a in (f.read_bytes().split(b"\0") if f.exists() else []) if a.startswith(b"PROMPT=")]; \
+	t = typed[-1].decode(errors="replace") if typed else ""; print(t if t.lstrip() == sys.argv[2] else sys.argv[2], end="x")' \
+	"$$PPID" "$$PROMPT")" && prompt="$${prompt%x}"
+
 generate: $(STAMP)
-	$(BUILT) && $(PY) -m aim.cli generate "$$OUT/$$name" --prompt "$$PROMPT" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
+	$(BUILT) && $(TYPED_PROMPT) && $(PY) -m aim.cli generate "$$OUT/$$name" --prompt "$$prompt" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
 
 train: $(STAMP)
 	$(PY) -m aim.cli train "$$MODEL"
