@@ -25,11 +25,11 @@ LAYERS = [
     ["aim.errors", "aim.lazy", "aim.specs", "aim.verdicts"],
     ["aim.files", "aim.contract"],
     ["aim.layout", "aim.weights"],
-    ["aim.families"],
     ["aim.export", "aim.graph_passes"],
     ["aim.runtime"],
     ["aim.verify"],
     ["aim.tasks"],
+    ["aim.families"],  # a family inherits its task's defaults
     ["aim.pipeline"],
     ["aim.serving", "aim.evaluation", "aim.benchmarks"],
     ["aim.cli"],

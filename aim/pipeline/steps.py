@@ -49,7 +49,7 @@ def family_of(model: str | None, checkpoint=None, log=None) -> Family:
     """The family MODEL names, or, without one, the record derived from the checkpoint folder's
     config.json (any supported architecture of the three tasks)."""
     from aim.families import get_family
-    from aim.tasks.checkpoint import checkpoint_family
+    from aim.families.checkpoint import checkpoint_family
 
     if model is not None:
         return get_family(model)

@@ -23,21 +23,24 @@ class Task:
     utility_grid: str = "classification"  # the eval sweep's sigma grid (docs/method.md §1)
     segmentation: bool = False  # measured per pixel: mIoU besides accuracy
     uses_tokenizer: bool = False  # text in and out: a build keeps a tokenizer for generation
-    # What a model of this task gets when its checkpoint names no family (aim/tasks/checkpoint.py) or
-    # it is a user's ONNX: the ranges of the dynamic dims, the sizes traced and verified at, the
-    # tolerances, and the FP16 comparator (what the task reads from its logits; a family states its own).
+    # The defaults of every model of this task: a family inherits them and states only what differs
+    # (aim/families), a checkpoint folder's record and a user's ONNX take them as they are. The ranges
+    # of the dynamic dims, the sizes traced and verified at, the fp32 tolerance, the FP16 comparator
+    # (what the task reads from its logits) and the ONNX opset torch.onnx exports at.
     dims: dict[str, DimRange] = {}
     verify_sizes: dict[str, int] = {}
     tolerance: Tolerance | None = None
     fp16: Agreement | None = None
+    opset: int = 17
 
     # -- tracing
 
     def checkpoint_dims(
         self, config: dict, fixed_image_size: bool, folder=None
     ) -> tuple[dict[str, DimRange], dict[str, int]]:
-        """(dims, verify sizes) of a checkpoint's model (config.json as a dict, in `folder`): the task's defaults."""
-        return dict(self.dims), dict(self.verify_sizes)
+        """(dims, verify sizes) a checkpoint's config.json (a dict, in `folder`) sets apart from the task's
+        defaults: none, unless the task says otherwise."""
+        return {}, {}
 
     def trace_sizes(self, sizes: dict[str, int], dims: dict[str, DimRange]) -> dict[str, int]:
         """The sizes torch.onnx traces at, given the verification's `sizes`."""

@@ -49,11 +49,11 @@ class _ImageTask(Task):
     def checkpoint_dims(
         self, config: dict, fixed_image_size: bool, folder=None
     ) -> tuple[dict[str, DimRange], dict[str, int]]:
-        dims, sizes = dict(self.dims), dict(self.verify_sizes)
-        if fixed_image_size:
-            sizes.update(self.fixed_size(config, folder))
-            dims.update({dim: DimRange(sizes[dim], sizes[dim], sizes[dim]) for dim in SPATIAL})
-        return dims, sizes
+        """An architecture that takes one input size only is verified at it, and its height and width are static."""
+        if not fixed_image_size:
+            return {}, {}
+        sizes = self.fixed_size(config, folder)
+        return {dim: DimRange(size, size, size) for dim, size in sizes.items()}, sizes
 
     def trace_sizes(self, sizes: dict[str, int], dims: dict[str, DimRange]) -> dict[str, int]:
         """Dynamic height and width larger by TRACE_MARGIN (within their range) than verified."""
@@ -165,7 +165,8 @@ class SemanticSegmentation(_ImageTask):
         k=1,
         min_fraction=0.99,
         why="the segmentation map is the argmax per pixel; FP16 flips only pixels whose top two classes are "
-        "nearly tied (class boundaries), at most 1% of them",
+        "nearly tied (class boundaries), at most 1% of them (measured 0.2% on a tiny random-weight model, whose "
+        "logits differ by only ~1e-3 between classes)",
     )
     metric = "mIoU"
     segmentation = True

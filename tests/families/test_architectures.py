@@ -16,11 +16,11 @@ import torch
 
 from aim.errors import CheckpointError
 from aim.families.architectures import FIXED_IMAGE_SIZE, REFUSED, TESTED, architecture_of
+from aim.families.checkpoint import build_name, checkpoint_family
 from aim.layout import FILES, REFERENCE
 from aim.pipeline.build import build_model
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.tasks import get_task
-from aim.tasks.checkpoint import build_name, checkpoint_family
 from aim.verify.reference import Reference
 
 VOCAB = 512  # tiny language models: enough for a byte-level tokenizer (259 ids at least)
