@@ -1,9 +1,10 @@
-"""What every task shares: how a model of the task is traced, what its logits are, how a build is
-verified beyond the logits, and the data it is trained and evaluated on.
+"""What every task shares: how a model of the task is traced, what its logits are, and how a build
+is verified beyond the logits. (How a model of the task is trained and evaluated, its data and
+metric, is aim/evaluation/task_evaluation.py.)
 
 A task object is looked up by the name a family gives (`aim.tasks.get_task`). Importing a task
-imports no torch or transformers: they load inside the methods that trace, train or compute a
-PyTorch reference, so the decode loop and the runtime stay light.
+imports no torch or transformers: they load inside the methods that trace or compute a PyTorch
+reference.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ class Task:
     class_axis: int = 1
     # Input whose spatial size the logits are resized to before modulation (segmentation), or None.
     upsample_logits_to: str | None = None
-    metric: str = "accuracy"  # the clean metric of a trained model
-    utility_grid: str = "classification"  # the eval sweep's sigma grid (docs/method.md §1)
-    segmentation: bool = False  # measured per pixel: mIoU besides accuracy
     uses_tokenizer: bool = False  # text in and out: a build keeps a tokenizer for generation
     # The defaults of every model of this task: a family inherits them and states only what differs
     # (aim/families), a checkpoint folder's record and a user's ONNX take them as they are. The ranges
@@ -109,47 +107,3 @@ class Task:
     def checks(self, engine, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
         """Task-level checks of the production engine against `reference_extra`'s arrays."""
         return []
-
-    # -- data: training and evaluation (package-shipped or generated; no download)
-
-    def training_data(self, trained, seed: int = 0, checkpoint=None, train_inputs: int | None = None) -> dict:
-        """{"train", "calibration", "test"} splits (and whatever else training needs)."""
-        raise NotImplementedError
-
-    def model_config(self, trained, data: dict):
-        """The family's trained config sized for the task's data (`trained`: the family's Trained)."""
-        raise NotImplementedError
-
-    def training_batches(self, data: dict, batch: int, rng):
-        """Endless (inputs, labels) batches of torch tensors from the train split."""
-        raise NotImplementedError
-
-    def training_logits(self, model, inputs: dict):
-        """The logits the loss sees (as the engine computes them)."""
-        raise NotImplementedError
-
-    def loss(self, logits, labels):
-        import torch.nn.functional as F
-
-        return F.cross_entropy(logits, labels)
-
-    def predictions(self, logits):
-        """The clean metric's predictions from training_logits (a numpy array)."""
-        return logits.argmax(1).numpy()
-
-    def clean_metric(self, predicted, labels, num_classes: int) -> float:
-        from aim.tasks import metrics
-
-        return metrics.accuracy(predicted, labels)
-
-    def eval_split(self, engine, checkpoint, split: str, seed: int = 0, count: int | None = None):
-        """A labelled split of the task's data shaped for `engine` (a datasets.Split)."""
-        raise NotImplementedError
-
-    # -- the averaging attack (evaluation/attack.py): imperceptible variants of a request
-
-    perturbation: str = ""  # what `variant` changes, in words
-
-    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
-        """`count` imperceptible variants of the eval inputs `inputs` (shaped for `engine`), one by one."""
-        raise NotImplementedError

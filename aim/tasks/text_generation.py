@@ -44,7 +44,6 @@ PROMPTS = (
 BATCHES = ((0,), (1, 2, 3), (3, 0))  # batch 1, a padded batch of 3, a padded batch of 2
 NEW_TOKENS = 12
 KV_STEPS = 6
-TRAIN_WINDOW = 64  # tokens per training sequence
 
 
 _IO = weakref.WeakKeyDictionary()  # model -> its DecoderIO (asked for several times per build)
@@ -66,8 +65,6 @@ def decoder_io(model):
 
 class TextGeneration(Task):
     name = "text-generation"
-    metric = "next-token accuracy"
-    utility_grid = "language"
     uses_tokenizer = True
     # total_sequence = past_sequence + sequence: prefill is (sequence S, past 0), a decode step
     # (sequence 1, past T); opt values are one consistent point, as a TensorRT profile needs.
@@ -239,82 +236,6 @@ class TextGeneration(Task):
         )
         return [greedy, kv]
 
-    # -- data: the standard library's documentation, tokenised by a BPE trained here
-
-    def training_data(self, trained, seed: int = 0, checkpoint=None, train_inputs: int | None = None) -> dict:
-        from aim.tasks import datasets
-
-        vocab = trained.config().vocab_size
-        tokenizer = load_tokenizer(checkpoint) if checkpoint else datasets.corpus_tokenizer(vocab)
-        return {"tokenizer": tokenizer, **datasets.corpus(tokenizer, seed)}
-
-    def model_config(self, trained, data: dict):
-        return trained.config()
-
-    def training_batches(self, data: dict, batch: int, rng):
-        import torch
-
-        ids = data["train"]
-        while True:
-            starts = rng.integers(0, len(ids) - TRAIN_WINDOW - 1, size=batch)
-            window = torch.tensor(ids[starts[:, None] + np.arange(TRAIN_WINDOW + 1)])
-            yield {"input_ids": window[:, :-1]}, window[:, 1:]
-
-    def training_logits(self, model, inputs: dict):
-        """Logits of every position [B, S, V] (the loss sees every next token)."""
-        return model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).logits
-
-    def loss(self, logits, labels):
-        import torch.nn.functional as F
-
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-    def predictions(self, logits):
-        return logits[:, -1].argmax(-1).numpy()
-
-    # Whitespace before the context, not after it: a trailing space is part of the next token to a
-    # BPE model and asks another question (measured: 3% of next tokens agree with the original's).
-    perturbation = (
-        "leading whitespace: the k-th shortest string of spaces, newlines and tabs before the context "
-        "(as its own tokens)"
-    )
-
-    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
-        from aim.tasks.generation import prefill_inputs
-
-        tokenizer = load_tokenizer(checkpoint)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for prefix in whitespace(count):
-            extra = np.asarray(tokenizer(prefix, add_special_tokens=False)["input_ids"], dtype=ids.dtype)
-            extra = np.broadcast_to(extra, (ids.shape[0], extra.size))
-            yield prefill_inputs(
-                engine, np.concatenate([extra, ids], axis=1), np.concatenate([np.ones_like(extra), mask], axis=1)
-            )
-
-    def eval_split(self, engine, checkpoint, split: str, seed: int = 0, count: int | None = None):
-        """Windows of the corpus, each a prefill step of the KV-cache export (positions and an empty
-        cache added), labelled with the token that follows."""
-        from aim.tasks import datasets
-        from aim.tasks.generation import prefill_inputs
-
-        data = datasets.corpus(load_tokenizer(checkpoint), seed)[split]
-        if count is not None:
-            data = data.take(slice(0, count))
-        return datasets.Split(
-            prefill_inputs(engine, data.inputs["input_ids"], data.inputs["attention_mask"]), data.labels
-        )
-
-
-def whitespace(count: int) -> list[str]:
-    """The `count` shortest strings of spaces, newlines and tabs, shortest first."""
-    import itertools
-
-    found = []
-    for length in itertools.count(1):
-        found += ["".join(chars) for chars in itertools.product(" \n\t", repeat=length)]
-        if len(found) >= count:
-            return found[:count]
-
 
 def _special_tokens(config, tokenizer) -> tuple[list[int], int]:
     """(stop tokens, pad id): the tokenizer's, or without one the model config's (eos_token_id may be a list)."""
@@ -332,20 +253,6 @@ def _token_prompts(vocab_size: int, stop: list[int], seed: int) -> list[list[int
     rng = np.random.default_rng(seed)
     allowed = np.setdiff1d(np.arange(vocab_size), stop)
     return [rng.choice(allowed, size=len(prompt.split())).tolist() for prompt in PROMPTS]
-
-
-def load_tokenizer(checkpoint):
-    """A trained checkpoint's tokenizer (tokenizer.json beside the weights)."""
-    from pathlib import Path
-
-    from aim.errors import AimError
-
-    path = Path(checkpoint)
-    if not (path / "tokenizer.json").is_file():
-        raise AimError(f"{path} has no tokenizer.json: the evaluation of a text model needs the checkpoint's tokenizer")
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def _reduced_checks(engine, extra: dict, reduced: Agreement) -> list[Check]:
