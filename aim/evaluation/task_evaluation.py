@@ -185,7 +185,7 @@ class TextGenerationEvaluation(TaskEvaluation):
     def eval_split(self, engine, checkpoint, split: str, seed: int = 0, count: int | None = None) -> datasets.Split:
         """Windows of the corpus, each a prefill step of the KV-cache export (positions and an empty
         cache added), labelled with the token that follows."""
-        from aim.tasks.generation import prefill_inputs
+        from aim.generation.loop import prefill_inputs
 
         data = datasets.corpus(load_tokenizer(checkpoint), seed)[split]
         if count is not None:
@@ -195,7 +195,7 @@ class TextGenerationEvaluation(TaskEvaluation):
         )
 
     def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
-        from aim.tasks.generation import prefill_inputs
+        from aim.generation.loop import prefill_inputs
 
         tokenizer = load_tokenizer(checkpoint)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]

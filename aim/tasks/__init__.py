@@ -2,7 +2,7 @@
 
     image-classification     logits [B, C]
     semantic-segmentation    logits [B, C, H, W] at the input's size (upsampled in the graph)
-    text-generation          next-token logits [B, V], KV cache; the decode loop (generation.py)
+    text-generation          next-token logits [B, V], KV cache (decoded by aim/generation)
 
 Families name their task by string and inherit its defaults; `get_task(name)` gives the object. How
 a model of each task is trained and evaluated is aim/evaluation/task_evaluation.py. Importing this

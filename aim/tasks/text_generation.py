@@ -8,7 +8,8 @@ heads and head size are what Optimum's generator gives the architecture. Unlike 
 (logits [B, S, V]) the graph keeps the last position's logits only (export/wrappers.py).
 
 Beyond the logits a build is checked on what generation does: greedy tokens at utility 0 equal
-transformers' `generate()`, and decoding through the cache gives the logits of a full recompute.
+transformers' `generate()`, and decoding through the cache gives the logits of a full recompute. The
+engine runs the decode loop (aim/generation/reference_runs.py); `checks` here judges its arrays.
 """
 
 from __future__ import annotations
@@ -20,18 +21,7 @@ import numpy as np
 from aim.contract import BATCH, LOGITS
 from aim.specs import DimRange, TensorSpec
 from aim.tasks.base import Task
-from aim.tasks.generation import (
-    PAST,
-    PRESENT,
-    cached_and_recomputed,
-    encode,
-    generate,
-    kv_vs_recompute,
-    pad_id_of,
-    pad_left,
-    position_ids,
-    stop_tokens_of,
-)
+from aim.tasks.decoder_inputs import PAST, PRESENT, encode, pad_id_of, pad_left, position_ids, stop_tokens_of
 from aim.verdicts import Agreement, Check, Tolerance
 
 # The generation reference of a build: prompts, and the batches made of them.
@@ -199,35 +189,31 @@ class TextGeneration(Task):
             arrays[f"generation.{index}.tokens"] = out[:, ids.shape[1] :].numpy().astype(np.int64)
         return arrays
 
-    def checks(self, engine, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
+    def checks(self, runs: dict, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
         """Greedy tokens at utility 0 equal PyTorch's, token for token; the KV-cache path gives the logits
-        of a full recompute within the family's tolerance. A reduced-precision engine cannot promise
-        either under near-ties, so it is held to the task's comparator instead (see _reduced_checks)."""
+        of a full recompute within the family's tolerance. `runs`: the production engine's decode loop
+        on the reference's prompts (aim/generation/reference_runs.py). A reduced-precision engine cannot
+        promise either under near-ties, so it is held to the task's comparator instead (see _reduced_checks)."""
         if reduced is not None:
-            return _reduced_checks(engine, extra, reduced)
-        stop, pad = extra["generation.stop_tokens"], int(extra["generation.pad_token_id"])
+            return _reduced_checks(runs, extra, reduced)
         equal, total, all_same, details = 0, 0, True, []
         for index in range(len(BATCHES)):
-            ids, mask = extra[f"generation.{index}.input_ids"], extra[f"generation.{index}.attention_mask"]
-            expected = extra[f"generation.{index}.tokens"]
-            got = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS, stop_tokens=stop, pad_token_id=pad).tokens
+            mask, expected = extra[f"generation.{index}.attention_mask"], extra[f"generation.{index}.tokens"]
+            got = runs[f"generation.{index}.tokens"]
             same = got.shape == expected.shape and np.array_equal(got, expected)
             steps = min(got.shape[1], expected.shape[1])
             equal += int(np.sum(got[:, :steps] == expected[:, :steps]))
             total += max(got.size, expected.size)
             all_same &= same
             padded = " padded" if np.any(mask == 0) else ""
-            details.append(f"batch {len(ids)}{padded}: {'equal' if same else 'DIFFER'}")
+            details.append(f"batch {len(mask)}{padded}: {'equal' if same else 'DIFFER'}")
         greedy = Check(
             "greedy tokens at utility 0 = PyTorch generate()",
             all_same,
             f"{equal}/{total} tokens equal ({'; '.join(details)}; {NEW_TOKENS} new tokens each)",
             {"tokens_equal": equal, "tokens": total},
         )
-        last = len(BATCHES) - 1
-        worst = kv_vs_recompute(
-            engine, extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS
-        )
+        worst = float(np.max(np.abs(runs["generation.cached"].astype(np.float64) - runs["generation.recomputed"])))
         kv = Check(
             "KV cache vs full recompute",
             worst <= tolerance.atol,
@@ -255,28 +241,17 @@ def _token_prompts(vocab_size: int, stop: list[int], seed: int) -> list[list[int
     return [rng.choice(allowed, size=len(prompt.split())).tolist() for prompt in PROMPTS]
 
 
-def _reduced_checks(engine, extra: dict, reduced: Agreement) -> list[Check]:
+def _reduced_checks(runs: dict, extra: dict, reduced: Agreement) -> list[Check]:
     """FP16: along PyTorch's tokens (teacher forcing), PyTorch's greedy token is among the engine's
     top-k; and the cached and recomputed logits agree by the same comparator."""
     from aim.verify.compare import agreement
 
-    stop, pad = extra["generation.stop_tokens"], int(extra["generation.pad_token_id"])
+    stop = extra["generation.stop_tokens"]
     k, hits, total = max(1, reduced.k), 0, 0
     for index in range(len(BATCHES)):
-        ids, mask = extra[f"generation.{index}.input_ids"], extra[f"generation.{index}.attention_mask"]
         expected = extra[f"generation.{index}.tokens"]
-        run = generate(
-            engine,
-            ids,
-            mask,
-            max_new_tokens=NEW_TOKENS,
-            stop_tokens=stop,
-            pad_token_id=pad,
-            keep_logits=True,
-            forced=expected,
-        )
-        for step, logits in enumerate(run.logits):
-            live = np.flatnonzero(~np.isin(expected[:, :step], stop).any(axis=1)) if step else np.arange(len(ids))
+        for step, logits in enumerate(runs[f"generation.{index}.logits"]):
+            live = np.flatnonzero(~np.isin(expected[:, :step], stop).any(axis=1)) if step else np.arange(len(logits))
             top = np.argpartition(-logits[live], k - 1, axis=1)[:, :k]
             hits += int(np.sum(np.any(top == expected[live, step][:, None], axis=1)))
             total += len(live)
@@ -287,10 +262,7 @@ def _reduced_checks(engine, extra: dict, reduced: Agreement) -> list[Check]:
         f"{hits}/{total} steps ({fraction:.4f}, needs >= {reduced.min_fraction:g})",
         {"fraction": fraction, "k": k, "steps": total},
     )
-    last = len(BATCHES) - 1
-    cached, recomputed = cached_and_recomputed(
-        engine, extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS
-    )
+    cached, recomputed = runs["generation.cached"], runs["generation.recomputed"]
     kv = agreement(
         "KV cache vs full recompute (reduced precision)",
         recomputed.reshape(-1, cached.shape[-1]),

@@ -213,7 +213,8 @@ def transformers_logits(folder, task: str, inputs: dict) -> np.ndarray:
 
 def prompt_inputs(engine) -> dict:
     """A left-padded batch of two prompts as a prefill step (empty cache) of the engine."""
-    from aim.tasks.generation import pad_left, prefill_inputs
+    from aim.generation.loop import prefill_inputs
+    from aim.tasks.decoder_inputs import pad_left
 
     ids, mask = pad_left([[5, 90, 17, 42, 300, 77], [18, 2, 400]], pad_token_id=0)
     return prefill_inputs(engine, ids, mask)
