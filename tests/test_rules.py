@@ -143,7 +143,7 @@ RUNTIME_MODULES = [
     "aim.generation.loop",
     "aim.generation.sampling",
     "aim.generation.limits",
-    "aim.generation.tokenizer",
+    "aim.generation.text_tokenizer",
     "aim.generation.focus",
     "aim.generation.reference_runs",
     "aim.generation.text",

@@ -8,7 +8,7 @@ architecture configs inherit their task's (`ResNetOnnxConfig(ViTOnnxConfig): pas
 a dim, a size or a comparator only where its architecture differs. Adding a family is adding one
 module here that calls `register(...)`; nothing outside this package names one. A checkpoint folder
 of any supported architecture needs no family module: its record is derived from its config.json
-(architectures.py, checkpoint.py) and inherits the same defaults. transformers is imported only
+(architectures.py, from_checkpoint.py) and inherits the same defaults. transformers is imported only
 when a model is built.
 """
 
@@ -67,7 +67,7 @@ class Family:
     task: str  # the name of a task in aim.tasks, whose defaults the family inherits
     model_class: str  # the transformers class that loads a checkpoint, by name
     # The transformers config of the tiny random-weight model; None for a record derived from a
-    # checkpoint folder (checkpoint.py), which always loads its weights.
+    # checkpoint folder (from_checkpoint.py), which always loads its weights.
     tiny: Callable[[], object] | None
     model_type: str = ""  # config.json's model_type of this architecture; the family's name if not stated
     # What differs from the task's defaults; after construction each holds the whole fact (the task's

@@ -6,7 +6,7 @@ where neither is installed.
     loop.py            generate(): prefill, then one token per step through the KV cache
     sampling.py        greedy, temperature and top-k on the redistributed logits
     limits.py          the engine's range and the model's positions, checked before any work
-    tokenizer.py       a build's tokenizer.json through the `tokenizers` library
+    text_tokenizer.py  a build's tokenizer.json through the `tokenizers` library
     focus.py           "+word=5,-other=10,+#123=4" as a focus vector over the vocabulary
     reference_runs.py  the loop on a build's reference prompts, for the text task's checks
     text.py            generate_text(folder, prompts): opens the build folder

@@ -15,7 +15,7 @@ from aim.errors import AimError, InvalidInputError
 from aim.generation.focus import focus_targets, parse_focus, token_focus
 from aim.generation.limits import check_length, length_limits
 from aim.generation.loop import Generation, generate
-from aim.generation.tokenizer import TextTokenizer
+from aim.generation.text_tokenizer import TextTokenizer
 from aim.runtime.folder import open_build, production_runner
 from aim.tasks.decoder_inputs import PAST, encode, pad_id_of, stop_tokens_of
 
@@ -24,7 +24,7 @@ def load_build(folder: str | os.PathLike, log: Callable[[str], None] | None = No
     """(engine, tokenizer, manifest) of a text-generation build folder, its files checked against the
     manifest's hashes. The engine is the build's own where it can run; a TensorRT plan that cannot run
     on this machine is replaced by ONNX Runtime on the production graph it was built from (`log` is
-    told). The tokenizer is read without transformers (tokenizer.py)."""
+    told). The tokenizer is read without transformers (text_tokenizer.py)."""
     manifest = open_build(folder, check=False)  # refused for what it lacks before hashing gigabytes
     if not manifest.tokenizer:
         if any(tensor.name.startswith(PAST) for tensor in manifest.graph.inputs):

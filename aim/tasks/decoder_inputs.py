@@ -34,7 +34,7 @@ def position_ids(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
 
 def encode(tokenizer, prompts) -> tuple[np.ndarray, np.ndarray]:
     """Prompts as one left-padded batch: (input_ids, attention_mask). `tokenizer`: a build's tokenizer
-    read without transformers (aim/generation/tokenizer.py), or a transformers tokenizer that pads on
+    read without transformers (aim/generation/text_tokenizer.py), or a transformers tokenizer that pads on
     the left."""
     if hasattr(tokenizer, "batch"):
         return tokenizer.batch(list(prompts))

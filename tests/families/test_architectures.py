@@ -16,7 +16,7 @@ import torch
 
 from aim.errors import CheckpointError
 from aim.families.architectures import FIXED_IMAGE_SIZE, REFUSED, TESTED, architecture_of
-from aim.families.checkpoint import build_name, checkpoint_family
+from aim.families.from_checkpoint import build_name, checkpoint_family
 from aim.layout import FILES, REFERENCE
 from aim.pipeline.build import build_model
 from aim.runtime.onnxruntime import OnnxRuntimeEngine

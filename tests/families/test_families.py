@@ -20,7 +20,7 @@ import aim.families
 from aim.errors import UnknownModelError
 from aim.families import Family, get_family, list_families
 from aim.families.architectures import FIXED_IMAGE_SIZE, TESTED
-from aim.families.checkpoint import checkpoint_family
+from aim.families.from_checkpoint import checkpoint_family
 from aim.specs import DimRange
 from aim.tasks import TASKS, get_task
 
