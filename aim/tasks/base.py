@@ -104,6 +104,7 @@ class Task:
         """Task-level PyTorch outputs computed at build time, stored in reference.npz."""
         return {}
 
-    def checks(self, engine, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
-        """Task-level checks of the production engine against `reference_extra`'s arrays."""
+    def checks(self, runs: dict, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
+        """Task-level verdicts on what the production engine gave (`runs`, arrays) against
+        `reference_extra`'s arrays."""
         return []
