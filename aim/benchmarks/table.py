@@ -55,11 +55,10 @@ def table(results: dict) -> str:
     if generation:
         for group in generation["groups"].values():
             rows += [figure_row(name, generation["model"], figure) for name, figure in group["figures"].items()]
-        for group in generation["groups"].values():
+        for label, group in generation["groups"].items():
             for variant, rate in group["tokens_per_s"].items():
-                rows.append(
-                    (f"tokens/s, {variant}", generation["model"], f"{rate:.1f}", "", str(group["pairs"]), "", "")
-                )
+                row = (f"tokens/s, {variant}, {label}", generation["model"], f"{rate:.1f}", "", str(group["pairs"]))
+                rows.append((*row, "", ""))
     if names.MAKE_ENGINE in results:
         walls = results[names.MAKE_ENGINE]["wall_s"]
         model = results[names.MAKE_ENGINE]["model"]
