@@ -33,7 +33,10 @@ MAX_SHAPES ?=
 INPUTS ?=
 UPSAMPLE_TO ?=
 DATA ?=
-export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
+# make bench: QUICK=1 runs tiny models (checks the bench itself); BENCH_MODELS=resnet,generation a part of it.
+QUICK ?=
+BENCH_MODELS ?=
+export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS QUICK BENCH_MODELS
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -110,7 +113,7 @@ models: $(STAMP)
 	$(PY) -m aim.cli models
 
 bench: $(STAMP)
-	$(PY) -m aim.benchmarks --out "$$OUT/bench"
+	$(PY) -m aim.benchmarks --out "$$OUT/bench" $${BENCH_MODELS:+--models "$$BENCH_MODELS"} $${QUICK:+--quick}
 
 false-alarms: $(STAMP)
 	$(BUILT) && $(PY) -m aim.benchmarks.false_alarms "$$OUT/$$name" --repeats "$$REPEATS"
