@@ -76,10 +76,14 @@ def make_checkpoint(folder: Path, quick: bool, seed: int = 0) -> Path:
 
 
 def _child(command: list[str], what: str, log) -> None:
+    """Runs `command` offline in a child process (its memory goes with it), its output passed to `log`."""
     log(f"  generation: {what}")
-    done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"bench: {what} failed (exit code {done.returncode}):\n{done.stderr[-3000:]}")
+    env = {**os.environ, **OFFLINE}
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+        for line in child.stdout:
+            log("    " + line.rstrip())
+    if child.returncode != 0:
+        raise SystemExit(f"bench: {what} failed (exit code {child.returncode})")
 
 
 def build(checkpoint: Path, out: Path, log) -> Path:
