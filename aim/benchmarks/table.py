@@ -20,6 +20,13 @@ def _interval(name: str, figure: dict) -> str:
     return f"{_shown(name, low)}..{_shown(name, high)}"
 
 
+def _target(name: str, target: str) -> str:
+    if name.startswith(names.ENGINE_BYTES) and target:
+        comparison, bound = target.split()
+        return f"{comparison} {float(bound) / 1e6:g} MB"
+    return target
+
+
 def figure_row(name: str, model: str, figure: dict) -> tuple:
     return (
         name,
@@ -27,7 +34,7 @@ def figure_row(name: str, model: str, figure: dict) -> tuple:
         _shown(name, figure["value"]),
         _interval(name, figure),
         str(figure["pairs"]),
-        figure.get("target", ""),
+        _target(name, figure.get("target", "")),
         figure.get("verdict", ""),
     )
 
