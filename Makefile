@@ -71,7 +71,7 @@ help:
 	@echo "make eval MODEL=x           utility and focus sweeps through the engine, measured vs theory: OUT/x/eval/"
 	@echo "make calibrate MODEL=x | ONNX=.. LOGITS=.. MAX_SHAPES=.. DATA=unlabeled.npy   level -> sigma, an engine taking utility_level"
 	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: OUT/x/attack/"
-	@echo "make bench                  modulation's cost as ratios (realistic sizes, a few minutes): OUT/bench/bench.json"
+	@echo "make bench [QUICK=1] [BENCH_MODELS=resnet,generation]   modulation's cost as ratios with 95% intervals: OUT/bench/bench.json"
 	@echo "make false-alarms MODEL=x [REPEATS=1000]   the statistical checks' false alarms and misses, measured"
 	@echo "make scale-check            a TinyLlama-1.1B-shaped bf16 checkpoint through make engine (~10 GB RAM, 15 GB disk)"
 	@echo "make clean                  remove OUT"
