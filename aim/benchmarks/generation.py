@@ -24,9 +24,8 @@ import numpy as np
 
 from aim.benchmarks import figures as names
 from aim.benchmarks.confidence import BUDGET, Budget, Figure, ratio, resolve
-from aim.benchmarks.timing import Rounds
+from aim.benchmarks.timing import THREADS, Rounds, quiet_engine
 
-THREADS = 2
 BATCH = 8  # prompts at once in the batched group
 PROMPTS = (
     "def main():",
@@ -193,7 +192,6 @@ def time_group(runs: dict, batches: list, state: dict, figures: list, pairs: int
 def bench_generation(out: Path, quick: bool, log=print, budget: Budget = BUDGET) -> dict:
     """The generation figures: batch 1 (engine at utility 0 and 3, bare loop, Optimum, transformers)
     and batched (8 prompts: engine at utility 3, bare loop, Optimum)."""
-    from aim.benchmarks.run import _engine
     from aim.runtime import onnxruntime as ort_engine
     from aim.runtime.folder import open_build
 
@@ -209,7 +207,10 @@ def bench_generation(out: Path, quick: bool, log=print, budget: Budget = BUDGET)
     pad = tokenizer.pad_token_id
     with tempfile.TemporaryDirectory(dir=out) as work:
         bare_engine = ort_engine.build(manifest.graph_path("bare"), Path(work) / "bare.engine.onnx", threads=THREADS)
-        engine, bare = _engine(manifest.engine_path(), manifest.profile), _engine(bare_engine, manifest.profile)
+        engine, bare = (
+            quiet_engine(manifest.engine_path(), manifest.profile),
+            quiet_engine(bare_engine, manifest.profile),
+        )
         single = [tokenizer([p], return_tensors="np") for p in PROMPTS]
         single = [(e["input_ids"].astype(np.int64), e["attention_mask"].astype(np.int64)) for e in single]
         encoded = tokenizer(list(PROMPTS[:BATCH]), padding=True, return_tensors="np")

@@ -31,12 +31,11 @@ from aim.benchmarks import figures as names
 from aim.benchmarks.confidence import BUDGET, MET, MISSED, Budget, Figure, Target, ratio, resolve
 from aim.benchmarks.models import BenchModel, realistic, tiny
 from aim.benchmarks.table import table
-from aim.benchmarks.timing import Rounds
+from aim.benchmarks.timing import THREADS, Rounds, quiet_engine
 from aim.families import get_family
 from aim.verify.reference import DIFFERENTIAL_FOCUS
 from aim.verify.statistics import SIGMA
 
-THREADS = 2  # ONNX Runtime intra-op threads and torch threads: the machine's cores
 STATISTICS_SEED = 0  # ONNX Runtime's seed for the statistical checks (false-failure rate: verify/statistics.py)
 FOCUS_STRENGTH = DIFFERENTIAL_FOCUS  # SIGMA, the degraded tier's utility, is the statistical checks' too
 # VmHWM, not getrusage: ru_maxrss survives exec, so a child would report the benchmark's own peak.
@@ -49,14 +48,6 @@ for _ in range(3):
     session.run(None, feed)
 print(int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024)
 """
-
-
-def _engine(path: Path, profile: dict | None = None):
-    """An ONNX Runtime engine whose idle threads do not spin: variants run round-robin from several
-    sessions, and a session's spinning pool would slow down whichever variant runs after it."""
-    from aim.runtime.onnxruntime import OnnxRuntimeEngine
-
-    return OnnxRuntimeEngine(path, THREADS, spinning=False, profile=profile)
 
 
 def single(value: float, target: Target) -> dict:
@@ -134,7 +125,11 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     task, model, paths = build_engines(bench, folder, key, log)
     inputs_t = task.example_inputs(model, bench.sizes)
     inputs = {name: tensor.numpy() for name, tensor in inputs_t.items()}
-    bare, modulated, keyed = _engine(paths["bare"]), _engine(paths["production"]), _engine(paths["keyed"])
+    bare, modulated, keyed = (
+        quiet_engine(paths["bare"]),
+        quiet_engine(paths["production"]),
+        quiet_engine(paths["keyed"]),
+    )
     batch, classes = next(iter(inputs.values())).shape[0], modulated.num_classes
 
     def feed(utility, focus=None):
@@ -305,7 +300,7 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int, b
     for method, how in sources.items():
         graph = add_redistribution(load_graph(identity), "logits", class_axis, **how)
         paths[f"subgraph ({method})"] = save_onnx(graph, folder / f"identity.{method}.onnx")
-    sessions = {name: _engine(path).session for name, path in paths.items()}
+    sessions = {name: quiet_engine(path).session for name, path in paths.items()}
     z = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     focus = np.zeros([shape[0], shape[class_axis]], np.float32)
     focus[:, 1] = FOCUS_STRENGTH

@@ -11,6 +11,15 @@ import numpy as np
 # After a PyTorch run: its OpenMP threads spin for a while after a call and would slow whichever
 # variant runs next. An untimed pause longer than their spin lets them sleep first.
 SETTLE_S = 0.02
+THREADS = 2  # ONNX Runtime intra-op threads and torch threads: the machine's cores
+
+
+def quiet_engine(path, profile: dict | None = None):
+    """An ONNX Runtime engine whose idle threads do not spin: variants run round-robin from several
+    sessions, and a session's spinning pool would slow down whichever variant runs after it."""
+    from aim.runtime.onnxruntime import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(path, THREADS, spinning=False, profile=profile)
 
 
 class Rounds:
