@@ -17,7 +17,7 @@ from pathlib import Path
 from aim.contract import LOGITS, MAX_STRENGTH
 from aim.errors import VerificationError
 from aim.families import Family
-from aim.files import StagedFolder, folder_hashes, remove
+from aim.files import StagedFolder, folder_hashes
 from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import (
     FILES,
@@ -99,7 +99,7 @@ def build_model(
         checkpoint_config(checkpoint)  # not a checkpoint folder: fails before anything is written
     out = Path(out_dir)
     log_noise(key, fresh_key, noise_key, log)
-    with StagedFolder(out / family.name) as staged:
+    with StagedFolder(out / family.name, Manifest.holds_build, (checkpoint, noise_key)) as staged:
         manifest = _build(family, task, staged.path, checkpoint, backend, precision, seed, log, key)
         if not manifest.verification.passed:
             failed = staged.publish(out / f"{family.name}.failed")
@@ -110,7 +110,7 @@ def build_model(
         if fresh_key and noise_key is not None:
             key.write(noise_key)  # before publishing: a published keyed engine always has its key file
         manifest.folder = staged.publish()
-    remove(out / f"{family.name}.failed")  # an earlier failure of this model is superseded
+    staged.discard(out / f"{family.name}.failed")  # an earlier failure of this model is superseded
     return manifest
 
 

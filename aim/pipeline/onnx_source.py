@@ -23,7 +23,7 @@ import numpy as np
 
 from aim.contract import BATCH
 from aim.errors import AimError, InvalidGraphError, InvalidInputError, VerificationError
-from aim.files import StagedFolder, remove, sha256
+from aim.files import StagedFolder, sha256
 from aim.graph_passes.dims import conventional_io
 from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.noise_key import NoiseKey
@@ -259,7 +259,7 @@ def build_onnx(
     name = build_name(source.path)
     out = Path(out_dir)
     log_noise(key, fresh_key, noise_key, log)
-    with StagedFolder(out / name) as staged:
+    with StagedFolder(out / name, Manifest.holds_build, (onnx_path, inputs, noise_key)) as staged:
         manifest = _build(source, name, task_object, staged.path, backend, precision, seed, log, key, upsample_to)
         if not manifest.verification.passed:
             failed = staged.publish(out / f"{name}.failed")
@@ -270,7 +270,7 @@ def build_onnx(
         if fresh_key and noise_key is not None:
             key.write(noise_key)  # before publishing: a published keyed engine always has its key file
         manifest.folder = staged.publish()
-    remove(out / f"{name}.failed")
+    staged.discard(out / f"{name}.failed")
     return manifest
 
 
