@@ -128,41 +128,46 @@ def estimate(figure: Figure, times: dict[str, np.ndarray], level: float) -> dict
     return result
 
 
-def resolve(rounds, figures: list[Figure], pairs: int, budget: Budget = BUDGET, clock=time.perf_counter) -> dict:
+def resolve(
+    rounds, figures: list[Figure], pairs: int, budget: Budget = BUDGET, clock=time.perf_counter, log=None
+) -> dict:
     """Runs `pairs` rounds (rounds.run(n): n more rounds; rounds.times(): {variant: ms per round}), then
-    more at each later look of the budget while a figure's target is unresolved and time is left.
-    Returns {"figures": {name: estimate}, "pairs", "looks", "budget", "latency"}."""
+    more at each later look of the budget while a figure's target is unresolved and time is left
+    (`log` is told). Returns {"figures": {name: estimate}, "pairs", "looks", "budget", "latency"}."""
     level = budget.level
     started = clock()
     rounds.run(pairs)
     first_seconds = clock() - started
     history = []  # the verdicts at each look: {"pairs", name: verdict}
+
+    def look() -> dict:
+        found = {figure.name: estimate(figure, rounds.times(), level) for figure in figures}
+        history.append({"pairs": rounds.count, **{name: f["verdict"] for name, f in found.items() if "verdict" in f}})
+        return found
+
+    found = look()
     for multiple in budget.looks[1:]:
-        figures_now = {figure.name: estimate(figure, rounds.times(), level) for figure in figures}
-        history.append(
-            {"pairs": rounds.count, **{name: f["verdict"] for name, f in figures_now.items() if "verdict" in f}}
-        )
-        if all(f.get("verdict", MET) != UNRESOLVED for f in figures_now.values()):
+        unresolved = [name for name, f in found.items() if f.get("verdict") == UNRESOLVED]
+        if not unresolved:
             break
         spent = clock() - started - first_seconds
         per_round = first_seconds / pairs
         affordable = int((budget.seconds - spent) / per_round) if per_round > 0 else pairs * multiple
-        wanted = pairs * multiple - rounds.count
-        if affordable < 1 or wanted < 1:
+        more = min(pairs * multiple - rounds.count, affordable)
+        if more < 1:
             break
-        rounds.run(min(wanted, affordable))
-    times = rounds.times()
-    final = {figure.name: estimate(figure, times, level) for figure in figures}
-    if not history or history[-1]["pairs"] != rounds.count:
-        history.append({"pairs": rounds.count, **{name: f["verdict"] for name, f in final.items() if "verdict" in f}})
+        if log is not None:
+            log(f"    unresolved at {rounds.count} pairs: {', '.join(unresolved)}; {more} more rounds")
+        rounds.run(more)
+        found = look()
     return {
-        "figures": final,
+        "figures": found,
         "pairs": rounds.count,
         "looks": history,
         "confidence": CONFIDENCE,
         "level_per_look": level,
         "budget": str(budget),
-        "latency": {name: summary(values) for name, values in times.items()},
+        "latency": {name: summary(values) for name, values in rounds.times().items()},
     }
 
 

@@ -174,7 +174,9 @@ def group_figures(utilities: tuple, batched: int | None, with_eager: bool) -> li
     return found
 
 
-def time_group(runs: dict, batches: list, state: dict, figures: list, pairs: int, budget: Budget, settle=()) -> dict:
+def time_group(
+    runs: dict, batches: list, state: dict, figures: list, pairs: int, budget: Budget, settle=(), log=None
+) -> dict:
     """Checks that every variant makes the same number of tokens, then times them round-robin."""
     state["batch"] = 0
     made = {name: run() for name, run in runs.items()}
@@ -182,7 +184,7 @@ def time_group(runs: dict, batches: list, state: dict, figures: list, pairs: int
     if len(set(counts.values())) != 1:
         raise SystemExit(f"bench: the generators made different numbers of tokens: {counts}")
     rounds = Rounds(runs, warmup=1, settle=settle, before_round=lambda i: state.update(batch=i % len(batches)))
-    result = resolve(rounds, figures, pairs, budget)
+    result = resolve(rounds, figures, pairs, budget, log=log)
     tokens = int(np.prod(next(iter(counts.values()))))
     result["tokens_per_s"] = {name: tokens / (lat["median_ms"] / 1e3) for name, lat in result["latency"].items()}
     result["greedy_agreement"] = {name: float(np.mean(made[name] == made[names.BARE_LOOP])) for name in made}
@@ -227,6 +229,7 @@ def bench_generation(out: Path, quick: bool, log=print, budget: Budget = BUDGET)
                 pairs,
                 budget,
                 settle=(names.TRANSFORMERS,),
+                log=log,
             )
         }
         log(f"  generation: {BATCH} prompts at once ({pairs} interleaved rounds first)")
@@ -238,6 +241,7 @@ def bench_generation(out: Path, quick: bool, log=print, budget: Budget = BUDGET)
             group_figures(batched_utility, BATCH, with_eager=False),
             pairs,
             budget,
+            log=log,
         )
         del engine, bare
     return {

@@ -163,7 +163,7 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
         "unresolved)"
     )
     rounds = Rounds(variants, settle=("pytorch eager", "pytorch eager + torch.normal"))
-    timing = resolve(rounds, latency_figures(bench.family), bench.repeats, budget)
+    timing = resolve(rounds, latency_figures(bench.family), bench.repeats, budget, log=log)
 
     logits = bare.session.run(None, inputs)[0]
     tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, LOGITS, budget)
