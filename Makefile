@@ -50,7 +50,7 @@ SOURCE = if [ -n "$$ONNX" ]; then set -- --onnx "$$ONNX" --logits "$$LOGITS" --t
 # How the engine is built: backend, precision and the production noise (fresh, or keyed by a key file).
 BUILD_FLAGS = --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" --noise "$$NOISE" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"}
 # The build's name: MODEL, or without one the checkpoint folder's, as `aim engine` names it.
-NAME = name="$${MODEL:-$$($(PY) -c 'import sys; from aim.tasks.checkpoint import build_name; print(build_name(sys.argv[1]))' "$$CHECKPOINT")}"
+NAME = name="$${MODEL:-$$($(PY) -c 'import sys; from aim.families.from_checkpoint import build_name; print(build_name(sys.argv[1]))' "$$CHECKPOINT")}"
 # The engine of that name under OUT, built first unless the folder holds a verified build made as asked
 # (weights, BACKEND, PRECISION, NOISE and NOISE_KEY): `make triton NOISE=keyed` never serves a fresh-noise build.
 BUILT = $(NAME) && $(PY) -m aim.cli engine $${MODEL:+"$$MODEL"} $(BUILD_FLAGS) $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"} --reuse

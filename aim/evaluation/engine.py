@@ -13,14 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from aim.evaluation.datasets import Split
+from aim.evaluation.task_evaluation import TaskEvaluation, evaluation_of
 from aim.evaluation.train import TRAINING, train
 from aim.families import Family, get_family
 from aim.files import check_writable
 from aim.layout import Manifest, ManifestError
 from aim.runtime.folder import open_build
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.tasks import Task, get_task
-from aim.tasks.datasets import Split
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Prepared:
     checkpoint: Path
     training: dict | None
     family: Family
-    task: Task
+    evaluation: TaskEvaluation  # the task's data, metric and variants
 
 
 @dataclass
@@ -74,7 +74,7 @@ def prepare_engine(
     manifest = open_build(folder)  # every file checked against its hash
     # No profile: the sweeps run ONNX Runtime at batches past the TensorRT profile's (ONNX Runtime has none).
     return Prepared(
-        folder, OnnxRuntimeEngine(manifest.engine_path()), checkpoint, training, family, get_task(family.task)
+        folder, OnnxRuntimeEngine(manifest.engine_path()), checkpoint, training, family, evaluation_of(family.task)
     )
 
 
@@ -82,5 +82,5 @@ def eval_inputs(prepared: Prepared, seed: int = 0, split: str = "test") -> Setup
     """The labelled `split` ("test" or "calibration") of the task's data, shaped for the engine, with
     the family's rows per engine call and repeats per sweep point."""
     trained = prepared.family.trained
-    data = prepared.task.eval_split(prepared.engine, prepared.checkpoint, split, seed, trained.eval_inputs)
+    data = prepared.evaluation.eval_split(prepared.engine, prepared.checkpoint, split, seed, trained.eval_inputs)
     return Setup(data, trained.eval_batch, trained.eval_repeats)

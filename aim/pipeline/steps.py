@@ -49,7 +49,7 @@ def family_of(model: str | None, checkpoint=None, log=None) -> Family:
     """The family MODEL names, or, without one, the record derived from the checkpoint folder's
     config.json (any supported architecture of the three tasks)."""
     from aim.families import get_family
-    from aim.tasks.checkpoint import checkpoint_family
+    from aim.families.from_checkpoint import checkpoint_family
 
     if model is not None:
         return get_family(model)
@@ -97,7 +97,7 @@ def release(loaded: Loaded) -> None:
 
 def save_tokenizer(tokenizer, folder: Path) -> Path:
     """The tokenizer beside the engine, as a fast tokenizer (tokenizer.json), so generation needs
-    nothing but the build folder (and no transformers: tasks/tokens.py reads it)."""
+    nothing but the build folder (and no transformers: generation/text_tokenizer.py reads it)."""
     target = folder / TOKENIZER_DIR
     tokenizer.save_pretrained(target)
     if not (target / "tokenizer.json").is_file():

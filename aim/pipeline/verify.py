@@ -6,6 +6,7 @@ import os
 from datetime import datetime, timezone
 
 from aim.contract import BATCH
+from aim.generation.reference_runs import generation_runs
 from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import REFERENCE, EngineRun, Manifest
 from aim.runtime.backends import runnable_here
@@ -36,8 +37,15 @@ def checks(manifest: Manifest, task: Task, reference: Reference, runner: str, se
             keyed=manifest.modulation.noise == "keyed",
         )
         # Task-level checks compare with the task's own PyTorch outputs (reference.extra): a user's ONNX has none.
+        # The production engine runs the decode loop on the reference's prompts; the task judges the arrays.
+        reduced = verification.reduced_precision
         task_checks = (
-            task.checks(runners[2], reference.extra, verification.tolerance, verification.reduced_precision)
+            task.checks(
+                generation_runs(runners[2], reference.extra, reduced is not None),
+                reference.extra,
+                verification.tolerance,
+                reduced,
+            )
             if reference.extra
             else []
         )
