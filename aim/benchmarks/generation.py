@@ -144,7 +144,7 @@ def _torch_generate(model, ids: np.ndarray, mask: np.ndarray, new_tokens: int, p
 def variants(engine, bare, optimum, eager, batches: list, new_tokens: int, pad: int, utilities: tuple, state: dict):
     """{name: run()} over the round's batch `batches[state["batch"]]` = (input_ids, attention_mask);
     each run returns its new tokens [B, new_tokens]."""
-    from aim.tasks.generation import generate
+    from aim.generation import generate
 
     def loop(runner, utility):
         def run():
