@@ -88,7 +88,7 @@ def _child(command: list[str], what: str, log) -> None:
 def build(checkpoint: Path, out: Path, log) -> Path:
     """The checkpoint's verified ONNX Runtime build, as `make engine CHECKPOINT=... BACKEND=onnxruntime`
     makes it (reused while made as asked)."""
-    from aim.tasks.checkpoint import build_name
+    from aim.families.from_checkpoint import build_name
 
     command = [sys.executable, "-m", "aim.cli", "engine", "--checkpoint", str(checkpoint), "--out", str(out)]
     _child([*command, "--backend", "onnxruntime", "--reuse"], f"aim engine --checkpoint {checkpoint.name}", log)
