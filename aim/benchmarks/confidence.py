@@ -1,7 +1,8 @@
 """A figure of `make bench` with its 95% confidence interval, and a verdict only where the interval allows one.
 
-How the runs pair up: timing.py runs the variants round-robin, one run of each per round, so the runs
-of one round are a few seconds apart at most and share whatever load the machine had then. A figure
+How the runs pair up: timing.py runs the variants round-robin, one run of each per round (each
+round starting one variant further), so the runs of one round are a few seconds apart at most and
+share whatever load the machine had then. A figure
 is computed per round from that round's runs (modulated / bare of the same round: a paired ratio),
 so a load that slows a whole round cancels, and the figure is the **median of the paired values**.
 

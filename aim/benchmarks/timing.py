@@ -3,6 +3,7 @@ a load hits a round's runs alike and a figure can be paired within the round (co
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 
@@ -23,9 +24,11 @@ def quiet_engine(path, profile: dict | None = None):
 
 
 class Rounds:
-    """Interleaved runs of `variants` ({name: run()}), in milliseconds per round. `settle`: the
-    variants after which to pause (PyTorch's); `before_round(i)`: called before round i (e.g. to
-    take the round's prompt)."""
+    """Interleaved runs of `variants` ({name: run()}), in milliseconds per round. Round i starts at
+    the i-th variant and goes round the list, so that no variant always runs first or always follows
+    the same one. The garbage collector waits until a round is over (as timeit has it), so that one
+    variant's garbage is not collected on another's time. `settle`: the variants after which to
+    pause (PyTorch's); `before_round(i)`: called before round i (e.g. to take the round's prompt)."""
 
     def __init__(
         self,
@@ -43,14 +46,21 @@ class Rounds:
     def _round(self, index: int, timed: bool = True) -> None:
         if self.before_round is not None:
             self.before_round(index)
-        for name, run in self.variants.items():
-            start = time.perf_counter()
-            run()
-            elapsed = (time.perf_counter() - start) * 1e3
-            if timed:
-                self.samples[name].append(elapsed)
-            if name in self.settle:
-                time.sleep(SETTLE_S)
+        names = list(self.variants)
+        start_at = index % len(names)
+        gc.collect()
+        gc.disable()
+        try:
+            for name in names[start_at:] + names[:start_at]:
+                start = time.perf_counter()
+                self.variants[name]()
+                elapsed = (time.perf_counter() - start) * 1e3
+                if timed:
+                    self.samples[name].append(elapsed)
+                if name in self.settle:
+                    time.sleep(SETTLE_S)
+        finally:
+            gc.enable()
 
     def run(self, rounds: int) -> None:
         for _ in range(rounds):

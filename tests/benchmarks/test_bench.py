@@ -49,7 +49,7 @@ def test_quick_bench_writes_every_figure_with_its_interval_and_its_engines_pass_
     assert [p.name for p in tmp_path.iterdir()] == ["bench.quick.json"]
 
 
-def test_rounds_interleave_and_settle_after_pytorch(monkeypatch):
+def test_rounds_interleave_in_turn_and_settle_after_pytorch(monkeypatch):
     calls, pauses = [], []
     monkeypatch.setattr("aim.benchmarks.timing.time.sleep", pauses.append)
     rounds = Rounds(
@@ -59,5 +59,6 @@ def test_rounds_interleave_and_settle_after_pytorch(monkeypatch):
         before_round=lambda i: calls.append(i),
     )
     rounds.run(3)
-    assert calls == [-1, "a", "b", 0, "a", "b", 1, "a", "b", 2, "a", "b"]  # round-robin, warm-up included
+    # Round-robin, warm-up included, each round starting one variant further.
+    assert calls == [-1, "b", "a", 0, "a", "b", 1, "b", "a", 2, "a", "b"]
     assert len(pauses) == 4 and rounds.count == 3 and len(rounds.times()["b"]) == 3
