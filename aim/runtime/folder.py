@@ -15,6 +15,21 @@ from aim.runtime.onnxruntime import OnnxRuntimeEngine
 PLANS = {"bare": "engine.bare", "verification": "engine.verification", "production": "engine"}
 
 
+class Build:
+    """A build folder: its manifest (`manifest`), in `folder`."""
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+
+    @property
+    def folder(self) -> Path:
+        return self.manifest.folder
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, check: bool = True) -> Build:
+        return cls(open_build(folder, check))
+
+
 def open_build(folder: str | os.PathLike, check: bool = True) -> Manifest:
     """The manifest of a build folder; with `check`, every file it records must still have its hash."""
     manifest = Manifest.load(folder)

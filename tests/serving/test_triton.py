@@ -91,10 +91,14 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
 def test_a_real_tensorrt_plan_build_gives_a_tensorrt_plan_model(tmp_path):
     """With TensorRT builds in the pipeline (TensorRT for RTX builds plans on a CPU), the real manifest
     of a .plan engine gives the tensorrt_plan model, and the plan is copied byte for byte."""
-    from aim.pipeline.build import build_model
+    from aim.pipeline.builder import build
+    from aim.pipeline.model_source import FamilySource
+    from aim.pipeline.request import BuildRequest
 
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (the rtx extra) is not installed")
-    manifest = build_model("resnet", tmp_path / "build", backend="tensorrt-rtx", log=lambda line: None)
+    manifest = build(
+        FamilySource("resnet"), BuildRequest(tmp_path / "build", backend="tensorrt-rtx"), log=lambda line: None
+    ).manifest
     folder = tmp_path / "build" / "resnet"
     assert manifest.engine.endswith(".plan")
     target = write_model(folder, tmp_path / "repo")

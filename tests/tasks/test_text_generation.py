@@ -10,7 +10,9 @@ from aim.errors import AimError, InvalidInputError
 from aim.evaluation.theory import win_probability
 from aim.families import get_family
 from aim.layout import REFERENCE, TOKENIZER_DIR
-from aim.pipeline.build import build_model
+from aim.pipeline import builder
+from aim.pipeline.model_source import FamilySource
+from aim.pipeline.request import BuildRequest
 from aim.tasks import get_task
 from aim.tasks.generation import (
     generate,
@@ -40,7 +42,7 @@ PROMPTS = [[5, 900, 17, 4242, 31000, 77, 12], [18, 2], [400, 401, 402, 403]]
 def build(tmp_path_factory):
     """The llama family built by the pipeline (tiny random weights, seed 0), and the same PyTorch model."""
     out = tmp_path_factory.mktemp("build")
-    build_model("llama", out, log=lambda _: None)
+    builder.build(FamilySource("llama"), BuildRequest(out), log=lambda _: None)
     engine, tokenizer, manifest = load_build(out / "llama")
     return out / "llama", engine, tokenizer, manifest, load("llama", seed=0)[2]
 
@@ -303,7 +305,9 @@ def test_local_checkpoint_with_its_own_tokenizer(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
 
-    manifest = build_model("llama", tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lambda _: None)
+    manifest = build(
+        FamilySource("llama", tmp_path / "ckpt"), BuildRequest(tmp_path / "build"), log=lambda _: None
+    ).manifest
     checks = {c.name: c for c in manifest.verification.checks}
     assert manifest.verification.passed and checks["greedy tokens at utility 0 = PyTorch generate()"].passed
     folder = tmp_path / "build" / "llama"
@@ -367,7 +371,9 @@ def test_tensorrt_rtx_fp16_build_with_kv_cache_and_generation_from_it(tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
     from aim.runtime import tensorrt as trt_engine
 
-    manifest = build_model("llama", tmp_path, backend="tensorrt-rtx", precision="fp16", log=lambda _: None)
+    manifest = build(
+        FamilySource("llama"), BuildRequest(tmp_path, backend="tensorrt-rtx", precision="fp16"), log=lambda _: None
+    ).manifest
     assert manifest.verification.passed and manifest.engine.endswith(".plan")
     past = manifest.profile["past_key_values.0.key"]
     assert past["min"][2] == 0 and past["max"][2] == CONFIG.dims["past_sequence"].max
