@@ -33,7 +33,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from aim.runtime.folder import open_build
+    from aim.runtime.folder import Build
     from aim.serving.triton import CONFIG, MAX_QUEUE_DELAY_US, write_model
 
     delay = MAX_QUEUE_DELAY_US if args.max_queue_delay_us is None else args.max_queue_delay_us
@@ -42,7 +42,7 @@ def run(args) -> int:
     )
     print(f"wrote {folder}/{CONFIG} and {', '.join(str(p.relative_to(folder)) for p in sorted(folder.glob('*/*')))}")
     print((folder / CONFIG).read_text())
-    if open_build(args.build, check=False).backend == "tensorrt-rtx":
+    if Build.open(args.build, check=False).manifest.backend == "tensorrt-rtx":
         print(
             "note: this is a TensorRT for RTX plan: it runs where TensorRT for RTX runs it (an RTX GPU). Triton's "
             "tensorrt backend runs plans of the TensorRT version it was built with; for a data-centre Triton, "

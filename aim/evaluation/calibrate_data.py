@@ -32,7 +32,7 @@ from aim.evaluation.calibrate import (
 )
 from aim.files import sha256
 from aim.layout import Manifest
-from aim.runtime.folder import open_build, production_runner
+from aim.runtime.folder import Build
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 
 HELD_OUT = 0.2  # of the inputs, for the check
@@ -93,13 +93,15 @@ def calibrate_build(folder, data, seed: int = 0, levels=LEVELS, log: Callable[[s
 
     started = time.perf_counter()
     onnxruntime.set_seed(seed)  # before the engines' sessions exist: it seeds only sessions made after it
-    manifest = open_build(folder)
+    build = Build.open(folder)
+    manifest = build.manifest
     inputs = read_data(data, manifest)
     order = np.random.default_rng(seed).permutation(len(inputs))
     held = max(1, round(len(inputs) * HELD_OUT))
     calibration, check_set = inputs.take(np.sort(order[held:])), inputs.take(np.sort(order[:held]))
     axis, batch = manifest.modulation.class_axis, manifest.dynamic_dims[BATCH].max
-    runner, note = production_runner(manifest)
+    note = build.runs_on()[1]
+    runner = build.runner("production")
     if note:
         log(f"note: {note}")
     with runner:

@@ -32,10 +32,11 @@ from aim.pipeline import steps
 from aim.pipeline.progress import Progress
 from aim.pipeline.request import BuildRequest, Resolved
 from aim.pipeline.source import Prepared, Source
-from aim.pipeline.verify import checks, keyed_expectation
+from aim.pipeline.verify import judge_build, run_build
 from aim.runtime.backends import TENSORRT_BACKENDS, runnable_here
 from aim.runtime.base import profile_from_io
 from aim.runtime.folder import Build
+from aim.verify.reference import keyed_expectation
 from aim.verify.tolerance import logit_spread, scaled_tolerance
 
 
@@ -251,14 +252,16 @@ def modulation_record(prepared: Prepared, key: NoiseKey | None = None) -> Modula
 
 
 def _verify(manifest: Manifest, graphs, prepared: Prepared, key: NoiseKey | None, progress: Progress) -> Manifest:
-    """Records every file of the build folder (graphs, reference, and whatever else the build depends
-    on: external weights, the tokenizer), adds to the reference what a keyed engine must answer, runs
-    every check and saves the manifest."""
+    """Runs the engines once and judges what they answered; records every file of the build folder
+    (graphs, reference, and whatever else the build depends on: external weights, the tokenizer), the
+    reference with what a keyed engine must answer (the twin on the bare engine's logits), and the
+    verdicts; saves the manifest."""
     folder, verification, reference = manifest.folder, manifest.verification, prepared.reference
     for role, path in graphs.paths.items():
         manifest.record(role, path)
+    results = run_build(Build(manifest), prepared.task, reference, verification.runner, verification.seed)
     if key is not None:
-        reference.keyed_modulated = keyed_expectation(manifest, reference, verification.runner, key)
+        reference.keyed_modulated = keyed_expectation(results.bare, reference, prepared.class_axis, key)
         verification.shapes = reference.shapes()
         reference.save(folder / REFERENCE)  # again, with what the keyed engine must answer
     manifest.record("reference", folder / REFERENCE)
@@ -266,7 +269,7 @@ def _verify(manifest: Manifest, graphs, prepared: Prepared, key: NoiseKey | None
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if str(path.relative_to(folder)) not in recorded:
             manifest.record(str(path.relative_to(folder)), path)
-    found = checks(manifest, prepared.task, reference, verification.runner, verification.seed)
+    found = judge_build(manifest, prepared.task, reference, results, verification.seed)
     verification.checks = found
     verification.passed = all(check.passed for check in found)
     skipped = (

@@ -36,7 +36,7 @@ from aim.contract import BATCH, FOCUS, UTILITY
 from aim.errors import TritonConfigError
 from aim.files import StagedFolder
 from aim.layout import GraphIO, Manifest
-from aim.runtime.folder import open_build
+from aim.runtime.folder import Build
 
 CONFIG = "config.pbtxt"
 VERSION = "1"
@@ -357,7 +357,7 @@ def write_model(
     <model>-bare). `instances` and `threads` as `instance_plan` takes them. Every file of the build is
     checked against its hash first. Other models already in the repository are left alone.
     """
-    manifest = open_build(build_folder)
+    manifest = Build.open(build_folder).manifest  # a build that failed its verification is refused
     if bare and engine:
         raise TritonConfigError(
             f"bare serves the build's bare model, engine={engine!r} picks a modulated engine: give one of them"

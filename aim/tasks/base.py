@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 from aim.specs import DimRange, TensorSpec
 from aim.verdicts import Agreement, Check, Tolerance
 
@@ -103,8 +105,16 @@ class Task:
         """Task-level PyTorch outputs computed at build time, stored in reference.npz."""
         return {}
 
-    def checks(self, engine, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
-        """Task-level checks of the production engine against `reference_extra`'s arrays."""
+    def verification_runs(self, extra: dict, reduced: Agreement | None = None) -> dict:
+        """What the task's checks need the production engine to decode, by name (verify/results.py:
+        Greedy, CacheVsRecompute), given `reference_extra`'s arrays; the build runs them once."""
+        return {}
+
+    def checks(
+        self, decoded: dict[str, np.ndarray], extra: dict, tolerance: Tolerance, reduced: Agreement | None = None
+    ) -> list[Check]:
+        """Task-level verdicts on what the production engine decoded (`decoded`: the arrays of
+        `verification_runs`) against `reference_extra`'s arrays (`extra`)."""
         return []
 
     # -- data: training and evaluation (package-shipped or generated; no download)

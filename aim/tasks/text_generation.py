@@ -23,16 +23,14 @@ from aim.tasks.base import Task
 from aim.tasks.generation import (
     PAST,
     PRESENT,
-    cached_and_recomputed,
     encode,
-    generate,
-    kv_vs_recompute,
     pad_id_of,
     pad_left,
     position_ids,
     stop_tokens_of,
 )
 from aim.verdicts import Agreement, Check, Tolerance
+from aim.verify.results import CacheVsRecompute, Greedy
 
 # The generation reference of a build: prompts, and the batches made of them.
 PROMPTS = (
@@ -202,18 +200,39 @@ class TextGeneration(Task):
             arrays[f"generation.{index}.tokens"] = out[:, ids.shape[1] :].numpy().astype(np.int64)
         return arrays
 
-    def checks(self, engine, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
+    def verification_runs(self, extra: dict, reduced: Agreement | None = None) -> dict:
+        """Greedy decoding of each reference batch at utility 0 (along PyTorch's tokens, keeping the
+        logits, for a reduced-precision engine), and the KV cache against a full recompute on the last."""
+        stop, pad = extra["generation.stop_tokens"], int(extra["generation.pad_token_id"])
+        runs = {
+            f"generation.{index}": Greedy(
+                extra[f"generation.{index}.input_ids"],
+                extra[f"generation.{index}.attention_mask"],
+                NEW_TOKENS,
+                stop,
+                pad,
+                forced=extra[f"generation.{index}.tokens"] if reduced is not None else None,
+            )
+            for index in range(len(BATCHES))
+        }
+        last = len(BATCHES) - 1
+        runs["kv"] = CacheVsRecompute(
+            extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS
+        )
+        return runs
+
+    def checks(
+        self, decoded: dict[str, np.ndarray], extra: dict, tolerance: Tolerance, reduced: Agreement | None = None
+    ) -> list[Check]:
         """Greedy tokens at utility 0 equal PyTorch's, token for token; the KV-cache path gives the logits
         of a full recompute within the family's tolerance. A reduced-precision engine cannot promise
         either under near-ties, so it is held to the task's comparator instead (see _reduced_checks)."""
         if reduced is not None:
-            return _reduced_checks(engine, extra, reduced)
-        stop, pad = extra["generation.stop_tokens"], int(extra["generation.pad_token_id"])
+            return _reduced_checks(decoded, extra, reduced)
         equal, total, all_same, details = 0, 0, True, []
         for index in range(len(BATCHES)):
             ids, mask = extra[f"generation.{index}.input_ids"], extra[f"generation.{index}.attention_mask"]
-            expected = extra[f"generation.{index}.tokens"]
-            got = generate(engine, ids, mask, max_new_tokens=NEW_TOKENS, stop_tokens=stop, pad_token_id=pad).tokens
+            expected, got = extra[f"generation.{index}.tokens"], decoded[f"generation.{index}.tokens"]
             same = got.shape == expected.shape and np.array_equal(got, expected)
             steps = min(got.shape[1], expected.shape[1])
             equal += int(np.sum(got[:, :steps] == expected[:, :steps]))
@@ -227,10 +246,7 @@ class TextGeneration(Task):
             f"{equal}/{total} tokens equal ({'; '.join(details)}; {NEW_TOKENS} new tokens each)",
             {"tokens_equal": equal, "tokens": total},
         )
-        last = len(BATCHES) - 1
-        worst = kv_vs_recompute(
-            engine, extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS
-        )
+        worst = float(np.max(np.abs(decoded["kv.cached"].astype(np.float64) - decoded["kv.recomputed"])))
         kv = Check(
             "KV cache vs full recompute",
             worst <= tolerance.atol,
@@ -348,27 +364,16 @@ def load_tokenizer(checkpoint):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
-def _reduced_checks(engine, extra: dict, reduced: Agreement) -> list[Check]:
+def _reduced_checks(decoded: dict[str, np.ndarray], extra: dict, reduced: Agreement) -> list[Check]:
     """FP16: along PyTorch's tokens (teacher forcing), PyTorch's greedy token is among the engine's
     top-k; and the cached and recomputed logits agree by the same comparator."""
     from aim.verify.compare import agreement
 
-    stop, pad = extra["generation.stop_tokens"], int(extra["generation.pad_token_id"])
+    stop = extra["generation.stop_tokens"]
     k, hits, total = max(1, reduced.k), 0, 0
     for index in range(len(BATCHES)):
-        ids, mask = extra[f"generation.{index}.input_ids"], extra[f"generation.{index}.attention_mask"]
-        expected = extra[f"generation.{index}.tokens"]
-        run = generate(
-            engine,
-            ids,
-            mask,
-            max_new_tokens=NEW_TOKENS,
-            stop_tokens=stop,
-            pad_token_id=pad,
-            keep_logits=True,
-            forced=expected,
-        )
-        for step, logits in enumerate(run.logits):
+        ids, expected = extra[f"generation.{index}.input_ids"], extra[f"generation.{index}.tokens"]
+        for step, logits in enumerate(decoded[f"generation.{index}.logits"]):
             live = np.flatnonzero(~np.isin(expected[:, :step], stop).any(axis=1)) if step else np.arange(len(ids))
             top = np.argpartition(-logits[live], k - 1, axis=1)[:, :k]
             hits += int(np.sum(np.any(top == expected[live, step][:, None], axis=1)))
@@ -380,10 +385,7 @@ def _reduced_checks(engine, extra: dict, reduced: Agreement) -> list[Check]:
         f"{hits}/{total} steps ({fraction:.4f}, needs >= {reduced.min_fraction:g})",
         {"fraction": fraction, "k": k, "steps": total},
     )
-    last = len(BATCHES) - 1
-    cached, recomputed = cached_and_recomputed(
-        engine, extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS
-    )
+    cached, recomputed = decoded["kv.cached"], decoded["kv.recomputed"]
     kv = agreement(
         "KV cache vs full recompute (reduced precision)",
         recomputed.reshape(-1, cached.shape[-1]),

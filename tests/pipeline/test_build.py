@@ -207,7 +207,8 @@ def test_verification_holds_one_engine_at_a_time(built, monkeypatch):
     """The bare, verification and production engines are opened in turn, each closed before the next
     opens: a large model's weights are in memory once, not three times."""
     import aim.runtime.folder
-    from aim.verify.build import verify_build
+    from aim.pipeline.verify import judge_build, run_build
+    from aim.tasks import get_task
 
     _, manifest, _ = built
     if manifest.model != "llama":
@@ -225,16 +226,9 @@ def test_verification_holds_one_engine_at_a_time(built, monkeypatch):
             super().close()
 
     monkeypatch.setattr(aim.runtime.folder, "OnnxRuntimeEngine", Counted)
-    runners = aim.runtime.folder.role_runners(manifest, "onnxruntime")
-    verification = manifest.verification
-    checks = verify_build(
-        *runners,
-        Reference.load(manifest.folder / REFERENCE),
-        verification.tolerance,
-        manifest.modulation.class_axis,
-        manifest.dynamic_dims["batch"].max,
-    )
-    runners[2].close()
+    task, reference = get_task(manifest.task), Reference.load(manifest.folder / REFERENCE)
+    results = run_build(aim.runtime.folder.Build(manifest), task, reference, "onnxruntime")
+    checks = judge_build(manifest, task, reference, results)
     assert all(check.passed for check in checks) and len(most) == 3 and max(most) == 1 and not open_now
 
 

@@ -19,7 +19,7 @@ from aim.files import StagedFolder
 from aim.pipeline.builder import build
 from aim.pipeline.model_source import FamilySource
 from aim.pipeline.request import BuildRequest
-from aim.runtime.folder import open_build
+from aim.runtime.folder import Build
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +60,7 @@ def test_sigterm_cleans_up_sigkill_leftover_is_removed_and_concurrent_builds_tak
     _, err = other.communicate(timeout=300)
     assert other.returncode == 0, err
     assert sorted(p.name for p in killed.iterdir()) == ["resnet"]
-    open_build(killed / "resnet")
+    Build.open(killed / "resnet")
 
 
 PUBLISHER = textwrap.dedent(

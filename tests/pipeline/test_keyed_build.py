@@ -18,7 +18,7 @@ from aim.pipeline.builder import build
 from aim.pipeline.model_source import FamilySource
 from aim.pipeline.request import BuildRequest
 from aim.pipeline.verify import verify_folder
-from aim.runtime.folder import production_runner
+from aim.runtime.folder import Build
 from aim.verdicts import Check
 from aim.verify.reference import Reference
 
@@ -56,8 +56,8 @@ def test_the_key_file_rebuilds_an_engine_that_answers_as_before(keyed_build, tmp
     inputs = Reference.load(first.folder / REFERENCE).inputs
 
     def answer(folder):
-        engine, _ = production_runner(Manifest.load(folder))
-        return engine.run(inputs, [1.0, 3.0], None)
+        with Build.open(folder).runner("production") as engine:
+            return engine.run(inputs, [1.0, 3.0], None)
 
     assert np.array_equal(answer(first.folder), answer(tmp_path / "resnet"))
 

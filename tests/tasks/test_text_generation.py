@@ -11,6 +11,7 @@ from aim.evaluation.theory import win_probability
 from aim.families import get_family
 from aim.layout import REFERENCE, TOKENIZER_DIR
 from aim.pipeline import builder
+from aim.pipeline.engine_runs import run_statistical_checks
 from aim.pipeline.model_source import FamilySource
 from aim.pipeline.request import BuildRequest
 from aim.tasks import get_task
@@ -28,7 +29,7 @@ from aim.tasks.generation import (
     word_tokens,
 )
 from aim.verify.reference import Reference
-from aim.verify.statistics import KS_ALPHA, statistical_checks
+from aim.verify.statistics import KS_ALPHA
 from tests.conftest import load
 
 CONFIG = get_family("llama")
@@ -138,7 +139,7 @@ def test_per_token_noise_statistics_follow_spec(build):
     inputs = decode_state(engine)
     engine.set_seed(0)
     bare = engine.run(inputs, 0.0, None)
-    checks = statistical_checks(engine, inputs, bare, class_axis=1, seed=0)
+    checks = run_statistical_checks(engine, inputs, bare, class_axis=1, seed=0)
     assert len(checks) == 8
     for check in checks:
         assert check.passed, check

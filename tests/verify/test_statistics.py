@@ -13,6 +13,7 @@ import onnxruntime
 import pytest
 from scipy import stats
 
+from aim.pipeline.engine_runs import run_statistical_checks
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.verify.defects import DEFECTS, DefectiveEngine
 from aim.verify.statistics import (
@@ -21,7 +22,6 @@ from aim.verify.statistics import (
     MIN_SAMPLES,
     STATISTICAL_CHECKS,
     SumOfNoises,
-    statistical_checks,
 )
 from tests.conftest import load
 
@@ -107,7 +107,7 @@ def test_sum_of_noises_is_scipys_skew_normal():
 
 def test_checker_passes_a_correct_engine(resnet):
     path, inputs, bare = resnet
-    checks = statistical_checks(seeded_engine(path, 14), inputs, bare, class_axis=1)
+    checks = run_statistical_checks(seeded_engine(path, 14), inputs, bare, class_axis=1)
     assert [c.name for c in checks if not c.passed] == []
     assert len(checks) == 8 and set(STATISTICAL_CHECKS) <= {c.name for c in checks}
     for check in checks:
@@ -149,7 +149,7 @@ def test_stated_power_at_the_fewest_samples():
 def test_checker_catches_wrong_noise(resnet, defect, failing):
     _, inputs, bare = resnet
     assert defect in DEFECTS
-    checks = statistical_checks(DefectiveEngine(bare, 1, defect), inputs, bare, class_axis=1)
+    checks = run_statistical_checks(DefectiveEngine(bare, 1, defect), inputs, bare, class_axis=1)
     failed = {c.name for c in checks if not c.passed}
     assert failing <= failed
     assert "identity at utility 0, focus 0" not in failed  # each defect is caught where it is
@@ -162,5 +162,5 @@ def test_checker_catches_wrong_noise(resnet, defect, failing):
 def test_defect_free_stand_in_passes(resnet):
     _, inputs, bare = resnet
     assert all(
-        c.passed for c in statistical_checks(DefectiveEngine(bare, 1, "none", seed=1), inputs, bare, class_axis=1)
+        c.passed for c in run_statistical_checks(DefectiveEngine(bare, 1, "none", seed=1), inputs, bare, class_axis=1)
     )
