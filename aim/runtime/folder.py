@@ -35,19 +35,22 @@ class Build:
         return self.manifest.folder
 
     @classmethod
-    def open(cls, folder: str | os.PathLike, check: bool = True, allow_failed: bool = False) -> Build:
+    def open(cls, folder: str | os.PathLike, check: bool = True, allow_failed: bool = False, warn=None) -> Build:
         """The build in `folder`. With `check`, every file it records must still have its hash (leave it
         to `check_files()` to refuse first for what the build lacks, before hashing gigabytes). A build
-        that failed its verification is refused unless `allow_failed`."""
+        that failed its verification is refused unless `allow_failed` (then `warn`, if given, is told)."""
         manifest = Manifest.load(folder)
         verification = manifest.verification
-        if not verification.passed and not allow_failed:
+        if not verification.passed:
             failed = ", ".join(verification.failed()) or "no check ran"
-            raise FailedBuildError(
-                f"{manifest.folder} failed its verification ({failed}): its engine is not to be used. Rebuild it "
-                f"(`make engine`), see why with `aim verify {manifest.folder}`, or run it anyway with `aim run "
-                "--allow-failed`."
-            )
+            if not allow_failed:
+                raise FailedBuildError(
+                    f"{manifest.folder} failed its verification ({failed}): its engine is not to be used. Rebuild "
+                    f"it (`make engine`), see why with `aim verify {manifest.folder}`, or run it anyway with `aim "
+                    "run --allow-failed`."
+                )
+            if warn is not None:
+                warn(f"warning: {manifest.folder} FAILED its verification ({failed}); using its engine anyway")
         build = cls(manifest)
         if check:
             build.check_files()
@@ -113,16 +116,16 @@ class Build:
         return OnnxRuntimeEngine(path, threads, profile=self.profile(Path(path)))
 
 
-def open_runner(path: str | os.PathLike, threads: int | None = None, allow_failed: bool = False):
+def open_runner(path: str | os.PathLike, threads: int | None = None, allow_failed: bool = False, warn=None):
     """An ONNX Runtime runner for an engine or model file, or for a build folder (its production
     engine). A build folder, or a file recorded in one, is opened through Build.open (every file
-    checked against its hash; a failed build refused unless `allow_failed`) and its runner refuses
-    shapes outside the build's range; any other file runs as it is."""
+    checked against its hash; a failed build refused unless `allow_failed`, `warn` told) and its runner
+    refuses shapes outside the build's range; any other file runs as it is."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if not Manifest.found_in(folder):
         return OnnxRuntimeEngine(path, threads)
-    build = Build.open(folder, allow_failed=allow_failed)
+    build = Build.open(folder, allow_failed=allow_failed, warn=warn)
     if path.is_dir():
         return build.runner("production", "onnxruntime", threads)
     recorded = {build.folder / entry.path for entry in build.manifest.artifacts.values()}

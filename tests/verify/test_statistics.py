@@ -22,6 +22,7 @@ from aim.verify.statistics import (
     MIN_SAMPLES,
     STATISTICAL_CHECKS,
     SumOfNoises,
+    statistical_checks,
 )
 from tests.conftest import load
 
@@ -164,3 +165,23 @@ def test_defect_free_stand_in_passes(resnet):
     assert all(
         c.passed for c in run_statistical_checks(DefectiveEngine(bare, 1, "none", seed=1), inputs, bare, class_axis=1)
     )
+
+
+def test_too_few_values_fail_under_that_name_not_under_a_test_of_the_noise():
+    """Issue 21: a statistical check given fewer than MIN_SAMPLES values fails as "too few noise values",
+    not as the test it could not run (whose name would blame the noise); and the plan asks for enough
+    runs for any output size: a one-logit batch of 16 has 8 focused values per checkerboard run."""
+    from aim.verify.statistics import statistical_plan
+
+    plan = statistical_plan((16, 1), 1)
+    assert len(plan["checkerboard"]) * 8 >= MIN_SAMPLES and len(plan["utility"]) * 16 >= MIN_SAMPLES
+    bare = np.zeros((16, 1), np.float32)
+    engine = DefectiveEngine(bare, 1, "none", seed=3)
+    draws = {name: np.stack([engine.run(None, k.utility, k.focus) for k in runs]) for name, runs in plan.items()}
+    assert all(check.passed for check in statistical_checks(draws, bare, 1))  # enough: a correct engine passes
+    draws["checkerboard"] = draws["checkerboard"][:100]  # 800 values
+    checks = {check.name: check for check in statistical_checks(draws, bare, 1)}
+    failed = [name for name, check in checks.items() if not check.passed]
+    assert failed == [f"too few noise values for {name!r}" for name in STATISTICAL_CHECKS[3:]], failed
+    assert "800 values (needs 20000)" in checks[failed[0]].detail
+    assert "700 neighbour pairs" in checks[failed[1]].detail  # 7 focused rows with a next row, 100 runs
