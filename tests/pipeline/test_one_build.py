@@ -218,3 +218,21 @@ def test_the_peak_counter_is_left_alone_and_each_step_has_its_peak(classifier, t
     assert steps["reference"]["peak"] - steps["reference"]["start"] >= 350
     assert round(peak_rss() / 1e6, 1) >= max(step["peak"] for step in steps.values())  # MB, as recorded
     assert steps["verify"]["peak"] < steps["reference"]["peak"]  # the spike was the reference step's alone
+
+
+def test_make_max_batch_reaches_the_build_and_the_triton_config(build_folder, classifier, tmp_path):
+    """`make triton MAX_BATCH=N`: a build made with that largest batch is reused (the default, 32, for
+    images), another is built with it, your ONNX too; Triton's max_batch_size follows."""
+    from tests.test_makefile import make
+
+    out = tmp_path / "out"
+    shutil.copytree(build_folder("resnet"), out / "resnet")
+    kept = make("triton", MODEL="resnet", OUT=str(out), MAX_BATCH="32", REPO=str(tmp_path / "kept"))
+    assert kept.returncode == 0 and "reused" in kept.stderr, kept.stderr
+    assert "max_batch_size: 32" in (tmp_path / "kept" / "resnet" / "config.pbtxt").read_text()
+    path, _, _ = classifier
+    onnx_flags = {"ONNX": str(path), "LOGITS": "scores", "MIN_SHAPES": "x:1x8", "MAX_SHAPES": "x:16x8"}
+    built = make("triton", OUT=str(out), MAX_BATCH="12", REPO=str(tmp_path / "built"), **onnx_flags)
+    assert built.returncode == 0 and "reused" not in built.stderr, built.stderr
+    assert Manifest.load(out / "classifier").profile["x"]["max"] == [12, 8]
+    assert "max_batch_size: 12" in (tmp_path / "built" / "classifier" / "config.pbtxt").read_text()
