@@ -54,7 +54,7 @@ COMMANDS = (
     "trt_check",
     "export",
     "modulate",
-    "build",
+    "engine_file",
     "run",
     "verify",
     "generate",
