@@ -17,7 +17,7 @@ from pathlib import Path
 from aim.evaluation.train import TRAINING, train
 from aim.families import Family, get_family
 from aim.files import check_writable
-from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.runtime.base import OnFirstUse
 from aim.tasks import Task, get_task
 from aim.tasks.datasets import Split
 
@@ -25,7 +25,7 @@ from aim.tasks.datasets import Split
 @dataclass
 class Prepared:
     folder: Path
-    engine: OnnxRuntimeEngine
+    engine: OnFirstUse  # the build's production engine on ONNX Runtime, opened on first use
     checkpoint: Path
     training: dict | None
     family: Family
@@ -63,11 +63,9 @@ def prepare_engine(
     else:
         log(f"building the engine of {checkpoint} into {folder}")
         built = build(source, request, log)
-    manifest = built.manifest
-    # No profile: the sweeps run ONNX Runtime at batches past the TensorRT profile's (ONNX Runtime has none).
-    return Prepared(
-        folder, OnnxRuntimeEngine(manifest.engine_path()), checkpoint, training, family, get_task(family.task)
-    )
+    # Unbounded: the sweeps run ONNX Runtime at batches past the engine profile's (ONNX Runtime has none).
+    engine = built.runner("production", "onnxruntime", bounded=False)
+    return Prepared(folder, engine, checkpoint, training, family, get_task(family.task))
 
 
 def eval_inputs(prepared: Prepared, seed: int = 0, split: str = "test") -> Setup:
