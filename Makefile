@@ -57,24 +57,27 @@ BUILT = $(NAME) && { $(SOURCE); $(PY) -m aim.cli engine "$$@" $(BUILD_FLAGS) --r
 
 .PHONY: engine generate triton serve loadtest test format models bench clean help train eval calibrate attack false-alarms scale-check
 
+# One line per target; the CLI's commands are listed by `aim --help` (tests/cli/test_command_list.py).
 help:
-	@echo "make engine MODEL=resnet|segformer|llama [CHECKPOINT=dir] [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
-	@echo "make engine CHECKPOINT=dir   any supported architecture of the three tasks (make models), into OUT/<folder name>"
-	@echo "make engine ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224 [MIN_SHAPES=..] [OPT_SHAPES=..] [CLASS_AXIS=1] [TASK=..] [INPUTS=data.npz] [UPSAMPLE_TO=input]"
-	@echo "make calibrate ONNX=yours.onnx LOGITS=name MAX_SHAPES=.. DATA=unlabeled.npy   your model's level -> sigma table"
-	@echo "make triton MODEL=x [REPO=build/triton]   Triton model repository for the engine (builds it if missing)"
-	@echo "make serve MODEL=x [REPO=build/triton]    Triton server on that repository (Ctrl-C stops it)"
-	@echo "make loadtest MODEL=x    the modulated beside the bare model on the real server, under load (a few minutes): build/loadtest/"
-	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]"
-	@echo "make test      the test suite"
-	@echo "make models    list the model families, and checkpoint architectures by task"
-	@echo "make bench     modulation's cost as ratios (realistic sizes, a few minutes): build/bench/bench.json"
-	@echo "make train MODEL=x       train the family's small model on package-shipped data (cached in build/trained/x)"
-	@echo "make eval MODEL=x        utility and focus sweeps through the engine, measured vs theory: build/x/eval/"
-	@echo "make calibrate MODEL=x   level -> sigma table and an engine taking utility_level in [0, 1]"
-	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: build/x/attack/"
-	@echo "make false-alarms MODEL=x [REPEATS=1000]  the statistical checks' false alarms and misses, measured (not in CI)"
-	@echo "make scale-check         a TinyLlama-1.1B-shaped bf16 checkpoint through make engine: time and peak memory per step (~10 GB RAM, 15 GB disk)"
+	@echo "make engine MODEL=resnet|segformer|llama | CHECKPOINT=dir | ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224"
+	@echo "            [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
+	@echo "            export -> graph passes -> engine -> verify into OUT/NAME/ (ONNX also takes MIN_SHAPES, OPT_SHAPES, CLASS_AXIS, TASK, INPUTS, UPSAMPLE_TO)"
+	@echo "make test          ruff check, ruff format --check, then the test suite"
+	@echo "make format        ruff's lint fixes and formatting, as make test checks them"
+	@echo "make models        the model families, and checkpoint architectures by task"
+	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]   text, streamed"
+	@echo "make triton MODEL=x [REPO=build/triton]   a Triton model repository entry for the engine"
+	@echo "make serve MODEL=x [REPO=build/triton]    the Triton server on that repository (Ctrl-C stops it)"
+	@echo "make loadtest MODEL=x       the modulated beside the bare model on the real server, under load: OUT/loadtest/"
+	@echo "make train MODEL=x          the family's small model on package-shipped data (cached in build/trained/x)"
+	@echo "make eval MODEL=x           utility and focus sweeps through the engine, measured vs theory: OUT/x/eval/"
+	@echo "make calibrate MODEL=x | ONNX=.. LOGITS=.. MAX_SHAPES=.. DATA=unlabeled.npy   level -> sigma, an engine taking utility_level"
+	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: OUT/x/attack/"
+	@echo "make bench                  modulation's cost as ratios (realistic sizes, a few minutes): OUT/bench/bench.json"
+	@echo "make false-alarms MODEL=x [REPEATS=1000]   the statistical checks' false alarms and misses, measured"
+	@echo "make scale-check            a TinyLlama-1.1B-shaped bf16 checkpoint through make engine (~10 GB RAM, 15 GB disk)"
+	@echo "make clean                  remove OUT"
+	@echo "The CLI's commands: aim --help (.venv/bin/aim). Targets that need an engine build it first unless OUT/NAME holds one made as asked."
 
 # torch first, from the CPU wheel on the machine's disk: otherwise pip resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml

@@ -1,34 +1,8 @@
 """`aim`: a thin command line over the Python API, one module per command.
 
-    aim models                                   the model families, and checkpoint architectures by task
-    aim engine MODEL [--checkpoint DIR] [--backend auto|onnxruntime|tensorrt|tensorrt-rtx] [--precision fp32|fp16]
-                     [--noise fresh|keyed] [--noise-key FILE]
-                                                 export -> passes -> engine -> verify into build/MODEL/
-    aim engine --checkpoint DIR                  the same for the folder's own architecture, into build/<folder name>/
-    aim engine --onnx yours.onnx --logits NAME --min-shapes x:1x3x224x224 --max-shapes x:32x3x224x224
-                                                 the same for your own ONNX, into build/yours/
-    aim trt-check model.onnx                     which nodes TensorRT's ONNX parser would refuse, and why
-    aim export [MODEL] -o model.onnx [--checkpoint DIR]   trace a family (or the checkpoint's architecture) to ONNX
-    aim modulate in.onnx -o out.onnx --logits NAME [--class-axis 1] [--flavour verification] [--upsample-to INPUT]
-                 [--noise keyed] [--noise-key FILE]
-    aim build modulated.onnx -o engine.onnx      an ONNX Runtime engine (optimised model)
-    aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --model resnet   a TensorRT plan
-    aim build modulated.onnx -o engine.plan --backend tensorrt-rtx --max-shapes x:32x3x224x224  (trtexec's shape flags)
-    aim run engine.onnx --input NAME=file.npy --utility 0.5 --boost 3=4 --suppress 0=4 [-o out.npy]
-    aim run build/MODEL --input NAME=file.npy    a build's engine: hashes checked, shapes outside its range refused
-    aim run engine.calibrated.onnxruntime.onnx --input NAME=file.npy --level 0.8   (a calibrated engine)
-    aim verify build/MODEL [--seed N]            re-run the checks of a build against its stored reference
-    aim generate build/llama --prompt TEXT [--utility 0.5] [--focus "+word=5,-other=10"]
-                 [--max-new-tokens 32] [--truncate]
-                                                 text from a built language model, streamed token by token
-    aim train MODEL                              train the family's small model on package-shipped data (cached)
-    aim eval MODEL [--checkpoint DIR]            utility and focus sweeps through the engine vs theory
-    aim calibrate MODEL [--checkpoint DIR]       level -> sigma table; an engine taking utility_level
-    aim calibrate build/yours --data x.npy       the same on your unlabelled inputs (or --onnx FILE ... --data x.npy)
-    aim attack MODEL [--noise-key FILE]          repeat-and-average attack on fresh vs keyed noise
-    aim triton build/MODEL [--repository build/triton]   a Triton model repository for the build's engine
-    aim serve build/triton [--model NAME]        the Triton server on a repository (Ctrl-C stops it)
-    aim loadtest build/MODEL [--concurrency 1,8,32,128]   modulated beside bare on the real server, under load
+Each module of COMMANDS registers its sub-command with a one-line help; those lines are the one list of
+the commands: `aim --help` prints them, `glance()` formats them for the README's "CLI at a glance"
+(tests/cli/test_command_list.py holds the README to it), and `aim COMMAND --help` gives the options.
 
 A mistake of the user's (a bad argument, a missing file, a corrupt model, a path that cannot be
 written, a full disk) ends with one `error:` line and exit code 2; a bug still shows its traceback.
@@ -68,11 +42,28 @@ COMMANDS = (
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="aim", description="AIM model modulation: export, modulate, build, run, verify.")
-    sub = top.add_subparsers(dest="command", required=True)
+    top = argparse.ArgumentParser(
+        prog="aim",
+        description="AIM model modulation: export, modulate, build, run, verify, serve.",
+        epilog="`aim COMMAND --help` gives a command's options.",
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").add(sub)
     return top
+
+
+def commands() -> list[tuple[str, str]]:
+    """(name, help) of every sub-command, in the order `aim --help` lists them."""
+    (sub,) = (action for action in parser()._actions if isinstance(action, argparse._SubParsersAction))
+    return [(choice.dest, choice.help or "") for choice in sub._choices_actions]
+
+
+def glance() -> str:
+    """The commands as the README's "CLI at a glance" shows them: one line each, `aim NAME  help`."""
+    listed = commands()
+    width = max(len(name) for name, _ in listed)
+    return "\n".join(f"    aim {name.ljust(width)}  {text}".rstrip() for name, text in listed)
 
 
 # Options whose value is free text that may start with "-" (`--focus "-import=100"`, a prompt
