@@ -63,7 +63,9 @@ def test_the_key_file_rebuilds_an_engine_that_answers_as_before(keyed_build, tmp
 
 
 def test_a_failed_keyed_build_writes_no_key_file(tmp_path, monkeypatch):
-    monkeypatch.setattr("aim.pipeline.builder.checks", lambda *args: [Check("a check that fails", False, "on purpose")])
+    monkeypatch.setattr(
+        "aim.pipeline.builder.judge_build", lambda *args: [Check("a check that fails", False, "on purpose")]
+    )
     with pytest.raises(VerificationError, match="a check that fails"):
         build(
             FamilySource("resnet"),

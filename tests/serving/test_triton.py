@@ -36,11 +36,8 @@ def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder,
 
     config = read_config(target)  # Triton's ModelConfig protobuf, from tritonclient
     assert isinstance(config, pb.ModelConfig)
-    assert (config.name, config.platform, config.max_batch_size) == (
-        model,
-        "onnxruntime_onnx",
-        export.dims["batch"].max,
-    )
+    profile = next(iter(manifest["profile"].values()))  # the engine's profile: its first input's, batch first
+    assert (config.name, config.platform, config.max_batch_size) == (model, "onnxruntime_onnx", profile["max"][0])
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_CPU"]
     assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds > 0
     specs = task.input_specs(pytorch_model)  # with the KV cache of a text family

@@ -11,7 +11,7 @@ from aim.evaluation.theory import win_probability
 from aim.families import get_family
 from aim.layout import REFERENCE, TOKENIZER_DIR
 from aim.pipeline import builder
-from aim.pipeline.engine_runs import run_statistical_checks
+from aim.pipeline.engine_runs import run_decodes, run_statistical_checks
 from aim.pipeline.model_source import FamilySource
 from aim.pipeline.request import BuildRequest
 from aim.tasks import get_task
@@ -306,7 +306,7 @@ def test_local_checkpoint_with_its_own_tokenizer(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
 
-    manifest = build(
+    manifest = builder.build(
         FamilySource("llama", tmp_path / "ckpt"), BuildRequest(tmp_path / "build"), log=lambda _: None
     ).manifest
     checks = {c.name: c for c in manifest.verification.checks}
@@ -357,11 +357,13 @@ def test_reduced_precision_generation_checks_use_teacher_forcing(build):
     np.testing.assert_array_equal(run.tokens, forced)
     spec = CONFIG.fp16
     assert spec is not None and spec.metric == "top_k"
-    assert all(check.passed for check in TASK.checks(engine, reference, CONFIG.tolerance, spec))
+    decoded = run_decodes(engine, TASK.verification_runs(reference, spec))
+    assert all(check.passed for check in TASK.checks(decoded, reference, CONFIG.tolerance, spec))
     wrong = dict(reference)
     for index in range(3):
         wrong[f"generation.{index}.tokens"] = (reference[f"generation.{index}.tokens"] + 1000) % 32000
-    greedy, _ = TASK.checks(engine, wrong, CONFIG.tolerance, dataclasses.replace(spec, min_fraction=0.5))
+    decoded = run_decodes(engine, TASK.verification_runs(wrong, spec))
+    greedy, _ = TASK.checks(decoded, wrong, CONFIG.tolerance, dataclasses.replace(spec, min_fraction=0.5))
     assert not greedy.passed and greedy.metrics["fraction"] < 0.1
 
 
@@ -372,7 +374,7 @@ def test_tensorrt_rtx_fp16_build_with_kv_cache_and_generation_from_it(tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
     from aim.runtime import tensorrt as trt_engine
 
-    manifest = build(
+    manifest = builder.build(
         FamilySource("llama"), BuildRequest(tmp_path, backend="tensorrt-rtx", precision="fp16"), log=lambda _: None
     ).manifest
     assert manifest.verification.passed and manifest.engine.endswith(".plan")
