@@ -99,8 +99,16 @@ serve: triton
 loadtest: $(STAMP)
 	$(BUILT) && $(PY) -m aim.cli loadtest "$$OUT/$$name" --out "$$OUT/loadtest"
 
+# make strips the blanks that begin a command-line value (PROMPT=" The" becomes "The", another question):
+# the prompt as typed is read back from make's own arguments (/proc/<make>/cmdline, Linux), else as make has it.
+# The trailing x keeps a trailing newline of the prompt through $$( ).
+TYPED_PROMPT = prompt="$$($(PY) -c 'import sys, pathlib; f = pathlib.Path(f"/proc/{sys.argv[1]}/cmdline"); \
+	typed = [a[7:] for a in (f.read_bytes().split(b"\0") if f.exists() else []) if a.startswith(b"PROMPT=")]; \
+	t = typed[-1].decode(errors="replace") if typed else ""; print(t if t.lstrip() == sys.argv[2] else sys.argv[2], end="x")' \
+	"$$PPID" "$$PROMPT")" && prompt="$${prompt%x}"
+
 generate: $(STAMP)
-	$(BUILT) && $(PY) -m aim.cli generate "$$OUT/$$name" --prompt "$$PROMPT" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
+	$(BUILT) && $(TYPED_PROMPT) && $(PY) -m aim.cli generate "$$OUT/$$name" --prompt "$$prompt" --utility "$$UTILITY" --max-new-tokens "$$MAX_NEW_TOKENS" $${FOCUS:+--focus="$$FOCUS"}
 
 train: $(STAMP)
 	$(PY) -m aim.cli train "$$MODEL"

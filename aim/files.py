@@ -1,6 +1,16 @@
 """Writing files and folders so that a reader never sees half of one: atomic files, staged folders
 published by rename under a lock, the clean-up of what a killed process left behind, and of what
-this process has half-written when it is stopped (`remove_pending`, for a signal handler)."""
+this process has half-written when it is stopped (`remove_pending`, for a signal handler).
+
+What a write may replace, the one rule every writer here obeys (docs/mistakes.md says it to users):
+- a file (`atomic_path`): nothing, or a regular file; never a device (`-o /dev/null`), a pipe, a
+  socket, a folder or a symbolic link;
+- a folder (`StagedFolder`): nothing, an empty folder, or a folder its writer recognises as its own
+  (`ours`: a build folder holds this project's build manifest); never a file or a symbolic link;
+- never a folder that is, holds or lies inside what the output is made from (`sources`: a checkpoint
+  folder, a user's ONNX file, a key file).
+Anything else is refused before any work, with `WriteRefused` (an `error:` line, exit 2), and nothing is written.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +19,16 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from aim.errors import AimError
 
 # Names of the temporary files and folders below: .<name>.<kind>-<pid>[.data]
 _LEFTOVER = re.compile(r"^\..+\.(tmp|staging|old)-(\d+)(\.data)?$")
@@ -28,12 +42,148 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+OURS = "a folder this tool wrote (a build folder holds this tool's manifest.json)"
+
+
+class WriteRefused(AimError):
+    """A write would replace what is not its own: a device, a user's folder, its own source."""
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def check_file_replaceable(path: str | os.PathLike) -> None:
+    """A file is written only where nothing is, or over a regular file (the rule above)."""
+    found = _lstat(Path(path))
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        raise WriteRefused(
+            f"{path} is {_kind(found.st_mode)}, not a regular file: only a regular file is ever replaced. "
+            "Give the path of a file to write"
+        )
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_apart(folder: str | os.PathLike, sources: Iterable[str | os.PathLike | None]) -> None:
+    """`folder` (to be replaced) neither is, holds nor lies inside any of `sources` (paths it is made
+    from; None entries are skipped). Symbolic links are resolved: two spellings of one place are one."""
+    target = Path(folder).resolve()
+    for source in sources:
+        if source is None:
+            continue
+        where = Path(source).resolve()
+        if _within(target, where) or _within(where, target):
+            relation = "is" if target == where else ("lies inside" if _within(target, where) else "holds")
+            raise WriteRefused(
+                f"the output folder {folder} {relation} {source}, which it is made from: writing it would replace "
+                "its own source. Give an output folder outside it (--out elsewhere, e.g. --out build)"
+            )
+
+
+def check_folder_replaceable(
+    folder: str | os.PathLike, ours: Callable[[Path], bool] | None = None, what: str = OURS
+) -> None:
+    """A folder is written only where nothing is, over an empty folder, or over a folder `ours`
+    recognises as one this project wrote (the rule above). One lstat: another process may swap it."""
+    folder = Path(folder)
+    found = _lstat(folder)
+    if found is None:
+        return
+    if not stat.S_ISDIR(found.st_mode):
+        if stat.S_ISLNK(found.st_mode) or not stat.S_ISREG(found.st_mode):
+            raise WriteRefused(
+                f"{folder} is {_kind(found.st_mode)}: only {what} is ever replaced. Move it, or write elsewhere"
+            )
+        raise FileExistsError(errno.EEXIST, "a file, not a folder, has this name", str(folder))
+    try:
+        with os.scandir(folder) as entries:
+            empty = next(entries, None) is None
+    except OSError:
+        empty = False
+    if not empty and not (ours is not None and ours(folder)):
+        raise WriteRefused(
+            f"{folder} exists and is not {what}: it is never replaced. Move it, or write elsewhere "
+            "(another --out, or rename the source)"
+        )
+
+
 def read_json(path: str | os.PathLike, error: type[Exception], advice: str):
     """The JSON in `path`, or `error` saying that it is not readable JSON, why, and `advice`."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
         raise error(f"{path} is not readable JSON ({problem}): {advice}") from None
+
+
+def _npy_fits(handle, data_bytes: int, name: str) -> None:
+    """Reads an .npy header from `handle` (at its start) and raises ValueError unless the array it
+    claims (shape x dtype) fits in the `data_bytes` the file holds, header included."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(handle)
+        header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+        shape, _, dtype = header(handle) if header else npy._read_array_header(handle, version)
+    except (ValueError, SyntaxError, TypeError) as error:
+        raise ValueError(f"{name}: its .npy header is not readable ({error})") from None
+    needed = handle.tell() + math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and needed > data_bytes:
+        raise ValueError(
+            f"{name}: its header claims an array of shape {tuple(shape)} {dtype} ({_size(needed)}), but the file "
+            f"holds {_size(data_bytes)}: the file is damaged or cut short"
+        )
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def load_arrays(path: str | os.PathLike):
+    """np.load(path, allow_pickle=False) (an array for .npy, an NpzFile for .npz) once every array's
+    header has been checked against the bytes the file holds: a header that claims 12 TB is a
+    ValueError saying so, not an allocation that fails (or succeeds) on the claim. OSError and
+    ValueError as np.load raises them."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    with open(path, "rb") as handle:
+        is_npy = handle.read(6) == b"\x93NUMPY"
+        if is_npy:
+            handle.seek(0)
+            _npy_fits(handle, os.fstat(handle.fileno()).st_size, str(path))
+    if not is_npy and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    if member.filename.endswith(".npy"):
+                        with archive.open(member) as handle:
+                            _npy_fits(handle, member.file_size, f"{path}: {member.filename}")
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as error:
+            raise ValueError(f"{path}: not a readable .npz archive ({error})") from None
+    return np.load(path, allow_pickle=False)
 
 
 def folder_hashes(folder: str | os.PathLike) -> dict[str, str]:
@@ -94,6 +244,7 @@ def atomic_path(path: str | os.PathLike):
     """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds. On a
     failure nothing is left: neither the temporary file nor the folders made for it."""
     path = Path(path)
+    check_file_replaceable(path)  # before anything is made
     created = make_folder(path.parent)
     remove_leftovers(path.parent)  # temporary files of killed writers
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -103,6 +254,7 @@ def atomic_path(path: str | os.PathLike):
     done = False
     try:
         yield tmp
+        check_file_replaceable(path)  # again: the block may have run for minutes
         os.replace(tmp, path)
         done = True
     finally:
@@ -177,32 +329,37 @@ def folder_lock(folder: Path):
         os.close(handle)  # closing releases the lock
 
 
-def _not_a_file(folder: Path) -> None:
-    """A folder is replaced by a new one; a file of the user's of that name is not. One stat: another
-    process may swap the folder between two."""
-    try:
-        mode = os.stat(folder).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    if not stat.S_ISDIR(mode):
-        raise FileExistsError(errno.EEXIST, "a file, not a folder, has this name", str(folder))
-
-
 class StagedFolder:
     """A folder built beside its final place and published by rename, so a reader sees the old
     folder or the new one, never a mix. Used as a context manager: on an error the staging folder and
     the folders made for it are removed (on Ctrl-C or SIGTERM, the CLI's handler removes them with
     remove_pending); `publish()` swaps it in under a lock, so two processes publishing the same folder
-    take turns. Leftovers of killed processes are removed on entry."""
+    take turns. Leftovers of killed processes are removed on entry.
 
-    def __init__(self, final: str | os.PathLike):
+    It replaces only what the rule above allows: `ours` recognises a folder of its writer's (default:
+    none, so only an empty folder is replaced), and the folder must lie apart from `sources`. Both are
+    checked on entry, before any work, and again under the lock when publishing."""
+
+    def __init__(
+        self,
+        final: str | os.PathLike,
+        ours: Callable[[Path], bool] | None = None,
+        sources: Iterable[str | os.PathLike | None] = (),
+        what: str = OURS,
+    ):
         self.final = Path(final)
+        self.ours, self.sources, self.what = ours, tuple(sources), what
         self.path = self.final.with_name(f".{self.final.name}.staging-{os.getpid()}")
         self.published: Path | None = None
         self.created: list[Path] = []
 
+    def check(self, target: Path) -> None:
+        """Raises unless a publish may replace `target` (the rule above)."""
+        check_apart(target, self.sources)
+        check_folder_replaceable(target, self.ours, self.what)
+
     def __enter__(self) -> StagedFolder:
-        _not_a_file(self.final)
+        self.check(self.final)
         self.created = make_folder(self.final.parent)
         _PENDING[self.path] = self.created
         try:
@@ -219,8 +376,9 @@ class StagedFolder:
         """Replaces `target` (default: the final folder) by the staged one."""
         target = Path(target) if target is not None else self.final
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        self.check(target)  # before the lock: a refusal creates no folder for it
         with _held(), folder_lock(target.parent):
-            _not_a_file(target)
+            self.check(target)
             if target.exists() or target.is_symlink():
                 os.replace(target, old)
             try:
@@ -235,6 +393,13 @@ class StagedFolder:
         remove(old)
         _PENDING.pop(old, None)
         return target
+
+    def discard(self, folder: str | os.PathLike) -> None:
+        """Removes `folder` (a build's superseded `.failed` sibling) if it is one of this writer's own."""
+        folder = Path(folder)
+        found = _lstat(folder)
+        if found is not None and stat.S_ISDIR(found.st_mode) and self.ours is not None and self.ours(folder):
+            remove(folder)
 
     def __exit__(self, *exc) -> None:
         _PENDING.pop(self.path, None)

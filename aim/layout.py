@@ -358,6 +358,17 @@ class Manifest:
         """Whether `folder` is a build folder (it has a manifest, readable or not)."""
         return (Path(folder) / MANIFEST).is_file()
 
+    @staticmethod
+    def holds_build(folder: str | os.PathLike) -> bool:
+        """Whether `folder` holds this project's build manifest (of any schema, edited or not): the only
+        folders a build may replace (files.StagedFolder). A user's folder, even one with another
+        program's manifest.json, is not one."""
+        try:
+            data = json.loads((Path(folder) / MANIFEST).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(data, dict) and {"model", "artifacts", "verification"} <= data.keys()
+
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Manifest:
         folder = Path(folder)

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 
+from aim.cli.args import Parser
 from aim.errors import AimError
 from aim.files import remove_pending
 
@@ -42,7 +43,7 @@ COMMANDS = (
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = Parser(
         prog="aim",
         description="AIM model modulation: export, modulate, build, run, verify, serve.",
         epilog="`aim COMMAND --help` gives a command's options.",

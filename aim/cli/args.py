@@ -8,6 +8,14 @@ from aim.contract import MAX_STRENGTH, NOISE_SOURCES
 from aim.runtime.backends import BACKENDS
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, its mistakes said in one `error:` line with where to read more, as every
+    other mistake of the user's is (argparse prints its usage first, 4 to 10 lines)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see `{self.prog} --help`\n")
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

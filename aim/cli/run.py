@@ -45,11 +45,17 @@ def _parse_classes(pairs: list[str], flag: str) -> dict[int, float]:
 def _load(item: str):
     import numpy as np
 
+    from aim.files import load_arrays
+
     name, _, file = item.partition("=")
     if not file or not Path(file).is_file():
         raise AimError(f"--input takes NAME=FILE.npy with an existing file; got {item!r}")
     try:
-        return name, np.load(file, allow_pickle=False)
+        array = load_arrays(file)  # each header checked against the file's size before it is read
+        if not isinstance(array, np.ndarray):
+            array.close()
+            raise ValueError("it is an .npz archive; give one array per --input, saved with numpy.save")
+        return name, array
     except (OSError, ValueError) as error:
         raise AimError(f"--input {item}: not a readable .npy file ({error})") from None
 

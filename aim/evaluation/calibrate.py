@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy import optimize, special
 
 from aim.evaluation import theory
 from aim.evaluation.sweep import EngineData
@@ -41,6 +42,16 @@ LEVELS = np.round(np.linspace(0.0, 1.0, 101), 4)
 FLOOR = 0.01
 # Levels measured through the calibrated engine on held-out inputs after calibration.
 CHECK_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The held-out check's verdict: a level is off when its measured agreement, the mean over n held-out
+# inputs of each input's agreement (a value in [0, 1]: a pixel or token average over the repeats), is
+# too far from its target for n independent inputs of mean t. Hoeffding's (1963) bound says how far:
+# P(mean >= x) <= exp(-n KL(x || t)) for any such values (likewise below), KL the Bernoulli relative
+# entropy; a level is off when that bound is below FALSE_ALARM / (2 x levels). So a table that holds
+# on inputs like the held-out ones is flagged with probability <= FALSE_ALARM, however few the inputs
+# (no normal approximation), and the target taken as exact.
+FALSE_ALARM = 0.01
+# A check that flags only measured deviations beyond this is called weak, and more inputs advised.
+WEAK = 0.05
 
 
 def targets(levels, num_classes: int) -> np.ndarray:
@@ -86,16 +97,64 @@ def measure_levels(
                 part = {k: v[start : start + batch] for k, v in split.inputs.items()}
                 out.append(engine.run(part, level=float(level)))
             rates.append(metrics.agreement(np.argmax(np.concatenate(out), axis=class_axis).reshape(-1), clean))
-        agree = float(np.mean(rates))
+        agree, target = float(np.mean(rates)), float(target_fn(level))
         results.append(
             {
                 "level": float(level),
-                "target": float(target_fn(level)),
+                "target": target,
                 "measured": agree,
                 "samples": int(clean.size) * repeats,
+                "inputs": len(split),
+                "standard_error": float(np.sqrt(target * (1 - target) / len(split))),  # binomial, for the reader
+                "tail_bound": tail_bound(agree, target, len(split)),
             }
         )
+    for item in results:
+        item["within_sampling_error"] = item["tail_bound"] > FALSE_ALARM / (2 * len(results))
     return results
+
+
+def tail_bound(measured: float, target: float, n: int) -> float:
+    """Hoeffding's bound on the probability that the mean of n independent values in [0, 1] of mean
+    `target` lies at least as far from it as `measured`, on that side: exp(-n KL(measured || target))."""
+    kl = special.rel_entr(measured, target) + special.rel_entr(1 - measured, 1 - target)
+    return float(np.exp(-n * kl))
+
+
+def detectable(target: float, n: int, levels: int) -> float:
+    """The smallest measured deviation above `target` the check flags with n inputs (1 - target if none)."""
+    limit = FALSE_ALARM / (2 * levels)
+    if not 0 < target < 1 or tail_bound(1.0, target, n) >= limit:
+        return 1.0 - target
+    return float(optimize.brentq(lambda x: tail_bound(x, target, n) - limit, target, 1.0) - target)
+
+
+def held_out_verdict(levels: list[dict]) -> str:
+    """Whether the held-out agreements lie within their sampling error of the targets, and what to do
+    when they do not, or when too few inputs make the check weak."""
+    inputs = levels[0]["inputs"]
+    off = [item for item in levels if not item["within_sampling_error"]]
+    rule = (
+        f"Hoeffding's bound for the mean of {inputs} held-out inputs: a table that holds is flagged with "
+        f"probability <= {FALSE_ALARM:g}"
+    )
+    more = "give more inputs (--data with more inputs; the check holds out 20% of them)"
+    if off:
+        where = ", ".join(
+            f"{item['level']:.2f} ({item['measured']:.3f} vs {item['target']:.3f}, chance <= {item['tail_bound']:.1g})"
+            for item in off
+        )
+        return (
+            f"WARNING: held-out agreement OUTSIDE its sampling error at level {where} ({rule}): the table, made "
+            "from the calibration inputs, does not hold on the held-out ones. Calibrate on more inputs like those "
+            f"the engine will serve: {more}."
+        )
+    blind = max(detectable(item["target"], inputs, len(levels)) for item in levels if item["target"] < 1)
+    return f"held-out agreement within its sampling error at every level ({rule})" + (
+        f"; with {inputs} inputs it flags only deviations above {blind:.2f}: for a tighter check, {more}"
+        if blind > WEAK
+        else ""
+    )
 
 
 def calibrate(
@@ -180,6 +239,7 @@ def write_calibrated(manifest: Manifest, sigmas, log: Callable[[str], None] = pr
 def record_calibration(manifest: Manifest, paths: dict[str, Path], entry: dict) -> dict:
     """calibration.json, and the table, its provenance and the files in the manifest."""
     entry = {**entry, "input": "utility_level FP32 [batch] in [0, 1]: 1 = the exact model, 0 = chance; NaN counts as 1"}
+    entry["check"] = {**entry["check"], "verdict": held_out_verdict(entry["check"]["levels"])}
     with atomic_path(paths["calibration"]) as tmp:
         tmp.write_text(json.dumps(entry, indent=2) + "\n")
     manifest.calibration = {**entry, "files": {key: path.name for key, path in paths.items()}}
@@ -199,6 +259,9 @@ def report(entry: dict) -> str:
     for item in entry["check"]["levels"]:
         lines.append(
             f"  measured on held-out inputs at level {item['level']:.2f}: {item['measured']:.4f} (target "
-            f"{item['target']:.4f})"
+            f"{item['target']:.4f}, s.e. {item['standard_error']:.4f}"
+            + ("" if item["within_sampling_error"] else ", OUTSIDE sampling error")
+            + ")"
         )
+    lines.append(entry["check"]["verdict"])
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from aim.evaluation.calibrate import (
     targets,
     write_calibrated,
 )
-from aim.files import sha256
+from aim.files import load_arrays, sha256
 from aim.layout import Manifest
 from aim.runtime.folder import Build
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
@@ -58,7 +58,7 @@ def read_data(path: str | os.PathLike, manifest: Manifest) -> Unlabelled:
     path = Path(path)
     names = [t.name for t in manifest.graph.inputs if t.name not in MODULATION_INPUTS]
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = load_arrays(path)  # every header checked against the file's size first
     except (OSError, ValueError) as error:
         raise InvalidInputError(f"--data {path}: not a readable .npy or .npz file ({error})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):

@@ -116,7 +116,7 @@ def train(
         "test_samples": len(data["test"]),
         "train_seconds": round(seconds, 1),
     }
-    with StagedFolder(folder) as staged:
+    with StagedFolder(folder, lambda found: (found / TRAINING).is_file(), what="a model `aim train` wrote") as staged:
         net.eval().save_pretrained(staged.path)
         if "tokenizer" in data:
             data["tokenizer"].save_pretrained(staged.path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aim.contract import BATCH, MAX_STRENGTH
 from aim.errors import VerificationError
-from aim.files import StagedFolder, remove
+from aim.files import StagedFolder
 from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import (
     REFERENCE,
@@ -51,7 +51,8 @@ def build(source: Source, request: BuildRequest, log: Callable[[str], None] = pr
     if resolved.key is not None:
         log(resolved.noise_line())
     out = resolved.out
-    with StagedFolder(out / source.name) as staged:
+    # Only a build folder of ours is replaced, and never one holding (or inside) what the build is made from.
+    with StagedFolder(out / source.name, Manifest.holds_build, (*source.paths, request.key)) as staged:
         manifest = _build(source, resolved, staged.path, log)
         if not manifest.verification.passed:
             failed = staged.publish(out / f"{source.name}.failed")
@@ -62,7 +63,7 @@ def build(source: Source, request: BuildRequest, log: Callable[[str], None] = pr
         if resolved.fresh_key and request.key is not None:
             resolved.key.write(request.key)  # before publishing: a published keyed engine always has its key file
         manifest.folder = staged.publish()
-    remove(out / f"{source.name}.failed")  # an earlier failure of this build is superseded
+    staged.discard(out / f"{source.name}.failed")  # an earlier failure of this build is superseded
     return Build(manifest)
 
 

@@ -42,6 +42,10 @@ class FamilySource:
     def task(self):
         return get_task(self.family.task)
 
+    @property
+    def paths(self) -> tuple:
+        return (self.checkpoint,)
+
     def check(self, request, log) -> None:
         if request.precision == "fp16" and self.family.fp16 is None:
             raise AimError(

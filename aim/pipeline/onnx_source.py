@@ -82,6 +82,10 @@ class OnnxSource:
     def io(self) -> GraphIO:
         return GraphIO.of_model(self.model)
 
+    @property
+    def paths(self) -> tuple:
+        return (self.path, self.inputs_path)
+
     def check(self, request, log) -> None:
         """The file, the logits, the batch, the shape flags against the graph (a dynamic dim left
         without a range is named), --upsample-to, the largest batch, the given inputs."""

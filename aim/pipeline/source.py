@@ -54,6 +54,7 @@ class Prepared:
 class Source(Protocol):
     name: str  # the build folder's name under OUT (and the manifest's model)
     steps: int  # how many numbered steps `prepare` logs
+    paths: tuple  # the user's files and folders it is made from: the build folder must lie apart from them
 
     def check(self, request: Resolved, log) -> None:
         """Everything that can fail before anything is written (the model exists, the precision is

@@ -73,6 +73,11 @@ class ShapeRanges:
                     f"input {name!r}: need min <= opt <= max on every axis and max >= 1, got min {low}, opt "
                     f"{opt}, max {high}"
                 )
+            if low and low[0] < 1:  # axis 0 of every input is its batch (graph_passes/dims.py)
+                raise ShapeError(
+                    f"input {name!r}: the minimum batch (axis 0) is {low[0]}, but a batch holds at least one "
+                    f"sample: give {FLAGS['min']} {name}:{'x'.join(map(str, [1, *low[1:]]))}"
+                )
             shapes[name] = {"min": low, "opt": opt, "max": high}
         return cls(shapes)
 

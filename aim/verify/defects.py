@@ -21,6 +21,7 @@ DEFECTS = {
         CORRELATION_CHECK,
     ),
     "stale": ("the same draws on every run", "fresh draws"),
+    "rows-repeat": ("one draw broadcast to the whole batch: every row gets row 0's noise", "fresh draws"),
     "signed": ("focus noise n2 instead of |n2|: a boost can lower the class", BOOST_CHECK),
 }
 
@@ -57,5 +58,7 @@ class DefectiveEngine:
             n2 = np.roll(n1, -1, axis=0)
         elif self.defect == "scale":
             n1 = n1 * 1.05
+        elif self.defect == "rows-repeat":
+            n1, n2 = np.broadcast_to(n1[:1], shape), np.broadcast_to(n2[:1], shape)
         focus_noise = n2 if self.defect == "signed" else np.abs(n2)
         return (self.bare + self._knob(utility, 1) * n1 + self._knob(focus, 2) * focus_noise).astype(self.bare.dtype)

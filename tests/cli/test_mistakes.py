@@ -25,7 +25,7 @@ from aim.cli import main
 from aim.errors import AimError, InvalidInputError
 from aim.layout import MANIFEST, Manifest
 from aim.runtime.folder import ROLES, Build
-from tests.conftest import tiny_classifier
+from tests.conftest import load, tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,6 +63,23 @@ def model_of(nodes, inputs, outputs, opset=17, initializer=()):
     )
 
 
+def checkpoints(tmp: Path) -> None:
+    """Checkpoint folders a user may hand over broken: a GPT-2 of 3,001 tokens that kept GPT-2's
+    eos_token_id 50256 (no tokenizer, so generation would use it), a model.safetensors of random
+    bytes, and one that is a link to a text file."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=3001, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp / "gpt2_eos")
+    resnet = tmp / "resnet_checkpoint"
+    load("resnet")[2].save_pretrained(resnet)
+    for name in ("garbled", "linked"):
+        linked_copy(resnet, tmp / name)
+        (tmp / name / "model.safetensors").unlink()
+    (tmp / "garbled" / "model.safetensors").write_bytes(np.random.default_rng(1).bytes(4096))
+    (tmp / "linked" / "model.safetensors").symlink_to(ROOT / "README.md")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, build_folder) -> World:
     tmp = tmp_path_factory.mktemp("mistakes")
@@ -93,6 +110,13 @@ def world(tmp_path_factory, build_folder) -> World:
         str(tmp / "pass.onnx"),
     )
 
+    with open(tmp / "huge.npy", "wb") as handle:  # a header that claims 12 TB, over 64 bytes
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 3 * 10**6)}
+        )
+        handle.write(bytes(64))
+    checkpoints(tmp)
+
     resnet, llama = build_folder("resnet"), build_folder("llama")
     tampered = linked_copy(llama, tmp / "tampered_tokenizer" / "llama")
     config = json.loads((tampered / "tokenizer" / "tokenizer_config.json").read_text())
@@ -122,6 +146,53 @@ CASES = {
     ),
     "engine: --seed -1": (lambda w: ["engine", "resnet", "--seed", "-1", "--out", w.out], "must be >= 0"),
     "engine: --precision fp8": (lambda w: ["engine", "resnet", "--precision", "fp8", "--out", w.out], "invalid choice"),
+    "engine: eos_token_id past the vocabulary": (
+        lambda w: ["engine", "--checkpoint", w.tmp / "gpt2_eos", "--out", w.out],
+        "eos_token_id 50256 lies outside the model's vocabulary (vocab_size 3001",
+    ),
+    "engine: safetensors of random bytes": (
+        lambda w: ["engine", "--checkpoint", w.tmp / "garbled", "--out", w.out],
+        "model.safetensors is not a safetensors file: its header claims",
+    ),
+    "engine: safetensors a link to a text file": (
+        lambda w: ["engine", "--checkpoint", w.tmp / "linked", "--out", w.out],
+        "model.safetensors is not a safetensors file",
+    ),
+    "export: safetensors of random bytes": (
+        lambda w: ["export", "-o", w.out / "m.onnx", "--checkpoint", w.tmp / "garbled"],
+        "is not a safetensors file",
+    ),
+    "engine: min batch 0": (
+        lambda w: [
+            "engine",
+            "--onnx",
+            w.mine_onnx,
+            "--logits",
+            "scores",
+            "--min-shapes",
+            "x:0x6",
+            "--max-shapes",
+            "x:8x6",
+            "--out",
+            w.out,
+        ],
+        "the minimum batch (axis 0) is 0",
+    ),
+    "build: min batch 0": (
+        lambda w: [
+            "build",
+            w.mod_onnx,
+            "-o",
+            w.out / "e.plan",
+            "--backend",
+            "tensorrt-rtx",
+            "--min-shapes",
+            "x:0x6",
+            "--max-shapes",
+            "x:8x6",
+        ],
+        "the minimum batch (axis 0) is 0",
+    ),
     "export: -o a folder": (lambda w: ["export", "resnet", "-o", w.tmp], "is a folder"),
     "export: -o under a file": (
         lambda w: ["export", "resnet", "-o", w.afile / "x.onnx"],
@@ -163,6 +234,10 @@ CASES = {
     "build: --threads -3": (lambda w: ["build", w.mod_onnx, "-o", w.out / "e.onnx", "--threads", "-3"], "must be >= 1"),
     "trt-check: random bytes": (lambda w: ["trt-check", w.rand_onnx], "not a readable ONNX model"),
     "run: empty batch": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.empty_npy}"], "hold no sample (batch 0"),
+    "run: .npy header claims 12 TB": (
+        lambda w: ["run", w.mod_onnx, "--input", f"x={w.huge_npy}"],
+        "claims an array of shape (1000000, 3000000) float32 (12.0 TB), but the file holds",
+    ),
     "run: corrupt .npy": (lambda w: ["run", w.mod_onnx, "--input", f"x={w.bad_npy}"], "not a readable .npy"),
     "run: --input without a name": (lambda w: ["run", w.mod_onnx, "--input", w.x_npy], "NAME=FILE.npy"),
     "run: image past the build's range": (
@@ -294,7 +369,7 @@ def test_a_mistake_gets_one_error_line_and_leaves_nothing(world, case, capsys):
     code, _, err = cli(argv(world), capsys)
     assert code == 2, err
     assert "Traceback" not in err
-    assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
+    assert len(err.splitlines()) == 1 and "error:" in err, err  # one line: argparse's usage not printed either
     assert expected in err, err
     assert len(err) < 2000  # a 10,000-row batch does not print its 10,000 values
     assert not world.out.exists(), sorted(world.out.rglob("*"))

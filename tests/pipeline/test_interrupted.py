@@ -77,7 +77,7 @@ PUBLISHER = textwrap.dedent(
         time.sleep(0.001)
     rounds = 0
     while time.time() < start + seconds:
-        with StagedFolder(final) as staged:
+        with StagedFolder(final, lambda folder: (folder / "part0").is_file()) as staged:  # its own kind
             for index in range(3):
                 (staged.path / f"part{index}").write_text(f"{os.getpid()} {rounds}")
             staged.publish()
@@ -121,7 +121,7 @@ def test_a_failed_final_rename_keeps_the_previous_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files.os, "replace", failing)
     with pytest.raises(OSError, match="No space"):
-        with StagedFolder(final) as staged:
+        with StagedFolder(final, lambda folder: (folder / "old").is_file()) as staged:
             (staged.path / "new").write_text("the new build")
             staged.publish()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging, no .old-<pid>
