@@ -161,7 +161,7 @@ def modulated_output(io: GraphIO, prepared: Prepared) -> str:
     per = [f"axis {axis}" for axis in range(len(logits.dims)) if axis != prepared.class_axis]
     return (
         f"modulates output {logits.name!r} {logits.dtype} {logits.dims}"
-        + (f" (resized to {prepared.upsample_to!r}'s size first)" if prepared.upsample_to else "")
+        + (f" resized to the spatial size of input {prepared.upsample_to!r}" if prepared.upsample_to else "")
         + f", classes on axis {prepared.class_axis} ({classes} classes), one draw per class at every index of "
         + (", ".join(per) if per else "no other axis")
         + (f"; passed through unchanged: {', '.join(repr(name) for name in others)}" if others else "")
