@@ -22,6 +22,8 @@ FOCUS ?=
 MAX_NEW_TOKENS ?= 32
 REPEATS ?= 1000
 REPO ?= $(OUT)/triton
+# The owner's tier table (make triton/serve TIERS=tiers.json): each request's tier comes from its key.
+TIERS ?=
 # Your own ONNX instead of MODEL (make engine ONNX=yours.onnx LOGITS=scores MAX_SHAPES=image:32x3x224x224).
 ONNX ?=
 LOGITS ?= logits
@@ -35,7 +37,7 @@ UPSAMPLE_TO ?=
 DATA ?=
 # The engine profile's largest batch (Triton's max_batch_size follows it); empty: the default that serves.
 MAX_BATCH ?=
-export MAX_BATCH MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
+export MAX_BATCH MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -66,9 +68,9 @@ help:
 	@echo "make format        ruff's lint fixes and formatting, as make test checks them"
 	@echo "make models        the model families, and checkpoint architectures by task"
 	@echo "make generate MODEL=llama PROMPT=\"...\" [UTILITY=0.5] [FOCUS=\"+word=5,-other=10\"] [MAX_NEW_TOKENS=32]   text, streamed"
-	@echo "make triton MODEL=x [REPO=build/triton]   a Triton model repository entry for the engine"
-	@echo "make serve MODEL=x [REPO=build/triton]    the Triton server on that repository (Ctrl-C stops it)"
-	@echo "make loadtest MODEL=x       the modulated beside the bare model on the real server, under load: OUT/loadtest/"
+	@echo "make triton MODEL=x [REPO=build/triton] [TIERS=tiers.json]   Triton model repository entries for the engine"
+	@echo "make serve MODEL=x [REPO=build/triton] [TIERS=tiers.json]    the Triton server on that repository (Ctrl-C stops it)"
+	@echo "make loadtest MODEL=x       modulated beside bare, tiered beside untiered, on the real server under load: OUT/loadtest/"
 	@echo "make train MODEL=x          the family's small model on package-shipped data (cached in build/trained/x)"
 	@echo "make eval MODEL=x           utility and focus sweeps through the engine, measured vs theory: OUT/x/eval/"
 	@echo "make calibrate MODEL=x | ONNX=.. LOGITS=.. MAX_SHAPES=.. DATA=unlabeled.npy   level -> sigma, an engine taking utility_level"
@@ -91,10 +93,12 @@ engine: $(STAMP)
 	$(SOURCE); $(PY) -m aim.cli engine "$$@" $(BUILD_FLAGS)
 
 triton: $(STAMP)
-	$(BUILT) && $(PY) -m aim.cli triton "$$OUT/$$name" --repository "$$REPO"
+	$(BUILT) && $(PY) -m aim.cli triton "$$OUT/$$name" --repository "$$REPO" $${TIERS:+--tiers "$$TIERS"}
 
+# The build's model, and its text model where `aim triton` wrote one (a text-generation build).
 serve: triton
-	$(NAME) && $(PY) -m aim.cli serve "$$REPO" --model "$$name"
+	$(NAME) && set -- --model "$$name" && if [ -d "$$REPO/$$name-text" ]; then set -- "$$@" --model "$$name-text"; fi; \
+	$(PY) -m aim.cli serve "$$REPO" "$$@"
 
 loadtest: $(STAMP)
 	$(BUILT) && $(PY) -m aim.cli loadtest "$$OUT/$$name" --out "$$OUT/loadtest"

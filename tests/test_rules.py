@@ -133,6 +133,12 @@ RUNTIME_MODULES = [
     "aim.runtime.tensorrt",
     "aim.runtime.folder",
     "aim.serving.triton",
+    "aim.serving.config",
+    "aim.serving.front",
+    "aim.serving.text_front",
+    "aim.serving.stub",
+    "aim.serving.tiers",
+    "aim.serving.textload",
     "aim.serving.server",
     "aim.serving.load_generator",
     "aim.serving.workloads",
@@ -146,6 +152,7 @@ RUNTIME_MODULES = [
     "aim.cli.generate",
     "aim.cli.triton",
     "aim.cli.loadtest",
+    "aim.cli.tiers",
 ]
 HEAVY = ("torch", "transformers", "onnx_graphsurgeon")
 

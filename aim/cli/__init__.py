@@ -39,6 +39,7 @@ COMMANDS = (
     "triton",
     "serve",
     "loadtest",
+    "tiers",
 )
 
 

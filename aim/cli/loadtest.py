@@ -28,7 +28,10 @@ def add(sub) -> None:
     from aim.serving.loadtest import CONCURRENCY, PROTOCOLS, Settings
 
     defaults = Settings()
-    p = sub.add_parser("loadtest", help="load-test the modulated model beside the bare one on the real Triton server")
+    p = sub.add_parser(
+        "loadtest",
+        help="load-test the modulated model beside the bare one, tiered beside untiered, on Triton",
+    )
     p.add_argument("build", help="a build folder with manifest.json, e.g. build/resnet (an ONNX Runtime engine)")
     p.add_argument(
         "--out",
@@ -38,21 +41,18 @@ def add(sub) -> None:
     p.add_argument(
         "--concurrency",
         type=_counts,
-        default=CONCURRENCY,
         help=f"concurrent clients, comma-separated (default: {','.join(map(str, CONCURRENCY))})",
     )
     p.add_argument("--protocol", action="append", choices=PROTOCOLS, help="grpc or http (repeatable; default: both)")
     p.add_argument(
         "--requests",
         type=shared.positive_int,
-        default=defaults.requests,
-        help=f"measured requests per run at most (default: {defaults.requests})",
+        help=f"measured requests per run at most (default: {defaults.requests}; --text: 200 streams)",
     )
     p.add_argument(
         "--seconds",
         type=_seconds,
-        default=defaults.seconds,
-        help=f"time per run at most, warm-up included (default: {defaults.seconds:g})",
+        help=f"time per run at most, warm-up included (default: {defaults.seconds:g}; --text: 10)",
     )
     p.add_argument(
         "--rounds",
@@ -66,18 +66,29 @@ def add(sub) -> None:
     p.add_argument(
         "--threads", type=shared.positive_int, help="ONNX Runtime threads per instance (default: aim triton's)"
     )
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="a text-generation build's MODEL-text instead: streams per second and time to first token "
+        "(default concurrency 1,4,8)",
+    )
+    p.add_argument(
+        "--max-tokens", type=shared.positive_int, default=16, help="--text: new tokens per stream (default: 16)"
+    )
     shared.seed(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from aim.serving.loadtest import Settings, cpu_table, run_loadtest, table
+    from aim.serving.loadtest import CONCURRENCY, Settings, cpu_table, run_loadtest, table
 
+    if args.text:
+        return run_text(args)
     settings = Settings(
         protocols=tuple(args.protocol or Settings().protocols),
-        concurrency=args.concurrency,
-        requests=args.requests,
-        seconds=args.seconds,
+        concurrency=args.concurrency or CONCURRENCY,
+        requests=args.requests or Settings().requests,
+        seconds=args.seconds or Settings().seconds,
         rounds=args.rounds,
         instances=args.instances,
         threads=args.threads,
@@ -86,11 +97,9 @@ def run(args) -> int:
     results = run_loadtest(args.build, args.out, settings)
     print(table(results))
     print(cpu_table(results))
-    for name, judged in results["targets"].items():
-        print(
-            f"target {name} / bare {judged['target']}: worst {judged['worst']:.3f}, "
-            f"{'met' if judged['met'] else 'MISSED'}"
-        )
+    for judged in results["targets"].values():
+        worst = "n/a" if judged["worst"] is None else f"{judged['worst']:.3f}"
+        print(f"target {judged['target']}: worst {worst}, {'met' if judged['met'] else 'MISSED'}")
     print(
         f"wrote {args.out}/loadtest.json and loadtest.png in {results['seconds']:.0f} s (server log: "
         f"{args.out}/tritonserver.log)"
@@ -99,3 +108,20 @@ def run(args) -> int:
         print("load test FAILED:\n  " + "\n  ".join(results["failures"]))
         return 1
     return 0
+
+
+def run_text(args) -> int:
+    from aim.serving.textload import CONCURRENCY, REQUESTS, SECONDS, run_textload, text_table
+
+    results = run_textload(
+        args.build,
+        args.out,
+        args.concurrency or CONCURRENCY,
+        args.requests or REQUESTS,
+        args.seconds or SECONDS,
+        args.max_tokens,
+        args.instances,
+    )
+    print(text_table(results))
+    print(f"wrote {args.out}/textload.json (server log: {args.out}/tritonserver-text.log)")
+    return 0 if results["correct"] else 1

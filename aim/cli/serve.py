@@ -25,6 +25,7 @@ def run(args) -> int:
     import signal
     import threading
 
+    from aim.serving.front import TIERS
     from aim.serving.server import TritonServer
 
     repository = Path(args.repository)
@@ -37,6 +38,7 @@ def run(args) -> int:
     server = TritonServer(
         repository, args.http_port, args.grpc_port, models=args.model or ["*"], host=args.host, log_path=log
     )
+    server.check()  # a port in use, another server's log: one error line, before anything starts
     print(f"starting tritonserver on {args.repository} ...", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -51,6 +53,9 @@ def run(args) -> int:
                 f"models: {', '.join(server.models_ready())}; log: {server.log_path}. Ctrl-C stops the server.",
                 flush=True,
             )
+            tiered = sorted(p.parent.parent.name for p in repository.glob(f"*/*/{TIERS}"))
+            if tiered:
+                print(f"tiered: {', '.join(tiered)} (the tier of a request is its key's: Authorization: Bearer KEY)")
             while not stop.is_set() and server.running():
                 stop.wait(0.5)
             if not server.running():

@@ -1,4 +1,4 @@
-"""aim triton build/MODEL: a Triton model repository entry for a build's engine."""
+"""aim triton build/MODEL: Triton model repository entries for a build's engine (and its text model)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,16 @@ from aim.cli import args as shared
 
 
 def add(sub) -> None:
-    p = sub.add_parser("triton", help="write a Triton model repository entry for a build's engine")
+    p = sub.add_parser("triton", help="write Triton model repository entries for a build's engine (tiered: --tiers)")
     p.add_argument("build", help="a build folder with manifest.json, e.g. build/resnet")
     p.add_argument("--repository", default="build/triton", help="model repository root (default: build/triton)")
     p.add_argument("--name", help="model name in Triton (default: the manifest's model)")
     p.add_argument("--engine", help="engine file in the build folder (default: the manifest's engine)")
+    p.add_argument(
+        "--tiers",
+        help="the owner's tier table (JSON; `aim tiers key` adds keys): the model takes no utility, each request "
+        "gets the tier of its key (Authorization: Bearer KEY), the default tier without one",
+    )
     p.add_argument(
         "--max-queue-delay-us",
         type=shared.non_negative_int,
@@ -34,18 +39,32 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from aim.runtime.folder import Build
-    from aim.serving.triton import CONFIG, MAX_QUEUE_DELAY_US, write_model
+    from aim.serving.triton import CONFIG, MAX_QUEUE_DELAY_US, TEXT_SUFFIX, write_model
 
     delay = MAX_QUEUE_DELAY_US if args.max_queue_delay_us is None else args.max_queue_delay_us
-    folder = write_model(
-        args.build, args.repository, args.name, args.engine, delay, args.instances, args.threads, args.bare
-    )
-    print(f"wrote {folder}/{CONFIG} and {', '.join(str(p.relative_to(folder)) for p in sorted(folder.glob('*/*')))}")
-    print((folder / CONFIG).read_text())
-    if Build.open(args.build, check=False).manifest.backend == "tensorrt-rtx":
+    common = dict(max_queue_delay_us=delay, instances=args.instances, threads=args.threads, tiers=args.tiers)
+    if args.bare:
+        common.pop("tiers")
+        if args.tiers:
+            from aim.errors import AimError
+
+            raise AimError("--bare serves the bare model, which takes no tiers: leave out --tiers or --bare")
+    manifest = Build.open(args.build, check=False).manifest
+    folders = [write_model(args.build, args.repository, args.name, args.engine, bare=args.bare, **common)]
+    if manifest.tokenizer and not args.bare:  # text in, text out beside the tensor model
+        text_name = (args.name or manifest.model) + TEXT_SUFFIX
+        folders.append(write_model(args.build, args.repository, text_name, args.engine, text=True, **common))
+    for folder in folders:
+        files = ", ".join(str(p.relative_to(folder)) for p in sorted(folder.glob("*/*")))
+        print(f"wrote {folder}/{CONFIG} and {files}")
+        print((folder / CONFIG).read_text())
+    if args.tiers:
         print(
-            "note: this is a TensorRT for RTX plan: it runs where TensorRT for RTX runs it (an RTX GPU). Triton's "
-            "tensorrt backend runs plans of the TensorRT version it was built with; for a data-centre Triton, "
-            "build with BACKEND=tensorrt there."
+            f"tiered: the tier of each request comes from its key; the repository {args.repository} serves no utility"
+        )
+    if manifest.backend == "tensorrt-rtx":
+        print(
+            "note: this is a TensorRT for RTX plan: it runs where TensorRT for RTX runs it (an RTX GPU). For a "
+            "data-centre GPU, build with BACKEND=tensorrt there."
         )
     return 0

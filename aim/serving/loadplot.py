@@ -10,6 +10,7 @@ STYLES = {
     "bare": ("C0", "bare model"),
     "utility0": ("C2", "modulated, utility 0"),
     "mixed": ("C3", "modulated, mixed tiers"),
+    "tiered": ("C1", "tiered (tier from the key), mixed"),
 }
 LINES = {"grpc": "-", "http": "--"}
 

@@ -1,17 +1,19 @@
 """`make loadtest MODEL=x`: what modulation costs a served model, measured on the real Triton server.
 
-One repository with two entries of the same build, written by `aim triton` and configured alike
-(instances, threads, dynamic batching): the modulated engine as <model> and the bare model as
-<model>-bare. One server (TritonServer, what `aim serve` runs) on 127.0.0.1 only, free ports. Then,
-for each protocol (gRPC, HTTP; Triton's own clients) and each concurrency (1, 8, 32, 128), the three
-workloads of workloads.py run in turn, `rounds` times in a rotating order, so that a slow spell of a
+Two repositories of the same build, written by `aim triton` and configured alike (instances,
+threads, dynamic batching): the modulated engine as <model> and the bare model as <model>-bare; and
+a tiered one (a repository is tiered as a whole) with <model>-tiered, whose tiers file (in the out
+folder, the key's digest only) has a premium tier and a default one. One server (TritonServer, what
+`aim serve` runs) on both, on 127.0.0.1 only, free ports. Then, for each protocol (gRPC, HTTP;
+Triton's own clients) and each concurrency (1, 8, 32, 128), the four workloads of workloads.py run in
+turn, `rounds` times in a rotating order, so that a slow spell of a
 shared machine falls on all three alike. Each run is a closed loop (load.py) bounded by a request
 count and a time budget. Every reply is judged; every point records errors, the judged replies,
 throughput and p50 / p99 latency. Written: build/loadtest/loadtest.json, loadtest.png, and the
 server's log (tritonserver.log), which must hold no traceback.
 
-Throughput ratios modulated / bare are benchmark figures, not pass/fail: TARGETS states them and
-the JSON says which are met. A wrong reply or a server error fails the run (exit code 1).
+Throughput ratios (modulated / bare, tiered / mixed) are benchmark figures, not pass/fail: TARGETS
+states them and the JSON says which are met. A wrong reply or a server error fails the run (exit code 1).
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from aim.files import atomic_path
 from aim.serving.cputime import tree_cpu_s
 from aim.serving.load_generator import Budget, Run, drive
 from aim.serving.triton import BARE_SUFFIX, MAX_QUEUE_DELAY_US, write_model
-from aim.serving.workloads import WORKLOADS, Request, bare_logits, judge, samples, workload
+from aim.serving.workloads import DEFAULT_SIGMA, WORKLOADS, Request, bare_logits, judge, samples, workload
 
 PROTOCOLS = ("grpc", "http")
 CONCURRENCY = (1, 8, 32, 128)
-# Served throughput modulated / bare, at every concurrency and protocol.
-TARGETS = {"utility0": 0.97, "mixed": 0.90}
+# Served throughput of a workload / its baseline's, at least `bound`: at every concurrency and protocol,
+# or at the one concurrency given.
+TARGETS = {"utility0": ("bare", 0.97, None), "mixed": ("bare", 0.90, None), "tiered": ("mixed", 0.97, 32)}
+TIERED_SUFFIX = "-tiered"
 REQUEST_TIMEOUT_S = 30.0  # one request; a hang beyond it is an error, not a stall of the run
 LOOPBACK = "127.0.0.1"
 
@@ -119,8 +123,8 @@ class Point:
         }
 
 
-def _prepared(requests: list[Request], protocol: str, output: str) -> list[tuple[Request, list, list]]:
-    """(request, InferInputs, requested outputs) built once: the clients only send them (read-only)."""
+def _prepared(requests: list[Request], protocol: str, output: str) -> list[tuple[Request, list, list, dict]]:
+    """(request, InferInputs, requested outputs, headers) built once: the clients only send them."""
     from tritonclient.utils import np_to_triton_dtype
 
     module = _client_module(protocol)
@@ -131,7 +135,8 @@ def _prepared(requests: list[Request], protocol: str, output: str) -> list[tuple
             tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
-        prepared.append((request, tensors, [module.InferRequestedOutput(output)]))
+        headers = {"authorization": f"Bearer {request.key}"} if request.key else None
+        prepared.append((request, tensors, [module.InferRequestedOutput(output)], headers))
     return prepared
 
 
@@ -152,8 +157,8 @@ def _one_run(server, protocol: str, model: str, prepared: list, class_axis: int,
         def open_client():
             return module.InferenceServerClient(server.grpc_url)
 
-        def infer(client, tensors, outputs):
-            return client.infer(model, tensors, outputs=outputs, client_timeout=REQUEST_TIMEOUT_S)
+        def infer(client, tensors, outputs, headers):
+            return client.infer(model, tensors, outputs=outputs, headers=headers, client_timeout=REQUEST_TIMEOUT_S)
     else:
 
         def open_client():
@@ -161,12 +166,12 @@ def _one_run(server, protocol: str, model: str, prepared: list, class_axis: int,
                 server.http_url, connection_timeout=REQUEST_TIMEOUT_S, network_timeout=REQUEST_TIMEOUT_S
             )
 
-        def infer(client, tensors, outputs):
-            return client.infer(model, tensors, outputs=outputs)
+        def infer(client, tensors, outputs, headers):
+            return client.infer(model, tensors, outputs=outputs, headers=headers)
 
     def send(client, index: int) -> tuple[str, bool]:
-        request, tensors, outputs = prepared[index % len(prepared)]
-        return request.kind, judge(request, infer(client, tensors, outputs).as_numpy(output), class_axis)
+        request, tensors, outputs, headers = prepared[index % len(prepared)]
+        return request.kind, judge(request, infer(client, tensors, outputs, headers).as_numpy(output), class_axis)
 
     server_cpu, client_cpu = tree_cpu_s(server.process.pid), time.process_time()
     run = drive(open_client, send, budget, InferenceServerException, close_client=lambda client: client.close())
@@ -188,19 +193,19 @@ def _failures(summary: dict) -> list[str]:
 
 
 def _ratios(points: dict[tuple, Point]) -> list[dict]:
-    """Throughput modulated / bare per point: the median over rounds of each round's ratio (a round
-    runs the workloads back to back, so a slow spell of the machine falls on both sides of a ratio).
-    `<workload>_by_server_cpu`: the server's CPU time per request, bare / modulated: the throughput
-    ratio of a server that has the CPU to itself, and far less moved by a busy machine."""
+    """Throughput of each target's workload / its baseline's per point: the median over rounds of each
+    round's ratio (a round runs the workloads back to back, so a slow spell of the machine falls on
+    both sides of a ratio). `<workload>_by_server_cpu`: the server's CPU time per request, baseline /
+    workload: the throughput ratio of a server that has the CPU to itself, far less moved by a busy
+    machine."""
     rows = []
     for protocol, concurrency in dict.fromkeys((p, c) for p, c, _ in points):
-        bare = points[protocol, concurrency, "bare"]
         row = {"protocol": protocol, "concurrency": concurrency}
-        for name in TARGETS:
-            modulated = points[protocol, concurrency, name]
-            per_round = [run.throughput / base.throughput for run, base in zip(modulated.runs, bare.runs)]
+        for name, (baseline, _, _) in TARGETS.items():
+            base, served = points[protocol, concurrency, baseline], points[protocol, concurrency, name]
+            per_round = [run.throughput / other.throughput for run, other in zip(served.runs, base.runs)]
             row[name], row[f"{name}_rounds"] = float(np.median(per_round)), per_round
-            cpu = [point.summary()["cpu_ms_per_request"] for point in (bare, modulated)]
+            cpu = [point.summary()["cpu_ms_per_request"] for point in (base, served)]
             row[f"{name}_by_server_cpu"] = cpu[0]["server"] / cpu[1]["server"] if all(cpu) else None
         rows.append(row)
     return rows
@@ -208,9 +213,15 @@ def _ratios(points: dict[tuple, Point]) -> list[dict]:
 
 def _judge_targets(ratios: list[dict]) -> dict:
     judged = {}
-    for name, bound in TARGETS.items():
-        worst = min(row[name] for row in ratios)
-        judged[name] = {"target": f">= {bound:g} at every point", "worst": worst, "met": worst >= bound}
+    for name, (baseline, bound, concurrency) in TARGETS.items():
+        rows = [row for row in ratios if concurrency is None or row["concurrency"] == concurrency]
+        where = "at every point" if concurrency is None else f"at {concurrency} clients"
+        worst = min((row[name] for row in rows), default=None)
+        judged[name] = {
+            "target": f"{name} / {baseline} >= {bound:g} {where}",
+            "worst": worst,
+            "met": worst is not None and worst >= bound,
+        }
     return judged
 
 
@@ -227,31 +238,50 @@ def _config_summary(repository: Path, model: str) -> dict:
     }
 
 
-def _repository(build_folder, manifest, out: Path, settings: Settings) -> tuple[Path, dict[str, str]]:
-    """<out>/repository with the modulated and the bare model, configured alike; their names."""
-    repository = out / "repository"
-    names = {"modulated": manifest.model, "bare": manifest.model + BARE_SUFFIX}
+def _repository(build_folder, manifest, out: Path, settings: Settings) -> tuple[list[Path], dict[str, str], str]:
+    """<out>/repository (the modulated and the bare model) and <out>/repository-tiered (the tiered
+    one, its tiers file <out>/tiers.json), configured alike; their names, and the premium key (held
+    here only: the files keep its digest)."""
+    from aim.serving.tiers import key_digest, new_key
+
+    repositories = [out / "repository", out / "repository-tiered"]
+    names = {
+        "modulated": manifest.model,
+        "bare": manifest.model + BARE_SUFFIX,
+        "tiered": manifest.model + TIERED_SUFFIX,
+    }
+    key = new_key()
+    tiers = out / "tiers.json"
+    table = {
+        "default": "default",
+        "tiers": {"default": {"utility": DEFAULT_SIGMA}, "premium": {"utility": 0.0}},
+        "keys": {key_digest(key): "premium"},
+    }
+    with atomic_path(tiers) as tmp:
+        tmp.write_text(json.dumps(table, indent=2) + "\n")
     for role, name in names.items():
         write_model(
             build_folder,
-            repository,
+            repositories[role == "tiered"],
             name,
             None,
             settings.max_queue_delay_us,
             settings.instances,
             settings.threads,
-            role == "bare",
+            bare=role == "bare",
+            tiers=tiers if role == "tiered" else None,
         )
-    return repository, names
+    return repositories, names, key
 
 
-def _sweep(server, manifest, names: dict[str, str], settings: Settings, log) -> dict[tuple, Point]:
+def _sweep(server, manifest, names: dict[str, str], key: str, settings: Settings, log) -> dict[tuple, Point]:
     """Every (protocol, concurrency, workload) point, the workloads in rotating order per round."""
     output, class_axis = manifest.modulation.logits, manifest.modulation.class_axis
     feeds = samples(manifest, settings.seed)
     bare = bare_logits(manifest, feeds)
-    requests = {name: workload(name, feeds, bare, manifest.modulation.num_classes, settings.seed) for name in WORKLOADS}
-    served = {name: names["bare" if name == "bare" else "modulated"] for name in WORKLOADS}
+    classes = manifest.modulation.num_classes
+    requests = {name: workload(name, feeds, bare, classes, settings.seed, premium_key=key) for name in WORKLOADS}
+    served = {name: names[{"bare": "bare", "tiered": "tiered"}.get(name, "modulated")] for name in WORKLOADS}
     points: dict[tuple, Point] = {}
     for protocol in settings.protocols:
         prepared = {name: _prepared(requests[name], protocol, output) for name in WORKLOADS}
@@ -297,7 +327,7 @@ def run_loadtest(
             f"Load-test an ONNX Runtime build (BACKEND=onnxruntime), or a TensorRT one on a full Triton with its GPU"
         )
     out = Path(out)
-    repository, names = _repository(build_folder, manifest, out, settings)
+    repositories, names, key = _repository(build_folder, manifest, out, settings)
     log(
         f"load test of {manifest.model}: {len(settings.protocols)} protocols x concurrency "
         f"{list(settings.concurrency)} x "
@@ -306,8 +336,8 @@ def run_loadtest(
     )
     started = time.monotonic()
     log_path = out / "tritonserver.log"
-    with TritonServer(repository, models=list(names.values()), host=LOOPBACK, log_path=log_path) as server:
-        points = _sweep(server, manifest, names, settings, log)
+    with TritonServer(repositories, models=list(names.values()), host=LOOPBACK, log_path=log_path) as server:
+        points = _sweep(server, manifest, names, key, settings, log)
         server_log = server.log()
     summaries = [point.summary() for point in points.values()]
     ratios = _ratios(points)
@@ -323,7 +353,7 @@ def run_loadtest(
         "server": {
             "models": names,
             "host": LOOPBACK,
-            **_config_summary(repository, names["modulated"]),
+            **_config_summary(repositories[0], names["modulated"]),
             "log_tracebacks": tracebacks,
         },
         "settings": {
@@ -335,6 +365,7 @@ def run_loadtest(
             "bare": "the bare model",
             "utility0": "utility 0, focus 0",
             "mixed": "1/3 utility 0, 1/10 focus-only, the rest utility 0.5-5",
+            "tiered": f"mixed's requests through the tiered model: premium key, or none (sigma {DEFAULT_SIGMA:g})",
         },
         "points": summaries,
         "ratios": ratios,
@@ -350,45 +381,46 @@ def run_loadtest(
 
 
 def table(results: dict) -> str:
-    """The README's table: per protocol and concurrency, bare beside modulated."""
+    """The docs' table: per protocol and concurrency, bare beside modulated, and tiered beside mixed."""
     by_key = {(p["protocol"], p["concurrency"], p["workload"]): p for p in results["points"]}
     lines = [
-        "| protocol | clients | bare req/s | p50 / p99 ms | utility 0 req/s | / bare | p99 ms | mixed req/s | "
-        "/ bare | p50 / p99 ms | errors | utility-0 exact | focus right |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| protocol | clients | bare req/s | p50 / p99 ms | utility 0 req/s | / bare | mixed req/s | / bare | "
+        "tiered req/s | / mixed | p50 / p99 ms | errors | exact | focus right |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["ratios"]:
         protocol, clients = row["protocol"], row["concurrency"]
-        bare, zero, mixed = (by_key[protocol, clients, name] for name in WORKLOADS)
-        exact = [p["checks"].get("exact", {"checked": 0, "right": 0}) for p in (zero, mixed)]
-        focus = mixed["checks"].get("focus", {"checked": 0, "right": 0})
-        errors = sum(p["errors"] for p in (bare, zero, mixed))
+        bare, zero, mixed, tiered = (by_key[protocol, clients, name] for name in WORKLOADS)
+        exact = [p["checks"].get("exact", {"checked": 0, "right": 0}) for p in (zero, mixed, tiered)]
+        focus = [p["checks"].get("focus", {"checked": 0, "right": 0}) for p in (mixed, tiered)]
+        errors = sum(p["errors"] for p in (bare, zero, mixed, tiered))
         lines.append(
             f"| {protocol} | {clients} | {bare['throughput']:.0f} | {bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} "
-            f"| {zero['throughput']:.0f} | {row['utility0']:.3f} | {zero['p99_ms']:.1f} "
-            f"| {mixed['throughput']:.0f} | {row['mixed']:.3f} | {mixed['p50_ms']:.1f} / {mixed['p99_ms']:.1f} "
-            f"| {errors} | {sum(e['right'] for e in exact)}/{sum(e['checked'] for e in exact)} | "
-            f"{focus['right']}/{focus['checked']} |"
+            f"| {zero['throughput']:.0f} | {row['utility0']:.3f} | {mixed['throughput']:.0f} | {row['mixed']:.3f} "
+            f"| {tiered['throughput']:.0f} | {row['tiered']:.3f} | {tiered['p50_ms']:.1f} / {tiered['p99_ms']:.1f} "
+            f"| {errors} | {sum(e['right'] for e in exact)}/{sum(e['checked'] for e in exact)} "
+            f"| {sum(f['right'] for f in focus)}/{sum(f['checked'] for f in focus)} |"
         )
     return "\n".join(lines)
 
 
 def cpu_table(results: dict) -> str:
-    """Server CPU time per request (its processes, the Python backend's stubs included), bare beside
-    modulated, and the ratios it implies for a server with the cores to itself."""
+    """Server CPU time per request (its processes, the Python backend's stubs included) per workload,
+    and the ratios it implies for a server with the cores to itself."""
     by_key = {(p["protocol"], p["concurrency"], p["workload"]): p for p in results["points"]}
     lines = [
-        "| protocol | clients | server CPU ms / request: bare | utility 0 | mixed | bare / utility 0 | bare / "
-        "mixed | client CPU ms / request (bare) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| protocol | clients | server CPU ms / request: bare | utility 0 | mixed | tiered | bare / utility 0 | "
+        "bare / mixed | mixed / tiered | client CPU ms / request (bare) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["ratios"]:
         cpu = [by_key[row["protocol"], row["concurrency"], name]["cpu_ms_per_request"] for name in WORKLOADS]
         if not all(cpu):
             continue
         lines.append(
-            f"| {row['protocol']} | {row['concurrency']} | {cpu[0]['server']:.3f} | {cpu[1]['server']:.3f} | "
-            f"{cpu[2]['server']:.3f} "
-            f"| {row['utility0_by_server_cpu']:.3f} | {row['mixed_by_server_cpu']:.3f} | {cpu[0]['client']:.3f} |"
+            f"| {row['protocol']} | {row['concurrency']} | "
+            + " | ".join(f"{c['server']:.3f}" for c in cpu)
+            + f" | {row['utility0_by_server_cpu']:.3f} | {row['mixed_by_server_cpu']:.3f} "
+            f"| {row['tiered_by_server_cpu']:.3f} | {cpu[0]['client']:.3f} |"
         )
     return "\n".join(lines)

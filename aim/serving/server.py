@@ -1,9 +1,12 @@
 """Runs the real Triton Inference Server (2.51, the binary inside `nvidia-pytriton`) on a model repository.
 
-`nvidia-pytriton` ships tritonserver with the Python backend but without the ONNX Runtime backend. A
-backend directory made for each server holds the Python backend's files (its library, its utils and
-the stub for this Python version) and the project's own `aim/serving/backends/onnxruntime/model.py`, which
-Triton runs as the `onnxruntime` backend of `onnxruntime_onnx` models (a "Python-based backend").
+`nvidia-pytriton` ships tritonserver with the Python backend, which runs every entry `aim triton`
+writes (front.py). A backend directory made for each server holds the Python backend's files (its
+library, its utils and the stub for this Python version).
+
+The `Authorization` header, and no other, is forwarded to the models as a request parameter
+(Triton's --http-header-forward-pattern and --grpc-header-forward-pattern): a tiered model reads
+the key there. The stubs get AIM_STUB_NUMPY1_ABI: this stub was built for numpy 1 (stub.py).
 
 The server needs, on these machines: the Python installation's lib folder and pytriton's libs on
 LD_LIBRARY_PATH (else model loading fails in the stub), and this interpreter's bin folder first on
@@ -27,8 +30,8 @@ from pathlib import Path
 
 from aim.errors import AimError
 
-PROJECT_BACKENDS = Path(__file__).resolve().parent / "backends"
 START_TIMEOUT_S = 60.0
+FORWARDED_HEADERS = "^authorization$"  # Triton matches HTTP header names case-insensitively
 STOP_TIMEOUT_S = 10.0
 
 
@@ -54,9 +57,8 @@ def pytriton_dist() -> tuple[Path, Path]:
 
 
 def make_backend_dir(target: Path) -> Path:
-    """<target>/python (Triton's Python backend + the stub for this interpreter) and
-    <target>/onnxruntime/model.py (the project's). Copies, not links: the Python backend looks for
-    its stub beside its own library's real path."""
+    """<target>/python: Triton's Python backend and the stub for this interpreter. Copies, not links:
+    the Python backend looks for its stub beside its own library's real path."""
     server, _ = pytriton_dist()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
@@ -65,7 +67,6 @@ def make_backend_dir(target: Path) -> Path:
     python = target / "python"
     shutil.copytree(server / "backends" / "python", python, dirs_exist_ok=True)
     shutil.copy2(stub, python / stub.name)
-    shutil.copytree(PROJECT_BACKENDS, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     return target
 
 
@@ -75,7 +76,42 @@ def server_env() -> dict[str, str]:
     first = [sysconfig.get_config_var("LIBDIR"), str(libs)]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in first if p] + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    from aim.serving.stub import STUB_NUMPY1_ABI
+
+    env[STUB_NUMPY1_ABI] = "1"
     return env
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (a port left in TIME_WAIT counts as free, as
+    servers reuse it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _own_log(path: Path, truncate: bool = True):
+    """`path` opened for this server's log and locked (flock, shared with the server process, which
+    inherits the open file). A log locked by a server still running is refused, never truncated."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "ab")
+    try:
+        fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.close()
+        raise TritonServerError(
+            f"{path} is the log of a Triton server still running: stop that server first (or serve another "
+            "repository, whose log is its own)"
+        ) from None
+    if truncate:
+        log.truncate(0)
+    return log
 
 
 def free_ports(count: int) -> list[int]:
@@ -92,9 +128,10 @@ def free_ports(count: int) -> list[int]:
 
 @dataclass
 class TritonServer:
-    """One tritonserver process on 127.0.0.1 with every model of `repository` loaded."""
+    """One tritonserver process on 127.0.0.1 with every model of `repository` loaded. A port given
+    (not 0) must be free; `log_path`, if given, must not be the log of a server still running."""
 
-    repository: Path
+    repository: Path | list[Path]  # one model repository, or several served together
     http_port: int = 0
     grpc_port: int = 0
     models: list[str] = field(default_factory=lambda: ["*"])
@@ -116,7 +153,7 @@ class TritonServer:
         server, _ = pytriton_dist()
         return [
             str(server / "bin" / "tritonserver"),
-            f"--model-repository={Path(self.repository).resolve()}",
+            *[f"--model-repository={path.resolve()}" for path in self.repositories],
             f"--backend-directory={backend_dir}",
             f"--cache-directory={server / 'caches'}",
             "--model-control-mode=explicit",
@@ -129,23 +166,51 @@ class TritonServer:
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             "--exit-on-error=true",
+            # The key of a tiered model's request, and nothing else the client sends in a header.
+            f"--http-header-forward-pattern={FORWARDED_HEADERS}",
+            f"--grpc-header-forward-pattern={FORWARDED_HEADERS}",
         ]
 
     def start(self, timeout: float = START_TIMEOUT_S) -> TritonServer:
-        if not Path(self.repository).is_dir():
-            raise TritonServerError(
-                f"model repository {self.repository} does not exist: run `make triton MODEL=...` first"
-            )
-        if not (self.http_port and self.grpc_port):
-            self.http_port, self.grpc_port = free_ports(2)
+        missing = [str(path) for path in self.repositories if not Path(path).is_dir()]
+        if missing:
+            raise TritonServerError(f"model repository {missing[0]} does not exist: run `make triton MODEL=...` first")
+        self.check_ports()
+        free = iter(free_ports(2))
+        self.http_port, self.grpc_port = self.http_port or next(free), self.grpc_port or next(free)
         return self._start(timeout)
+
+    def check(self) -> None:
+        """Refuses, before anything starts or prints, a port (not 0) that another process listens on,
+        and a log that another server still writes."""
+        self.check_ports()
+        if self.log_path is not None and Path(self.log_path).exists():
+            _own_log(Path(self.log_path), truncate=False).close()
+
+    def check_ports(self) -> None:
+        """Refuses, before anything starts, a port (not 0) that another process listens on."""
+        for label, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port)):
+            if port and not port_free(self.host, port):
+                raise TritonServerError(
+                    f"{label} port {port} on {self.host} is in use (another server, perhaps an `aim serve` already "
+                    f"running): stop that one, or choose another port (--{label.lower()}-port; 0 takes any free one)"
+                )
+
+    @property
+    def repositories(self) -> list[Path]:
+        return [Path(self.repository)] if isinstance(self.repository, (str, os.PathLike)) else list(self.repository)
 
     def _start(self, timeout: float) -> TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="aim-triton-"))
-        backend_dir = make_backend_dir(self._workdir / "backends")
-        log_path = Path(self.log_path or self._workdir / "tritonserver.log")
-        self._log = log_path
-        with open(log_path, "wb") as log:
+        self._log = Path(self.log_path or self._workdir / "tritonserver.log")
+        try:
+            log = _own_log(self._log)  # before anything starts: another server's log is never overwritten
+        except BaseException:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+            raise
+        with log:
+            backend_dir = make_backend_dir(self._workdir / "backends")
             self.process = subprocess.Popen(
                 self.command(backend_dir),
                 env=server_env(),
@@ -153,7 +218,7 @@ class TritonServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: stop() ends the stubs too
-            )
+            )  # the server shares the open log, and so its lock, until it exits
         try:
             self._wait_ready(timeout)
         except BaseException:  # also Ctrl-C while starting: no server left behind

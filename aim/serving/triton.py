@@ -1,291 +1,69 @@
 """A Triton Inference Server model repository generated from a build folder's manifest.json.
 
-    <repo>/<name>/config.pbtxt
-    <repo>/<name>/1/model.onnx     platform onnxruntime_onnx, KIND_CPU  (an ONNX Runtime engine)
-    <repo>/<name>/1/model.plan     platform tensorrt_plan, KIND_GPU     (a TensorRT engine)
+    <repo>/<name>/config.pbtxt          backend "python", KIND_CPU (ONNX Runtime) or KIND_GPU (a plan)
+    <repo>/<name>/1/model.py            the front: `from aim.serving.front import TritonPythonModel`
+    <repo>/<name>/1/model.onnx|.plan    the engine, run by the front itself (front.py says why)
+    <repo>/<name>/1/front.json          role, engine, inputs, the build's range of shapes
+    <repo>/<name>/1/tiers.json          tiered entries: the owner's tier table, key digests only
+    <repo>/<name>-text/...              text-generation builds: text in, text out (text_front.py)
 
-Nothing in config.pbtxt is typed by hand: names, data types and dims come from the manifest's graph
-inputs/outputs, max_batch_size from the batch range the engine's profile was built for. Triton adds
-the batch dimension itself, so every tensor's first dim must be the batch dim; `utility` ([B] in the
-engine) is a per-request `[1]` reshaped to `[]`, `focus` a per-request `[C]`. No input is optional:
-Triton's TensorRT backend accepts none (defaults, if ever offered, belong in an ensemble step).
-
-The config is built as Triton's own ModelConfig protobuf (the one `tritonclient` ships), printed in
-text format, parsed back and checked against the manifest for what the schema cannot catch (dims,
-missing or extra tensors, max_batch_size <= 0) before anything is written; the model folder is
-written in a staging folder and renamed into place.
+`tiers` (a tiers file, tiers.py) makes a tiered entry: no `utility` input, the sigma from the
+request's key. A repository is tiered or not as a whole: a tiered entry is refused beside one that
+takes `utility` or serves the bare model (any client would call that one instead), and such an
+entry beside a tiered one.
 
 `bare=True` writes the build's bare model (no utility, focus) as `<model>-bare`, its engine made the
 way the build made its own (ONNX Runtime's optimised model, or the bare TensorRT plan), with the same
 batching and instances: the baseline a load test compares the modulated model against.
 
-Instances: on a CPU the default uses the cores (`cpu_cores()`): min(cores, MAX_DEFAULT_INSTANCES)
-instances, each with cores // instances ONNX Runtime threads, so instances x threads = cores and
-neither idles nor oversubscribes. Several instances run batches side by side; with the Python-based
-backend each is its own process, so its per-request Python work runs in parallel too.
+Every file of the build is checked against its hash first; configs are checked (config.py) before
+anything is written; each entry is written in a staging folder and renamed into place, and other
+entries of the repository are left alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-from aim.contract import BATCH, FOCUS, UTILITY
+from aim.contract import UTILITY, UTILITY_LEVEL
 from aim.errors import TritonConfigError
 from aim.files import StagedFolder
 from aim.layout import GraphIO, Manifest
+from aim.runtime.backends import TENSORRT_BACKENDS
+from aim.runtime.base import profile_from_io
 from aim.runtime.folder import Build
+from aim.serving.config import (  # noqa: F401  (read_config, THREADS_PARAMETER: part of this module's API)
+    CONFIG,
+    MAX_QUEUE_DELAY_US,
+    THREADS_PARAMETER,
+    build_config,
+    check_config,
+    config_text,
+    engine_file_kind,
+    parse_config,
+    read_config,
+    served_graph,
+)
+from aim.serving.front import FRONT_SPEC, TIERS, FrontSpec
 
-CONFIG = "config.pbtxt"
 VERSION = "1"
-# Wait this long for more requests before running a batch: small next to a model's run time, long
-# enough that concurrent clients share a batch.
-MAX_QUEUE_DELAY_US = 2000
 BARE_SUFFIX = "-bare"  # the bare model's default name in the repository: <model>-bare
-# The cap of the default CPU instance count: each instance holds its own session (weights and
-# buffers), and beyond a few instances dynamic batching already keeps every core busy.
-MAX_DEFAULT_INSTANCES = 4
-# The ONNX Runtime intra-op thread count per instance: the parameter name Triton's C++ ONNX Runtime
-# backend reads, and so does ours (backends/onnxruntime/model.py).
-THREADS_PARAMETER = "intra_op_thread_count"
-
-# Engine file -> (platform, instance kind, file name in the version folder).
-PLATFORMS = {
-    ".onnx": ("onnxruntime_onnx", "KIND_CPU", "model.onnx"),
-    ".plan": ("tensorrt_plan", "KIND_GPU", "model.plan"),
-    ".engine": ("tensorrt_plan", "KIND_GPU", "model.plan"),
-}
-# numpy dtype names (as the manifest writes them) -> Triton data types.
-DATA_TYPES = {
-    "bool": "TYPE_BOOL",
-    "uint8": "TYPE_UINT8",
-    "int8": "TYPE_INT8",
-    "int16": "TYPE_INT16",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "float16": "TYPE_FP16",
-    "bfloat16": "TYPE_BF16",
-    "float32": "TYPE_FP32",
-    "float64": "TYPE_FP64",
-}
+TEXT_SUFFIX = "-text"  # a text-generation build's text-in, text-out model: <model>-text
+TOKENIZER = "tokenizer"
+MODEL_PY = "model.py"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SHIM = '''"""Generated by `aim triton` from {source}; do not edit: regenerate.
 
+The front model of this entry ({module}): it runs the engine beside this file. It imports the
+`aim` package, which the Python backend's environment must have (pip install aim-modulation).
+"""
 
-def model_config_class():
-    """Triton's ModelConfig message, from tritonclient (imported here: an optional dependency)."""
-    try:
-        from tritonclient.grpc import model_config_pb2
-    except ImportError as error:
-        raise TritonConfigError(
-            f"tritonclient is needed for Triton model configs ({error}); install it: pip install "
-            "'tritonclient[http,grpc]'"
-        ) from error
-    return model_config_pb2.ModelConfig
-
-
-def parse_config(text: str, where: str = CONFIG):
-    """Parses config.pbtxt text by Triton's schema; a syntax or field error names line and column."""
-    from google.protobuf import text_format
-
-    config = model_config_class()()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as error:
-        raise TritonConfigError(f"{where} is not a valid Triton model config: {error}") from error
-    return config
-
-
-def platform_for(engine_file: str) -> tuple[str, str, str]:
-    suffix = Path(engine_file).suffix
-    if suffix not in PLATFORMS:
-        raise TritonConfigError(
-            f"no Triton platform for engine {engine_file!r}: known engine files end in {', '.join(PLATFORMS)}"
-        )
-    return PLATFORMS[suffix]
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def instance_plan(kind: str, instances: int | None = None, threads: int | None = None) -> tuple[int, int | None]:
-    """(instance count, ONNX Runtime threads per instance or None) for an instance kind. A GPU model
-    runs one instance per GPU unless told; on a CPU the defaults split the cores (module docstring)."""
-    for label, value in (("instances", instances), ("threads", threads)):
-        if value is not None and value < 1:
-            raise TritonConfigError(f"{label} must be at least 1, got {value}")
-    if kind == "KIND_GPU":
-        if threads is not None:
-            raise TritonConfigError(
-                "threads set ONNX Runtime's CPU threads; a TensorRT plan runs on the GPU: leave it out"
-            )
-        return instances or 1, None
-    cores = cpu_cores()
-    count = instances or min(cores, MAX_DEFAULT_INSTANCES)
-    return count, threads or max(1, cores // count)
-
-
-def _tensor_dims(tensor, role: str) -> list[int]:
-    """The per-request dims of a manifest tensor: its dims without the leading batch dim, -1 if dynamic."""
-    dims = tensor.dims
-    if not dims or dims[0] != BATCH:
-        raise TritonConfigError(
-            f"{role} {tensor.name!r} has dims {dims}: Triton batches on the first dim, which must be "
-            f"the dynamic {BATCH!r} dim. Re-export the model with a dynamic batch dim."
-        )
-    return [d if isinstance(d, int) and d > 0 else -1 for d in dims[1:]]
-
-
-def _data_type(tensor, role: str) -> str:
-    if tensor.dtype not in DATA_TYPES:
-        raise TritonConfigError(f"{role} {tensor.name!r} has dtype {tensor.dtype!r}, which Triton has no type for")
-    return DATA_TYPES[tensor.dtype]
-
-
-def served_graph(manifest: Manifest, bare: bool = False) -> GraphIO:
-    """Inputs and outputs of the graph a repository entry serves: the production engine's, or the bare model's."""
-    return GraphIO.of(manifest.graph_path("bare")) if bare else manifest.graph
-
-
-def expected_tensors(
-    manifest: Manifest, bare: bool = False
-) -> dict[str, dict[str, tuple[str, list[int], list[int] | None]]]:
-    """What the config must declare, per the manifest: {"input"|"output": {name: (type, dims, reshape)}}."""
-    graph = served_graph(manifest, bare)
-    if not graph.inputs or not graph.outputs:
-        raise TritonConfigError("the manifest lists no graph inputs or outputs: rebuild the engine with `make engine`")
-    wanted = {"input": {}, "output": {}}
-    for role, key in (("input", "inputs"), ("output", "outputs")):
-        for tensor in getattr(graph, key):
-            dims = _tensor_dims(tensor, role)
-            reshape = None
-            if not dims:  # a [B] tensor: Triton needs at least one dim per request, the engine wants none
-                dims, reshape = [1], []
-            wanted[role][tensor.name] = (_data_type(tensor, role), dims, reshape)
-    if bare:
-        return wanted
-    inputs = wanted["input"]
-    for knob in (UTILITY, FOCUS):
-        if knob not in inputs:
-            raise TritonConfigError(
-                f"the engine has no {knob!r} input (inputs: {sorted(inputs)}): it is not modulated. "
-                f"Build it with `make engine`, which adds utility and focus."
-            )
-    if inputs[UTILITY][1:] != ([1], []):
-        raise TritonConfigError(f"{UTILITY!r} must be [batch] in the engine, got per-request dims {inputs[UTILITY][1]}")
-    classes = manifest.modulation.num_classes
-    if inputs[FOCUS][1] != [classes]:
-        raise TritonConfigError(
-            f"{FOCUS!r} must be [batch, {classes}] (the model's classes), got per-request dims {inputs[FOCUS][1]}"
-        )
-    return wanted
-
-
-def max_batch_size(manifest: Manifest) -> int:
-    if BATCH not in manifest.dynamic_dims:
-        raise TritonConfigError(
-            f"the manifest has no range for the {BATCH!r} dim: rebuild the engine with a dynamic batch"
-        )
-    return int(manifest.dynamic_dims[BATCH].max)
-
-
-def build_config(
-    manifest: Manifest,
-    name: str,
-    engine_file: str,
-    max_queue_delay_us: int = MAX_QUEUE_DELAY_US,
-    instances: int | None = None,
-    threads: int | None = None,
-    bare: bool = False,
-):
-    """The ModelConfig message for a manifest (checked separately by check_config)."""
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    platform, kind, filename = platform_for(engine_file)
-    config = model_config_class()()
-    config.name = name
-    config.platform = platform
-    config.max_batch_size = max_batch_size(manifest)
-    config.default_model_filename = filename
-    for role, tensors in expected_tensors(manifest, bare).items():
-        for tensor_name, (data_type, dims, reshape) in tensors.items():
-            entry = getattr(config, role).add()
-            entry.name = tensor_name
-            entry.data_type = pb.DataType.Value(data_type)
-            entry.dims.extend(dims)
-            if reshape is not None:
-                entry.reshape.SetInParent()  # an empty shape is the message's point: [1] -> []
-                entry.reshape.shape.extend(reshape)
-    count, threads = instance_plan(kind, instances, threads)
-    config.instance_group.add(count=count, kind=pb.ModelInstanceGroup.Kind.Value(kind))
-    if threads is not None:
-        config.parameters[THREADS_PARAMETER].string_value = str(threads)
-    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-    return config
-
-
-def check_config(config, manifest: Manifest, engine_file: str, where: str = CONFIG, bare: bool = False) -> None:
-    """What Triton's schema cannot catch, against the manifest: raises TritonConfigError naming the problem."""
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    problems = []
-    platform, kind, filename = platform_for(engine_file)
-    if config.platform != platform:
-        problems.append(f"platform is {config.platform!r}, but a {Path(engine_file).suffix} engine needs {platform!r}")
-    limit = max_batch_size(manifest)
-    if not 1 <= config.max_batch_size <= limit:
-        problems.append(
-            f"max_batch_size is {config.max_batch_size}; it must be between 1 and the engine profile's max "
-            f"batch {limit} "
-            f"(0 would turn batching off and make Triton send tensors without the batch dim the engine expects)"
-        )
-    wanted = expected_tensors(manifest, bare)
-    for role in ("input", "output"):
-        declared = {}
-        for entry in getattr(config, role):
-            if entry.name in declared:
-                problems.append(f"{role} {entry.name!r} is declared twice")
-            declared[entry.name] = entry
-        for missing in sorted(set(wanted[role]) - set(declared)):
-            problems.append(f"{role} {missing!r} of the engine is missing")
-        for extra in sorted(set(declared) - set(wanted[role])):
-            problems.append(f"{role} {extra!r} is not a {role} of the engine (it has {sorted(wanted[role])})")
-        for tensor_name in sorted(set(declared) & set(wanted[role])):
-            entry, (data_type, dims, reshape) = declared[tensor_name], wanted[role][tensor_name]
-            if pb.DataType.Name(entry.data_type) != data_type:
-                problems.append(
-                    f"{role} {tensor_name!r} has data_type {pb.DataType.Name(entry.data_type)}, the engine's "
-                    f"is {data_type}"
-                )
-            if list(entry.dims) != dims:
-                problems.append(
-                    f"{role} {tensor_name!r} has dims {list(entry.dims)}, the engine's are {dims} per request"
-                )
-            got_reshape = list(entry.reshape.shape) if entry.HasField("reshape") else None
-            if got_reshape != reshape:
-                problems.append(f"{role} {tensor_name!r} has reshape {got_reshape}, the engine needs {reshape}")
-            if role == "input" and entry.optional:
-                problems.append(
-                    f"input {tensor_name!r} is optional: Triton's TensorRT backend accepts no optional inputs"
-                )
-    kinds = {pb.ModelInstanceGroup.Kind.Name(group.kind) for group in config.instance_group}
-    if kinds - {kind, "KIND_AUTO"}:
-        problems.append(f"instance_group kind {sorted(kinds)} does not fit {platform} (needs {kind})")
-    if any(group.count < 1 for group in config.instance_group):
-        problems.append(
-            f"instance_group count {[group.count for group in config.instance_group]}: every group needs at "
-            "least 1 instance"
-        )
-    if not config.HasField("dynamic_batching"):
-        problems.append("dynamic_batching is off: requests of different clients would never share a batch")
-    if problems:
-        raise TritonConfigError(f"{where} for model {config.name!r} does not match its engine: " + "; ".join(problems))
+from {module} import TritonPythonModel  # noqa: F401
+'''
 
 
 def _engine_file(manifest: Manifest, engine: str | None) -> Path:
@@ -307,7 +85,7 @@ def _bare_engine(manifest: Manifest) -> tuple[Path, bool]:
     return manifest.graph_path("bare"), manifest.precision != "fp16"
 
 
-def _check_onnx_engine(path: Path, manifest: Manifest, graph: GraphIO) -> list[str]:
+def _check_onnx_engine(path: Path, graph: GraphIO) -> list[str]:
     """An ONNX engine's own inputs/outputs must be `graph`'s (the manifest's); returns its external data
     files (relative locations, as the model records them)."""
     import onnx
@@ -332,63 +110,112 @@ def _check_onnx_engine(path: Path, manifest: Manifest, graph: GraphIO) -> list[s
     return locations
 
 
-def config_text(config, source: str) -> str:
-    from google.protobuf import text_format
+def _engine_backend(manifest: Manifest, engine_path: Path) -> str:
+    if engine_path.suffix == ".onnx":
+        return "onnxruntime"
+    return manifest.backend if manifest.backend in TENSORRT_BACKENDS else "tensorrt"
 
-    return f"# Generated by `aim triton` from {source}; do not edit: regenerate.\n" + text_format.MessageToString(
-        config
+
+def _spec(manifest: Manifest, role: str, engine_name: str, backend: str, tiered: bool) -> FrontSpec:
+    graph = served_graph(manifest, "bare" if role == "bare" else "modulated")
+    profile = (
+        profile_from_io(graph.inputs, manifest.dynamic_dims) if role == "bare" else manifest.profile
+    )  # the range the build was made for: what `aim run` holds a request to
+    return FrontSpec(
+        role=role,
+        engine=engine_name,
+        backend=backend,
+        inputs={tensor.name: [tensor.dtype, tensor.dims] for tensor in graph.inputs},
+        outputs=[tensor.name for tensor in graph.outputs],
+        profile=profile,
+        tiered=tiered,
+        num_classes=None if role == "bare" else manifest.modulation.num_classes,
+        extra={"tokenizer": TOKENIZER, "max_positions": manifest.max_positions} if role == "text" else {},
     )
 
 
-def write_model(
-    build_folder: str | os.PathLike,
-    repository: str | os.PathLike,
-    name: str | None = None,
-    engine: str | None = None,
-    max_queue_delay_us: int = MAX_QUEUE_DELAY_US,
-    instances: int | None = None,
-    threads: int | None = None,
-    bare: bool = False,
-) -> Path:
-    """Writes <repository>/<name>/ (config.pbtxt and 1/model.*) for the engine of a build folder.
+def _takes_utility(model: Path) -> bool:
+    """Whether a repository entry lets a client choose its noise: the bare model, an untiered front
+    (a `utility` input, or a text model's `utility` field), or any model with a `utility` input."""
+    spec = model / VERSION / FRONT_SPEC
+    if spec.is_file():
+        found = json.loads(spec.read_text())
+        return found.get("role") == "bare" or not found.get("tiered")
+    try:
+        return any(entry.name in (UTILITY, UTILITY_LEVEL) for entry in read_config(model).input)
+    except (OSError, TritonConfigError):
+        return False
 
-    `engine` is the engine file relative to the build folder (default: the manifest's engine); its
-    suffix picks the platform. `bare` serves the build's bare model instead (default name
-    <model>-bare). `instances` and `threads` as `instance_plan` takes them. Every file of the build is
-    checked against its hash first. Other models already in the repository are left alone.
-    """
-    manifest = Build.open(build_folder).manifest  # a build that failed its verification is refused
-    if bare and engine:
-        raise TritonConfigError(
-            f"bare serves the build's bare model, engine={engine!r} picks a modulated engine: give one of them"
-        )
-    name = name or manifest.model + (BARE_SUFFIX if bare else "")
+
+def _check_repository(repository: Path, names: list[str], tiered: bool) -> None:
+    """A repository is tiered as a whole (module docstring); entries about to be replaced do not count."""
+    if not repository.is_dir():
+        return
+    others = [p for p in sorted(repository.iterdir()) if p.is_dir() and p.name not in names and (p / CONFIG).is_file()]
+    if tiered:
+        open_ones = [p.name for p in others if _takes_utility(p)]
+        if open_ones:
+            raise TritonConfigError(
+                f"{repository} serves {', '.join(open_ones)}, which {'take' if len(open_ones) > 1 else 'takes'} a "
+                f"utility from the client (or serve the bare model): beside them the tiers would protect nothing. "
+                f"Write the tiered model into a repository of its own (--repository), or remove them"
+            )
+    else:
+        tiered_ones = [p.name for p in others if (p / VERSION / TIERS).is_file()]
+        if tiered_ones:
+            raise TritonConfigError(
+                f"{repository} is tiered ({', '.join(tiered_ones)}): a model that takes a utility from the client, "
+                f"or the bare model, would let anyone past its tiers. Give --tiers, or use another --repository"
+            )
+
+
+def _write_entry(
+    manifest: Manifest,
+    repository: Path,
+    name: str,
+    role: str,
+    engine_path: Path,
+    build_it: bool,
+    tiers,
+    max_queue_delay_us: int,
+    instances: int | None,
+    threads: int | None,
+) -> Path:
+    """One repository entry: config, the front's shim, engine, spec (and tier table, tokenizer)."""
     if not name or not _NAME.match(name):
         raise TritonConfigError(f"model name {name!r}: use letters, digits, '_', '-' and '.' only")
-    engine_path, build_it = _bare_engine(manifest) if bare else (_engine_file(manifest, engine), False)
-    platform, _, filename = platform_for(engine_path.name)
-    config = build_config(manifest, name, engine_path.name, max_queue_delay_us, instances, threads, bare)
+    _, filename = engine_file_kind(engine_path.name)
+    tiered = tiers is not None
+    config = build_config(manifest, name, engine_path.name, role, tiered, max_queue_delay_us, instances, threads)
+    where = f"{name}/{CONFIG}"
     text = config_text(config, str(manifest.file))
-    check_config(parse_config(text, f"{name}/{CONFIG}"), manifest, engine_path.name, f"{name}/{CONFIG}", bare)
-    # An ONNX engine can be read here: its own inputs/outputs must be what the manifest says.
-    graph = served_graph(manifest, bare)
-    extra_files = (
-        _check_onnx_engine(engine_path, manifest, graph) if platform == "onnxruntime_onnx" and not build_it else []
-    )
+    check_config(parse_config(text, where), manifest, engine_path.name, where, role, tiered)
+    graph = served_graph(manifest, "bare" if role == "bare" else "modulated")
+    onnx_engine = filename.endswith(".onnx")
+    extra_files = _check_onnx_engine(engine_path, graph) if onnx_engine and not build_it else []
+    spec = _spec(manifest, role, filename, _engine_backend(manifest, engine_path), tiered)
+    module = "aim.serving.text_front" if role == "text" else "aim.serving.front"
 
-    with StagedFolder(Path(repository) / name, _ours, what="a model folder `aim triton` wrote") as staged:
-        (staged.path / VERSION).mkdir(parents=True)
+    with StagedFolder(repository / name, _ours, what="a model folder `aim triton` wrote") as staged:
+        version = staged.path / VERSION
+        version.mkdir(parents=True)
         (staged.path / CONFIG).write_text(text)
+        (version / MODEL_PY).write_text(_SHIM.format(source=manifest.file, module=module))
+        spec.save(version)
+        if tiered:
+            (version / TIERS).write_text(json.dumps(tiers.to_json(), indent=2) + "\n")
+        if role == "text":
+            shutil.copytree(manifest.folder / manifest.tokenizer, version / TOKENIZER)
         if build_it:
             from aim.runtime import onnxruntime as ort_engine
 
-            ort_engine.build(engine_path, staged.path / VERSION / filename)
-            _check_onnx_engine(staged.path / VERSION / filename, manifest, graph)
+            ort_engine.build(engine_path, version / filename)
+            _check_onnx_engine(version / filename, graph)
         else:
-            shutil.copyfile(engine_path, staged.path / VERSION / filename)
+            shutil.copyfile(engine_path, version / filename)
         for location in extra_files:  # external weights stay beside the model under their recorded name
-            (staged.path / VERSION / location).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(engine_path.parent / location, staged.path / VERSION / location)
+            (version / location).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(engine_path.parent / location, version / location)
         return staged.publish()
 
 
@@ -400,7 +227,45 @@ def _ours(folder: Path) -> bool:
         return False
 
 
-def read_config(model_folder: str | os.PathLike):
-    """Parses <model>/config.pbtxt by Triton's schema."""
-    path = Path(model_folder) / CONFIG
-    return parse_config(path.read_text(), str(path))
+def write_model(
+    build_folder: str | os.PathLike,
+    repository: str | os.PathLike,
+    name: str | None = None,
+    engine: str | None = None,
+    max_queue_delay_us: int = MAX_QUEUE_DELAY_US,
+    instances: int | None = None,
+    threads: int | None = None,
+    bare: bool = False,
+    tiers: str | os.PathLike | None = None,
+    text: bool = False,
+) -> Path:
+    """Writes <repository>/<name>/ for the engine of a build folder and returns it.
+
+    `engine` is the engine file relative to the build folder (default: the manifest's engine); its
+    suffix picks ONNX Runtime or TensorRT. `bare` serves the build's bare model instead (default name
+    <model>-bare). `tiers`: a tiers file; the entry takes its sigma from the request's key. `text`:
+    the text-in, text-out entry of a text-generation build (default name <model>-text).
+    `instances` and `threads` as config.instance_plan takes them.
+    """
+    from aim.serving.tiers import TierTable
+
+    manifest = Build.open(build_folder).manifest  # a build that failed its verification is refused
+    if bare and (engine or tiers or text):
+        raise TritonConfigError(
+            "bare serves the build's bare model: engine, tiers and the text model are for the modulated one; give "
+            "one of them"
+        )
+    role = "bare" if bare else "text" if text else "modulated"
+    if text and not manifest.tokenizer:
+        raise TritonConfigError(
+            f"{manifest.folder} has no tokenizer: a text model needs a text-generation build with its tokenizer"
+        )
+    table = TierTable.load(tiers).resolved(manifest.calibration) if tiers is not None else None
+    name = name or manifest.model + {"bare": BARE_SUFFIX, "text": TEXT_SUFFIX}.get(role, "")
+    repository = Path(repository)
+    siblings = [] if bare else [manifest.model, manifest.model + TEXT_SUFFIX]  # rewritten together by `aim triton`
+    _check_repository(repository, [name, *siblings], table is not None)
+    engine_path, build_it = _bare_engine(manifest) if bare else (_engine_file(manifest, engine), False)
+    return _write_entry(
+        manifest, repository, name, role, engine_path, build_it, table, max_queue_delay_us, instances, threads
+    )

@@ -1,11 +1,14 @@
 """What a load test sends, and how it judges each reply.
 
-Three workloads over the same samples, one sample per request (batch of one, as clients send):
+Four workloads over the same samples, one sample per request (batch of one, as clients send):
   bare      the bare model (served as <model>-bare): every reply is the bare logits, bit for bit
   utility0  the modulated model, every request at utility 0 and focus 0: the bare logits, bit for bit
   mixed     the modulated model with the service tiers mixed: a third at utility 0 (bit for bit), a
             tenth focus-only (utility 0, one class boosted or suppressed: that class moves in its
             sign's direction and nothing else moves), the rest at utility 0.5-5 (finite, and noisy)
+  tiered    the same mix through the tiered model (<model>-tiered, no utility input): the exact and
+            focus-only requests carry the premium key (Authorization: Bearer KEY), the noisy ones
+            none (the default tier): what the tiers cost beside `mixed`
 
 Samples: the build's reference inputs (reference.npz), one row each; float inputs (images) are drawn
 afresh from N(0, 1) so that requests differ, the others (token ids, masks) are the reference's. The
@@ -22,7 +25,8 @@ import numpy as np
 from aim.contract import FOCUS, UTILITY
 from aim.layout import Manifest
 
-WORKLOADS = ("bare", "utility0", "mixed")
+WORKLOADS = ("bare", "utility0", "mixed", "tiered")
+DEFAULT_SIGMA = 2.0  # the load test's default tier (the tiered workload's noisy requests)
 EXACT_SHARE = 1 / 3  # of the mixed workload: utility 0, focus 0
 FOCUS_SHARE = 1 / 10  # of the mixed workload: utility 0, one class focused
 UTILITY_RANGE = (0.5, 5.0)  # the noisy tiers' sigma, uniform
@@ -38,6 +42,7 @@ class Request:
     bare: np.ndarray  # the sample's bare logits
     focus_class: int = -1
     focus_sign: float = 0.0
+    key: str | None = None  # the tiered workload: the premium key, or None for the default tier
 
 
 def judge(request: Request, logits: np.ndarray, class_axis: int) -> bool:
@@ -83,19 +88,27 @@ def bare_logits(manifest: Manifest, feeds: list[dict[str, np.ndarray]]) -> list[
 
 
 def workload(
-    name: str, feeds: list[dict], bare: list[np.ndarray], num_classes: int, seed: int = 0, count: int = REQUESTS
+    name: str,
+    feeds: list[dict],
+    bare: list[np.ndarray],
+    num_classes: int,
+    seed: int = 0,
+    count: int = REQUESTS,
+    premium_key: str | None = None,
 ) -> list[Request]:
-    """The requests of one workload, `count` of them, cycling over the samples."""
+    """The requests of one workload, `count` of them, cycling over the samples (tiered: with
+    `premium_key` on the exact and focus-only ones)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
-    rng = np.random.default_rng(seed + 1 + WORKLOADS.index(name))
+    tiered = name == "tiered"
+    rng = np.random.default_rng(seed + 1 + WORKLOADS.index("mixed" if tiered else name))  # tiered: mixed's draws
     requests = []
     for index in range(count):
         sample = index % len(feeds)
         if name == "bare":
             requests.append(Request(feeds[sample], "exact", bare[sample]))
             continue
-        draw = rng.random() if name == "mixed" else 0.0
+        draw = rng.random() if name in ("mixed", "tiered") else 0.0
         utility, focus = 0.0, np.zeros((1, num_classes), np.float32)
         kind, focus_class, sign = "exact", -1, 0.0
         if EXACT_SHARE <= draw < EXACT_SHARE + FOCUS_SHARE:
@@ -103,6 +116,7 @@ def workload(
             focus[0, focus_class] = sign * FOCUS_STRENGTH
         elif draw >= EXACT_SHARE + FOCUS_SHARE:
             kind, utility = "noisy", float(rng.uniform(*UTILITY_RANGE))
-        knobs = {UTILITY: np.array([[utility]], np.float32), FOCUS: focus}
-        requests.append(Request({**feeds[sample], **knobs}, kind, bare[sample], focus_class, sign))
+        knobs = {FOCUS: focus} if tiered else {UTILITY: np.array([[utility]], np.float32), FOCUS: focus}
+        key = premium_key if tiered and kind != "noisy" else None
+        requests.append(Request({**feeds[sample], **knobs}, kind, bare[sample], focus_class, sign, key))
     return requests

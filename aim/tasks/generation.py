@@ -419,6 +419,42 @@ def generate_text(
     if not prompts:
         raise InvalidInputError("give at least one prompt")
     engine, tokenizer, manifest = load_build(folder, log)
+    return texts_of(
+        engine,
+        tokenizer,
+        prompts,
+        max_positions=manifest.max_positions,
+        utility=utility,
+        focus=focus,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        stream=stream,
+        log=log,
+        truncate=truncate,
+    )
+
+
+def texts_of(
+    engine,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_positions: int | None = None,
+    utility=0.0,
+    focus: str | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stream: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    truncate: bool = False,
+) -> tuple[list[str], Generation]:
+    """generate_text on an engine and tokenizer already open (a server opens them once)."""
+    if not prompts:
+        raise InvalidInputError("give at least one prompt")
     focus_array = None
     if focus:
         boost, suppress = parse_focus(focus)
@@ -429,11 +465,11 @@ def generate_text(
     empty = [i + 1 for i, row in enumerate(mask) if not row.any()]
     if empty:
         raise InvalidInputError(f"prompt {empty[0]} ({prompts[empty[0] - 1]!r}) encodes to no tokens: give some text")
-    longest_prompt, total, why = length_limits(engine, manifest.max_positions)
+    longest_prompt, total, why = length_limits(engine, max_positions)
     if truncate and total is not None:
         keep = min(total - max_new_tokens + 1, longest_prompt or total)
         if keep < 1:
-            check_length(engine, 1, max_new_tokens, manifest.max_positions)  # says why no prompt fits
+            check_length(engine, 1, max_new_tokens, max_positions)  # says why no prompt fits
         if ids.shape[1] > keep:
             ids, mask = ids[:, -keep:], mask[:, -keep:]
             if log is not None:
@@ -466,7 +502,7 @@ def generate_text(
         top_k=top_k,
         seed=seed,
         on_token=on_token if stream else None,
-        max_positions=manifest.max_positions,
+        max_positions=max_positions,
     )
     texts = [tokenizer.decode(until_stop(row, stops), skip_special_tokens=True) for row in run.tokens]
     return texts, run

@@ -23,23 +23,29 @@ def _server_can_run() -> str | None:
     return None
 
 
+def skip_without_server() -> None:
+    reason = _server_can_run()
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def triton(build_folder, keyed_build, tmp_path_factory):
-    """The real Triton server (nvidia-pytriton's 2.51) on a generated repository with resnet, llama and
-    resnet's bare model (resnet-bare), INSTANCES instances each, and the keyed builds of every family."""
+    """The real Triton server (nvidia-pytriton's 2.51) on an untiered repository: resnet, llama and
+    resnet's bare model (resnet-bare), INSTANCES instances each; llama's text model (llama-text) and
+    the keyed builds of every family, one instance each."""
     from aim.families import list_families
     from aim.serving.server import TritonServer
     from aim.serving.triton import write_model
 
-    reason = _server_can_run()
-    if reason:
-        pytest.skip(reason)
+    skip_without_server()
     repo = tmp_path_factory.mktemp("triton") / "repository"
     for model in TRITON_MODELS:
         write_model(build_folder(model), repo, instances=INSTANCES)
     write_model(build_folder(TRITON_MODELS[0]), repo, instances=INSTANCES, bare=True)
+    write_model(build_folder("llama"), repo, instances=1, text=True)
     for model in list_families():
-        write_model(keyed_build(model).folder, repo, name=model + KEYED, instances=INSTANCES)
+        write_model(keyed_build(model).folder, repo, name=model + KEYED, instances=1)
     log = repo.with_name("tritonserver.log")
     server = TritonServer(repo, log_path=log).start()  # raises with the server's log if it cannot start
     try:

@@ -21,7 +21,6 @@ import tritonclient.http as httpclient
 from scipy.stats import norm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from aim.contract import MAX_STRENGTH
 from aim.layout import Manifest
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 
@@ -106,14 +105,22 @@ def infer(protocol, client, model: Model, inputs: dict) -> np.ndarray:
 
 
 def test_the_server_loads_the_generated_repository(triton, clients):
-    assert triton.models_ready() == ["llama", "llama-keyed", "resnet", "resnet-bare", "resnet-keyed", "segformer-keyed"]
+    assert triton.models_ready() == [
+        "llama",
+        "llama-keyed",
+        "llama-text",
+        "resnet",
+        "resnet-bare",
+        "resnet-keyed",
+        "segformer-keyed",
+    ]
     assert "successfully loaded 'resnet'" in triton.log()
     config = clients["http"].get_model_config("resnet")  # as the server read it
-    assert config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
-    assert config["max_batch_size"] == 32 and [i["name"] for i in config["input"]] == [
-        "pixel_values",
-        "utility",
-        "focus",
+    assert config["backend"] == "python" and config["max_batch_size"] == 32  # the front holds the engine
+    assert [(i["name"], i.get("optional", False)) for i in config["input"]] == [
+        ("pixel_values", False),
+        ("utility", False),
+        ("focus", True),  # the user's knob: absent = no focus
     ]
     assert clients["grpc"].is_model_ready("llama")
 
@@ -322,7 +329,7 @@ def test_a_few_hundred_requests_leave_no_traceback_in_the_server_log(triton, cli
     assert "Traceback" not in log and "Error:" not in log, log[log.find("Traceback") - 200 :][:2000]
 
 
-MALFORMED = {
+MALFORMED = {  # Triton's own checks against the config, or the front's
     "focus of the wrong length": (lambda r: r.update(focus=r["focus"][:, :9]), "focus"),
     "missing utility": (lambda r: r.pop("utility"), "utility"),
     "utility as float64": (lambda r: r.update(utility=r["utility"].astype(np.float64)), "utility"),
@@ -335,66 +342,81 @@ MALFORMED = {
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 @pytest.mark.parametrize("how", sorted(MALFORMED))
-def test_a_malformed_request_gets_tritons_error_and_the_server_keeps_serving(clients, models, protocol, how):
+def test_a_malformed_request_gets_a_400_and_the_server_keeps_serving(clients, models, protocol, how):
     model = models["resnet"]
     bad = request(model)
     edit, word = MALFORMED[how]
     edit(bad)
     with pytest.raises(InferenceServerException) as error:
         infer(protocol, clients[protocol], model, bad)
-    assert word in str(error.value) and "resnet" in str(error.value)
+    assert word in str(error.value)
+    assert error.value.status() in ("400", "StatusCode.INVALID_ARGUMENT"), error.value.status()
     assert np.array_equal(infer(protocol, clients[protocol], model, request(model)), model.bare)
 
 
+# Knobs and images `aim run` refuses (contract.check_modulation, the build's range): the server refuses
+# them too, with the same reason, before the engine runs. (rows, utility, focus edit, image, reason)
+NAN, INF = np.float32("nan"), np.float32("inf")
+REFUSED = {
+    "utility NaN": ([NAN], None, None, "utility must be finite"),
+    "utility -2": ([-2.0], None, None, "must lie in [0"),
+    "utility +inf": ([INF], None, None, "utility must be finite"),
+    "utility -inf": ([-INF], None, None, "utility must be finite"),
+    "utility 1e30": ([1e30], None, None, "must lie in [0"),
+    "focus NaN": ([0.0], (0, NAN), None, "focus must be finite"),
+    "focus +inf": ([0.0], (3, INF), None, "focus must be finite"),
+    "focus -inf": ([0.0], (4, -INF), None, "focus must be finite"),
+    "image 8x8": ([0.0], None, (8, 8), "outside the range"),
+    "image 1024x1024": ([0.0], None, (1024, 1024), "outside the range"),
+}
+
+
+def refused_request(model: Model, how: str) -> dict:
+    utility, focus_edit, image, _ = REFUSED[how]
+    inputs = request(model, slice(0, 1), utility)
+    if focus_edit is not None:
+        inputs["focus"][0, focus_edit[0]] = focus_edit[1]
+    if image is not None:
+        inputs["pixel_values"] = np.zeros((1, 3, *image), np.float32)
+    return inputs
+
+
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
-def test_nan_inf_and_negative_knobs_sent_straight_to_triton_give_finite_logits(clients, models, protocol):
-    """Requests reach the graph past our Python checks; the graph's own rule (graph_passes/redistribution.py):
-    a NaN utility -> MAX_STRENGTH (fail closed), a NaN focus -> 0, utility -> |utility|, both clipped to
-    MAX_STRENGTH."""
+def test_nan_inf_and_negative_knobs_and_images_out_of_range_get_a_400_with_the_reason(clients, models, protocol):
+    """A NaN utility used to be sanitised to 0 in the graph: the bare model, to anyone. Now every such
+    request is refused as `aim run` refuses it (the same check), a 400 naming the reason; the server
+    serves on. (The graph's own fail-closed rule stays behind it for other clients of the engine.)"""
     model = models["resnet"]
-    rows = slice(0, 6)
-    nan, inf = np.float32("nan"), np.float32("inf")
-    utility = np.array([nan, -2.0, inf, -inf, 0.0, 0.0], np.float32)
-    focus = np.zeros((6, model.classes), np.float32)
-    focus[4] = nan  # a focus of NaN is no focus
-    focus[5, 3], focus[5, 4] = inf, -inf
-    logits = infer(protocol, clients[protocol], model, request(model, rows, utility, focus))
-    assert np.all(np.isfinite(logits)), logits
-    bare = model.bare[rows]
-    assert np.mean(logits[0] != bare[0]) > 0.99  # a NaN utility is never the bare model
-    assert np.array_equal(logits[4], bare[4])  # NaN focus = focus 0
-    assert np.mean(logits[1] != bare[1]) > 0.99  # -2 acts as 2
-    # +inf boosts and -inf suppresses, by at most MAX_STRENGTH * |n| (|n| < 10 here with certainty)
-    assert (
-        logits[5, 3] > bare[5, 3]
-        and logits[5, 4] < bare[5, 4]
-        and np.array_equal(np.delete(logits[5], [3, 4]), np.delete(bare[5], [3, 4]))
+    for how, (*_, reason) in REFUSED.items():
+        bad = refused_request(model, how)
+        with pytest.raises(InferenceServerException) as error:
+            infer(protocol, clients[protocol], model, bad)
+        status = error.value.status()
+        assert status in ("400", "StatusCode.INVALID_ARGUMENT"), (how, status, str(error.value))
+        assert reason in str(error.value), (how, str(error.value))
+    focus = np.zeros((1, model.classes), np.float32)
+    np.testing.assert_array_equal(
+        infer(protocol, clients[protocol], model, request(model, slice(0, 1), 0.0, focus)), model.bare[:1]
     )
-    assert np.abs(logits - bare).max() < 10 * MAX_STRENGTH
 
 
-def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aim.cli",
-            "serve",
-            str(triton.repository),
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--model",
-            "resnet",
-        ],
+def _aim_serve(repository, *flags) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "aim.cli", "serve", str(repository), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
         start_new_session=True,
     )
+
+
+def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
+    """And while it runs, a second `aim serve` on its port, or on its repository (whose log it writes),
+    ends with one `error:` line saying which port, or which log, and what to do, having started
+    nothing and left the running server's log as it was (issue 21: it printed the banner and 11 lines
+    of Triton's log, and truncated the running server's log)."""
+    process = _aim_serve(triton.repository, "--http-port", "0", "--grpc-port", "0", "--model", "resnet")
     lines, deadline = [], time.monotonic() + 60
     try:
         while time.monotonic() < deadline:
@@ -408,11 +430,38 @@ def test_aim_serve_starts_prints_the_urls_and_stops_on_ctrl_c(triton):
         assert "HTTP  http://127.0.0.1:" in text and "gRPC  127.0.0.1:" in text and "models: resnet;" in text, text
         url = text.split("HTTP  http://")[1].split()[0]
         assert httpclient.InferenceServerClient(url).is_model_ready("resnet")
+        log = triton.repository.with_name(triton.repository.name + ".log")
+        written = log.read_bytes()
+        assert b"successfully loaded 'resnet'" in written
+        port = url.split(":")[1]
+        for flags, said in (
+            (("--http-port", port, "--grpc-port", "0"), f"HTTP port {port} on 127.0.0.1 is in use"),
+            (("--http-port", "0", "--grpc-port", "0"), f"{log} is the log of a Triton server still running"),
+        ):
+            second = _aim_serve(triton.repository, *flags, "--model", "resnet")
+            try:
+                out, _ = second.communicate(timeout=60)
+            finally:
+                _stop(second)
+            assert second.returncode == 2 and out.startswith("error: ") and said in out, out
+            assert len(out.strip().splitlines()) == 1, out  # one line, no banner, no Triton log
+            assert log.read_bytes()[: len(written)] == written  # the running server's log, untouched
+        assert httpclient.InferenceServerClient(url).is_model_ready("resnet")  # and that server serves on
         os.killpg(process.pid, signal.SIGINT)
         out, _ = process.communicate(timeout=30)
         assert process.returncode == 0 and "stopped" in out, out
     finally:
-        if process.poll() is None:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ctrl-C, so that `aim serve` stops its server (which runs in a process group of its own), then
+    SIGKILL if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
@@ -494,3 +543,33 @@ def test_a_keyed_model_gives_the_same_request_the_same_answer_also_in_a_dynamic_
     for index, (result, error) in results.items():
         assert error is None, error
         np.testing.assert_allclose(result.as_numpy("logits"), alone[index % rows], rtol=1e-6, atol=1e-6)
+
+
+def test_the_untiered_text_model_takes_utility_and_refuses_a_bad_one(triton, build_folder):
+    """llama-text of an untiered repository: `"utility": 0` gives `aim generate`'s text; a negative
+    utility, or none, is a 400 saying why."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from aim.tasks.generation import generate_text
+
+    def post(body):
+        request = urllib.request.Request(
+            f"http://{triton.http_url}/v2/models/llama-text/generate", data=json.dumps(body).encode(), method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    expected = generate_text(build_folder("llama"), ["def main():"], max_new_tokens=6)[0][0]
+    assert post({"text_input": "def main():", "max_tokens": 6, "utility": 0}) == (
+        200,
+        {"model_name": "llama-text", "model_version": "1", "text_output": expected},
+    )
+    status, said = post({"text_input": "def main():", "max_tokens": 6, "utility": -1})
+    assert status == 400 and "must lie in [0" in said["error"], said
+    status, said = post({"text_input": "def main():", "max_tokens": 6})
+    assert status == 400 and "give 'utility'" in said["error"], said
