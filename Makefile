@@ -51,7 +51,7 @@ BUILD_FLAGS = --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" --no
 	$${MAX_BATCH:+--max-batch "$$MAX_BATCH"}
 # The build's name: the ONNX file's stem, MODEL, or without one the checkpoint folder's, as `aim engine` names it.
 NAME = if [ -n "$$ONNX" ]; then name="$$(basename "$$ONNX" .onnx)"; else \
-	name="$${MODEL:-$$($(PY) -c 'import sys; from aim.tasks.checkpoint import build_name; print(build_name(sys.argv[1]))' "$$CHECKPOINT")}"; fi
+	name="$${MODEL:-$$($(PY) -c 'import sys; from aim.families.from_checkpoint import build_name; print(build_name(sys.argv[1]))' "$$CHECKPOINT")}"; fi
 # The engine of that name under OUT, built first unless the folder holds a verified build made as asked (weights
 # or file, BACKEND, PRECISION, NOISE and NOISE_KEY, MAX_BATCH) whose every file has its recorded hash (`aim engine
 # --reuse`, pipeline/builder.reusable): `make triton NOISE=keyed` never serves a fresh-noise build.

@@ -25,11 +25,12 @@ LAYERS = [
     ["aim.errors", "aim.lazy", "aim.specs", "aim.verdicts"],
     ["aim.files", "aim.contract"],
     ["aim.layout", "aim.weights"],
-    ["aim.families"],
     ["aim.export", "aim.graph_passes"],
+    ["aim.verify"],  # judges: engines and arrays in, verdicts out; no runner opened here
+    ["aim.tasks"],  # what a model of a task is traced as and verified by
+    ["aim.families"],  # a family inherits its task's defaults
     ["aim.runtime"],
-    ["aim.verify"],
-    ["aim.tasks"],
+    ["aim.generation"],  # the decode loop over any engine; opens build folders at its top (text.py)
     ["aim.pipeline"],
     ["aim.serving", "aim.evaluation", "aim.benchmarks"],
     ["aim.cli"],
@@ -144,8 +145,14 @@ RUNTIME_MODULES = [
     "aim.serving.workloads",
     "aim.serving.loadtest",
     "aim.serving.loadplot",
-    "aim.tasks.generation",
-    "aim.tasks.tokens",
+    "aim.generation",
+    "aim.generation.loop",
+    "aim.generation.sampling",
+    "aim.generation.limits",
+    "aim.generation.text_tokenizer",
+    "aim.generation.focus",
+    "aim.generation.reference_runs",
+    "aim.generation.text",
     "aim.cli",
     "aim.cli.run",
     "aim.cli.serve",
@@ -183,7 +190,7 @@ def test_generation_and_running_an_engine_load_no_torch(tmp_path):
 
     build(FamilySource("llama"), BuildRequest(tmp_path), log=lambda _: None)
     code = (
-        "from aim.tasks.generation import generate_text\n"
+        "from aim.generation import generate_text\n"
         f"texts, run = generate_text({str(tmp_path / 'llama')!r}, ['def main():'], max_new_tokens=3)\n"
         "assert run.tokens.shape == (1, 3)\n"
     )

@@ -41,7 +41,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from aim.tasks.generation import generate_text
+    from aim.generation import generate_text
 
     folder = Path(args.folder)
     if not folder.is_dir() and (Path(args.out) / args.folder).is_dir():

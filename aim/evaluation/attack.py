@@ -10,7 +10,7 @@ a tie goes to the larger mean), or with the argmax of the mean of the distinct d
 answers ("distinct": a client who knows the noise is keyed sets aside answers of a draw already seen,
 which differ from it by far less than the noise; against fresh noise it is the mean), each scored
 against the clean answer of the original request,
-for (a) exact repeats and (b) repeats of imperceptible variants (Task.perturbation). Fresh noise
+for (a) exact repeats and (b) repeats of imperceptible variants (TaskEvaluation.perturbation). Fresh noise
 follows G(sigma / sqrt K) when averaged (drawn beside); keyed noise gains nothing from exact repeats,
 and from variants only what the fresh draws they buy give (their share is measured: a variant's
 noise equals the request's unless its digest moved).
@@ -137,7 +137,7 @@ def attack(
     key, fresh_key = NoiseKey.load_or_draw(noise_key)
     onnxruntime.set_seed(seed)  # before the engines' sessions exist: it seeds only sessions made after it
     prepared = prepare_engine(model, out_dir, checkpoint, seed, log)
-    task, setup = prepared.task, eval_inputs(prepared, seed)
+    evaluation, setup = prepared.evaluation, eval_inputs(prepared, seed)
     split = setup.split if inputs is None else setup.split.take(slice(0, inputs))
     manifest = Manifest.load(prepared.folder)
     fresh = prepared.engine
@@ -149,7 +149,7 @@ def attack(
         f"attack on {model}: {len(split)} inputs ({len(clean)} rows), sigma {sigma:.4g} (G = "
         f"{theory_curve[0]:.3f}), K up to {max(QUERIES)}"
     )
-    log(f"  perturbed repeats: {task.perturbation}")
+    log(f"  perturbed repeats: {evaluation.perturbation}")
 
     points: list[Point] = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -159,7 +159,7 @@ def attack(
                 queries = (
                     (split.inputs for _ in range(max(QUERIES)))
                     if repeats == "exact"
-                    else task.variants(engine, split.inputs, max(QUERIES), prepared.checkpoint, seed)
+                    else evaluation.variants(engine, split.inputs, max(QUERIES), prepared.checkpoint, seed)
                 )
                 found = curves(engine, queries, clean_top, sigma, setup.batch)
                 for aggregate, agreement in found.items():
@@ -183,7 +183,7 @@ def attack(
                     f"{found['mean'][64]:.3f}, vote {found['vote'][64]:.3f}, distinct "
                     f"{found['distinct'][64]:.3f}"
                 )
-        variants = task.variants(keyed, split.inputs, max(QUERIES), prepared.checkpoint, seed)
+        variants = evaluation.variants(keyed, split.inputs, max(QUERIES), prepared.checkpoint, seed)
         share = fresh_draw_share(keyed, variants, split.inputs, sigma, setup.batch)
         log(f"  keyed: {share:.1%} of the perturbed repeats bought a fresh draw")
     if fresh_key and noise_key is not None:
@@ -201,7 +201,7 @@ def attack(
         "num_classes": int(clean.shape[1]),
         "sigma": sigma,
         "agreement_one_query_theory": float(theory_curve[0]),
-        "perturbation": task.perturbation,
+        "perturbation": evaluation.perturbation,
         "keyed_fresh_draw_share": share,
         "key_fingerprint": key.fingerprint,
         "queries": list(QUERIES),

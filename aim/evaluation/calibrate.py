@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize, special
 
-from aim.evaluation import theory
+from aim.evaluation import metrics, theory
 from aim.evaluation.sweep import EngineData
 from aim.files import atomic_path
 from aim.graph_passes.calibration import add_utility_level
@@ -34,7 +34,6 @@ from aim.graph_passes.io import load_graph, save_onnx
 from aim.layout import CALIBRATION_FILES, Manifest
 from aim.pipeline.steps import onnxruntime_engine
 from aim.runtime import onnxruntime as ort_engine
-from aim.tasks import metrics
 
 # 101 levels: linear interpolation in sigma between entries 0.01 apart keeps the agreement within
 # ~0.005 of its target between them, also near level 1 where G bends most.

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from aim.evaluation.datasets import Split
+from aim.evaluation.task_evaluation import TaskEvaluation, evaluation_of
 from aim.evaluation.train import TRAINING, train
 from aim.families import Family, get_family
 from aim.files import check_writable
 from aim.runtime.base import OnFirstUse
-from aim.tasks import Task, get_task
-from aim.tasks.datasets import Split
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Prepared:
     checkpoint: Path
     training: dict | None
     family: Family
-    task: Task
+    evaluation: TaskEvaluation  # the task's data, metric and variants
 
 
 @dataclass
@@ -65,12 +65,12 @@ def prepare_engine(
         built = build(source, request, log)
     # Unbounded: the sweeps run ONNX Runtime at batches past the engine profile's (ONNX Runtime has none).
     engine = built.runner("production", "onnxruntime", bounded=False)
-    return Prepared(folder, engine, checkpoint, training, family, get_task(family.task))
+    return Prepared(folder, engine, checkpoint, training, family, evaluation_of(family.task))
 
 
 def eval_inputs(prepared: Prepared, seed: int = 0, split: str = "test") -> Setup:
     """The labelled `split` ("test" or "calibration") of the task's data, shaped for the engine, with
     the family's rows per engine call and repeats per sweep point."""
     trained = prepared.family.trained
-    data = prepared.task.eval_split(prepared.engine, prepared.checkpoint, split, seed, trained.eval_inputs)
+    data = prepared.evaluation.eval_split(prepared.engine, prepared.checkpoint, split, seed, trained.eval_inputs)
     return Setup(data, trained.eval_batch, trained.eval_repeats)

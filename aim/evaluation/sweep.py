@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from aim.errors import AimError
-from aim.evaluation import theory
+from aim.evaluation import metrics, theory
+from aim.evaluation.datasets import Split
 from aim.files import atomic_path, save_figure
 from aim.layout import EVAL_DIR
-from aim.tasks import metrics
-from aim.tasks.datasets import Split
 
 # The reference code's grids (docs/method.md §1).
 UTILITY_GRID = {
@@ -321,13 +320,13 @@ def evaluate(
     for flag, chosen in (("boost", boost), ("suppress", suppress)):
         if chosen is not None and not 0 <= chosen < classes:  # before the sweeps, not after the first one
             raise AimError(f"--{flag} {chosen}: the model has {classes} classes (0..{classes - 1}); pick one of them")
-    task = prepared.task
+    evaluation = prepared.evaluation
     setup = eval_inputs(prepared, seed)
     # Labels are the model's classes only for the family's own trained model (it has training.json).
     data = EngineData(prepared.engine, setup.split, setup.batch, labelled=prepared.training is not None)
     if not data.labelled:
         log("  foreign checkpoint: the data's labels are not its classes; measuring label-free quantities only")
-    kind = task.utility_grid
+    kind = evaluation.utility_grid
     utility_grid = UTILITY_GRID[kind] if utility_grid is None else np.asarray(utility_grid)
     focus_grid = FOCUS_GRID if focus_grid is None else np.asarray(focus_grid)
     repeats = setup.repeats if repeats is None else repeats
@@ -338,7 +337,7 @@ def evaluate(
     )
     if data.labelled:
         log(f"  clean engine: accuracy {metrics.accuracy(clean, data.labels):.4f}")
-    points = utility_sweep(data, utility_grid, repeats, log, segmentation=task.segmentation)
+    points = utility_sweep(data, utility_grid, repeats, log, segmentation=evaluation.segmentation)
     default_boost, default_suppress = focus_classes(data)
     boost = default_boost if boost is None else boost
     suppress = default_suppress if suppress is None else suppress
@@ -361,7 +360,7 @@ def evaluate(
         if not data.labelled
         else {
             "accuracy": metrics.accuracy(clean, data.labels),
-            **({"mIoU": metrics.mean_iou(clean, data.labels, data.num_classes)} if task.segmentation else {}),
+            **({"mIoU": metrics.mean_iou(clean, data.labels, data.num_classes)} if evaluation.segmentation else {}),
         },
         "training": prepared.training,
         "boost_class": boost,

@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from aim.errors import AimError
+from aim.evaluation.datasets import Split
+from aim.evaluation.task_evaluation import evaluation_of
 from aim.families import get_family
 from aim.files import StagedFolder, check_writable
 from aim.tasks import get_task
-from aim.tasks.datasets import Split
 
 TRAINED = Path("build") / "trained"
 TRAINING = "training.json"
 
 
-def clean_metric(task, model, split: Split, num_classes: int, batch: int = 64) -> float:
+def clean_metric(evaluation, model, split: Split, num_classes: int, batch: int = 64) -> float:
     """The clean metric of a PyTorch model on a split: accuracy, mIoU or next-token accuracy."""
     import torch
 
@@ -38,9 +39,11 @@ def clean_metric(task, model, split: Split, num_classes: int, batch: int = 64) -
         for start in range(0, len(split), batch):
             part = split.take(slice(start, start + batch))
             predicted.append(
-                task.predictions(task.training_logits(model, {k: torch.tensor(v) for k, v in part.inputs.items()}))
+                evaluation.predictions(
+                    evaluation.training_logits(model, {k: torch.tensor(v) for k, v in part.inputs.items()})
+                )
             )
-    return task.clean_metric(np.concatenate(predicted), split.labels, num_classes)
+    return evaluation.clean_metric(np.concatenate(predicted), split.labels, num_classes)
 
 
 def train(
@@ -57,7 +60,7 @@ def train(
     family = get_family(model)
     if family.trained is None:
         raise AimError(f"{model} has no training recipe (Family.trained)")
-    task, recipe = get_task(family.task), family.trained
+    evaluation, recipe = evaluation_of(family.task), family.trained
     steps = recipe.steps if steps is None else steps
     if steps < 1:
         raise AimError(f"--steps must be at least 1, got {steps}")
@@ -75,14 +78,14 @@ def train(
     if not force and record.is_file():
         cached = json.loads(record.read_text())
         if cached.get("settings") == settings and (folder / "config.json").is_file():
-            log(f"trained {model} reused from {folder} ({task.metric} {cached['clean_metric']:.4f})")
+            log(f"trained {model} reused from {folder} ({evaluation.metric} {cached['clean_metric']:.4f})")
             return {**cached, "checkpoint": str(folder)}
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
-    data = task.training_data(recipe, seed, train_inputs=steps * recipe.batch)
-    net = family.build(task.model_config(recipe, data)).train()
+    data = evaluation.training_data(recipe, seed, train_inputs=steps * recipe.batch)
+    net = family.build(evaluation.model_config(recipe, data)).train()
     optimiser = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.01)
     # warm-up over 10% of the steps (at least 3 steps: OneCycleLR needs a non-empty warm-up phase)
     if steps >= 6:
@@ -95,10 +98,10 @@ def train(
         f"training {model}: {steps} steps, batch {recipe.batch}, {sum(p.numel() for p in net.parameters()):,} "
         "parameters"
     )
-    batches = task.training_batches(data, recipe.batch, rng)
+    batches = evaluation.training_batches(data, recipe.batch, rng)
     for step in range(1, steps + 1):
         inputs, labels = next(batches)
-        loss = task.loss(task.training_logits(net, inputs), labels)
+        loss = evaluation.loss(evaluation.training_logits(net, inputs), labels)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -106,12 +109,12 @@ def train(
         if step % max(1, steps // 5) == 0 or step == steps:
             log(f"  step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f} s")
     seconds = time.perf_counter() - started
-    value = clean_metric(task, net, data["test"], task.num_classes(net))
-    log(f"  clean {task.metric} on the test split: {value:.4f} ({len(data['test'])} samples)")
+    value = clean_metric(evaluation, net, data["test"], get_task(family.task).num_classes(net))
+    log(f"  clean {evaluation.metric} on the test split: {value:.4f} ({len(data['test'])} samples)")
 
     result = {
         "settings": settings,
-        "metric": task.metric,
+        "metric": evaluation.metric,
         "clean_metric": value,
         "test_samples": len(data["test"]),
         "train_seconds": round(seconds, 1),

@@ -1,11 +1,14 @@
-"""Model families: one small registered record per architecture, everything the project knows of it.
+"""Model families: one small registered record per architecture, stating only what differs from its task.
 
-A family says which transformers class it is, which task it serves (by the task's name: families
-never import tasks), the tiny random-weight config `make engine` builds without a checkpoint, the
-ranges of its dynamic dims, its tolerances, and the sizes it is trained and benchmarked at. Adding a
-family is adding one module here that calls `register(...)`; nothing outside this package names one.
-A checkpoint folder of any supported architecture needs no family module: its record is derived
-from its config.json (architectures.py, aim/tasks/checkpoint.py). transformers is imported only
+A family says which transformers class it is, which task it serves (by the task's name), the tiny
+random-weight config `make engine` builds without a checkpoint, and the sizes it is trained and
+benchmarked at. Everything else it inherits from its task (aim/tasks): the ranges of the dynamic
+dims, the sizes it is verified at, the tolerance, the FP16 comparator and the opset, as Optimum's
+architecture configs inherit their task's (`ResNetOnnxConfig(ViTOnnxConfig): pass`); a family states
+a dim, a size or a comparator only where its architecture differs. Adding a family is adding one
+module here that calls `register(...)`; nothing outside this package names one. A checkpoint folder
+of any supported architecture needs no family module: its record is derived from its config.json
+(architectures.py, from_checkpoint.py) and inherits the same defaults. transformers is imported only
 when a model is built.
 """
 
@@ -14,11 +17,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aim.errors import UnknownModelError
 from aim.specs import DimRange
+from aim.tasks import get_task
 from aim.verdicts import Agreement, Tolerance
 
 if TYPE_CHECKING:
@@ -60,28 +64,44 @@ class Benchmark:
 @dataclass(frozen=True)
 class Family:
     name: str
-    task: str  # the name of a task in aim.tasks
-    model_type: str  # config.json's model_type of this architecture
+    task: str  # the name of a task in aim.tasks, whose defaults the family inherits
     model_class: str  # the transformers class that loads a checkpoint, by name
     # The transformers config of the tiny random-weight model; None for a record derived from a
-    # checkpoint folder (aim/tasks/checkpoint.py), which always loads its weights.
+    # checkpoint folder (from_checkpoint.py), which always loads its weights.
     tiny: Callable[[], object] | None
-    # Ranges of the dynamic dims: export example, tests and TensorRT profiles use them.
-    dims: dict[str, DimRange]
-    # Small sizes for tracing and for the verification run of `make engine`; dims that are dynamic
-    # get different values, so that no two of them can be mistaken for each other.
-    verify_sizes: dict[str, int]
-    tolerance: Tolerance  # fp32, engine vs PyTorch
-    fp16: Agreement | None = None  # FP16 engines: the task's comparator against FP32 PyTorch
-    fp16_keep_fp32: tuple[str, ...] = ()  # node-name prefixes kept FP32 in FP16 graphs
+    model_type: str = ""  # config.json's model_type of this architecture; the family's name if not stated
+    # What differs from the task's defaults; after construction each holds the whole fact (the task's
+    # merged with what the family states):
+    # ranges of the dynamic dims (export example, tests and TensorRT profiles use them), per dim;
+    dims: dict[str, DimRange] = field(default_factory=dict)
+    # small sizes for tracing and for the verification run of `make engine`, per dim (dims that are
+    # dynamic get different values, so that no two of them can be mistaken for each other);
+    verify_sizes: dict[str, int] = field(default_factory=dict)
+    tolerance: Tolerance | None = None  # fp32, engine vs PyTorch
+    fp16: Agreement | None = None  # FP16 engines: the comparator against FP32 PyTorch
+    opset: int | None = None
+    fp16_keep_fp32: tuple[str, ...] = ()  # node-name prefixes kept FP32 in FP16 graphs (besides the task's)
     trained: Trained | None = None
     benchmark: Benchmark | None = None
-    opset: int = 17
     # The transformers config of a real-size checkpoint (`make scale-check` saves it in bf16, sharded,
     # and builds it), or None.
     scale: Callable[[], object] | None = None
     # A record derived from a checkpoint folder: the architecture it holds.
     architecture: Architecture | None = None
+
+    def __post_init__(self):
+        """The task's defaults under what the family states (an unknown task is an UnknownModelError)."""
+        task = get_task(self.task)
+        inherited = {
+            "model_type": self.model_type or self.name,
+            "dims": {**task.dims, **self.dims},
+            "verify_sizes": {**task.verify_sizes, **self.verify_sizes},
+            "tolerance": self.tolerance or task.tolerance,
+            "fp16": self.fp16 or task.fp16,
+            "opset": self.opset or task.opset,
+        }
+        for name, value in inherited.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     def model_class_object(self):
         import transformers

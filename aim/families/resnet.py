@@ -2,7 +2,6 @@
 
 from aim.families import Benchmark, Family, Trained, register
 from aim.specs import DimRange
-from aim.verdicts import Agreement, Tolerance
 
 
 def tiny():
@@ -37,24 +36,12 @@ RESNET = register(
     Family(
         name="resnet",
         task="image-classification",
-        model_type="resnet",
         model_class="ResNetForImageClassification",
         tiny=tiny,
-        dims={"batch": DimRange(1, 4, 32), "height": DimRange(32, 224, 512), "width": DimRange(32, 224, 512)},
-        verify_sizes={"batch": 2, "height": 64, "width": 48},
-        tolerance=Tolerance(
-            atol=1e-4,
-            rtol=1e-4,
-            why="fp32 both sides; convolution kernels of ONNX Runtime (MLAS) and PyTorch (oneDNN) sum in "
-            "different orders, ~1e-6 relative per layer; the modulation adds the same noise on both sides",
-        ),
-        fp16=Agreement(
-            metric="top_k",
-            k=5,
-            min_fraction=0.9,
-            why="top-5 classes, as ImageNet reports them: FP16 rounds logits by ~1e-3 relative, which can swap "
-            "only near-tied classes; one swap at rank 5 in one of the two verification images (0.9) is tolerated",
-        ),
+        # Down to 32 px, the size of the digits it is trained on, where its stride-32 last stage is 1x1 (the
+        # task's checkpoints start at 64). Verified at 64 x 48, as since it was added: its reports stay comparable.
+        dims={"height": DimRange(32, 224, 512), "width": DimRange(32, 224, 512)},
+        verify_sizes={"width": 48},
         trained=Trained(trained, steps=300, lr=2e-3, batch=64, version=2, eval_batch=512, eval_repeats=20),
         benchmark=Benchmark(
             resnet50, {"batch": 1, "height": 224, "width": 224}, "ResNet-50, 1000 classes, 1x3x224x224", repeats=30

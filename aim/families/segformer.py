@@ -2,7 +2,6 @@
 
 from aim.families import Benchmark, Family, Trained, register
 from aim.specs import DimRange
-from aim.verdicts import Agreement, Tolerance
 
 
 def tiny():
@@ -44,25 +43,10 @@ SEGFORMER = register(
     Family(
         name="segformer",
         task="semantic-segmentation",
-        model_type="segformer",
         model_class="SegformerForSemanticSegmentation",
         tiny=tiny,
-        dims={"batch": DimRange(1, 2, 8), "height": DimRange(32, 512, 1024), "width": DimRange(32, 512, 1024)},
-        verify_sizes={"batch": 2, "height": 64, "width": 96},
-        tolerance=Tolerance(
-            atol=1e-4,
-            rtol=1e-4,
-            why="fp32 both sides; attention, convolution and bilinear resize summed in different orders by "
-            "ONNX Runtime and PyTorch, ~1e-6 relative per layer",
-        ),
-        fp16=Agreement(
-            metric="class_map",
-            k=1,
-            min_fraction=0.99,
-            why="the segmentation map is the argmax per pixel; FP16 flips only pixels whose top two classes are "
-            "nearly tied (class boundaries), at most 1% of them (measured 0.2% on the tiny model, whose logits "
-            "differ by only ~1e-3 between classes)",
-        ),
+        # Down to 32 px, where its stride-32 last stage is 1x1 (the task's checkpoints start at 64).
+        dims={"height": DimRange(32, 512, 1024), "width": DimRange(32, 512, 1024)},
         trained=Trained(trained, steps=600, lr=2e-3, batch=16, version=3, eval_batch=8, eval_repeats=1, eval_inputs=16),
         benchmark=Benchmark(
             b0,

@@ -1,7 +1,8 @@
 """Running a build's engines once, on one set of inputs and knobs, for its checks to judge (as
 Polygraphy's `Comparator.run` gives the `RunResults` that `compare_accuracy` judges): the bare engine
 and the verification flavour on the reference's inputs, then the production engine as the judges'
-plan asks (verify/statistics.py, verify/keyed.py) and the decodes the task asks (text generation).
+plan asks (verify/statistics.py, verify/keyed.py) and the decode loop on the reference's prompts
+(text generation: aim/generation/reference_runs.py).
 
 The engines are any runners with `run(inputs, utility, focus, **noise)` (runtime/base.py; the stand-ins
 of verify/defects.py too); each role's runner is closed once done with, so a large model's weights are
@@ -10,10 +11,12 @@ in memory once at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from aim.verify.reference import Reference, tile_batch
-from aim.verify.results import REFERENCE, STATISTICS, CacheVsRecompute, Greedy, Plan, RunResults
+from aim.verify.results import REFERENCE, STATISTICS, Plan, RunResults
 from aim.verify.statistics import MIN_SAMPLES, statistical_checks, statistical_plan
 
 
@@ -45,34 +48,6 @@ def run_plan(engine, plan: Plan, inputs: dict[str, dict], baseline: np.ndarray) 
     return draws
 
 
-def run_decodes(engine, decodes: dict[str, Greedy | CacheVsRecompute]) -> dict[str, np.ndarray]:
-    """The task's decodes by the production engine (text generation's decode loop)."""
-    if not decodes:
-        return {}
-    from aim.tasks.generation import cached_and_recomputed, generate
-
-    found = {}
-    for name, decode in decodes.items():
-        if isinstance(decode, Greedy):
-            run = generate(
-                engine,
-                decode.input_ids,
-                decode.attention_mask,
-                max_new_tokens=decode.new_tokens,
-                stop_tokens=decode.stop_tokens,
-                pad_token_id=decode.pad_token_id,
-                keep_logits=decode.forced is not None,
-                forced=decode.forced,
-            )
-            found[f"{name}.tokens"] = run.tokens
-            if decode.forced is not None:
-                found[f"{name}.logits"] = np.stack(run.logits)
-        else:
-            cached, recomputed = cached_and_recomputed(engine, decode.input_ids, decode.attention_mask, decode.steps)
-            found[f"{name}.cached"], found[f"{name}.recomputed"] = cached, recomputed
-    return found
-
-
 def run_engines(
     bare,
     verification,
@@ -80,11 +55,12 @@ def run_engines(
     reference: Reference,
     plan_of,
     max_batch: int,
-    decodes: dict[str, Greedy | CacheVsRecompute] | None = None,
+    task_runs: Callable[[object], dict[str, np.ndarray]] | None = None,
 ) -> RunResults:
     """The build's engines in turn (bare, verification, production), each closed when done but the
     production one (its caller's to close). `plan_of(shape)`: the judges' plan for the statistics batch
-    whose bare logits have that shape; `max_batch`: the largest batch the engines take."""
+    whose bare logits have that shape; `max_batch`: the largest batch the engines take; `task_runs
+    (production)`: the arrays the task's checks judge (text generation: aim/generation/reference_runs.py)."""
     inputs = reference.inputs
     bare_logits = bare.run(inputs)
     statistics_inputs, statistics = statistics_batch(bare, inputs, bare_logits, max_batch)
@@ -99,7 +75,7 @@ def run_engines(
     verification.close()
     plan = plan_of(statistics.shape)
     draws = run_plan(production, plan, {STATISTICS: statistics_inputs, REFERENCE: inputs}, statistics)
-    return RunResults(bare_logits, modulated, statistics, plan, draws, run_decodes(production, decodes or {}))
+    return RunResults(bare_logits, modulated, statistics, plan, draws, task_runs(production) if task_runs else {})
 
 
 def run_statistical_checks(engine, inputs: dict, bare: np.ndarray, class_axis: int, seed: int = 0):

@@ -152,7 +152,7 @@ class CheckpointSource(FamilySource):
 
     @cached_property
     def family(self) -> Family:
-        from aim.tasks.checkpoint import checkpoint_family
+        from aim.families.from_checkpoint import checkpoint_family
 
         return checkpoint_family(self.checkpoint)  # not a checkpoint, or an architecture refused: fails here
 

@@ -81,7 +81,7 @@ def release(loaded: Loaded) -> None:
 
 def save_tokenizer(tokenizer, folder: Path) -> Path:
     """The tokenizer beside the engine, as a fast tokenizer (tokenizer.json), so generation needs
-    nothing but the build folder (and no transformers: tasks/tokens.py reads it)."""
+    nothing but the build folder (and no transformers: generation/text_tokenizer.py reads it)."""
     target = folder / TOKENIZER_DIR
     tokenizer.save_pretrained(target)
     if not (target / "tokenizer.json").is_file():

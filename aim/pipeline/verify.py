@@ -8,6 +8,7 @@ import os
 from datetime import datetime, timezone
 
 from aim.contract import BATCH
+from aim.generation.reference_runs import generation_runs
 from aim.layout import REFERENCE, EngineRun, Manifest
 from aim.pipeline.engine_runs import run_engines
 from aim.runtime.backends import runnable_here
@@ -21,10 +22,11 @@ from aim.verify.results import RunResults
 from aim.verify.statistics import statistical_plan
 
 
-def run_build(build: Build, task: Task, reference: Reference, runner: str, seed: int = 0):
+def run_build(build: Build, reference: Reference, runner: str, seed: int = 0) -> RunResults:
     """What the build's engines answer for its checks; `runner`: the backend that runs them (the
     engine's own, or ONNX Runtime on the graphs a TensorRT engine was built from). ONNX Runtime is
-    seeded with `seed` first: it seeds only the sessions made after it."""
+    seeded with `seed` first: it seeds only the sessions made after it. The task's own runs are the
+    decode loop on the reference's prompts (text generation; nothing for other references)."""
     import onnxruntime
 
     onnxruntime.set_seed(seed)
@@ -36,12 +38,14 @@ def run_build(build: Build, task: Task, reference: Reference, runner: str, seed:
             return keyed_plan(shape, class_axis, reference)
         return statistical_plan(shape, class_axis)
 
-    decodes = (
-        task.verification_runs(reference.extra, manifest.verification.reduced_precision) if reference.extra else {}
-    )
+    reduced = manifest.verification.reduced_precision is not None
+
+    def task_runs(engine):
+        return generation_runs(engine, reference.extra, reduced)
+
     runners = [build.runner(role, runner) for role in ("bare", "verification", "production")]
     try:
-        return run_engines(*runners, reference, plan_of, manifest.dynamic_dims[BATCH].max, decodes)
+        return run_engines(*runners, reference, plan_of, manifest.dynamic_dims[BATCH].max, task_runs)
     finally:
         for each in runners:
             each.close()  # TensorRT runners hold GPU memory
@@ -63,7 +67,7 @@ def judge_build(
         keyed=manifest.modulation.noise == "keyed",
     )
     if reference.extra:
-        found += task.checks(results.decodes, reference.extra, verification.tolerance, verification.reduced_precision)
+        found += task.checks(results.task, reference.extra, verification.tolerance, verification.reduced_precision)
     return found
 
 
@@ -78,7 +82,7 @@ def verify_folder(folder: str | os.PathLike, seed: int | None = None) -> Manifes
     runner = manifest.backend if runnable else "onnxruntime"
     reference = Reference.load(manifest.folder / REFERENCE)
     task = get_task(manifest.task)
-    found = judge_build(manifest, task, reference, run_build(build, task, reference, runner, seed), seed)
+    found = judge_build(manifest, task, reference, run_build(build, reference, runner, seed), seed)
     verification = manifest.verification
     verification.runner = runner
     verification.engine_run = EngineRun(runnable, why)

@@ -7,7 +7,7 @@
       -> server-sent events, one per decoded piece (a token, or a few where a character spans several)
 
 A decoupled Python-backend model: the tokenizer, the KV cache and the decode loop (aim's own,
-tasks.generation.texts_of, the loop `aim generate` runs) run in the server on the build's engine.
+generation.text.texts_of, the loop `aim generate` runs) run in the server on the build's engine.
 Each request decodes in its own thread (its own cache and sampler): concurrent streams share the
 engine and nothing else. Generate fields that are not model inputs reach a model as request
 parameters, which is how this model reads all of them (it has no input tensors). Without
@@ -51,8 +51,8 @@ class TextFront:
     """One text model's request handling, apart from Triton's API."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        from aim.generation.text_tokenizer import TextTokenizer
         from aim.serving.tiers import TierTable
-        from aim.tasks.tokens import TextTokenizer
 
         folder = Path(folder)
         self.spec = FrontSpec.load(folder)
@@ -96,7 +96,7 @@ class TextFront:
 
     def generate(self, fields: dict, send, cancelled=lambda: False) -> str:
         """Decodes one request; `send(piece)` gets each piece when streaming. Returns the text."""
-        from aim.tasks.generation import texts_of
+        from aim.generation.text import texts_of
 
         sent = []
 

@@ -1,11 +1,12 @@
-"""Tasks: what a model of a task is traced as, verified by and evaluated on, one object per task.
+"""Tasks: what a model of a task is traced as and verified by, one object per task.
 
     image-classification     logits [B, C]
     semantic-segmentation    logits [B, C, H, W] at the input's size (upsampled in the graph)
-    text-generation          next-token logits [B, V], KV cache; the decode loop (generation.py)
+    text-generation          next-token logits [B, V], KV cache (decoded by aim/generation)
 
-Families name their task by string; `get_task(name)` gives the object. Importing this package
-imports no torch or transformers.
+Families name their task by string and inherit its defaults; `get_task(name)` gives the object. How
+a model of each task is trained and evaluated is aim/evaluation/task_evaluation.py. Importing this
+package imports no torch or transformers.
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
-"""What every task shares: how a model of the task is traced, what its logits are, how a build is
-verified beyond the logits, and the data it is trained and evaluated on.
+"""What every task shares: how a model of the task is traced, what its logits are, and how a build
+is verified beyond the logits. (How a model of the task is trained and evaluated, its data and
+metric, is aim/evaluation/task_evaluation.py.)
 
 A task object is looked up by the name a family gives (`aim.tasks.get_task`). Importing a task
-imports no torch or transformers: they load inside the methods that trace, train or compute a
-PyTorch reference, so the decode loop and the runtime stay light.
+imports no torch or transformers: they load inside the methods that trace or compute a PyTorch
+reference.
 """
 
 from __future__ import annotations
 
 import contextlib
-
-import numpy as np
 
 from aim.specs import DimRange, TensorSpec
 from aim.verdicts import Agreement, Check, Tolerance
@@ -21,25 +20,25 @@ class Task:
     class_axis: int = 1
     # Input whose spatial size the logits are resized to before modulation (segmentation), or None.
     upsample_logits_to: str | None = None
-    metric: str = "accuracy"  # the clean metric of a trained model
-    utility_grid: str = "classification"  # the eval sweep's sigma grid (docs/method.md §1)
-    segmentation: bool = False  # measured per pixel: mIoU besides accuracy
     uses_tokenizer: bool = False  # text in and out: a build keeps a tokenizer for generation
-    # What a model of this task gets when its checkpoint names no family (aim/tasks/checkpoint.py) or
-    # it is a user's ONNX: the ranges of the dynamic dims, the sizes traced and verified at, the
-    # tolerances, and the FP16 comparator (what the task reads from its logits; a family states its own).
+    # The defaults of every model of this task: a family inherits them and states only what differs
+    # (aim/families), a checkpoint folder's record and a user's ONNX take them as they are. The ranges
+    # of the dynamic dims, the sizes traced and verified at, the fp32 tolerance, the FP16 comparator
+    # (what the task reads from its logits) and the ONNX opset torch.onnx exports at.
     dims: dict[str, DimRange] = {}
     verify_sizes: dict[str, int] = {}
     tolerance: Tolerance | None = None
     fp16: Agreement | None = None
+    opset: int = 17
 
     # -- tracing
 
     def checkpoint_dims(
         self, config: dict, fixed_image_size: bool, folder=None
     ) -> tuple[dict[str, DimRange], dict[str, int]]:
-        """(dims, verify sizes) of a checkpoint's model (config.json as a dict, in `folder`): the task's defaults."""
-        return dict(self.dims), dict(self.verify_sizes)
+        """(dims, verify sizes) a checkpoint's config.json (a dict, in `folder`) sets apart from the task's
+        defaults: none, unless the task says otherwise."""
+        return {}, {}
 
     def trace_sizes(self, sizes: dict[str, int], dims: dict[str, DimRange]) -> dict[str, int]:
         """The sizes torch.onnx traces at, given the verification's `sizes`."""
@@ -105,58 +104,7 @@ class Task:
         """Task-level PyTorch outputs computed at build time, stored in reference.npz."""
         return {}
 
-    def verification_runs(self, extra: dict, reduced: Agreement | None = None) -> dict:
-        """What the task's checks need the production engine to decode, by name (verify/results.py:
-        Greedy, CacheVsRecompute), given `reference_extra`'s arrays; the build runs them once."""
-        return {}
-
-    def checks(
-        self, decoded: dict[str, np.ndarray], extra: dict, tolerance: Tolerance, reduced: Agreement | None = None
-    ) -> list[Check]:
-        """Task-level verdicts on what the production engine decoded (`decoded`: the arrays of
-        `verification_runs`) against `reference_extra`'s arrays (`extra`)."""
+    def checks(self, runs: dict, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
+        """Task-level verdicts on what the production engine gave (`runs`, arrays) against
+        `reference_extra`'s arrays."""
         return []
-
-    # -- data: training and evaluation (package-shipped or generated; no download)
-
-    def training_data(self, trained, seed: int = 0, checkpoint=None, train_inputs: int | None = None) -> dict:
-        """{"train", "calibration", "test"} splits (and whatever else training needs)."""
-        raise NotImplementedError
-
-    def model_config(self, trained, data: dict):
-        """The family's trained config sized for the task's data (`trained`: the family's Trained)."""
-        raise NotImplementedError
-
-    def training_batches(self, data: dict, batch: int, rng):
-        """Endless (inputs, labels) batches of torch tensors from the train split."""
-        raise NotImplementedError
-
-    def training_logits(self, model, inputs: dict):
-        """The logits the loss sees (as the engine computes them)."""
-        raise NotImplementedError
-
-    def loss(self, logits, labels):
-        import torch.nn.functional as F
-
-        return F.cross_entropy(logits, labels)
-
-    def predictions(self, logits):
-        """The clean metric's predictions from training_logits (a numpy array)."""
-        return logits.argmax(1).numpy()
-
-    def clean_metric(self, predicted, labels, num_classes: int) -> float:
-        from aim.tasks import metrics
-
-        return metrics.accuracy(predicted, labels)
-
-    def eval_split(self, engine, checkpoint, split: str, seed: int = 0, count: int | None = None):
-        """A labelled split of the task's data shaped for `engine` (a datasets.Split)."""
-        raise NotImplementedError
-
-    # -- the averaging attack (evaluation/attack.py): imperceptible variants of a request
-
-    perturbation: str = ""  # what `variant` changes, in words
-
-    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
-        """`count` imperceptible variants of the eval inputs `inputs` (shaped for `engine`), one by one."""
-        raise NotImplementedError

@@ -8,7 +8,8 @@ heads and head size are what Optimum's generator gives the architecture. Unlike 
 (logits [B, S, V]) the graph keeps the last position's logits only (export/wrappers.py).
 
 Beyond the logits a build is checked on what generation does: greedy tokens at utility 0 equal
-transformers' `generate()`, and decoding through the cache gives the logits of a full recompute.
+transformers' `generate()`, and decoding through the cache gives the logits of a full recompute. The
+engine runs the decode loop (aim/generation/reference_runs.py); `checks` here judges its arrays.
 """
 
 from __future__ import annotations
@@ -20,17 +21,8 @@ import numpy as np
 from aim.contract import BATCH, LOGITS
 from aim.specs import DimRange, TensorSpec
 from aim.tasks.base import Task
-from aim.tasks.generation import (
-    PAST,
-    PRESENT,
-    encode,
-    pad_id_of,
-    pad_left,
-    position_ids,
-    stop_tokens_of,
-)
+from aim.tasks.decoder_inputs import PAST, PRESENT, encode, pad_id_of, pad_left, position_ids, stop_tokens_of
 from aim.verdicts import Agreement, Check, Tolerance
-from aim.verify.results import CacheVsRecompute, Greedy
 
 # The generation reference of a build: prompts, and the batches made of them.
 PROMPTS = (
@@ -42,7 +34,6 @@ PROMPTS = (
 BATCHES = ((0,), (1, 2, 3), (3, 0))  # batch 1, a padded batch of 3, a padded batch of 2
 NEW_TOKENS = 12
 KV_STEPS = 6
-TRAIN_WINDOW = 64  # tokens per training sequence
 
 
 _IO = weakref.WeakKeyDictionary()  # model -> its DecoderIO (asked for several times per build)
@@ -64,8 +55,6 @@ def decoder_io(model):
 
 class TextGeneration(Task):
     name = "text-generation"
-    metric = "next-token accuracy"
-    utility_grid = "language"
     uses_tokenizer = True
     # total_sequence = past_sequence + sequence: prefill is (sequence S, past 0), a decode step
     # (sequence 1, past T); opt values are one consistent point, as a TensorRT profile needs.
@@ -200,53 +189,31 @@ class TextGeneration(Task):
             arrays[f"generation.{index}.tokens"] = out[:, ids.shape[1] :].numpy().astype(np.int64)
         return arrays
 
-    def verification_runs(self, extra: dict, reduced: Agreement | None = None) -> dict:
-        """Greedy decoding of each reference batch at utility 0 (along PyTorch's tokens, keeping the
-        logits, for a reduced-precision engine), and the KV cache against a full recompute on the last."""
-        stop, pad = extra["generation.stop_tokens"], int(extra["generation.pad_token_id"])
-        runs = {
-            f"generation.{index}": Greedy(
-                extra[f"generation.{index}.input_ids"],
-                extra[f"generation.{index}.attention_mask"],
-                NEW_TOKENS,
-                stop,
-                pad,
-                forced=extra[f"generation.{index}.tokens"] if reduced is not None else None,
-            )
-            for index in range(len(BATCHES))
-        }
-        last = len(BATCHES) - 1
-        runs["kv"] = CacheVsRecompute(
-            extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS
-        )
-        return runs
-
-    def checks(
-        self, decoded: dict[str, np.ndarray], extra: dict, tolerance: Tolerance, reduced: Agreement | None = None
-    ) -> list[Check]:
+    def checks(self, runs: dict, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
         """Greedy tokens at utility 0 equal PyTorch's, token for token; the KV-cache path gives the logits
-        of a full recompute within the family's tolerance. A reduced-precision engine cannot promise
-        either under near-ties, so it is held to the task's comparator instead (see _reduced_checks)."""
+        of a full recompute within the family's tolerance. `runs`: the production engine's decode loop
+        on the reference's prompts (aim/generation/reference_runs.py). A reduced-precision engine cannot
+        promise either under near-ties, so it is held to the task's comparator instead (see _reduced_checks)."""
         if reduced is not None:
-            return _reduced_checks(decoded, extra, reduced)
+            return _reduced_checks(runs, extra, reduced)
         equal, total, all_same, details = 0, 0, True, []
         for index in range(len(BATCHES)):
-            ids, mask = extra[f"generation.{index}.input_ids"], extra[f"generation.{index}.attention_mask"]
-            expected, got = extra[f"generation.{index}.tokens"], decoded[f"generation.{index}.tokens"]
+            mask, expected = extra[f"generation.{index}.attention_mask"], extra[f"generation.{index}.tokens"]
+            got = runs[f"generation.{index}.tokens"]
             same = got.shape == expected.shape and np.array_equal(got, expected)
             steps = min(got.shape[1], expected.shape[1])
             equal += int(np.sum(got[:, :steps] == expected[:, :steps]))
             total += max(got.size, expected.size)
             all_same &= same
             padded = " padded" if np.any(mask == 0) else ""
-            details.append(f"batch {len(ids)}{padded}: {'equal' if same else 'DIFFER'}")
+            details.append(f"batch {len(mask)}{padded}: {'equal' if same else 'DIFFER'}")
         greedy = Check(
             "greedy tokens at utility 0 = PyTorch generate()",
             all_same,
             f"{equal}/{total} tokens equal ({'; '.join(details)}; {NEW_TOKENS} new tokens each)",
             {"tokens_equal": equal, "tokens": total},
         )
-        worst = float(np.max(np.abs(decoded["kv.cached"].astype(np.float64) - decoded["kv.recomputed"])))
+        worst = float(np.max(np.abs(runs["generation.cached"].astype(np.float64) - runs["generation.recomputed"])))
         kv = Check(
             "KV cache vs full recompute",
             worst <= tolerance.atol,
@@ -254,82 +221,6 @@ class TextGeneration(Task):
             {"max_abs_diff": worst, "atol": tolerance.atol},
         )
         return [greedy, kv]
-
-    # -- data: the standard library's documentation, tokenised by a BPE trained here
-
-    def training_data(self, trained, seed: int = 0, checkpoint=None, train_inputs: int | None = None) -> dict:
-        from aim.tasks import datasets
-
-        vocab = trained.config().vocab_size
-        tokenizer = load_tokenizer(checkpoint) if checkpoint else datasets.corpus_tokenizer(vocab)
-        return {"tokenizer": tokenizer, **datasets.corpus(tokenizer, seed)}
-
-    def model_config(self, trained, data: dict):
-        return trained.config()
-
-    def training_batches(self, data: dict, batch: int, rng):
-        import torch
-
-        ids = data["train"]
-        while True:
-            starts = rng.integers(0, len(ids) - TRAIN_WINDOW - 1, size=batch)
-            window = torch.tensor(ids[starts[:, None] + np.arange(TRAIN_WINDOW + 1)])
-            yield {"input_ids": window[:, :-1]}, window[:, 1:]
-
-    def training_logits(self, model, inputs: dict):
-        """Logits of every position [B, S, V] (the loss sees every next token)."""
-        return model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).logits
-
-    def loss(self, logits, labels):
-        import torch.nn.functional as F
-
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-    def predictions(self, logits):
-        return logits[:, -1].argmax(-1).numpy()
-
-    # Whitespace before the context, not after it: a trailing space is part of the next token to a
-    # BPE model and asks another question (measured: 3% of next tokens agree with the original's).
-    perturbation = (
-        "leading whitespace: the k-th shortest string of spaces, newlines and tabs before the context "
-        "(as its own tokens)"
-    )
-
-    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
-        from aim.tasks.generation import prefill_inputs
-
-        tokenizer = load_tokenizer(checkpoint)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for prefix in whitespace(count):
-            extra = np.asarray(tokenizer(prefix, add_special_tokens=False)["input_ids"], dtype=ids.dtype)
-            extra = np.broadcast_to(extra, (ids.shape[0], extra.size))
-            yield prefill_inputs(
-                engine, np.concatenate([extra, ids], axis=1), np.concatenate([np.ones_like(extra), mask], axis=1)
-            )
-
-    def eval_split(self, engine, checkpoint, split: str, seed: int = 0, count: int | None = None):
-        """Windows of the corpus, each a prefill step of the KV-cache export (positions and an empty
-        cache added), labelled with the token that follows."""
-        from aim.tasks import datasets
-        from aim.tasks.generation import prefill_inputs
-
-        data = datasets.corpus(load_tokenizer(checkpoint), seed)[split]
-        if count is not None:
-            data = data.take(slice(0, count))
-        return datasets.Split(
-            prefill_inputs(engine, data.inputs["input_ids"], data.inputs["attention_mask"]), data.labels
-        )
-
-
-def whitespace(count: int) -> list[str]:
-    """The `count` shortest strings of spaces, newlines and tabs, shortest first."""
-    import itertools
-
-    found = []
-    for length in itertools.count(1):
-        found += ["".join(chars) for chars in itertools.product(" \n\t", repeat=length)]
-        if len(found) >= count:
-            return found[:count]
 
 
 def _special_tokens(config, tokenizer) -> tuple[list[int], int]:
@@ -350,21 +241,7 @@ def _token_prompts(vocab_size: int, stop: list[int], seed: int) -> list[list[int
     return [rng.choice(allowed, size=len(prompt.split())).tolist() for prompt in PROMPTS]
 
 
-def load_tokenizer(checkpoint):
-    """A trained checkpoint's tokenizer (tokenizer.json beside the weights)."""
-    from pathlib import Path
-
-    from aim.errors import AimError
-
-    path = Path(checkpoint)
-    if not (path / "tokenizer.json").is_file():
-        raise AimError(f"{path} has no tokenizer.json: the evaluation of a text model needs the checkpoint's tokenizer")
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
-
-
-def _reduced_checks(decoded: dict[str, np.ndarray], extra: dict, reduced: Agreement) -> list[Check]:
+def _reduced_checks(runs: dict, extra: dict, reduced: Agreement) -> list[Check]:
     """FP16: along PyTorch's tokens (teacher forcing), PyTorch's greedy token is among the engine's
     top-k; and the cached and recomputed logits agree by the same comparator."""
     from aim.verify.compare import agreement
@@ -372,9 +249,9 @@ def _reduced_checks(decoded: dict[str, np.ndarray], extra: dict, reduced: Agreem
     stop = extra["generation.stop_tokens"]
     k, hits, total = max(1, reduced.k), 0, 0
     for index in range(len(BATCHES)):
-        ids, expected = extra[f"generation.{index}.input_ids"], extra[f"generation.{index}.tokens"]
-        for step, logits in enumerate(decoded[f"generation.{index}.logits"]):
-            live = np.flatnonzero(~np.isin(expected[:, :step], stop).any(axis=1)) if step else np.arange(len(ids))
+        expected = extra[f"generation.{index}.tokens"]
+        for step, logits in enumerate(runs[f"generation.{index}.logits"]):
+            live = np.flatnonzero(~np.isin(expected[:, :step], stop).any(axis=1)) if step else np.arange(len(logits))
             top = np.argpartition(-logits[live], k - 1, axis=1)[:, :k]
             hits += int(np.sum(np.any(top == expected[live, step][:, None], axis=1)))
             total += len(live)
@@ -385,7 +262,7 @@ def _reduced_checks(decoded: dict[str, np.ndarray], extra: dict, reduced: Agreem
         f"{hits}/{total} steps ({fraction:.4f}, needs >= {reduced.min_fraction:g})",
         {"fraction": fraction, "k": k, "steps": total},
     )
-    cached, recomputed = decoded["kv.cached"], decoded["kv.recomputed"]
+    cached, recomputed = runs["generation.cached"], runs["generation.recomputed"]
     kv = agreement(
         "KV cache vs full recompute (reduced precision)",
         recomputed.reshape(-1, cached.shape[-1]),

@@ -17,6 +17,7 @@ import pytest
 from aim.contract import LOGITS
 from aim.evaluation.engine import Prepared, eval_inputs
 from aim.evaluation.sweep import EngineData
+from aim.evaluation.task_evaluation import evaluation_of
 from aim.evaluation.train import train
 from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.modulate import deployment_graphs
@@ -69,10 +70,9 @@ def trained(request, tmp_path_factory, quick_checkpoint) -> Trained:
     result = quick_checkpoint(model)
     checkpoint = Path(result["checkpoint"])
     onnxruntime.set_seed(0)  # before the engine's session exists: it seeds only sessions made after it
-    family, task, _ = load(model, checkpoint)
-    prepared = Prepared(
-        root, OnnxRuntimeEngine(quick_engine(model, checkpoint, root)), checkpoint, result, family, task
-    )
+    family, _, _ = load(model, checkpoint)
+    engine = OnnxRuntimeEngine(quick_engine(model, checkpoint, root))
+    prepared = Prepared(root, engine, checkpoint, result, family, evaluation_of(family.task))
     parts = {}
     for split in ("test", "calibration"):
         setup = eval_inputs(prepared, split=split)

@@ -12,11 +12,10 @@ import math
 
 import numpy as np
 
-from aim.evaluation import calibrate, sweep, theory
+from aim.evaluation import calibrate, metrics, sweep, theory
 from aim.graph_passes.calibration import add_utility_level
 from aim.graph_passes.io import load_graph, save_onnx
 from aim.runtime.onnxruntime import OnnxRuntimeEngine, build
-from aim.tasks import metrics
 
 AGREEMENT_TOLERANCE = 0.01
 LEVEL_TOLERANCE = 0.02

@@ -16,13 +16,13 @@ import torch
 
 from aim.errors import CheckpointError
 from aim.families.architectures import FIXED_IMAGE_SIZE, REFUSED, TESTED, architecture_of
+from aim.families.from_checkpoint import build_name, checkpoint_family
 from aim.layout import FILES, REFERENCE
 from aim.pipeline.builder import build
 from aim.pipeline.model_source import CheckpointSource
 from aim.pipeline.request import BuildRequest
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.tasks import get_task
-from aim.tasks.checkpoint import build_name, checkpoint_family
 from aim.verify.reference import Reference
 
 VOCAB = 512  # tiny language models: enough for a byte-level tokenizer (259 ids at least)
@@ -215,7 +215,8 @@ def transformers_logits(folder, task: str, inputs: dict) -> np.ndarray:
 
 def prompt_inputs(engine) -> dict:
     """A left-padded batch of two prompts as a prefill step (empty cache) of the engine."""
-    from aim.tasks.generation import pad_left, prefill_inputs
+    from aim.generation.loop import prefill_inputs
+    from aim.tasks.decoder_inputs import pad_left
 
     ids, mask = pad_left([[5, 90, 17, 42, 300, 77], [18, 2, 400]], pad_token_id=0)
     return prefill_inputs(engine, ids, mask)

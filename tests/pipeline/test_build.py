@@ -227,7 +227,7 @@ def test_verification_holds_one_engine_at_a_time(built, monkeypatch):
 
     monkeypatch.setattr(aim.runtime.folder, "OnnxRuntimeEngine", Counted)
     task, reference = get_task(manifest.task), Reference.load(manifest.folder / REFERENCE)
-    results = run_build(aim.runtime.folder.Build(manifest), task, reference, "onnxruntime")
+    results = run_build(aim.runtime.folder.Build(manifest), reference, "onnxruntime")
     checks = judge_build(manifest, task, reference, results)
     assert all(check.passed for check in checks) and len(most) == 3 and max(most) == 1 and not open_now
 

@@ -66,7 +66,7 @@ def models(build_folder):
 
 def prefill(folder, ids, mask) -> dict:
     """A prefill request of the KV-cache export: the prompts, their positions and an empty cache."""
-    from aim.tasks.generation import PAST, position_ids
+    from aim.tasks.decoder_inputs import PAST, position_ids
 
     inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, ids.shape[1])}
     for tensor in Manifest.load(folder).graph.inputs:
@@ -186,7 +186,7 @@ class TritonEngine:
 def test_generation_through_the_server_equals_onnx_runtime(clients, build_folder, protocol):
     """Greedy decoding with the KV cache through Triton (prefill, then one token per step with the
     returned present.* as past) gives ONNX Runtime's tokens; a boosted token takes over in both."""
-    from aim.tasks.generation import generate
+    from aim.generation import generate
 
     folder = build_folder("llama")
     served = TritonEngine(protocol, clients[protocol], folder)
@@ -552,7 +552,7 @@ def test_the_untiered_text_model_takes_utility_and_refuses_a_bad_one(triton, bui
     import urllib.error
     import urllib.request
 
-    from aim.tasks.generation import generate_text
+    from aim.generation import generate_text
 
     def post(body):
         request = urllib.request.Request(

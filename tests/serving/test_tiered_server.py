@@ -240,8 +240,8 @@ def streamed(tiered, prompt: str, key: str) -> list[str]:
 
 def test_generate_at_the_premium_tier_is_aim_generate_and_the_stream_streams_the_same_text(tiered, build_folder):
     """Greedy decoding at utility 0: the server's text is `aim generate`'s on the same build, token for
-    token (the same loop, tasks.generation, run in the server); /generate_stream sends it in pieces."""
-    from aim.tasks.generation import generate_text
+    token (the same loop, aim.generation, run in the server); /generate_stream sends it in pieces."""
+    from aim.generation import generate_text
 
     premium = tiered.keys["premium"]
     for prompt in PROMPTS:

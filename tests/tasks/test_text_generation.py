@@ -9,25 +9,18 @@ from aim.cli import main as cli_main
 from aim.errors import AimError, InvalidInputError
 from aim.evaluation.theory import win_probability
 from aim.families import get_family
+from aim.generation import generate, generate_text, load_build, per_step, token_focus
+from aim.generation.focus import parse_focus, word_tokens
+from aim.generation.loop import kv_vs_recompute, last_logits
+from aim.generation.reference_runs import generation_runs
+from aim.generation.sampling import sample
 from aim.layout import REFERENCE, TOKENIZER_DIR
 from aim.pipeline import builder
-from aim.pipeline.engine_runs import run_decodes, run_statistical_checks
+from aim.pipeline.engine_runs import run_statistical_checks
 from aim.pipeline.model_source import FamilySource
 from aim.pipeline.request import BuildRequest
 from aim.tasks import get_task
-from aim.tasks.generation import (
-    generate,
-    generate_text,
-    kv_vs_recompute,
-    last_logits,
-    load_build,
-    pad_left,
-    parse_focus,
-    per_step,
-    sample,
-    token_focus,
-    word_tokens,
-)
+from aim.tasks.decoder_inputs import pad_left
 from aim.verify.reference import Reference
 from aim.verify.statistics import KS_ALPHA
 from tests.conftest import load
@@ -357,13 +350,13 @@ def test_reduced_precision_generation_checks_use_teacher_forcing(build):
     np.testing.assert_array_equal(run.tokens, forced)
     spec = CONFIG.fp16
     assert spec is not None and spec.metric == "top_k"
-    decoded = run_decodes(engine, TASK.verification_runs(reference, spec))
-    assert all(check.passed for check in TASK.checks(decoded, reference, CONFIG.tolerance, spec))
+    runs = generation_runs(engine, reference, reduced=True)
+    assert all(check.passed for check in TASK.checks(runs, reference, CONFIG.tolerance, spec))
     wrong = dict(reference)
     for index in range(3):
         wrong[f"generation.{index}.tokens"] = (reference[f"generation.{index}.tokens"] + 1000) % 32000
-    decoded = run_decodes(engine, TASK.verification_runs(wrong, spec))
-    greedy, _ = TASK.checks(decoded, wrong, CONFIG.tolerance, dataclasses.replace(spec, min_fraction=0.5))
+    runs = generation_runs(engine, wrong, reduced=True)
+    greedy, _ = TASK.checks(runs, wrong, CONFIG.tolerance, dataclasses.replace(spec, min_fraction=0.5))
     assert not greedy.passed and greedy.metrics["fraction"] < 0.1
 
 

@@ -1,8 +1,9 @@
 """A family record for a checkpoint folder that names no family: `make engine CHECKPOINT=dir`.
 
 The folder's config.json gives the architecture, its task and its transformers class
-(families/architectures.py, through Optimum's TasksManager); the task gives the dims, the sizes it is
-verified at and the tolerances. Nothing is registered: the record lives for the build.
+(architectures.py, through Optimum's TasksManager); the record inherits everything else from the
+task, as a family does, except where the checkpoint itself says otherwise (an image architecture
+that takes one input size only). Nothing is registered: the record lives for the build.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from aim.errors import CheckpointError
 from aim.families import Family
 from aim.families.architectures import architecture_of
 from aim.tasks import get_task
-
-OPSET = 17
 
 
 def build_name(folder: str | os.PathLike) -> str:
@@ -35,8 +34,7 @@ def checkpoint_family(folder: str | os.PathLike, log=None) -> Family:
 
     config = checkpoint_config(folder)
     architecture = architecture_of(config, str(folder))
-    task = get_task(architecture.task)
-    dims, sizes = task.checkpoint_dims(config, architecture.fixed_image_size, Path(folder))
+    dims, sizes = get_task(architecture.task).checkpoint_dims(config, architecture.fixed_image_size, Path(folder))
     if log is not None and not architecture.tested:
         log(
             f"note: {architecture.model_type} is not among the tested architectures; the verification against "
@@ -44,14 +42,11 @@ def checkpoint_family(folder: str | os.PathLike, log=None) -> Family:
         )
     return Family(
         name=build_name(folder),
-        task=task.name,
-        model_type=architecture.model_type,
+        task=architecture.task,
         model_class=architecture.model_class,
         tiny=None,
+        model_type=architecture.model_type,
         dims=dims,
         verify_sizes=sizes,
-        tolerance=task.tolerance,
-        fp16=task.fp16,
-        opset=OPSET,
         architecture=architecture,
     )

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from aim.errors import InvalidInputError
+from aim.generation import generate, generate_text, load_build
 from aim.layout import Manifest
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.tasks.generation import generate, generate_text, load_build
 
 POSITIONS = 16  # a model made for 16 positions (the tiny Llama has 2048, more than the engine's 1024)
 

@@ -3,7 +3,7 @@ alone or in a left-padded batch beside other prompts."""
 
 import numpy as np
 
-from aim.tasks.generation import generate, generate_text, load_build
+from aim.generation import generate, generate_text, load_build
 
 PROMPTS = [[5, 900, 17, 4242, 31000, 77, 12], [18, 2], [400, 401, 402, 403]]
 UTILITY = 0.05  # the tiny model's logits spread ~0.16: this changes tokens

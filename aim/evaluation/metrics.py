@@ -1,4 +1,4 @@
-"""Task metrics on predictions (class indices), shared by the clean PyTorch evaluation and the sweeps."""
+"""Metrics on predictions (class indices), shared by the clean PyTorch evaluation and the sweeps."""
 
 from __future__ import annotations
 
