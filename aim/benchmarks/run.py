@@ -116,8 +116,8 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
 
     from aim.contract import FOCUS, LOGITS, UTILITY, check_modulation
     from aim.graph_passes.noise_key import NoiseKey
+    from aim.pipeline.engine_runs import run_statistical_checks
     from aim.verify.reference import tile_batch
-    from aim.verify.statistics import statistical_checks
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(THREADS)
@@ -169,7 +169,7 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, LOGITS, budget)
     log(f"  {bench.family}: statistical and exact-identity checks on the benchmarked engines")
     modulated.set_seed(STATISTICS_SEED)  # a session made again after seeding: repeatable verdicts
-    checks = statistical_checks(
+    checks = run_statistical_checks(
         modulated, tile_batch(inputs, 2), bare.run(tile_batch(inputs, 2)), task.class_axis, STATISTICS_SEED
     )
     keyed_checks = _keyed_checks(keyed, bare, inputs, task.class_axis, key)
@@ -201,24 +201,19 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
 def _keyed_checks(keyed, bare, inputs: dict, class_axis: int, key) -> list:
     """The keyed checks of `make engine NOISE=keyed` on the benchmarked keyed engine, against the
     PyTorch twin on the bare engine's logits."""
-    import torch
-
-    from aim.graph_passes.redistribution import redistribute_torch
+    from aim.pipeline.engine_runs import run_keyed_checks
     from aim.verdicts import Tolerance
-    from aim.verify.keyed import keyed_checks
-    from aim.verify.reference import Reference, differential_knobs, tile_batch
+    from aim.verify.reference import Reference, differential_knobs, keyed_expectation, tile_batch
 
     logits = bare.run(inputs)
     knobs = differential_knobs(logits.shape[0], logits.shape[class_axis], logits.shape, 0)
-    twin = redistribute_torch(
-        *(torch.from_numpy(a) for a in (logits, knobs["utility"], knobs["focus"])), class_axis=class_axis, key=key
-    )
-    reference = Reference(inputs=inputs, logits=logits, modulated=logits, keyed_modulated=twin.numpy(), **knobs)
+    reference = Reference(inputs=inputs, logits=logits, modulated=logits, **knobs)
+    reference.keyed_modulated = keyed_expectation(logits, reference, class_axis, key)
     tolerance = Tolerance(1e-4, 1e-4, "fp32: the same statement, kernels that differ in the last bits")
     # Two rows where the logits are small; a 39 M-logit segmentation map alone (the keyed engine's
     # int64 intermediates are 8 bytes per logit: gigabytes for two rows).
     stats_inputs = tile_batch(inputs, 2) if logits.size < 10_000_000 else inputs
-    return keyed_checks(keyed, stats_inputs, bare.run(stats_inputs), class_axis, reference, tolerance)
+    return run_keyed_checks(keyed, stats_inputs, bare.run(stats_inputs), class_axis, reference, tolerance)
 
 
 def bench_tensorrt(paths: dict, inputs: dict, feeds: dict, repeats: int, log, logits: str, budget: Budget) -> dict:

@@ -24,7 +24,7 @@ import aim.families
 from aim.cli import main
 from aim.errors import AimError, InvalidInputError
 from aim.layout import MANIFEST, Manifest
-from aim.runtime.folder import open_build, role_runners
+from aim.runtime.folder import ROLES, Build
 from tests.conftest import load, tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -429,8 +429,9 @@ def test_what_generate_accepts(world, capsys):
 def test_every_runner_of_a_build_refuses_shapes_outside_its_range(world):
     """Bare, verification and production: each has the build's range, and a 600x600 image (ResNet's
     range ends at 512) is refused before it runs."""
-    manifest = open_build(world.resnet)
-    for runner in role_runners(manifest, "onnxruntime"):
+    build = Build.open(world.resnet)
+    manifest = build.manifest
+    for runner in (build.runner(role, "onnxruntime") for role in ROLES):
         assert runner.profile["pixel_values"]["max"] == [manifest.dynamic_dims["batch"].max, 3, 512, 512]
         feed = {
             name: np.zeros([1 if dim == "batch" else 600 if isinstance(dim, str) else dim for dim in dims], dtype)
@@ -450,7 +451,7 @@ def test_a_manifest_resealed_by_hand_is_still_caught_by_its_hashes(world):
     assert Manifest.load(folder).verification.tolerance.atol == 1e9  # a sealed manifest reads back
     replace(folder / "engine.onnxruntime.onnx", (folder / "modulated.onnx").read_bytes())
     with pytest.raises(AimError, match="changed since the build"):
-        open_build(folder)
+        Build.open(folder)
 
 
 def test_eval_refuses_a_class_the_model_lacks_before_the_sweeps(monkeypatch, capsys, tmp_path):
