@@ -195,7 +195,7 @@ def bench_generation(out: Path, quick: bool, log=print, budget: Budget = BUDGET)
     """The generation figures: batch 1 (engine at utility 0 and 3, bare loop, Optimum, transformers)
     and batched (8 prompts: engine at utility 3, bare loop, Optimum)."""
     from aim.runtime import onnxruntime as ort_engine
-    from aim.runtime.folder import open_build
+    from aim.runtime.folder import Build
 
     out.mkdir(parents=True, exist_ok=True)
     label = "llama-tiny" if quick else "llama-135m"
@@ -204,7 +204,7 @@ def bench_generation(out: Path, quick: bool, log=print, budget: Budget = BUDGET)
     checkpoint = make_checkpoint(out / f"{label}.checkpoint", quick)
     folder = build(checkpoint, out / "builds", log)
     optimum_folder = optimum_export(checkpoint, out / f"{label}.optimum", log)
-    manifest = open_build(folder)
+    manifest = Build.open(folder).manifest
     optimum, eager, tokenizer = peers(checkpoint, optimum_folder)
     pad = tokenizer.pad_token_id
     with tempfile.TemporaryDirectory(dir=out) as work:

@@ -48,9 +48,7 @@ def test_every_import_of_the_bench_resolves():
                     missing.append(f"{path.name}: {node.module}")
                     continue
                 for alias in node.names:
-                    if (
-                        not hasattr(module, alias.name)
-                        and importlib.util.find_spec(f"{node.module}.{alias.name}") is None
-                    ):
+                    submodule = hasattr(module, "__path__") and importlib.util.find_spec(f"{node.module}.{alias.name}")
+                    if not hasattr(module, alias.name) and not submodule:
                         missing.append(f"{path.name}: {node.module}.{alias.name}")
     assert not missing, missing
