@@ -35,7 +35,12 @@ MAX_SHAPES ?=
 INPUTS ?=
 UPSAMPLE_TO ?=
 DATA ?=
-export MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
+# make bench: QUICK=1 runs tiny models (checks the bench itself); BENCH_MODELS=resnet,generation a part of it.
+QUICK ?=
+BENCH_MODELS ?=
+# The engine profile's largest batch (Triton's max_batch_size follows it); empty: the default that serves.
+MAX_BATCH ?=
+export MAX_BATCH MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS QUICK BENCH_MODELS
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -44,13 +49,16 @@ PYTRITON := nvidia-pytriton==0.7.0
 SOURCE = if [ -n "$$ONNX" ]; then set -- --onnx "$$ONNX" --logits "$$LOGITS" --task "$$TASK" $${CLASS_AXIS:+--class-axis "$$CLASS_AXIS"} \
 	$${MIN_SHAPES:+--min-shapes "$$MIN_SHAPES"} $${OPT_SHAPES:+--opt-shapes "$$OPT_SHAPES"} $${MAX_SHAPES:+--max-shapes "$$MAX_SHAPES"} \
 	$${INPUTS:+--inputs "$$INPUTS"} $${UPSAMPLE_TO:+--upsample-to "$$UPSAMPLE_TO"}; else set -- $${MODEL:+"$$MODEL"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}; fi
-# How the engine is built: backend, precision and the production noise (fresh, or keyed by a key file).
-BUILD_FLAGS = --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" --noise "$$NOISE" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"}
-# The build's name: MODEL, or without one the checkpoint folder's, as `aim engine` names it.
-NAME = name="$${MODEL:-$$($(PY) -c 'import sys; from aim.families.from_checkpoint import build_name; print(build_name(sys.argv[1]))' "$$CHECKPOINT")}"
-# The engine of that name under OUT, built first unless the folder holds a verified build made as asked
-# (weights, BACKEND, PRECISION, NOISE and NOISE_KEY): `make triton NOISE=keyed` never serves a fresh-noise build.
-BUILT = $(NAME) && $(PY) -m aim.cli engine $${MODEL:+"$$MODEL"} $(BUILD_FLAGS) $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"} --reuse
+# How the engine is built: backend, precision, the production noise (fresh, or keyed by a key file), largest batch.
+BUILD_FLAGS = --out "$$OUT" --backend "$$BACKEND" --precision "$$PRECISION" --noise "$$NOISE" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"} \
+	$${MAX_BATCH:+--max-batch "$$MAX_BATCH"}
+# The build's name: the ONNX file's stem, MODEL, or without one the checkpoint folder's, as `aim engine` names it.
+NAME = if [ -n "$$ONNX" ]; then name="$$(basename "$$ONNX" .onnx)"; else \
+	name="$${MODEL:-$$($(PY) -c 'import sys; from aim.families.from_checkpoint import build_name; print(build_name(sys.argv[1]))' "$$CHECKPOINT")}"; fi
+# The engine of that name under OUT, built first unless the folder holds a verified build made as asked (weights
+# or file, BACKEND, PRECISION, NOISE and NOISE_KEY, MAX_BATCH) whose every file has its recorded hash (`aim engine
+# --reuse`, pipeline/builder.reusable): `make triton NOISE=keyed` never serves a fresh-noise build.
+BUILT = $(NAME) && { $(SOURCE); $(PY) -m aim.cli engine "$$@" $(BUILD_FLAGS) --reuse; }
 
 .PHONY: engine generate triton serve loadtest test format models bench clean help train eval calibrate attack false-alarms scale-check
 
@@ -70,7 +78,7 @@ help:
 	@echo "make eval MODEL=x           utility and focus sweeps through the engine, measured vs theory: OUT/x/eval/"
 	@echo "make calibrate MODEL=x | ONNX=.. LOGITS=.. MAX_SHAPES=.. DATA=unlabeled.npy   level -> sigma, an engine taking utility_level"
 	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: OUT/x/attack/"
-	@echo "make bench                  modulation's cost as ratios (realistic sizes, a few minutes): OUT/bench/bench.json"
+	@echo "make bench [QUICK=1] [BENCH_MODELS=resnet,generation]   modulation's cost as ratios with 95% intervals: OUT/bench/bench.json"
 	@echo "make false-alarms MODEL=x [REPEATS=1000]   the statistical checks' false alarms and misses, measured"
 	@echo "make scale-check            a TinyLlama-1.1B-shaped bf16 checkpoint through make engine (~10 GB RAM, 15 GB disk)"
 	@echo "make clean                  remove OUT"
@@ -125,7 +133,7 @@ models: $(STAMP)
 	$(PY) -m aim.cli models
 
 bench: $(STAMP)
-	$(PY) -m aim.benchmarks --out "$$OUT/bench"
+	$(PY) -m aim.benchmarks --out "$$OUT/bench" $${BENCH_MODELS:+--models "$$BENCH_MODELS"} $${QUICK:+--quick}
 
 false-alarms: $(STAMP)
 	$(BUILT) && $(PY) -m aim.benchmarks.false_alarms "$$OUT/$$name" --repeats "$$REPEATS"

@@ -42,10 +42,10 @@ class Exported:
 
     def reference(self, seed: int = 0):
         """What `make engine` verifies against (verify.reference.Reference), for this model."""
-        loaded = steps.Loaded(
-            self.model, self.task.tokenizer(self.model, None), self.task.num_classes(self.model), 0, None
-        )
-        return steps.reference(self.family, self.task, loaded, seed)
+        from aim.pipeline.model_source import pytorch_reference
+
+        tokenizer = self.task.tokenizer(self.model, None)
+        return pytorch_reference(self.family, self.task, self.model, tokenizer, seed)
 
     def logits(self, inputs: dict, model=None):
         """PyTorch's logits as the deployed graph computes them (upsampled where the task asks)."""
@@ -76,14 +76,16 @@ def family(request, tmp_path_factory) -> Exported:
 def build_folder(tmp_path_factory):
     """build_folder("resnet") -> Path of a verified build folder (built on first use, shared by every
     test of the session: copy it before changing anything in it)."""
-    from aim.pipeline.build import build_model
+    from aim.pipeline.builder import build
+    from aim.pipeline.model_source import FamilySource
+    from aim.pipeline.request import BuildRequest
 
     root = tmp_path_factory.mktemp("builds")
     built: dict[str, Path] = {}
 
     def get(model: str) -> Path:
         if model not in built:
-            built[model] = build_model(model, root, log=lambda line: None).folder
+            built[model] = build(FamilySource(model), BuildRequest(root), log=lambda line: None).folder
         return built[model]
 
     return get
@@ -93,16 +95,20 @@ def build_folder(tmp_path_factory):
 def keyed_build(tmp_path_factory):
     """keyed_build("resnet") -> the manifest of a verified keyed build (`make engine NOISE=keyed`, one
     key file for every family), built on first use; keyed_build.key_file is that file."""
-    from aim.pipeline.build import build_model
+    from aim.pipeline.builder import build
+    from aim.pipeline.model_source import FamilySource
+    from aim.pipeline.request import BuildRequest
 
     root = tmp_path_factory.mktemp("keyed")
     built = {}
 
     def get(model: str):
         if model not in built:
-            built[model] = build_model(
-                model, root / "build", noise="keyed", noise_key=root / "noise.key", log=lambda line: None
-            )
+            built[model] = build(
+                FamilySource(model),
+                BuildRequest(root / "build", noise="keyed", key=root / "noise.key"),
+                log=lambda line: None,
+            ).manifest
         return built[model]
 
     get.key_file = root / "noise.key"

@@ -120,9 +120,9 @@ def test_no_import_circle():
 def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
     """The checker itself: a runner importing the pipeline is an upward arrow."""
     fake = tmp_path / "runner.py"
-    fake.write_text("from aim.pipeline.build import build_model\n")
-    assert "aim.pipeline.build" in imports_of("aim.runtime.fake", fake)
-    assert LEVEL[unit_of("aim.pipeline.build")] > LEVEL[unit_of("aim.runtime.fake")]
+    fake.write_text("from aim.pipeline.builder import build\n")
+    assert "aim.pipeline.builder" in imports_of("aim.runtime.fake", fake)
+    assert LEVEL[unit_of("aim.pipeline.builder")] > LEVEL[unit_of("aim.runtime.fake")]
 
 
 # -- 2. a torch-free runtime
@@ -184,9 +184,11 @@ def test_the_runtime_imports_no_torch_transformers_or_graphsurgeon():
 
 def test_generation_and_running_an_engine_load_no_torch(tmp_path):
     """The decode loop on a real build folder, and a runner on its engine, in a fresh process."""
-    from aim.pipeline.build import build_model
+    from aim.pipeline.builder import build
+    from aim.pipeline.model_source import FamilySource
+    from aim.pipeline.request import BuildRequest
 
-    build_model("llama", tmp_path, log=lambda _: None)
+    build(FamilySource("llama"), BuildRequest(tmp_path), log=lambda _: None)
     code = (
         "from aim.generation import generate_text\n"
         f"texts, run = generate_text({str(tmp_path / 'llama')!r}, ['def main():'], max_new_tokens=3)\n"

@@ -106,9 +106,13 @@ def test_installed_wheel_builds_an_engine_from_another_folder(wheel, tmp_path):
 
 
 def test_aim_run_needs_only_numpy_onnx_and_onnxruntime(wheel, tmp_path):
-    from aim.pipeline.build import build_model
+    from aim.pipeline.builder import build
+    from aim.pipeline.model_source import FamilySource
+    from aim.pipeline.request import BuildRequest
 
-    manifest = build_model("resnet", tmp_path / "build", backend="onnxruntime", log=lambda _: None)
+    manifest = build(
+        FamilySource("resnet"), BuildRequest(tmp_path / "build", backend="onnxruntime"), log=lambda _: None
+    ).manifest
     bin_dir = venv(tmp_path / "runtime", wheel, *(pin(name) for name in RUNTIME_PINS))
     for heavy in ("torch", "transformers", "onnx_graphsurgeon"):
         absent = run([bin_dir / "python", "-c", f"import {heavy}"], cwd=tmp_path)

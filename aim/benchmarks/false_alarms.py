@@ -25,24 +25,25 @@ from aim.contract import BATCH
 from aim.errors import AimError
 from aim.files import atomic_path
 from aim.layout import REFERENCE
-from aim.runtime.folder import open_build, role_runners
-from aim.verify.build import statistics_inputs
+from aim.pipeline.engine_runs import run_statistical_checks, statistics_batch
+from aim.runtime.folder import Build
 from aim.verify.defects import DEFECTS, DefectiveEngine
 from aim.verify.reference import Reference
-from aim.verify.statistics import ALPHA, FALSE_FAILURE_RATE, statistical_checks
+from aim.verify.statistics import ALPHA, FALSE_FAILURE_RATE
 
 RESULT = "false_alarms.json"
 
 
 def _statistics_setup(folder):
-    """(manifest, inputs, bare logits, class axis) of a build, as `make engine`'s statistics use them."""
-    manifest = open_build(folder)
+    """(build, inputs, bare logits, class axis) of a build, as `make engine`'s statistics use them."""
+    build = Build.open(folder)
+    manifest = build.manifest
     reference = Reference.load(manifest.folder / REFERENCE)
-    bare = role_runners(manifest, "onnxruntime")[0]
-    inputs, logits = statistics_inputs(
-        bare, reference.inputs, bare.run(reference.inputs), manifest.dynamic_dims[BATCH].max
-    )
-    return manifest, inputs, logits, manifest.modulation.class_axis
+    with build.runner("bare", "onnxruntime") as bare:
+        inputs, logits = statistics_batch(
+            bare, reference.inputs, bare.run(reference.inputs), manifest.dynamic_dims[BATCH].max
+        )
+    return build, inputs, logits, manifest.modulation.class_axis
 
 
 def _uniform_under_null(check) -> dict[str, float]:
@@ -65,12 +66,12 @@ def false_alarms(folder, repeats: int, first_seed: int = 1, log=print) -> dict:
     import onnxruntime
     from scipy import stats
 
-    manifest, inputs, logits, axis = _statistics_setup(folder)
+    build, inputs, logits, axis = _statistics_setup(folder)
     failures, p_values, started = [], {}, time.perf_counter()
     for seed in range(first_seed, first_seed + repeats):
         onnxruntime.set_seed(seed)  # before the session exists: it seeds only sessions made after it
-        engine = role_runners(manifest, "onnxruntime")[2]
-        checks = statistical_checks(engine, inputs, logits, axis, seed)
+        with build.runner("production", "onnxruntime") as engine:
+            checks = run_statistical_checks(engine, inputs, logits, axis, seed)
         failed = [check.name for check in checks if not check.passed]
         if failed:
             failures.append({"seed": seed, "failed": failed})
@@ -99,14 +100,14 @@ def false_alarms(folder, repeats: int, first_seed: int = 1, log=print) -> dict:
 
 def misses(folder, repeats: int, log=print) -> dict:
     """Each defect's stand-in, `repeats` seeds: how often the check meant to catch it passed."""
-    manifest, inputs, logits, axis = _statistics_setup(folder)
+    _, inputs, logits, axis = _statistics_setup(folder)
     found = {}
     for defect, (what, caught_by) in DEFECTS.items():
         missed = 0
         for seed in range(repeats):
             checks = {
                 c.name: c.passed
-                for c in statistical_checks(DefectiveEngine(logits, axis, defect, seed), inputs, logits, axis, seed)
+                for c in run_statistical_checks(DefectiveEngine(logits, axis, defect, seed), inputs, logits, axis, seed)
             }
             if caught_by is None:
                 missed += not all(checks.values())  # the defect-free stand-in: a false alarm
@@ -138,7 +139,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.defect_repeats < 0:
         parser.error("--repeats must be >= 1 and --defect-repeats >= 0")
-    open_build(args.folder)  # no build there, or a changed one: fails before anything runs
+    Build.open(args.folder)  # no build there, or a changed one: fails before anything runs
     print(f"{args.folder}: statistical checks of the production engine, {args.repeats} seeds")
     result = {"build": str(args.folder), "engine": false_alarms(args.folder, args.repeats, args.first_seed)}
     print(f"{args.folder}: defect stand-ins, {args.defect_repeats} seeds each")

@@ -85,10 +85,10 @@ import json, time
 from pathlib import Path
 from aim.pipeline import memory
 {imports}
-memory.reset_peak()
-before, started = memory.peak_rss(), time.perf_counter()
+step, started = memory.StepPeak(), time.perf_counter()
 {work}
-print(json.dumps({{"seconds": time.perf_counter() - started, "grown_mb": (memory.peak_rss() - before) / 1e6}}))
+before, peak = step.stop()
+print(json.dumps({{"seconds": time.perf_counter() - started, "grown_mb": (peak - before) / 1e6}}))
 """
 
 
@@ -107,8 +107,8 @@ def _passes_fp16(build: Path, scratch: Path) -> str:
         f"manifest = Manifest.load({str(build)!r})\nscratch = Path({str(scratch)!r})"
     )
     work = (
-        "steps.passes(get_task(manifest.task), scratch, scratch / 'exported.onnx', 'fp16', 'onnxruntime', "
-        "get_family(manifest.model).fp16_keep_fp32)"
+        "steps.passes(scratch, scratch / 'exported.onnx', 'fp16', 'onnxruntime', manifest.modulation.class_axis, "
+        "manifest.modulation.upsampled_to, get_family(manifest.model).fp16_keep_fp32)"
     )
     return _MEASURED.format(imports=imports, work=work)
 

@@ -29,7 +29,7 @@ COMMANDS = (
     "trt_check",
     "export",
     "modulate",
-    "build",
+    "engine_file",
     "run",
     "verify",
     "generate",

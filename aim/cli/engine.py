@@ -29,18 +29,24 @@ def add(sub) -> None:
     shared.seed(p)
     shared.onnx_source(p)
     p.add_argument(
+        "--max-batch",
+        type=shared.positive_int,
+        help="the engine profile's largest batch, which Triton's max_batch_size follows (default: 32 for images; "
+        "for text, what fits the KV cache of the longest sequence in 25%% of this machine's memory, at most 64)",
+    )
+    p.add_argument(
         "--reuse",
         action="store_true",
-        help="keep the verified build in OUT/NAME if it was built as asked (weights, backend, precision, "
-        "noise and key); else build",
+        help="keep the verified build in OUT/NAME if it was built as asked (weights or file, backend, precision, "
+        "noise and key, largest batch if given) and every file still has its recorded hash; else build",
     )
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def source_of(args):
+    """The build source the arguments name: your ONNX, a model family (with a checkpoint's weights), or a
+    checkpoint folder as its own architecture."""
     from aim.errors import AimError
-    from aim.pipeline.build import build_model
-    from aim.pipeline.report import report
 
     if args.onnx is None and args.model is None and args.checkpoint is None:
         raise AimError(
@@ -48,57 +54,42 @@ def run(args) -> int:
             "--checkpoint DIR`) "
             "or your own ONNX (`aim engine --onnx yours.onnx --logits NAME`)"
         )
-    if args.reuse and args.onnx is None:
-        import sys
+    if args.onnx is None:
+        from aim.pipeline.model_source import model_source
 
-        from aim.pipeline.build import reusable_build
+        return model_source(args.model, args.checkpoint)
+    if args.model is not None:
+        raise AimError("give a model family or --onnx, not both: your ONNX is its own model")
+    if args.checkpoint:
+        raise AimError("--checkpoint is a family's weights; your --onnx carries its own")
+    from aim.pipeline.onnx_source import OnnxSource
+    from aim.runtime.shapes import ShapeRanges
 
-        built = reusable_build(
-            args.model, args.out, args.checkpoint, args.backend, args.precision, args.noise, args.noise_key, args.seed
-        )
-        if built is not None:  # said on stderr: the command that asked for the build may be printing its own output
-            print(
-                f"reused {built.folder}: built as asked ({built.backend}, {built.precision}, "
-                f"{built.modulation.noise} noise), verified",
-                file=sys.stderr,
-            )
-            return 0
-    if args.onnx is not None:
-        if args.reuse:
-            raise AimError("--reuse is for a model family or a checkpoint folder; your --onnx is built again each time")
-        if args.model is not None:
-            raise AimError("give a model family or --onnx, not both: your ONNX is its own model")
-        if args.checkpoint:
-            raise AimError("--checkpoint is a family's weights; your --onnx carries its own")
-        from aim.pipeline.onnx_source import build_onnx
-        from aim.runtime.shapes import ShapeRanges
+    shapes = ShapeRanges.parse(args.min_shapes, args.opt_shapes, args.max_shapes)
+    return OnnxSource(args.onnx, args.logits, args.class_axis, args.task, shapes, args.inputs, args.upsample_to)
 
-        shapes = ShapeRanges.parse(args.min_shapes, args.opt_shapes, args.max_shapes)
-        manifest = build_onnx(
-            args.onnx,
-            args.logits,
-            args.out,
-            args.class_axis,
-            args.task,
-            shapes,
-            args.inputs,
-            args.backend,
-            args.precision,
-            args.seed,
-            noise=args.noise,
-            noise_key=args.noise_key,
-            upsample_to=args.upsample_to,
+
+def run(args) -> int:
+    import sys
+
+    from aim.contract import BATCH
+    from aim.pipeline.builder import build, reusable
+    from aim.pipeline.report import report
+    from aim.pipeline.request import BuildRequest
+
+    source = source_of(args)
+    request = BuildRequest(
+        args.out, args.backend, args.precision, args.noise, args.noise_key, args.seed, args.max_batch
+    )
+    built = reusable(source, request) if args.reuse else None
+    if built is not None:  # said on stderr: the command that asked for the build may be printing its own output
+        manifest = built.manifest
+        print(
+            f"reused {built.folder}: built as asked ({manifest.backend}, {manifest.precision}, "
+            f"{manifest.modulation.noise} noise, batch up to {manifest.dynamic_dims[BATCH].max}), verified, every file "
+            "as recorded",
+            file=sys.stderr,
         )
-    else:
-        manifest = build_model(
-            args.model,
-            args.out,
-            args.checkpoint,
-            args.backend,
-            args.seed,
-            precision=args.precision,
-            noise=args.noise,
-            noise_key=args.noise_key,
-        )
-    print(report(manifest))
+        return 0
+    print(report(build(source, request).manifest))
     return 0

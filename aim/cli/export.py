@@ -21,12 +21,13 @@ def run(args) -> int:
     from aim.errors import AimError
     from aim.files import check_file_replaceable
     from aim.pipeline import steps
+    from aim.pipeline.model_source import model_source
     from aim.tasks import get_task
 
     if Path(args.output).is_dir():
         raise AimError(f"-o {args.output} is a folder: give the path of the ONNX file to write")
     check_file_replaceable(args.output)  # a device, a pipe: refused before the export, not after it
-    family = steps.family_of(args.model, args.checkpoint)
+    family = model_source(args.model, args.checkpoint).family
     task = get_task(family.task)
     loaded = steps.load(family, task, args.checkpoint, args.seed)
     path = steps.export(family, task, loaded.model, Path(args.output))

@@ -19,7 +19,7 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from aim.graph_passes.modulate import modulate_file
-    from aim.pipeline.steps import noise_key_of
+    from aim.pipeline.request import noise_key_of
 
     key, fresh = noise_key_of(args.noise, args.noise_key)
     path = modulate_file(args.input, args.output, args.logits, args.class_axis, args.flavour, args.upsample_to, key)

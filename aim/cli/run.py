@@ -22,6 +22,11 @@ def add(sub) -> None:
     p.add_argument("--boost", action="append", default=[], metavar="CLASS=STRENGTH")
     p.add_argument("--suppress", action="append", default=[], metavar="CLASS=STRENGTH")
     p.add_argument("-o", "--output", help="save the logits as .npy")
+    p.add_argument(
+        "--allow-failed",
+        action="store_true",
+        help="run a build whose verification failed (NAME.failed), with a warning: to look into why, never to serve",
+    )
     shared.threads(p)
     p.set_defaults(func=run)
 
@@ -70,6 +75,8 @@ def _run(engine, inputs, utility, focus, level):
 
 
 def run(args) -> int:
+    import sys
+
     import numpy as np
 
     from aim.contract import focus_vector
@@ -77,7 +84,8 @@ def run(args) -> int:
     from aim.runtime.folder import open_runner
 
     inputs = dict(_load(item) for item in args.input)
-    with open_runner(args.engine, args.threads) as engine:
+    warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    with open_runner(args.engine, args.threads, args.allow_failed, warn) as engine:
         focus = None
         if args.boost or args.suppress:
             if not (engine.modulated or engine.calibrated):

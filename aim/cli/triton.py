@@ -38,7 +38,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from aim.runtime.folder import open_build
+    from aim.runtime.folder import Build
     from aim.serving.triton import CONFIG, MAX_QUEUE_DELAY_US, TEXT_SUFFIX, write_model
 
     delay = MAX_QUEUE_DELAY_US if args.max_queue_delay_us is None else args.max_queue_delay_us
@@ -49,7 +49,7 @@ def run(args) -> int:
             from aim.errors import AimError
 
             raise AimError("--bare serves the bare model, which takes no tiers: leave out --tiers or --bare")
-    manifest = open_build(args.build, check=False)
+    manifest = Build.open(args.build, check=False).manifest
     folders = [write_model(args.build, args.repository, args.name, args.engine, bare=args.bare, **common)]
     if manifest.tokenizer and not args.bare:  # text in, text out beside the tensor model
         text_name = (args.name or manifest.model) + TEXT_SUFFIX

@@ -31,8 +31,8 @@ from aim.evaluation.calibrate import (
     write_calibrated,
 )
 from aim.files import load_arrays, sha256
-from aim.layout import Manifest, ManifestError
-from aim.runtime.folder import open_build, production_runner
+from aim.layout import Manifest
+from aim.runtime.folder import Build
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 
 HELD_OUT = 0.2  # of the inputs, for the check
@@ -93,13 +93,15 @@ def calibrate_build(folder, data, seed: int = 0, levels=LEVELS, log: Callable[[s
 
     started = time.perf_counter()
     onnxruntime.set_seed(seed)  # before the engines' sessions exist: it seeds only sessions made after it
-    manifest = open_build(folder)
+    build = Build.open(folder)
+    manifest = build.manifest
     inputs = read_data(data, manifest)
     order = np.random.default_rng(seed).permutation(len(inputs))
     held = max(1, round(len(inputs) * HELD_OUT))
     calibration, check_set = inputs.take(np.sort(order[held:])), inputs.take(np.sort(order[:held]))
     axis, batch = manifest.modulation.class_axis, manifest.dynamic_dims[BATCH].max
-    runner, note = production_runner(manifest)
+    note = build.runs_on()[1]
+    runner = build.runner("production")
     if note:
         log(f"note: {note}")
     with runner:
@@ -149,26 +151,17 @@ def calibrate_build(folder, data, seed: int = 0, levels=LEVELS, log: Callable[[s
 def calibrate_onnx(
     onnx_path, data, out_dir="build", seed: int = 0, log: Callable[[str], None] = print, **build
 ) -> dict:
-    """Builds OUT/<stem>/ from a user's ONNX (`build`: build_onnx's arguments) unless it holds a
-    build of that very file with those shapes, then calibrates it on `data`."""
-    from aim.pipeline.onnx_source import build_name, build_onnx
+    """Builds OUT/<stem>/ from a user's ONNX (`build`: OnnxSource's arguments) unless it holds a build
+    the pipeline's reuse rule keeps (that very file, those shapes and inputs), then calibrates it on `data`."""
+    from aim.pipeline.builder import build_or_reuse
+    from aim.pipeline.onnx_source import OnnxSource
+    from aim.pipeline.request import BuildRequest
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise AimError(f"{onnx_path}: no such ONNX file")
-    folder = Path(out_dir) / build_name(onnx_path)
-    shapes = build.get("shapes")
-    try:
-        built = Manifest.load(folder)
-        same = (
-            built.source.onnx_sha256 == sha256(onnx_path)
-            and (not shapes or built.source.shapes == shapes.flags())
-            and built.modulation.upsampled_to == build.get("upsample_to")
-        )
-    except ManifestError:
-        same = False
-    if same:
+    built, reused = build_or_reuse(OnnxSource(onnx_path, **build), BuildRequest(out_dir, seed=seed), log)
+    folder = built.folder
+    if reused:
         log(f"engine reused: {folder} (built from {onnx_path})")
-    else:
-        build_onnx(onnx_path, out_dir=out_dir, seed=seed, log=log, **build)
     return calibrate_build(folder, data, seed, log=log)

@@ -1,8 +1,9 @@
 """The engine an evaluation runs, and the inputs it runs on.
 
 `prepare_engine` trains the family's model (cached) unless a checkpoint is given, and builds its
-engine into build/<model>/ with the regular pipeline unless that folder already holds an engine built
-from the same checkpoint after the checkpoint was written.
+engine into build/<model>/ with the regular pipeline unless that folder holds a build the pipeline's
+one reuse rule keeps (pipeline/builder.reusable: made from the checkpoint's very files, ONNX Runtime,
+FP32, fresh noise, every file as recorded).
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ from aim.evaluation.task_evaluation import TaskEvaluation, evaluation_of
 from aim.evaluation.train import TRAINING, train
 from aim.families import Family, get_family
 from aim.files import check_writable
-from aim.layout import Manifest, ManifestError
-from aim.runtime.folder import open_build
-from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.runtime.base import OnFirstUse
 
 
 @dataclass
 class Prepared:
     folder: Path
-    engine: OnnxRuntimeEngine
+    engine: OnFirstUse  # the build's production engine on ONNX Runtime, opened on first use
     checkpoint: Path
     training: dict | None
     family: Family
@@ -40,21 +39,12 @@ class Setup:
     repeats: int
 
 
-def _up_to_date(folder: Path, checkpoint: Path) -> bool:
-    try:
-        manifest = Manifest.load(folder)
-    except ManifestError:
-        return False
-    same = manifest.source.checkpoint == str(checkpoint.resolve())
-    same = same and manifest.backend == "onnxruntime" and manifest.precision == "fp32"
-    newer = manifest.file.stat().st_mtime >= (checkpoint / "config.json").stat().st_mtime
-    return same and newer and manifest.engine_path().is_file()
-
-
 def prepare_engine(
     model: str, out_dir="build", checkpoint: str | os.PathLike | None = None, seed: int = 0, log: Callable = print
 ) -> Prepared:
-    from aim.pipeline.build import build_model
+    from aim.pipeline.builder import build, reusable
+    from aim.pipeline.model_source import FamilySource
+    from aim.pipeline.request import BuildRequest
 
     family = get_family(model)
     check_writable(out_dir)  # before training and building
@@ -66,16 +56,16 @@ def prepare_engine(
     if training is None and (checkpoint / TRAINING).is_file():
         training = json.loads((checkpoint / TRAINING).read_text())
     folder = Path(out_dir) / model
-    if _up_to_date(folder, checkpoint):
+    source, request = FamilySource(model, checkpoint), BuildRequest(out_dir, seed=seed)
+    built = reusable(source, request)
+    if built is not None:
         log(f"engine reused: {folder} (built from {checkpoint})")
     else:
         log(f"building the engine of {checkpoint} into {folder}")
-        build_model(model, out_dir, checkpoint, backend="onnxruntime", seed=seed, log=log)
-    manifest = open_build(folder)  # every file checked against its hash
-    # No profile: the sweeps run ONNX Runtime at batches past the TensorRT profile's (ONNX Runtime has none).
-    return Prepared(
-        folder, OnnxRuntimeEngine(manifest.engine_path()), checkpoint, training, family, evaluation_of(family.task)
-    )
+        built = build(source, request, log)
+    # Unbounded: the sweeps run ONNX Runtime at batches past the engine profile's (ONNX Runtime has none).
+    engine = built.runner("production", "onnxruntime", bounded=False)
+    return Prepared(folder, engine, checkpoint, training, family, evaluation_of(family.task))
 
 
 def eval_inputs(prepared: Prepared, seed: int = 0, split: str = "test") -> Setup:

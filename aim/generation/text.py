@@ -16,7 +16,7 @@ from aim.generation.focus import focus_targets, parse_focus, token_focus
 from aim.generation.limits import check_length, length_limits
 from aim.generation.loop import Generation, generate
 from aim.generation.text_tokenizer import TextTokenizer
-from aim.runtime.folder import open_build, production_runner
+from aim.runtime.folder import Build
 from aim.tasks.decoder_inputs import PAST, encode, pad_id_of, stop_tokens_of
 
 
@@ -25,7 +25,8 @@ def load_build(folder: str | os.PathLike, log: Callable[[str], None] | None = No
     manifest's hashes. The engine is the build's own where it can run; a TensorRT plan that cannot run
     on this machine is replaced by ONNX Runtime on the production graph it was built from (`log` is
     told). The tokenizer is read without transformers (text_tokenizer.py)."""
-    manifest = open_build(folder, check=False)  # refused for what it lacks before hashing gigabytes
+    build = Build.open(folder, check=False)  # refused for what it lacks before hashing gigabytes; refused if failed
+    manifest = build.manifest
     if not manifest.tokenizer:
         if any(tensor.name.startswith(PAST) for tensor in manifest.graph.inputs):
             raise AimError(
@@ -37,8 +38,8 @@ def load_build(folder: str | os.PathLike, log: Callable[[str], None] | None = No
         raise AimError(
             f"{folder} has no tokenizer: it is not a text-generation build. Build one with `make engine MODEL=llama`."
         )
-    manifest.check_artifacts()
-    engine, note = production_runner(manifest)
+    build.check_files()
+    engine, note = build.runner("production"), build.runs_on()[1]
     if note and log is not None:
         log(note)
     return engine, TextTokenizer(manifest.folder / manifest.tokenizer), manifest

@@ -1,6 +1,6 @@
-"""`aim engine --onnx yours.onnx --logits NAME`: `make engine` for a model the project did not export.
+"""`aim engine --onnx yours.onnx --logits NAME`: a build made from a model the project did not export.
 
-The same steps and the same build folder as for a family (OUT/<file stem>/, manifest and all), with
+The same build and the same build folder as for a family (OUT/<file stem>/, manifest and all), with
 three differences:
 - the graph is the user's, brought to the folder's conventions without changing what it computes
   (graph_passes.dims: dim 0 named `batch`, every dynamic dim named, the logits first);
@@ -14,30 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from aim.contract import BATCH
-from aim.errors import AimError, InvalidGraphError, InvalidInputError, VerificationError
-from aim.files import StagedFolder, sha256
+from aim.errors import AimError, InvalidGraphError, InvalidInputError
+from aim.files import load_arrays, sha256
 from aim.graph_passes.dims import conventional_io
 from aim.graph_passes.io import load_onnx, save_onnx
-from aim.graph_passes.noise_key import NoiseKey
-from aim.layout import FILES, REFERENCE, GraphIO, Manifest, Source, package_versions
-from aim.pipeline import steps
-from aim.pipeline.build import Progress, engine_step, log_noise, modulation_record, verification_record, verify_and_save
-from aim.runtime.backends import TENSORRT_BACKENDS, choose_backend, runnable_here
-from aim.runtime.base import profile_from_io
+from aim.layout import FILES, REFERENCE, GraphIO
+from aim.layout import Source as SourceRecord
+from aim.pipeline.batch import with_max_batch
+from aim.pipeline.source import Prepared
+from aim.runtime.backends import TENSORRT_BACKENDS
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.runtime.shapes import ShapeRanges
 from aim.specs import DimRange
 from aim.tasks import get_task
 from aim.verdicts import Agreement, Tolerance
-from aim.verify.reference import Reference, differential_knobs
+from aim.verify.reference import Reference, reference_of
 
 SOURCE = "bare ONNX on ONNX Runtime"  # what the reference is (Reference.source)
 TOLERANCE = Tolerance(
@@ -52,59 +48,153 @@ TOLERANCE = Tolerance(
 INTEGER_HIGH = 100
 
 
-@dataclass(frozen=True)
-class _Logits:
-    """What the graph passes read of a task, for a user's logits: their class axis, and the input whose
-    spatial size they are resized to (--upsample-to), if any."""
-
-    class_axis: int
-    upsample_logits_to: str | None = None
-
-
-@dataclass
 class OnnxSource:
-    """A user's ONNX, checked and brought to the build folder's conventions (nothing written yet)."""
+    """A user's ONNX file `path` whose output `logits` (classes on `class_axis`, default the task's) is
+    modulated; `shapes`: the ranges of its dynamic dims (trtexec's flags); `inputs`: an .npz of
+    verification inputs (default: drawn from the graph's input types); `upsample_to`: an input whose
+    spatial size the logits [B, C, h, w] are resized to (bilinear) before the modulation, so that it
+    acts per input pixel (segmentation)."""
 
-    path: Path
-    model: object  # onnx.ModelProto with conventional IO
-    logits: str
-    class_axis: int
-    shapes: ShapeRanges
-    dims: dict[str, DimRange]  # every dynamic dim of the conventional graph's inputs
-    inputs: dict[str, np.ndarray] | None  # given verification inputs (--inputs), checked
-    inputs_path: Path | None
+    steps = 2
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        logits: str = "logits",
+        class_axis: int | None = None,
+        task: str = "image-classification",
+        shapes: ShapeRanges | None = None,
+        inputs: str | os.PathLike | None = None,
+        upsample_to: str | None = None,
+    ):
+        self.path, self.logits, self.task = Path(path), logits, get_task(task)
+        self.class_axis = self.task.class_axis if class_axis is None else class_axis
+        self.shapes = shapes or ShapeRanges({})
+        self.inputs_path = Path(inputs) if inputs is not None else None
+        self.upsample_to = upsample_to
+        self.model = None  # the graph with conventional IO, once checked
+
+    @property
+    def name(self) -> str:
+        return build_name(self.path)
 
     @property
     def io(self) -> GraphIO:
         return GraphIO.of_model(self.model)
 
     @property
-    def logits_dtype(self) -> str:
-        return self.io.outputs[0].dtype
+    def paths(self) -> tuple:
+        return (self.path, self.inputs_path)
 
-    @property
-    def parameters(self) -> int:
-        return sum(int(np.prod(init.dims)) for init in self.model.graph.initializer)
+    def check(self, request, log) -> None:
+        """The file, the logits, the batch, the shape flags against the graph (a dynamic dim left
+        without a range is named), --upsample-to, the largest batch, the given inputs."""
+        if request.precision == "fp16" and self.task.fp16 is None:
+            raise AimError(
+                f"task {self.task.name} states no FP16 comparator, so an FP16 engine of it could not be verified"
+            )
+        model = load_onnx(self.path)
+        self.shapes.dims(GraphIO.of_model(model).inputs)  # errors name the dims as the user's graph names them
+        self.model = conventional_io(model, self.logits)
+        io = self.io
+        self.dims = self.shapes.dims(io.inputs)
+        if request.max_batch is not None:
+            self.dims = with_max_batch(self.dims, request.max_batch)
+        _check_class_axis(io.outputs[0], self.class_axis)
+        _check_upsample(io, self.path, self.class_axis, self.upsample_to)
+        if request.backend in TENSORRT_BACKENDS:
+            _check_logits_dims(io.outputs[0], self.dims, 2 if self.upsample_to else None)
+        self.given = (
+            _read_inputs(self.inputs_path, io, self.shapes, self.path) if self.inputs_path is not None else None
+        )
+
+    def made(self, built, request) -> bool:
+        """The same file, the same output modulated on the same axis, and the shapes if given (the
+        verification inputs and the seed make no difference to what is built)."""
+        recorded, modulation = built.source, built.modulation
+        return (
+            recorded.onnx == str(self.path.resolve())
+            and recorded.onnx_sha256 == sha256(self.path)
+            and built.task == self.task.name
+            and modulation.logits == self.logits
+            and modulation.upsampled_to == self.upsample_to
+            and self.class_axis % max(1, len(built.graph.outputs[0].dims)) == modulation.class_axis
+            and (not self.shapes.shapes or recorded.shapes == self.shapes.flags())
+        )
+
+    def prepare(self, folder: Path, request, progress) -> Prepared:
+        logits = self.io.outputs[0]
+        native_fp16 = logits.dtype == "float16"  # FP16 already: nothing to convert, built as FP16 builds are
+        parameters = sum(int(np.prod(init.dims)) for init in self.model.graph.initializer)
+        progress(
+            f"graph {self.path} ({parameters:,} parameters; logits {self.logits!r} {logits.dtype}, classes on axis "
+            f"{self.class_axis})"
+        )
+        exported = save_onnx(
+            self.model, folder / FILES["exported"], weights_dir=self.path.parent
+        )  # its weights file, if any, is copied in
+        progress.done("load", "dims " + ", ".join(f"{dim} {r.min}..{r.max}" for dim, r in self.dims.items()))
+
+        progress(f"reference: {SOURCE}, on the " + ("given" if self.given is not None else "drawn") + " inputs")
+        class_axis = self.class_axis % len(logits.dims)  # valid: checked by conventional_io
+        reference = self.reference(class_axis, request.seed)
+        reference.save(folder / REFERENCE)
+        progress.done("reference", REFERENCE)
+        num_classes = reference.logits.shape[class_axis]
+        precision = "fp16" if native_fp16 else request.precision
+        given = self.inputs_path
+        return Prepared(
+            exported=exported,
+            reference=reference,
+            record=SourceRecord(
+                None,
+                request.seed,
+                parameters,
+                onnx=str(self.path.resolve()),
+                onnx_sha256=sha256(self.path),
+                shapes=self.shapes.flags(),
+                inputs={"path": str(given.resolve()), "sha256": sha256(given)} if given is not None else None,
+            ),
+            task=self.task,
+            logits=self.logits,
+            class_axis=class_axis,
+            upsample_to=self.upsample_to,
+            dims=dict(self.dims),
+            tolerance=TOLERANCE,
+            fp16=fp16_comparator(self.task, num_classes) if precision == "fp16" else None,
+            precision=precision,
+            convert="fp32" if native_fp16 else request.precision,
+        )
+
+    def reference(self, class_axis: int, seed: int = 0) -> Reference:
+        """The user's bare graph on ONNX Runtime (their file as given) on the verification inputs, its
+        logits resized by PyTorch's bilinear interpolation to input `upsample_to`'s spatial size if
+        asked, and the twin of the redistribution on them (verify/reference.py)."""
+        inputs = self.given if self.given is not None else verification_inputs(self.io, self.dims, seed)
+        if self.given is not None and next(iter(inputs.values())).shape[0] == 1 and self.dims[BATCH].max >= 2:
+            inputs = {k: np.concatenate([v, v]) for k, v in inputs.items()}  # a second row to carry utility > 0
+        with OnnxRuntimeEngine(self.path) as bare:
+            logits = bare.infer(inputs)[self.logits]
+        if self.upsample_to is not None:
+            import torch
+
+            from aim.graph_passes.upsample import upsample_torch
+
+            size = inputs[self.upsample_to].shape[2:]
+            logits = upsample_torch(torch.from_numpy(logits.astype(np.float32)), size).numpy().astype(logits.dtype)
+        return reference_of(inputs, logits, class_axis, seed, source=SOURCE)
 
 
-def read_source(
-    path, logits: str, class_axis: int, shapes: ShapeRanges, backend: str, inputs=None, upsample_to: str | None = None
-) -> OnnxSource:
-    """Every check that needs no output folder: the file, the logits, the batch, the shape flags
-    against the graph (a dynamic dim left without a range is named), --upsample-to, the given inputs."""
-    path = Path(path)
-    model = load_onnx(path)
-    shapes.dims(GraphIO.of_model(model).inputs)  # errors name the dims as the user's graph names them
-    model = conventional_io(model, logits)
-    io = GraphIO.of_model(model)
-    dims = shapes.dims(io.inputs)
-    _check_upsample(io, path, class_axis, upsample_to)
-    if backend in TENSORRT_BACKENDS:
-        _check_logits_dims(io.outputs[0], dims, 2 if upsample_to else None)
-    given = _read_inputs(inputs, io, shapes, path) if inputs is not None else None
-    return OnnxSource(
-        path, model, logits, class_axis, shapes, dims, given, Path(inputs) if inputs is not None else None
-    )
+def _check_class_axis(logits, class_axis: int) -> None:
+    """The class axis is one of the logits' axes past the batch, of a static size (what the graph
+    passes require of it, checked before the reference runs)."""
+    rank = len(logits.dims)
+    axis = class_axis + rank if class_axis < 0 else class_axis
+    if rank < 2 or not 1 <= axis < rank:
+        raise InvalidGraphError(
+            f"class axis {class_axis} is out of range for logits {logits.name!r} of shape {logits.dims}: "
+            f"axis 0 is the batch, so the class axis must be one of 1..{rank - 1} (or -1..{1 - rank})."
+        )
 
 
 def _check_logits_dims(logits, dims: dict[str, DimRange], resized_from: int | None = None) -> None:
@@ -145,7 +235,7 @@ def _read_inputs(file, io: GraphIO, shapes: ShapeRanges, source: Path) -> dict[s
     """--inputs data.npz: one array per graph input, by name, checked against the graph and the ranges."""
     file = Path(file)
     try:
-        stored = np.load(file, allow_pickle=False)
+        stored = load_arrays(file)  # every array's header checked against the file's bytes first
     except (OSError, ValueError) as error:
         stored = error
     if not isinstance(stored, np.lib.npyio.NpzFile):
@@ -185,32 +275,6 @@ def verification_inputs(io: GraphIO, dims: dict[str, DimRange], seed: int = 0) -
     return inputs
 
 
-def reference(
-    source: OnnxSource, inputs: dict[str, np.ndarray], class_axis: int, seed: int = 0, upsample_to: str | None = None
-) -> Reference:
-    """The user's bare graph on ONNX Runtime (their file as given), its logits resized by PyTorch's
-    bilinear interpolation to input `upsample_to`'s spatial size if asked, and the PyTorch twin of
-    the redistribution on them with the seeded knobs and noise."""
-    import torch
-
-    from aim.graph_passes.redistribution import redistribute_torch
-    from aim.graph_passes.upsample import upsample_torch
-
-    with OnnxRuntimeEngine(source.path) as bare:
-        logits = bare.infer(inputs)[source.logits]
-    if upsample_to is not None:
-        logits = (
-            upsample_torch(torch.from_numpy(logits.astype(np.float32)), inputs[upsample_to].shape[2:])
-            .numpy()
-            .astype(logits.dtype)
-        )
-    knobs = differential_knobs(logits.shape[0], logits.shape[class_axis], logits.shape, seed)
-    modulated = redistribute_torch(
-        torch.from_numpy(logits), class_axis=class_axis, **{k: torch.from_numpy(v) for k, v in knobs.items()}
-    )
-    return Reference(inputs=inputs, logits=logits, modulated=modulated.numpy(), source=SOURCE, **knobs)
-
-
 def build_name(onnx_path) -> str:
     """The build folder's name (and the manifest's model): the file's stem."""
     return Path(onnx_path).name.removesuffix(".onnx")
@@ -226,155 +290,3 @@ def fp16_comparator(task, num_classes: int) -> Agreement:
     return dataclasses.replace(
         task.fp16, k=k, why=task.fp16.why + f" (k lowered to {k}: the model has {num_classes} classes)"
     )
-
-
-def build_onnx(
-    onnx_path: str | os.PathLike,
-    logits: str,
-    out_dir: str | os.PathLike = "build",
-    class_axis: int | None = None,
-    task: str = "image-classification",
-    shapes: ShapeRanges | None = None,
-    inputs: str | os.PathLike | None = None,
-    backend: str = "onnxruntime",
-    precision: str = "fp32",
-    seed: int = 0,
-    log: Callable[[str], None] = print,
-    noise: str = "fresh",
-    noise_key: str | os.PathLike | None = None,
-    upsample_to: str | None = None,
-) -> Manifest:
-    """Builds and verifies the modulated engine of a user's ONNX into OUT/<file stem>/; returns its
-    manifest. `noise`, `noise_key`: as `build_model`'s (keyed noise, its key file); `upsample_to`: an
-    input whose spatial size the logits [B, C, h, w] are resized to (bilinear) before the
-    modulation, so that it acts per input pixel (segmentation)."""
-    task_object = get_task(task)
-    if precision not in steps.PRECISIONS:
-        raise AimError(f"unknown precision {precision!r}; available: {', '.join(steps.PRECISIONS)}")
-    key, fresh_key = steps.noise_key_of(noise, noise_key)  # a bad key file fails here
-    backend, why = choose_backend(backend)
-    log(f"backend {why}")
-    class_axis = task_object.class_axis if class_axis is None else class_axis
-    source = read_source(onnx_path, logits, class_axis, shapes or ShapeRanges({}), backend, inputs, upsample_to)
-    name = build_name(source.path)
-    out = Path(out_dir)
-    log_noise(key, fresh_key, noise_key, log)
-    with StagedFolder(out / name, Manifest.holds_build, (onnx_path, inputs, noise_key)) as staged:
-        manifest = _build(source, name, task_object, staged.path, backend, precision, seed, log, key, upsample_to)
-        if not manifest.verification.passed:
-            failed = staged.publish(out / f"{name}.failed")
-            raise VerificationError(
-                f"verification failed: {', '.join(manifest.verification.failed())}. Artifacts and report kept "
-                f"in {failed}/"
-            )
-        if fresh_key and noise_key is not None:
-            key.write(noise_key)  # before publishing: a published keyed engine always has its key file
-        manifest.folder = staged.publish()
-    staged.discard(out / f"{name}.failed")
-    return manifest
-
-
-def _build(
-    source: OnnxSource,
-    name: str,
-    task,
-    folder: Path,
-    backend: str,
-    precision: str,
-    seed: int,
-    log,
-    key: NoiseKey | None,
-    upsample_to: str | None = None,
-) -> Manifest:
-    progress = Progress(4, log)
-    native_fp16 = source.logits_dtype == "float16"
-    # An FP16 graph is FP16 already: nothing to convert, and its engine is built as FP16 builds are.
-    convert = "fp32" if native_fp16 else precision
-    precision = "fp16" if native_fp16 else precision
-    progress(
-        f"graph {source.path} ({source.parameters:,} parameters; logits {source.logits!r} "
-        f"{source.logits_dtype}, classes on axis {source.class_axis})"
-    )
-    exported = save_onnx(
-        source.model, folder / FILES["exported"], weights_dir=source.path.parent
-    )  # its weights file, if any, is copied in
-    progress.done("load", "dims " + ", ".join(f"{dim} {r.min}..{r.max}" for dim, r in source.dims.items()))
-
-    progress(
-        "graph passes: "
-        + (f"upsample logits to {upsample_to!r}, " if upsample_to else "")
-        + f"redistribution (production{', keyed noise,' if key else ''} + verification)"
-        + (", fp16 (redistribution kept fp32)" if convert == "fp16" else "")
-        + ", TensorRT compatibility check"
-    )
-    graphs = steps.passes(
-        _Logits(source.class_axis, upsample_to), folder, exported, convert, backend, logits=source.logits, key=key
-    )
-    unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
-    progress.done(
-        "passes",
-        "TensorRT compatibility: " + ("all nodes supported" if not unsupported else f"{unsupported} unsupported nodes"),
-    )
-
-    builds, engine = engine_step(progress, graphs, folder, backend, precision, source.dims, log)
-
-    runnable, why = runnable_here(backend)
-    runner = backend if runnable else "onnxruntime"
-    progress(
-        f"verify: {SOURCE} vs engine, production noise statistics"
-        + (
-            ""
-            if runnable
-            else f"; the {backend} engine cannot run here, so ONNX Runtime runs the graphs it was built from"
-        )
-    )
-    production = GraphIO.of(graphs.paths[graphs.sources["production"]])
-    given = source.inputs is not None
-    inputs = source.inputs if given else verification_inputs(source.io, source.dims, seed)
-    if given and next(iter(inputs.values())).shape[0] == 1 and source.dims[BATCH].max >= 2:
-        inputs = {k: np.concatenate([v, v]) for k, v in inputs.items()}  # a second row to carry utility > 0
-    class_axis = source.class_axis % len(source.io.outputs[0].dims)  # valid: the passes checked it
-    ref = reference(source, inputs, class_axis, seed, upsample_to)
-    num_classes = ref.logits.shape[class_axis]
-    reference_path = ref.save(folder / REFERENCE)
-    manifest = Manifest(
-        model=name,
-        task=task.name,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source=Source(
-            None,
-            seed,
-            source.parameters,
-            onnx=str(source.path.resolve()),
-            onnx_sha256=sha256(source.path),
-            shapes=source.shapes.flags(),
-            inputs={"path": str(source.inputs_path.resolve()), "sha256": sha256(source.inputs_path)} if given else None,
-        ),
-        backend=backend,
-        precision=precision,
-        engine=engine.name,
-        graphs=graphs.sources,
-        modulation=modulation_record(source.logits, class_axis, num_classes, upsample_to, precision, key),
-        tokenizer=None,
-        graph=production,
-        verification_graph=GraphIO.of(graphs.paths[graphs.sources["verification"]]),
-        dynamic_dims=dict(source.dims),
-        profile=profile_from_io(production.inputs, source.dims),
-        tensorrt=builds or None,
-        compatibility={role: report.as_dict() for role, report in graphs.compatibility.items()},
-        verification=verification_record(
-            runner,
-            runnable,
-            why,
-            ref,
-            TOLERANCE,
-            class_axis,
-            fp16_comparator(task, num_classes) if precision == "fp16" else None,
-            seed,
-        ),
-        artifacts={},
-        timings_s=progress.timings,
-        versions=package_versions(),
-        folder=folder,
-    )
-    return verify_and_save(manifest, graphs, task, ref, reference_path, key, progress)

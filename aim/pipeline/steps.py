@@ -2,12 +2,12 @@
 
     load      family + checkpoint -> Loaded (the PyTorch model in FP32, its tokenizer, its size)
     export    -> exported.onnx (torch.onnx; its weights in exported.onnx.data past 2 GiB)
-    reference -> reference.npz: what PyTorch computes on the verification inputs (then `release`
-                 frees the PyTorch model)
+    release   frees the PyTorch model once the reference is computed (model_source.py)
     passes    -> bare, production and verification graphs (+ FP16 copies), TensorRT compatibility
     engines   -> the engine files of the backend
 
-The verdicts on the build's engines against the reference come from pipeline/verify.py.
+The first three are a PyTorch model's (pipeline/model_source.py); passes and engines every build's
+(pipeline/builder.py). The verdicts on the engines come from pipeline/verify.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from aim.contract import LOGITS, NOISE_SOURCES
+from aim.contract import LOGITS
 from aim.errors import AimError, CheckpointError
 from aim.families import Family
 from aim.files import atomic_path
@@ -29,10 +29,7 @@ from aim.runtime.backends import TENSORRT_BACKENDS
 from aim.runtime.base import profile_from_io
 from aim.specs import TensorSpec
 from aim.tasks import Task
-from aim.verify.reference import Reference, differential_knobs
 from aim.weights import WeightsFile
-
-PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
@@ -43,19 +40,6 @@ class Loaded:
     parameters: int
     checkpoint: Path | None
     dtype: str | None = None  # how the checkpoint stores its weights
-
-
-def family_of(model: str | None, checkpoint=None, log=None) -> Family:
-    """The family MODEL names, or, without one, the record derived from the checkpoint folder's
-    config.json (any supported architecture of the three tasks)."""
-    from aim.families import get_family
-    from aim.families.from_checkpoint import checkpoint_family
-
-    if model is not None:
-        return get_family(model)
-    if checkpoint is None:
-        raise AimError("give a model (see `aim models`) or a checkpoint folder: `make engine CHECKPOINT=dir`")
-    return checkpoint_family(checkpoint, log)
 
 
 def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
@@ -146,19 +130,20 @@ class Graphs:
 
 
 def passes(
-    task: Task,
     folder: Path,
     exported: Path,
     precision: str,
     backend: str,
+    class_axis: int,
+    upsample_to: str | None = None,
     keep_fp32: tuple[str, ...] = (),
     logits: str = LOGITS,
     key: NoiseKey | None = None,
 ) -> Graphs:
     """Bare, production and verification graphs (FP16 copies if asked; keyed production noise with
     `key`), and TensorRT's verdict on them; refuses the build if TensorRT is the backend and would
-    refuse a node. `task`: what the passes read of it, `class_axis` and `upsample_logits_to`;
-    `logits`: the logits output's name."""
+    refuse a node. `logits`: the output modulated, its classes on `class_axis`; `upsample_to`: the input
+    whose spatial size the logits are resized to first, if any."""
     from aim.graph_passes.fp16 import convert_to_fp16
     from aim.graph_passes.trt_support import check_tensorrt_support
     from aim.runtime.tensorrt import EngineBuildError
@@ -166,8 +151,8 @@ def passes(
     # The graphs are read without their weights: those in exported.onnx.data (a model past 2 GiB) stay
     # references, which every graph saved beside it shares (aim/weights.py).
     paths = {"exported": exported}
-    graphs = deployment_graphs(load_onnx(exported), logits, task.class_axis, task.upsample_logits_to, key)
-    if task.upsample_logits_to:
+    graphs = deployment_graphs(load_onnx(exported), logits, class_axis, upsample_to, key)
+    if upsample_to:
         paths["bare"] = save_onnx(graphs["bare"], folder / FILES["bare"])
     else:
         paths["bare"] = exported  # nothing changed: the exported file is the bare model
@@ -236,44 +221,3 @@ def onnxruntime_engine(graph: Path, engine: Path, precision: str) -> Path:
             shutil.copyfile(graph, tmp)
         return engine
     return ort_engine.build(graph, engine)
-
-
-def reference(family: Family, task: Task, loaded: Loaded, seed: int = 0) -> Reference:
-    """Inputs, knobs and seeded noise, and what PyTorch computes for them: the model's logits (resized
-    as the graph resizes them) and the PyTorch twin of the redistribution on top; plus the task's own
-    reference (generation)."""
-    import torch
-
-    from aim.graph_passes.redistribution import redistribute_torch
-
-    inputs = task.example_inputs(loaded.model, family.sizes(**family.verify_sizes), seed)
-    logits = task.reference_logits(loaded.model, inputs)
-    knobs = differential_knobs(logits.shape[0], logits.shape[task.class_axis], tuple(logits.shape), seed)
-    as_torch = {name: torch.from_numpy(array) for name, array in knobs.items()}
-    modulated = redistribute_torch(logits, class_axis=task.class_axis, **as_torch)
-    return Reference(
-        inputs={name: tensor.numpy() for name, tensor in inputs.items()},
-        logits=logits.numpy(),
-        modulated=modulated.numpy(),
-        extra=task.reference_extra(loaded.model, loaded.tokenizer, seed),
-        **knobs,
-    )
-
-
-def check_precision(family: Family, precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise AimError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
-    if precision == "fp16" and family.fp16 is None:
-        raise AimError(
-            f"{family.name} states no FP16 comparator (Family.fp16), so an FP16 engine could not be verified"
-        )
-
-
-def noise_key_of(noise: str, noise_key) -> tuple[NoiseKey | None, bool]:
-    """The noise key of a build or a modulated graph (None for fresh noise), and whether it was drawn
-    now rather than read from the file `noise_key`; a bad combination or key file fails here."""
-    if noise not in NOISE_SOURCES:
-        raise AimError(f"unknown noise {noise!r}; available: {', '.join(NOISE_SOURCES)}")
-    if noise_key is not None and noise != "keyed":
-        raise AimError("a noise key (--noise-key) is for keyed noise: add --noise keyed (NOISE=keyed), or drop the key")
-    return NoiseKey.load_or_draw(noise_key) if noise == "keyed" else (None, False)

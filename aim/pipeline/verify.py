@@ -1,4 +1,6 @@
-"""`aim verify`: re-run a build's checks against its stored reference (no PyTorch needed)."""
+"""The verification of a build: its engines run once (pipeline/engine_runs.py), then the judges
+(verify/judges.py and the task's own checks) decide on the arrays; and `aim verify`, which re-runs
+the checks of an existing build against its stored reference (no PyTorch needed)."""
 
 from __future__ import annotations
 
@@ -7,82 +9,80 @@ from datetime import datetime, timezone
 
 from aim.contract import BATCH
 from aim.generation.reference_runs import generation_runs
-from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import REFERENCE, EngineRun, Manifest
+from aim.pipeline.engine_runs import run_engines
 from aim.runtime.backends import runnable_here
-from aim.runtime.folder import open_build, role_runners
+from aim.runtime.folder import Build
 from aim.tasks import Task, get_task
 from aim.verdicts import Check
-from aim.verify.build import verify_build
+from aim.verify.judges import judge
+from aim.verify.keyed import keyed_plan
 from aim.verify.reference import Reference
+from aim.verify.results import RunResults
+from aim.verify.statistics import statistical_plan
 
 
-def checks(manifest: Manifest, task: Task, reference: Reference, runner: str, seed: int = 0) -> list[Check]:
-    """Every verdict on a build folder's engines against its reference; `runner`: the backend that runs
-    the checks (the engine's own, or ONNX Runtime on the graphs a TensorRT engine was built from)."""
+def run_build(build: Build, reference: Reference, runner: str, seed: int = 0) -> RunResults:
+    """What the build's engines answer for its checks; `runner`: the backend that runs them (the
+    engine's own, or ONNX Runtime on the graphs a TensorRT engine was built from). ONNX Runtime is
+    seeded with `seed` first: it seeds only the sessions made after it. The task's own runs are the
+    decode loop on the reference's prompts (text generation; nothing for other references)."""
     import onnxruntime
 
-    onnxruntime.set_seed(seed)  # before the runners' sessions exist: it seeds only sessions made after it
-    runners = role_runners(manifest, runner)
+    onnxruntime.set_seed(seed)
+    manifest = build.manifest
+    class_axis = manifest.modulation.class_axis
+
+    reduced = manifest.verification.reduced_precision is not None
+
+    def plan_of(bare):
+        if manifest.modulation.noise == "keyed":
+            return keyed_plan(bare, class_axis, reference, reduced)
+        return statistical_plan(bare.shape, class_axis)
+
+    def task_runs(engine):
+        return generation_runs(engine, reference.extra, reduced)
+
+    runners = [build.runner(role, runner) for role in ("bare", "verification", "production")]
     try:
-        verification = manifest.verification
-        found = verify_build(
-            *runners,
-            reference,
-            verification.tolerance,
-            manifest.modulation.class_axis,
-            manifest.dynamic_dims[BATCH].max,
-            seed,
-            verification.reduced_precision,
-            keyed=manifest.modulation.noise == "keyed",
-        )
-        # Task-level checks compare with the task's own PyTorch outputs (reference.extra): a user's ONNX has none.
-        # The production engine runs the decode loop on the reference's prompts; the task judges the arrays.
-        reduced = verification.reduced_precision
-        task_checks = (
-            task.checks(
-                generation_runs(runners[2], reference.extra, reduced is not None),
-                reference.extra,
-                verification.tolerance,
-                reduced,
-            )
-            if reference.extra
-            else []
-        )
-        return found + task_checks
+        return run_engines(*runners, reference, plan_of, manifest.dynamic_dims[BATCH].max, task_runs)
     finally:
         for each in runners:
             each.close()  # TensorRT runners hold GPU memory
 
 
-def keyed_expectation(manifest: Manifest, reference: Reference, runner: str, key: NoiseKey):
-    """What a keyed production engine must answer to the reference's inputs and knobs: the PyTorch
-    twin of the same keyed statement on the logits of the build's bare engine (run by `runner`), so
-    that the twin's digest is computed from the very logits the engine's subgraph sees (FP16 ones
-    included)."""
-    import torch
-
-    from aim.graph_passes.redistribution import redistribute_torch
-
-    runners = role_runners(manifest, runner)
-    try:
-        bare = torch.from_numpy(runners[0].run(reference.inputs))
-    finally:
-        for each in runners:
-            each.close()
-    knobs = torch.from_numpy(reference.utility), torch.from_numpy(reference.focus)
-    return redistribute_torch(bare, *knobs, class_axis=manifest.modulation.class_axis, key=key).numpy()
+def judge_build(
+    manifest: Manifest, task: Task, reference: Reference, results: RunResults, seed: int = 0
+) -> list[Check]:
+    """Every verdict on a build from what its engines answered: the differential and statistical checks,
+    and the task's own against its PyTorch outputs (reference.extra; a user's ONNX has none)."""
+    verification = manifest.verification
+    found = judge(
+        results,
+        reference,
+        verification.tolerance,
+        manifest.modulation.class_axis,
+        seed,
+        verification.reduced_precision,
+        keyed=manifest.modulation.noise == "keyed",
+    )
+    if reference.extra:
+        found += task.checks(results.task, reference.extra, verification.tolerance, verification.reduced_precision)
+    return found
 
 
 def verify_folder(folder: str | os.PathLike, seed: int | None = None) -> Manifest:
-    """Re-runs the checks of an existing build (every file checked against its hash first) and
-    records the verdicts in its manifest. `seed`: the statistics' seed (default: the build's)."""
-    manifest = open_build(folder)
+    """Re-runs the checks of an existing build (every file checked against its hash first; also a
+    build that failed them) and records the verdicts in its manifest. `seed`: the statistics' seed
+    (default: the build's)."""
+    build = Build.open(folder, allow_failed=True)
+    manifest = build.manifest
     seed = manifest.verification.seed if seed is None else seed
     runnable, why = runnable_here(manifest.backend)
     runner = manifest.backend if runnable else "onnxruntime"
     reference = Reference.load(manifest.folder / REFERENCE)
-    found = checks(manifest, get_task(manifest.task), reference, runner, seed)
+    task = get_task(manifest.task)
+    found = judge_build(manifest, task, reference, run_build(build, reference, runner, seed), seed)
     verification = manifest.verification
     verification.runner = runner
     verification.engine_run = EngineRun(runnable, why)

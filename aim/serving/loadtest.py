@@ -313,13 +313,13 @@ def run_loadtest(
     log: Callable[[str], None] = print,
 ) -> dict:
     """The sweep (module docstring); returns what it writes to <out>/loadtest.json."""
-    from aim.runtime.folder import open_build
+    from aim.runtime.folder import Build
     from aim.serving.loadplot import plot
     from aim.serving.server import TritonServer
 
     settings = settings or Settings()
     settings.check()
-    manifest = open_build(build_folder)
+    manifest = Build.open(build_folder).manifest
     if manifest.backend != "onnxruntime":
         raise LoadTestError(
             f"{build_folder} has a {manifest.backend} engine; the server here (nvidia-pytriton's) runs ONNX "

@@ -64,11 +64,11 @@ def run_textload(
     instances: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    from aim.runtime.folder import open_build
+    from aim.runtime.folder import Build
     from aim.serving.server import TritonServer
     from aim.serving.triton import TEXT_SUFFIX, write_model
 
-    manifest = open_build(build_folder)
+    manifest = Build.open(build_folder).manifest
     if not manifest.tokenizer:
         raise AimError(f"{build_folder} is no text-generation build (no tokenizer): --text needs one, e.g. build/llama")
     out = Path(out)

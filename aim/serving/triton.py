@@ -35,7 +35,7 @@ from aim.files import StagedFolder
 from aim.layout import GraphIO, Manifest
 from aim.runtime.backends import TENSORRT_BACKENDS
 from aim.runtime.base import profile_from_io
-from aim.runtime.folder import open_build
+from aim.runtime.folder import Build
 from aim.serving.config import (  # noqa: F401  (read_config, THREADS_PARAMETER: part of this module's API)
     CONFIG,
     MAX_QUEUE_DELAY_US,
@@ -249,7 +249,7 @@ def write_model(
     """
     from aim.serving.tiers import TierTable
 
-    manifest = open_build(build_folder)
+    manifest = Build.open(build_folder).manifest  # a build that failed its verification is refused
     if bare and (engine or tiers or text):
         raise TritonConfigError(
             "bare serves the build's bare model: engine, tiers and the text model are for the modulated one; give "

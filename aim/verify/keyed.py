@@ -13,7 +13,7 @@ kinds of checks replace the fresh-noise ones of verify/statistics.py:
 - distinct inputs at ONE tier draw independent noise (no draw shared between rows, none that ignores
   the input), and one query agrees with the clean answer as often as under fresh noise.
 
-The engine runs in `keyed_checks` only; the judges below it take arrays and return a Check.
+The engine runs the plan's runs (pipeline/engine_runs.py); every judge here takes arrays and returns a Check.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from aim.graph_passes.noise import TIER_RESOLUTION, correlation_width
 from aim.lazy import lazy_import
 from aim.verdicts import Check, Tolerance
 from aim.verify.compare import compare, identical
-from aim.verify.statistics import ALPHA, MAX_RUNS, MIN_SAMPLES, SIGMA, _distribution, _subsample
+from aim.verify.results import REFERENCE, Knobs, Plan
+from aim.verify.statistics import ALPHA, SIGMA, _distribution, _subsample, runs_for
 
 stats = lazy_import("scipy.stats")
 
@@ -164,52 +165,70 @@ def agreement_like_fresh(bare: np.ndarray, noisy: np.ndarray, sigmas: np.ndarray
     return Check(name, bool(abs(z) < limit), detail, metrics)
 
 
+def keyed_plan(bare: np.ndarray, class_axis: int, reference, fp16: bool = False) -> Plan:
+    """The keyed production engine's runs its checks judge: on the statistics batch (whose bare logits
+    are `bare`) unless said, the `reference`'s inputs and knobs (the twin's request), each of its rows at
+    a tier of its own together and alone, the statistics at a distinct tier per row and run, and at the
+    tiers where distinct inputs lie far apart (`distinct_tiers`: they depend on the logits' values)."""
+    shape = bare.shape
+    batch, classes = shape[0], shape[class_axis]
+    sigmas = tiers(runs_for(int(np.prod(shape))) or 1, batch)
+    count = next(iter(reference.inputs.values())).shape[0]
+    own = tiers(1, count)[0]  # a tier per row: rows of one digest would hide a draw taken from a neighbour
+    return {
+        "twin": [Knobs(reference.utility, reference.focus, REFERENCE)],
+        "identity": [Knobs(0.0)],
+        "mixed": [Knobs(np.where(np.arange(batch) % 2 == 0, 0.0, sigmas[0]).astype(np.float32))],
+        "same": [Knobs(sigmas[0])] * 2,
+        "together": [Knobs(own, None, REFERENCE)],
+        "alone": [Knobs(own[i], None, i) for i in range(count)],
+        "tier": [Knobs(sigmas[0] + 0.5)],
+        "plain": [Knobs(s) for s in sigmas],
+        "boost": [Knobs(s, np.full(classes, SIGMA, np.float32)) for s in sigmas],
+        "suppress": [Knobs(s, np.full(classes, -SIGMA, np.float32)) for s in sigmas],
+        "both": [Knobs(s, np.broadcast_to(s[:, None], (batch, classes))) for s in sigmas],
+        "one tier": [Knobs(float(t)) for t in distinct_tiers(bare, class_axis, fp16)[0]],
+    }
+
+
 def keyed_checks(
-    engine,
-    inputs: dict,
+    draws: dict[str, np.ndarray],
     bare: np.ndarray,
     class_axis: int,
     reference,
     tolerance: Tolerance,
     fp16: bool = False,
 ) -> list[Check]:
-    """Every check of a keyed production engine. `inputs`, `bare`: the statistics' batch and its bare
-    logits; `reference`: the build's Reference, whose `keyed_modulated` is the PyTorch twin's answer
-    to its inputs and knobs."""
+    """Every check of a keyed production engine from its runs of `keyed_plan` (`draws`: name -> outputs
+    stacked [runs, ...]); `bare`: the bare logits of the statistics batch; `reference`: the build's
+    Reference, whose `keyed_modulated` is the PyTorch twin's answer to its inputs and knobs."""
     if fp16:
         tolerance = Tolerance(tolerance.atol, max(tolerance.rtol, FP16_RTOL), "one FP16 ulp: " + tolerance.why)
     checks = [
         compare(
-            "keyed production vs PyTorch twin (element-wise)",
-            reference.keyed_modulated,
-            engine.run(reference.inputs, reference.utility, reference.focus),
-            tolerance,
+            "keyed production vs PyTorch twin (element-wise)", reference.keyed_modulated, draws["twin"][0], tolerance
         ),
-        identical("identity at utility 0, focus 0", bare, engine.run(inputs, 0.0, None)),
+        identical("identity at utility 0, focus 0", bare, draws["identity"][0]),
     ]
-    batch, classes = bare.shape[0], bare.shape[class_axis]
-    runs = int(min(MAX_RUNS, max(1, np.ceil(MIN_SAMPLES / bare.size))))
-    sigmas = tiers(runs, batch)
+    runs = len(draws["plain"])
+    sigmas = tiers(runs, bare.shape[0])  # the tiers keyed_plan ran them at
     per_row = [-1] + [1] * (bare.ndim - 1)
-    mixed = np.where(np.arange(batch) % 2 == 0, 0.0, sigmas[0]).astype(np.float32)
-    checks.append(identical("mixed batch: utility 0 rows exact", bare[0::2], engine.run(inputs, mixed, None)[0::2]))
+    checks.append(identical("mixed batch: utility 0 rows exact", bare[0::2], draws["mixed"][0][0::2]))
     bare = bare.astype(np.float32)
 
     # Same request, same answer.
-    first, second = engine.run(inputs, sigmas[0], None), engine.run(inputs, sigmas[0], None)
+    first, second = draws["same"]
     same = identical("same request, same answer (two runs)", first, second)
-    rows = reference.inputs
-    count = next(iter(rows.values())).shape[0]
-    own = tiers(1, count)[0]  # a tier per row: rows of one digest would hide a draw taken from a neighbour
-    together = engine.run(rows, own, None)
-    alone = np.concatenate([engine.run({k: v[i : i + 1] for k, v in rows.items()}, own[i], None) for i in range(count)])
+    together = draws["together"][0]
+    count = together.shape[0]
+    alone = np.concatenate(list(draws["alone"]))
     invariant = compare("same request alone and in a batch (same draw)", together, alone, tolerance)
     exact = int(np.sum(np.all((together == alone).reshape(count, -1), axis=1)))
     invariant.detail += f"; {exact} of {count} rows bit for bit"
     invariant.metrics["rows_bit_for_bit"] = exact
     # Another tier: the normalised noise moves everywhere. Two independent N(0, 1) values fall within
     # 1e-3 of each other with probability 5.6e-4, the same draw always: more than half must move.
-    tier = engine.run(inputs, sigmas[0] + 0.5, None)
+    tier = draws["tier"][0]
     moved = float(
         np.mean(
             np.abs((tier - bare) / (sigmas[0] + 0.5).reshape(per_row) - (first - bare) / sigmas[0].reshape(per_row))
@@ -228,11 +247,11 @@ def keyed_checks(
     ]
 
     # Distinct requests: a distinct tier per row and run.
-    def outputs(focus_of):  # FP32: differences of FP16 outputs are exact in it
-        return np.stack([engine.run(inputs, s, focus_of(s)).astype(np.float32) for s in sigmas])
+    def outputs(name: str) -> np.ndarray:  # FP32: differences of FP16 outputs are exact in it
+        return draws[name].astype(np.float32)
 
     scale = sigmas.reshape([runs] + per_row)
-    plain = outputs(lambda s: None)
+    plain = outputs("plain")
     utility = (plain - bare) / scale
     rng = np.random.default_rng(0)
     checks.append(
@@ -246,8 +265,7 @@ def keyed_checks(
     for sign, label in ((1.0, "boost"), (-1.0, "suppress")):
         # The focus does not enter the digest, so the same request with and without it differ by
         # exactly its focus noise (the sum is rounded once in FP32, which keeps the sign).
-        strength = np.full(classes, sign * SIGMA, np.float32)
-        half = (outputs(lambda s, strength=strength: strength) - plain) * sign
+        half = (outputs(label) - plain) * sign
         one_signed = bool(np.all(half >= 0))
         check = _distribution(
             f"focus {label} noise half-normal",
@@ -259,7 +277,7 @@ def keyed_checks(
         check.detail += "; one-signed" if one_signed else "; WRONG SIGN seen"
         check.metrics["one_signed"] = one_signed
         checks.append(check)
-    both = (outputs(lambda s: np.broadcast_to(s[:, None], (batch, classes))) - bare) / scale
+    both = (outputs("both") - bare) / scale
     checks.append(
         _distribution(
             "utility and focus noises independent",
@@ -275,6 +293,6 @@ def keyed_checks(
 
     # Distinct inputs at one tier: each row's draw is its input's, shared with no other row.
     one_tier_sigmas, pairs = distinct_tiers(bare, class_axis, fp16)
-    one_tier = [(engine.run(inputs, float(t), None).astype(np.float32) - bare) / t for t in one_tier_sigmas]
+    one_tier = [(out.astype(np.float32) - bare) / t for out, t in zip(draws["one tier"], one_tier_sigmas)]
     checks.append(inputs_independent(np.stack(one_tier) if one_tier else np.zeros((0,) + bare.shape), pairs))
     return checks

@@ -1,5 +1,8 @@
 """What a build is verified against, saved beside it (reference.npz) so that a later run (another
-backend, another machine, `aim verify` without PyTorch) checks against the same outputs.
+backend, another machine, `aim verify` without PyTorch) checks against the same outputs; and the one
+place references are made (`reference_of`, `keyed_expectation`): the reference model's logits come
+from the build's source (PyTorch, or a user's bare ONNX on ONNX Runtime), the redistribution on them
+from its PyTorch twin.
 
 The differential run mixes service tiers in one batch: even rows at utility 0, odd rows at
 DIFFERENTIAL_UTILITY, boosting one class and suppressing another; the noise is drawn on the host
@@ -93,3 +96,39 @@ def differential_knobs(batch: int, num_classes: int, logits_shape, seed: int) ->
 
 def tile_batch(inputs: dict[str, np.ndarray], repeats: int) -> dict[str, np.ndarray]:
     return {name: np.concatenate([array] * repeats) for name, array in inputs.items()}
+
+
+def reference_of(
+    inputs: dict[str, np.ndarray],
+    logits: np.ndarray,
+    class_axis: int,
+    seed: int = 0,
+    source: str = "PyTorch",
+    extra: dict[str, np.ndarray] | None = None,
+) -> Reference:
+    """The reference of a build: the reference model's `logits` for `inputs` (computed by `source`), and
+    the PyTorch twin of the redistribution on them with the seeded knobs and noise of the differential
+    run; `extra`: the task's own reference arrays (generation)."""
+    import torch
+
+    from aim.graph_passes.redistribution import redistribute_torch
+
+    knobs = differential_knobs(logits.shape[0], logits.shape[class_axis], tuple(logits.shape), seed)
+    modulated = redistribute_torch(
+        torch.from_numpy(logits), class_axis=class_axis, **{name: torch.from_numpy(a) for name, a in knobs.items()}
+    )
+    return Reference(
+        inputs=inputs, logits=logits, modulated=modulated.numpy(), extra=dict(extra or {}), source=source, **knobs
+    )
+
+
+def keyed_expectation(bare: np.ndarray, reference: Reference, class_axis: int, key) -> np.ndarray:
+    """What a keyed production engine must answer to the reference's inputs and knobs: the PyTorch twin
+    of the same keyed statement on `bare`, the build's bare engine's logits for those inputs (so that the
+    twin's digest is computed from the very logits the engine's subgraph sees, FP16 ones included)."""
+    import torch
+
+    from aim.graph_passes.redistribution import redistribute_torch
+
+    knobs = torch.from_numpy(reference.utility), torch.from_numpy(reference.focus)
+    return redistribute_torch(torch.from_numpy(bare), *knobs, class_axis=class_axis, key=key).numpy()

@@ -24,6 +24,7 @@ import numpy as np
 from aim.lazy import lazy_import
 from aim.verdicts import Check
 from aim.verify.compare import identical
+from aim.verify.results import Knobs, Plan
 
 stats = lazy_import("scipy.stats")
 special = lazy_import("scipy.special")
@@ -38,9 +39,10 @@ STATISTICAL_CHECKS = (
     "noises uncorrelated across classes and rows",
 )
 FALSE_FAILURE_RATE = ALPHA * len(STATISTICAL_CHECKS)  # per build, for a correct engine
-# Each test gathers at least this many noise values (repeating runs when outputs are small).
+# Each test gathers at least this many noise values: the runs it asks for (runs_for) repeat until
+# they give that many, one value a run at the worst (a fixed batch of one row of one logit).
 MIN_SAMPLES = 20_000
-MAX_RUNS = 2_000
+MAX_RUNS = MIN_SAMPLES
 MIN_PAIRS = 1_000  # neighbour pairs per offset; a shifted stream (r ~ 0.92) fails at a few hundred
 MAX_PAIRS = 2_000_000  # beyond this, every k-th pair (large segmentation outputs)
 SUBSAMPLE = 200_000  # larger draws are subsampled (seeded) before the tests
@@ -75,8 +77,11 @@ def _p_two_sided(z: float) -> float:
 
 def _distribution(name: str, samples: np.ndarray, distribution, expect: str) -> Check:
     """Kolmogorov-Smirnov (the shape) and z-tests of the mean and the variance (powerful against a
-    shift or a scale error), against the known `distribution`; Bonferroni over the three."""
+    shift or a scale error), against the known `distribution`; Bonferroni over the three. Fewer than
+    MIN_SAMPLES values (the runs could not give them): a failure named by that reason, not by the test."""
     n = samples.size
+    if n < MIN_SAMPLES:
+        return too_few(name, f"{n} values (needs {MIN_SAMPLES})")
     mean, var, kurtosis = (float(v) for v in distribution.stats(moments="mvk"))
     ks = stats.kstest(samples, distribution.cdf)
     centred = samples - mean
@@ -84,7 +89,6 @@ def _distribution(name: str, samples: np.ndarray, distribution, expect: str) -> 
     # Var((x - mu)^2) = mu4 - var^2 = (kurtosis + 2) var^2, kurtosis being the excess.
     var_z = float((np.mean(centred**2) - var) / np.sqrt((kurtosis + 2) * var**2 / n))
     p = min(1.0, 3 * min(float(ks.pvalue), _p_two_sided(mean_z), _p_two_sided(var_z)))
-    enough = n >= MIN_SAMPLES
     metrics = {
         "n": int(n),
         "ks_statistic": float(ks.statistic),
@@ -99,9 +103,27 @@ def _distribution(name: str, samples: np.ndarray, distribution, expect: str) -> 
     detail = (
         f"{expect}: p={p:.3g} (KS {ks.pvalue:.3g}, mean z {mean_z:+.2f}, variance z {var_z:+.2f}; n={n}, "
         f"mean {samples.mean():+.3f}, std {samples.std():.3f}); fails below {ALPHA:g}"
-        + ("" if enough else f"; TOO FEW values (needs {MIN_SAMPLES})")
     )
-    return Check(name, bool(p > ALPHA and enough), detail, metrics)
+    return Check(name, bool(p > ALPHA), detail, metrics)
+
+
+def too_few(name: str, found: str) -> Check:
+    """The failure of a statistical check that was not given enough values to judge: named by that."""
+    return Check(
+        f"too few noise values for {name!r}",
+        False,
+        f"{found}: the engine's outputs are too small for the statistics (a larger batch range gives more "
+        "values per run)",
+        {"check": name},
+    )
+
+
+def runs_for(values_per_run: int) -> int:
+    """How many runs give MIN_SAMPLES values at `values_per_run` values each (at most MAX_RUNS; none
+    when a run gives none): what a statistical check asks of the engine runs."""
+    if values_per_run <= 0:
+        return 0
+    return int(min(MAX_RUNS, -(-MIN_SAMPLES // values_per_run)))
 
 
 def _subsample(values: np.ndarray, rng: np.random.Generator, limit: int = SUBSAMPLE) -> np.ndarray:
@@ -159,35 +181,64 @@ def _uncorrelated(name: str, noise: np.ndarray, mask: np.ndarray) -> Check:
     # The |n2|-|n1| correlation this check detects with probability 1 - MISS at its fewest pairs.
     threshold = stats.norm.isf(ALPHA / (2 * max(1, len(found))))
     detectable = float((threshold + stats.norm.isf(MISS)) / np.sqrt(max(fewest, 1)) / dilution())
-    enough = fewest >= MIN_PAIRS
+    if fewest < MIN_PAIRS:
+        return too_few(name, f"{fewest} neighbour pairs at the fewest offset (needs {MIN_PAIRS})")
     worst = max(found, key=lambda f: abs(f["z"]), default={"offset": [0, 0], "r": float("nan")})
     metrics = {"neighbours": found, "p_value": p, "alpha": ALPHA, "detectable_r": detectable}
     detail = (
         f"focused n1+{FOCUS_RATIO:g}|n2| vs neighbours' |n1| (class +-1, row +-1): p={p:.3g}, largest |r| "
         f"{abs(worst['r']):.4f} at offset {tuple(worst['offset'])} over >= {fewest} pairs; detects |r| >= "
         f"{detectable:.3f} between |n2| and a neighbour's |n1|; fails below {ALPHA:g}"
-        + ("" if enough else f"; TOO FEW pairs (needs {MIN_PAIRS})")
     )
-    return Check(name, bool(p > ALPHA and enough), detail, metrics)
+    return Check(name, bool(p > ALPHA), detail, metrics)
 
 
-def statistical_checks(engine, inputs: dict, bare: np.ndarray, class_axis: int, seed: int = 0) -> list[Check]:
-    """Checks the production engine's noise (docs/method.md §5) against the bare model's logits `bare`.
-    `seed` seeds the subsampling; the engine's own noise is seeded (where it can be) by whoever made
-    its session (pipeline/verify.py seeds ONNX Runtime before any session exists)."""
+def statistical_plan(shape: tuple[int, ...], class_axis: int) -> Plan:
+    """The production engine's runs the statistical checks judge, on the statistics batch whose bare
+    logits have `shape` (the same batch in every run):
+
+    identity      utility 0, focus 0, once
+    mixed         utility 0 on even rows, SIGMA on odd ones, once
+    utility       utility SIGMA, until MIN_SAMPLES values
+    fresh         utility SIGMA, twice
+    boost         focus +SIGMA on every class, until MIN_SAMPLES values
+    suppress      focus -SIGMA on every class, until MIN_SAMPLES values
+    checkerboard  utility SIGMA everywhere, focus FOCUS_RATIO * SIGMA on every other (row, class), until
+                  MIN_SAMPLES focused values
+    """
+    batch, classes = shape[0], shape[class_axis]
+    size = int(np.prod(shape))
+    mixed = np.zeros(batch, np.float32)
+    mixed[1::2] = SIGMA
+    mask = checkerboard(batch, classes)
+    focus = np.where(mask, FOCUS_RATIO * SIGMA, 0.0).astype(np.float32)
+    every = runs_for(size)
+    return {
+        "identity": [Knobs(0.0)],
+        "mixed": [Knobs(mixed)],
+        "utility": [Knobs(SIGMA)] * every,
+        "fresh": [Knobs(SIGMA)] * 2,
+        "boost": [Knobs(0.0, np.full(classes, SIGMA, np.float32))] * every,
+        "suppress": [Knobs(0.0, np.full(classes, -SIGMA, np.float32))] * every,
+        "checkerboard": [Knobs(SIGMA, focus)] * runs_for(int(mask.sum()) * (size // (batch * classes))),
+    }
+
+
+def statistical_checks(draws: dict[str, np.ndarray], bare: np.ndarray, class_axis: int, seed: int = 0) -> list[Check]:
+    """Judges the production engine's noise (docs/method.md §5) from its runs of `statistical_plan`
+    (`draws`: name -> outputs stacked [runs, ...]) against the bare model's logits `bare` of the same
+    batch. `seed` seeds the subsampling; the engine's own noise was seeded (where it can be) by
+    whoever made its session (pipeline/verify.py seeds ONNX Runtime before any session exists)."""
     rng = np.random.default_rng(seed)
     batch, classes = bare.shape[0], bare.shape[class_axis]
 
-    def draws(utility, focus, values_per_run: int):
-        """(z' - z) / SIGMA over enough runs for MIN_SAMPLES of the values a run yields, stacked."""
-        runs = int(np.clip(np.ceil(MIN_SAMPLES / max(values_per_run, 1)), 1, MAX_RUNS))
-        return np.stack([engine.run(inputs, utility, focus) - bare for _ in range(runs)]) / SIGMA
+    def noise(name: str) -> np.ndarray:
+        """(z' - z) / SIGMA of a plan entry's runs, [runs, ...]."""
+        return (draws[name] - bare) / SIGMA
 
-    checks = [identical("identity at utility 0, focus 0", bare, engine.run(inputs, 0.0, None))]
+    checks = [identical("identity at utility 0, focus 0", bare, draws["identity"][0])]
 
-    utility = np.zeros(batch, np.float32)
-    utility[1::2] = SIGMA
-    mixed = engine.run(inputs, utility, None)
+    mixed = draws["mixed"][0]
     changed = float(np.mean(mixed[1::2] != bare[1::2])) if batch > 1 else 1.0
     exact = bool(np.array_equal(mixed[0::2], bare[0::2]))
     checks.append(
@@ -200,13 +251,15 @@ def statistical_checks(engine, inputs: dict, bare: np.ndarray, class_axis: int, 
         )
     )
 
-    noise = draws(SIGMA, None, bare.size)
-    checks.append(_distribution(STATISTICAL_CHECKS[0], _subsample(noise, rng), stats.norm, "(z'-z)/utility vs N(0,1)"))
-    first, second = engine.run(inputs, SIGMA, None), engine.run(inputs, SIGMA, None)
+    utility = noise("utility")
+    checks.append(
+        _distribution(STATISTICAL_CHECKS[0], _subsample(utility, rng), stats.norm, "(z'-z)/utility vs N(0,1)")
+    )
+    first, second = draws["fresh"]
     fresh = float(np.mean(first != second))
     # Rows 0 and 1 of every run, within rounding: z + n - z keeps a row's own last bits, so a draw repeated
     # over the batch is never bit-equal across rows; independent rows all within 1e-4: p < 1e-8.
-    rows_differ = batch == 1 or not np.allclose(noise[:, 0], noise[:, 1], rtol=0, atol=1e-4)
+    rows_differ = batch == 1 or not np.allclose(utility[:, 0], utility[:, 1], rtol=0, atol=1e-4)
     checks.append(
         Check(
             "fresh draws",
@@ -218,7 +271,7 @@ def statistical_checks(engine, inputs: dict, bare: np.ndarray, class_axis: int, 
     )
 
     for sign, name, label in ((1.0, STATISTICAL_CHECKS[1], "boost"), (-1.0, STATISTICAL_CHECKS[2], "suppress")):
-        half = draws(0.0, np.full(classes, sign * SIGMA, np.float32), bare.size) * sign
+        half = noise(label) * sign
         one_signed = bool(np.all(half >= 0))
         check = _distribution(name, _subsample(half, rng), stats.halfnorm, f"{label}: |noise| vs half-normal")
         check.passed = check.passed and one_signed
@@ -231,8 +284,7 @@ def statistical_checks(engine, inputs: dict, bare: np.ndarray, class_axis: int, 
     # independent noises is sqrt(1 + c^2) * SkewNormal(c); were the two noises one draw (n2 = n1, a
     # merged random node), half of them would be below zero far more often than the 8% it allows.
     mask = checkerboard(batch, classes)
-    focus = np.where(mask, FOCUS_RATIO * SIGMA, 0.0).astype(np.float32)
-    both = np.moveaxis(draws(SIGMA, focus, int(mask.sum()) * (bare.size // (batch * classes))), class_axis + 1, 2)
+    both = np.moveaxis(noise("checkerboard"), class_axis + 1, 2)
     both = both.reshape(*both.shape[:3], -1)  # [runs, B, C, positions]
     checks.append(
         _distribution(

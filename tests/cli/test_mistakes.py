@@ -11,6 +11,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ import aim.families
 from aim.cli import main
 from aim.errors import AimError, InvalidInputError
 from aim.layout import MANIFEST, Manifest
-from aim.runtime.folder import open_build, role_runners
+from aim.runtime.folder import ROLES, Build
 from tests.conftest import load, tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +116,8 @@ def world(tmp_path_factory, build_folder) -> World:
             handle, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 3 * 10**6)}
         )
         handle.write(bytes(64))
+    with zipfile.ZipFile(tmp / "huge.npz", "w") as archive:  # the same claim inside an --inputs archive
+        archive.write(tmp / "huge.npy", "x.npy")
     checkpoints(tmp)
 
     resnet, llama = build_folder("resnet"), build_folder("llama")
@@ -161,6 +164,13 @@ CASES = {
     "export: safetensors of random bytes": (
         lambda w: ["export", "-o", w.out / "m.onnx", "--checkpoint", w.tmp / "garbled"],
         "is not a safetensors file",
+    ),
+    "engine: --inputs whose array claims 12 TB": (
+        lambda w: (
+            ["engine", "--onnx", w.mine_onnx, "--logits", "scores", "--max-shapes", "x:8x6", "--out", w.out]
+            + ["--inputs", w.huge_npz]
+        ),
+        "claims an array of shape (1000000, 3000000) float32 (12.0 TB), but the file holds",
     ),
     "engine: min batch 0": (
         lambda w: [
@@ -429,8 +439,9 @@ def test_what_generate_accepts(world, capsys):
 def test_every_runner_of_a_build_refuses_shapes_outside_its_range(world):
     """Bare, verification and production: each has the build's range, and a 600x600 image (ResNet's
     range ends at 512) is refused before it runs."""
-    manifest = open_build(world.resnet)
-    for runner in role_runners(manifest, "onnxruntime"):
+    build = Build.open(world.resnet)
+    manifest = build.manifest
+    for runner in (build.runner(role, "onnxruntime") for role in ROLES):
         assert runner.profile["pixel_values"]["max"] == [manifest.dynamic_dims["batch"].max, 3, 512, 512]
         feed = {
             name: np.zeros([1 if dim == "batch" else 600 if isinstance(dim, str) else dim for dim in dims], dtype)
@@ -450,7 +461,7 @@ def test_a_manifest_resealed_by_hand_is_still_caught_by_its_hashes(world):
     assert Manifest.load(folder).verification.tolerance.atol == 1e9  # a sealed manifest reads back
     replace(folder / "engine.onnxruntime.onnx", (folder / "modulated.onnx").read_bytes())
     with pytest.raises(AimError, match="changed since the build"):
-        open_build(folder)
+        Build.open(folder)
 
 
 def test_eval_refuses_a_class_the_model_lacks_before_the_sweeps(monkeypatch, capsys, tmp_path):

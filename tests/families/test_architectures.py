@@ -18,7 +18,9 @@ from aim.errors import CheckpointError
 from aim.families.architectures import FIXED_IMAGE_SIZE, REFUSED, TESTED, architecture_of
 from aim.families.from_checkpoint import build_name, checkpoint_family
 from aim.layout import FILES, REFERENCE
-from aim.pipeline.build import build_model
+from aim.pipeline.builder import build
+from aim.pipeline.model_source import CheckpointSource
+from aim.pipeline.request import BuildRequest
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.tasks import get_task
 from aim.verify.reference import Reference
@@ -224,7 +226,7 @@ def prompt_inputs(engine) -> dict:
 def test_checkpoint_builds_and_verifies_without_a_model_name(tmp_path, task, model_type):
     folder = tmp_path / f"tiny-{model_type}"
     model = save_checkpoint(folder, task, model_type)
-    manifest = build_model(None, tmp_path / "build", checkpoint=folder, log=lambda _: None)
+    manifest = build(CheckpointSource(folder), BuildRequest(tmp_path / "build"), log=lambda _: None).manifest
 
     assert manifest.folder == tmp_path / "build" / f"tiny-{model_type}"  # OUT/<the checkpoint folder's name>
     assert (manifest.task, manifest.verification.passed) == (task, True)
@@ -291,7 +293,7 @@ def write_config(folder, **config):
 def test_refused_architecture_says_why_and_what_is_supported(tmp_path, config, message):
     folder = write_config(tmp_path / "ckpt", **config)
     with pytest.raises(CheckpointError, match=message) as caught:
-        build_model(None, tmp_path / "build", checkpoint=folder, log=lambda _: None)
+        build(CheckpointSource(folder), BuildRequest(tmp_path / "build"), log=lambda _: None)
     assert "Supported: image-classification: convnext" in str(caught.value)
     assert not (tmp_path / "build").exists()
 
@@ -336,10 +338,10 @@ def test_an_export_failure_is_a_refusal_for_an_untested_architecture_only(tmp_pa
         match=r"deit is not among the tested architectures, and its export failed \(RuntimeError: an op the "
         r"exporter lacks\)",
     ):
-        build_model(None, tmp_path / "build", checkpoint=tmp_path / "deit", log=lambda _: None)
+        build(CheckpointSource(tmp_path / "deit"), BuildRequest(tmp_path / "build"), log=lambda _: None)
     save_checkpoint(tmp_path / "resnet", "image-classification", "resnet")
     with pytest.raises(RuntimeError, match="an op the exporter lacks"):
-        build_model(None, tmp_path / "build", checkpoint=tmp_path / "resnet", log=lambda _: None)
+        build(CheckpointSource(tmp_path / "resnet"), BuildRequest(tmp_path / "build"), log=lambda _: None)
     assert not (tmp_path / "build").exists() or list((tmp_path / "build").iterdir()) == []
 
 

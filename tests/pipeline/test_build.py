@@ -20,8 +20,10 @@ from aim.errors import AimError, CheckpointError, UnknownModelError, Verificatio
 from aim.families import _REGISTRY, get_family, list_families
 from aim.files import sha256
 from aim.layout import FILES, MANIFEST, REFERENCE, SCHEMA, TOKENIZER_DIR, Manifest, sealed
-from aim.pipeline.build import build_model
+from aim.pipeline.builder import build
+from aim.pipeline.model_source import FamilySource
 from aim.pipeline.report import report
+from aim.pipeline.request import BuildRequest
 from aim.pipeline.verify import verify_folder
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.verdicts import Tolerance
@@ -35,7 +37,7 @@ from tests.conftest import load
 def built(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("build")
     lines = []
-    manifest = build_model(request.param, out, log=lines.append)
+    manifest = build(FamilySource(request.param), BuildRequest(out), log=lines.append).manifest
     return out, manifest, lines
 
 
@@ -205,7 +207,8 @@ def test_verification_holds_one_engine_at_a_time(built, monkeypatch):
     """The bare, verification and production engines are opened in turn, each closed before the next
     opens: a large model's weights are in memory once, not three times."""
     import aim.runtime.folder
-    from aim.verify.build import verify_build
+    from aim.pipeline.verify import judge_build, run_build
+    from aim.tasks import get_task
 
     _, manifest, _ = built
     if manifest.model != "llama":
@@ -223,32 +226,25 @@ def test_verification_holds_one_engine_at_a_time(built, monkeypatch):
             super().close()
 
     monkeypatch.setattr(aim.runtime.folder, "OnnxRuntimeEngine", Counted)
-    runners = aim.runtime.folder.role_runners(manifest, "onnxruntime")
-    verification = manifest.verification
-    checks = verify_build(
-        *runners,
-        Reference.load(manifest.folder / REFERENCE),
-        verification.tolerance,
-        manifest.modulation.class_axis,
-        manifest.dynamic_dims["batch"].max,
-    )
-    runners[2].close()
+    task, reference = get_task(manifest.task), Reference.load(manifest.folder / REFERENCE)
+    results = run_build(aim.runtime.folder.Build(manifest), reference, "onnxruntime")
+    checks = judge_build(manifest, task, reference, results)
     assert all(check.passed for check in checks) and len(most) == 3 and max(most) == 1 and not open_now
 
 
 def test_unknown_model_writes_nothing(tmp_path):
     with pytest.raises(UnknownModelError, match="resnet"):
-        build_model("alexnet", tmp_path / "build")
+        build(FamilySource("alexnet"), BuildRequest(tmp_path / "build"))
     assert not (tmp_path / "build").exists()
 
 
 def test_bad_checkpoint_writes_nothing(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
-        build_model("resnet", tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lambda _: None)
+        build(FamilySource("resnet", tmp_path / "ckpt"), BuildRequest(tmp_path / "build"), log=lambda _: None)
     assert not (tmp_path / "build").exists()
     with pytest.raises(AimError, match="no such folder"):
-        build_model("resnet", tmp_path / "build", checkpoint=tmp_path / "missing")
+        build(FamilySource("resnet", tmp_path / "missing"), BuildRequest(tmp_path / "build"))
     assert not (tmp_path / "build").exists()
 
 
@@ -256,7 +252,7 @@ def test_failed_verification_fails_and_keeps_report_aside(tmp_path, monkeypatch)
     strict = dataclasses.replace(get_family("resnet"), tolerance=Tolerance(atol=0.0, rtol=0.0, why="impossible"))
     monkeypatch.setitem(_REGISTRY, "resnet", strict)
     with pytest.raises(VerificationError, match="bare model vs PyTorch"):
-        build_model("resnet", tmp_path, log=lambda _: None)
+        build(FamilySource("resnet"), BuildRequest(tmp_path), log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet.failed"]
     assert Manifest.load(tmp_path / "resnet.failed").verification.passed is False
 
@@ -286,9 +282,9 @@ def killed_build(out: Path) -> Path:
 def test_rebuild_replaces_the_previous_build_and_what_a_killed_one_left(tmp_path):
     leftover = killed_build(tmp_path)
     assert leftover.is_dir()
-    first = build_model("resnet", tmp_path, log=lambda _: None)
+    first = build(FamilySource("resnet"), BuildRequest(tmp_path), log=lambda _: None).manifest
     assert not leftover.exists()
-    second = build_model("resnet", tmp_path, seed=1, log=lambda _: None)
+    second = build(FamilySource("resnet"), BuildRequest(tmp_path, seed=1), log=lambda _: None).manifest
     assert first.artifacts["engine"].sha256 != second.artifacts["engine"].sha256
     assert Manifest.load(tmp_path / "resnet").source.seed == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet"]
@@ -300,7 +296,9 @@ def test_local_checkpoint_end_to_end(tmp_path, name):
     and the engine computes that checkpoint's logits, not the default tiny model's."""
     family, task, model = load(name, seed=42)
     model.save_pretrained(tmp_path / "ckpt")
-    manifest = build_model(name, tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lambda _: None)
+    manifest = build(
+        FamilySource(name, tmp_path / "ckpt"), BuildRequest(tmp_path / "build"), log=lambda _: None
+    ).manifest
     assert manifest.verification.passed
     assert manifest.source.checkpoint == str((tmp_path / "ckpt").resolve())
     checkpoint_files = sorted((tmp_path / "ckpt").iterdir())
@@ -328,7 +326,9 @@ def test_bf16_checkpoint_without_a_tokenizer(tmp_path, capsys):
     family, task, model = load("llama", seed=42)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "ckpt")
     lines = []
-    manifest = build_model("llama", tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lines.append)
+    manifest = build(
+        FamilySource("llama", tmp_path / "ckpt"), BuildRequest(tmp_path / "build"), log=lines.append
+    ).manifest
     assert manifest.verification.passed and manifest.source.dtype == "bfloat16"
     assert manifest.tokenizer is None and not (manifest.folder / TOKENIZER_DIR).exists()
     assert any(

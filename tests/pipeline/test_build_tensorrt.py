@@ -7,8 +7,10 @@ import pytest
 from aim.errors import AimError, InvalidInputError
 from aim.files import sha256
 from aim.layout import REFERENCE
-from aim.pipeline.build import build_model
+from aim.pipeline import builder
+from aim.pipeline.model_source import FamilySource
 from aim.pipeline.report import report
+from aim.pipeline.request import BuildRequest
 from aim.pipeline.verify import verify_folder
 from aim.runtime import tensorrt as trt_engine
 from aim.runtime.backends import choose_backend
@@ -22,7 +24,9 @@ def rtx_build(tmp_path_factory):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
     out = tmp_path_factory.mktemp("rtx")
     lines = []
-    manifest = build_model("resnet", out, backend="tensorrt-rtx", precision="fp16", log=lines.append)
+    manifest = builder.build(
+        FamilySource("resnet"), BuildRequest(out, backend="tensorrt-rtx", precision="fp16"), log=lines.append
+    ).manifest
     return out, manifest, lines
 
 
@@ -95,13 +99,13 @@ def test_tensorrt_backend_that_cannot_work_fails_with_the_reason_and_leaves_noth
     if gpu:
         monkeypatch.setitem(trt_engine.MODULES, "tensorrt", "tensorrt_not_installed_here")
     with pytest.raises(AimError, match=r"pip install|BACKEND=tensorrt-rtx") as error:
-        build_model("resnet", tmp_path / "build", backend="tensorrt", log=lambda _: None)
+        builder.build(FamilySource("resnet"), BuildRequest(tmp_path / "build", backend="tensorrt"), log=lambda _: None)
     assert "tensorrt" in str(error.value)
     assert not (tmp_path / "build").exists()
     with pytest.raises(AimError, match="unknown backend"):
-        build_model("resnet", tmp_path / "build", backend="tensorflow")
+        builder.build(FamilySource("resnet"), BuildRequest(tmp_path / "build", backend="tensorflow"))
     with pytest.raises(AimError, match="unknown precision"):
-        build_model("resnet", tmp_path / "build", precision="int3")
+        builder.build(FamilySource("resnet"), BuildRequest(tmp_path / "build", precision="int3"))
     assert not (tmp_path / "build").exists()
 
 
@@ -117,5 +121,7 @@ def test_unsupported_graph_fails_the_tensorrt_build_and_leaves_nothing(tmp_path,
         match=r"(?s)would refuse 12 node.*convolution/Conv' \(Conv\): not supported.*\[bare, verification, "
         r"production\]",
     ):
-        build_model("resnet", tmp_path / "build", backend="tensorrt-rtx", log=lambda _: None)
+        builder.build(
+            FamilySource("resnet"), BuildRequest(tmp_path / "build", backend="tensorrt-rtx"), log=lambda _: None
+        )
     assert not (tmp_path / "build").exists()

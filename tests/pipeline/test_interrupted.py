@@ -16,8 +16,10 @@ import pytest
 
 from aim import files
 from aim.files import StagedFolder
-from aim.pipeline.build import build_model
-from aim.runtime.folder import open_build
+from aim.pipeline.builder import build
+from aim.pipeline.model_source import FamilySource
+from aim.pipeline.request import BuildRequest
+from aim.runtime.folder import Build
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,11 +56,11 @@ def test_sigterm_cleans_up_sigkill_leftover_is_removed_and_concurrent_builds_tak
     # Two builds of the same model into that OUT at once (another process and this one): both succeed,
     # the killed build's leftover is removed, and the folder left is one whole build (every hash checks).
     other = start("engine", "resnet", "--out", str(killed))
-    build_model("resnet", killed, log=lambda _: None)
+    build(FamilySource("resnet"), BuildRequest(killed), log=lambda _: None)
     _, err = other.communicate(timeout=300)
     assert other.returncode == 0, err
     assert sorted(p.name for p in killed.iterdir()) == ["resnet"]
-    open_build(killed / "resnet")
+    Build.open(killed / "resnet")
 
 
 PUBLISHER = textwrap.dedent(

@@ -14,9 +14,11 @@ from aim.errors import VerificationError
 from aim.families import list_families
 from aim.graph_passes.noise_key import NoiseKey
 from aim.layout import REFERENCE, Manifest
-from aim.pipeline.build import build_model
+from aim.pipeline.builder import build
+from aim.pipeline.model_source import FamilySource
+from aim.pipeline.request import BuildRequest
 from aim.pipeline.verify import verify_folder
-from aim.runtime.folder import production_runner
+from aim.runtime.folder import Build
 from aim.verdicts import Check
 from aim.verify.reference import Reference
 
@@ -54,16 +56,22 @@ def test_the_key_file_rebuilds_an_engine_that_answers_as_before(keyed_build, tmp
     inputs = Reference.load(first.folder / REFERENCE).inputs
 
     def answer(folder):
-        engine, _ = production_runner(Manifest.load(folder))
-        return engine.run(inputs, [1.0, 3.0], None)
+        with Build.open(folder).runner("production") as engine:
+            return engine.run(inputs, [1.0, 3.0], None)
 
     assert np.array_equal(answer(first.folder), answer(tmp_path / "resnet"))
 
 
 def test_a_failed_keyed_build_writes_no_key_file(tmp_path, monkeypatch):
-    monkeypatch.setattr("aim.pipeline.build.checks", lambda *args: [Check("a check that fails", False, "on purpose")])
+    monkeypatch.setattr(
+        "aim.pipeline.builder.judge_build", lambda *args: [Check("a check that fails", False, "on purpose")]
+    )
     with pytest.raises(VerificationError, match="a check that fails"):
-        build_model("resnet", tmp_path / "build", noise="keyed", noise_key=tmp_path / "noise.key", log=lambda _: None)
+        build(
+            FamilySource("resnet"),
+            BuildRequest(tmp_path / "build", noise="keyed", key=tmp_path / "noise.key"),
+            log=lambda _: None,
+        )
     assert not (tmp_path / "noise.key").exists()
 
 
@@ -87,7 +95,9 @@ def test_tensorrt_rtx_builds_the_keyed_engine_of_every_family(model, tmp_path):
     """`make engine MODEL=x NOISE=keyed BACKEND=tensorrt-rtx`: real plans from the keyed graphs (Llama's
     with its KV cache), verified by the keyed checks on ONNX Runtime where no GPU runs them."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
-    manifest = build_model(model, tmp_path, backend="tensorrt-rtx", noise="keyed", log=lambda _: None)
+    manifest = build(
+        FamilySource(model), BuildRequest(tmp_path, backend="tensorrt-rtx", noise="keyed"), log=lambda _: None
+    ).manifest
     assert manifest.engine.endswith(".plan") and (manifest.folder / manifest.engine).stat().st_size > 0
     assert manifest.tensorrt["engine"]["backend"] == "tensorrt-rtx"
     assert manifest.modulation.noise == "keyed" and manifest.verification.passed

@@ -26,10 +26,10 @@ from aim.pipeline import memory, steps
 from aim.tasks import get_task
 import aim.graph_passes.fp16, aim.graph_passes.trt_support, aim.runtime.tensorrt
 folder = Path(sys.argv[1])
-memory.reset_peak()
-before = memory.peak_rss()
-steps.passes(get_task("image-classification"), folder, folder / "exported.onnx", sys.argv[2], "onnxruntime")
-print(memory.peak_rss() - before)
+step = memory.StepPeak()
+steps.passes(folder, folder / "exported.onnx", sys.argv[2], "onnxruntime", get_task("image-classification").class_axis)
+before, peak = step.stop()
+print(peak - before)
 """
 
 

@@ -427,7 +427,7 @@ def test_keyed_noise_on_your_onnx_is_verified_against_the_twin_and_keeps_its_key
     """`make engine ONNX=... NOISE=keyed NOISE_KEY=file`: the keyed checks replace the fresh ones, the
     manifest names the key by its fingerprint, and the same request gets the same answer."""
     from aim.graph_passes.noise_key import NoiseKey
-    from aim.runtime.folder import production_runner
+    from aim.runtime.folder import Build
 
     module, path = scorer
     key = tmp_path / "owner.key"
@@ -453,7 +453,7 @@ def test_keyed_noise_on_your_onnx_is_verified_against_the_twin_and_keeps_its_key
         manifest.modulation.noise == "keyed" and manifest.modulation.key_fingerprint == NoiseKey.read(key).fingerprint
     )
     image = np.random.default_rng(1).normal(size=(3, 3, 32, 32)).astype(np.float32)
-    engine, _ = production_runner(manifest)
+    engine = Build(manifest).runner("production")
     with engine:
         first = engine.run({"image": image}, 3.0)
         assert np.array_equal(first, engine.run({"image": image}, 3.0))

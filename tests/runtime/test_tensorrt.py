@@ -12,10 +12,12 @@ from aim.contract import FOCUS, NOISE_INPUTS, PREFIX, UTILITY
 from aim.errors import InvalidGraphError, InvalidInputError
 from aim.graph_passes.fp16 import convert_to_fp16
 from aim.layout import GraphIO, Tensor
+from aim.pipeline.engine_runs import run_engines
 from aim.runtime import tensorrt as trt_engine
 from aim.runtime.base import check_profile, profile_from_io
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
-from aim.verify.build import verify_build
+from aim.verify.judges import judge
+from aim.verify.statistics import statistical_plan
 
 BACKEND = "tensorrt-rtx"
 RUNNABLE, WHY_NOT = trt_engine.engine_runnable(BACKEND)
@@ -179,14 +181,12 @@ def test_gpu_engine_verifies_against_pytorch(family, plans, tmp_path, precision)
         inputs, outputs = trt_engine.engine_io(GraphIO.of(source))
         runners.append(trt_engine.TensorRTEngine(result.path, BACKEND, inputs, outputs, result.profile))
     reference = family.reference(seed=0)
-    checks = verify_build(
-        *runners,
-        reference,
-        family.family.tolerance,
-        family.task.class_axis,
-        family.family.dims["batch"].max,
-        0,
-        family.family.fp16 if precision == "fp16" else None,
+    axis = family.task.class_axis
+    results = run_engines(
+        *runners, reference, lambda bare: statistical_plan(bare.shape, axis), family.family.dims["batch"].max
+    )
+    checks = judge(
+        results, reference, family.family.tolerance, axis, 0, family.family.fp16 if precision == "fp16" else None
     )
     assert all(c.passed for c in checks), [c.as_dict() for c in checks if not c.passed]
 

@@ -45,11 +45,12 @@ def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder,
 
     config = read_config(target)  # Triton's ModelConfig protobuf, from tritonclient
     assert isinstance(config, pb.ModelConfig)
+    profile = next(iter(manifest["profile"].values()))  # the engine's profile: its first input's, batch first
     assert (config.name, config.backend, config.platform, config.max_batch_size) == (
         model,
         "python",  # the front (aim/serving/front.py) holds the engine
         "",
-        export.dims["batch"].max,
+        profile["max"][0],
     )
     assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_CPU"]
     assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds > 0
@@ -101,11 +102,14 @@ def test_a_plan_engine_maps_to_tensorrt_plan_on_gpu(build_folder, tmp_path):
 @pytest.fixture(scope="module")
 def rtx_build(tmp_path_factory):
     """A TensorRT for RTX build of resnet (plans build on a CPU; running them needs an RTX GPU)."""
-    from aim.pipeline.build import build_model
+    from aim.pipeline.builder import build
+    from aim.pipeline.model_source import FamilySource
+    from aim.pipeline.request import BuildRequest
 
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (the rtx extra) is not installed")
     root = tmp_path_factory.mktemp("rtx")
-    return build_model("resnet", root / "build", backend="tensorrt-rtx", log=lambda line: None)
+    request = BuildRequest(root / "build", backend="tensorrt-rtx")
+    return build(FamilySource("resnet"), request, log=lambda line: None).manifest
 
 
 def test_a_real_tensorrt_plan_build_gives_a_gpu_model(rtx_build, tmp_path):
@@ -128,7 +132,7 @@ def test_the_tiered_front_runs_the_tensorrt_plan_where_its_gpu_is(rtx_build, tmp
     a TensorRT for RTX plan); elsewhere the front refuses to load, saying why, and the test is skipped."""
     import numpy as np
 
-    from aim.runtime.folder import role_runners
+    from aim.runtime.folder import Build
     from aim.runtime.tensorrt import BackendUnavailableError, engine_runnable
     from aim.serving.front import Front
     from aim.serving.tiers import key_digest
@@ -144,7 +148,7 @@ def test_the_tiered_front_runs_the_tensorrt_plan_where_its_gpu_is(rtx_build, tmp
     front = Front(target / "1")
     image = {"pixel_values": np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)}
     premium = front.run([front.feed(image, {"authorization": f"Bearer {key}"})])[0]["logits"]
-    bare, _, _ = role_runners(rtx_build, "tensorrt-rtx")
+    bare = Build(rtx_build).runner("bare", "tensorrt-rtx")
     np.testing.assert_array_equal(premium, bare.infer(image)["logits"])
     free = front.run([front.feed(image, {})])[0]["logits"]
     from tests.serving.test_tiered_server import noise_matches

@@ -15,11 +15,14 @@ from aim.generation.loop import kv_vs_recompute, last_logits
 from aim.generation.reference_runs import generation_runs
 from aim.generation.sampling import sample
 from aim.layout import REFERENCE, TOKENIZER_DIR
-from aim.pipeline.build import build_model
+from aim.pipeline import builder
+from aim.pipeline.engine_runs import run_statistical_checks
+from aim.pipeline.model_source import FamilySource
+from aim.pipeline.request import BuildRequest
 from aim.tasks import get_task
 from aim.tasks.decoder_inputs import pad_left
 from aim.verify.reference import Reference
-from aim.verify.statistics import KS_ALPHA, statistical_checks
+from aim.verify.statistics import KS_ALPHA
 from tests.conftest import load
 
 CONFIG = get_family("llama")
@@ -33,7 +36,7 @@ PROMPTS = [[5, 900, 17, 4242, 31000, 77, 12], [18, 2], [400, 401, 402, 403]]
 def build(tmp_path_factory):
     """The llama family built by the pipeline (tiny random weights, seed 0), and the same PyTorch model."""
     out = tmp_path_factory.mktemp("build")
-    build_model("llama", out, log=lambda _: None)
+    builder.build(FamilySource("llama"), BuildRequest(out), log=lambda _: None)
     engine, tokenizer, manifest = load_build(out / "llama")
     return out / "llama", engine, tokenizer, manifest, load("llama", seed=0)[2]
 
@@ -129,7 +132,7 @@ def test_per_token_noise_statistics_follow_spec(build):
     inputs = decode_state(engine)
     engine.set_seed(0)
     bare = engine.run(inputs, 0.0, None)
-    checks = statistical_checks(engine, inputs, bare, class_axis=1, seed=0)
+    checks = run_statistical_checks(engine, inputs, bare, class_axis=1, seed=0)
     assert len(checks) == 8
     for check in checks:
         assert check.passed, check
@@ -296,7 +299,9 @@ def test_local_checkpoint_with_its_own_tokenizer(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
 
-    manifest = build_model("llama", tmp_path / "build", checkpoint=tmp_path / "ckpt", log=lambda _: None)
+    manifest = builder.build(
+        FamilySource("llama", tmp_path / "ckpt"), BuildRequest(tmp_path / "build"), log=lambda _: None
+    ).manifest
     checks = {c.name: c for c in manifest.verification.checks}
     assert manifest.verification.passed and checks["greedy tokens at utility 0 = PyTorch generate()"].passed
     folder = tmp_path / "build" / "llama"
@@ -362,7 +367,9 @@ def test_tensorrt_rtx_fp16_build_with_kv_cache_and_generation_from_it(tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed: pip install -e '.[rtx]'")
     from aim.runtime import tensorrt as trt_engine
 
-    manifest = build_model("llama", tmp_path, backend="tensorrt-rtx", precision="fp16", log=lambda _: None)
+    manifest = builder.build(
+        FamilySource("llama"), BuildRequest(tmp_path, backend="tensorrt-rtx", precision="fp16"), log=lambda _: None
+    ).manifest
     assert manifest.verification.passed and manifest.engine.endswith(".plan")
     past = manifest.profile["past_key_values.0.key"]
     assert past["min"][2] == 0 and past["max"][2] == CONFIG.dims["past_sequence"].max

@@ -8,10 +8,10 @@ import torch
 from aim.graph_passes.modulate import modulate_file
 from aim.graph_passes.noise_key import KEY_BYTES, NoiseKey
 from aim.graph_passes.redistribution import redistribute_torch
+from aim.pipeline.engine_runs import run_keyed_checks
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.verdicts import Tolerance
 from aim.verify.defects import KEYED_DEFECTS, KeyedDefectiveEngine
-from aim.verify.keyed import keyed_checks
 from aim.verify.reference import Reference, differential_knobs
 from tests.conftest import tiny_classifier
 
@@ -67,7 +67,7 @@ class Defective:
 
 def test_a_correct_keyed_engine_passes_every_check(classifier):
     engines, _, inputs, logits, reference = classifier
-    checks = keyed_checks(engines["keyed"], inputs, logits, 1, reference, TOLERANCE)
+    checks = run_keyed_checks(engines["keyed"], inputs, logits, 1, reference, TOLERANCE)
     assert [c.name for c in checks if not c.passed] == []
     assert len(checks) == 13
 
@@ -88,7 +88,7 @@ def test_a_correct_keyed_engine_passes_every_check(classifier):
 def test_each_check_catches_its_defect(classifier, defect, failing):
     engines, bare, inputs, logits, reference = classifier
     engine = engines["fresh"] if defect == "fresh" else Defective(engines["keyed"], bare, defect)
-    checks = keyed_checks(engine, inputs, logits, 1, reference, TOLERANCE)
+    checks = run_keyed_checks(engine, inputs, logits, 1, reference, TOLERANCE)
     failed = {c.name for c in checks if not c.passed}
     assert failing <= failed, failed
     assert "identity at utility 0, focus 0" not in failed
@@ -113,7 +113,7 @@ def test_the_keyed_checks_catch_each_planted_defect(classifier, defect):
     between rows, one that ignores the input; the correct one ("none") passes."""
     engines, bare, inputs, logits, reference = classifier
     engine = KeyedDefectiveEngine(engines["keyed"], bare, defect, other=engines["other key"])
-    checks = keyed_checks(engine, inputs, logits, 1, reference, TOLERANCE)
+    checks = run_keyed_checks(engine, inputs, logits, 1, reference, TOLERANCE)
     failed = {c.name for c in checks if not c.passed}
     what, failing = KEYED_DEFECTS[defect]
     assert failing <= failed, (what, failed)

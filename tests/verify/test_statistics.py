@@ -13,6 +13,7 @@ import onnxruntime
 import pytest
 from scipy import stats
 
+from aim.pipeline.engine_runs import run_statistical_checks
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.verify.defects import DEFECTS, DefectiveEngine
 from aim.verify.statistics import (
@@ -107,7 +108,7 @@ def test_sum_of_noises_is_scipys_skew_normal():
 
 def test_checker_passes_a_correct_engine(resnet):
     path, inputs, bare = resnet
-    checks = statistical_checks(seeded_engine(path, 14), inputs, bare, class_axis=1)
+    checks = run_statistical_checks(seeded_engine(path, 14), inputs, bare, class_axis=1)
     assert [c.name for c in checks if not c.passed] == []
     assert len(checks) == 8 and set(STATISTICAL_CHECKS) <= {c.name for c in checks}
     for check in checks:
@@ -149,7 +150,7 @@ def test_stated_power_at_the_fewest_samples():
 def test_checker_catches_wrong_noise(resnet, defect, failing):
     _, inputs, bare = resnet
     assert defect in DEFECTS
-    checks = statistical_checks(DefectiveEngine(bare, 1, defect), inputs, bare, class_axis=1)
+    checks = run_statistical_checks(DefectiveEngine(bare, 1, defect), inputs, bare, class_axis=1)
     failed = {c.name for c in checks if not c.passed}
     assert failing <= failed
     assert "identity at utility 0, focus 0" not in failed  # each defect is caught where it is
@@ -162,5 +163,25 @@ def test_checker_catches_wrong_noise(resnet, defect, failing):
 def test_defect_free_stand_in_passes(resnet):
     _, inputs, bare = resnet
     assert all(
-        c.passed for c in statistical_checks(DefectiveEngine(bare, 1, "none", seed=1), inputs, bare, class_axis=1)
+        c.passed for c in run_statistical_checks(DefectiveEngine(bare, 1, "none", seed=1), inputs, bare, class_axis=1)
     )
+
+
+def test_too_few_values_fail_under_that_name_not_under_a_test_of_the_noise():
+    """Issue 21: a statistical check given fewer than MIN_SAMPLES values fails as "too few noise values",
+    not as the test it could not run (whose name would blame the noise); and the plan asks for enough
+    runs for any output size: a one-logit batch of 16 has 8 focused values per checkerboard run."""
+    from aim.verify.statistics import statistical_plan
+
+    plan = statistical_plan((16, 1), 1)
+    assert len(plan["checkerboard"]) * 8 >= MIN_SAMPLES and len(plan["utility"]) * 16 >= MIN_SAMPLES
+    bare = np.zeros((16, 1), np.float32)
+    engine = DefectiveEngine(bare, 1, "none", seed=3)
+    draws = {name: np.stack([engine.run(None, k.utility, k.focus) for k in runs]) for name, runs in plan.items()}
+    assert all(check.passed for check in statistical_checks(draws, bare, 1))  # enough: a correct engine passes
+    draws["checkerboard"] = draws["checkerboard"][:100]  # 800 values
+    checks = {check.name: check for check in statistical_checks(draws, bare, 1)}
+    failed = [name for name, check in checks.items() if not check.passed]
+    assert failed == [f"too few noise values for {name!r}" for name in STATISTICAL_CHECKS[3:]], failed
+    assert "800 values (needs 20000)" in checks[failed[0]].detail
+    assert "700 neighbour pairs" in checks[failed[1]].detail  # 7 focused rows with a next row, 100 runs

@@ -120,18 +120,10 @@ def test_the_uncorrelated_check_its_factor_and_the_limit_it_states():
 
 
 def judge(engine, inputs: dict, bare: np.ndarray) -> list:
-    """statistical_checks on a stand-in engine: from its runs of the plan where the checks take arrays
-    (statistical_plan), else handed the engine."""
-    if hasattr(statistics, "statistical_plan"):
-        plan = statistics.statistical_plan(bare.shape, 1)
-        draws = {
-            name: np.stack([engine.run(inputs, knobs.utility, knobs.focus) for knobs in runs])
-            if runs
-            else np.empty((0, *bare.shape))
-            for name, runs in plan.items()
-        }
-        return statistics.statistical_checks(draws, bare, 1)
-    return statistics.statistical_checks(engine, inputs, bare, 1)
+    """statistical_checks on a stand-in engine, from its runs of the checks' plan (statistical_plan)."""
+    from aim.pipeline.engine_runs import run_statistical_checks
+
+    return run_statistical_checks(engine, inputs, bare, 1)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""aim build modulated.onnx -o engine.onnx|engine.plan: an engine from an ONNX file."""
+"""aim build modulated.onnx -o engine.onnx|engine.plan: one engine file from one ONNX file (no build folder)."""
 
 from __future__ import annotations
 

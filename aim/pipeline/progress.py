@@ -1,0 +1,45 @@
+"""The numbered steps of a build on its log, each with its wall time and resident memory (at its start
+and its peak, pipeline/memory.py), kept for the manifest's timings_s and memory_mb."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from aim.pipeline.memory import StepPeak
+
+
+class Progress:
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.step, self.log = total, 0, log
+        self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.memory: dict[str, dict[str, float]] = {}
+        self._peak: StepPeak | None = None
+
+    def __call__(self, what: str) -> None:
+        """A step starts: its number and what it does."""
+        self.close()
+        self.step += 1
+        self.last = time.perf_counter()
+        self._peak = StepPeak()
+        self.log(f"[{self.step}/{self.total}] {what}")
+
+    def done(self, key: str, detail: str = "") -> None:
+        """The step ends: its time, its memory and what it made."""
+        now = time.perf_counter()
+        self.timings[key] = round(now - self.last, 3)
+        self.last = now
+        measured, note = self._peak.stop() if self._peak else None, ""
+        self._peak = None
+        if measured is not None:
+            start, peak = measured
+            self.memory[key] = {"start": round(start / 1e6, 1), "peak": round(peak / 1e6, 1)}
+            note = f", peak {peak / 1e9:.2f} GB resident (+{(peak - start) / 1e9:.2f} GB)"
+        self.log(f"      done in {self.timings[key]:.1f} s{note}{': ' + detail if detail else ''}")
+
+    def close(self) -> None:
+        """Stops the sampling of a step that ended without done() (an error)."""
+        if self._peak is not None:
+            self._peak.stop()
+            self._peak = None
