@@ -135,6 +135,13 @@ def variant_effects(engine, variants, inputs: dict, sigma: float, batch: int) ->
     return {"logit_move_sigmas": float(np.median(moves)), "noise_correlation": float(np.mean(correlations))}
 
 
+def attacker_key(seed: int = 0):
+    """The optimising attacker's own key: the engine's is secret."""
+    from aim.graph_passes.noise_key import KEY_BYTES, NoiseKey
+
+    return NoiseKey(np.random.default_rng(seed + 1).bytes(KEY_BYTES))
+
+
 def optimised_variants(prepared, inputs: dict, count: int, sigma: float, seed: int = 0):
     """`count` variants of image inputs within +-OPTIMISER_LEVELS levels per pixel, each from a random
     start at the bound and OPTIMISER_STEPS signed gradient steps up the change of the keyed noise
@@ -144,12 +151,11 @@ def optimised_variants(prepared, inputs: dict, count: int, sigma: float, seed: i
     import torch
 
     from aim.evaluation.task_evaluation import LEVEL, PIXELS
-    from aim.graph_passes.noise_key import KEY_BYTES, NoiseKey
     from aim.graph_passes.redistribution import redistribute_torch
 
     evaluation = prepared.evaluation
     model = prepared.family.model_class_object().from_pretrained(str(prepared.checkpoint)).eval()
-    own_key = NoiseKey(np.random.default_rng(seed + 1).bytes(KEY_BYTES))  # the attacker's, not the engine's
+    own_key = attacker_key(seed)
     bound = OPTIMISER_LEVELS * LEVEL
     x = torch.from_numpy(np.asarray(inputs[PIXELS]))
 
