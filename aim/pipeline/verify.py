@@ -33,12 +33,12 @@ def run_build(build: Build, reference: Reference, runner: str, seed: int = 0) ->
     manifest = build.manifest
     class_axis = manifest.modulation.class_axis
 
-    def plan_of(shape):
-        if manifest.modulation.noise == "keyed":
-            return keyed_plan(shape, class_axis, reference)
-        return statistical_plan(shape, class_axis)
-
     reduced = manifest.verification.reduced_precision is not None
+
+    def plan_of(bare):
+        if manifest.modulation.noise == "keyed":
+            return keyed_plan(bare, class_axis, reference, reduced)
+        return statistical_plan(bare.shape, class_axis)
 
     def task_runs(engine):
         return generation_runs(engine, reference.extra, reduced)
