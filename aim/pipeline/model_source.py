@@ -55,6 +55,7 @@ class FamilySource:
             from aim.export.torch_export import checkpoint_config
 
             checkpoint_config(self.checkpoint)  # not a checkpoint folder: fails before anything is written
+            preflight(self.checkpoint, request.precision)
 
     def made(self, built, request) -> bool:
         recorded = built.source
@@ -127,6 +128,30 @@ class FamilySource:
             tokenizer=tokenizer_dir.name if tokenizer_dir else None,
             max_positions=max_positions,
         )
+
+
+# The peak of a build that loads and exports in fp32, as a multiple of its fp32 weights: measured 1.64
+# for a 1.5B checkpoint (9.9 GB, `make scale-check`, docs/real-sizes.md), rounded up.
+FP32_PEAK = 1.7
+
+
+def preflight(checkpoint: Path, precision: str) -> None:
+    """Refuses, before any work, a build in fp32 whose weights would not fit in this machine's memory
+    (read from the safetensors headers: nothing is loaded), naming the precision that fits."""
+    from aim.export.checkpoint import stored_weights
+    from aim.pipeline.memory import machine_memory
+    from aim.pipeline.request import PRECISIONS
+
+    values, memory = sum(stored_weights(checkpoint).values()), machine_memory()
+    if precision != "fp32" or memory is None or values * 4 * FP32_PEAK <= memory:
+        return
+    reduced = " or ".join(f"PRECISION={name}" for name in PRECISIONS if name != "fp32")
+    raise AimError(
+        f"{checkpoint} holds {values / 1e9:.2f} B weights: {values * 4 / 1e9:.1f} GB in fp32, and an fp32 build "
+        f"peaks near {FP32_PEAK:g} times that ({values * 4 * FP32_PEAK / 1e9:.0f} GB), more than this machine's "
+        f"{memory / 1e9:.1f} GB of memory. Build it in reduced precision: {reduced} (`--precision`), which "
+        "makes no fp32 copy of the weights."
+    )
 
 
 def pytorch_reference(family: Family, task, model, tokenizer=None, seed: int = 0) -> Reference:
