@@ -42,10 +42,10 @@ class Loaded:
     dtype: str | None = None  # how the checkpoint stores its weights
 
 
-def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
-    """The family's model in FP32: a local `save_pretrained` folder (its architecture must be the
-    family's; stored in any dtype), or random weights from the family's tiny config (seeded). Nothing
-    is downloaded."""
+def load(family: Family, task: Task, checkpoint=None, seed: int = 0, stored: bool = False) -> Loaded:
+    """The family's model in FP32 (or with `stored`, in the dtype the checkpoint stores: mapped, not
+    copied): a local `save_pretrained` folder (its architecture must be the family's; stored in any
+    dtype), or random weights from the family's tiny config (seeded). Nothing is downloaded."""
     from aim.export.checkpoint import checkpoint_dtype
     from aim.export.torch_export import checkpoint_config, load_checkpoint, random_model
 
@@ -62,7 +62,7 @@ def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
                 f"CHECKPOINT={checkpoint}`)."
             )
         dtype = checkpoint_dtype(checkpoint, config)
-        model = load_checkpoint(family.model_class_object(), checkpoint)
+        model = load_checkpoint(family.model_class_object(), checkpoint, dtype if stored else "float32")
     tokenizer = task.tokenizer(model, checkpoint)
     parameters = sum(p.numel() for p in model.parameters())
     return Loaded(
@@ -111,6 +111,37 @@ def export(family: Family, task: Task, model, path: Path) -> Path:
             f"({type(error).__name__}: {error}). "
             f"Supported: {supported()}."
         ) from error
+
+
+def export_reduced(family: Family, task: Task, checkpoint: Path, path: Path, dtype: str = "float16"):
+    """exported.onnx in `dtype` behind an FP32 interface, and its weights in exported.onnx.data, without
+    the weights in memory: the dynamo exporter on a FakeTensor model of the checkpoint's config, then
+    the checkpoint's tensors attached one by one (export/fake_export.py, export/attach.py). Returns
+    (the graph, what was attached)."""
+    import torch
+    from transformers import AutoConfig
+
+    from aim.export.attach import attach
+    from aim.export.fake_export import PREFIX, export_fake, fake_model
+    from aim.families.architectures import supported
+
+    config = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
+    model, mode = fake_model(family.model_class_object(), config, getattr(torch, dtype))
+    try:
+        inputs = task.example_inputs(model, task.trace_sizes(family.sizes(**family.verify_sizes), family.dims))
+        specs = (_static(task.input_specs(model), family.dims), _static(task.output_specs(model), family.dims))
+        wanted = export_fake(
+            task, model, mode, inputs, *specs, path, getattr(torch, dtype), lambda: task.export_context(model)
+        )
+    except Exception as error:
+        if isinstance(error, AimError):
+            raise
+        raise CheckpointError(
+            f"{family.model_type} could not be exported in {dtype} by torch.onnx's dynamo exporter "
+            f"({type(error).__name__}: {str(error)[:500]}). Build it in fp32 (PRECISION=fp32) if it fits. "
+            f"Supported: {supported()}."
+        ) from error
+    return path, attach(path, wanted, checkpoint, model, PREFIX)
 
 
 def _static(specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
@@ -212,11 +243,16 @@ def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: di
 
 
 def onnxruntime_engine(graph: Path, engine: Path, precision: str) -> Path:
-    """The ONNX Runtime engine of `graph`: its optimised model, or for FP16 the graph itself."""
-    if precision == "fp16":
+    """The ONNX Runtime engine of `graph`: its optimised model, or the graph itself for FP16 and for a
+    graph whose weights are in an external data file."""
+    from aim.weights import data_files
+
+    if precision != "fp32" or data_files(load_onnx(graph)):
         # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
         # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
         # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
+        # A graph with external weights likewise: its optimised model would write a second copy of them
+        # (issue 23); the graph refers to the build's one weights file and is optimised when opened.
         with atomic_path(engine) as tmp:
             shutil.copyfile(graph, tmp)
         return engine
