@@ -66,6 +66,10 @@ def family(request, tmp_path_factory) -> Exported:
     folder = tmp_path_factory.mktemp(spec.name)
     exported = Exported(spec, task, model, folder)
     steps.export(spec, task, model, exported.path("exported"))
+    # Standalone files, as the pass tests copy and save them elsewhere: the weights back inside the graph
+    # (a build keeps them in exported.onnx.data, which its graphs share: tests/pipeline/test_lean_build.py).
+    save_onnx(load_onnx(exported.path("exported"), weights=True), exported.path("exported"))
+    (folder / "exported.onnx.data").unlink()
     graphs = deployment_graphs(load_onnx(exported.path("exported")), LOGITS, task.class_axis, task.upsample_logits_to)
     for kind, graph in graphs.items():
         save_onnx(graph, exported.path(kind))

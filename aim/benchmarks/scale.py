@@ -48,6 +48,69 @@ def make_checkpoint(name: str, folder: Path, dtype: str = DTYPE, shards: int = S
     return folder
 
 
+# Mistral-7B's shape (v0.3: vocabulary 32768): issue 23's done-when checkpoint, `make scale-check SCALE=7b`.
+MISTRAL_7B = {
+    "model_type": "mistral",
+    "vocab_size": 32768,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+}
+SHARD_BYTES = 2_000_000_000
+
+
+def write_random_checkpoint(settings: dict, folder: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES) -> Path:
+    """A checkpoint of the architecture `settings` describe with random bf16 weights (normal, std 0.02, as
+    transformers initialises them; norms 1), written shard by shard as save_pretrained lays it out: memory
+    holds one shard, never the model (a 7B model is 14.5 GB). Kept: a later run reuses it."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    config = transformers.AutoConfig.for_model(**settings)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = model.state_dict()
+    shards, size = [[]], 0  # the names in each shard, planned from the shapes
+    for name, meta in tensors.items():
+        if shards[-1] and size + meta.numel() * 2 > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += meta.numel() * 2
+    with StagedFolder(folder) as staged:
+        index = {}
+        for number, names in enumerate(shards, 1):
+            file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            shard = {}
+            for name in names:
+                meta = tensors[name]
+                if meta.dim() > 1:
+                    value = torch.empty(meta.shape).normal_(0, 0.02, generator=generator).to(torch.bfloat16)
+                else:
+                    value = (torch.ones if "norm" in name else torch.zeros)(meta.shape, dtype=torch.bfloat16)
+                shard[name] = value
+            save_file(shard, str(staged.path / file), metadata={"format": "pt"})
+            index.update(dict.fromkeys(names, file))
+            del shard  # one shard in memory at a time
+        total = sum(value.numel() * 2 for value in tensors.values())
+        (staged.path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2) + "\n"
+        )
+        config.dtype = "bfloat16"
+        config.save_pretrained(staged.path)
+        staged.publish()
+    return folder
+
+
 def scaled() -> list[str]:
     return [name for name in list_families() if get_family(name).scale is not None]
 

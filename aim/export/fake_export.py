@@ -99,6 +99,8 @@ def export_fake(
             program.save(str(tmp), include_initializers=False)
             graph = onnx.load(str(tmp), load_external_data=False)
             name_dims(graph, input_specs, output_specs)
+            for node in graph.graph.node:  # the exporter's debugging notes (FX node, stack trace): ~2 KB a node
+                del node.metadata_props[:]
             onnx.save(graph, str(tmp))
     except BaseException:
         remove_empty(made)

@@ -42,3 +42,25 @@ def test_every_graph_and_the_engine_share_one_weights_file(fp32_build):
         assert data_files(onnx.load(str(path), load_external_data=False)) == [FILES["weights"]], key
         assert path.stat().st_size < 0.02 * weights, f"{key} holds weights of its own"
     assert [path.name for path in folder.glob("*.data")] == [FILES["weights"]]
+
+
+def test_an_fp16_build_of_a_bf16_checkpoint_keeps_one_fp16_copy(tmp_path):
+    """Issue 23: `make engine CHECKPOINT=dir PRECISION=fp16` on a bf16 checkpoint exports in fp16 without
+    an fp32 copy (no fp32 graphs, no second weights file), verifies, and records each step's anonymous peak."""
+    import torch
+
+    load("llama")[2].to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint")
+    lines = []
+    built = build(
+        model_source(None, tmp_path / "checkpoint"), BuildRequest(tmp_path / "out", precision="fp16"), lines.append
+    )
+    manifest = built.manifest
+    assert manifest.verification.passed and manifest.precision == "fp16"
+    folder = manifest.folder
+    assert [path.name for path in folder.glob("*.data")] == [FILES["weights"]]
+    ratio = folder_bytes(folder) / folder_bytes(tmp_path / "checkpoint")
+    assert ratio <= 1.3, f"the build folder is {ratio:.2f} times the checkpoint"
+    exported = onnx.load(str(folder / FILES["exported"]), load_external_data=False)
+    assert {t.data_type for t in exported.graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.FLOAT16}
+    assert any("mapped as stored" in line for line in lines)
+    assert all("anonymous" in step for step in manifest.memory_mb.values())
