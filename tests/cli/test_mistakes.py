@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from aim.cli import main
 from aim.errors import AimError, InvalidInputError
 from aim.layout import MANIFEST, Manifest
 from aim.runtime.folder import ROLES, Build
-from tests.conftest import load, tiny_classifier
+from tests.conftest import link_or_copy, load, tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +46,7 @@ class World:
 
 def linked_copy(source: Path, target: Path) -> Path:
     """A copy whose files are hard links (fast); change a file only by replacing it, never in place."""
-    shutil.copytree(source, target, copy_function=os.link)
+    shutil.copytree(source, target, copy_function=link_or_copy)
     return target
 
 

@@ -1,0 +1,204 @@
+"""Running an ONNX graph in segments, one ONNX Runtime session at a time, so that at most one segment's
+weights are in memory: how an FP16 graph too large for the CPU is verified (issue 23).
+
+ONNX Runtime's CPU provider has no FP16 MatMul: it inserts Casts and keeps an FP32 copy of every FP16
+weight when a session is created (a 7B FP16 graph would take 29 GB). Here the graph is read without its
+weights, its nodes (in a topological order, sunk as late as they can go) are cut into contiguous runs of
+at most `budget` bytes of initializers, and each run becomes a model of its own whose initializers are
+the same references into the same weights file (written beside it under a temporary name). A run reads
+what the graph's inputs and earlier runs made, and hands on what later runs or the graph's outputs read;
+its session is released (arena off, then malloc_trim) before the next one opens. Nothing here knows
+layers: any graph is cut, every family's and a user's.
+
+`run_calls` is segment-major: several calls (a prefill and teacher-forced decode steps, whose every input
+is known beforehand but the cache) go through each segment while its session is open, call t's past
+being call t-1's present made by the same segment. Results are not bit-identical to one session's
+(ONNX Runtime fuses across what is one graph; at a cut it cannot): they differ by FP16 rounding, so the
+exact checks compare graphs under the same segmentation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+_PAST, _PRESENT = "past_key_values.", "present."
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """The names `node` reads, those its subgraphs read from the outer scope included."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names += reads(inner)
+    return names
+
+
+def sink(model: onnx.ModelProto) -> None:
+    """Reorders the nodes as late as each can go (just before its first reader; still topological), so a
+    node runs in the segment of the layer that uses it: torch.onnx casts every layer's past at the top of
+    the graph, which would tie the first segment to every layer. Shape(Cast(x)) reads Shape(x) first, so
+    that a shape read does not pull a cast forward."""
+    nodes = list(model.graph.node)
+    made_by = {output: node for node in nodes for output in node.output}
+    for node in nodes:
+        while node.op_type == "Shape" and node.input[0] in made_by and made_by[node.input[0]].op_type == "Cast":
+            node.input[0] = made_by[node.input[0]].input[0]
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in set(reads(node)):
+            readers.setdefault(name, []).append(index)
+    producer = {output: index for index, node in enumerate(nodes) for output in node.output}
+    late = [0.0] * len(nodes)
+    for index in range(len(nodes) - 1, -1, -1):
+        users = [late[reader] for output in nodes[index].output for reader in readers.get(output, [])]
+        late[index] = min(users) - 1e-4 if users else float(len(nodes))
+    for index, node in enumerate(nodes):  # what nothing reads (graph outputs): right after what it reads
+        if not any(readers.get(output) for output in node.output):
+            sources = [late[producer[name]] for name in reads(node) if name in producer]
+            late[index] = max(sources) + 1e-5 if sources else late[index]
+    order = sorted(range(len(nodes)), key=lambda index: (late[index], index))
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes[index] for index in order)
+
+
+def plan(model: onnx.ModelProto, budget: int) -> list[list[int]]:
+    """Node indices per segment: contiguous, each with at most `budget` bytes of initializers (a node whose
+    own weights exceed it gets a segment alone)."""
+    sizes = {tensor.name: tensor_bytes(tensor) for tensor in model.graph.initializer}
+    segments, current, used, seen = [], [], 0, set()
+    for index, node in enumerate(model.graph.node):
+        names = set(reads(node))
+        weight = sum(sizes[name] for name in names if name in sizes and name not in seen)
+        if current and used + weight > budget:
+            segments.append(current)
+            current, used, seen = [], 0, set()
+        current.append(index)
+        used += weight
+        seen |= names & sizes.keys()
+    return segments + [current] if current else segments
+
+
+class Segmented:
+    """The graph at `path` cut into segments of at most `budget_mb` MB of weights each."""
+
+    def __init__(self, path: str | os.PathLike, budget_mb: float = 1024, threads: int | None = None):
+        self.path = Path(path)
+        self.model = onnx.load(str(self.path), load_external_data=False)
+        sink(self.model)
+        inferred = onnx.shape_inference.infer_shapes(self.model)
+        graph = inferred.graph
+        self.types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+        self.segments = plan(self.model, int(budget_mb * 2**20))
+        self.outputs = [output.name for output in self.model.graph.output]
+        self.threads = threads
+        self.last_reader: dict[str, int] = {}
+        for number, indices in enumerate(self.segments):
+            for index in indices:
+                for name in reads(self.model.graph.node[index]):
+                    self.last_reader[name] = number
+
+    def _segment(self, number: int, available: set[str]) -> tuple[onnx.ModelProto, list[str], list[str]]:
+        graph = self.model.graph
+        nodes = [graph.node[index] for index in self.segments[number]]
+        initializers = {tensor.name: tensor for tensor in graph.initializer}
+        made = {output for node in nodes for output in node.output}
+        read = list(dict.fromkeys(name for node in nodes for name in reads(node)))
+        inputs = [name for name in read if name not in made and name not in initializers and name in available]
+        later = {name for name, last in self.last_reader.items() if last > number} | set(self.outputs)
+        outputs = [output for node in nodes for output in node.output if output in later]
+        value = helper.make_tensor_value_info
+        model = helper.make_model(
+            helper.make_graph(
+                nodes,
+                f"segment_{number}",
+                [value(name, self.types.get(name, 0), None) for name in inputs],
+                [value(name, self.types.get(name, 0), None) for name in outputs],
+                initializer=[initializers[name] for name in read if name in initializers],
+            ),
+            opset_imports=self.model.opset_import,
+            ir_version=self.model.ir_version,
+        )
+        return model, inputs, outputs
+
+    def _session(self, model: onnx.ModelProto):
+        """A session of one segment, its model written beside the weights (where its references resolve)
+        under a temporary name, removed once the session holds it."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False  # a released session's memory goes back, not to an arena
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        temporary = self.path.with_name(f".{self.path.stem}.segment-{os.getpid()}.onnx")
+        onnx.save(model, str(temporary))
+        try:
+            return ort.InferenceSession(str(temporary), options, providers=["CPUExecutionProvider"])
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call through every segment in turn: the graph's outputs."""
+        return self.run_calls([feed])[0]
+
+    def run_calls(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Calls in order, segment-major: each segment's session opens once and runs every call. A call
+        without a `past_key_values.*` input the feed lacks takes the previous call's `present.*` (made by
+        the same segment, so already there); a segment that reads a later layer's past only for its shape
+        gets zeros of that shape."""
+        live = [dict(feed) for feed in feeds]
+        for number in range(len(self.segments)):
+            available = set(live[0]) | {
+                _PAST + name[len(_PRESENT) :] for name in self.outputs if name.startswith(_PRESENT)
+            }
+            model, inputs, outputs = self._segment(number, available)
+            session = self._session(model)
+            for step, values in enumerate(live):
+                feed = {
+                    name: values[name] if name in values else self._past(name, live, step, number) for name in inputs
+                }
+                values.update(zip(outputs, session.run(outputs, feed)))
+            del session
+            _trim()
+            for values in live:  # what no later segment reads and no one asked for
+                for name in [name for name in values if self.last_reader.get(name, -1) <= number]:
+                    if name not in self.outputs:
+                        del values[name]
+        return [{name: values[name] for name in self.outputs} for values in live]
+
+    def _past(self, name: str, live: list[dict], step: int, number: int) -> np.ndarray:
+        """Call `step`'s past `name`: the previous call's present; or, where this segment reads it only for
+        its shape (its layer comes later), zeros of that shape."""
+        present = _PRESENT + name[len(_PAST) :]
+        if step and present in live[step - 1]:
+            return live[step - 1][present]
+        graph = self.model.graph
+        readers = [graph.node[index] for index in self.segments[number] if name in reads(graph.node[index])]
+        if step == 0 or any(node.op_type != "Shape" for node in readers):
+            raise ValueError(f"call {step} lacks {name!r}, which no earlier call of this segment made")
+        values = live[step]
+        batch, new = values["input_ids"].shape
+        dims = next(value for value in graph.input if value.name == name).type.tensor_type.shape.dim
+        shape = [d.dim_value for d in dims]
+        shape[0], shape[2] = batch, values["attention_mask"].shape[1] - new  # [batch, heads, past, head size]
+        return np.zeros(shape, np.float32)
+
+
+def _trim() -> None:
+    """Hands freed heap memory back to the system (glibc keeps it otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
