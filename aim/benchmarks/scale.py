@@ -184,11 +184,11 @@ print(json.dumps({{
 """
 
 
-def steps_7b(out: Path, precision: str = "fp16") -> dict:
-    """The Mistral-7B-shaped checkpoint (cached in OUT/mistral-7b.checkpoint) through the build's steps
-    up to its engine; returns the figures (also written to OUT/mistral-7b.scale.json)."""
+def steps_7b(out: Path, precision: str = "fp16", checkpoint: Path | None = None) -> dict:
+    """The Mistral-7B-shaped checkpoint (cached in OUT/mistral-7b.checkpoint, or `checkpoint`) through the
+    build's steps up to its engine; returns the figures (also written to OUT/mistral-7b.scale.json)."""
     started = time.perf_counter()
-    checkpoint = write_random_checkpoint(MISTRAL_7B, out / "mistral-7b.checkpoint")
+    checkpoint = write_random_checkpoint(MISTRAL_7B, checkpoint or out / "mistral-7b.checkpoint")
     print(f"mistral-7b: checkpoint {checkpoint} ({time.perf_counter() - started:.0f} s)", flush=True)
     print(f"mistral-7b: aim engine --checkpoint {checkpoint} --precision {precision}, up to the engine", flush=True)
     figures = _child(_STEPS.format(checkpoint=str(checkpoint), out=str(out), precision=precision))
@@ -272,9 +272,10 @@ def main(argv=None) -> int:
         default="family",
         help="7b: a Mistral-7B-shaped bf16 checkpoint (15 GB of disk, 20 GB of memory) in fp16, up to its engine",
     )
+    parser.add_argument("--checkpoint", type=Path, help="7b: the checkpoint folder (made there if missing)")
     args = parser.parse_args(argv)
     if args.size == "7b":
-        figures = steps_7b(args.out)
+        figures = steps_7b(args.out, checkpoint=args.checkpoint)
         print(json.dumps(figures, indent=2))
         return 0
     for name in [n for n in args.families.split(",") if n]:

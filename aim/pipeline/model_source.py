@@ -15,6 +15,7 @@ from pathlib import Path
 from aim.contract import LOGITS
 from aim.errors import AimError
 from aim.families import Family, get_family
+from aim.families.architectures import FAKE_EXPORTED
 from aim.files import folder_hashes
 from aim.layout import FILES, REFERENCE, GraphIO
 from aim.layout import Source as SourceRecord
@@ -23,10 +24,6 @@ from aim.pipeline.batch import default_max_batch, with_max_batch
 from aim.pipeline.source import Prepared
 from aim.tasks import get_task
 from aim.verify.reference import Reference, computing_in_fp32, reference_of
-
-# Architectures whose reduced-precision builds export through the dynamo exporter on a FakeTensor model
-# (tests/export/test_fake_export.py); others load and export in FP32, then the passes convert to FP16.
-FAKE_EXPORTED = ("llama", "mistral", "qwen2")
 
 
 class FamilySource:

@@ -17,7 +17,7 @@ from aim.layout import FILES
 from aim.pipeline import steps
 from aim.tasks import get_task
 from aim.tasks.decoder_inputs import position_ids
-from aim.verify.segments import Segmented
+from aim.runtime.segments import Segmented
 from tests.export.test_fake_export import checkpoint, relative_error
 
 BUDGET_MB = 0.1  # a tiny model's 2 layers in several segments
