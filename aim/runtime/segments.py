@@ -27,7 +27,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from aim.runtime.base import Runner
+
 _PAST, _PRESENT = "past_key_values.", "present."
+KEEP_BYTES = 16 * 2**20  # a segment with fewer weights stays open across calls
+SEGMENT_MB = 1024  # weights per segment: ~3x that resident while its session is open (FP16 upcast to FP32)
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -95,6 +99,7 @@ class Segmented:
 
     def __init__(self, path: str | os.PathLike, budget_mb: float = 1024, threads: int | None = None):
         self.path = Path(path)
+        self.kept: dict[int, tuple] = {}  # segment -> (session, inputs, outputs), for segments kept open
         self.model = onnx.load(str(self.path), load_external_data=False)
         sink(self.model)
         inferred = onnx.shape_inference.infer_shapes(self.model)
@@ -160,23 +165,39 @@ class Segmented:
         gets zeros of that shape."""
         live = [dict(feed) for feed in feeds]
         for number in range(len(self.segments)):
-            available = set(live[0]) | {
-                _PAST + name[len(_PRESENT) :] for name in self.outputs if name.startswith(_PRESENT)
-            }
-            model, inputs, outputs = self._segment(number, available)
-            session = self._session(model)
+            if number in self.kept:
+                session, inputs, outputs = self.kept[number]
+            else:
+                available = set(live[0]) | {
+                    _PAST + name[len(_PRESENT) :] for name in self.outputs if name.startswith(_PRESENT)
+                }
+                model, inputs, outputs = self._segment(number, available)
+                session = self._session(model)
+                if self._keep(model):
+                    self.kept[number] = session, inputs, outputs
             for step, values in enumerate(live):
                 feed = {
                     name: values[name] if name in values else self._past(name, live, step, number) for name in inputs
                 }
                 values.update(zip(outputs, session.run(outputs, feed)))
-            del session
-            _trim()
+            if number not in self.kept:
+                del session
+                _trim()
             for values in live:  # what no later segment reads and no one asked for
                 for name in [name for name in values if self.last_reader.get(name, -1) <= number]:
                     if name not in self.outputs:
                         del values[name]
         return [{name: values[name] for name in self.outputs} for values in live]
+
+    def _keep(self, model: onnx.ModelProto) -> bool:
+        """Whether a segment's session stays open across calls: one that draws random numbers (its stream
+        must go on, not restart from the seed at every call), or one with hardly any weights."""
+        random = any(op.startswith("Random") for op in _op_types(model.graph))
+        return random or sum(tensor_bytes(tensor) for tensor in model.graph.initializer) < KEEP_BYTES
+
+    def close(self) -> None:
+        self.kept.clear()
+        _trim()
 
     def _past(self, name: str, live: list[dict], step: int, number: int) -> np.ndarray:
         """Call `step`'s past `name`: the previous call's present; or, where this segment reads it only for
@@ -196,9 +217,86 @@ class Segmented:
         return np.zeros(shape, np.float32)
 
 
+def _op_types(graph: onnx.GraphProto):
+    """The op types of `graph`'s nodes and of their subgraphs' (an If's branches)."""
+    for node in graph.node:
+        yield node.op_type
+        for attribute in node.attribute:
+            for inner in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+                yield from _op_types(inner)
+
+
 def _trim() -> None:
     """Hands freed heap memory back to the system (glibc keeps it otherwise)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+def weights_bytes(path: str | os.PathLike) -> tuple[int, bool]:
+    """(bytes of the initializers of the graph at `path`, whether any is FP16), read without the weights."""
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    return sum(tensor_bytes(t) for t in tensors), any(t.data_type == onnx.TensorProto.FLOAT16 for t in tensors)
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation may take (MemAvailable), None where it does not say."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def needs_segments(path: str | os.PathLike) -> bool:
+    """Whether the FP16 graph at `path` would not fit one ONNX Runtime session here: its session holds
+    ~3x its FP16 weights (an FP32 copy of each, and the FP16 bytes; issue 23 measured 729 MB for 327 MB),
+    against the memory available now."""
+    size, half = weights_bytes(path)
+    available = available_memory()
+    return half and available is not None and 3 * size > 0.8 * available
+
+
+class SegmentedEngine(Runner):
+    """An ONNX Runtime runner of a graph run in segments of at most `budget_mb` MB of weights, one session
+    open at a time (those without weights or with random draws stay open): for an FP16 graph whose
+    session would not fit in memory. Slower per call (every large segment's session is made again)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, budget_mb: float | None = None, threads=None, profile=None):
+        self.path = Path(path)
+        self.profile = profile
+        self.graph = Segmented(self.path, budget_mb or SEGMENT_MB, threads)
+        dtypes = {
+            onnx.TensorProto.FLOAT: np.float32,
+            onnx.TensorProto.FLOAT16: np.float16,
+            onnx.TensorProto.INT64: np.int64,
+        }
+        self.inputs = {
+            value.name: (
+                dtypes.get(value.type.tensor_type.elem_type),
+                [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim],
+            )
+            for value in self.graph.model.graph.input
+            if value.name not in {tensor.name for tensor in self.graph.model.graph.initializer}
+        }
+        self.outputs = list(self.graph.outputs)
+
+    def set_seed(self, seed: int):
+        """Repeatable in-graph noise from here on: the kept sessions are made again after seeding."""
+        import onnxruntime as ort
+
+        ort.set_seed(int(seed))
+        self.graph.close()
+
+    def _infer(self, feed: dict) -> dict[str, np.ndarray]:
+        return self.graph.run(feed)
+
+    def close(self):
+        self.graph.close()

@@ -15,9 +15,9 @@ from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.modulate import deployment_graphs
 from aim.layout import FILES
 from aim.pipeline import steps
+from aim.runtime.segments import Segmented
 from aim.tasks import get_task
 from aim.tasks.decoder_inputs import position_ids
-from aim.runtime.segments import Segmented
 from tests.export.test_fake_export import checkpoint, relative_error
 
 BUDGET_MB = 0.1  # a tiny model's 2 layers in several segments
@@ -86,3 +86,28 @@ def test_segment_major_decoding_equals_decoding_step_by_step(graphs):
         past = {"past_key_values." + k.removeprefix("present."): v for k, v in expected.items() if k != "logits"}
         assert relative_error(result["logits"], expected["logits"]) < 5e-3
         assert np.array_equal(result["logits"].argmax(-1), expected["logits"].argmax(-1))
+
+
+def test_a_build_whose_fp16_session_would_not_fit_is_verified_in_segments(tmp_path, monkeypatch):
+    """The build's verification opens the FP16 graphs in segments when one session would not fit (forced
+    here: a tiny model, 0.1 MB segments), and every check passes as it does with whole sessions: the exact
+    ones included, and fresh noise at every call (the segment drawing it stays open)."""
+    from aim.pipeline.builder import build
+    from aim.pipeline.model_source import model_source
+    from aim.pipeline.request import BuildRequest
+    from aim.runtime import folder, segments
+
+    opened = []
+
+    class Counted(segments.SegmentedEngine):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(folder, "needs_segments", lambda path: True)
+    monkeypatch.setattr(folder, "SegmentedEngine", Counted)
+    monkeypatch.setattr(segments, "SEGMENT_MB", BUDGET_MB)
+    source = model_source(None, checkpoint(tmp_path / "checkpoint", tied=False))
+    manifest = build(source, BuildRequest(tmp_path / "out", precision="fp16"), lambda line: None).manifest
+    assert manifest.verification.passed, [check.name for check in manifest.verification.checks if not check.passed]
+    assert len(opened) >= 3  # bare, verification, production
