@@ -10,6 +10,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -114,6 +115,8 @@ def world(tmp_path_factory, build_folder) -> World:
             handle, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 3 * 10**6)}
         )
         handle.write(bytes(64))
+    with zipfile.ZipFile(tmp / "huge.npz", "w") as archive:  # the same claim inside an --inputs archive
+        archive.write(tmp / "huge.npy", "x.npy")
     checkpoints(tmp)
 
     resnet, llama = build_folder("resnet"), build_folder("llama")
@@ -160,6 +163,13 @@ CASES = {
     "export: safetensors of random bytes": (
         lambda w: ["export", "-o", w.out / "m.onnx", "--checkpoint", w.tmp / "garbled"],
         "is not a safetensors file",
+    ),
+    "engine: --inputs whose array claims 12 TB": (
+        lambda w: (
+            ["engine", "--onnx", w.mine_onnx, "--logits", "scores", "--max-shapes", "x:8x6", "--out", w.out]
+            + ["--inputs", w.huge_npz]
+        ),
+        "claims an array of shape (1000000, 3000000) float32 (12.0 TB), but the file holds",
     ),
     "engine: min batch 0": (
         lambda w: [
