@@ -15,12 +15,15 @@ from aim.contract import LOGITS
 from aim.errors import AimError
 from aim.families import Family, get_family
 from aim.files import folder_hashes
+from aim.graph_passes.quantize import BITS
 from aim.layout import FILES, REFERENCE, GraphIO
 from aim.layout import Source as SourceRecord
 from aim.pipeline import steps
 from aim.pipeline.batch import default_max_batch, with_max_batch
+from aim.pipeline.request import QUANTIZED
 from aim.pipeline.source import Prepared
 from aim.tasks import get_task
+from aim.verify.quantized import quantization
 from aim.verify.reference import Reference, reference_of
 
 
@@ -97,7 +100,10 @@ class FamilySource:
         progress("PyTorch reference on the verification inputs, then the PyTorch model is released")
         keep_fp32 = family.fp16_keep_fp32 + task.keep_fp32(loaded.model)  # found by module: before the model goes
         max_positions = task.positions(loaded.model)  # likewise read from the model's config before it goes
-        reference = pytorch_reference(family, task, loaded.model, loaded.tokenizer, seed)
+        if request.precision in QUANTIZED:  # the model with the engine's weights (pipeline/quantized.py)
+            reference = quantized_reference_of(family, task, loaded, seed, exported, request.precision)
+        else:
+            reference = pytorch_reference(family, task, loaded.model, loaded.tokenizer, seed)
         reference.save(folder / REFERENCE)
         steps.release(loaded)
         progress.done("reference", REFERENCE)
@@ -126,6 +132,7 @@ class FamilySource:
             keep_fp32=keep_fp32,
             tokenizer=tokenizer_dir.name if tokenizer_dir else None,
             max_positions=max_positions,
+            quantized=quantization(BITS[request.precision]) if request.precision in QUANTIZED else None,
         )
 
 
@@ -141,6 +148,21 @@ def pytorch_reference(family: Family, task, model, tokenizer=None, seed: int = 0
         seed,
         extra=task.reference_extra(model, tokenizer, seed),
     )
+
+
+def quantized_reference_of(family: Family, task, loaded, seed: int, exported, precision: str) -> Reference:
+    """pytorch_reference of an int4 / int8 build: the model with the engine's weights, dequantized."""
+    from aim.pipeline.quantized import quantized_reference
+
+    def original(model):
+        return task.reference_logits(
+            model, task.example_inputs(model, family.sizes(**family.verify_sizes), seed)
+        ).numpy()
+
+    def reference(model):
+        return pytorch_reference(family, task, model, loaded.tokenizer, seed)
+
+    return quantized_reference(loaded.model, original, reference, exported, precision)
 
 
 class CheckpointSource(FamilySource):
