@@ -98,7 +98,7 @@ class Coverage:
                 f"warning: int{self.bits} quantized nothing: MatMulNBits covers MatMuls with a constant weight, and "
                 "this model has none (its weights are read by "
                 + (", ".join(sorted(op for op, size in self.kept_bytes.items() if size)) or "no op")
-                + "). The engine is the FP32 graph: no smaller or faster than PRECISION=fp32."
+                + "). The engine is the FP32 graph, verified as FP32: no smaller or faster than PRECISION=fp32."
             )
         if self.quantized_bytes < 0.5 * self.total_bytes:
             return (
@@ -204,11 +204,11 @@ def quantize_model(
         )
     )
     graph = model.graph
-    targets = {id(item.node): item for item in quantizable(model)}
+    targets = {item.node.output[0]: item for item in quantizable(model)}  # an output names its node
     coverage = Coverage(bits)
     nodes, made, done = [], [], {}
     for node in graph.node:
-        item = targets.get(id(node))
+        item = targets.get(node.output[0])
         if item is None:
             nodes.append(node)
             continue
@@ -260,7 +260,9 @@ def _without_unread_transposes(nodes: list, outputs: set[str]) -> list:
 
 
 def _bytes(tensor: TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return (
+        int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    )
 
 
 def _values(tensor: TensorProto, weights_dir: Path) -> np.ndarray:

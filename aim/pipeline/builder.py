@@ -103,6 +103,8 @@ def _build(source: Source, request: Resolved, folder: Path, log) -> Manifest:
     try:
         prepared = source.prepare(folder, request, progress)
         graphs = _passes(prepared, folder, request, progress)
+        if graphs.quantization is not None and graphs.quantization.matmuls == 0:
+            prepared.quantized = None  # nothing was quantized: the engine is the FP32 graph, held to FP32's tolerance
         builds, engine = _engines(graphs, prepared, folder, request, progress, log)
         runnable, why = runnable_here(request.backend)
         runner = request.backend if runnable else "onnxruntime"

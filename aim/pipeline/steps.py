@@ -165,8 +165,12 @@ def passes(
     paths = {"exported": exported}
     quantization = None
     if precision in BITS:  # weight-only int4 / int8: quantized once, then modulated (the redistribution untouched)
-        exported, quantization = quantized_graph(folder, exported, precision)
-        paths[f"exported.{precision}"] = exported
+        quantized, quantization = quantized_graph(folder, exported, precision)
+        # One copy of the weights per precision: the int4 graphs refer to weights.int4.data alone, and the
+        # FP32 export (with its data file, a large model's 4 bytes per weight) has served its purpose.
+        for path in (exported, folder / FILES["weights"]):
+            path.unlink(missing_ok=True)
+        exported, paths = quantized, {f"exported.{precision}": quantized}
     suffix = f".{precision}.onnx" if precision in BITS else ".onnx"
 
     def named(key: str) -> Path:
