@@ -52,7 +52,7 @@ def report(manifest: Manifest) -> str:
             kept = sum(done["kept_bytes"].values())
             lines.append(
                 f"  quantized: {done['matmuls']} MatMuls, {done['quantized_bytes'] / 1e6:.2f} MB of weights; "
-                f"kept FP32: {kept / 1e6:.2f} MB (" + ", ".join(sorted(done["kept_bytes"])) + ")"
+                + (f"kept FP32: {kept / 1e6:.2f} MB (" + ", ".join(sorted(done["kept_bytes"])) + ")" if kept else "")
             )
     lines.append(
         f"  {'fp32 tolerance (keyed noise)' if quantized else 'tolerance'}: atol {tolerance.atol:g}, rtol "

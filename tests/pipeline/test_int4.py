@@ -1,0 +1,127 @@
+"""`make engine PRECISION=int4|int8`: a CPU engine whose MatMul weights are ONNX Runtime's MatMulNBits,
+verified against the model with the same weights dequantized (verify/quantized.py), the redistribution
+FP32, utility 0 the bare quantized graph bit for bit; for a family, a model without MatMul weights
+(said so, verified as FP32), and a user's ONNX."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from aim.cli import main
+from aim.contract import PREFIX
+from aim.errors import AimError
+from aim.layout import REFERENCE, Manifest
+from aim.pipeline.builder import build
+from aim.pipeline.model_source import FamilySource
+from aim.pipeline.request import BuildRequest
+from aim.runtime.folder import Build
+from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.verify.judges import ORIGINAL
+from aim.verify.reference import Reference
+
+
+@pytest.fixture(scope="module")
+def llama_int4(tmp_path_factory):
+    lines = []
+    built = build(FamilySource("llama"), BuildRequest(tmp_path_factory.mktemp("int4"), precision="int4"), lines.append)
+    return built, lines
+
+
+def test_llama_int4_builds_verifies_and_keeps_one_weights_file(llama_int4):
+    built, lines = llama_int4
+    manifest = built.manifest
+    assert manifest.verification.passed and manifest.precision == "int4" and manifest.backend == "onnxruntime"
+    assert manifest.verification.quantized.bits == 4 and manifest.verification.reduced_precision is None
+    checks = {check.name: check for check in manifest.verification.checks}
+    assert checks["identity at utility 0, focus 0"].detail == "bit for bit"
+    bare = next(check for name, check in checks.items() if name.startswith("bare model vs"))
+    assert "vs_original" in bare.metrics and bare.metrics["relative_error"] <= 0.05
+    assert any(name.startswith("greedy tokens where clear") for name in checks)
+    # one weights file, no FP32 graph or data left, no optimised model of its own
+    files = {path.name for path in manifest.folder.iterdir()}
+    assert "weights.int4.data" in files and not files & {"exported.onnx", "exported.onnx.data", "modulated.onnx"}
+    engine = onnx.load(str(manifest.engine_path()), load_external_data=False)
+    assert engine == onnx.load(str(manifest.graph_path("production")), load_external_data=False)
+    nbits = [node for node in engine.graph.node if node.op_type == "MatMulNBits"]
+    assert len(nbits) == manifest.quantization["matmuls"] > 0
+    assert not any(node.name.startswith(PREFIX) for node in nbits)
+    assert not [node.op_type for node in engine.graph.node if node.op_type == "MatMul" and "proj" in node.name]
+    assert any("int4: " in line and "MatMuls" in line for line in lines)
+
+
+def test_a_reference_that_is_not_the_engines_model_fails_it(llama_int4):
+    """The check's power: the same engine's outputs judged against the original model's logits (int4's
+    own error, 0.12 on the tiny random Llama) instead of the dequantized one's fail the bare check."""
+    from aim.pipeline.verify import judge_build, run_build
+    from aim.tasks import get_task
+
+    manifest = llama_int4[0].manifest
+    reference = Reference.load(manifest.folder / REFERENCE)
+    results = run_build(Build(manifest), reference, "onnxruntime")
+    task = get_task(manifest.task)
+    honest = judge_build(manifest, task, reference, results)
+    assert all(check.passed for check in honest)
+    reference.logits = reference.extra[ORIGINAL]
+    wrong = {check.name: check.passed for check in judge_build(manifest, task, reference, results)}
+    assert not wrong[next(name for name in wrong if name.startswith("bare model vs"))]
+
+
+def test_quantized_precisions_are_onnx_runtime_engines():
+    with pytest.raises(AimError, match="BACKEND=onnxruntime"):
+        BuildRequest(precision="int4", backend="tensorrt-rtx").resolve()
+    assert BuildRequest(precision="int8", backend="auto").resolve().backend == "onnxruntime"
+
+
+def test_a_model_without_matmul_weights_is_said_so_and_verified_as_fp32(tmp_path):
+    """ResNet: convolutions and a Gemm classifier, nothing MatMulNBits takes: a warning, not a silent
+    no-op, and the FP32 element-wise tolerance, not the int4 one."""
+    lines = []
+    manifest = build(FamilySource("resnet"), BuildRequest(tmp_path, precision="int4"), lines.append).manifest
+    assert any("warning: int4 quantized nothing" in line and "Conv, Gemm" in line for line in lines)
+    assert manifest.verification.passed and manifest.verification.quantized is None
+    assert manifest.quantization["matmuls"] == 0 and set(manifest.quantization["kept_bytes"]) == {"Conv", "Gemm"}
+    bare = next(check for check in manifest.verification.checks if check.name.startswith("bare model vs"))
+    assert bare.metrics["atol"] <= 1e-4  # element-wise, as an FP32 build
+
+
+def mlp(path, inputs: int = 64, hidden: int = 96, classes: int = 10):
+    """A user's ONNX written by hand: x [B, 64] -> MatMul -> Relu -> MatMul -> scores [B, 10]."""
+    rng = np.random.default_rng(3)
+    w1 = (rng.normal(size=(inputs, hidden)) / np.sqrt(inputs)).astype(np.float32)
+    w2 = (rng.normal(size=(hidden, classes)) / np.sqrt(hidden) * 4).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["scores"], name="fc2"),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", inputs])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", classes])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_your_onnx_quantized_against_its_own_graph_dequantized(tmp_path, precision):
+    source = mlp(tmp_path / "mlp.onnx")
+    out = tmp_path / "out"
+    args = ["engine", "--onnx", str(source), "--logits", "scores", "--out", str(out), "--precision", precision]
+    assert main([*args, "--max-shapes", "x:16x64"]) == 0
+    manifest = Manifest.load(out / "mlp")
+    assert manifest.verification.passed and manifest.precision == precision
+    assert manifest.quantization["matmuls"] == 2 and not manifest.quantization["kept_bytes"]
+    reference = Reference.load(manifest.folder / REFERENCE)
+    assert precision in reference.source and ORIGINAL in reference.extra
+    x = np.random.default_rng(9).normal(size=(16, 64)).astype(np.float32)
+    with OnnxRuntimeEngine(manifest.engine_path()) as engine, OnnxRuntimeEngine(source) as original:
+        quantized, exact = engine.run({"x": x}, 0.0), original.run({"x": x})
+    error = np.median(
+        np.linalg.norm(quantized - exact, axis=1) / np.linalg.norm(exact - exact.mean(1, keepdims=True), axis=1)
+    )
+    assert 0 < error < (0.03 if precision == "int8" else 0.15)  # quantized (int8 activations too), and close
