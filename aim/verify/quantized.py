@@ -34,7 +34,8 @@ WHY = (
     "the engine against the same model with its weights quantized and dequantized (what it computes): "
     f"median relative logit error <= {MAX_RELATIVE_ERROR:g} (3x the worst measured, 0.015 on a 30-layer random "
     f"model), top-1 equal wherever the reference's margin exceeds {MARGIN_SIGMAS:g} sigma of the error (no flip "
-    "measured above 3.8 sigma; false alarms < 1e-5 per build); agreement with the original model is a figure, not a verdict"
+    "measured above 3.8 sigma; false alarms < 1e-5 per build); agreement with the original model is a figure, "
+    "not a verdict"
 )
 
 
