@@ -23,7 +23,7 @@ from aim.errors import AimError, InvalidGraphError, InvalidInputError
 from aim.files import sha256
 from aim.graph_passes.dims import conventional_io
 from aim.graph_passes.io import load_onnx, save_onnx
-from aim.graph_passes.quantize import BITS
+from aim.graph_passes.quantize import BITS, quantizable
 from aim.layout import FILES, REFERENCE, GraphIO
 from aim.layout import Source as SourceRecord
 from aim.pipeline.batch import with_max_batch
@@ -184,6 +184,8 @@ class OnnxSource:
         with OnnxRuntimeEngine(self.path) as bare:
             logits = bare.infer(inputs)[self.logits]
         extra = {}
+        if quantized is not None and not quantizable(self.model):
+            quantized = None  # nothing to quantize (convolutions, Gemm): the graph as given is the reference
         if quantized is not None:
             from aim.pipeline.quantized import dequantized_onnx_logits
 

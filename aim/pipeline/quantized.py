@@ -63,9 +63,10 @@ def quantized_reference(model, inputs_of, reference_of_model, exported: Path, pr
     greedy tokens (`generation.{i}.logits`, [B, steps, V])."""
     bits = BITS[precision]
     original = inputs_of(model)
-    dequantize_linears(model, exported, bits)
+    replaced = dequantize_linears(model, exported, bits)
     reference = reference_of_model(model)
-    reference.source = f"PyTorch with the {precision} weights"
+    if replaced:  # else nothing is quantized (a ResNet): the reference is the model itself, and says so
+        reference.source = f"PyTorch with the {precision} weights"
     reference.extra[ORIGINAL] = original
     reference.extra.update(_generation_logits(model, reference.extra))
     return reference
