@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from aim.errors import InvalidGraphError
-from aim.graph_passes.redistribution import _logits_output
+from aim.graph_passes.logits import logits_output
 
 PREFIX = "aim_upsample"
 
@@ -18,7 +18,7 @@ PREFIX = "aim_upsample"
 def upsample_logits(graph: gs.Graph, logits: str = "logits", like: str = "pixel_values") -> gs.Graph:
     """Resizes output `logits` [B, C, h, w] to the spatial size of tensor `like` [B, *, H, W]; the
     output keeps its name. Sizes are read at run time, so dynamic image sizes keep working."""
-    z = _logits_output(graph, logits)
+    z = logits_output(graph, logits)
     tensors = graph.tensors()
     if like not in tensors:
         raise InvalidGraphError(

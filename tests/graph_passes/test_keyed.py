@@ -1,4 +1,4 @@
-"""Keyed noise (graph_passes.redistribution._KeyedNoise): the same request gets the same answer, distinct
+"""Keyed noise (graph_passes.noise.KeyedNoise): the same request gets the same answer, distinct
 requests draw independent N(0, 1) noise, and the ONNX graph agrees with its PyTorch twin.
 
 The statistics are judged by scipy (KS) and by Pearson correlations with z-score limits, not by the
@@ -16,8 +16,9 @@ from scipy import stats
 
 from aim.contract import FOCUS, UTILITY
 from aim.graph_passes.io import load_graph, save_onnx
+from aim.graph_passes.noise import DIGEST_STEP
 from aim.graph_passes.noise_key import KEY_BYTES, PROJECTIONS, NoiseKey, NoiseKeyError
-from aim.graph_passes.redistribution import DIGEST_STEP, add_redistribution, redistribute_torch
+from aim.graph_passes.redistribution import add_redistribution, redistribute_torch
 from aim.graph_passes.trt_support import check_tensorrt_support
 from tests.graph_passes.test_redistribution import all_nodes, identity_model
 

@@ -313,13 +313,13 @@ def test_focused_classes_without_nonzero_or_topk(tmp_path):
     """The index compaction used instead of NonZero (absent in TensorRT for RTX) and TopK (K <= 3840)."""
     import onnx_graphsurgeon as gs
 
-    from aim.graph_passes.redistribution import _GraphOps
+    from aim.graph_passes.ops import GraphOps
 
     classes = 5000  # more than TensorRT's TopK limit
     graph = gs.Graph(opset=17)
     strength = gs.Variable("strength", dtype=np.float32, shape=[classes])
     graph.inputs = [strength]
-    ops = _GraphOps(graph, np.float32, classes)
+    ops = GraphOps(graph, np.float32, classes)
     out = ops.focused(strength)
     out.shape = ["k"]
     graph.outputs = [out]
