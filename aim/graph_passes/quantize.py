@@ -14,7 +14,8 @@ keeps every quantized weight there until `onnx.save` serialises them again. Here
 to the same `DefaultWeightOnlyQuantizer.quantize_matmul` with only its own weight in a scratch graph,
 the packed weights and scales it makes are appended to the build's one weights file at once
 (aim/weights.py), and the weights left as they are (embeddings, norms, convolutions) are copied there
-file to file. A weight read through `Transpose(W)` (the dynamo exporter's `nn.Linear`) is quantized
+file to file (or written there from the graph, for a model small enough to hold them inside), so the
+bare, production and verification graphs made from the result share them. A weight read through `Transpose(W)` (the dynamo exporter's `nn.Linear`) is quantized
 from W transposed. Nodes of the redistribution (`aim_redistribution/*`) are never touched: it stays
 FP32, and at utility 0 the modulated graph is the bare quantized graph bit for bit.
 
@@ -42,6 +43,7 @@ BITS = {"int4": 4, "int8": 8}  # the precisions this pass makes, and their weigh
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits (VNNI); see the module's docstring
 MS_DOMAIN = "com.microsoft"
+IN_GRAPH_BYTES = 1024  # weights at least this large go to the weights file; shapes and scalars stay in the graph
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,10 @@ def quantize_model(
             continue
         if onnx.external_data_helper.uses_external_data(tensor):
             weights.copy_tensor(tensor, weights_dir)
+        elif _bytes(tensor) >= IN_GRAPH_BYTES:  # the graphs made from this one share it, not copy it
+            values = numpy_helper.to_array(tensor)
+            reference = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            tensor = weights.add(reference, lambda values=values: [values], key=("kept", tensor.name))
         kept.append(tensor)
         if tensor.name not in done and len(tensor.dims) >= 2:  # weights, not the shapes and scalars
             op = readers.get(tensor.name, "other")

@@ -43,6 +43,8 @@ def test_llama_int4_builds_verifies_and_keeps_one_weights_file(llama_int4):
     # one weights file, no FP32 graph or data left, no optimised model of its own
     files = {path.name for path in manifest.folder.iterdir()}
     assert "weights.int4.data" in files and not files & {"exported.onnx", "exported.onnx.data", "modulated.onnx"}
+    for role in ("bare", "verification", "production"):  # graphs only: every weight is in the one file
+        assert manifest.graph_path(role).stat().st_size < 1e6
     engine = onnx.load(str(manifest.engine_path()), load_external_data=False)
     assert engine == onnx.load(str(manifest.graph_path("production")), load_external_data=False)
     nbits = [node for node in engine.graph.node if node.op_type == "MatMulNBits"]
