@@ -15,8 +15,8 @@ to the same `DefaultWeightOnlyQuantizer.quantize_matmul` with only its own weigh
 the packed weights and scales it makes are appended to the build's one weights file at once
 (aim/weights.py), and the weights left as they are (embeddings, norms, convolutions) are copied there
 file to file (or written there from the graph, for a model small enough to hold them inside), so the
-bare, production and verification graphs made from the result share them. A weight read through `Transpose(W)` (the dynamo exporter's `nn.Linear`) is quantized
-from W transposed. Nodes of the redistribution (`aim_redistribution/*`) are never touched: it stays
+bare, production and verification graphs made from the result share them. A weight read through
+`Transpose(W)` (the dynamo exporter's `nn.Linear`) is quantized from W transposed. Nodes of the redistribution (`aim_redistribution/*`) are never touched: it stays
 FP32, and at utility 0 the modulated graph is the bare quantized graph bit for bit.
 
 What MatMulNBits does not cover stays FP32 and is said so: Conv (all of a ResNet), Gemm (a classifier
@@ -36,8 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from aim.contract import PREFIX
-from aim.errors import InvalidGraphError
-from aim.weights import WeightsFile, external_tensors, read_blocks
+from aim.weights import WeightsFile, read_blocks
 
 BITS = {"int4": 4, "int8": 8}  # the precisions this pass makes, and their weights' bits
 BLOCK_SIZE = 32
@@ -276,17 +275,6 @@ def _values(tensor: TensorProto, weights_dir: Path) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     dims = tuple(tensor.dims)
     return np.concatenate(list(read_blocks(tensor, weights_dir))).reshape(dims)
-
-
-def external(model: onnx.ModelProto) -> bool:
-    """Whether `model` keeps any weight in an external data file."""
-    return bool(external_tensors(model))
-
-
-def check_bits(precision: str) -> int:
-    if precision not in BITS:
-        raise InvalidGraphError(f"no weight-only quantization for precision {precision!r}; available: {list(BITS)}")
-    return BITS[precision]
 
 
 def iter_weights(model: onnx.ModelProto, weights_dir) -> Iterator[tuple[Quantizable, np.ndarray]]:

@@ -29,8 +29,9 @@ def session_options(threads: int | None = None, level: str = "all", spinning: bo
     """ONNX Runtime's session options. `prepacking`: ONNX Runtime maps weights from an external data file
     in place, but prepacks each MatMul's weights for its kernels into an anonymous copy and drops the
     mapping. Without prepacking the weights stay file pages (shared by every session and process that
-    maps the file, evictable), at ~30% more CPU per decode step (measured, docs/backends.md): on by
-    default, off for serving several copies of a large model from one machine's memory."""
+    maps the file, evictable), at ~30% more CPU per decode step for FP32 and 22x for int4 (MatMulNBits
+    has no fast path without its packed weights; docs/backends.md): on by default; off only to serve
+    several copies of a large FP32 model from one machine's memory."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
