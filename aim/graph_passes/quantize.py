@@ -16,8 +16,9 @@ the packed weights and scales it makes are appended to the build's one weights f
 (aim/weights.py), and the weights left as they are (embeddings, norms, convolutions) are copied there
 file to file (or written there from the graph, for a model small enough to hold them inside), so the
 bare, production and verification graphs made from the result share them. A weight read through
-`Transpose(W)` (the dynamo exporter's `nn.Linear`) is quantized from W transposed. Nodes of the redistribution (`aim_redistribution/*`) are never touched: it stays
-FP32, and at utility 0 the modulated graph is the bare quantized graph bit for bit.
+`Transpose(W)` (the dynamo exporter's `nn.Linear`) is quantized from W transposed. Nodes of the
+redistribution (`aim_redistribution/*`) are never touched: it stays FP32, and at utility 0 the
+modulated graph is the bare quantized graph bit for bit.
 
 What MatMulNBits does not cover stays FP32 and is said so: Conv (all of a ResNet), Gemm (a classifier
 on [B, C] features), MatMuls of two activations (attention scores).
