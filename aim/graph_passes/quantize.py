@@ -150,12 +150,13 @@ def dequantize(weight_kn: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -
     the pass runs) applied to `weight_kn`, then scale x (q - zero point) per block of K."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-    values = np.ascontiguousarray(weight_kn, np.float32)
+    # FP16 weights are quantized as FP16 (FP16 scales), as the pass quantizes them; anything else as FP32
+    values = np.ascontiguousarray(weight_kn, np.float16 if weight_kn.dtype == np.float16 else np.float32)
     rows, cols = values.shape  # K, N
     blocks = -(-rows // block_size)
     padded = np.pad(values, ((0, blocks * block_size - rows), (0, 0))) if blocks * block_size != rows else values
     packed = np.zeros((cols, blocks, block_size * bits // 8), np.uint8)
-    scales = np.zeros((cols, blocks), np.float32)
+    scales = np.zeros((cols, blocks), values.dtype)
     zero_points = np.zeros((cols, -(-blocks * bits // 8)), np.uint8)  # unused when symmetric
     quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     quantize(packed, np.ascontiguousarray(padded), scales, zero_points, block_size, cols, rows, True)
@@ -164,6 +165,7 @@ def dequantize(weight_kn: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -
         levels = levels.astype(np.float32) - 8
     else:  # symmetric: zero point 128
         levels = packed.reshape(cols, blocks, block_size).astype(np.float32) - 128
+    scales = scales.astype(np.float32)
     return np.ascontiguousarray((levels * scales[:, :, None]).reshape(cols, blocks * block_size)[:, :rows].T)
 
 

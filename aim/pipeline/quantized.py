@@ -7,8 +7,8 @@ does to the model; the model's logits before quantization are kept beside it (`o
 the agreement figure.
 
 - A PyTorch model: each `nn.Linear` whose weight W the exported graph multiplies by (as W.T, found by
-  value: graph_passes.quantize.digest) gets W's dequantization as a new parameter, so a tied
-  embedding keeps its own values, as the engine's Gather does. A quantized weight that is no
+  value: graph_passes.quantize.digest, or by parameter name) gets the dequantization of the graph's
+  copy of W as a new parameter, so a tied embedding keeps its own values, as the engine's Gather does. A quantized weight that is no
   `nn.Linear`'s fails the build here: a reference that does not compute the engine's model would fail
   it later with a misleading error.
 - A user's ONNX: the same graph with its quantizable weights replaced by their dequantization, on
@@ -30,21 +30,37 @@ from aim.verify.reference import Reference
 
 
 def dequantize_linears(model, exported: Path, bits: int) -> int:
-    """Gives every `nn.Linear` of `model` whose weight the graph `exported` quantizes its dequantized
-    weight (a new parameter); returns how many. Fails if a quantized weight is no Linear's."""
+    """Gives every `nn.Linear` of `model` whose weight the graph `exported` quantizes the dequantization
+    of the weight the graph holds (a new parameter); returns how many. A Linear's weight W is found in
+    the graph by value (W.T, an FP32 export) or else by name (an export that keeps parameter names, its
+    weights in another dtype: W's name or a tied alias's). Fails if a quantized weight is no Linear's."""
     import torch
 
-    wanted = {digest(values) for _, values in iter_weights(load_onnx(exported), exported.parent)}
-    found = set()
+    items = {}  # digest or initializer name -> (the quantizable's key, its weight [K, N] as the graph holds it)
+    for item, values in iter_weights(load_onnx(exported), exported.parent):
+        key = item.initializer.name
+        items[digest(values)] = items[key] = (key, values)
+    aliases = {}  # a parameter -> every name it has (tied weights have several)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    wanted, found = {key for key, _ in items.values()}, set()
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        weight_kn = module.weight.detach().float().numpy().T
-        key = digest(weight_kn)
-        if key not in wanted:
+        hit = items.get(digest(module.weight.detach().float().numpy().T)) or next(
+            (
+                items[initializer]
+                for name in aliases.get(id(module.weight), [])
+                for initializer in items
+                if initializer.endswith(name) and initializer in wanted
+            ),
+            None,
+        )
+        if hit is None:
             continue
-        values = torch.from_numpy(np.ascontiguousarray(dequantize(weight_kn, bits).T)).to(module.weight.dtype)
-        module.weight = torch.nn.Parameter(values, requires_grad=False)  # unties a shared embedding
+        key, values = hit
+        dequantized = torch.from_numpy(np.ascontiguousarray(dequantize(values, bits).T)).to(module.weight.dtype)
+        module.weight = torch.nn.Parameter(dequantized, requires_grad=False)  # unties a shared embedding
         found.add(key)
     if wanted - found:
         raise CheckpointError(

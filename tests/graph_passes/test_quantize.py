@@ -28,16 +28,18 @@ def run(path, feed: dict) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_dequantize_is_what_the_kernel_multiplies_by(tmp_path, bits):
+@pytest.mark.parametrize("bits, dtype", [(4, np.float32), (8, np.float32), (4, np.float16)])
+def test_dequantize_is_what_the_kernel_multiplies_by(tmp_path, bits, dtype):
     """Against ONNX Runtime's own MatMulNBits (the kernel the engine runs, not our code): fed the
-    identity, which its int8 activation quantization keeps exact, it returns the weights it holds."""
-    weight = np.random.default_rng(bits).normal(size=(K, N)).astype(np.float32)
+    identity, which its int8 activation quantization keeps exact, it returns the weights it holds (an
+    FP16 graph's: with FP16 scales, rounded to FP16 on the way out)."""
+    weight = np.random.default_rng(bits).normal(size=(K, N)).astype(dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")],
         "one",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", N])],
+        [helper.make_tensor_value_info("x", elem, ["m", K])],
+        [helper.make_tensor_value_info("y", elem, ["m", N])],
         initializer=[numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -46,8 +48,11 @@ def test_dequantize_is_what_the_kernel_multiplies_by(tmp_path, bits):
     save_model(quantized, tmp_path / "quantized.onnx")
     (node,) = quantized.graph.node
     assert node.op_type == "MatMulNBits" and coverage.matmuls == 1
-    held = run(tmp_path / "quantized.onnx", {"x": np.eye(K, dtype=np.float32)})[0]
+    held = run(tmp_path / "quantized.onnx", {"x": np.eye(K, dtype=dtype)})[0]
     expected = dequantize(weight, bits)
+    if dtype == np.float16:
+        np.testing.assert_allclose(held, expected, rtol=2**-10, atol=1e-6)  # one FP16 rounding
+        return
     np.testing.assert_allclose(held, expected, rtol=1e-6, atol=1e-6)  # one accumulation rounding
     # and a symmetric quantization of each block of 32: its largest |w| kept, every weight within one step
     # (max|w| / 8, or / 128: ONNX Runtime maps it to the negative end of the signed range)

@@ -147,3 +147,63 @@ def test_prepacking_can_be_turned_off_and_still_computes_the_quantized_model(lla
         for engine in (packed, mapped):
             check = quantized_agreement("bare", reference.logits, engine.run(reference.inputs), quantization(4), 1)
             assert check.passed, check.detail
+
+
+def half_graph(path, named: dict, extra: np.ndarray | None = None):
+    """An export that keeps parameter names and FP16 weights, read as MatMul(x, Transpose(W)) (the dynamo
+    exporter's nn.Linear), one after another; `extra`: one more constant [K, N] MatMul that is no Linear."""
+    nodes, inits, current = [], [], "x"
+    for index, (name, weight) in enumerate(named.items()):
+        inits.append(numpy_helper.from_array(weight.astype(np.float16), name))
+        nodes.append(helper.make_node("Transpose", [name], [f"t{index}"], perm=[1, 0]))
+        nodes.append(helper.make_node("MatMul", [current, f"t{index}"], [f"h{index}"], name=f"mm{index}"))
+        current = f"h{index}"
+    if extra is not None:
+        inits.append(numpy_helper.from_array(extra.astype(np.float16), "stray"))
+        nodes.append(helper.make_node("MatMul", [current, "stray"], ["h_extra"], name="stray"))
+        current = "h_extra"
+    first = next(iter(named.values()))
+    graph = helper.make_graph(
+        nodes,
+        "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", first.shape[1]])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT16, ["n", None])],
+        initializer=inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_the_reference_finds_the_graphs_weights_by_name_and_dequantizes_the_graphs_copy(tmp_path):
+    """An FP16 export of a model (its weights not the PyTorch ones bit for bit): each Linear is found by
+    its parameter name (a tied alias too), and gets the dequantization of the graph's FP16 weight, what
+    the engine holds; a quantized weight that is no Linear's fails instead of giving a wrong reference."""
+    import torch
+
+    from aim.errors import CheckpointError
+    from aim.graph_passes.quantize import dequantize
+    from aim.pipeline.quantized import dequantize_linears
+
+    def tied():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 48, bias=False))
+        embedding = torch.nn.Embedding(48, 32)
+        model[1].weight = embedding.weight  # tied: the graph names it after the embedding
+        model.add_module("embed", embedding)
+        return model, embedding
+
+    model, embedding = tied()
+    named = {
+        "inner.0.weight": model[0].weight.detach().numpy(),
+        "inner.embed.weight": embedding.weight.detach().numpy(),
+    }
+    path = half_graph(tmp_path / "half.onnx", named)
+    assert dequantize_linears(model, path, 4) == 2
+    for layer, weight in zip(model[:2], named.values()):
+        expected = dequantize(weight.astype(np.float16).T, 4).T
+        np.testing.assert_array_equal(layer.weight.detach().numpy(), expected)
+    assert model[1].weight is not embedding.weight  # untied: the embedding keeps its own values
+    np.testing.assert_array_equal(embedding.weight.detach().numpy(), named["inner.embed.weight"])
+    stray = half_graph(tmp_path / "stray.onnx", named, extra=np.ones((48, 8), np.float32))
+    with pytest.raises(CheckpointError, match="1 of the 3 weights"):
+        dequantize_linears(tied()[0], stray, 4)
