@@ -35,9 +35,12 @@ MAX_SHAPES ?=
 INPUTS ?=
 UPSAMPLE_TO ?=
 DATA ?=
+# make bench: QUICK=1 runs tiny models (checks the bench itself); BENCH_MODELS=resnet,generation a part of it.
+QUICK ?=
+BENCH_MODELS ?=
 # The engine profile's largest batch (Triton's max_batch_size follows it); empty: the default that serves.
 MAX_BATCH ?=
-export MAX_BATCH MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS
+export MAX_BATCH MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS QUICK BENCH_MODELS SCALE
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -75,9 +78,10 @@ help:
 	@echo "make eval MODEL=x           utility and focus sweeps through the engine, measured vs theory: OUT/x/eval/"
 	@echo "make calibrate MODEL=x | ONNX=.. LOGITS=.. MAX_SHAPES=.. DATA=unlabeled.npy   level -> sigma, an engine taking utility_level"
 	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: OUT/x/attack/"
-	@echo "make bench                  modulation's cost as ratios (realistic sizes, a few minutes): OUT/bench/bench.json"
+	@echo "make bench [QUICK=1] [BENCH_MODELS=resnet,generation]   modulation's cost as ratios with 95% intervals: OUT/bench/bench.json"
 	@echo "make false-alarms MODEL=x [REPEATS=1000]   the statistical checks' false alarms and misses, measured"
 	@echo "make scale-check            a TinyLlama-1.1B-shaped bf16 checkpoint through make engine (~10 GB RAM, 15 GB disk)"
+	@echo "    [SCALE=7b]              a Mistral-7B-shaped bf16 checkpoint in fp16, up to its engine (~20 GB RAM, 30 GB disk)"
 	@echo "make clean                  remove OUT"
 	@echo "The CLI's commands: aim --help (.venv/bin/aim). Targets that need an engine build it first unless OUT/NAME holds one made as asked."
 
@@ -130,7 +134,7 @@ models: $(STAMP)
 	$(PY) -m aim.cli models
 
 bench: $(STAMP)
-	$(PY) -m aim.benchmarks --out "$$OUT/bench"
+	$(PY) -m aim.benchmarks --out "$$OUT/bench" $${BENCH_MODELS:+--models "$$BENCH_MODELS"} $${QUICK:+--quick}
 
 false-alarms: $(STAMP)
 	$(BUILT) && $(PY) -m aim.benchmarks.false_alarms "$$OUT/$$name" --repeats "$$REPEATS"
@@ -147,7 +151,7 @@ format: $(STAMP)
 
 # Real sizes (not in `make test`): the checkpoint is cached in $(OUT)/scale/llama.checkpoint.
 scale-check: $(STAMP)
-	$(PY) -m aim.benchmarks.scale --out "$$OUT/scale"
+	$(PY) -m aim.benchmarks.scale --out "$$OUT/scale" $${SCALE:+--size "$$SCALE"}
 
 clean:
 	rm -rf -- "$$OUT"

@@ -1,15 +1,17 @@
-"""What modulation costs, each a ratio of two things measured in the same run, on the same inputs.
+"""What modulation costs, each figure a ratio of two things measured in the same rounds, on the same inputs.
 
-P1a  latency(modulated, utility 0 and focus 0 for the batch) / latency(bare)
-P1b  latency(modulated, utility > 0) / latency(bare)          (also with focus on one class)
-P2   cost of the subgraph over the logits tensor (utility > 0, focus on one class) / one
-     RandomNormalLike over it; cost = latency(graph) - latency(the same logits, unmodulated)
-     (P1a, P1b, P2 and the engine bytes also for keyed noise, beside fresh noise)
-P3   throughput(engine) / throughput(PyTorch eager + torch.normal noise on the host), same batch
-P4   wall time of `make engine` (python -m aim.cli engine) after set-up, cold and warm, for the family
-     whose benchmark asks for it (SegFormer)
-Memory: peak RSS of a process running the bare vs the modulated engine; engine bytes the subgraph adds.
-Every modulated engine benchmarked here also passes the exact-identity and statistical checks.
+Per family (names as in figures.py, bench.json and the table):
+- latency at utility 0 / bare: the modulated engine with utility 0 and focus 0 for the whole batch;
+- latency with noise / bare: utility > 0 (also with focus on one class, and each for keyed noise);
+- engine speed-up over eager PyTorch (+ torch.normal on the host for the noisy tier), same batch;
+- subgraph cost / one RandomNormalLike: the subgraph (utility > 0, focus on one class) on the logits
+  tensor alone, net of an identity graph, over one RandomNormalLike over it;
+- engine bytes the subgraph adds; peak RSS of a process running the modulated engine over the bare one;
+- make engine wall time (python -m aim.cli engine) after set-up, cold and warm, for the family whose
+  benchmark asks for it (SegFormer).
+Generation against Optimum and transformers: generation.py. Every ratio carries a 95% interval and
+a verdict (confidence.py). Every modulated engine benchmarked here also passes the exact-identity
+and statistical checks.
 """
 
 from __future__ import annotations
@@ -25,26 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
+from aim.benchmarks import figures as names
+from aim.benchmarks.confidence import BUDGET, MET, MISSED, Budget, Figure, Target, ratio, resolve
 from aim.benchmarks.models import BenchModel, realistic, tiny
-from aim.benchmarks.timing import measure, ratio
+from aim.benchmarks.table import table
+from aim.benchmarks.timing import THREADS, Rounds, quiet_engine
 from aim.families import get_family
 from aim.verify.reference import DIFFERENTIAL_FOCUS
 from aim.verify.statistics import SIGMA
 
-THREADS = 2  # ONNX Runtime intra-op threads and torch threads: the machine's cores
 STATISTICS_SEED = 0  # ONNX Runtime's seed for the statistical checks (false-failure rate: verify/statistics.py)
 FOCUS_STRENGTH = DIFFERENTIAL_FOCUS  # SIGMA, the degraded tier's utility, is the statistical checks' too
-TARGETS = {  # (comparison, bound); P1b's bound is the family's own (Benchmark.p1b_target)
-    "P1a": ("<=", 1.02),
-    "P1b": ("<=", None),
-    "P1a keyed": ("<=", 1.02),
-    "P1b keyed": ("<=", None),
-    "P2": ("<=", 0.6),
-    "P3 utility 0": (">=", 3.0),
-    "P3 utility > 0": (">=", 1.5),
-    "engine bytes added": ("<", 1_000_000),
-    "engine bytes added (keyed)": ("<", 1_000_000),
-}
 # VmHWM, not getrusage: ru_maxrss survives exec, so a child would report the benchmark's own peak.
 _PEAK_RSS = """
 import re, sys, numpy as np, onnxruntime as ort
@@ -57,20 +50,17 @@ print(int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).gr
 """
 
 
-def _engine(path: Path):
-    """An ONNX Runtime engine whose idle threads do not spin: variants run round-robin from several
-    sessions, and a session's spinning pool would slow down whichever variant runs after it."""
-    from aim.runtime.onnxruntime import OnnxRuntimeEngine
-
-    return OnnxRuntimeEngine(path, THREADS, spinning=False)
-
-
-def _judge(key: str, value: float, family: str | None = None) -> dict:
-    """A figure against its target in TARGETS: {"value", "target", "met"}."""
-    comparison, bound = TARGETS[key]
-    bound = get_family(family).benchmark.p1b_target if bound is None else bound
-    met = {"<=": value <= bound, ">=": value >= bound, "<": value < bound}[comparison]
-    return {"value": value, "target": f"{comparison} {bound:g}", "met": met}
+def single(value: float, target: Target) -> dict:
+    """A figure measured once (bytes, a peak): no interval, a verdict from the value itself."""
+    met = value <= target.bound if target.comparison == "<=" else value >= target.bound
+    return {
+        "value": value,
+        "low": value,
+        "high": value,
+        "pairs": 1,
+        "target": str(target),
+        "verdict": MET if met else MISSED,
+    }
 
 
 def build_engines(bench: BenchModel, folder: Path, key, log: Callable[[str], None]):
@@ -78,7 +68,6 @@ def build_engines(bench: BenchModel, folder: Path, key, log: Callable[[str], Non
     Runtime engines."""
     from aim.contract import LOGITS
     from aim.export.torch_export import random_model
-    from aim.families import get_family
     from aim.graph_passes.io import load_onnx, save_onnx
     from aim.graph_passes.modulate import deployment_graphs
     from aim.graph_passes.redistribution import add_redistribution
@@ -103,7 +92,26 @@ def build_engines(bench: BenchModel, folder: Path, key, log: Callable[[str], Non
     return task, model, paths
 
 
-def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = print) -> dict:
+def latency_figures(family: str) -> list[Figure]:
+    """The family's latency ratios and speed-ups over the variants of bench_family, per round."""
+    figures = []
+    for label, suffix in (("modulated", ""), ("keyed", names.KEYED)):
+        figures += [
+            Figure(names.UTILITY_0 + suffix, ratio(f"{label}, utility 0", "bare"), names.TARGETS[names.UTILITY_0]),
+            Figure(names.NOISE + suffix, ratio(f"{label}, utility {SIGMA:g}", "bare"), names.noise_target(family)),
+            Figure(names.NOISE_FOCUS + suffix, ratio(f"{label}, utility {SIGMA:g} + focus 1 class", "bare")),
+        ]
+    return figures + [
+        Figure(names.SPEEDUP_0, ratio("pytorch eager", "modulated, utility 0"), names.TARGETS[names.SPEEDUP_0]),
+        Figure(
+            names.SPEEDUP_NOISE,
+            ratio("pytorch eager + torch.normal", f"modulated, utility {SIGMA:g}"),
+            names.TARGETS[names.SPEEDUP_NOISE],
+        ),
+    ]
+
+
+def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = print, budget: Budget = BUDGET) -> dict:
     import torch
 
     from aim.contract import FOCUS, LOGITS, UTILITY, check_modulation
@@ -117,7 +125,11 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     task, model, paths = build_engines(bench, folder, key, log)
     inputs_t = task.example_inputs(model, bench.sizes)
     inputs = {name: tensor.numpy() for name, tensor in inputs_t.items()}
-    bare, modulated, keyed = _engine(paths["bare"]), _engine(paths["production"]), _engine(paths["keyed"])
+    bare, modulated, keyed = (
+        quiet_engine(paths["bare"]),
+        quiet_engine(paths["production"]),
+        quiet_engine(paths["keyed"]),
+    )
     batch, classes = next(iter(inputs.values())).shape[0], modulated.num_classes
 
     def feed(utility, focus=None):
@@ -135,38 +147,26 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
                 logits = logits + torch.normal(0.0, SIGMA, size=logits.shape)
         return logits
 
-    log(f"  {bench.family}: timing ({bench.repeats} interleaved runs per variant, after warm-up)")
-    # Engine variants interleave with each other, eager PyTorch separately: torch's OpenMP threads
-    # keep spinning after a call and would slow down whichever engine variant ran next.
+    # One round runs every variant once; eager PyTorch's runs are followed by a pause (timing.SETTLE_S).
     variants = {"bare": lambda: bare.session.run(None, inputs)}
     for label, engine in (("modulated", modulated), ("keyed", keyed)):
-        variants.update(
-            {
-                f"{label}, utility 0": lambda engine=engine: engine.session.run(None, feeds["zero"]),
-                f"{label}, utility {SIGMA:g}": lambda engine=engine: engine.session.run(None, feeds["noisy"]),
-                f"{label}, utility {SIGMA:g} + focus 1 class": lambda engine=engine: engine.session.run(
-                    None, feeds["focused"]
-                ),
-            }
-        )
-    times = measure(variants, repeats=bench.repeats)
-    times.update(
-        measure(
-            {"pytorch eager": lambda: eager(False), "pytorch eager + torch.normal": lambda: eager(True)},
-            repeats=bench.repeats,
-        )
+        for name, tier in (
+            ("utility 0", "zero"),
+            (f"utility {SIGMA:g}", "noisy"),
+            (f"utility {SIGMA:g} + focus 1 class", "focused"),
+        ):
+            variants[f"{label}, {name}"] = lambda engine=engine, tier=tier: engine.session.run(None, feeds[tier])
+    variants["pytorch eager"] = lambda: eager(False)
+    variants["pytorch eager + torch.normal"] = lambda: eager(True)
+    log(
+        f"  {bench.family}: timing ({bench.repeats} interleaved rounds after warm-up; more while a target is "
+        "unresolved)"
     )
-    figures = {}
-    for label, suffix in (("modulated", ""), ("keyed", " keyed")):
-        figures[f"P1a{suffix}"] = ratio(times[f"{label}, utility 0"], times["bare"])
-        figures[f"P1b{suffix}"] = ratio(times[f"{label}, utility {SIGMA:g}"], times["bare"])
-        figures[f"P1b{suffix} with focus"] = ratio(times[f"{label}, utility {SIGMA:g} + focus 1 class"], times["bare"])
-    # throughput ratio = latency(eager) / latency(engine)
-    figures["P3 utility 0"] = ratio(times["pytorch eager"], times["modulated, utility 0"])
-    figures["P3 utility > 0"] = ratio(times["pytorch eager + torch.normal"], times[f"modulated, utility {SIGMA:g}"])
+    rounds = Rounds(variants, settle=("pytorch eager", "pytorch eager + torch.normal"))
+    timing = resolve(rounds, latency_figures(bench.family), bench.repeats, budget, log=log)
 
     logits = bare.session.run(None, inputs)[0]
-    tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, LOGITS)
+    tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, LOGITS, budget)
     log(f"  {bench.family}: statistical and exact-identity checks on the benchmarked engines")
     modulated.set_seed(STATISTICS_SEED)  # a session made again after seeding: repeatable verdicts
     checks = run_statistical_checks(
@@ -175,20 +175,19 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
     keyed_checks = _keyed_checks(keyed, bare, inputs, task.class_axis, key)
     memory = peak_memory(paths, feeds["noisy"], inputs, folder)
     sizes = {name: path.stat().st_size for name, path in paths.items()}
-    result = {
+    bytes_target = names.TARGETS[names.ENGINE_BYTES]
+    figures = {
+        **timing["figures"],
+        names.ENGINE_BYTES: single(sizes["production"] - sizes["bare"], bytes_target),
+        names.ENGINE_BYTES + names.KEYED: single(sizes["keyed"] - sizes["bare"], bytes_target),
+        names.PEAK_RSS: single(memory["ratio"], names.TARGETS[names.PEAK_RSS]),
+    }
+    return {
         "model": bench.shape,
         "sizes": bench.sizes,
         "logits_shape": list(logits.shape),
-        "latency": times,
         "figures": figures,
-        "targets": {
-            **{
-                key: _judge(key, figures[key]["ratio"], bench.family)
-                for key in ("P1a", "P1b", "P1a keyed", "P1b keyed", "P3 utility 0", "P3 utility > 0")
-            },
-            "engine bytes added": _judge("engine bytes added", sizes["production"] - sizes["bare"]),
-            "engine bytes added (keyed)": _judge("engine bytes added (keyed)", sizes["keyed"] - sizes["bare"]),
-        },
+        "timing": {k: v for k, v in timing.items() if k != "figures"},
         "tensorrt": tensorrt,
         "checks": [check.as_dict() for check in checks],
         "checks_passed": all(check.passed for check in checks),
@@ -197,7 +196,6 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
         "memory": memory,
         "engine_bytes": sizes,
     }
-    return result
 
 
 def _keyed_checks(keyed, bare, inputs: dict, class_axis: int, key) -> list:
@@ -218,8 +216,9 @@ def _keyed_checks(keyed, bare, inputs: dict, class_axis: int, key) -> list:
     return run_keyed_checks(keyed, stats_inputs, bare.run(stats_inputs), class_axis, reference, tolerance)
 
 
-def bench_tensorrt(paths: dict, inputs: dict, feeds: dict, repeats: int, log, logits: str) -> dict:
-    """P1a and P1b on TensorRT where a GPU can run it (plans built for exactly these shapes)."""
+def bench_tensorrt(paths: dict, inputs: dict, feeds: dict, repeats: int, log, logits: str, budget: Budget) -> dict:
+    """Latency at utility 0 and with noise over bare on TensorRT, where a GPU can run it (plans built
+    for exactly these shapes)."""
     from aim.runtime.tensorrt import TensorRTEngine, build_engine, engine_runnable
 
     runnable, why = engine_runnable("tensorrt")
@@ -233,16 +232,18 @@ def bench_tensorrt(paths: dict, inputs: dict, feeds: dict, repeats: int, log, lo
         plan = build_engine(onnx_path, onnx_path.with_suffix(".plan"), "tensorrt", profile).path
         io = {name: (a.dtype.type, list(a.shape)) for name, a in feed.items()}
         engines[key] = TensorRTEngine(plan, "tensorrt", io, [logits], profile)
-    times = measure(
+    rounds = Rounds(
         {
             "bare": lambda: engines["bare"].infer(inputs),
             "modulated, utility 0": lambda: engines["production"].infer(feeds["zero"]),
             f"modulated, utility {SIGMA:g}": lambda: engines["production"].infer(feeds["noisy"]),
-        },
-        repeats=repeats,
+        }
     )
-    t = list(times.values())
-    return {"latency": times, "P1a": ratio(t[1], t[0]), "P1b": ratio(t[2], t[0])}
+    figures = [
+        Figure(names.UTILITY_0, ratio("modulated, utility 0", "bare"), names.TARGETS[names.UTILITY_0]),
+        Figure(names.NOISE, ratio(f"modulated, utility {SIGMA:g}", "bare")),
+    ]
+    return resolve(rounds, figures, repeats, budget)
 
 
 def peak_memory(paths: dict, noisy_feed: dict, inputs: dict, folder: Path) -> dict:
@@ -261,9 +262,10 @@ def peak_memory(paths: dict, noisy_feed: dict, inputs: dict, folder: Path) -> di
     return {"peak_rss_bytes": peaks, "ratio": peaks["production"] / peaks["bare"]}
 
 
-def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -> dict:
-    """P2 on the logits tensor alone: the subgraph (utility > 0, focus on one class) vs one
-    RandomNormalLike, each net of the unmodulated graph (the same tensor in, the same tensor out)."""
+def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int, budget: Budget = BUDGET) -> dict:
+    """Subgraph cost / one RandomNormalLike on the logits tensor alone: the subgraph (utility > 0,
+    focus on one class) vs one RandomNormalLike, each net of the unmodulated graph (the same tensor
+    in, the same tensor out), round by round."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -275,7 +277,7 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
     folder.mkdir(parents=True, exist_ok=True)
     dims = [BATCH, *shape[1:]]
 
-    def single(op: str, path: Path, **attrs) -> Path:
+    def one_node(op: str, path: Path, **attrs) -> Path:
         graph = helper.make_graph(
             [helper.make_node(op, ["z"], ["logits"], **attrs)],
             op,
@@ -285,34 +287,35 @@ def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int) -
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
         return path
 
-    identity = single("Identity", folder / "identity.onnx")
-    normal = single("RandomNormalLike", folder / "random_normal_like.onnx", dtype=TensorProto.FLOAT)
+    identity = one_node("Identity", folder / "identity.onnx")
+    normal = one_node("RandomNormalLike", folder / "random_normal_like.onnx", dtype=TensorProto.FLOAT)
     paths = {"unmodulated": identity, "RandomNormalLike": normal}
     sources = {method: {"noise": method} for method in NOISE_METHODS}
     sources["keyed"] = {"key": NoiseKey.draw()}
     for method, how in sources.items():
         graph = add_redistribution(load_graph(identity), "logits", class_axis, **how)
         paths[f"subgraph ({method})"] = save_onnx(graph, folder / f"identity.{method}.onnx")
-    sessions = {name: _engine(path).session for name, path in paths.items()}
+    sessions = {name: quiet_engine(path).session for name, path in paths.items()}
     z = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     focus = np.zeros([shape[0], shape[class_axis]], np.float32)
     focus[:, 1] = FOCUS_STRENGTH
     feeds = {name: {"z": z} for name in paths}
     for method in sources:
         feeds[f"subgraph ({method})"] = {"z": z, UTILITY: np.full([shape[0]], SIGMA, np.float32), FOCUS: focus}
-    times = measure(
-        {name: (lambda name=name: sessions[name].run(None, feeds[name])) for name in paths}, repeats=repeats
-    )
-    result = {"shape": shape, "latency": times}
-    for method in sources:
-        cost = times[f"subgraph ({method})"]["median_ms"] - times["unmodulated"]["median_ms"]
-        value = cost / times["RandomNormalLike"]["median_ms"]
-        result[f"P2 ({method})"] = {**_judge("P2", value), "cost_ms": cost}
-    return result
+    rounds = Rounds({name: (lambda name=name: sessions[name].run(None, feeds[name])) for name in paths})
+
+    def cost(method: str):
+        subgraph = f"subgraph ({method})"
+        return lambda t: (t[subgraph] - t["unmodulated"]) / t["RandomNormalLike"]
+
+    figures = [
+        Figure(f"{names.SUBGRAPH} ({method})", cost(method), names.TARGETS[names.SUBGRAPH]) for method in sources
+    ]
+    return {"shape": shape, **resolve(rounds, figures, repeats, budget)}
 
 
 def bench_make_engine(family: str, log: Callable[[str], None]) -> dict:
-    """P4: `python -m cli engine` (what `make engine` runs once .venv exists), cold then warm."""
+    """`python -m aim.cli engine` (what `make engine` runs once .venv exists), cold then warm."""
     walls = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label in ("cold", "warm"):
@@ -325,8 +328,17 @@ def bench_make_engine(family: str, log: Callable[[str], None]) -> dict:
     return {"model": family, "wall_s": walls}
 
 
-def run(models: list[str], out: Path, quick: bool = False, make_engine: bool = True, log=print) -> dict:
-    """Benchmarks `models` (realistic sizes, or tiny ones with `quick`) and writes the JSON into `out`."""
+def run(
+    models: list[str],
+    out: Path,
+    quick: bool = False,
+    make_engine: bool = True,
+    generation: bool = True,
+    budget: Budget = BUDGET,
+    log=print,
+) -> dict:
+    """Benchmarks `models` (realistic sizes, or tiny ones with `quick`) and, with `generation`, decoding
+    against Optimum and transformers; writes the JSON into `out`."""
     import os
 
     import onnxruntime
@@ -344,6 +356,7 @@ def run(models: list[str], out: Path, quick: bool = False, make_engine: bool = T
         },
         "utility": SIGMA,
         "focus_strength": FOCUS_STRENGTH,
+        "intervals": {"confidence": budget_level_note(budget), "budget": str(budget)},
         "families": {},
         "noise": {},
     }
@@ -351,17 +364,21 @@ def run(models: list[str], out: Path, quick: bool = False, make_engine: bool = T
         bench = tiny(name) if quick else realistic(name)
         log(f"[{name}] {bench.shape}")
         with tempfile.TemporaryDirectory(dir=out) as work:
-            result = bench_family(bench, Path(work), log)
+            result = bench_family(bench, Path(work), log, budget)
             results["families"][name] = result
             shape = result["logits_shape"]
             big = int(np.prod(shape)) > 1_000_000
-            log(f"  {name}: P2 over a logits tensor of shape {shape}")
+            log(f"  {name}: subgraph cost over a logits tensor of shape {shape}")
             results["noise"][name] = bench_noise(
-                shape, _class_axis(name), Path(work) / "noise", bench.repeats if big else 50
+                shape, _class_axis(name), Path(work) / "noise", bench.repeats if big else 50, budget
             )
+    if generation:
+        from aim.benchmarks.generation import bench_generation
+
+        results["generation"] = bench_generation(out / "generation", quick, log, budget)
     timed = [name for name in models if get_family(name).benchmark.time_make_engine]
     if make_engine and not quick and timed:
-        results["P4"] = bench_make_engine(timed[0], log)
+        results[names.MAKE_ENGINE] = bench_make_engine(timed[0], log)
     path = out / ("bench.quick.json" if quick else "bench.json")
     path.write_text(json.dumps(results, indent=2))
     log(table(results))
@@ -369,62 +386,14 @@ def run(models: list[str], out: Path, quick: bool = False, make_engine: bool = T
     return results
 
 
+def budget_level_note(budget: Budget) -> str:
+    return (
+        f"95% over all looks: median of paired per-round values, distribution-free interval at {budget.level:.2%} "
+        f"per look ({len(budget.looks)} looks)"
+    )
+
+
 def _class_axis(family: str) -> int:
     from aim.tasks import get_task
 
     return get_task(get_family(family).task).class_axis
-
-
-def table(results: dict) -> str:
-    """The figures as a plain-text table: value, spread, target, met."""
-    rows = [("figure", "model", "value", "spread (q1..q3)", "target", "met")]
-    for name, result in results["families"].items():
-        for key, target in result["targets"].items():
-            spread = result["figures"].get(key)
-            value = target["value"]
-            shown = f"{value:.3f}" if not key.startswith("engine bytes added") else f"{value / 1024:.1f} KiB"
-            rows.append(
-                (
-                    key,
-                    name,
-                    shown,
-                    f"{spread['low']:.3f}..{spread['high']:.3f}" if spread else "",
-                    target["target"],
-                    "yes" if target["met"] else "NO",
-                )
-            )
-        for key in ("P1b with focus", "P1b keyed with focus"):
-            extra = result["figures"][key]
-            rows.append((key, name, f"{extra['ratio']:.3f}", f"{extra['low']:.3f}..{extra['high']:.3f}", "", ""))
-        rows.append(("peak RSS ratio", name, f"{result['memory']['ratio']:.3f}", "", "", ""))
-        for key, label in (("checks_passed", "checks"), ("keyed_checks_passed", "keyed checks")):
-            rows.append(
-                (label, name, "passed" if result[key] else "FAILED", "", "all pass", "yes" if result[key] else "NO")
-            )
-    for name, noise in results["noise"].items():
-        for key, p2 in noise.items():
-            if key.startswith("P2"):
-                rows.append(
-                    (
-                        key,
-                        f"{name} {noise['shape']}",
-                        f"{p2['value']:.3f}",
-                        "",
-                        p2["target"],
-                        "yes" if p2["met"] else "NO",
-                    )
-                )
-    if "P4" in results:
-        walls = results["P4"]["wall_s"]
-        rows.append(
-            (
-                "P4 make engine",
-                results["P4"]["model"],
-                f"cold {walls['cold']:.1f} s, warm {walls['warm']:.1f} s",
-                "",
-                "",
-                "",
-            )
-        )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows)

@@ -54,11 +54,11 @@ class Benchmark:
     config: Callable[[], object]
     sizes: dict[str, int]  # every dynamic dim
     shape: str  # what it is, for the table and the README
-    repeats: int = 10  # timed runs per variant, after warm-up
-    time_make_engine: bool = False  # P4: `make engine` of this family is timed end to end
-    # P1b's bound: latency at utility > 0 over the bare model's. The noise of a logits tensor as big
-    # as the image (segmentation) costs more than a small head's.
-    p1b_target: float = 1.03
+    repeats: int = 10  # interleaved rounds before the first look, after warm-up (more while unresolved)
+    time_make_engine: bool = False  # "make engine wall time": `make engine` of this family is timed end to end
+    # The bound on "latency with noise / bare" (utility > 0 over the bare model). The noise of a
+    # logits tensor as big as the image (segmentation) costs more than a small head's.
+    noise_latency_bound: float = 1.03
 
 
 @dataclass(frozen=True)

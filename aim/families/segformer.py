@@ -54,7 +54,7 @@ SEGFORMER = register(
             "SegFormer-B0, 150 classes, 1x3x512x512, logits upsampled to 512x512 in bare and modulated",
             repeats=20,
             time_make_engine=True,
-            p1b_target=2.0,
+            noise_latency_bound=2.0,
         ),
     )
 )

@@ -20,7 +20,7 @@ import numpy as np
 
 from aim.contract import BATCH
 from aim.errors import AimError, InvalidGraphError, InvalidInputError
-from aim.files import sha256
+from aim.files import load_arrays, sha256
 from aim.graph_passes.dims import conventional_io
 from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.quantize import BITS, quantizable
@@ -258,7 +258,7 @@ def _read_inputs(file, io: GraphIO, shapes: ShapeRanges, source: Path) -> dict[s
     """--inputs data.npz: one array per graph input, by name, checked against the graph and the ranges."""
     file = Path(file)
     try:
-        stored = np.load(file, allow_pickle=False)
+        stored = load_arrays(file)  # every array's header checked against the file's bytes first
     except (OSError, ValueError) as error:
         stored = error
     if not isinstance(stored, np.lib.npyio.NpzFile):

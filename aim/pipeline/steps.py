@@ -43,10 +43,10 @@ class Loaded:
     dtype: str | None = None  # how the checkpoint stores its weights
 
 
-def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
-    """The family's model in FP32: a local `save_pretrained` folder (its architecture must be the
-    family's; stored in any dtype), or random weights from the family's tiny config (seeded). Nothing
-    is downloaded."""
+def load(family: Family, task: Task, checkpoint=None, seed: int = 0, stored: bool = False) -> Loaded:
+    """The family's model in FP32 (or with `stored`, in the dtype the checkpoint stores: mapped, not
+    copied): a local `save_pretrained` folder (its architecture must be the family's; stored in any
+    dtype), or random weights from the family's tiny config (seeded). Nothing is downloaded."""
     from aim.export.checkpoint import checkpoint_dtype
     from aim.export.torch_export import checkpoint_config, load_checkpoint, random_model
 
@@ -63,7 +63,7 @@ def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
                 f"CHECKPOINT={checkpoint}`)."
             )
         dtype = checkpoint_dtype(checkpoint, config)
-        model = load_checkpoint(family.model_class_object(), checkpoint)
+        model = load_checkpoint(family.model_class_object(), checkpoint, dtype if stored else "float32")
     tokenizer = task.tokenizer(model, checkpoint)
     parameters = sum(p.numel() for p in model.parameters())
     return Loaded(
@@ -112,6 +112,37 @@ def export(family: Family, task: Task, model, path: Path) -> Path:
             f"({type(error).__name__}: {error}). "
             f"Supported: {supported()}."
         ) from error
+
+
+def export_reduced(family: Family, task: Task, checkpoint: Path, path: Path, dtype: str = "float16"):
+    """exported.onnx in `dtype` behind an FP32 interface, and its weights in exported.onnx.data, without
+    the weights in memory: the dynamo exporter on a FakeTensor model of the checkpoint's config, then
+    the checkpoint's tensors attached one by one (export/fake_export.py, export/attach.py). Returns
+    (the graph, what was attached)."""
+    import torch
+    from transformers import AutoConfig
+
+    from aim.export.attach import attach
+    from aim.export.fake_export import PREFIX, export_fake, fake_model
+    from aim.families.architectures import supported
+
+    config = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
+    model, mode = fake_model(family.model_class_object(), config, getattr(torch, dtype))
+    try:
+        inputs = task.example_inputs(model, task.trace_sizes(family.sizes(**family.verify_sizes), family.dims))
+        specs = (_static(task.input_specs(model), family.dims), _static(task.output_specs(model), family.dims))
+        wanted = export_fake(
+            task, model, mode, inputs, *specs, path, getattr(torch, dtype), lambda: task.export_context(model)
+        )
+    except Exception as error:
+        if isinstance(error, AimError):
+            raise
+        raise CheckpointError(
+            f"{family.model_type} could not be exported in {dtype} by torch.onnx's dynamo exporter "
+            f"({type(error).__name__}: {str(error)[:500]}). Build it in fp32 (PRECISION=fp32) if it fits. "
+            f"Supported: {supported()}."
+        ) from error
+    return path, attach(path, wanted, checkpoint, model, PREFIX)
 
 
 def _static(specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
@@ -167,7 +198,7 @@ def passes(
     if precision in BITS:  # weight-only int4 / int8: quantized once, then modulated (the redistribution untouched)
         quantized, quantization = quantized_graph(folder, exported, precision)
         # One copy of the weights per precision: the int4 graphs refer to weights.int4.data alone, and the
-        # FP32 export (with its data file, a large model's 4 bytes per weight) has served its purpose.
+        # export (FP32, or FP16 for a bf16 checkpoint) and its data file have served their purpose.
         for path in (exported, folder / FILES["weights"]):
             path.unlink(missing_ok=True)
         exported, paths = quantized, {f"exported.{precision}": quantized}

@@ -1,52 +1,64 @@
-"""The benchmark's machinery on a tiny model: figures, checks and JSON (no timing is asserted)."""
+"""The benchmark's machinery on a tiny model: figures, intervals, verdicts, checks and JSON (no timing
+is asserted)."""
 
 import json
 import math
 
-from aim.benchmarks.run import TARGETS, run
-from aim.benchmarks.timing import measure, ratio
+from aim.benchmarks import figures as names
+from aim.benchmarks.confidence import MET, MISSED, UNRESOLVED, Budget
+from aim.benchmarks.run import run
+from aim.benchmarks.timing import Rounds
 
 
-def test_quick_bench_writes_every_figure_and_its_engines_pass_the_checks(tmp_path):
+def test_quick_bench_writes_every_figure_with_its_interval_and_its_engines_pass_the_checks(tmp_path):
     lines = []
-    results = run(["resnet"], tmp_path, quick=True, make_engine=False, log=lines.append)
+    budget = Budget(seconds=0.0)  # no extra rounds: the machinery, not the figures
+    results = run(
+        ["resnet"], tmp_path, quick=True, make_engine=False, generation=False, budget=budget, log=lines.append
+    )
     saved = json.loads((tmp_path / "bench.quick.json").read_text())
     assert saved["families"].keys() == {"resnet"} and saved["onnxruntime"]["intra_op_num_threads"] == 2
     family = results["families"]["resnet"]
     # The benchmarked modulated engine is still exact at utility 0 and statistically right.
     assert family["checks_passed"] and len(family["checks"]) >= 7
     assert family["keyed_checks_passed"] and len(family["keyed_checks"]) == 11  # and so is the keyed engine
-    assert set(family["targets"]) == {k for k in TARGETS if k != "P2"}
-    for target in family["targets"].values():
-        assert math.isfinite(target["value"]) and target["value"] > 0
-    # The subgraph adds little to the engine file (the target is < 1 MB).
-    assert family["targets"]["engine bytes added"]["met"] and family["targets"]["engine bytes added (keyed)"]["met"]
+    figures = family["figures"]
+    latency = [names.UTILITY_0, names.NOISE, names.NOISE_FOCUS, names.SPEEDUP_0, names.SPEEDUP_NOISE]
+    latency += [name + names.KEYED for name in (names.UTILITY_0, names.NOISE, names.NOISE_FOCUS)]
+    for name in latency:  # every timed ratio: a median of the 3 pairs, and an interval (none at 3 pairs)
+        figure = figures[name]
+        assert figure["pairs"] == 3 and math.isfinite(figure["value"]) and figure["value"] > 0
+        assert figure["low"] is None and figure["high"] is None  # too few pairs for a 95% interval
+        assert figure.get("verdict") in (None, UNRESOLVED)  # so no target can be decided
+    # The subgraph adds little to the engine file (the target is <= 1 MB): measured once, decided.
+    assert figures[names.ENGINE_BYTES]["verdict"] == figures[names.ENGINE_BYTES + names.KEYED]["verdict"] == MET
+    assert figures[names.PEAK_RSS]["verdict"] in (MET, MISSED)
     assert 0 < family["engine_bytes"]["bare"] < family["engine_bytes"]["production"] < family["engine_bytes"]["keyed"]
     noise = results["noise"]["resnet"]
     assert noise["shape"] == family["logits_shape"] and noise["latency"]["RandomNormalLike"]["median_ms"] > 0
-    assert {"P2 (box-muller)", "P2 (normal)", "P2 (keyed)"} <= set(noise)
-    table = lines[-2]
+    subgraph = {f"{names.SUBGRAPH} ({method})" for method in ("box-muller", "normal", "keyed")}
+    assert subgraph == set(noise["figures"]) and all(noise["figures"][n]["pairs"] == 50 for n in subgraph)
     assert all(
-        key in table
-        for key in (
-            "P1a",
-            "P1b",
-            "P1a keyed",
-            "P1b keyed",
-            "P2",
-            "P2 (keyed)",
-            "P3 utility 0",
-            "engine bytes added (keyed)",
-        )
+        noise["figures"][n]["low"] <= noise["figures"][n]["value"] <= noise["figures"][n]["high"] for n in subgraph
     )
+    table = lines[-2]
+    for name in [*latency, *subgraph, names.ENGINE_BYTES, names.PEAK_RSS]:
+        assert name in table
+    assert "95% interval" in table and "too few pairs" in table and UNRESOLVED in table
     # Nothing of the work folders is left behind but the JSON.
     assert [p.name for p in tmp_path.iterdir()] == ["bench.quick.json"]
 
 
-def test_timing_interleaves_and_ratios_use_medians():
-    calls = []
-    stats = measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
-    assert calls == ["a", "b"] * 4  # round-robin, warm-up included
-    assert stats["a"]["n"] == 3
-    r = ratio({"median_ms": 3.0, "q1_ms": 2.0, "q3_ms": 4.0}, {"median_ms": 2.0, "q1_ms": 1.0, "q3_ms": 4.0})
-    assert r == {"ratio": 1.5, "low": 0.5, "high": 4.0}
+def test_rounds_interleave_in_turn_and_settle_after_pytorch(monkeypatch):
+    calls, pauses = [], []
+    monkeypatch.setattr("aim.benchmarks.timing.time.sleep", pauses.append)
+    rounds = Rounds(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        warmup=1,
+        settle=("a",),
+        before_round=lambda i: calls.append(i),
+    )
+    rounds.run(3)
+    # Round-robin, warm-up included, each round starting one variant further.
+    assert calls == [-1, "b", "a", 0, "a", "b", 1, "b", "a", 2, "a", "b"]
+    assert len(pauses) == 4 and rounds.count == 3 and len(rounds.times()["b"]) == 3

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +25,7 @@ from aim.cli import main
 from aim.errors import AimError, InvalidInputError
 from aim.layout import MANIFEST, Manifest
 from aim.runtime.folder import ROLES, Build
-from tests.conftest import load, tiny_classifier
+from tests.conftest import link_or_copy, load, tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,7 @@ class World:
 
 def linked_copy(source: Path, target: Path) -> Path:
     """A copy whose files are hard links (fast); change a file only by replacing it, never in place."""
-    shutil.copytree(source, target, copy_function=os.link)
+    shutil.copytree(source, target, copy_function=link_or_copy)
     return target
 
 
@@ -115,6 +115,8 @@ def world(tmp_path_factory, build_folder) -> World:
             handle, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 3 * 10**6)}
         )
         handle.write(bytes(64))
+    with zipfile.ZipFile(tmp / "huge.npz", "w") as archive:  # the same claim inside an --inputs archive
+        archive.write(tmp / "huge.npy", "x.npy")
     checkpoints(tmp)
 
     resnet, llama = build_folder("resnet"), build_folder("llama")
@@ -161,6 +163,13 @@ CASES = {
     "export: safetensors of random bytes": (
         lambda w: ["export", "-o", w.out / "m.onnx", "--checkpoint", w.tmp / "garbled"],
         "is not a safetensors file",
+    ),
+    "engine: --inputs whose array claims 12 TB": (
+        lambda w: (
+            ["engine", "--onnx", w.mine_onnx, "--logits", "scores", "--max-shapes", "x:8x6", "--out", w.out]
+            + ["--inputs", w.huge_npz]
+        ),
+        "claims an array of shape (1000000, 3000000) float32 (12.0 TB), but the file holds",
     ),
     "engine: min batch 0": (
         lambda w: [

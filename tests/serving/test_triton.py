@@ -33,8 +33,10 @@ def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder,
     target = write_model(folder, tmp_path / "repo")
     assert target == tmp_path / "repo" / model
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [model]  # no staging left
+    # the engine's external weights (every build keeps them in one file: docs/real-sizes.md) beside it
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == [
         "1",
+        "1/exported.onnx.data",
         "1/front.json",
         "1/model.onnx",
         "1/model.py",
