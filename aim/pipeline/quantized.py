@@ -8,9 +8,11 @@ the agreement figure.
 
 - A PyTorch model: each `nn.Linear` whose weight W the exported graph multiplies by (as W.T, found by
   value: graph_passes.quantize.digest, or by parameter name) gets the dequantization of the graph's
-  copy of W as a new parameter, so a tied embedding keeps its own values, as the engine's Gather does. A quantized weight that is no
-  `nn.Linear`'s fails the build here: a reference that does not compute the engine's model would fail
-  it later with a misleading error.
+  copy of W as a new parameter, so a tied embedding keeps its own values, as the engine's Gather
+  does. A quantized weight that is no `nn.Linear`'s fails the build here: a reference that does not
+  compute the engine's model would fail it later with a misleading error. A model kept in bf16 / fp16
+  (an FP16 export of such a checkpoint) gets the dequantized weights in its own dtype, and computes
+  in FP32 arithmetic (verify/reference.computing_in_fp32) for the logits, in its dtype for generation.
 - A user's ONNX: the same graph with its quantizable weights replaced by their dequantization, on
   ONNX Runtime in FP32.
 """
