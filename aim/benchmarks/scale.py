@@ -170,16 +170,26 @@ request = BuildRequest({out!r}, precision={precision!r}).resolve()
 source.check(request, print)
 folder = Path({out!r}) / source.name
 folder.mkdir(parents=True, exist_ok=True)
-progress = Progress(source.steps + 2, print)
+progress = Progress(source.steps + 3, print)
 prepared = source.prepare(folder, request, progress)
 graphs = builder._passes(prepared, folder, request, progress)
 builder._engines(graphs, prepared, folder, request, progress, print)
+progress("one verification sweep: the bare graph on the reference inputs, in segments")
+from aim.runtime.segments import SegmentedEngine
+bare = SegmentedEngine(graphs.paths[graphs.sources["bare"]])
+logits = bare.run(prepared.reference.inputs)
+bare.close()
+progress.done("sweep", f"{{len(bare.graph.segments)}} segments")
+import numpy as np
+reference = prepared.reference.logits
+error = float(np.linalg.norm(logits - reference) / np.linalg.norm(reference - reference.mean(-1, keepdims=True)))
 progress.close()
 size = lambda where: sum(p.stat().st_size for p in Path(where).rglob("*") if p.is_file())
 print(json.dumps({{
     "timings_s": progress.timings, "memory_mb": progress.memory, "parameters": prepared.record.parameters,
     "dtype": prepared.record.dtype, "passed": None, "folder": str(folder), "peak_mb": memory.peak_rss() / 1e6,
     "folder_gb": size(folder) / 1e9, "checkpoint_gb": size({checkpoint!r}) / 1e9,
+    "sweep_relative_error": error, "sweep_top1_equal": bool((logits.argmax(-1) == reference.argmax(-1)).all()),
 }}))
 """
 
