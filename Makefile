@@ -65,7 +65,7 @@ BUILT = $(NAME) && { $(SOURCE); $(PY) -m aim.cli engine "$$@" $(BUILD_FLAGS) --r
 # One line per target; the CLI's commands are listed by `aim --help` (tests/cli/test_command_list.py).
 help:
 	@echo "make engine MODEL=resnet|segformer|llama | CHECKPOINT=dir | ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224"
-	@echo "            [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
+	@echo "            [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16|int4|int8] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
 	@echo "            export -> graph passes -> engine -> verify into OUT/NAME/ (ONNX also takes MIN_SHAPES, OPT_SHAPES, CLASS_AXIS, TASK, INPUTS, UPSAMPLE_TO)"
 	@echo "make test          ruff check, ruff format --check, then the test suite"
 	@echo "make format        ruff's lint fixes and formatting, as make test checks them"

@@ -21,6 +21,13 @@ def add(sub) -> None:
     p.add_argument(
         "--inputs", type=shared.positive_int, help="test inputs to attack (default: the family's evaluation set)"
     )
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        metavar="KIND",
+        help="kinds of perturbed repeats (default: all; images levels-1 levels-4 levels-16 optimised-4, text "
+        "whitespace case synonym)",
+    )
     shared.out(p)
     shared.seed(p)
     p.set_defaults(func=run)
@@ -29,5 +36,7 @@ def add(sub) -> None:
 def run(args) -> int:
     from aim.evaluation.attack import attack, report
 
-    print(report(attack(args.model, args.out, args.checkpoint, args.noise_key, args.inputs, args.seed)))
+    print(
+        report(attack(args.model, args.out, args.checkpoint, args.noise_key, args.inputs, args.seed, kinds=args.kinds))
+    )
     return 0

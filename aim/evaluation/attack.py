@@ -10,13 +10,19 @@ a tie goes to the larger mean), or with the argmax of the mean of the distinct d
 answers ("distinct": a client who knows the noise is keyed sets aside answers of a draw already seen,
 which differ from it by far less than the noise; against fresh noise it is the mean), each scored
 against the clean answer of the original request,
-for (a) exact repeats and (b) repeats of imperceptible variants (TaskEvaluation.perturbation). Fresh noise
-follows G(sigma / sqrt K) when averaged (drawn beside); keyed noise gains nothing from exact repeats,
-and from variants only what the fresh draws they buy give (their share is measured: a variant's
-noise equals the request's unless its digest moved).
+for (a) exact repeats, (b) repeats of imperceptible variants of every kind the task has
+(TaskEvaluation.perturbations: images 1, 4 and 16 intensity levels per pixel; text leading whitespace,
+one word's case, a synonym) and (c) on images, variants an attacker optimised: from a random +-4 level
+start, OPTIMISER_STEPS steps of signed gradient ascent on how much the keyed noise moves, through the
+PyTorch model and the PyTorch twin of the keyed statement under the attacker's own key (the engine's
+is secret), within +-4 levels and keeping every row's clean top-1. Fresh noise follows G(sigma / sqrt K)
+when averaged (drawn beside); keyed noise gains nothing from exact repeats, and from variants only as
+much as their draws differ from the request's (the mean correlation of a variant's keyed noise with the
+request's is reported).
 
-Writes build/<model>/attack/attack.csv (noise, repeats, aggregate, queries, agreement, theory,
-samples, standard_error), attack.png and summary.json.
+Writes build/<model>/attack/attack.csv (noise, repeats, perturbation, aggregate, queries, agreement,
+theory, samples, standard_error), attack.png and summary.json (with the gain of 64 queries over one
+for every noise and kind of repeat).
 """
 
 from __future__ import annotations
@@ -39,7 +45,13 @@ from aim.layout import ATTACK_DIR, Manifest
 
 QUERIES = (1, 2, 4, 8, 16, 32, 64)
 TARGET = 0.5  # one query agrees with the clean answer this often
-SAME_DRAW = 1e-3  # a variant's noise within this fraction of sigma of the request's: the same draw
+OPTIMISED = "optimised-4"  # the optimising attacker's kind of repeat: within +-4 intensity levels
+OPTIMISER_LEVELS = 4
+OPTIMISER_STEPS = 5  # signed gradient steps of half the bound each, from a random start at the bound
+OPTIMISED_WHAT = (
+    f"pixels moved within +-{OPTIMISER_LEVELS} levels by {OPTIMISER_STEPS} steps of gradient ascent on the keyed "
+    "noise's change (the PyTorch twin under the attacker's own key), every row's clean top-1 kept"
+)
 # The "distinct" client's test: two answers are one draw if they differ by less than this fraction of
 # sigma at PROBES fixed elements (two draws differ by ~1.4 sigma at each: 8 probes never all fall
 # below 0.25 sigma in practice; an imperceptible variant moves the logits by ~1e-2 sigma).
@@ -50,7 +62,8 @@ PROBES = 8
 @dataclass
 class Point:
     noise: str  # fresh | keyed
-    repeats: str  # exact | perturbed
+    repeats: str  # exact | perturbed | optimised
+    perturbation: str  # the kind of variant ("" for exact repeats)
     aggregate: str  # mean | vote | distinct
     queries: int
     agreement: float
@@ -108,14 +121,73 @@ def curves(engine, queries, clean_top: np.ndarray, sigma: float, batch: int) -> 
     return found
 
 
-def fresh_draw_share(engine, variants, inputs: dict, sigma: float, batch: int) -> float:
-    """The share of (variant, request) pairs whose keyed noise differs from the request's own."""
-    noise = _run(engine, inputs, batch, sigma) - _run(engine, inputs, batch, 0.0)
-    moved = []
+def variant_effects(engine, variants, inputs: dict, sigma: float, batch: int) -> dict[str, float]:
+    """How far variants move: the median RMS move of the logits, in units of sigma, and the mean
+    correlation of a variant's noise with the request's own (1: the same draw), over requests."""
+    bare = _run(engine, inputs, batch, 0.0).astype(np.float64)
+    noise = (_run(engine, inputs, batch, sigma) - bare).reshape(len(bare), -1)
+    moves, correlations = [], []
     for variant in variants:
-        other = _run(engine, variant, batch, sigma) - _run(engine, variant, batch, 0.0)
-        moved.append(np.abs(other - noise).reshape(len(noise), -1).max(1) > SAME_DRAW * sigma)
-    return float(np.mean(moved))
+        logits = _run(engine, variant, batch, 0.0).astype(np.float64)
+        other = (_run(engine, variant, batch, sigma) - logits).reshape(noise.shape)
+        moves.append(np.sqrt(np.mean((logits - bare).reshape(len(bare), -1) ** 2, axis=1)) / sigma)
+        correlations.append(np.sum(noise * other, 1) / np.sqrt(np.sum(noise**2, 1) * np.sum(other**2, 1)))
+    return {"logit_move_sigmas": float(np.median(moves)), "noise_correlation": float(np.mean(correlations))}
+
+
+def attacker_key(seed: int = 0):
+    """The optimising attacker's own key: the engine's is secret."""
+    from aim.graph_passes.noise_key import KEY_BYTES, NoiseKey
+
+    return NoiseKey(np.random.default_rng(seed + 1).bytes(KEY_BYTES))
+
+
+def optimised_variants(prepared, inputs: dict, count: int, sigma: float, seed: int = 0):
+    """`count` variants of image inputs within +-OPTIMISER_LEVELS levels per pixel, each from a random
+    start at the bound and OPTIMISER_STEPS signed gradient steps up the change of the keyed noise
+    (logits [B, C]: the PyTorch twin under the attacker's own key) or of the pooled logits it is drawn
+    from (logits with positions: the digest has no gradient), keeping every row's clean top-1 (a row
+    whose top-1 a step would change keeps its previous point; segmentation: 99% of its pixels')."""
+    import torch
+
+    from aim.evaluation.task_evaluation import LEVEL, PIXELS
+    from aim.graph_passes.redistribution import redistribute_torch
+
+    evaluation = prepared.evaluation
+    model = prepared.family.model_class_object().from_pretrained(str(prepared.checkpoint)).eval()
+    own_key = attacker_key(seed)
+    bound = OPTIMISER_LEVELS * LEVEL
+    x = torch.from_numpy(np.asarray(inputs[PIXELS]))
+
+    def logits(pixels):
+        return evaluation.training_logits(model, {PIXELS: pixels})
+
+    def drawn_from(z):  # what the keyed noise is a function of, as the attacker sees it
+        if z.dim() == 2:
+            utility = torch.full((z.shape[0],), sigma)
+            return (redistribute_torch(z, utility, torch.zeros_like(z), key=own_key) - z) / sigma
+        pooled = z.flatten(2).mean(2)
+        return pooled - pooled.mean(1, keepdim=True)
+
+    def kept(z, top):  # [B] bool: the clean top-1 kept
+        same = z.argmax(1) == top
+        return same if same.dim() == 1 else same.flatten(1).float().mean(1) >= 0.99
+
+    with torch.no_grad():
+        clean = logits(x)
+        top, origin = clean.argmax(1), drawn_from(clean)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        delta = bound * (torch.randint(0, 2, x.shape, generator=generator, dtype=torch.float32) * 2 - 1)
+        for _ in range(OPTIMISER_STEPS):
+            delta.requires_grad_(True)
+            moved = ((drawn_from(logits(x + delta)) - origin) ** 2).sum()
+            (gradient,) = torch.autograd.grad(moved, delta)
+            with torch.no_grad():
+                step = torch.clamp(delta + bound / 2 * gradient.sign(), -bound, bound)
+                keep = kept(logits(x + step), top).reshape((-1,) + (1,) * (x.dim() - 1))
+                delta = torch.where(keep, step, delta.detach())
+        yield {**inputs, PIXELS: (x + delta.detach()).numpy().astype(np.float32)}
 
 
 def attack(
@@ -126,8 +198,10 @@ def attack(
     inputs: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    kinds: list[str] | None = None,
 ) -> dict:
-    """The averaging attack on one family; returns the summary (also written as summary.json)."""
+    """The averaging attack on one family; returns the summary (also written as summary.json). `kinds`:
+    the kinds of perturbed repeats to measure (default: every kind of the task, and OPTIMISED on images)."""
     import onnxruntime
 
     from aim.evaluation.engine import eval_inputs, prepare_engine
@@ -149,18 +223,35 @@ def attack(
         f"attack on {model}: {len(split)} inputs ({len(clean)} rows), sigma {sigma:.4g} (G = "
         f"{theory_curve[0]:.3f}), K up to {max(QUERIES)}"
     )
-    log(f"  perturbed repeats: {evaluation.perturbation}")
 
+    image = "pixel_values" in split.inputs  # the optimising attacker needs pixels to move
+    if kinds is None:
+        kinds = list(evaluation.perturbations) + ([OPTIMISED] if image else [])
+    for kind in kinds:
+        if kind != OPTIMISED or not image:
+            evaluation._kind(kind)  # refuses a kind the task has not
+    optimise, kinds = OPTIMISED in kinds, [kind for kind in kinds if kind != OPTIMISED]
     points: list[Point] = []
+    gains: dict[str, dict[str, float]] = {}
+    effects: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         keyed = keyed_engine(manifest.graph_path("bare"), manifest.modulation.class_axis, key, Path(scratch))
-        for noise, engine in (("fresh", fresh), ("keyed", keyed)):
-            for repeats in ("exact", "perturbed"):
-                queries = (
-                    (split.inputs for _ in range(max(QUERIES)))
-                    if repeats == "exact"
-                    else evaluation.variants(engine, split.inputs, max(QUERIES), prepared.checkpoint, seed)
-                )
+        runs = [("exact", "", None)] + [("perturbed", kind, kind) for kind in kinds]
+        optimised = None
+        if optimise:
+            runs.append(("optimised", OPTIMISED, None))
+        for repeats, kind, variant_kind in runs:
+            for noise, engine in (("fresh", fresh), ("keyed", keyed)):
+                if repeats == "exact":
+                    queries = (split.inputs for _ in range(max(QUERIES)))
+                elif repeats == "optimised":  # made once, for both engines: gradient steps through the model
+                    if optimised is None:
+                        optimised = list(optimised_variants(prepared, split.inputs, max(QUERIES), sigma, seed))
+                    queries = iter(optimised)
+                else:
+                    queries = evaluation.variants(
+                        engine, split.inputs, max(QUERIES), prepared.checkpoint, seed, kind=variant_kind
+                    )
                 found = curves(engine, queries, clean_top, sigma, setup.batch)
                 for aggregate, agreement in found.items():
                     for index, k in enumerate(QUERIES):
@@ -170,6 +261,7 @@ def attack(
                             Point(
                                 noise,
                                 repeats,
+                                kind,
                                 aggregate,
                                 k,
                                 p,
@@ -178,14 +270,25 @@ def attack(
                                 float(np.sqrt(p * (1 - p) / len(clean))),
                             )
                         )
+                gains.setdefault(kind or "exact", {})[noise] = found["mean"][64] - found["mean"][1]
+                if noise == "keyed":
+                    gains[kind or "exact"]["keyed, distinct"] = found["distinct"][64] - found["distinct"][1]
                 log(
-                    f"  {noise:5} {repeats:9}: K=1 {found['mean'][1]:.3f} -> K=64 mean "
-                    f"{found['mean'][64]:.3f}, vote {found['vote'][64]:.3f}, distinct "
-                    f"{found['distinct'][64]:.3f}"
+                    f"  {noise:5} {repeats:9} {kind:11}: K=1 {found['mean'][1]:.3f} -> K=64 mean "
+                    f"{found['mean'][64]:.3f} ({found['mean'][64] - found['mean'][1]:+.3f}), vote "
+                    f"{found['vote'][64]:.3f}, distinct {found['distinct'][64]:.3f}"
                 )
-        variants = evaluation.variants(keyed, split.inputs, max(QUERIES), prepared.checkpoint, seed)
-        share = fresh_draw_share(keyed, variants, split.inputs, sigma, setup.batch)
-        log(f"  keyed: {share:.1%} of the perturbed repeats bought a fresh draw")
+        for kind in kinds + ([OPTIMISED] if optimise else []):
+            variants = (
+                optimised[:8]
+                if kind == OPTIMISED
+                else evaluation.variants(keyed, split.inputs, 8, prepared.checkpoint, seed, kind=kind)
+            )
+            effects[kind] = variant_effects(keyed, variants, split.inputs, sigma, setup.batch)
+            log(
+                f"  {kind}: the logits move by {effects[kind]['logit_move_sigmas']:.4f} sigma (median RMS); the keyed "
+                f"noise correlates {effects[kind]['noise_correlation']:.4f} with the request's"
+            )
     if fresh_key and noise_key is not None:
         key.write(noise_key)
 
@@ -201,8 +304,12 @@ def attack(
         "num_classes": int(clean.shape[1]),
         "sigma": sigma,
         "agreement_one_query_theory": float(theory_curve[0]),
-        "perturbation": evaluation.perturbation,
-        "keyed_fresh_draw_share": share,
+        "perturbations": {
+            **{kind: evaluation.perturbations[kind] for kind in kinds},
+            **({OPTIMISED: OPTIMISED_WHAT} if optimise else {}),
+        },
+        "gain_of_64_queries": gains,
+        "variant_effects": effects,
         "key_fingerprint": key.fingerprint,
         "queries": list(QUERIES),
         "files": [str(folder / "attack.csv"), str(png)],
@@ -222,6 +329,15 @@ def write_csv(points: list[Point], path: Path) -> Path:
     return path
 
 
+def _panels(points: list[Point]) -> list[tuple[str, str]]:
+    """(repeats, perturbation) of every kind of repeat, in the order measured."""
+    seen = []
+    for p in points:
+        if (p.repeats, p.perturbation) not in seen:
+            seen.append((p.repeats, p.perturbation))
+    return seen
+
+
 def plot(points: list[Point], path: Path, title: str, sigma: float) -> Path:
     """Agreement against K, one panel per kind of repeat; the theory of averaging fresh noise dashed."""
     import matplotlib
@@ -229,7 +345,10 @@ def plot(points: list[Point], path: Path, title: str, sigma: float) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    panels = _panels(points)
+    columns = min(3, len(panels))
+    rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4.2 * rows), sharey=True, squeeze=False)
     styles = {
         ("fresh", "mean"): "o-C0",
         ("fresh", "vote"): "s:C0",
@@ -237,9 +356,10 @@ def plot(points: list[Point], path: Path, title: str, sigma: float) -> Path:
         ("keyed", "vote"): "s:C3",
         ("keyed", "distinct"): "^--C1",
     }
-    for ax, repeats in zip(axes, ("exact", "perturbed")):
+    for ax, (repeats, kind) in zip(axes.ravel(), panels):
+        here = [p for p in points if (p.repeats, p.perturbation) == (repeats, kind)]
         for (noise, aggregate), style in styles.items():
-            chosen = [p for p in points if (p.noise, p.repeats, p.aggregate) == (noise, repeats, aggregate)]
+            chosen = [p for p in here if (p.noise, p.aggregate) == (noise, aggregate)]
             ax.plot(
                 [p.queries for p in chosen],
                 [p.agreement for p in chosen],
@@ -247,7 +367,7 @@ def plot(points: list[Point], path: Path, title: str, sigma: float) -> Path:
                 ms=4,
                 label=f"{noise} noise, {aggregate} of K",
             )
-        theory_points = [p for p in points if p.theory is not None and p.repeats == repeats]
+        theory_points = [p for p in here if p.theory is not None]
         ax.plot(
             [p.queries for p in theory_points],
             [p.theory for p in theory_points],
@@ -257,11 +377,13 @@ def plot(points: list[Point], path: Path, title: str, sigma: float) -> Path:
         )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("queries K")
-        ax.set_title(f"{title}, sigma {sigma:.3g}: {repeats} repeats", fontsize=10)
+        ax.set_title(f"{title}, sigma {sigma:.3g}: {repeats} {kind}".strip(), fontsize=10)
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1.02)
-    axes[0].set_ylabel("agreement with the clean answer")
-    axes[0].legend(fontsize=8)
+    for ax in axes.ravel()[len(panels) :]:
+        ax.set_visible(False)
+    axes[0, 0].set_ylabel("agreement with the clean answer")
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -270,20 +392,42 @@ def report(summary: dict, points_path: str | os.PathLike | None = None) -> str:
     lines = [
         f"{summary['model']}: {summary['rows']} rows, sigma {summary['sigma']:.4g} (one query agrees "
         f"{summary['agreement_one_query_theory']:.3f} by theory)",
-        f"  perturbed repeats: {summary['perturbation']}",
-        f"  keyed noise: {summary['keyed_fresh_draw_share']:.1%} of the perturbed repeats bought a fresh draw",
+        "  kinds of repeat:",
+        *(f"    {kind}: {what}" for kind, what in summary["perturbations"].items()),
+        "  gain of 64 queries over one (mean of the answers):",
+        *(
+            f"    {kind:12} "
+            + ", ".join(f"{noise} {gain:+.3f}" for noise, gain in by_noise.items())
+            + (
+                f"; logits move {summary['variant_effects'][kind]['logit_move_sigmas']:.4f} sigma, keyed noise "
+                f"correlates {summary['variant_effects'][kind]['noise_correlation']:.4f} with the request's"
+                if kind in summary["variant_effects"]
+                else ""
+            )
+            for kind, by_noise in summary["gain_of_64_queries"].items()
+        ),
         "  agreement with the clean answer after K queries:",
     ]
     path = Path(points_path or summary["files"][0])
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
-    for noise in ("fresh", "keyed"):
-        for repeats in ("exact", "perturbed"):
+    panels = []
+    for r in rows:
+        if (r["repeats"], r["perturbation"]) not in panels:
+            panels.append((r["repeats"], r["perturbation"]))
+    for repeats, kind in panels:
+        for noise in ("fresh", "keyed"):
             for aggregate in ("mean", "vote", "distinct"):
-                chosen = [r for r in rows if (r["noise"], r["repeats"], r["aggregate"]) == (noise, repeats, aggregate)]
+                chosen = [
+                    r
+                    for r in rows
+                    if (r["noise"], r["repeats"], r["perturbation"], r["aggregate"])
+                    == (noise, repeats, kind, aggregate)
+                ]
                 values = " ".join(f"{float(r['agreement']):.3f}" for r in chosen)
+                label = f"{repeats} {kind}".strip()
                 lines.append(
-                    f"  {noise:5} {repeats:9} {aggregate:8} K={','.join(r['queries'] for r in chosen)}: {values}"
+                    f"  {noise:5} {label:22} {aggregate:8} K={','.join(r['queries'] for r in chosen)}: {values}"
                 )
     lines.append("  files: " + ", ".join(summary["files"]))
     return "\n".join(lines)

@@ -4,10 +4,10 @@ One object per task, looked up by the task's name (`evaluation_of`), beside the 
 how a model of the task is traced and verified (aim/tasks). The data is package-shipped or generated
 (evaluation/datasets.py), never downloaded:
 
-    image-classification     scikit-learn's digits, accuracy; variants: one 8-bit level per pixel
+    image-classification     scikit-learn's digits, accuracy; variants: 1, 4 or 16 8-bit levels per pixel
     semantic-segmentation    synthetic shapes labelled per pixel, mIoU; the same variants
     text-generation          the standard library's documentation through a BPE trained here,
-                             next-token accuracy; variants: leading whitespace
+                             next-token accuracy; variants: leading whitespace, one word's case, a synonym
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class TaskEvaluation:
     metric: str = "accuracy"  # the clean metric of a trained model
     utility_grid: str = "classification"  # the eval sweep's sigma grid (docs/method.md §1)
     segmentation: bool = False  # measured per pixel: mIoU besides accuracy
-    perturbation: str = ""  # what `variants` changes, in words
+    perturbation: str = ""  # what `variants` changes by default, in words
+    perturbations: dict[str, str] = {}  # every kind of variant -> what it changes (the first is the default)
 
     # -- training
 
@@ -68,14 +69,27 @@ class TaskEvaluation:
         """A labelled split of the task's data shaped for `engine`."""
         raise NotImplementedError
 
-    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
+    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0, kind: str | None = None):
         """`count` imperceptible variants of the eval inputs `inputs` (shaped for `engine`), one by one
-        (the averaging attack, evaluation/attack.py)."""
+        (the averaging attack, evaluation/attack.py); `kind`: one of `perturbations` (default: the first)."""
         raise NotImplementedError
+
+    def _kind(self, kind: str | None) -> str:
+        if kind is None:
+            return next(iter(self.perturbations))
+        if kind not in self.perturbations:
+            raise AimError(f"no variants of kind {kind!r} for {self.task}; kinds: {', '.join(self.perturbations)}")
+        return kind
+
+
+def _levels(count: int) -> str:
+    plural = "s" if count > 1 else ""
+    return f"every pixel value moved by {count} 8-bit intensity level{plural} ({count}/255 of its range), up or down"
 
 
 class _ImageEvaluation(TaskEvaluation):
-    perturbation = "every pixel value moved by one 8-bit intensity level (1/255 of its range), up or down at random"
+    perturbations = {f"levels-{n}": _levels(n) for n in (1, 4, 16)}
+    perturbation = perturbations["levels-1"]
 
     def model_config(self, trained, data: dict):
         return trained.config(labels=data["labels"], channels=data["channels"])
@@ -98,12 +112,13 @@ class _ImageEvaluation(TaskEvaluation):
             logits = upsample_torch(logits, inputs[PIXELS].shape[2:])
         return logits
 
-    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
+    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0, kind: str | None = None):
+        step = LEVEL * int(self._kind(kind).split("-")[1])
         rng = np.random.default_rng(seed)
         for _ in range(count):
             yield {
                 **inputs,
-                PIXELS: inputs[PIXELS] + rng.choice(np.float32([-LEVEL, LEVEL]), size=inputs[PIXELS].shape),
+                PIXELS: inputs[PIXELS] + rng.choice(np.float32([-step, step]), size=inputs[PIXELS].shape),
             }
 
 
@@ -148,10 +163,14 @@ class TextGenerationEvaluation(TaskEvaluation):
     utility_grid = "language"
     # Whitespace before the context, not after it: a trailing space is part of the next token to a
     # BPE model and asks another question (measured: 3% of next tokens agree with the original's).
-    perturbation = (
-        "leading whitespace: the k-th shortest string of spaces, newlines and tabs before the context "
-        "(as its own tokens)"
-    )
+    perturbations = {
+        "whitespace": "leading whitespace: the k-th shortest string of spaces, newlines and tabs before the context "
+        "(as its own tokens)",
+        "case": "the case of one word of the context flipped (the k-th word but the last, lower <-> Capitalised)",
+        "synonym": "one word of the context replaced by a synonym from a small table (the k-th of the context's "
+        "candidates; a context with none is sent as it is)",
+    }
+    perturbation = perturbations["whitespace"]
 
     def training_data(self, trained, seed: int = 0, checkpoint=None, train_inputs: int | None = None) -> dict:
         vocab = trained.config().vocab_size
@@ -194,17 +213,119 @@ class TextGenerationEvaluation(TaskEvaluation):
             prefill_inputs(engine, data.inputs["input_ids"], data.inputs["attention_mask"]), data.labels
         )
 
-    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0):
+    def variants(self, engine, inputs: dict, count: int, checkpoint, seed: int = 0, kind: str | None = None):
         from aim.generation.loop import prefill_inputs
 
+        kind = self._kind(kind)
         tokenizer = load_tokenizer(checkpoint)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for prefix in whitespace(count):
-            extra = np.asarray(tokenizer(prefix, add_special_tokens=False)["input_ids"], dtype=ids.dtype)
-            extra = np.broadcast_to(extra, (ids.shape[0], extra.size))
-            yield prefill_inputs(
-                engine, np.concatenate([extra, ids], axis=1), np.concatenate([np.ones_like(extra), mask], axis=1)
-            )
+        if kind == "whitespace":
+            for prefix in whitespace(count):
+                extra = np.asarray(tokenizer(prefix, add_special_tokens=False)["input_ids"], dtype=ids.dtype)
+                extra = np.broadcast_to(extra, (ids.shape[0], extra.size))
+                yield prefill_inputs(
+                    engine, np.concatenate([extra, ids], axis=1), np.concatenate([np.ones_like(extra), mask], axis=1)
+                )
+            return
+        texts = [tokenizer.decode(row[row_mask > 0]) for row, row_mask in zip(ids, mask)]
+        edit = flip_case if kind == "case" else use_synonym
+        for k in range(count):
+            encoded = [tokenizer(edit(text, k), add_special_tokens=False)["input_ids"] for text in texts]
+            width = max(map(len, encoded))
+            pad = tokenizer.pad_token_id or 0
+            padded = np.array([[pad] * (width - len(e)) + e for e in encoded], dtype=ids.dtype)  # left padding
+            attention = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=mask.dtype)
+            yield prefill_inputs(engine, padded, attention)
+
+
+# A small table of synonyms (words of the standard library's documentation): no download.
+SYNONYMS = {
+    "value": "amount",
+    "used": "employed",
+    "new": "fresh",
+    "given": "supplied",
+    "specified": "stated",
+    "called": "invoked",
+    "following": "next",
+    "same": "identical",
+    "different": "distinct",
+    "large": "big",
+    "small": "little",
+    "empty": "blank",
+    "first": "initial",
+    "last": "final",
+    "only": "just",
+    "error": "failure",
+    "returns": "gives",
+    "number": "count",
+    "name": "label",
+    "create": "make",
+    "created": "made",
+    "change": "alter",
+    "show": "display",
+    "allows": "permits",
+    "ignored": "skipped",
+    "usually": "normally",
+    "always": "invariably",
+    "often": "frequently",
+    "begin": "start",
+    "end": "finish",
+    "part": "portion",
+    "whole": "entire",
+    "simple": "plain",
+    "result": "outcome",
+    "useful": "handy",
+    "important": "significant",
+    "possible": "feasible",
+    "several": "various",
+    "many": "numerous",
+    "get": "obtain",
+    "keep": "retain",
+    "need": "require",
+    "needed": "required",
+    "check": "verify",
+    "find": "locate",
+    "found": "located",
+    "give": "provide",
+    "gives": "provides",
+    "method": "procedure",
+    "example": "sample",
+    "object": "item",
+    "true": "correct",
+    "contains": "holds",
+    "uses": "employs",
+    "must": "has to",
+    "cannot": "can not",
+    "raised": "thrown",
+}
+
+
+def _words(text: str) -> list[tuple[int, int]]:
+    """Spans of the alphabetic words of `text`, but the last (the next token continues it)."""
+    import re
+
+    return [m.span() for m in re.finditer(r"[A-Za-z]+", text)][:-1]
+
+
+def flip_case(text: str, k: int) -> str:
+    """The k-th word (cyclically) lower-cased if it has a capital, else Capitalised."""
+    spans = _words(text)
+    if not spans:
+        return text
+    start, end = spans[k % len(spans)]
+    word = text[start:end]
+    return text[:start] + (word.lower() if word != word.lower() else word.capitalize()) + text[end:]
+
+
+def use_synonym(text: str, k: int) -> str:
+    """The k-th word (cyclically) of those in SYNONYMS replaced by its synonym; no candidate: `text` itself."""
+    spans = [(s, e) for s, e in _words(text) if text[s:e].lower() in SYNONYMS]
+    if not spans:
+        return text
+    start, end = spans[k % len(spans)]
+    word = text[start:end]
+    other = SYNONYMS[word.lower()]
+    return text[:start] + (other.capitalize() if word[0].isupper() else other) + text[end:]
 
 
 def whitespace(count: int) -> list[str]:

@@ -14,27 +14,35 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 
 from aim.contract import NOISE_METHODS
 from aim.graph_passes.noise_key import ABSORB_ROUNDS, PRIME, PROJECTIONS, KeyedConstants
 from aim.lazy import lazy_import
 
+onnx = lazy_import("onnx")  # DrawnNoise's attributes: the keyed checks import this module's constants alone
 torch = lazy_import("torch")  # TorchNoise only
 
 # Box-Muller's first uniform is drawn from [TINY, 1) so that log() never sees 0; it bounds |n1| by
 # sqrt(-2 ln TINY) = 13.2, a tail of probability 1e-38, far below what a float32 uniform resolves.
 TINY = float(np.finfo(np.float32).tiny)
-# Keyed noise (KeyedNoise): the digest's quantization step in units of the row's sigma (RMS logit
-# units); the step of rows at utility 0, whose focus noise is keyed too, in logit units; and the
-# resolution at which sigma itself is absorbed (tiers 2**-16 apart draw apart). The step trades the
-# draws a perturbation buys against how many requests share one: on the digits classifier at the
-# sigma of 50% agreement (README, keyed noise), sigma/4 keeps the tier's agreement as steady across
-# keys as independent draws would (135 distinct draws among 360 test images) while 1/255 pixel
-# perturbations buy a fresh draw 7% of the time; a step of sigma leaves 21 draws, and one key's tier
-# anywhere between 30% and 70%.
+# Keyed noise of logits with positions (CellKeyedNoise): the digest's quantization step in units of the
+# row's sigma (RMS logit units). On the digits classifier at the sigma of 50% agreement, sigma/4 kept
+# the tier's agreement about as steady across keys as independent draws (135 distinct draws among 360
+# test images) while 1/255 pixel perturbations bought a fresh draw 7% of the time.
 DIGEST_STEP = 0.25
+# Keyed noise of rows [B, C] (SmoothKeyedNoise): the lattice's cell width in units of the row's sigma
+# (RMS logit units). It trades what averaging perturbed copies gains against how much distinct inputs
+# with close logits share their noise. Measured (24 keys, docs/keyed-noise.md) on the digits ResNet and
+# a user's MLP at the sigma of 50% agreement, the mean of 64 copies whose every pixel moved by +-4
+# levels (logits moved by 0.02 sigma) gained over one copy: width 0.25 sigma +0.031 and +0.039, 0.35
+# +0.015 and +0.016, 0.5 +0.007 and +0.013 (fresh noise +0.49 and +0.48). The price: images of one digit
+# (0.07-0.16 sigma apart) share more of their draw, so one key's tier strays further from the theory
+# (key-to-key sd of one query's agreement 0.06, 0.08, 0.11 on the digits, fresh noise 0.02; 0.02, 0.02,
+# 0.04 on the MLP). 0.5 keeps the gain under 0.03 for nearly every key on both.
+CELL_WIDTH = 0.5
+# Rows at utility 0 whose focus noise is keyed: the step or width in logit units, sigma being 0.
 FOCUS_ONLY_STEP = 1.0
+# The resolution at which sigma itself is absorbed: tiers 2**-16 apart draw independent noise.
 TIER_RESOLUTION = 2.0**16
 
 
@@ -116,7 +124,24 @@ class DrawnNoise:
         return n1, n2
 
 
-class KeyedNoise:
+class _KeyedGenerator:
+    """The counter-based generator of keyed noise: integer Mul, Add and Mod only (TensorRT has no bitwise
+    operators), in int64 modulo PRIME, where cubing is a permutation."""
+
+    @staticmethod
+    def _cube(ops, x):
+        """x**3 mod PRIME for 0 <= x < 2 PRIME: every product stays below 2**63."""
+        prime = ops.constant(PRIME, np.int64)
+        return ops.mod(ops.mul(ops.mod(ops.mul(x, x), prime), x), prime)
+
+    def _hash(self, ops, seed, counters, rounds):
+        x = self._cube(ops, ops.add(seed, counters))
+        for key in rounds:
+            x = self._cube(ops, ops.add(x, ops.constant(key, np.int64)))
+        return x
+
+
+class CellKeyedNoise(_KeyedGenerator):
     """Keyed noise: n1 and n2 are a function of a secret key and of the request, so the same request
     gets the same draw whatever shares its batch (the same answer bit for bit in the same batch: the
     float math after the integer draw may move a last bit with a row's place in memory), and
@@ -146,18 +171,6 @@ class KeyedNoise:
                 f"keyed constants for {constants.projection.shape[0]} classes, the logits have {num_classes}"
             )
         self.k, self.axis, self.classes, self.rank = constants, class_axis, num_classes, rank
-
-    @staticmethod
-    def _cube(ops, x):
-        """x**3 mod PRIME for 0 <= x < 2 PRIME: every product stays below 2**63."""
-        prime = ops.constant(PRIME, np.int64)
-        return ops.mod(ops.mul(ops.mod(ops.mul(x, x), prime), x), prime)
-
-    def _hash(self, ops, seed, counters, rounds):
-        x = self._cube(ops, ops.add(seed, counters))
-        for key in rounds:
-            x = self._cube(ops, ops.add(x, ops.constant(key, np.int64)))
-        return x
 
     def _seed(self, ops, z, utility):
         """[B, 1] int64: the row's digest absorbed with the key."""
@@ -226,6 +239,126 @@ class KeyedNoise:
 
         n2 = ops.mul(radius(focused(even)), ops.cos(angle(focused(even + self.classes))))
         return n1, n2
+
+
+class SmoothKeyedNoise(_KeyedGenerator):
+    """Keyed noise of logits [B, C] that changes smoothly with the request: an input perturbed a little
+    gets nearly the same draw, so averaging perturbed repeats gains next to nothing, while requests
+    whose logits lie cells apart draw independent noise.
+
+    The row's centred logits, projected on the key's PROJECTIONS +-1 directions and divided by a cell
+    width of CELL_WIDTH sigma (RMS logit units), shifted by a keyed phase, fall in one simplex of the
+    keyed lattice (Kuhn's triangulation of the unit cells: the cell's corner, then one coordinate
+    stepped up at a time in the order of the fractional parts, largest first). Each of its
+    PROJECTIONS + 1 vertices, with the tier, seeds an independent N(0, 1) draw of every class; the
+    noise is their sum weighted by the point's barycentric coordinates scaled to unit length. So
+    given the key and the request every logit's noise is exactly N(0, 1) and the classes independent
+    (the weights' squares sum to 1); a vertex enters or leaves the simplex with weight 0, so the draw
+    is continuous in the logits, and two requests' noise correlate as much as their weights overlap:
+    1 - O((move / width)**2) for a small move, 0 for requests no vertex apart.
+
+    An element's uniform is cube(class_hash + vertex_seed): the class hash is the key's alone (CLASS_ROUNDS
+    cubings of the slot's keyed counter, over [C] once per run), the vertex seed absorbs the vertex's
+    coordinates and the tier, so the full-size [B, PROJECTIONS + 1, C] draw costs one cubing per element.
+    """
+
+    def __init__(self, constants: KeyedConstants, num_classes: int):
+        if constants.projection.shape[0] != num_classes:
+            raise ValueError(
+                f"keyed constants for {constants.projection.shape[0]} classes, the logits have {num_classes}"
+            )
+        self.k, self.classes, self.dims = constants, num_classes, constants.projection.shape[1]
+
+    def _simplex(self, ops, z, utility):
+        """The vertices' seeds [B, V, 1] (int64) and weights [B, V] (squares summing to 1), V = dims + 1."""
+        k, m, i64 = self.k, self.dims, np.int64
+        centred = ops.sub(z, ops.reduce_mean(z, [1], keepdims=True))
+        projected = ops.matmul(centred, ops.to_float32(ops.constant(k.projection, np.float16)))  # [B, m]
+        sigma = ops.where(ops.greater(utility, 0.0), utility, ops.constant(FOCUS_ONLY_STEP))
+        width = ops.mul(sigma, ops.constant(CELL_WIDTH * math.sqrt(self.classes)))  # +-1 projections: RMS * sqrt(C)
+        point = ops.clip(
+            ops.nan_to(ops.add(ops.div(projected, ops.unsqueeze(width, [1])), ops.constant(k.offsets)), 0.0),
+            -(2.0**28),
+            2.0**28,
+        )
+        corner = ops.floor(point)
+        fraction = ops.sub(point, corner)  # [B, m] in [0, 1)
+        # order[b, i]: how many fractions of the row sort before fraction i (descending; ties by index)
+        mine, theirs = ops.unsqueeze(fraction, [2]), ops.unsqueeze(fraction, [1])  # [B, m, 1], [B, 1, m]
+        earlier = ops.constant(np.tril(np.ones((m, m), dtype=bool), -1), dtype=bool)  # [i, j]: j < i
+        before = ops.or_(ops.greater(theirs, mine), ops.and_(ops.equal(theirs, mine), earlier))
+        order = ops.unsqueeze(ops.reduce_sum(ops.to_float32(before), [2]), [1])  # [B, 1, m]
+        # Vertex v (0..m) is the corner with the coordinates of order < v stepped up by one.
+        stepped = ops.to_int64(ops.less(order, ops.constant(np.arange(m + 1).reshape(m + 1, 1))))  # [B, V, m]
+        vertices = ops.add(ops.unsqueeze(ops.add(ops.to_int64(corner), ops.constant(2**28, i64)), [1]), stepped)
+        # Barycentric coordinates: 1 - f(0), f(0) - f(1), ..., f(m-1) with f(r) the r-th largest fraction.
+        rth = ops.equal(order, ops.constant(np.arange(m).reshape(m, 1)))  # [B, m(r), m(i)]
+        ordered = ops.reduce_sum(ops.mul(ops.to_float32(rth), ops.unsqueeze(fraction, [1])), [2])  # [B, m]
+        weights = ops.concat(
+            [
+                ops.sub(ops.constant([[1.0]]), ops.slice(ordered, 0, 1, axis=1)),
+                ops.sub(ops.slice(ordered, 0, m - 1, axis=1), ops.slice(ordered, 1, m, axis=1)),
+                ops.slice(ordered, m - 1, m, axis=1),
+            ],
+            axis=1,
+        )
+        weights = ops.div(weights, ops.sqrt(ops.reduce_sum(ops.mul(weights, weights), [1], keepdims=True)))
+        tier = ops.to_int64(ops.floor(ops.mul(utility, ops.constant(TIER_RESOLUTION))))  # <= MAX_STRENGTH: < PRIME
+        words = [ops.slice(vertices, i, i + 1, axis=2) for i in range(m)] + [ops.unsqueeze(tier, [1, 2])]
+        seed = ops.constant([[[k.absorb[0]]]], i64)
+        for i, word in enumerate(words):
+            seed = self._cube(ops, ops.add(seed, word))
+            for _ in range(ABSORB_ROUNDS - 1):
+                seed = self._cube(ops, ops.add(seed, ops.constant(k.absorb[i + 1], i64)))
+        return seed, weights
+
+    def draw(self, ops, z, classes, utility):
+        k, i64 = self.k, np.int64
+        seeds, weights = self._simplex(ops, z, utility)
+        weights = ops.unsqueeze(weights, [2])  # [B, V, 1]
+
+        def uniform(slots):
+            """(0, 1] [B, V, J] for class slots [J]: 30 bits, exact in FP32 arithmetic."""
+            scaled = ops.add(ops.mul(slots, ops.constant(k.class_multiplier, i64)), ops.constant(k.class_offset, i64))
+            counters = ops.mod(scaled, ops.constant(PRIME, i64))
+            class_hash = self._hash(ops, ops.constant(k.class_start, i64), counters, k.class_rounds)  # [J]
+            x = self._cube(ops, ops.add(seeds, class_hash))
+            return ops.mul(ops.add(ops.to_float32(x), ops.constant(1.0)), ops.constant(2.0**-30))
+
+        def radius(a):
+            return ops.sqrt(ops.mul(ops.log(a), ops.constant(-2.0)))
+
+        def angle(b):
+            return ops.mul(b, ops.constant(2.0 * math.pi))
+
+        def blend(normals):  # [B, V, J] -> [B, J]
+            return ops.reduce_sum(ops.mul(normals, weights), [1])
+
+        even = self.classes + self.classes % 2
+        pairs = uniform(ops.arange(z, 1, self.classes % 2))
+        r, theta = radius(ops.slice(pairs, 0, even // 2, 2)), angle(ops.slice(pairs, even // 2, even, 2))
+        n1 = ops.slice(ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], 2), 0, self.classes, 2)
+
+        def focused(start):  # n2's slots follow n1's: computed for the K focused classes only
+            return uniform(ops.add(classes, ops.constant(start, i64)))
+
+        n2 = ops.mul(radius(focused(even)), ops.cos(angle(focused(even + self.classes))))
+        return blend(n1), blend(n2)
+
+
+def correlation_width(rank: int) -> float:
+    """How far apart (RMS distance of the pooled, centred logits, in units of sigma) two requests' keyed
+    noise stops being shared: the smooth lattice's cell width, or the digest's step."""
+    return CELL_WIDTH if rank == 2 else DIGEST_STEP
+
+
+def keyed_noise(key, class_axis: int, num_classes: int, rank: int):
+    """The keyed noise of logits of this rank: smooth for rows [B, C]; the cell digest where the logits
+    have positions (pixels, tokens), whose per-element cost the smooth blend would multiply."""
+    constants = key.constants(num_classes)
+    if rank == 2:
+        return SmoothKeyedNoise(constants, num_classes)
+    return CellKeyedNoise(constants, class_axis, num_classes, rank)
 
 
 class TorchNoise(GivenNoise):

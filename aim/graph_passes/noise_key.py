@@ -50,6 +50,7 @@ class KeyedConstants:
     class_multiplier: int
     class_offset: int
     class_rounds: np.ndarray  # int64 [CLASS_ROUNDS - 1]
+    class_start: int  # smooth keyed noise: the key's own hash of a slot starts from this
     position_multiplier: int  # position counter = (index * multiplier + offset) mod PRIME
     position_offset: int
     position_rounds: np.ndarray  # int64 [CLASS_ROUNDS - 1]
@@ -137,6 +138,7 @@ class NoiseKey:
             class_multiplier=int(multiplier),
             class_offset=int(offset),
             class_rounds=self._residues("class rounds", CLASS_ROUNDS - 1),
+            class_start=int(self._residues("class start", 1)[0]),
             position_multiplier=int(position_multiplier),
             position_offset=int(position_offset),
             position_rounds=self._residues("position rounds", CLASS_ROUNDS - 1),

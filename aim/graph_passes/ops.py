@@ -49,8 +49,20 @@ class TorchOps:
         return x.max() if axis is None else x.amax(dim=axis)
 
     @staticmethod
-    def greater(x, value: float):
+    def greater(x, value):
         return x > value
+
+    @staticmethod
+    def less(x, value):
+        return x < value
+
+    @staticmethod
+    def equal(x, value):
+        return x == value
+
+    @staticmethod
+    def and_(a, b):
+        return torch.logical_and(a, b)
 
     @staticmethod
     def if_(condition, then_branch, else_branch):
@@ -127,6 +139,10 @@ class TorchOps:
     @staticmethod
     def reduce_mean(x, axes: list[int], keepdims: bool = False):
         return x.mean(dim=axes, keepdim=keepdims)
+
+    @staticmethod
+    def reduce_sum(x, axes: list[int], keepdims: bool = False):
+        return x.sum(dim=axes, keepdim=keepdims)
 
     @staticmethod
     def concat(tensors, axis: int):
@@ -218,8 +234,21 @@ class GraphOps:
             return self.node(op, [x, self.constant(axes, np.int64)], {"keepdims": int(keepdims)}, dtype=x.dtype)
         return self.node(op, [x], {"keepdims": int(keepdims), "axes": axes}, dtype=x.dtype)
 
-    def greater(self, x, value: float):
-        return self.node("Greater", [x, self.constant(value)], dtype=bool)
+    def _operand(self, value):
+        """A number as an FP32 constant; a tensor as it is."""
+        return self.constant(value) if isinstance(value, (int, float)) else value
+
+    def greater(self, x, value):
+        return self.node("Greater", [x, self._operand(value)], dtype=bool)
+
+    def less(self, x, value):
+        return self.node("Less", [x, self._operand(value)], dtype=bool)
+
+    def equal(self, x, value):
+        return self.node("Equal", [x, self._operand(value)], dtype=bool)
+
+    def and_(self, a, b):
+        return self.node("And", [a, b], dtype=bool)
 
     def or_(self, a, b):
         return self.node("Or", [a, b], dtype=bool)
@@ -258,6 +287,10 @@ class GraphOps:
 
     def reduce_mean(self, x, axes: list[int], keepdims: bool = False):
         return self.reduce("ReduceMean", x, axes, keepdims)
+
+    def reduce_sum(self, x, axes: list[int], keepdims: bool = False):
+        # ReduceSum took its axes as an input from opset 13 (the others from 18); the passes need 15.
+        return self.node("ReduceSum", [x, self.constant(axes, np.int64)], {"keepdims": int(keepdims)}, dtype=x.dtype)
 
     def concat(self, tensors, axis: int):
         return self.node("Concat", list(tensors), {"axis": axis}, dtype=tensors[0].dtype)

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from aim.contract import FLAVOURS, FOCUS, MAX_STRENGTH, MODULATION_INPUTS, NOISE_INPUTS, PREFIX, UTILITY
 from aim.errors import InvalidGraphError
 from aim.graph_passes.logits import class_axis_of, logits_output, movable_producer
-from aim.graph_passes.noise import DrawnNoise, GivenNoise, KeyedNoise, TorchNoise
+from aim.graph_passes.noise import DrawnNoise, GivenNoise, TorchNoise, keyed_noise
 from aim.graph_passes.noise_key import NoiseKey
 from aim.graph_passes.ops import GraphOps, TorchOps
 from aim.lazy import lazy_import
@@ -87,7 +87,7 @@ def add_redistribution(
     in the graph; the verification flavour takes it as inputs `noise_utility` and `noise_focus` shaped
     like the logits, so every backend can be compared element-wise. Both share every other node.
     `noise`: how the production flavour makes fresh N(0, 1), one of NOISE_METHODS (see DrawnNoise).
-    `key`: makes the production flavour's noise keyed instead of fresh (see KeyedNoise).
+    `key`: makes the production flavour's noise keyed instead of fresh (see noise.keyed_noise).
     """
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
@@ -131,7 +131,7 @@ def add_redistribution(
         graph.inputs.extend(given)
         source = GivenNoise(*given, class_axis=axis)
     elif key is not None:
-        source = KeyedNoise(key.constants(classes), axis, classes, rank)
+        source = keyed_noise(key, axis, classes, rank)
     else:
         source = DrawnNoise(axis, classes, noise)
     out = redistribute(ops, bare, utility, focus, source, rank=rank, class_axis=axis)
@@ -156,7 +156,7 @@ def redistribute_torch(
     rank = logits.dim()
     axis = class_axis % rank
     if key is not None:
-        noise = KeyedNoise(key.constants(logits.shape[axis]), axis, logits.shape[axis], rank)
+        noise = keyed_noise(key, axis, logits.shape[axis], rank)
     else:
         noise = TorchNoise(noise_utility, noise_focus, axis, generator)
     return redistribute(TorchOps(logits.dtype), lambda: logits, utility.float(), focus.float(), noise, rank, axis)

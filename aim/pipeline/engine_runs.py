@@ -58,9 +58,10 @@ def run_engines(
     task_runs: Callable[[object], dict[str, np.ndarray]] | None = None,
 ) -> RunResults:
     """The build's engines in turn (bare, verification, production), each closed when done but the
-    production one (its caller's to close). `plan_of(shape)`: the judges' plan for the statistics batch
-    whose bare logits have that shape; `max_batch`: the largest batch the engines take; `task_runs
-    (production)`: the arrays the task's checks judge (text generation: aim/generation/reference_runs.py)."""
+    production one (its caller's to close). `plan_of(bare)`: the judges' plan for the statistics batch
+    whose bare logits are `bare` (keyed noise's depends on their values); `max_batch`: the largest batch
+    the engines take; `task_runs(production)`: the arrays the task's checks judge (text generation:
+    aim/generation/reference_runs.py)."""
     inputs = reference.inputs
     bare_logits = bare.run(inputs)
     statistics_inputs, statistics = statistics_batch(bare, inputs, bare_logits, max_batch)
@@ -73,7 +74,7 @@ def run_engines(
         noise_focus=reference.noise_focus,
     )
     verification.close()
-    plan = plan_of(statistics.shape)
+    plan = plan_of(statistics)
     draws = run_plan(production, plan, {STATISTICS: statistics_inputs, REFERENCE: inputs}, statistics)
     return RunResults(bare_logits, modulated, statistics, plan, draws, task_runs(production) if task_runs else {})
 
@@ -92,6 +93,6 @@ def run_keyed_checks(
     `reference` (its keyed_modulated: the twin's answer): its runs of the judges' plan, then the verdicts."""
     from aim.verify.keyed import keyed_checks, keyed_plan
 
-    plan = keyed_plan(bare.shape, class_axis, reference)
+    plan = keyed_plan(bare, class_axis, reference, fp16)
     draws = run_plan(engine, plan, {STATISTICS: inputs, REFERENCE: reference.inputs}, bare)
     return keyed_checks(draws, bare, class_axis, reference, tolerance, fp16)

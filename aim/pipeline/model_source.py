@@ -17,12 +17,15 @@ from aim.errors import AimError
 from aim.families import Family, get_family
 from aim.families.architectures import FAKE_EXPORTED
 from aim.files import folder_hashes
+from aim.graph_passes.quantize import BITS
 from aim.layout import FILES, REFERENCE, GraphIO
 from aim.layout import Source as SourceRecord
 from aim.pipeline import steps
 from aim.pipeline.batch import default_max_batch, with_max_batch
+from aim.pipeline.request import QUANTIZED
 from aim.pipeline.source import Prepared
 from aim.tasks import get_task
+from aim.verify.quantized import quantization
 from aim.verify.reference import Reference, computing_in_fp32, reference_of
 
 
@@ -70,8 +73,9 @@ class FamilySource:
     def reduced(self, request) -> str | None:
         """The dtype a reduced-precision build keeps the checkpoint's weights in, without an FP32 copy:
         FP16 for a text-generation checkpoint stored in bf16 or fp16 of an architecture the dynamo
-        export is tested on; else None (the FP32 path: load and export in FP32, FP16 by the passes)."""
-        if request.precision != "fp16" or self.checkpoint is None or self.family.task != "text-generation":
+        export is tested on (int4 / int8 then quantize that FP16 export); else None (the FP32 path: load
+        and export in FP32, FP16 or int4 by the passes)."""
+        if request.precision == "fp32" or self.checkpoint is None or self.family.task != "text-generation":
             return None
         from aim.export.checkpoint import checkpoint_dtype
 
@@ -130,7 +134,10 @@ class FamilySource:
         )
         keep_fp32 = family.fp16_keep_fp32 + task.keep_fp32(loaded.model)  # found by module: before the model goes
         max_positions = task.positions(loaded.model)  # likewise read from the model's config before it goes
-        reference = pytorch_reference(family, task, loaded.model, loaded.tokenizer, seed, fp32=reduced is not None)
+        if request.precision in QUANTIZED:  # the model with the engine's weights (pipeline/quantized.py)
+            reference = quantized_reference_of(family, task, loaded, seed, exported, request.precision, reduced)
+        else:
+            reference = pytorch_reference(family, task, loaded.model, loaded.tokenizer, seed, fp32=reduced is not None)
         reference.save(folder / REFERENCE)
         steps.release(loaded)
         progress.done("reference", REFERENCE)
@@ -155,10 +162,12 @@ class FamilySource:
             tolerance=family.tolerance,
             fp16=family.fp16 if request.precision == "fp16" else None,
             precision=request.precision,
-            convert="fp32" if reduced else request.precision,  # exported in fp16 already: nothing to convert
+            # exported in fp16 already: nothing to convert (int4 / int8 quantize that export)
+            convert=request.precision if request.precision in QUANTIZED or not reduced else "fp32",
             keep_fp32=keep_fp32,
             tokenizer=tokenizer_dir.name if tokenizer_dir else None,
             max_positions=max_positions,
+            quantized=quantization(BITS[request.precision]) if request.precision in QUANTIZED else None,
         )
 
 
@@ -200,6 +209,24 @@ def pytorch_reference(family: Family, task, model, tokenizer=None, seed: int = 0
         seed,
         extra=task.reference_extra(model, tokenizer, seed),
     )
+
+
+def quantized_reference_of(
+    family: Family, task, loaded, seed: int, exported, precision: str, reduced: str | None = None
+) -> Reference:
+    """pytorch_reference of an int4 / int8 build: the model with the engine's weights, dequantized
+    (`reduced`: a model kept in its stored dtype, computing in FP32 arithmetic)."""
+    from aim.pipeline.quantized import quantized_reference
+
+    def original(model):
+        inputs = task.example_inputs(model, family.sizes(**family.verify_sizes), seed)
+        with computing_in_fp32(model) if reduced else contextlib.nullcontext():
+            return task.reference_logits(model, inputs).float().numpy()
+
+    def reference(model):
+        return pytorch_reference(family, task, model, loaded.tokenizer, seed, fp32=reduced is not None)
+
+    return quantized_reference(loaded.model, original, reference, exported, precision)
 
 
 class CheckpointSource(FamilySource):

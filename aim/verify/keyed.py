@@ -1,4 +1,4 @@
-"""Checks of a keyed production engine (noise "keyed", graph_passes.redistribution._KeyedNoise).
+"""Checks of a keyed production engine (noise "keyed", graph_passes.noise.keyed_noise).
 
 Keyed noise is a function of the key and of the request, so the engine is deterministic and two
 kinds of checks replace the fresh-noise ones of verify/statistics.py:
@@ -9,13 +9,18 @@ kinds of checks replace the fresh-noise ones of verify/statistics.py:
 - distinct requests draw independent noise that passes the same tests as fresh noise: N(0, 1) by
   KS, half-normal and one-signed focus noise, n1 and n2 independent, no correlation between rows or
   between neighbouring elements. Repeating a request would only repeat its draw, so every row of
-  every run here is a distinct request: a distinct tier (sigma), which the digest absorbs.
+  every run here is a distinct request: a distinct tier (sigma), which the draw absorbs;
+- distinct inputs at ONE tier draw independent noise (no draw shared between rows, none that ignores
+  the input), and one query agrees with the clean answer as often as under fresh noise.
+
+The engine runs the plan's runs (pipeline/engine_runs.py); every judge here takes arrays and returns a Check.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from aim.graph_passes.noise import TIER_RESOLUTION, correlation_width
 from aim.lazy import lazy_import
 from aim.verdicts import Check, Tolerance
 from aim.verify.compare import compare, identical
@@ -31,6 +36,15 @@ TIER_SPACING = 2.0**-12
 # round once to FP16, so they may differ by one FP16 ulp.
 FP16_RTOL = 2.0**-10
 MAX_PAIRS = 2_000_000  # correlations of larger outputs are judged on this many pairs per axis
+# Distinct inputs at one tier: the closest two rows judged lie FAR correlation widths apart at the
+# highest tier of the check, so that they share no lattice vertex or digest cell (each of the 4
+# keyed coordinates within two widths of the other's: probability < 1e-8 for a pair).
+FAR = 200
+DISTINCT_RUNS = 8  # tiers sigma_max * (1 - k / 16), k < 8: distinct draws, distances at most doubled
+# The noise of a tier is resolved in the output if the tier is at least this fraction of the logits'
+# RMS: FP32 rounds z + sigma n to ~1e-7 of z, FP16 to ~1e-3.
+RESOLVED = {False: 1e-3, True: 0.1}
+FRESH_DRAWS = 16  # fresh draws per element that estimate fresh noise's agreement
 
 
 def tiers(runs: int, batch: int) -> np.ndarray:
@@ -76,10 +90,87 @@ def _neighbours(noise: np.ndarray, class_axis: int) -> list[tuple[np.ndarray, np
     return pairs
 
 
-def keyed_plan(shape: tuple[int, ...], class_axis: int, reference) -> Plan:
-    """The keyed production engine's runs its checks judge: on the statistics batch (bare logits of
-    `shape`) unless said, the `reference`'s inputs and knobs (the twin's request), each of its rows at a
-    tier of its own together and alone, and the statistics at a distinct tier per row and run."""
+def row_distances(bare: np.ndarray, class_axis: int) -> np.ndarray:
+    """[B, B] RMS distances between rows of their logits pooled over every axis but the batch and the
+    classes, and centred over the classes: what keyed noise tells requests apart by."""
+    rows = np.moveaxis(bare.astype(np.float64), class_axis, -1)
+    rows = rows.reshape(rows.shape[0], -1, rows.shape[-1]).mean(axis=1)
+    rows -= rows.mean(axis=1, keepdims=True)
+    return np.sqrt(np.mean((rows[:, None] - rows[None]) ** 2, axis=-1))
+
+
+def distinct_tiers(bare: np.ndarray, class_axis: int, fp16: bool = False) -> tuple[np.ndarray, list]:
+    """Tiers at which distinct rows lie FAR correlation widths apart, and the pairs of rows judged:
+    those whose distance leaves the noise resolved at such a tier (rows closer than that are, to keyed
+    noise, one request). No pair: no tiers."""
+    distances = row_distances(bare, class_axis)
+    width = correlation_width(bare.ndim)
+    floor = RESOLVED[fp16] * float(np.sqrt(np.mean(bare.astype(np.float64) ** 2)))
+    pairs = [
+        (i, j) for i in range(len(bare)) for j in range(i + 1, len(bare)) if distances[i, j] / (FAR * width) >= floor
+    ]
+    if not pairs:
+        return np.zeros(0, np.float32), []
+    top = min(distances[i, j] for i, j in pairs) / (FAR * width)
+    tiers = top * (1 - np.arange(DISTINCT_RUNS) / 16)
+    # Each a tier of its own: the draw absorbs floor(sigma * 2**16).
+    distinct = np.unique(np.floor(tiers * TIER_RESOLUTION)).size == tiers.size
+    return (tiers if distinct else tiers[:1]).astype(np.float32), pairs
+
+
+def inputs_independent(noise: np.ndarray, pairs: list) -> Check:
+    """Distinct inputs at one tier draw independent noise: `noise` [runs, B, ...] (each run one tier for
+    every row, normalised by it); Pearson's r of every pair of rows over runs, classes and positions,
+    judged as `_correlation` judges neighbours (false alarms < ALPHA per build; a draw shared by two rows,
+    r = 1, fails at n >= 40 values)."""
+    name = "distinct inputs, one tier: independent noise"
+    if not pairs:
+        return Check(name, True, "not judged: no two rows of the batch lie far enough apart", {"pairs": 0})
+    check = _correlation(name, [(noise[:, i], noise[:, j]) for i, j in pairs])
+    check.detail += f"; {len(pairs)} pairs of rows, {noise.shape[0]} tiers"
+    check.metrics["pairs"] = len(pairs)
+    return check
+
+
+def agreement_like_fresh(bare: np.ndarray, noisy: np.ndarray, sigmas: np.ndarray, class_axis: int) -> Check:
+    """One query agrees with the clean answer (the bare top-1) as often as under fresh noise: the share
+    of agreeing elements of `noisy` [runs, B, ...] (a tier per row and run, `sigmas` [runs, B]) against
+    FRESH_DRAWS seeded numpy draws of fresh noise at the same tiers. The keyed trials are independent
+    (a tier each), so the difference is normal with variance sum p(1 - p) (1 + 1/FRESH_DRAWS) / N^2;
+    it fails at p < ALPHA. Power: a shift of (z(ALPHA/2) + z(1e-6)) standard errors (stated in the
+    metrics) is missed with probability < 1e-6: e.g. noise shared by every class, which never moves
+    the top-1."""
+    name = "one query agrees as under fresh noise"
+    runs = noisy.shape[0]
+    top = bare.argmax(axis=class_axis)
+    agree = noisy.argmax(axis=class_axis + 1) == top[None]
+    scale = sigmas.reshape(sigmas.shape + (1,) * (bare.ndim - 1)).astype(np.float64)
+    rng = np.random.default_rng(0)
+    fresh = np.zeros(agree.shape)
+    for _ in range(FRESH_DRAWS):
+        drawn = bare[None].astype(np.float64) + scale * rng.standard_normal((runs,) + bare.shape)
+        fresh += drawn.argmax(axis=class_axis + 1) == top[None]
+    p = fresh / FRESH_DRAWS
+    n = agree.size
+    observed, expected = float(agree.mean()), float(p.mean())
+    se = float(np.sqrt(np.sum(p * (1 - p)) * (1 + 1 / FRESH_DRAWS)) / n)
+    z = (observed - expected) / se if se > 0 else (0.0 if observed == expected else np.inf)
+    limit = float(stats.norm.isf(ALPHA / 2))
+    detectable = (limit + float(stats.norm.isf(1e-6))) * se
+    detail = (
+        f"agreement {observed:.4f}, fresh noise {expected:.4f} (z {z:+.2f}, n={n}; fails at |z| >= {limit:.2f}, "
+        f"a shift of {detectable:.4f} is caught)"
+    )
+    metrics = {"agreement": observed, "fresh": expected, "z": float(z), "n": int(n), "detectable_shift": detectable}
+    return Check(name, bool(abs(z) < limit), detail, metrics)
+
+
+def keyed_plan(bare: np.ndarray, class_axis: int, reference, fp16: bool = False) -> Plan:
+    """The keyed production engine's runs its checks judge: on the statistics batch (whose bare logits
+    are `bare`) unless said, the `reference`'s inputs and knobs (the twin's request), each of its rows at
+    a tier of its own together and alone, the statistics at a distinct tier per row and run, and at the
+    tiers where distinct inputs lie far apart (`distinct_tiers`: they depend on the logits' values)."""
+    shape = bare.shape
     batch, classes = shape[0], shape[class_axis]
     sigmas = tiers(runs_for(int(np.prod(shape))) or 1, batch)
     count = next(iter(reference.inputs.values())).shape[0]
@@ -96,6 +187,7 @@ def keyed_plan(shape: tuple[int, ...], class_axis: int, reference) -> Plan:
         "boost": [Knobs(s, np.full(classes, SIGMA, np.float32)) for s in sigmas],
         "suppress": [Knobs(s, np.full(classes, -SIGMA, np.float32)) for s in sigmas],
         "both": [Knobs(s, np.broadcast_to(s[:, None], (batch, classes))) for s in sigmas],
+        "one tier": [Knobs(float(t)) for t in distinct_tiers(bare, class_axis, fp16)[0]],
     }
 
 
@@ -197,4 +289,10 @@ def keyed_checks(
     checks.append(
         _correlation("no correlation between rows or neighbouring elements", _neighbours(utility, class_axis + 1))
     )
+    checks.append(agreement_like_fresh(bare, plain, sigmas, class_axis))
+
+    # Distinct inputs at one tier: each row's draw is its input's, shared with no other row.
+    one_tier_sigmas, pairs = distinct_tiers(bare, class_axis, fp16)
+    one_tier = [(out.astype(np.float32) - bare) / t for out, t in zip(draws["one tier"], one_tier_sigmas)]
+    checks.append(inputs_independent(np.stack(one_tier) if one_tier else np.zeros((0,) + bare.shape), pairs))
     return checks

@@ -21,7 +21,7 @@ def test_quick_bench_writes_every_figure_with_its_interval_and_its_engines_pass_
     family = results["families"]["resnet"]
     # The benchmarked modulated engine is still exact at utility 0 and statistically right.
     assert family["checks_passed"] and len(family["checks"]) >= 7
-    assert family["keyed_checks_passed"] and len(family["keyed_checks"]) == 11  # and so is the keyed engine
+    assert family["keyed_checks_passed"] and len(family["keyed_checks"]) == 13  # and so is the keyed engine
     figures = family["figures"]
     latency = [names.UTILITY_0, names.NOISE, names.NOISE_FOCUS, names.SPEEDUP_0, names.SPEEDUP_NOISE]
     latency += [name + names.KEYED for name in (names.UTILITY_0, names.NOISE, names.NOISE_FOCUS)]

@@ -1,5 +1,6 @@
-"""Keyed noise (graph_passes.noise.KeyedNoise): the same request gets the same answer, distinct
-requests draw independent N(0, 1) noise, and the ONNX graph agrees with its PyTorch twin.
+"""Keyed noise (graph_passes.noise: SmoothKeyedNoise for rows [B, C], CellKeyedNoise where the logits
+have positions): the same request gets the same answer, distinct requests draw independent N(0, 1)
+noise, a slightly moved request nearly the same noise, and the ONNX graph agrees with its PyTorch twin.
 
 The statistics are judged by scipy (KS) and by Pearson correlations with z-score limits, not by the
 project's own checker; ONNX Runtime and PyTorch are the two independent interpreters of the one
@@ -16,7 +17,7 @@ from scipy import stats
 
 from aim.contract import FOCUS, UTILITY
 from aim.graph_passes.io import load_graph, save_onnx
-from aim.graph_passes.noise import DIGEST_STEP
+from aim.graph_passes.noise import CELL_WIDTH, DIGEST_STEP
 from aim.graph_passes.noise_key import KEY_BYTES, PROJECTIONS, NoiseKey, NoiseKeyError
 from aim.graph_passes.redistribution import add_redistribution, redistribute_torch
 from aim.graph_passes.trt_support import check_tensorrt_support
@@ -125,25 +126,90 @@ def test_neighbouring_pixels_and_classes_are_uncorrelated(tmp_path):
         ), axis
 
 
-def test_perturbations_smaller_than_a_cell_keep_the_draw(tmp_path):
-    """Hard to side-step: logits moved by 1e-3 sigma (RMS) keep their draw in more than 97.5% of rows;
+def test_perturbations_smaller_than_a_cell_keep_the_digest_draw(tmp_path):
+    """Logits with positions (here one): moved by 1e-3 sigma (RMS) they keep their draw in more than 97.5% of rows;
     moved by 10 sigma they draw afresh. The first rate is the digest's: each of its PROJECTIONS
     coordinates moves by ~N(0, 1e-3 / DIGEST_STEP) cells and flips with probability 0.8 of that."""
-    session, _ = keyed_session(tmp_path, ["batch", 50])
+    session, _ = keyed_session(tmp_path, ["batch", 50, 1])
     rng = np.random.default_rng(3)
-    x = (rng.normal(size=(2000, 50)) * 5).astype(np.float32)
+    x = (rng.normal(size=(2000, 50, 1)) * 5).astype(np.float32)
     sigma = 2.0
     noise = run(session, x, sigma) - x
 
     def fresh_share(moved):
         other = run(session, moved, sigma) - moved
-        return float(np.mean(np.abs(other - noise).max(1) > 1e-3))
+        return float(np.mean(np.abs(other - noise).reshape(len(x), -1).max(1) > 1e-3))
 
     small = fresh_share(x + (rng.normal(size=x.shape) * 1e-3 * sigma).astype(np.float32))
     assert small < 0.025
     expected = PROJECTIONS * np.sqrt(2 / np.pi) * 1e-3 / DIGEST_STEP  # 0.0128
     assert abs(small - expected) < 4 * np.sqrt(expected / 2000)
     assert fresh_share(x + (rng.normal(size=x.shape) * 10 * sigma).astype(np.float32)) > 0.99
+
+
+def kuhn_weights(points: np.ndarray) -> list[dict]:
+    """Per row, {vertex: weight} of the simplex of Kuhn's triangulation holding each point [N, m], weights
+    the barycentric coordinates over their norm: numpy's argsort, not the graph's comparisons."""
+    corner = np.floor(points)
+    fraction = points - corner
+    found = []
+    for c, f in zip(corner.astype(np.int64), fraction):
+        order = np.argsort(-f, kind="stable")
+        ordered = f[order]
+        weights = np.concatenate([[1 - ordered[0]], ordered[:-1] - ordered[1:], [ordered[-1]]])
+        vertex, row = c.copy(), {}
+        for j, weight in enumerate(weights / np.linalg.norm(weights)):
+            row[tuple(vertex)] = weight
+            if j < len(order):
+                vertex = vertex.copy()
+                vertex[order[j]] += 1
+        found.append(row)
+    return found
+
+
+def test_smooth_noise_correlates_as_the_simplex_weights_overlap(tmp_path):
+    """Rows [B, C]: two requests' noise correlates as much as the weights of their simplices' shared
+    vertices overlap, computed here from the key's projection and phase with numpy's own simplex; so a
+    small move keeps most of the draw and a move of many cells none of it."""
+    classes, sigma = 4000, 2.0
+    session, _ = keyed_session(tmp_path, ["batch", classes])
+    constants = KEY.constants(classes)
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(6, classes)) * 3).astype(np.float32)
+    moves = [0.02, 0.1, 0.3, 1.0, 10.0]  # RMS, in units of sigma
+    moved = np.stack([x + (rng.normal(size=x.shape) * m * sigma).astype(np.float32) for m in moves], axis=1)
+    rows = np.concatenate([x[:, None], moved], axis=1).reshape(-1, classes)
+    noise = (run(session, rows, sigma) - rows).reshape(6, len(moves) + 1, classes).astype(np.float64)
+
+    def point(z):
+        centred = z.astype(np.float64) - z.mean(axis=-1, keepdims=True)
+        width = sigma * CELL_WIDTH * np.sqrt(classes)
+        return centred @ constants.projection.astype(np.float64) / width + constants.offsets
+
+    for i in range(6):
+        simplices = kuhn_weights(point(rows.reshape(6, -1, classes)[i]))
+        for k in range(1, len(moves) + 1):
+            expected = sum(w * simplices[k].get(v, 0.0) for v, w in simplices[0].items())
+            measured = np.corrcoef(noise[i, 0], noise[i, k])[0, 1]
+            assert abs(measured - expected) < 5 * (1 - expected**2) / np.sqrt(classes) + 1e-3, (i, moves[k - 1])
+    closest = np.corrcoef(noise[:, 0].ravel(), noise[:, 1].ravel())[0, 1]
+    farthest = np.corrcoef(noise[:, 0].ravel(), noise[:, -1].ravel())[0, 1]
+    assert closest > 0.97 and abs(farthest) < 5 / np.sqrt(noise[:, 0].size)
+
+
+def test_smooth_noise_is_continuous_where_the_digest_jumps(tmp_path):
+    """Along a straight path between two requests 3 sigma apart, the smooth noise moves by small steps
+    (its largest is a few times the median); the digest of the same logits with a position axis jumps."""
+    rng = np.random.default_rng(6)
+    start, end = (rng.normal(size=(2, 20)) * 3).astype(np.float64)
+    end = start + (end - start) / np.sqrt(np.mean((end - start) ** 2)) * 3 * 2.0
+    path = (start + np.linspace(0, 1, 801)[:, None] * (end - start)).astype(np.float32)
+    smooth, _ = keyed_session(tmp_path, ["batch", 20], name="smooth.onnx")
+    cells, _ = keyed_session(tmp_path, ["batch", 20, 1], name="cells.onnx")
+    steps = np.linalg.norm(np.diff(run(smooth, path, 2.0) - path, axis=0), axis=1)
+    jumps = np.linalg.norm(np.diff((run(cells, path[..., None], 2.0)[..., 0] - path), axis=0), axis=1)
+    assert steps.max() < 10 * np.median(steps) and steps.max() < 0.5
+    assert jumps.max() > 2.0 and np.median(jumps) < 1e-5  # within a cell: only the rounding of z + noise moves
 
 
 def test_another_tier_draws_afresh_and_focus_does_not_change_the_utility_noise(tmp_path):

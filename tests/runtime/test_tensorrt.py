@@ -183,7 +183,7 @@ def test_gpu_engine_verifies_against_pytorch(family, plans, tmp_path, precision)
     reference = family.reference(seed=0)
     axis = family.task.class_axis
     results = run_engines(
-        *runners, reference, lambda shape: statistical_plan(shape, axis), family.family.dims["batch"].max
+        *runners, reference, lambda bare: statistical_plan(bare.shape, axis), family.family.dims["batch"].max
     )
     checks = judge(
         results, reference, family.family.tolerance, axis, 0, family.family.fp16 if precision == "fp16" else None

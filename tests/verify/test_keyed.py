@@ -11,6 +11,7 @@ from aim.graph_passes.redistribution import redistribute_torch
 from aim.pipeline.engine_runs import run_keyed_checks
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
 from aim.verdicts import Tolerance
+from aim.verify.defects import KEYED_DEFECTS, KeyedDefectiveEngine
 from aim.verify.reference import Reference, differential_knobs
 from tests.conftest import tiny_classifier
 
@@ -28,6 +29,9 @@ def classifier(tmp_path_factory):
     engines = {
         "keyed": OnnxRuntimeEngine(modulate_file(source, folder / "keyed.onnx", "scores", 1, key=KEY)),
         "fresh": OnnxRuntimeEngine(modulate_file(source, folder / "fresh.onnx", "scores", 1)),
+        "other key": OnnxRuntimeEngine(
+            modulate_file(source, folder / "other.onnx", "scores", 1, key=NoiseKey(bytes(KEY_BYTES)))
+        ),
     }
     inputs = {"x": (np.random.default_rng(0).normal(size=(32, 6)) * 3).astype(np.float32)}
     logits = bare.run(inputs)
@@ -65,7 +69,7 @@ def test_a_correct_keyed_engine_passes_every_check(classifier):
     engines, _, inputs, logits, reference = classifier
     checks = run_keyed_checks(engines["keyed"], inputs, logits, 1, reference, TOLERANCE)
     assert [c.name for c in checks if not c.passed] == []
-    assert len(checks) == 11
+    assert len(checks) == 13
 
 
 @pytest.mark.parametrize(
@@ -76,7 +80,7 @@ def test_a_correct_keyed_engine_passes_every_check(classifier):
             "positional",
             {"keyed production vs PyTorch twin (element-wise)", "same request alone and in a batch (same draw)"},
         ),
-        ("tierless", {"another tier, another draw", "no correlation between rows or neighbouring elements"}),
+        ("tierless", {"another tier, another draw"}),
         ("signed", {"focus boost noise half-normal", "focus suppress noise half-normal"}),
         ("scale", {"utility noise ~ N(0,1), distinct requests"}),
     ],
@@ -101,3 +105,16 @@ def test_the_correlation_check_samples_large_outputs_and_still_sees_neighbours()
     noise[..., 1:] += 0.05 * noise[..., :-1]
     check = _correlation("correlated", _neighbours(noise, 2))
     assert not check.passed and max(abs(z) for z in check.metrics["z"]) > 20
+
+
+@pytest.mark.parametrize("defect", sorted(KEYED_DEFECTS))
+def test_the_keyed_checks_catch_each_planted_defect(classifier, defect):
+    """aim/verify/defects.py's keyed stand-ins: a constant draw, a draw that ignores the key, one shared
+    between rows, one that ignores the input; the correct one ("none") passes."""
+    engines, bare, inputs, logits, reference = classifier
+    engine = KeyedDefectiveEngine(engines["keyed"], bare, defect, other=engines["other key"])
+    checks = run_keyed_checks(engine, inputs, logits, 1, reference, TOLERANCE)
+    failed = {c.name for c in checks if not c.passed}
+    what, failing = KEYED_DEFECTS[defect]
+    assert failing <= failed, (what, failed)
+    assert (failed == set()) == (defect == "none"), failed
