@@ -214,8 +214,10 @@ class Segmented:
                 for location in sorted(self._data_files()):  # which weights: a rebuild writes new files
                     status = (self.path.parent / location).stat()
                     digest.update(f"{location}{status.st_ino}{status.st_size}{status.st_mtime_ns}".encode())
-                for node in nodes:
-                    digest.update(node.SerializeToString())
+                for node in nodes:  # what it computes, not how a tool wrote it (names, doc strings, metadata)
+                    digest.update(f"{node.op_type}|{node.domain}|{list(node.input)}|{list(node.output)}".encode())
+                    for attribute in node.attribute:
+                        digest.update(attribute.SerializeToString())
                 reads_ = sorted({name for node in nodes for name in reads(node)})
                 self._signatures[number] = (digest.hexdigest(), reads_)
         signature = self._signatures[number]
