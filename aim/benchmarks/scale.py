@@ -252,7 +252,7 @@ def check(name: str, out: Path) -> dict:
 
 
 def table(figures: dict) -> str:
-    """The README's table: wall time and resident memory of each step."""
+    """The table of docs/results.md ("Real sizes"): wall time and resident memory of each step."""
     fp32_gb = figures["parameters"] * 4 / 1e9
     memory = figures["memory_mb"]
     rows = ["| step | wall time (s) | peak resident (GB) | added by the step (GB) |", "|---|---:|---:|---:|"]
