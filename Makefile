@@ -40,7 +40,7 @@ QUICK ?=
 BENCH_MODELS ?=
 # The engine profile's largest batch (Triton's max_batch_size follows it); empty: the default that serves.
 MAX_BATCH ?=
-export MAX_BATCH MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS QUICK BENCH_MODELS
+export MAX_BATCH MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS QUICK BENCH_MODELS SCALE
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -65,7 +65,7 @@ BUILT = $(NAME) && { $(SOURCE); $(PY) -m aim.cli engine "$$@" $(BUILD_FLAGS) --r
 # One line per target; the CLI's commands are listed by `aim --help` (tests/cli/test_command_list.py).
 help:
 	@echo "make engine MODEL=resnet|segformer|llama | CHECKPOINT=dir | ONNX=yours.onnx LOGITS=name MAX_SHAPES=input:32x3x224x224"
-	@echo "            [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
+	@echo "            [BACKEND=auto|onnxruntime|tensorrt|tensorrt-rtx] [PRECISION=fp32|fp16|int4|int8] [NOISE=fresh|keyed [NOISE_KEY=file]] [OUT=build]"
 	@echo "            export -> graph passes -> engine -> verify into OUT/NAME/ (ONNX also takes MIN_SHAPES, OPT_SHAPES, CLASS_AXIS, TASK, INPUTS, UPSAMPLE_TO)"
 	@echo "make test          ruff check, ruff format --check, then the test suite"
 	@echo "make format        ruff's lint fixes and formatting, as make test checks them"
@@ -81,6 +81,7 @@ help:
 	@echo "make bench [QUICK=1] [BENCH_MODELS=resnet,generation]   modulation's cost as ratios with 95% intervals: OUT/bench/bench.json"
 	@echo "make false-alarms MODEL=x [REPEATS=1000]   the statistical checks' false alarms and misses, measured"
 	@echo "make scale-check            a TinyLlama-1.1B-shaped bf16 checkpoint through make engine (~10 GB RAM, 15 GB disk)"
+	@echo "    [SCALE=7b]              a Mistral-7B-shaped bf16 checkpoint in fp16, up to its engine (~20 GB RAM, 30 GB disk)"
 	@echo "make clean                  remove OUT"
 	@echo "The CLI's commands: aim --help (.venv/bin/aim). Targets that need an engine build it first unless OUT/NAME holds one made as asked."
 
@@ -150,7 +151,7 @@ format: $(STAMP)
 
 # Real sizes (not in `make test`): the checkpoint is cached in $(OUT)/scale/llama.checkpoint.
 scale-check: $(STAMP)
-	$(PY) -m aim.benchmarks.scale --out "$$OUT/scale"
+	$(PY) -m aim.benchmarks.scale --out "$$OUT/scale" $${SCALE:+--size "$$SCALE"}
 
 clean:
 	rm -rf -- "$$OUT"

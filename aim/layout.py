@@ -31,7 +31,7 @@ from pathlib import Path
 from aim.errors import AimError
 from aim.files import atomic_path, read_json, sha256
 from aim.specs import DimRange
-from aim.verdicts import Agreement, Check, Tolerance
+from aim.verdicts import Agreement, Check, Quantization, Tolerance
 
 SCHEMA = 3  # bumped when the manifest's structure changes; older folders are refused (rebuild)
 MANIFEST = "manifest.json"
@@ -49,6 +49,8 @@ FILES = {
     # graphs share; the FP16 graphs' weights, shared likewise; the ONNX Runtime engine's own.
     "weights": "exported.onnx.data",
     "weights.fp16": "weights.fp16.data",
+    "weights.int4": "weights.int4.data",  # int4 / int8 builds: the MatMulNBits weights and every other weight
+    "weights.int8": "weights.int8.data",
     "engine.data": "engine.onnxruntime.onnx.data",
 }
 CALIBRATION_FILES = {
@@ -208,10 +210,11 @@ class Verification:
     seed: int = 0
     verified: str | None = None  # when `aim verify` last re-ran the checks
     logit_spread: float | None = None  # of the reference logits: sets the fp32 tolerance (verify/tolerance.py)
+    quantized: Quantization | None = None  # int4 / int8 builds: the check against the dequantized reference
 
     @classmethod
     def from_dict(cls, data: dict) -> Verification:
-        reduced = data.get("reduced_precision")
+        reduced, quantized = data.get("reduced_precision"), data.get("quantized")
         return cls(
             passed=data["passed"],
             runner=data["runner"],
@@ -223,6 +226,7 @@ class Verification:
             seed=data.get("seed", 0),
             verified=data.get("verified"),
             logit_spread=data.get("logit_spread"),
+            quantized=Quantization(**quantized) if quantized else None,
         )
 
     def failed(self) -> list[str]:
@@ -262,6 +266,8 @@ class Manifest:
     memory_mb: dict[str, dict[str, float]] = field(default_factory=dict)
     # Text generation: the positions the model was made for (prompt and new tokens); generation refuses more.
     max_positions: int | None = None
+    # int4 / int8 builds: what was quantized (graph_passes/quantize.Coverage: bits, block, MatMuls, bytes).
+    quantization: dict | None = None
 
     # -- files
 
@@ -343,6 +349,7 @@ class Manifest:
             folder=folder,
             memory_mb=data.get("memory_mb", {}),
             max_positions=data.get("max_positions"),
+            quantization=data.get("quantization"),
         )
 
     def save(self, folder: str | os.PathLike | None = None) -> Path:

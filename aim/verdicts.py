@@ -1,5 +1,6 @@
 """What a verification judges by and what it concludes: element-wise tolerances, a task's
-reduced-precision comparator, and the verdict of one check. Plain dataclasses, no dependencies."""
+reduced-precision comparator, the weight-only quantization check, and the verdict of one check.
+Plain dataclasses, no dependencies."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ class Agreement:
     metric: str
     k: int
     min_fraction: float
+    why: str
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Weight-only int4 / int8 check (aim/verify/quantized.py): the engine against a reference that
+    multiplies by the same quantized weights, dequantized (what the engine is meant to compute), so the
+    check sees the kernels' own error (int8 activations, accumulation order), not what quantizing did to
+    the model; that is reported beside it as a figure. Passes when the median relative logit error (per
+    position: |e - mean e| / |r - mean r| over the classes) is at most `max_relative_error`, and the
+    top-1 class agrees wherever the reference's top-1 margin exceeds `margin_sigmas` x sigma (sigma: the
+    std of the centred error over every logit compared)."""
+
+    bits: int
+    max_relative_error: float
+    margin_sigmas: float
     why: str
 
 

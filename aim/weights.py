@@ -22,16 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper, helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from aim.errors import InvalidGraphError
 from aim.files import atomic_path
 
 # Every tensor starts on a page boundary, so a runtime that maps external data can map it (ONNX Runtime
-# 1.32 on a CPU copied it anyway here: its sessions' memory is anonymous).
+# 1.32 maps it, and keeps it mapped where it does not prepack the weight into a copy of its own).
 ALIGN = 4096
 _CHUNK = 1 << 24  # bytes per read: copying between files, reading a tensor in blocks
 _PROTOBUF_LIMIT = 2**31 - 1  # a model whose bytes are in memory past this keeps its weights in <name>.data
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers (shapes, axes, scalars) stay in the graph (onnx's default)
 
 
 def external_tensors(model: onnx.ModelProto) -> list[TensorProto]:
@@ -58,7 +59,8 @@ def where(tensor: TensorProto) -> tuple[str, int, int | None]:
 def _refer(tensor: TensorProto, location: str, offset: int, length: int) -> None:
     """Makes `tensor` a reference to `length` bytes at `offset` of `location` (onnx's set_external_data
     insists on the bytes being in the tensor)."""
-    tensor.ClearField("raw_data")
+    for values in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(values)
     del tensor.external_data[:]
     tensor.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", offset), ("length", length)):
@@ -156,25 +158,43 @@ class WeightsFile:
         _refer(tensor, self.location, *self._copied[key])
 
 
+def _in_memory(model: onnx.ModelProto, threshold: int) -> list[TensorProto]:
+    """The initializers of `model` (subgraphs' too) that hold at least `threshold` bytes in the model."""
+    return [
+        tensor
+        for tensor in external_data_helper._get_initializer_tensors(model)
+        if not external_data_helper.uses_external_data(tensor) and tensor.ByteSize() >= threshold
+    ]
+
+
 def save_model(
-    model: onnx.ModelProto, path: str | os.PathLike, weights_dir: str | os.PathLike | None = None, check: bool = True
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    weights_dir: str | os.PathLike | None = None,
+    check: bool = True,
+    external: bool = False,
 ) -> Path:
     """Writes `model` at `path` atomically, its weights in one external data file at most.
 
     A model read with its references only keeps them when its data file is beside `path`
     (`weights_dir`, where the references resolve, is path's folder); otherwise their bytes are
     copied into <path>.data. A model holding its bytes past protobuf's limit writes them to
-    <path>.data. Then onnx's checker runs on the file as written (in memory it would look for the
-    data files relative to the working directory)."""
+    <path>.data; so does one of any size with `external` (every initializer of 1 KB or more, page-
+    aligned: the graphs saved beside it then share them, and a graph pass never reads them). Then
+    onnx's checker runs on the file as written (in memory it would look for the data files relative
+    to the working directory)."""
     path = Path(path)
     here = path.parent
     weights_dir = Path(weights_dir) if weights_dir is not None else here
-    external = external_tensors(model)
-    if external and weights_dir.resolve() != here.resolve():
+    external_ = external_tensors(model)
+    inline = _in_memory(model, EXTERNAL_MIN_BYTES) if external else []
+    if inline or (external_ and weights_dir.resolve() != here.resolve()):
         data = here / (path.name + ".data")
         with atomic_path(data) as tmp_data, WeightsFile(tmp_data, data.name) as out:
-            for tensor in external:
+            for tensor in external_:
                 out.copy_tensor(tensor, weights_dir)
+            for tensor in inline:  # moved one at a time: written, then its bytes dropped from the model
+                out.add(tensor, lambda t=tensor: [numpy_helper.to_array(t)], key=("inline", id(tensor)))
         try:  # the references name the data file: it is in place before the graph is written and checked
             with atomic_path(path) as tmp:
                 onnx.save(model, str(tmp))
@@ -184,7 +204,7 @@ def save_model(
             raise
         return path
     with atomic_path(path) as tmp:
-        if not external and model.ByteSize() > _PROTOBUF_LIMIT:
+        if not external_ and model.ByteSize() > _PROTOBUF_LIMIT:
             onnx.save(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
             _check(tmp, path, check)
         else:

@@ -66,6 +66,10 @@ def family(request, tmp_path_factory) -> Exported:
     folder = tmp_path_factory.mktemp(spec.name)
     exported = Exported(spec, task, model, folder)
     steps.export(spec, task, model, exported.path("exported"))
+    # Standalone files, as the pass tests copy and save them elsewhere: the weights back inside the graph
+    # (a build keeps them in exported.onnx.data, which its graphs share: tests/pipeline/test_lean_build.py).
+    save_onnx(load_onnx(exported.path("exported"), weights=True), exported.path("exported"))
+    (folder / "exported.onnx.data").unlink()
     graphs = deployment_graphs(load_onnx(exported.path("exported")), LOGITS, task.class_axis, task.upsample_logits_to)
     for kind, graph in graphs.items():
         save_onnx(graph, exported.path(kind))
@@ -141,3 +145,12 @@ def tiny_classifier(path: Path, features: int = 6, classes: int = 5, dtype=Tenso
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def link_or_copy(source, target) -> None:
+    """copytree's copy_function for a fast copy of a build: hard links, but external weights copied
+    (ONNX Runtime refuses a weights file with several hard links: a guard against hard-link attacks)."""
+    import os
+    import shutil
+
+    (shutil.copy2 if str(source).endswith(".data") else os.link)(source, target)

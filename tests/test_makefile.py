@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import link_or_copy
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent  # this interpreter's environment, unresolved: never the base Python
 
@@ -45,7 +47,7 @@ def test_shell_code_in_model_is_a_model_name(tmp_path):
 def test_out_with_a_space_prompt_with_quotes_focus_with_a_dash(tmp_path, build_folder):
     out = tmp_path / "my build"
     shutil.copytree(
-        build_folder("llama"), out / "llama", copy_function=os.link
+        build_folder("llama"), out / "llama", copy_function=link_or_copy
     )  # the build exists: make does not rebuild
     result = make("generate", MODEL="llama", OUT=str(out), PROMPT='say "hi"', MAX_NEW_TOKENS="2", FOCUS="-#7=100")
     assert result.returncode == 0, result.stderr

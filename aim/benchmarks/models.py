@@ -13,7 +13,7 @@ class BenchModel:
     family: str
     build: Callable[[], object]  # a transformers model with random weights
     sizes: dict[str, int]  # every dynamic dim of the family
-    shape: str  # what it is, for the table and the README
+    shape: str  # what it is, for the bench table (docs/results.md)
     repeats: int = 10  # timed runs per variant (after warm-up)
 
 

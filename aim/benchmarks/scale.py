@@ -48,6 +48,69 @@ def make_checkpoint(name: str, folder: Path, dtype: str = DTYPE, shards: int = S
     return folder
 
 
+# Mistral-7B's shape (v0.3: vocabulary 32768): issue 23's done-when checkpoint, `make scale-check SCALE=7b`.
+MISTRAL_7B = {
+    "model_type": "mistral",
+    "vocab_size": 32768,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+}
+SHARD_BYTES = 2_000_000_000
+
+
+def write_random_checkpoint(settings: dict, folder: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES) -> Path:
+    """A checkpoint of the architecture `settings` describe with random bf16 weights (normal, std 0.02, as
+    transformers initialises them; norms 1), written shard by shard as save_pretrained lays it out: memory
+    holds one shard, never the model (a 7B model is 14.5 GB). Kept: a later run reuses it."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    config = transformers.AutoConfig.for_model(**settings)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = model.state_dict()
+    shards, size = [[]], 0  # the names in each shard, planned from the shapes
+    for name, meta in tensors.items():
+        if shards[-1] and size + meta.numel() * 2 > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += meta.numel() * 2
+    with StagedFolder(folder) as staged:
+        index = {}
+        for number, names in enumerate(shards, 1):
+            file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            shard = {}
+            for name in names:
+                meta = tensors[name]
+                if meta.dim() > 1:
+                    value = torch.empty(meta.shape).normal_(0, 0.02, generator=generator).to(torch.bfloat16)
+                else:
+                    value = (torch.ones if "norm" in name else torch.zeros)(meta.shape, dtype=torch.bfloat16)
+                shard[name] = value
+            save_file(shard, str(staged.path / file), metadata={"format": "pt"})
+            index.update(dict.fromkeys(names, file))
+            del shard  # one shard in memory at a time
+        total = sum(value.numel() * 2 for value in tensors.values())
+        (staged.path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2) + "\n"
+        )
+        config.dtype = "bfloat16"
+        config.save_pretrained(staged.path)
+        staged.publish()
+    return folder
+
+
 def scaled() -> list[str]:
     return [name for name in list_families() if get_family(name).scale is not None]
 
@@ -90,6 +153,57 @@ step, started = memory.StepPeak(), time.perf_counter()
 before, peak = step.stop()
 print(json.dumps({{"seconds": time.perf_counter() - started, "grown_mb": (peak - before) / 1e6}}))
 """
+
+
+# The steps of `aim engine --checkpoint DIR --precision P` up to its engine, without the verification (at
+# 7B in fp16 ONNX Runtime's CPU session would upcast every weight to fp32: 29 GB), then the build
+# folder's bytes against the checkpoint's and the process's own peak (VmHWM, never reset).
+_STEPS = """
+import json
+from pathlib import Path
+from aim.pipeline import builder, memory
+from aim.pipeline.model_source import model_source
+from aim.pipeline.progress import Progress
+from aim.pipeline.request import BuildRequest
+source = model_source(None, {checkpoint!r})
+request = BuildRequest({out!r}, precision={precision!r}).resolve()
+source.check(request, print)
+folder = Path({out!r}) / source.name
+folder.mkdir(parents=True, exist_ok=True)
+progress = Progress(source.steps + 3, print)
+prepared = source.prepare(folder, request, progress)
+graphs = builder._passes(prepared, folder, request, progress)
+builder._engines(graphs, prepared, folder, request, progress, print)
+progress("one verification sweep: the bare graph on the reference inputs, in segments")
+from aim.runtime.segments import SegmentedEngine
+bare = SegmentedEngine(graphs.paths[graphs.sources["bare"]])
+logits = bare.run(prepared.reference.inputs)
+bare.close()
+progress.done("sweep", f"{{len(bare.graph.segments)}} segments")
+import numpy as np
+reference = prepared.reference.logits
+error = float(np.linalg.norm(logits - reference) / np.linalg.norm(reference - reference.mean(-1, keepdims=True)))
+progress.close()
+size = lambda where: sum(p.stat().st_size for p in Path(where).rglob("*") if p.is_file())
+print(json.dumps({{
+    "timings_s": progress.timings, "memory_mb": progress.memory, "parameters": prepared.record.parameters,
+    "dtype": prepared.record.dtype, "passed": None, "folder": str(folder), "peak_mb": memory.peak_rss() / 1e6,
+    "folder_gb": size(folder) / 1e9, "checkpoint_gb": size({checkpoint!r}) / 1e9,
+    "sweep_relative_error": error, "sweep_top1_equal": bool((logits.argmax(-1) == reference.argmax(-1)).all()),
+}}))
+"""
+
+
+def steps_7b(out: Path, precision: str = "fp16", checkpoint: Path | None = None) -> dict:
+    """The Mistral-7B-shaped checkpoint (cached in OUT/mistral-7b.checkpoint, or `checkpoint`) through the
+    build's steps up to its engine; returns the figures (also written to OUT/mistral-7b.scale.json)."""
+    started = time.perf_counter()
+    checkpoint = write_random_checkpoint(MISTRAL_7B, checkpoint or out / "mistral-7b.checkpoint")
+    print(f"mistral-7b: checkpoint {checkpoint} ({time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"mistral-7b: aim engine --checkpoint {checkpoint} --precision {precision}, up to the engine", flush=True)
+    figures = _child(_STEPS.format(checkpoint=str(checkpoint), out=str(out), precision=precision))
+    (out / "mistral-7b.scale.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
 
 
 def _passes_fp16(build: Path, scratch: Path) -> str:
@@ -138,7 +252,7 @@ def check(name: str, out: Path) -> dict:
 
 
 def table(figures: dict) -> str:
-    """The README's table: wall time and resident memory of each step."""
+    """The table of docs/results.md ("Real sizes"): wall time and resident memory of each step."""
     fp32_gb = figures["parameters"] * 4 / 1e9
     memory = figures["memory_mb"]
     rows = ["| step | wall time (s) | peak resident (GB) | added by the step (GB) |", "|---|---:|---:|---:|"]
@@ -162,7 +276,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aim.benchmarks.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="build/scale", type=Path)
     parser.add_argument("--families", default=",".join(scaled()), help="comma-separated families")
+    parser.add_argument(
+        "--size",
+        choices=("family", "7b"),
+        default="family",
+        help="7b: a Mistral-7B-shaped bf16 checkpoint (15 GB of disk, 20 GB of memory) in fp16, up to its engine",
+    )
+    parser.add_argument("--checkpoint", type=Path, help="7b: the checkpoint folder (made there if missing)")
     args = parser.parse_args(argv)
+    if args.size == "7b":
+        figures = steps_7b(args.out, checkpoint=args.checkpoint)
+        print(json.dumps(figures, indent=2))
+        return 0
     for name in [n for n in args.families.split(",") if n]:
         figures = check(name, args.out)
         print(

@@ -61,8 +61,9 @@ def precision(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         default="fp32",
-        choices=("fp32", "fp16"),
-        help="fp16 is written into the graph; the redistribution stays fp32",
+        choices=("fp32", "fp16", "int4", "int8"),
+        help="fp16 is written into the graph; int4/int8: weight-only MatMulNBits, an ONNX Runtime CPU engine; "
+        "the redistribution stays fp32",
     )
 
 

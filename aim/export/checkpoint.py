@@ -122,6 +122,17 @@ def check_config(folder: str | os.PathLike, config: dict) -> None:
                     )
 
 
+def stored_weights(folder: str | os.PathLike) -> Counter[str]:
+    """How many floating-point values the checkpoint's safetensors files hold, by the dtype they are
+    stored in (torch's names), read from their headers alone (nothing is loaded)."""
+    counts: Counter[str] = Counter()
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        for name, entry in safetensors_header(shard).items():
+            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                counts[_SAFETENSORS_DTYPES[entry["dtype"]]] += math.prod(int(d) for d in entry["shape"])
+    return counts
+
+
 def checkpoint_dtype(folder: str | os.PathLike, config: dict | None = None) -> str | None:
     """The dtype most of the checkpoint's floating-point weights are stored in (by bytes), read from the
     safetensors headers; else what config.json says (`dtype`, or `torch_dtype` before transformers

@@ -36,9 +36,10 @@ def checkpoint_config(folder: str | os.PathLike) -> dict:
     return config
 
 
-def load_checkpoint(model_class, folder: str | os.PathLike):
-    """`model_class.from_pretrained(folder)` in FP32 (whatever the checkpoint stores: the export and the
-    reference are FP32; FP16 engines are made from the FP32 graph) and eval mode, offline, its weights
+def load_checkpoint(model_class, folder: str | os.PathLike, dtype: str = "float32"):
+    """`model_class.from_pretrained(folder)` in `dtype` (FP32 whatever the checkpoint stores, for an FP32
+    build and FP16 engines made from the FP32 graph; the stored dtype for a reduced-precision build,
+    whose weights are then the safetensors' mapped pages, not a copy) and eval mode, offline, its weights
     required to cover the model exactly (check_coverage); load errors become CheckpointError."""
     import pickle
 
@@ -52,7 +53,7 @@ def load_checkpoint(model_class, folder: str | os.PathLike):
         model, info = model_class.from_pretrained(
             str(folder),
             local_files_only=True,
-            dtype=torch.float32,
+            dtype=getattr(torch, dtype),
             output_loading_info=True,
             ignore_mismatched_sizes=True,
         )
@@ -117,7 +118,9 @@ def export_onnx(
     The legacy TorchScript exporter is used: it is several times faster than dynamo for these models
     and gives the dynamic axes by name. Past protobuf's 2 GiB it writes every weight to a file of
     its own (hundreds for a 1B model), in a scratch folder here; they are gathered into one
-    `<name>.data` beside the graph, file to file (aim/weights.py).
+    `<name>.data` beside the graph, file to file (aim/weights.py). Below it the weights are in the
+    graph as written, and go to `<name>.data` likewise: at any size the graphs of a build share one
+    copy of the weights, and the graph passes never read them.
     """
     import onnx
     import torch
@@ -144,7 +147,7 @@ def export_onnx(
             )
         model = onnx.load(str(scratch / path.name), load_external_data=False)  # the graph: weights stay in scratch
         _static_output_dims(model, output_specs)
-        save_model(model, path, weights_dir=scratch, check=False)
+        save_model(model, path, weights_dir=scratch, check=False, external=True)
     except BaseException:
         remove(scratch)
         remove_empty(made)  # a failed export leaves no folder made for it either

@@ -53,7 +53,7 @@ class Benchmark:
 
     config: Callable[[], object]
     sizes: dict[str, int]  # every dynamic dim
-    shape: str  # what it is, for the table and the README
+    shape: str  # what it is, for the bench table (docs/results.md)
     repeats: int = 10  # interleaved rounds before the first look, after warm-up (more while unresolved)
     time_make_engine: bool = False  # "make engine wall time": `make engine` of this family is timed end to end
     # The bound on "latency with noise / bare" (utility > 0 over the bare model). The noise of a

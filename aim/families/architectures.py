@@ -49,6 +49,11 @@ TESTED = {
     ),
 }
 
+# Text-generation architectures whose reduced-precision builds export through torch.onnx's dynamo
+# exporter on a FakeTensor model, the weights attached from the safetensors (export/fake_export.py;
+# tests/export/test_fake_export.py): no FP32 copy of the weights. Others load and export in FP32.
+FAKE_EXPORTED = ("llama", "mistral", "qwen2")
+
 # Image architectures that take one input size only, the checkpoint's (height and width are static in
 # the graph): position embeddings sized for it, or a head the TorchScript exporter can trace only at a
 # known size (UperNet's pyramid pooling, AdaptiveAvgPool2d to 1, 2, 3 and 6 cells).

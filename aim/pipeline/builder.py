@@ -103,13 +103,21 @@ def _build(source: Source, request: Resolved, folder: Path, log) -> Manifest:
     try:
         prepared = source.prepare(folder, request, progress)
         graphs = _passes(prepared, folder, request, progress)
+        if graphs.quantization is not None and graphs.quantization.matmuls == 0:
+            prepared.quantized = None  # nothing was quantized: the engine is the FP32 graph, held to FP32's tolerance
         builds, engine = _engines(graphs, prepared, folder, request, progress, log)
         runnable, why = runnable_here(request.backend)
         runner = request.backend if runnable else "onnxruntime"
         reduced = prepared.fp16
         progress(
             f"verify: {prepared.reference.source} vs engine ("
-            + ("element-wise" if reduced is None else f"{reduced.metric} agreement")
+            + (
+                f"relative error <= {prepared.quantized.max_relative_error:g}, top-1 where clear"
+                if prepared.quantized
+                else "element-wise"
+                if reduced is None
+                else f"{reduced.metric} agreement"
+            )
             + "), production noise statistics"
             + (
                 ""
@@ -131,7 +139,11 @@ def _passes(prepared: Prepared, folder: Path, request: Resolved, progress: Progr
         + (f"upsample logits to {prepared.upsample_to!r}, " if prepared.upsample_to else "")
         + f"redistribution (production{', keyed noise,' if request.key else ''} + verification)"
         + (", fp16 (redistribution kept fp32)" if prepared.convert == "fp16" else "")
-        + ", TensorRT compatibility check"
+        + (
+            f"; {prepared.convert} weights first (MatMulNBits, ONNX Runtime's quantizer; redistribution kept fp32)"
+            if prepared.quantized
+            else ", TensorRT compatibility check"
+        )
     )
     progress.log("      " + modulated_output(GraphIO.of(prepared.exported), prepared))
     graphs = steps.passes(
@@ -145,6 +157,12 @@ def _passes(prepared: Prepared, folder: Path, request: Resolved, progress: Progr
         logits=prepared.logits,
         key=request.key,
     )
+    if graphs.quantization is not None:
+        warning = graphs.quantization.warning()
+        if warning:
+            progress.log("      " + warning)
+        progress.done("passes", graphs.quantization.summary())
+        return graphs
     unsupported = sum(len(report.errors) for report in graphs.compatibility.values())
     progress.done(
         "passes",
@@ -220,6 +238,7 @@ def _manifest(source, prepared: Prepared, graphs, builds, engine, request: Resol
             checks=[],
             seed=request.seed,
             logit_spread=logit_spread(reference.logits, prepared.class_axis),
+            quantized=prepared.quantized,
         ),
         artifacts={},
         timings_s=progress.timings,
@@ -227,6 +246,7 @@ def _manifest(source, prepared: Prepared, graphs, builds, engine, request: Resol
         versions=package_versions(),
         folder=folder,
         max_positions=prepared.max_positions,
+        quantization=graphs.quantization.as_dict() if graphs.quantization is not None else None,
     )
 
 
@@ -246,7 +266,7 @@ def modulation_record(prepared: Prepared, key: NoiseKey | None = None) -> Modula
         utility=f"FP32 [batch], in [0, {MAX_STRENGTH:g}] logit units; 0 = the original model",
         focus=f"FP32 [batch, classes], in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]; > 0 boosts a class, < 0 suppresses it",
         fp32_nodes="every node named aim_redistribution/* computes in FP32"
-        + (", also in this FP16 engine" if prepared.precision == "fp16" else ""),
+        + (f", also in this {prepared.precision.upper()} engine" if prepared.precision != "fp32" else ""),
         noise="keyed" if key else "fresh",
         key_fingerprint=key.fingerprint if key else None,
     )

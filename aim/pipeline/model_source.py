@@ -7,6 +7,7 @@ the verification inputs, and the task's own: generation), after which the model 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import cached_property
 from pathlib import Path
@@ -14,14 +15,18 @@ from pathlib import Path
 from aim.contract import LOGITS
 from aim.errors import AimError
 from aim.families import Family, get_family
+from aim.families.architectures import FAKE_EXPORTED
 from aim.files import folder_hashes
+from aim.graph_passes.quantize import BITS
 from aim.layout import FILES, REFERENCE, GraphIO
 from aim.layout import Source as SourceRecord
 from aim.pipeline import steps
 from aim.pipeline.batch import default_max_batch, with_max_batch
+from aim.pipeline.request import QUANTIZED
 from aim.pipeline.source import Prepared
 from aim.tasks import get_task
-from aim.verify.reference import Reference, reference_of
+from aim.verify.quantized import quantization
+from aim.verify.reference import Reference, computing_in_fp32, reference_of
 
 
 class FamilySource:
@@ -55,6 +60,7 @@ class FamilySource:
             from aim.export.torch_export import checkpoint_config
 
             checkpoint_config(self.checkpoint)  # not a checkpoint folder: fails before anything is written
+            preflight(self.checkpoint, request.precision)
 
     def made(self, built, request) -> bool:
         recorded = built.source
@@ -64,18 +70,34 @@ class FamilySource:
             self.checkpoint
         )
 
+    def reduced(self, request) -> str | None:
+        """The dtype a reduced-precision build keeps the checkpoint's weights in, without an FP32 copy:
+        FP16 for a text-generation checkpoint stored in bf16 or fp16 of an architecture the dynamo
+        export is tested on (int4 / int8 then quantize that FP16 export); else None (the FP32 path: load
+        and export in FP32, FP16 or int4 by the passes)."""
+        if request.precision == "fp32" or self.checkpoint is None or self.family.task != "text-generation":
+            return None
+        from aim.export.checkpoint import checkpoint_dtype
+
+        if self.family.model_type not in FAKE_EXPORTED:
+            return None
+        stored = checkpoint_dtype(self.checkpoint)
+        return "float16" if stored in ("bfloat16", "float16") else None
+
     def prepare(self, folder: Path, request, progress) -> Prepared:
         family, task, checkpoint, seed = self.family, self.task, self.checkpoint, request.seed
+        reduced = self.reduced(request)
         progress(
             f"model {family.name} ({family.task}, {family.model_class}) from "
             + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})")
         )
-        loaded = steps.load(family, task, checkpoint, seed)
+        loaded = steps.load(family, task, checkpoint, seed, stored=reduced is not None)
         tokenizer_dir = steps.save_tokenizer(loaded.tokenizer, folder) if loaded.tokenizer is not None else None
         progress.done(
             "load",
             f"{loaded.parameters:,} parameters"
-            + (f" stored as {loaded.dtype}, loaded in float32" if loaded.dtype else "")
+            + (f" stored as {loaded.dtype}, loaded in float32" if loaded.dtype and not reduced else "")
+            + (f" stored as {loaded.dtype}, mapped as stored (no copy)" if reduced else "")
             + f", {loaded.num_classes} classes"
             + (f", tokenizer of {len(loaded.tokenizer)} tokens" if loaded.tokenizer is not None else "")
             + (
@@ -85,19 +107,37 @@ class FamilySource:
             ),
         )
 
-        progress("export to ONNX (torch.onnx, dynamic " + ", ".join(family.dims) + ")")
-        exported = steps.export(family, task, loaded.model, folder / FILES["exported"])
         weights = folder / FILES["weights"]
-        progress.done(
-            "export",
-            exported.name
-            + (f", weights in {weights.name} ({weights.stat().st_size / 1e9:.2f} GB)" if weights.is_file() else ""),
-        )
+        if reduced:
+            progress(
+                f"export to ONNX in {reduced} (torch.onnx dynamo on a FakeTensor model, then the checkpoint's "
+                f"weights attached tensor by tensor), dynamic " + ", ".join(family.dims)
+            )
+            exported, attached = steps.export_reduced(family, task, checkpoint, folder / FILES["exported"], reduced)
+            detail = (
+                f"{exported.name}, {attached.tensors} weights in {weights.name} ({attached.bytes / 1e9:.2f} GB)"
+                + (f"; {attached.clipped} values past fp16's range clipped to it" if attached.clipped else "")
+                + (f"; computed, not stored: {', '.join(attached.computed)}" if attached.computed else "")
+            )
+        else:
+            progress("export to ONNX (torch.onnx, dynamic " + ", ".join(family.dims) + ")")
+            exported = steps.export(family, task, loaded.model, folder / FILES["exported"])
+            detail = exported.name + (
+                f", weights in {weights.name} ({weights.stat().st_size / 1e9:.2f} GB)" if weights.is_file() else ""
+            )
+        progress.done("export", detail)
 
-        progress("PyTorch reference on the verification inputs, then the PyTorch model is released")
+        progress(
+            "PyTorch reference on the verification inputs"
+            + (f" ({loaded.dtype} weights, fp32 arithmetic; generation in {loaded.dtype})" if reduced else "")
+            + ", then the PyTorch model is released"
+        )
         keep_fp32 = family.fp16_keep_fp32 + task.keep_fp32(loaded.model)  # found by module: before the model goes
         max_positions = task.positions(loaded.model)  # likewise read from the model's config before it goes
-        reference = pytorch_reference(family, task, loaded.model, loaded.tokenizer, seed)
+        if request.precision in QUANTIZED:  # the model with the engine's weights (pipeline/quantized.py)
+            reference = quantized_reference_of(family, task, loaded, seed, exported, request.precision, reduced)
+        else:
+            reference = pytorch_reference(family, task, loaded.model, loaded.tokenizer, seed, fp32=reduced is not None)
         reference.save(folder / REFERENCE)
         steps.release(loaded)
         progress.done("reference", REFERENCE)
@@ -122,18 +162,46 @@ class FamilySource:
             tolerance=family.tolerance,
             fp16=family.fp16 if request.precision == "fp16" else None,
             precision=request.precision,
-            convert=request.precision,
+            # exported in fp16 already: nothing to convert (int4 / int8 quantize that export)
+            convert=request.precision if request.precision in QUANTIZED or not reduced else "fp32",
             keep_fp32=keep_fp32,
             tokenizer=tokenizer_dir.name if tokenizer_dir else None,
             max_positions=max_positions,
+            quantized=quantization(BITS[request.precision]) if request.precision in QUANTIZED else None,
         )
 
 
-def pytorch_reference(family: Family, task, model, tokenizer=None, seed: int = 0) -> Reference:
+# The peak of a build that loads and exports in fp32, as a multiple of its fp32 weights: measured 1.64
+# for a 1.5B checkpoint (9.9 GB, `make scale-check`, docs/real-sizes.md), rounded up.
+FP32_PEAK = 1.7
+
+
+def preflight(checkpoint: Path, precision: str) -> None:
+    """Refuses, before any work, a build in fp32 whose weights would not fit in this machine's memory
+    (read from the safetensors headers: nothing is loaded), naming the precision that fits."""
+    from aim.export.checkpoint import stored_weights
+    from aim.pipeline.memory import machine_memory
+    from aim.pipeline.request import PRECISIONS
+
+    values, memory = sum(stored_weights(checkpoint).values()), machine_memory()
+    if precision != "fp32" or memory is None or values * 4 * FP32_PEAK <= memory:
+        return
+    reduced = " or ".join(f"PRECISION={name}" for name in PRECISIONS if name != "fp32")
+    raise AimError(
+        f"{checkpoint} holds {values / 1e9:.2f} B weights: {values * 4 / 1e9:.1f} GB in fp32, and an fp32 build "
+        f"peaks near {FP32_PEAK:g} times that ({values * 4 * FP32_PEAK / 1e9:.0f} GB), more than this machine's "
+        f"{memory / 1e9:.1f} GB of memory. Build it in reduced precision: {reduced} (`--precision`), which "
+        "makes no fp32 copy of the weights."
+    )
+
+
+def pytorch_reference(family: Family, task, model, tokenizer=None, seed: int = 0, fp32: bool = False) -> Reference:
     """PyTorch's logits on the verification inputs (resized as the graph resizes them), the twin of the
-    redistribution on them (verify/reference.py), and the task's own reference (generation)."""
+    redistribution on them (verify/reference.py), and the task's own reference (generation). `fp32`: the
+    logits of a model kept in bf16 or fp16 computed in FP32 arithmetic, a module at a time."""
     inputs = task.example_inputs(model, family.sizes(**family.verify_sizes), seed)
-    logits = task.reference_logits(model, inputs)
+    with computing_in_fp32(model) if fp32 else contextlib.nullcontext():
+        logits = task.reference_logits(model, inputs).float()
     return reference_of(
         {name: tensor.numpy() for name, tensor in inputs.items()},
         logits.numpy(),
@@ -141,6 +209,24 @@ def pytorch_reference(family: Family, task, model, tokenizer=None, seed: int = 0
         seed,
         extra=task.reference_extra(model, tokenizer, seed),
     )
+
+
+def quantized_reference_of(
+    family: Family, task, loaded, seed: int, exported, precision: str, reduced: str | None = None
+) -> Reference:
+    """pytorch_reference of an int4 / int8 build: the model with the engine's weights, dequantized
+    (`reduced`: a model kept in its stored dtype, computing in FP32 arithmetic)."""
+    from aim.pipeline.quantized import quantized_reference
+
+    def original(model):
+        inputs = task.example_inputs(model, family.sizes(**family.verify_sizes), seed)
+        with computing_in_fp32(model) if reduced else contextlib.nullcontext():
+            return task.reference_logits(model, inputs).float().numpy()
+
+    def reference(model):
+        return pytorch_reference(family, task, model, loaded.tokenizer, seed, fp32=reduced is not None)
+
+    return quantized_reference(loaded.model, original, reference, exported, precision)
 
 
 class CheckpointSource(FamilySource):

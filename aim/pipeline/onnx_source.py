@@ -23,9 +23,11 @@ from aim.errors import AimError, InvalidGraphError, InvalidInputError
 from aim.files import load_arrays, sha256
 from aim.graph_passes.dims import conventional_io
 from aim.graph_passes.io import load_onnx, save_onnx
+from aim.graph_passes.quantize import BITS, quantizable
 from aim.layout import FILES, REFERENCE, GraphIO
 from aim.layout import Source as SourceRecord
 from aim.pipeline.batch import with_max_batch
+from aim.pipeline.request import QUANTIZED
 from aim.pipeline.source import Prepared
 from aim.runtime.backends import TENSORRT_BACKENDS
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
@@ -33,6 +35,8 @@ from aim.runtime.shapes import ShapeRanges
 from aim.specs import DimRange
 from aim.tasks import get_task
 from aim.verdicts import Agreement, Tolerance
+from aim.verify.judges import ORIGINAL
+from aim.verify.quantized import quantization
 from aim.verify.reference import Reference, reference_of
 
 SOURCE = "bare ONNX on ONNX Runtime"  # what the reference is (Reference.source)
@@ -137,11 +141,12 @@ class OnnxSource:
 
         progress(f"reference: {SOURCE}, on the " + ("given" if self.given is not None else "drawn") + " inputs")
         class_axis = self.class_axis % len(logits.dims)  # valid: checked by conventional_io
-        reference = self.reference(class_axis, request.seed)
+        quantized = request.precision in QUANTIZED
+        reference = self.reference(class_axis, request.seed, request.precision if quantized else None)
         reference.save(folder / REFERENCE)
         progress.done("reference", REFERENCE)
         num_classes = reference.logits.shape[class_axis]
-        precision = "fp16" if native_fp16 else request.precision
+        precision = "fp16" if native_fp16 and not quantized else request.precision
         given = self.inputs_path
         return Prepared(
             exported=exported,
@@ -163,26 +168,44 @@ class OnnxSource:
             tolerance=TOLERANCE,
             fp16=fp16_comparator(self.task, num_classes) if precision == "fp16" else None,
             precision=precision,
-            convert="fp32" if native_fp16 else request.precision,
+            convert="fp32" if native_fp16 and not quantized else request.precision,
+            quantized=quantization(BITS[precision]) if quantized else None,
         )
 
-    def reference(self, class_axis: int, seed: int = 0) -> Reference:
+    def reference(self, class_axis: int, seed: int = 0, quantized: str | None = None) -> Reference:
         """The user's bare graph on ONNX Runtime (their file as given) on the verification inputs, its
         logits resized by PyTorch's bilinear interpolation to input `upsample_to`'s spatial size if
-        asked, and the twin of the redistribution on them (verify/reference.py)."""
+        asked, and the twin of the redistribution on them (verify/reference.py). `quantized` ("int4",
+        "int8"): the graph with the weights that engine holds, dequantized (pipeline/quantized.py), the
+        logits of the file as given kept for the agreement figure."""
         inputs = self.given if self.given is not None else verification_inputs(self.io, self.dims, seed)
         if self.given is not None and next(iter(inputs.values())).shape[0] == 1 and self.dims[BATCH].max >= 2:
             inputs = {k: np.concatenate([v, v]) for k, v in inputs.items()}  # a second row to carry utility > 0
         with OnnxRuntimeEngine(self.path) as bare:
             logits = bare.infer(inputs)[self.logits]
-        if self.upsample_to is not None:
-            import torch
+        extra = {}
+        if quantized is not None and not quantizable(self.model):
+            quantized = None  # nothing to quantize (convolutions, Gemm): the graph as given is the reference
+        if quantized is not None:
+            from aim.pipeline.quantized import dequantized_onnx_logits
 
-            from aim.graph_passes.upsample import upsample_torch
+            extra[ORIGINAL] = self._resized(logits, inputs)
+            logits = dequantized_onnx_logits(self.model, self.path.parent, quantized, inputs, self.logits)
+        logits = self._resized(logits, inputs)
+        source = SOURCE if quantized is None else f"the bare ONNX with the {quantized} weights on ONNX Runtime"
+        reference = reference_of(inputs, logits, class_axis, seed, source=source)
+        reference.extra.update(extra)
+        return reference
 
-            size = inputs[self.upsample_to].shape[2:]
-            logits = upsample_torch(torch.from_numpy(logits.astype(np.float32)), size).numpy().astype(logits.dtype)
-        return reference_of(inputs, logits, class_axis, seed, source=SOURCE)
+    def _resized(self, logits: np.ndarray, inputs: dict) -> np.ndarray:
+        if self.upsample_to is None:
+            return logits
+        import torch
+
+        from aim.graph_passes.upsample import upsample_torch
+
+        size = inputs[self.upsample_to].shape[2:]
+        return upsample_torch(torch.from_numpy(logits.astype(np.float32)), size).numpy().astype(logits.dtype)
 
 
 def _check_class_axis(logits, class_axis: int) -> None:

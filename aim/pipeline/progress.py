@@ -1,5 +1,5 @@
-"""The numbered steps of a build on its log, each with its wall time and resident memory (at its start
-and its peak, pipeline/memory.py), kept for the manifest's timings_s and memory_mb."""
+"""The numbered steps of a build on its log, each with its wall time and resident memory (at its start,
+its peak, and its peak of anonymous memory: pipeline/memory.py), kept for the manifest's timings_s and memory_mb."""
 
 from __future__ import annotations
 
@@ -31,11 +31,17 @@ class Progress:
         self.timings[key] = round(now - self.last, 3)
         self.last = now
         measured, note = self._peak.stop() if self._peak else None, ""
+        self._anonymous = self._peak.anonymous if self._peak else None
         self._peak = None
         if measured is not None:
             start, peak = measured
             self.memory[key] = {"start": round(start / 1e6, 1), "peak": round(peak / 1e6, 1)}
-            note = f", peak {peak / 1e9:.2f} GB resident (+{(peak - start) / 1e9:.2f} GB)"
+            anonymous = self._anonymous
+            if anonymous is not None:  # what the step held of its own (VmRSS counts mapped weights too)
+                self.memory[key]["anonymous"] = round(anonymous / 1e6, 1)
+            note = f", peak {peak / 1e9:.2f} GB resident (+{(peak - start) / 1e9:.2f} GB" + (
+                f"; {anonymous / 1e9:.2f} GB anonymous)" if anonymous is not None else ")"
+            )
         self.log(f"      done in {self.timings[key]:.1f} s{note}{': ' + detail if detail else ''}")
 
     def close(self) -> None:

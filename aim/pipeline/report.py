@@ -41,8 +41,23 @@ def report(manifest: Manifest) -> str:
             f"  statistics: each check fails below p {ALPHA:g}, so a correct engine fails them with probability <= "
             f"{FALSE_FAILURE_RATE:g}; ONNX Runtime seed {verification.seed} (aim verify reproduces them)"
         )
-    tolerance = verification.tolerance
-    lines.append(f"  tolerance: atol {tolerance.atol:g}, rtol {tolerance.rtol:g} ({tolerance.why})")
+    tolerance, quantized = verification.tolerance, verification.quantized
+    if quantized:
+        lines.append(
+            f"  int{quantized.bits} tolerance: relative error <= {quantized.max_relative_error:g}, top-1 equal where "
+            f"the margin > {quantized.margin_sigmas:g} sigma ({quantized.why})"
+        )
+        if manifest.quantization:
+            done = manifest.quantization
+            kept = sum(done["kept_bytes"].values())
+            lines.append(
+                f"  quantized: {done['matmuls']} MatMuls, {done['quantized_bytes'] / 1e6:.2f} MB of weights; "
+                + (f"kept FP32: {kept / 1e6:.2f} MB (" + ", ".join(sorted(done["kept_bytes"])) + ")" if kept else "")
+            )
+    lines.append(
+        f"  {'fp32 tolerance (keyed noise)' if quantized else 'tolerance'}: atol {tolerance.atol:g}, rtol "
+        f"{tolerance.rtol:g} ({tolerance.why})"
+    )
     reduced = verification.reduced_precision
     if reduced:
         lines.append(f"  fp16 comparator: {reduced.metric} (k={reduced.k}) >= {reduced.min_fraction:g} ({reduced.why})")

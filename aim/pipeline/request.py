@@ -16,7 +16,8 @@ from aim.errors import AimError
 from aim.graph_passes.noise_key import NoiseKey
 from aim.runtime.backends import choose_backend
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int4", "int8")
+QUANTIZED = ("int4", "int8")  # weight-only, MatMulNBits: ONNX Runtime engines (graph_passes/quantize.py)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,15 @@ class BuildRequest:
         if self.max_batch is not None and (isinstance(self.max_batch, bool) or int(self.max_batch) < 1):
             raise AimError(f"the largest batch must be at least 1 (--max-batch, MAX_BATCH=); got {self.max_batch}")
         key, fresh_key = noise_key_of(self.noise, self.key)
+        if self.precision in QUANTIZED and self.backend != "onnxruntime":
+            if self.backend != "auto":
+                raise AimError(
+                    f"PRECISION={self.precision} makes an ONNX Runtime engine (its weights in MatMulNBits, which "
+                    f"TensorRT cannot parse): use BACKEND=onnxruntime (or auto), or PRECISION=fp16 for {self.backend}"
+                )
+            return Resolved(
+                self, "onnxruntime", f"onnxruntime: {self.precision} engines are ONNX Runtime's", key, fresh_key
+            )
         backend, why = choose_backend(self.backend)  # one that cannot work fails here, with what to install
         return Resolved(self, backend, why, key, fresh_key)
 

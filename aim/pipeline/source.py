@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aim.layout import Source as SourceRecord
 from aim.specs import DimRange
-from aim.verdicts import Agreement, Tolerance
+from aim.verdicts import Agreement, Quantization, Tolerance
 from aim.verify.reference import Reference
 
 if TYPE_CHECKING:
@@ -45,10 +45,11 @@ class Prepared:
     tolerance: Tolerance  # fp32, engine vs reference (before scaling by the logits' spread)
     fp16: Agreement | None  # FP16 builds: the comparator the engines are held to
     precision: str  # the engine's precision (a graph that is FP16 already is FP16)
-    convert: str  # what the graph passes convert the graphs to ("fp32": nothing)
+    convert: str  # what the graph passes convert the graphs to ("fp32": nothing; "int4"/"int8": quantize)
     keep_fp32: tuple[str, ...] = ()  # node-name prefixes FP16 graphs keep in FP32
     tokenizer: str | None = None  # the folder generation decodes with
     max_positions: int | None = None  # text generation: the longest sequence the model was made for
+    quantized: Quantization | None = None  # int4 / int8: the check against the dequantized reference
 
 
 class Source(Protocol):

@@ -3,7 +3,7 @@
     load      family + checkpoint -> Loaded (the PyTorch model in FP32, its tokenizer, its size)
     export    -> exported.onnx (torch.onnx; its weights in exported.onnx.data past 2 GiB)
     release   frees the PyTorch model once the reference is computed (model_source.py)
-    passes    -> bare, production and verification graphs (+ FP16 copies), TensorRT compatibility
+    passes    -> bare, production and verification graphs (+ FP16 copies, or int4 / int8 ones), TensorRT compatibility
     engines   -> the engine files of the backend
 
 The first three are a PyTorch model's (pipeline/model_source.py); passes and engines every build's
@@ -23,6 +23,7 @@ from aim.files import atomic_path
 from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.modulate import deployment_graphs
 from aim.graph_passes.noise_key import NoiseKey
+from aim.graph_passes.quantize import BITS, Coverage, quantize_model
 from aim.layout import FILES, ROLES, TOKENIZER_DIR, GraphIO, engine_files
 from aim.runtime import onnxruntime as ort_engine
 from aim.runtime.backends import TENSORRT_BACKENDS
@@ -42,10 +43,10 @@ class Loaded:
     dtype: str | None = None  # how the checkpoint stores its weights
 
 
-def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
-    """The family's model in FP32: a local `save_pretrained` folder (its architecture must be the
-    family's; stored in any dtype), or random weights from the family's tiny config (seeded). Nothing
-    is downloaded."""
+def load(family: Family, task: Task, checkpoint=None, seed: int = 0, stored: bool = False) -> Loaded:
+    """The family's model in FP32 (or with `stored`, in the dtype the checkpoint stores: mapped, not
+    copied): a local `save_pretrained` folder (its architecture must be the family's; stored in any
+    dtype), or random weights from the family's tiny config (seeded). Nothing is downloaded."""
     from aim.export.checkpoint import checkpoint_dtype
     from aim.export.torch_export import checkpoint_config, load_checkpoint, random_model
 
@@ -62,7 +63,7 @@ def load(family: Family, task: Task, checkpoint=None, seed: int = 0) -> Loaded:
                 f"CHECKPOINT={checkpoint}`)."
             )
         dtype = checkpoint_dtype(checkpoint, config)
-        model = load_checkpoint(family.model_class_object(), checkpoint)
+        model = load_checkpoint(family.model_class_object(), checkpoint, dtype if stored else "float32")
     tokenizer = task.tokenizer(model, checkpoint)
     parameters = sum(p.numel() for p in model.parameters())
     return Loaded(
@@ -113,6 +114,37 @@ def export(family: Family, task: Task, model, path: Path) -> Path:
         ) from error
 
 
+def export_reduced(family: Family, task: Task, checkpoint: Path, path: Path, dtype: str = "float16"):
+    """exported.onnx in `dtype` behind an FP32 interface, and its weights in exported.onnx.data, without
+    the weights in memory: the dynamo exporter on a FakeTensor model of the checkpoint's config, then
+    the checkpoint's tensors attached one by one (export/fake_export.py, export/attach.py). Returns
+    (the graph, what was attached)."""
+    import torch
+    from transformers import AutoConfig
+
+    from aim.export.attach import attach
+    from aim.export.fake_export import PREFIX, export_fake, fake_model
+    from aim.families.architectures import supported
+
+    config = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
+    model, mode = fake_model(family.model_class_object(), config, getattr(torch, dtype))
+    try:
+        inputs = task.example_inputs(model, task.trace_sizes(family.sizes(**family.verify_sizes), family.dims))
+        specs = (_static(task.input_specs(model), family.dims), _static(task.output_specs(model), family.dims))
+        wanted = export_fake(
+            task, model, mode, inputs, *specs, path, getattr(torch, dtype), lambda: task.export_context(model)
+        )
+    except Exception as error:
+        if isinstance(error, AimError):
+            raise
+        raise CheckpointError(
+            f"{family.model_type} could not be exported in {dtype} by torch.onnx's dynamo exporter "
+            f"({type(error).__name__}: {str(error)[:500]}). Build it in fp32 (PRECISION=fp32) if it fits. "
+            f"Supported: {supported()}."
+        ) from error
+    return path, attach(path, wanted, checkpoint, model, PREFIX)
+
+
 def _static(specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
     """The specs with every dim whose range is one value (an image size the architecture fixes) static."""
 
@@ -126,7 +158,18 @@ def _static(specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]
 class Graphs:
     paths: dict[str, Path]  # artifact key -> file
     sources: dict[str, str]  # role (bare, verification, production) -> the artifact key its engine runs
-    compatibility: dict  # role -> the TensorRT check's report
+    compatibility: dict  # role -> the TensorRT check's report (none for int4 / int8: ONNX Runtime only)
+    quantization: Coverage | None = None  # int4 / int8: what was quantized
+
+
+def quantized_graph(folder: Path, exported: Path, precision: str) -> tuple[Path, Coverage]:
+    """exported.<precision>.onnx: the exported graph with its MatMul weights in int4 / int8 (MatMulNBits),
+    every weight it reads in weights.<precision>.data, written one weight at a time."""
+    model = load_onnx(exported)
+    target = folder / FILES["exported"].replace(".onnx", f".{precision}.onnx")
+    with WeightsFile(folder / FILES[f"weights.{precision}"]) as weights:  # inside the staging folder, like FP16's
+        model, coverage = quantize_model(model, exported.parent, weights, BITS[precision])
+    return save_onnx(model, target), coverage
 
 
 def passes(
@@ -151,13 +194,26 @@ def passes(
     # The graphs are read without their weights: those in exported.onnx.data (a model past 2 GiB) stay
     # references, which every graph saved beside it shares (aim/weights.py).
     paths = {"exported": exported}
+    quantization = None
+    if precision in BITS:  # weight-only int4 / int8: quantized once, then modulated (the redistribution untouched)
+        quantized, quantization = quantized_graph(folder, exported, precision)
+        # One copy of the weights per precision: the int4 graphs refer to weights.int4.data alone, and the
+        # export (FP32, or FP16 for a bf16 checkpoint) and its data file have served their purpose.
+        for path in (exported, folder / FILES["weights"]):
+            path.unlink(missing_ok=True)
+        exported, paths = quantized, {f"exported.{precision}": quantized}
+    suffix = f".{precision}.onnx" if precision in BITS else ".onnx"
+
+    def named(key: str) -> Path:
+        return folder / FILES[key].replace(".onnx", suffix)
+
     graphs = deployment_graphs(load_onnx(exported), logits, class_axis, upsample_to, key)
     if upsample_to:
-        paths["bare"] = save_onnx(graphs["bare"], folder / FILES["bare"])
+        paths["bare"] = save_onnx(graphs["bare"], named("bare"))
     else:
         paths["bare"] = exported  # nothing changed: the exported file is the bare model
-    paths["modulated"] = save_onnx(graphs["production"], folder / FILES["modulated"])
-    paths["verification"] = save_onnx(graphs["verification"], folder / FILES["verification"])
+    paths["modulated"] = save_onnx(graphs["production"], named("modulated"))
+    paths["verification"] = save_onnx(graphs["verification"], named("verification"))
     del graphs
     sources = dict(ROLES)
     if precision == "fp16":
@@ -168,9 +224,11 @@ def passes(
                     convert_to_fp16(load_onnx(paths[key]), keep_fp32, half_weights, folder), half
                 )
                 sources[role] = f"{key}.fp16"
-    for key in ("weights", "weights.fp16"):
+    for key in ("weights", "weights.fp16", "weights.int4", "weights.int8"):
         if (folder / FILES[key]).is_file():
             paths[key] = folder / FILES[key]
+    if quantization is not None:  # MatMulNBits is ONNX Runtime's own: no TensorRT would take these graphs
+        return Graphs(paths, sources, {}, quantization)
     target = backend if backend in TENSORRT_BACKENDS else "tensorrt"  # ONNX Runtime builds: would TensorRT take it?
     compatibility = {role: check_tensorrt_support(paths[key], backend=target) for role, key in sources.items()}
     unsupported: dict[str, list[str]] = {}  # finding -> the graphs that have it
@@ -212,11 +270,14 @@ def engines(graphs: Graphs, folder: Path, backend: str, precision: str, dims: di
 
 
 def onnxruntime_engine(graph: Path, engine: Path, precision: str) -> Path:
-    """The ONNX Runtime engine of `graph`: its optimised model, or for FP16 the graph itself."""
-    if precision == "fp16":
-        # ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its own
-        # FP32 fallbacks baked in (not portable, and with If branches not even valid): the FP16 graph
-        # itself is the engine, optimised at load time exactly as the bare graph it is checked against.
+    """The ONNX Runtime engine of `graph`: its optimised model, or the graph itself for FP16, int4 /
+    int8, and any graph whose weights are in an external data file."""
+    if precision != "fp32" or ort_engine.keeps_external_data(graph):
+        # FP16: ONNX Runtime's CPU provider lacks most FP16 kernels and saves its optimised model with its
+        # own FP32 fallbacks baked in (not portable, and with If branches not even valid). int4 / int8: the
+        # optimised model would hold MatMulNBits prepacked for this CPU. External weights: the optimised
+        # model writes a second copy of them (a 7B model's 14 GB twice); the engine refers to the graph's
+        # one weights file instead, and ONNX Runtime optimises at load (~1 CPU s per GB more per session).
         with atomic_path(engine) as tmp:
             shutil.copyfile(graph, tmp)
         return engine

@@ -33,11 +33,13 @@ def run_build(build: Build, reference: Reference, runner: str, seed: int = 0) ->
     manifest = build.manifest
     class_axis = manifest.modulation.class_axis
 
-    reduced = manifest.verification.reduced_precision is not None
+    verification = manifest.verification
+    fp16 = verification.reduced_precision is not None
+    reduced = fp16 or verification.quantized is not None  # int4/int8 builds: the quantized generation checks
 
     def plan_of(bare):
         if manifest.modulation.noise == "keyed":
-            return keyed_plan(bare, class_axis, reference, reduced)
+            return keyed_plan(bare, class_axis, reference, fp16)
         return statistical_plan(bare.shape, class_axis)
 
     def task_runs(engine):
@@ -57,17 +59,18 @@ def judge_build(
     """Every verdict on a build from what its engines answered: the differential and statistical checks,
     and the task's own against its PyTorch outputs (reference.extra; a user's ONNX has none)."""
     verification = manifest.verification
+    reduced = verification.quantized or verification.reduced_precision  # int4 / int8, or FP16
     found = judge(
         results,
         reference,
         verification.tolerance,
         manifest.modulation.class_axis,
         seed,
-        verification.reduced_precision,
+        reduced,
         keyed=manifest.modulation.noise == "keyed",
     )
     if reference.extra:
-        found += task.checks(results.task, reference.extra, verification.tolerance, verification.reduced_precision)
+        found += task.checks(results.task, reference.extra, verification.tolerance, reduced)
     return found
 
 

@@ -14,6 +14,7 @@ from aim.layout import GraphIO, Manifest
 from aim.runtime.backends import TENSORRT_BACKENDS, runnable_here
 from aim.runtime.base import OnFirstUse, profile_from_io
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from aim.runtime.segments import SegmentedEngine, needs_segments
 
 ROLES = ("bare", "verification", "production")
 # The TensorRT plan of each role (artifact keys, see layout.engine_files).
@@ -90,6 +91,8 @@ class Build:
             )
         path = self.graph(role)
         profile = self.profile(path) if bounded else None
+        if manifest.precision == "fp16" and needs_segments(path):  # its session would not fit: in segments
+            return OnFirstUse(lambda: SegmentedEngine(path, threads=threads, profile=profile))
         return OnFirstUse(lambda: OnnxRuntimeEngine(path, threads, profile=profile))
 
     def graph(self, role: str) -> Path:

@@ -25,7 +25,13 @@ _NP_DTYPES = {
 }
 
 
-def session_options(threads: int | None = None, level: str = "all", spinning: bool = True):
+def session_options(threads: int | None = None, level: str = "all", spinning: bool = True, prepacking: bool = True):
+    """ONNX Runtime's session options. `prepacking`: ONNX Runtime maps weights from an external data file
+    in place, but prepacks each MatMul's weights for its kernels into an anonymous copy and drops the
+    mapping. Without prepacking the weights stay file pages (shared by every session and process that
+    maps the file, evictable), at ~30% more CPU per decode step for FP32 and 22x for int4 (MatMulNBits
+    has no fast path without its packed weights; docs/backends.md): on by default; off only to serve
+    several copies of a large FP32 model from one machine's memory."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -38,6 +44,8 @@ def session_options(threads: int | None = None, level: str = "all", spinning: bo
         options.intra_op_num_threads = threads
     if not spinning:  # idle pool threads sleep instead of spinning: fairer when several sessions share cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     # Fatal only: warnings about unused initializers are noise here, and an error comes back as the
     # exception, which says the same (a logged copy would be a second, coloured error line).
     options.log_severity_level = 4
@@ -66,7 +74,7 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, threads:
     with atomic_path(engine_path) as tmp:
         options = session_options(threads, level="extended")
         options.optimized_model_filepath = str(tmp)
-        if _keeps_external_data(
+        if keeps_external_data(
             Path(onnx_path)
         ):  # past 2 GiB ONNX Runtime cannot save the optimised weights inside the model
             data.unlink(missing_ok=True)
@@ -80,7 +88,7 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, threads:
     return engine_path
 
 
-def _keeps_external_data(path: Path) -> bool:
+def keeps_external_data(path: Path) -> bool:
     """Whether the model at `path` keeps weights in an external data file (the graph is read, not its
     weights); an unreadable file is left to ONNX Runtime, which says what is wrong with it."""
     import onnx
@@ -99,12 +107,17 @@ class OnnxRuntimeEngine(Runner):
     backend = "onnxruntime"
 
     def __init__(
-        self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True, profile: dict | None = None
+        self,
+        path: str | os.PathLike,
+        threads: int | None = None,
+        spinning: bool = True,
+        profile: dict | None = None,
+        prepacking: bool = True,
     ):
         self.path = Path(path)
         self.profile = profile  # the shapes it was built for, when a build folder says (else any)
-        self._options = (threads, spinning)
-        self.session = _session(self.path, session_options(threads, spinning=spinning))
+        self._options = dict(threads=threads, spinning=spinning, prepacking=prepacking)  # see session_options
+        self.session = _session(self.path, session_options(**self._options))
         self.inputs = {i.name: (_NP_DTYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -115,8 +128,7 @@ class OnnxRuntimeEngine(Runner):
         import onnxruntime as ort
 
         ort.set_seed(int(seed))
-        threads, spinning = self._options
-        self.session = _session(self.path, session_options(threads, spinning=spinning))
+        self.session = _session(self.path, session_options(**self._options))
 
     def _infer(self, feed: dict) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.session.run(None, feed)))

@@ -79,10 +79,14 @@ def _engine_file(manifest: Manifest, engine: str | None) -> Path:
 
 def _bare_engine(manifest: Manifest) -> tuple[Path, bool]:
     """(file, build_it) of the bare model's engine: the bare TensorRT plan, or for ONNX Runtime the bare
-    graph, to be optimised as the build optimised its engine (FP16 graphs are their own engine there)."""
+    graph, to be optimised as the build optimised its engine (FP16 and int4 / int8 graphs, and graphs with
+    external weights, are their own engine there: pipeline/steps.onnxruntime_engine)."""
     if manifest.backend != "onnxruntime":
         return manifest.path("engine.bare"), False
-    return manifest.graph_path("bare"), manifest.precision != "fp16"
+    from aim.runtime.onnxruntime import keeps_external_data
+
+    bare = manifest.graph_path("bare")
+    return bare, manifest.precision == "fp32" and not keeps_external_data(bare)
 
 
 def _check_onnx_engine(path: Path, graph: GraphIO) -> list[str]:

@@ -22,7 +22,7 @@ from aim.contract import BATCH, LOGITS
 from aim.specs import DimRange, TensorSpec
 from aim.tasks.base import Task
 from aim.tasks.decoder_inputs import PAST, PRESENT, encode, pad_id_of, pad_left, position_ids, stop_tokens_of
-from aim.verdicts import Agreement, Check, Tolerance
+from aim.verdicts import Agreement, Check, Quantization, Tolerance
 
 # The generation reference of a build: prompts, and the batches made of them.
 PROMPTS = (
@@ -189,11 +189,18 @@ class TextGeneration(Task):
             arrays[f"generation.{index}.tokens"] = out[:, ids.shape[1] :].numpy().astype(np.int64)
         return arrays
 
-    def checks(self, runs: dict, extra: dict, tolerance: Tolerance, reduced: Agreement | None = None) -> list[Check]:
+    def checks(
+        self, runs: dict, extra: dict, tolerance: Tolerance, reduced: Agreement | Quantization | None = None
+    ) -> list[Check]:
         """Greedy tokens at utility 0 equal PyTorch's, token for token; the KV-cache path gives the logits
         of a full recompute within the family's tolerance. `runs`: the production engine's decode loop
         on the reference's prompts (aim/generation/reference_runs.py). A reduced-precision engine cannot
-        promise either under near-ties, so it is held to the task's comparator instead (see _reduced_checks)."""
+        promise either under near-ties, so it is held to the task's comparator instead (see _reduced_checks),
+        and an int4 / int8 one to the quantization check against its dequantized reference."""
+        if isinstance(reduced, Quantization):
+            from aim.verify.quantized import quantized_generation_checks
+
+            return quantized_generation_checks(runs, extra, reduced)
         if reduced is not None:
             return _reduced_checks(runs, extra, reduced)
         equal, total, all_same, details = 0, 0, True, []

@@ -5,12 +5,15 @@ verdicts out: nothing here runs an engine (pipeline/engine_runs.py does, once pe
 
 from __future__ import annotations
 
-from aim.verdicts import Agreement, Check, Tolerance
+from aim.verdicts import Agreement, Check, Quantization, Tolerance
 from aim.verify.compare import agreement, compare
 from aim.verify.keyed import keyed_checks
+from aim.verify.quantized import quantized_agreement
 from aim.verify.reference import Reference
 from aim.verify.results import RunResults
 from aim.verify.statistics import statistical_checks
+
+ORIGINAL = "original.logits"  # int4 / int8 builds: the model's logits before quantization (a figure)
 
 
 def judge(
@@ -19,14 +22,18 @@ def judge(
     tolerance: Tolerance,
     class_axis: int,
     seed: int = 0,
-    reduced_precision: Agreement | None = None,
+    reduced_precision: Agreement | Quantization | None = None,
     keyed: bool = False,
 ) -> list[Check]:
     """The build's checks: its bare engine and its verification flavour against the reference (for FP16
-    builds by the task's comparator `reduced_precision`, else element-wise within `tolerance`), then its
-    production engine's noise, fresh or `keyed` (`seed` seeds the statistics' subsampling)."""
+    builds by the task's comparator `reduced_precision`, for int4 / int8 builds by the quantization
+    check against the dequantized reference, else element-wise within `tolerance`), then its production
+    engine's noise, fresh or `keyed` (`seed` seeds the statistics' subsampling)."""
 
     def differential(name, expected, actual):
+        if isinstance(reduced_precision, Quantization):
+            original = reference.extra.get(ORIGINAL) if expected is reference.logits else None
+            return quantized_agreement(name, expected, actual, reduced_precision, class_axis, original)
         if reduced_precision is not None:
             return agreement(name, expected, actual, reduced_precision, class_axis)
         return compare(name, expected, actual, tolerance)

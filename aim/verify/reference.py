@@ -12,6 +12,7 @@ from a seed and given to the verification flavour as inputs.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,3 +133,37 @@ def keyed_expectation(bare: np.ndarray, reference: Reference, class_axis: int, k
 
     knobs = torch.from_numpy(reference.utility), torch.from_numpy(reference.focus)
     return redistribute_torch(torch.from_numpy(bare), *knobs, class_axis=class_axis, key=key).numpy()
+
+
+@contextmanager
+def computing_in_fp32(model):
+    """`model` (stored in bf16 or fp16) computes in FP32 while inside, without an FP32 copy of itself:
+    each module with weights of its own has them upcast just before it runs and restored just after, so
+    memory holds one module's FP32 weights at a time (the largest: the embedding or the head). The
+    reference an FP16 graph is held to: its bf16 weights with FP32 arithmetic differ from an FP32 model's
+    by ~1e-6, where bf16 arithmetic would differ by ~1e-2 (docs/real-sizes.md)."""
+    import torch
+
+    saved: dict[int, list] = {}
+
+    def upcast(module, args, kwargs):
+        saved[id(module)] = [(p, p.data) for p in module.parameters(recurse=False) if p.is_floating_point()]
+        for parameter, data in saved[id(module)]:
+            parameter.data = data.float()
+        cast = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        return cast, kwargs
+
+    def restore(module, args, kwargs, output):
+        for parameter, data in saved.pop(id(module), []):
+            parameter.data = data
+
+    hooks = []
+    for module in model.modules():
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters(recurse=False)):
+            hooks.append(module.register_forward_pre_hook(upcast, with_kwargs=True))
+            hooks.append(module.register_forward_hook(restore, with_kwargs=True, always_call=True))
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()

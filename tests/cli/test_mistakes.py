@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ from aim.cli import main
 from aim.errors import AimError, InvalidInputError
 from aim.layout import MANIFEST, Manifest
 from aim.runtime.folder import ROLES, Build
-from tests.conftest import load, tiny_classifier
+from tests.conftest import link_or_copy, load, tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +47,7 @@ class World:
 
 def linked_copy(source: Path, target: Path) -> Path:
     """A copy whose files are hard links (fast); change a file only by replacing it, never in place."""
-    shutil.copytree(source, target, copy_function=os.link)
+    shutil.copytree(source, target, copy_function=link_or_copy)
     return target
 
 
@@ -125,9 +124,9 @@ def world(tmp_path_factory, build_folder) -> World:
     config = json.loads((tampered / "tokenizer" / "tokenizer_config.json").read_text())
     replace(tampered / "tokenizer" / "tokenizer_config.json", json.dumps({**config, "eos_token": "def"}).encode())
     swapped = linked_copy(llama, tmp / "swapped_engine" / "llama")
-    replace(swapped / "engine.onnxruntime.onnx", (llama / "modulated.onnx").read_bytes())
+    replace(swapped / "engine.onnxruntime.onnx", (llama / "modulated.verify.onnx").read_bytes())
     swapped_resnet = linked_copy(resnet, tmp / "swapped_resnet" / "resnet")
-    replace(swapped_resnet / "engine.onnxruntime.onnx", (resnet / "modulated.onnx").read_bytes())
+    replace(swapped_resnet / "engine.onnxruntime.onnx", (resnet / "modulated.verify.onnx").read_bytes())
     edited = linked_copy(resnet, tmp / "edited_manifest" / "resnet")
     data = json.loads((edited / MANIFEST).read_text())
     data["verification"]["tolerance"].update(atol=1e9, rtol=1e9)
@@ -459,7 +458,7 @@ def test_a_manifest_resealed_by_hand_is_still_caught_by_its_hashes(world):
     manifest.verification.tolerance = type(manifest.verification.tolerance)(1e9, 1e9, "edited")
     manifest.save()
     assert Manifest.load(folder).verification.tolerance.atol == 1e9  # a sealed manifest reads back
-    replace(folder / "engine.onnxruntime.onnx", (folder / "modulated.onnx").read_bytes())
+    replace(folder / "engine.onnxruntime.onnx", (folder / "modulated.verify.onnx").read_bytes())
     with pytest.raises(AimError, match="changed since the build"):
         Build.open(folder)
 

@@ -100,7 +100,7 @@ def test_calibrated_engine(trained, tmp_path, record_property):
 
     folder = trained.prepared.folder
     graph = add_utility_level(load_graph(folder / "modulated.onnx"), table["sigmas"])
-    path = save_onnx(graph, tmp_path / "calibrated.onnx")
+    path = save_onnx(graph, tmp_path / "calibrated.onnx", weights_dir=folder)  # the build's weights copied beside
     engine = OnnxRuntimeEngine(build(path, tmp_path / "calibrated.engine.onnx"))
     engine.set_seed(3)
     assert engine.calibrated and not engine.modulated

@@ -3,7 +3,6 @@ range and the model's positions, refused before anything runs or cut with trunca
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import numpy as np
@@ -13,6 +12,7 @@ from aim.errors import InvalidInputError
 from aim.generation import generate, generate_text, load_build
 from aim.layout import Manifest
 from aim.runtime.onnxruntime import OnnxRuntimeEngine
+from tests.conftest import link_or_copy
 
 POSITIONS = 16  # a model made for 16 positions (the tiny Llama has 2048, more than the engine's 1024)
 
@@ -22,7 +22,7 @@ def short_model(build_folder, tmp_path_factory):
     """The tiny Llama build, its manifest saying the model has 16 positions (through the Manifest API,
     which seals it again), and the token count of a prompt by the build's own tokenizer."""
     folder = tmp_path_factory.mktemp("short") / "llama"
-    shutil.copytree(build_folder("llama"), folder, copy_function=os.link)
+    shutil.copytree(build_folder("llama"), folder, copy_function=link_or_copy)
     (folder / "manifest.json").unlink()  # a hard link to the shared build's: write a new file
     manifest = Manifest.load(build_folder("llama"))
     manifest.max_positions = POSITIONS

@@ -14,7 +14,7 @@ import aim.cli as cli
 from aim.errors import AimError, TritonConfigError
 from aim.families import get_family, list_families
 from aim.files import sha256
-from aim.layout import MANIFEST, Manifest, sealed
+from aim.layout import FILES, MANIFEST, Manifest, sealed
 from aim.serving.config import CONFIG, check_config, parse_config, read_config
 from aim.serving.front import FrontSpec
 from aim.serving.triton import write_model
@@ -33,8 +33,10 @@ def test_config_comes_from_the_engine_and_parses_by_tritons_schema(build_folder,
     target = write_model(folder, tmp_path / "repo")
     assert target == tmp_path / "repo" / model
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [model]  # no staging left
+    # the engine's external weights (every build keeps them in one file: docs/real-sizes.md) beside it
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == [
         "1",
+        "1/exported.onnx.data",
         "1/front.json",
         "1/model.onnx",
         "1/model.py",
@@ -326,7 +328,8 @@ def test_a_plan_runs_one_instance_per_gpu_and_takes_no_cpu_threads(build_folder,
 
 def test_the_bare_entry_serves_the_bare_model_optimised_like_the_engine(build_folder, tmp_path):
     """--bare: <model>-bare, the model's own inputs and outputs (no utility, focus), the bare graph
-    optimised by ONNX Runtime as the build optimised its engine, and the same logits as that graph."""
+    served as the build serves its engine (a graph with external weights is its own engine: no
+    optimised copy of the weights), and the same logits as that graph."""
     import numpy as np
     import onnx
 
@@ -344,7 +347,8 @@ def test_the_bare_entry_serves_the_bare_model_optimised_like_the_engine(build_fo
     served, graph = target / "1" / "model.onnx", manifest.graph_path("bare")
     nodes = [n.op_type for n in onnx.load(str(served)).graph.node]
     assert not any(op.startswith("RandomUniform") or op.startswith("RandomNormal") for op in nodes)
-    assert len(nodes) < len(onnx.load(str(graph)).graph.node)  # fused by ONNX Runtime, like engine.onnxruntime.onnx
+    assert served.read_bytes() == graph.read_bytes()  # like engine.onnxruntime.onnx: the graph itself
+    assert [p.name for p in (target / "1").glob("*.data")] == [FILES["weights"]]  # its weights, one copy
     image = {"pixel_values": np.random.default_rng(0).normal(size=(3, 3, 40, 40)).astype(np.float32)}
     assert np.array_equal(
         OnnxRuntimeEngine(served).infer(image)["logits"], OnnxRuntimeEngine(graph).infer(image)["logits"]

@@ -1,0 +1,113 @@
+"""The weights of a graph exported without them (export/fake_export.py), attached from the checkpoint's
+safetensors: each tensor read alone (transformers' safetensors are mapped, so a read touches its pages
+only), converted to the dtype the graph wants, and appended page-aligned to one `<graph>.data`
+(aim/weights.py). Memory holds one tensor and its converted copy at a time (the largest: the embedding).
+
+A name the checkpoint lacks is a tied weight (the head that is the embedding: one initializer, one copy)
+or a buffer the model computes rather than stores (rotary frequencies), taken from a one-layer model of
+the same config with a tiny vocabulary, made for that (cheap). FP16 cannot hold magnitudes past 65504:
+such values are clipped, counted and reported (bf16 can hold them).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from aim.errors import CheckpointError
+from aim.files import atomic_path
+from aim.weights import WeightsFile
+
+FP16_MAX = 65504.0
+
+
+@dataclass
+class Attached:
+    tensors: int
+    bytes: int
+    clipped: int  # values past FP16's range, clipped to it
+    computed: list[str]  # buffers taken from a model of the config (not stored in the checkpoint)
+
+
+def _shards(folder: Path) -> dict[str, Path]:
+    """Checkpoint key -> its safetensors file."""
+    from safetensors import safe_open
+
+    keys = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            keys.update(dict.fromkeys(handle.keys(), shard))
+    return keys
+
+
+def _computed_buffers(model_class, config) -> dict:
+    """The buffers of a one-layer, 8-token model of `config` (real tensors; built on first need)."""
+    small = copy.deepcopy(config)
+    small.num_hidden_layers, small.vocab_size = 1, 8
+    return {name: buffer for name, buffer in model_class._from_config(small).named_buffers()}
+
+
+def _aliases(model) -> dict[str, list[str]]:
+    """Each parameter's names in `model` (several for a tied weight: the head that is the embedding)."""
+    groups: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    return {name: names for names in groups.values() for name in names}
+
+
+def attach(graph: str | os.PathLike, wanted: dict, checkpoint: str | os.PathLike, model, prefix: str) -> Attached:
+    """Writes every initializer of `wanted` (name -> (shape, torch dtype)) from `checkpoint` into
+    <graph>.data and makes `graph` refer to them; `model`: the (fake) model the graph was exported from,
+    whose names they are after `prefix`. Both files are written atomically."""
+    import onnx
+    import torch
+    from safetensors import safe_open
+
+    graph = Path(graph)
+    shards, buffers = _shards(Path(checkpoint)), None
+    aliases, config = _aliases(model), model.config
+    proto = onnx.load(str(graph), load_external_data=False)
+    data = graph.with_name(graph.name + ".data")
+    found = Attached(0, 0, 0, [])
+    with atomic_path(data) as tmp, WeightsFile(tmp, data.name) as out:
+        for name, (shape, dtype) in wanted.items():
+            key = name.removeprefix(prefix)
+            key = next((alias for alias in aliases.get(key, []) if alias in shards), key)
+            if key in shards:
+                with safe_open(str(shards[key]), framework="pt") as handle:
+                    value = handle.get_tensor(key)
+            else:
+                buffers = buffers if buffers is not None else _computed_buffers(type(model), config)
+                layer0 = re.sub(r"\.layers\.\d+\.", ".layers.0.", key)
+                if layer0 not in buffers:
+                    raise CheckpointError(
+                        f"{checkpoint} lacks the weight {key!r} the model needs: save the checkpoint again with "
+                        "`model.save_pretrained(DIR)`"
+                    )
+                value = buffers[layer0]
+                found.computed.append(key)
+            if tuple(value.shape) != tuple(shape):
+                raise CheckpointError(
+                    f"{checkpoint}: {key!r} has shape {tuple(value.shape)}, the model of its config.json "
+                    f"{tuple(shape)}: save the checkpoint again with `model.save_pretrained(DIR)`"
+                )
+            if dtype == torch.float16 and value.is_floating_point():
+                over = int((value.abs() > FP16_MAX).sum())
+                found.clipped += over
+                value = value.clamp(-FP16_MAX, FP16_MAX) if over else value
+            array = value.to(dtype).numpy()
+            tensor = onnx.TensorProto(
+                name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape
+            )
+            out.add(tensor, lambda array=array: [array], key=("checkpoint", key))
+            proto.graph.initializer.append(tensor)
+            found.tensors += 1
+            found.bytes += array.nbytes
+            del value, array
+        out.close()
+        with atomic_path(graph) as written:
+            onnx.save(proto, str(written))
+    return found
