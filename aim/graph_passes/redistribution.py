@@ -12,15 +12,15 @@ What the statement adds to the bare formula, and why:
   utility -> min(|utility|, MAX_STRENGTH) with NaN as MAX_STRENGTH (fail closed: the weakest tier,
   never the bare model), focus clipped to [-MAX_STRENGTH, MAX_STRENGTH] with NaN as 0. So no request
   can turn the logits into NaN or inf, nor buy the premium answer with a NaN.
-- Skipping (benchmark P1a): when the whole batch asks for utility 0 and focus 0, an `If` returns the
-  bare logits without drawing any noise; the bare logits' producer node is moved into both branches,
-  so that branch writes straight into the output instead of copying it (FP32 logits only: see
-  movable_producer).
-- Sparse focus (benchmark P2): focus noise is drawn only for the classes some sample focuses on
-  (their indices -> Gather -> add -> ScatterElements back), not over the whole logits tensor.
-- One draw (benchmark P2): the production flavour draws n1 and n2 from ONE random node (Box-Muller
-  over one uniform draw by default, or one RandomNormalLike), so no second random node's seed can
-  correlate with the first (see DrawnNoise). A uniform costs ONNX Runtime ~40% of a normal, but
+- Skipping (the bench's "latency at utility 0 / bare"): when the whole batch asks for utility 0 and
+  focus 0, an `If` returns the bare logits without drawing any noise; the bare logits' producer node is
+  moved into both branches, so that branch writes straight into the output instead of copying it (FP32
+  logits only: see movable_producer).
+- Sparse focus (the bench's "subgraph cost"): focus noise is drawn only for the classes some sample
+  focuses on (their indices -> Gather -> add -> ScatterElements back), not over the whole logits tensor.
+- One draw (the bench's "subgraph cost"): the production flavour draws n1 and n2 from ONE random node
+  (Box-Muller over one uniform draw by default, or one RandomNormalLike), so no second random node's
+  seed can correlate with the first (see DrawnNoise). A uniform costs ONNX Runtime ~40% of a normal, but
   Box-Muller's extra passes take most of that back: `make bench` measures the two within 10%.
 - TensorRT: no NonZero (TensorRT for RTX lacks it), no TopK (K <= 3840), no nested If (TensorRT for
   RTX fails to build them; a second If beside the first made its builder crash on Llama).
