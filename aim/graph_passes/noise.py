@@ -140,6 +140,45 @@ class _KeyedGenerator:
             x = self._cube(ops, ops.add(x, ops.constant(key, np.int64)))
         return x
 
+    def _counters(self, ops, slots):
+        """Class slot j -> (j * multiplier + offset) mod PRIME."""
+        k, i64 = self.k, np.int64
+        scaled = ops.add(ops.mul(slots, ops.constant(k.class_multiplier, i64)), ops.constant(k.class_offset, i64))
+        return ops.mod(scaled, ops.constant(PRIME, i64))
+
+    @staticmethod
+    def _unit(ops, x):
+        """A cubed hash (30 bits) as a uniform in (0, 1], exact in FP32 arithmetic."""
+        return ops.mul(ops.add(ops.to_float32(x), ops.constant(1.0)), ops.constant(2.0**-30))
+
+    def _box_muller(self, ops, uniform, first_slots, classes, axis: int):
+        """n1 for every class and n2 for the focused `classes`, by Box-Muller over `uniform(slots)`:
+        n1's pairs take the slots from `first_slots` on, n2's follow them (computed for the K focused
+        classes only)."""
+        even = self.classes + self.classes % 2
+        pairs = uniform(first_slots)
+        r, theta = (
+            _radius(ops, ops.slice(pairs, 0, even // 2, axis)),
+            _angle(ops, ops.slice(pairs, even // 2, even, axis)),
+        )
+        n1 = ops.slice(
+            ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], axis), 0, self.classes, axis
+        )
+
+        def focused(start):
+            return uniform(ops.add(classes, ops.constant(start, np.int64)))
+
+        n2 = ops.mul(_radius(ops, focused(even)), ops.cos(_angle(ops, focused(even + self.classes))))
+        return n1, n2
+
+
+def _radius(ops, a):
+    return ops.sqrt(ops.mul(ops.log(a), ops.constant(-2.0)))
+
+
+def _angle(ops, b):
+    return ops.mul(b, ops.constant(2.0 * math.pi))
+
 
 class CellKeyedNoise(_KeyedGenerator):
     """Keyed noise: n1 and n2 are a function of a secret key and of the request, so the same request
@@ -211,34 +250,13 @@ class CellKeyedNoise(_KeyedGenerator):
         )
         position_hash = self._hash(ops, seed, place, k.position_rounds)  # like z, class axis 1
 
-        def uniform(counters):
-            """(0, 1] shaped like z with `counters` [J] on the class axis: 30 bits, exact in FP32 arithmetic."""
+        def uniform(slots):
+            """(0, 1] shaped like z with class slots [J] on the class axis."""
+            counters = self._counters(ops, slots)
             class_hash = self._hash(ops, seed, ops.on_axis(counters, axis, rank), k.class_rounds)
-            x = self._cube(ops, ops.add(class_hash, position_hash))
-            return ops.mul(ops.add(ops.to_float32(x), ops.constant(1.0)), ops.constant(2.0**-30))
+            return self._unit(ops, self._cube(ops, ops.add(class_hash, position_hash)))
 
-        def radius(a):
-            return ops.sqrt(ops.mul(ops.log(a), ops.constant(-2.0)))
-
-        def angle(b):
-            return ops.mul(b, ops.constant(2.0 * math.pi))
-
-        def counters(slots):  # class slot j -> (j * multiplier + offset) mod PRIME
-            scaled = ops.add(ops.mul(slots, ops.constant(k.class_multiplier, i64)), ops.constant(k.class_offset, i64))
-            return ops.mod(scaled, ops.constant(PRIME, i64))
-
-        even = self.classes + self.classes % 2
-        pairs = uniform(counters(ops.arange(z, axis, self.classes % 2)))
-        r, theta = radius(ops.slice(pairs, 0, even // 2, axis)), angle(ops.slice(pairs, even // 2, even, axis))
-        n1 = ops.slice(
-            ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], axis), 0, self.classes, axis
-        )
-
-        def focused(start):  # n2's slots follow n1's: computed for the K focused classes only
-            return uniform(counters(ops.add(classes, ops.constant(start, i64))))
-
-        n2 = ops.mul(radius(focused(even)), ops.cos(angle(focused(even + self.classes))))
-        return n1, n2
+        return self._box_muller(ops, uniform, ops.arange(z, axis, self.classes % 2), classes, axis)
 
 
 class SmoothKeyedNoise(_KeyedGenerator):
@@ -318,32 +336,13 @@ class SmoothKeyedNoise(_KeyedGenerator):
         weights = ops.unsqueeze(weights, [2])  # [B, V, 1]
 
         def uniform(slots):
-            """(0, 1] [B, V, J] for class slots [J]: 30 bits, exact in FP32 arithmetic."""
-            scaled = ops.add(ops.mul(slots, ops.constant(k.class_multiplier, i64)), ops.constant(k.class_offset, i64))
-            counters = ops.mod(scaled, ops.constant(PRIME, i64))
-            class_hash = self._hash(ops, ops.constant(k.class_start, i64), counters, k.class_rounds)  # [J]
-            x = self._cube(ops, ops.add(seeds, class_hash))
-            return ops.mul(ops.add(ops.to_float32(x), ops.constant(1.0)), ops.constant(2.0**-30))
+            """(0, 1] [B, V, J] for class slots [J]."""
+            class_hash = self._hash(ops, ops.constant(k.class_start, i64), self._counters(ops, slots), k.class_rounds)
+            return self._unit(ops, self._cube(ops, ops.add(seeds, class_hash)))
 
-        def radius(a):
-            return ops.sqrt(ops.mul(ops.log(a), ops.constant(-2.0)))
-
-        def angle(b):
-            return ops.mul(b, ops.constant(2.0 * math.pi))
-
-        def blend(normals):  # [B, V, J] -> [B, J]
-            return ops.reduce_sum(ops.mul(normals, weights), [1])
-
-        even = self.classes + self.classes % 2
-        pairs = uniform(ops.arange(z, 1, self.classes % 2))
-        r, theta = radius(ops.slice(pairs, 0, even // 2, 2)), angle(ops.slice(pairs, even // 2, even, 2))
-        n1 = ops.slice(ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], 2), 0, self.classes, 2)
-
-        def focused(start):  # n2's slots follow n1's: computed for the K focused classes only
-            return uniform(ops.add(classes, ops.constant(start, i64)))
-
-        n2 = ops.mul(radius(focused(even)), ops.cos(angle(focused(even + self.classes))))
-        return blend(n1), blend(n2)
+        n1, n2 = self._box_muller(ops, uniform, ops.arange(z, 1, self.classes % 2), classes, 2)
+        # [B, V, J] -> [B, J]: the vertices' draws blended by their weights
+        return ops.reduce_sum(ops.mul(n1, weights), [1]), ops.reduce_sum(ops.mul(n2, weights), [1])
 
 
 def correlation_width(rank: int) -> float:
