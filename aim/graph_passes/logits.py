@@ -34,19 +34,25 @@ def logits_output(graph: gs.Graph, logits: str) -> gs.Variable:
     return z
 
 
+def normalised_class_axis(name: str, shape, class_axis: int) -> int:
+    """The class axis as a non-negative index, one of the axes past the batch (axis 0)."""
+    rank = len(shape)
+    axis = class_axis + rank if class_axis < 0 else class_axis
+    if rank < 2 or not 1 <= axis < rank:
+        raise InvalidGraphError(
+            f"class axis {class_axis} is out of range for logits {name!r} of shape {list(shape)}: "
+            f"axis 0 is the batch, so the class axis must be one of 1..{rank - 1} (or -1..{1 - rank})."
+        )
+    return axis
+
+
 def class_axis_of(z: gs.Variable, class_axis: int) -> tuple[int, int]:
     """Normalised class axis and the number of classes; the batch is axis 0."""
     if z.shape is None:
         raise InvalidGraphError(
             f"the rank of {z.name!r} is unknown; run ONNX shape inference or export with output shapes"
         )
-    rank = len(z.shape)
-    axis = class_axis + rank if class_axis < 0 else class_axis
-    if rank < 2 or not 1 <= axis < rank:
-        raise InvalidGraphError(
-            f"class axis {class_axis} is out of range for logits {z.name!r} of shape {list(z.shape)}: "
-            f"axis 0 is the batch, so the class axis must be one of 1..{rank - 1} (or -1..{1 - rank})."
-        )
+    axis = normalised_class_axis(z.name, z.shape, class_axis)
     classes = z.shape[axis]
     if not isinstance(classes, int) or classes <= 0:
         raise InvalidGraphError(

@@ -23,6 +23,7 @@ from aim.errors import AimError, InvalidGraphError, InvalidInputError
 from aim.files import load_arrays, sha256
 from aim.graph_passes.dims import conventional_io
 from aim.graph_passes.io import load_onnx, save_onnx
+from aim.graph_passes.logits import normalised_class_axis
 from aim.graph_passes.quantize import BITS, quantizable
 from aim.layout import FILES, REFERENCE, GraphIO
 from aim.layout import Source as SourceRecord
@@ -211,13 +212,7 @@ class OnnxSource:
 def _check_class_axis(logits, class_axis: int) -> None:
     """The class axis is one of the logits' axes past the batch, of a static size (what the graph
     passes require of it, checked before the reference runs)."""
-    rank = len(logits.dims)
-    axis = class_axis + rank if class_axis < 0 else class_axis
-    if rank < 2 or not 1 <= axis < rank:
-        raise InvalidGraphError(
-            f"class axis {class_axis} is out of range for logits {logits.name!r} of shape {logits.dims}: "
-            f"axis 0 is the batch, so the class axis must be one of 1..{rank - 1} (or -1..{1 - rank})."
-        )
+    normalised_class_axis(logits.name, logits.dims, class_axis)
 
 
 def _check_logits_dims(logits, dims: dict[str, DimRange], resized_from: int | None = None) -> None:
