@@ -251,14 +251,14 @@ def _token_prompts(vocab_size: int, stop: list[int], seed: int) -> list[list[int
 def _reduced_checks(runs: dict, extra: dict, reduced: Agreement) -> list[Check]:
     """FP16: along PyTorch's tokens (teacher forcing), PyTorch's greedy token is among the engine's
     top-k; and the cached and recomputed logits agree by the same comparator."""
-    from aim.verify.compare import agreement
+    from aim.verify.compare import agreement, rows_still_generating
 
     stop = extra["generation.stop_tokens"]
     k, hits, total = max(1, reduced.k), 0, 0
     for index in range(len(BATCHES)):
         expected = extra[f"generation.{index}.tokens"]
         for step, logits in enumerate(runs[f"generation.{index}.logits"]):
-            live = np.flatnonzero(~np.isin(expected[:, :step], stop).any(axis=1)) if step else np.arange(len(logits))
+            live = rows_still_generating(expected, step, stop)
             top = np.argpartition(-logits[live], k - 1, axis=1)[:, :k]
             hits += int(np.sum(np.any(top == expected[live, step][:, None], axis=1)))
             total += len(live)

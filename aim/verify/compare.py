@@ -79,3 +79,11 @@ def identical(name: str, reference: np.ndarray, actual: np.ndarray) -> Check:
     same = reference.shape == actual.shape and np.array_equal(reference, actual)
     differing = int(np.sum(reference != actual)) if reference.shape == actual.shape else -1
     return Check(name, bool(same), "bit for bit" if same else f"{differing} elements differ", {"differing": differing})
+
+
+def rows_still_generating(tokens: np.ndarray, step: int, stop) -> np.ndarray:
+    """The rows of `tokens` [B, steps] that have emitted no stop token before `step` (teacher forcing:
+    a row's later steps are not judged once it stopped)."""
+    if not step:
+        return np.arange(len(tokens))
+    return np.flatnonzero(~np.isin(tokens[:, :step], stop).any(axis=1))

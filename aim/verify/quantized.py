@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from aim.verdicts import Check, Quantization
+from aim.verify.compare import rows_still_generating
 
 MAX_RELATIVE_ERROR = 0.05
 MARGIN_SIGMAS = 8.0
@@ -129,7 +130,7 @@ def quantized_generation_checks(runs: dict, extra: dict, spec: Quantization) -> 
     while f"generation.{index}.tokens" in extra:
         tokens, logits = extra[f"generation.{index}.tokens"], extra[f"generation.{index}.logits"]
         for step, engine_logits in enumerate(runs[f"generation.{index}.logits"]):
-            live = np.flatnonzero(~np.isin(tokens[:, :step], stop).any(axis=1)) if step else np.arange(len(tokens))
+            live = rows_still_generating(tokens, step, stop)
             expected.append(logits[live, step])
             got.append(engine_logits[live])
         index += 1
