@@ -353,10 +353,17 @@ class StagedFolder:
         self.published: Path | None = None
         self.created: list[Path] = []
 
-    def check(self, target: Path) -> None:
-        """Raises unless a publish may replace `target` (the rule above)."""
+    def check(self, target: Path, locked: bool = False) -> None:
+        """Raises unless a publish may replace `target` (the rule above). Unlocked, a refusal is asked
+        again under the lock: another publisher may have been between the two renames of its swap."""
         check_apart(target, self.sources)
-        check_folder_replaceable(target, self.ours, self.what)
+        try:
+            check_folder_replaceable(target, self.ours, self.what)
+        except WriteRefused:
+            if locked or not target.parent.is_dir():
+                raise
+            with folder_lock(target.parent):
+                check_folder_replaceable(target, self.ours, self.what)
 
     def __enter__(self) -> StagedFolder:
         self.check(self.final)
@@ -378,7 +385,7 @@ class StagedFolder:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         self.check(target)  # before the lock: a refusal creates no folder for it
         with _held(), folder_lock(target.parent):
-            self.check(target)
+            self.check(target, locked=True)
             if target.exists() or target.is_symlink():
                 os.replace(target, old)
             try:

@@ -149,19 +149,23 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         final = utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            fields = self.front.request(parameters(request))
+            try:
+                fields = self.front.request(parameters(request))
 
-            def send(text: str):
-                sender.send(utils.InferenceResponse(output_tensors=[text_tensor(TEXT_OUTPUT, text)]))
+                def send(text: str):
+                    sender.send(utils.InferenceResponse(output_tensors=[text_tensor(TEXT_OUTPUT, text)]))
 
-            self.front.generate(fields, send, request.is_cancelled)
-            sender.send(flags=final)
-        except Cancelled:
-            sender.send(flags=final)
-        except Exception as error:  # noqa: BLE001 - told to this client; the model serves on
-            if not isinstance(error, AimError):
-                error = RuntimeError(f"generation failed: {error}")
-            sender.send(error_response(error), flags=final)
+                # the sender's flag, not the request's: in decoupled mode the request may be released first
+                self.front.generate(fields, send, sender.is_cancelled)
+                sender.send(flags=final)
+            except Cancelled:
+                sender.send(flags=final)
+            except Exception as error:  # noqa: BLE001 - told to this client; the model serves on
+                if not isinstance(error, AimError):
+                    error = RuntimeError(f"generation failed: {error}")
+                sender.send(error_response(error), flags=final)
+        except Exception as error:  # noqa: BLE001 - a send failed: the pool would drop it unseen, so it is logged
+            utils.Logger.log_error(f"{TEXT_OUTPUT}: a stream ended without its final response: {error!r}")
 
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)

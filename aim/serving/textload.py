@@ -21,7 +21,7 @@ import numpy as np
 
 from aim.errors import AimError
 from aim.files import atomic_path
-from aim.serving.load_generator import Budget, drive
+from aim.serving.load_generator import Budget, LoadError, drive
 
 CONCURRENCY = (1, 4, 8)
 MAX_TOKENS = 16
@@ -75,7 +75,8 @@ def run_textload(
     model = manifest.model + TEXT_SUFFIX
     write_model(build_folder, out / "repository-text", model, instances=instances, text=True)
     points = []
-    with TritonServer(out / "repository-text", host="127.0.0.1", log_path=out / "tritonserver-text.log") as server:
+    log_path = out / "tritonserver-text.log"
+    with TritonServer(out / "repository-text", host="127.0.0.1", log_path=log_path) as server:
         host, port = server.host, server.http_port
         for clients in concurrency:
             first_event, pieces = [], []
@@ -86,13 +87,16 @@ def run_textload(
                 pieces.append(events)
                 return "stream", True
 
-            run = drive(
-                lambda: http.client.HTTPConnection(host, port, timeout=TIMEOUT_S),
-                send,
-                Budget(clients, requests, seconds, warmup=clients),
-                StreamError,
-                close_client=lambda connection: connection.close(),
-            )
+            try:
+                run = drive(
+                    lambda: http.client.HTTPConnection(host, port, timeout=TIMEOUT_S),
+                    send,
+                    Budget(clients, requests, seconds, warmup=clients),
+                    StreamError,
+                    close_client=lambda connection: connection.close(),
+                )
+            except LoadError as error:
+                raise LoadError(f"{error} (at {clients} clients; the server's log: {log_path})") from None
             measured = np.array(first_event[clients:] or first_event)
             point = {
                 "concurrency": clients,

@@ -142,3 +142,30 @@ def test_a_file_of_that_name_is_not_replaced_and_leftovers_of_the_living_stay(tm
         (tmp_path / name).mkdir()
     assert sorted(p.name for p in files.remove_leftovers(tmp_path)) == [f".model.staging-{dead}", f".x.onnx.tmp-{dead}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".model.staging-{os.getpid()}", "model"]
+
+
+def test_a_folder_swapped_during_the_unlocked_check_is_asked_again_under_the_lock(tmp_path):
+    """The entry check runs without the lock: another publisher may move the folder away between its
+    lstat and the `ours` test (its first rename), then put its own in place (its second). That is no
+    reason to refuse: the check is asked again while no swap is under way."""
+    final = tmp_path / "out" / "model"
+    final.mkdir(parents=True)
+    (final / "part0").write_text("theirs")
+    swaps = []
+
+    def ours(folder: Path) -> bool:
+        if not swaps:  # the other publisher's swap, between this check's lstat and this test
+            fresh = folder.with_name(".fresh")
+            fresh.mkdir()
+            (fresh / "part0").write_text("other publisher")
+            os.replace(folder, folder.with_name(".old"))
+            swaps.append(folder.exists())
+            os.replace(fresh, folder)
+            files.remove(folder.with_name(".old"))
+            return swaps[0]
+        return (folder / "part0").is_file()
+
+    with StagedFolder(final, ours) as staged:
+        (staged.path / "part0").write_text("mine")
+        staged.publish()
+    assert swaps == [False] and (final / "part0").read_text() == "mine"

@@ -110,7 +110,9 @@ def test_the_text_sweep_measures_streams_and_time_to_first_token(build_folder, t
     comes before the stream's end."""
     out = tmp_path / "text"
     flags = ["--text", "--concurrency", "2", "--requests", "4", "--max-tokens", "4", "--instances", "1"]
-    assert cli.main(["loadtest", str(build_folder("llama")), "--out", str(out), *flags]) == 0
+    code = cli.main(["loadtest", str(build_folder("llama")), "--out", str(out), *flags])
+    log = out / "tritonserver-text.log"
+    assert code == 0, capsys.readouterr().err + (log.read_text()[-4000:] if log.is_file() else "")
     assert "| clients | streams / s |" in capsys.readouterr().out
     results = json.loads((out / "textload.json").read_text())
     (point,) = results["points"]
