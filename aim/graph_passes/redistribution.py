@@ -52,12 +52,14 @@ def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int):
     """
     # Fail closed: a NaN utility is the weakest tier (MAX_STRENGTH), never the bare model; a NaN focus is no focus.
     u = ops.minimum(ops.abs(ops.nan_to(utility, MAX_STRENGTH)), MAX_STRENGTH)
-    f = ops.clip(ops.nan_to(focus, 0.0), -MAX_STRENGTH, MAX_STRENGTH)
-    f_abs = ops.abs(f)
-    active = ops.or_(ops.greater(ops.reduce_max(u), 0.0), ops.greater(ops.reduce_max(f_abs), 0.0))
+    # [B, C] 1.0 where a row focuses on a class: |focus| > 0, so a NaN focus is none (it is sanitised to 0
+    # below). The focus itself is sanitised only where it is used, at the focused classes ([B, K]): the
+    # whole [B, C] passes cost a decode step of a 49k vocabulary more than its noise (docs/results.md).
+    focusing = ops.to_float32(ops.greater(ops.abs(focus), 0.0))
+    active = ops.or_(ops.greater(ops.reduce_max(u), 0.0), ops.greater(ops.reduce_max(focusing), 0.0))
     # [K]: the classes some row focuses on. Outside the If, and no If inside it: TensorRT for RTX
     # fails to build nested Ifs.
-    classes = ops.focused(ops.reduce_max(f_abs, axis=0))
+    classes = ops.focused(focusing)
     other_axes = [axis for axis in range(1, rank) if axis != class_axis]
 
     def modulated():
@@ -66,7 +68,8 @@ def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int):
         # Rows with utility 0 get z + 0 * n1 = z exactly, so one batch can mix service tiers.
         z = ops.add(z, ops.mul(ops.unsqueeze(u, list(range(1, rank))), n1))
         picked = ops.gather(z, classes, class_axis)
-        strength = ops.unsqueeze(ops.gather(f, classes, 1), other_axes)
+        f = ops.clip(ops.nan_to(ops.gather(focus, classes, 1), 0.0), -MAX_STRENGTH, MAX_STRENGTH)  # [B, K]
+        strength = ops.unsqueeze(f, other_axes)
         shifted = ops.add(picked, ops.mul(strength, ops.abs(n2)))
         return ops.to_logits_dtype(ops.scatter(z, classes, shifted, class_axis, rank))
 
