@@ -151,19 +151,16 @@ class _KeyedGenerator:
         """A cubed hash (30 bits) as a uniform in (0, 1], exact in FP32 arithmetic."""
         return ops.mul(ops.add(ops.to_float32(x), ops.constant(1.0)), ops.constant(2.0**-30))
 
-    def _box_muller(self, ops, uniform, first_slots, classes, axis: int):
-        """n1 for every class and n2 for the focused `classes`, by Box-Muller over `uniform(slots)`:
-        n1's pairs take the slots from `first_slots` on, n2's follow them (computed for the K focused
-        classes only)."""
+    def _box_muller(self, ops, halves, uniform, classes, axis: int):
+        """n1 for every class and n2 for the focused `classes`, by Box-Muller. `halves` = (a, b): the
+        uniforms of n1's C' / 2 pairs (C' = C rounded up to even; slots 0 .. C'/2 - 1 give the radii,
+        C'/2 .. C' - 1 the angles), each pair a cosine and a sine normal; n2's two uniforms per class take
+        `uniform` of the slots after them (computed for the K focused classes only)."""
         even = self.classes + self.classes % 2
-        pairs = uniform(first_slots)
-        r, theta = (
-            _radius(ops, ops.slice(pairs, 0, even // 2, axis)),
-            _angle(ops, ops.slice(pairs, even // 2, even, axis)),
-        )
-        n1 = ops.slice(
-            ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], axis), 0, self.classes, axis
-        )
+        r, theta = _radius(ops, halves[0]), _angle(ops, halves[1])
+        n1 = ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], axis)
+        if self.classes % 2:  # an odd C drops the last sine
+            n1 = ops.slice(n1, 0, self.classes, axis)
 
         def focused(start):
             return uniform(ops.add(classes, ops.constant(start, np.int64)))
@@ -256,7 +253,10 @@ class CellKeyedNoise(_KeyedGenerator):
             class_hash = self._hash(ops, seed, ops.on_axis(counters, axis, rank), k.class_rounds)
             return self._unit(ops, self._cube(ops, ops.add(class_hash, position_hash)))
 
-        return self._box_muller(ops, uniform, ops.arange(z, axis, self.classes % 2), classes, axis)
+        even = self.classes + self.classes % 2
+        pairs = uniform(ops.arange(z, axis, self.classes % 2))
+        halves = ops.slice(pairs, 0, even // 2, axis), ops.slice(pairs, even // 2, even, axis)
+        return self._box_muller(ops, halves, uniform, classes, axis)
 
 
 class SmoothKeyedNoise(_KeyedGenerator):
@@ -276,8 +276,9 @@ class SmoothKeyedNoise(_KeyedGenerator):
     1 - O((move / width)**2) for a small move, 0 for requests no vertex apart.
 
     An element's uniform is cube(class_hash + vertex_seed): the class hash is the key's alone (CLASS_ROUNDS
-    cubings of the slot's keyed counter, over [C] once per run), the vertex seed absorbs the vertex's
-    coordinates and the tier, so the full-size [B, PROJECTIONS + 1, C] draw costs one cubing per element.
+    cubings of the slot's keyed counter, computed at build time and held by the graph), the vertex seed
+    absorbs the vertex's coordinates and the tier, so the full-size [B, PROJECTIONS + 1, C] draw costs one
+    cubing per element.
     """
 
     def __init__(self, constants: KeyedConstants, num_classes: int):
@@ -286,6 +287,14 @@ class SmoothKeyedNoise(_KeyedGenerator):
                 f"keyed constants for {constants.projection.shape[0]} classes, the logits have {num_classes}"
             )
         self.k, self.classes, self.dims = constants, num_classes, constants.projection.shape[1]
+        # The class hash of n1's slots 0 .. C' - 1 (C' = C rounded up to even) depends on the key alone:
+        # computed here once, by the generator's own statement, and held by the graph (4 bytes per class;
+        # below PRIME < 2**31) instead of CLASS_ROUNDS cubings of C' counters at every run.
+        even = num_classes + num_classes % 2
+        slots = np.arange(even, dtype=np.int64)
+        start = _IntegerOps.constant(constants.class_start)
+        hashed = self._hash(_IntegerOps, start, self._counters(_IntegerOps, slots), constants.class_rounds)
+        self.class_hash = hashed.astype(np.int32)
 
     def _simplex(self, ops, z, utility):
         """The vertices' seeds [B, V, 1] (int64) and weights [B, V] (squares summing to 1), V = dims + 1."""
@@ -335,14 +344,34 @@ class SmoothKeyedNoise(_KeyedGenerator):
         seeds, weights = self._simplex(ops, z, utility)
         weights = ops.unsqueeze(weights, [2])  # [B, V, 1]
 
-        def uniform(slots):
-            """(0, 1] [B, V, J] for class slots [J]."""
-            class_hash = self._hash(ops, ops.constant(k.class_start, i64), self._counters(ops, slots), k.class_rounds)
+        def unit(class_hash):
+            """(0, 1] [B, V, J] for the class hashes [J] (int64)."""
             return self._unit(ops, self._cube(ops, ops.add(seeds, class_hash)))
 
-        n1, n2 = self._box_muller(ops, uniform, ops.arange(z, 1, self.classes % 2), classes, 2)
-        # [B, V, J] -> [B, J]: the vertices' draws blended by their weights
+        def uniform(slots):
+            return unit(self._hash(ops, ops.constant(k.class_start, i64), self._counters(ops, slots), k.class_rounds))
+
+        # n1's class hashes are the key's alone: read from the graph, half for the radii, half for the angles.
+        half = len(self.class_hash) // 2
+        halves = [
+            unit(ops.to_int64(ops.constant(self.class_hash[i * half : (i + 1) * half], np.int32))) for i in (0, 1)
+        ]
+
+        n1, n2 = self._box_muller(ops, halves, uniform, classes, 2)
+        # [B, V, J] -> [B, J]: the vertices' draws blended by their weights. Blending each Box-Muller half
+        # before the Concat saves ONNX Runtime nothing measurable and moves the twin's last bits (PyTorch
+        # sums [B, V, J] in an order that depends on J), so the blend stays after it.
         return ops.reduce_sum(ops.mul(n1, weights), [1]), ops.reduce_sum(ops.mul(n2, weights), [1])
+
+
+class _IntegerOps:
+    """The integer ops of the keyed generator in numpy (int64, operands below 2**63 as the generator keeps
+    them): a third interpreter of its statement, for the constants a keyed graph holds."""
+
+    constant = staticmethod(lambda value, dtype=np.int64: np.array(value, dtype=dtype))
+    add = staticmethod(np.add)
+    mul = staticmethod(np.multiply)
+    mod = staticmethod(np.mod)
 
 
 def correlation_width(rank: int) -> float:
