@@ -160,9 +160,10 @@ class Leaves:
     def logits(self, name: str) -> np.ndarray:
         return self.session.run(["logits"], self.feeds[name])[0]
 
-    def time(self, rounds: int, per_round: int = 2, warmup: int = 2) -> dict[str, np.ndarray]:
-        """CPU ms per run of each leaf, per round: every leaf `per_round` times in turn, each round
-        starting one leaf further; the garbage collector waits for the end of a round."""
+    def time(self, rounds: int, per_round: int = 2, warmup: int = 2, clock=time.process_time) -> dict[str, np.ndarray]:
+        """ms per run of each leaf, per round, by `clock` (CPU time: what other processes on a busy machine
+        disturb least; time.perf_counter: wall time, as `make bench`): every leaf `per_round` times in
+        turn, each round starting one leaf further; the garbage collector waits for the end of a round."""
         samples = {name: [] for name in self.names}
         for index in range(warmup + rounds):
             order = self.names[index % len(self.names) :] + self.names[: index % len(self.names)]
@@ -170,11 +171,11 @@ class Leaves:
             gc.disable()
             try:
                 for name in order:
-                    start = time.process_time()
+                    start = clock()
                     for _ in range(per_round):
                         self.run(name)
                     if index >= warmup:
-                        samples[name].append((time.process_time() - start) / per_round * 1e3)
+                        samples[name].append((clock() - start) / per_round * 1e3)
             finally:
                 gc.enable()
         return {name: np.asarray(values) for name, values in samples.items()}
@@ -201,6 +202,7 @@ def main(argv=None) -> None:
     parser.add_argument("--utility", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="CPU time (default) or wall time")
     parser.add_argument("--tree", help="where to write the tree graph (default: variants_tree.onnx beside the model)")
     args = parser.parse_args(argv)
     leaves = {}
@@ -209,8 +211,10 @@ def main(argv=None) -> None:
         leaves[name] = None if source == BARE else source
     tree = variants_tree(args.model, leaves, args.tree or Path(args.model).with_name("variants_tree.onnx"))
     runs = Leaves(tree, list(leaves), dict(np.load(args.inputs)), args.utility, args.threads)
-    times = runs.time(args.rounds)
-    print(f"{args.rounds} rounds, {args.threads} thread(s), utility {args.utility:g}, CPU ms per run (median):")
+    times = runs.time(args.rounds, clock=time.process_time if args.clock == "cpu" else time.perf_counter)
+    print(
+        f"{args.rounds} rounds, {args.threads} thread(s), utility {args.utility:g}, {args.clock} ms per run (median):"
+    )
     print("  " + ", ".join(f"{name} {np.median(t):.2f}" for name, t in times.items()))
     for figure in ratios(times, [tuple(r.split("/")) for r in args.ratio]):
         d = figure["difference_ms"]
