@@ -140,12 +140,16 @@ def selection(index: int, depth: int) -> dict[str, np.ndarray]:
 class Leaves:
     """One session of a variants tree; `run(name)` computes the model and that leaf."""
 
-    def __init__(self, tree: str | Path, leaves: list[str], inputs: dict, utility: float, threads: int = 1):
+    def __init__(
+        self, tree: str | Path, leaves: list[str], inputs: dict, utility: float, threads: int = 1, profile_prefix=None
+    ):
         import onnxruntime as ort
 
         from aim.runtime.onnxruntime import session_options
 
         options = session_options(threads, spinning=False)
+        if profile_prefix is not None:
+            options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
         self.session = ort.InferenceSession(str(tree), options, providers=["CPUExecutionProvider"])
         self.names = list(leaves)
         depth = int(math.log2(len(self.names)))
@@ -181,6 +185,27 @@ class Leaves:
         return {name: np.asarray(values) for name, values in samples.items()}
 
 
+def profile(tree: str | Path, leaves: list[str], inputs: dict, utility: float, runs: int, threads: int = 1) -> dict:
+    """{leaf: {node: median kernel time in us}} of the nodes ONNX Runtime's profiler records while running
+    each leaf `runs` times (the Ifs' own times include their branches' nodes)."""
+    import json
+    import tempfile
+
+    profiled = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in leaves:
+            session = Leaves(tree, leaves, inputs, utility, threads, profile_prefix=f"{folder}/{len(profiled)}")
+            for _ in range(runs):
+                session.run(name)
+            events = json.loads(Path(session.session.end_profiling()).read_text())
+            times = {}
+            for event in events:
+                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                    times.setdefault(event["name"][: -len("_kernel_time")], []).append(event["dur"])
+            profiled[name] = {node: float(np.median(values)) for node, values in times.items()}
+    return profiled
+
+
 def ratios(times: dict[str, np.ndarray], pairs: list[tuple[str, str]], level: float = CONFIDENCE) -> list[dict]:
     """a / b per round for each pair: the median, its distribution-free interval, and a - b in ms."""
     found = []
@@ -189,6 +214,17 @@ def ratios(times: dict[str, np.ndarray], pairs: list[tuple[str, str]], level: fl
         difference = median_interval(times[a] - times[b], level)
         found.append({"figure": f"{a} / {b}", "value": value, "low": low, "high": high, "difference_ms": difference})
     return found
+
+
+def _profile_line(name: str, nodes: dict[str, float]) -> str:
+    """A leaf's profile: the model's nodes and the leaf's (If nodes, which hold their branches', left out of
+    the sums), and the leaf's slowest nodes."""
+    leaf = {node[len(name) + 1 :]: us for node, us in nodes.items() if node.startswith(f"{name}/")}
+    model = sum(us for node, us in nodes.items() if not node.startswith((f"{name}/", "variants_tree")))
+    summed = sum(us for node, us in leaf.items() if not node.rsplit("/", 1)[-1].startswith("If"))
+    slowest = sorted(leaf.items(), key=lambda item: -item[1])[:12]
+    shown = ", ".join(f"{node} {us:.0f}" for node, us in slowest)
+    return f"{name}: model nodes {model / 1e3:.2f} ms; its own nodes {summed:.0f} us; slowest (us, median): {shown}"
 
 
 def main(argv=None) -> None:
@@ -203,6 +239,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="CPU time (default) or wall time")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="N: print each leaf's slowest nodes over N profiled runs"
+    )
     parser.add_argument("--tree", help="where to write the tree graph (default: variants_tree.onnx beside the model)")
     args = parser.parse_args(argv)
     leaves = {}
@@ -210,7 +249,12 @@ def main(argv=None) -> None:
         name, _, source = item.partition("=")
         leaves[name] = None if source == BARE else source
     tree = variants_tree(args.model, leaves, args.tree or Path(args.model).with_name("variants_tree.onnx"))
-    runs = Leaves(tree, list(leaves), dict(np.load(args.inputs)), args.utility, args.threads)
+    inputs = dict(np.load(args.inputs))
+    if args.profile:
+        for name, nodes in profile(tree, list(leaves), inputs, args.utility, args.profile, args.threads).items():
+            print(_profile_line(name, nodes))
+        return
+    runs = Leaves(tree, list(leaves), inputs, args.utility, args.threads)
     times = runs.time(args.rounds, clock=time.process_time if args.clock == "cpu" else time.perf_counter)
     print(
         f"{args.rounds} rounds, {args.threads} thread(s), utility {args.utility:g}, {args.clock} ms per run (median):"

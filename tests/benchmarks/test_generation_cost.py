@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from aim.benchmarks.generation_cost import Leaves, identity_graph, ratios, variants_tree
+from aim.benchmarks.generation_cost import Leaves, identity_graph, profile, ratios, variants_tree
 from aim.graph_passes.modulate import modulate_file
 from aim.graph_passes.noise_key import NoiseKey
 
@@ -45,11 +45,11 @@ def world(tmp_path_factory):
     leaves.update({"other key": subgraphs["other key"], "bare 3": None, "bare 4": None, "bare 5": None})
     tree = variants_tree(model, leaves, folder / "tree.onnx")
     inputs = {"tokens": np.random.default_rng(1).normal(size=(2, 3)).astype(np.float32)}
-    return model, subgraphs, Leaves(tree, list(leaves), inputs, utility=2.0), inputs
+    return model, subgraphs, Leaves(tree, list(leaves), inputs, utility=2.0), inputs, tree
 
 
 def test_each_selection_computes_its_own_leaf(world):
-    model, subgraphs, runs, inputs = world
+    model, subgraphs, runs, inputs, _ = world
     bare, present = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, inputs)
     knobs = {"utility": np.full(2, 2.0, np.float32), "focus": np.zeros((2, CLASSES), np.float32)}
     for name in ("bare", "bare 2", "bare 5"):
@@ -73,3 +73,11 @@ def test_timing_gives_every_leaf_a_value_per_round_and_ratios_are_medians_of_a_o
 def test_a_tree_needs_a_power_of_two_of_leaves(tmp_path):
     with pytest.raises(ValueError, match="power of two"):
         variants_tree(tiny_model(tmp_path / "m.onnx"), {"a": None, "b": None, "c": None}, tmp_path / "t.onnx")
+
+
+def test_the_profile_of_a_leaf_holds_its_own_nodes_and_no_other_leafs(world):
+    runs, inputs, tree = world[2], world[3], world[4]
+    found = profile(tree, runs.names, inputs, utility=2.0, runs=2)
+    assert any(node.startswith("keyed/aim_redistribution/") for node in found["keyed"])
+    assert not any(node.startswith(("keyed/", "fresh/")) for node in found["bare"])
+    assert "MatMul" in " ".join(found["bare"])  # the model ran
