@@ -46,7 +46,16 @@ def run(args) -> int:
 
     print(
         report(
-            attack(args.model, args.out, args.checkpoint, args.noise_key, args.inputs, args.seed, args.kinds, args.keys)
+            attack(
+                args.model,
+                args.out,
+                args.checkpoint,
+                args.noise_key,
+                args.inputs,
+                args.seed,
+                kinds=args.kinds,
+                keys=args.keys,
+            )
         )
     )
     return 0
