@@ -79,11 +79,12 @@ def run_textload(
     with TritonServer(out / "repository-text", host="127.0.0.1", log_path=log_path) as server:
         host, port = server.host, server.http_port
         for clients in concurrency:
-            first_event, pieces = [], []
+            first_event, pieces = [], []  # first_event: (sent, answered, ttft) per stream
 
             def send(connection, index, first_event=first_event, pieces=pieces):
+                sent = time.perf_counter()
                 ttft, events = _stream(connection, model, PROMPTS[index % len(PROMPTS)], max_tokens)
-                first_event.append(ttft)
+                first_event.append((sent, time.perf_counter(), ttft))
                 pieces.append(events)
                 return "stream", True
 
@@ -97,7 +98,11 @@ def run_textload(
                 )
             except LoadError as error:
                 raise LoadError(f"{error} (at {clients} clients; the server's log: {log_path})") from None
-            measured = np.array(first_event[clients:] or first_event)
+            # The streams sent after the warm-up's last answer, as drive() measures their latency: TTFT over
+            # the same streams (the first `clients` to finish were not always the first sent).
+            answered = sorted(end for _, end, _ in first_event)
+            opened = answered[clients - 1] if len(answered) >= clients else -np.inf
+            measured = np.array([t for sent, _, t in first_event if sent >= opened] or [t for *_, t in first_event])
             point = {
                 "concurrency": clients,
                 "streams_per_s": run.throughput,
