@@ -166,6 +166,15 @@ class TorchOps:
         return torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
 
     @staticmethod
+    def count_below(values, bound: int):
+        return (values < bound).sum().reshape(1)
+
+    @staticmethod
+    def slice_between(x, start, end, axis: int):
+        first = int(start)
+        return x.narrow(axis, first, int(end) - first)
+
+    @staticmethod
     def log(x):
         return torch.log(x)
 
@@ -327,6 +336,15 @@ class GraphOps:
         count = self.reduce("ReduceProd", dims, [0])
         flat = self.node("Range", [self.constant(0, i64), count, self.constant(1, i64)], dtype=i64)
         return self.node("Reshape", [flat, dims], dtype=i64)
+
+    def count_below(self, values, bound: int):
+        """[1] int64: how many of the int64 `values` [K] are below `bound` (0 for no values)."""
+        below = self.cast(self.node("Less", [values, self.constant(bound, np.int64)], dtype=bool), np.int64)
+        return self.node("ReduceSum", [below, self.constant([0], np.int64)], {"keepdims": 1}, dtype=np.int64)
+
+    def slice_between(self, x, start, end, axis: int):
+        """`x` from `start` to `end` on `axis`, bounds known at run time ([1] int64 tensors)."""
+        return self.node("Slice", [x, start, end, self.constant([axis], np.int64)], dtype=x.dtype)
 
     def log(self, x):
         return self.node("Log", [x])

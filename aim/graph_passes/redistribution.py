@@ -33,22 +33,26 @@ import onnx_graphsurgeon as gs
 
 from aim.contract import FLAVOURS, FOCUS, MAX_STRENGTH, MODULATION_INPUTS, NOISE_INPUTS, PREFIX, UTILITY
 from aim.errors import InvalidGraphError
+from aim.graph_passes.class_tiles import ClassTiles, class_tiles
 from aim.graph_passes.logits import class_axis_of, logits_output, movable_producer
 from aim.graph_passes.noise import DrawnNoise, GivenNoise, TorchNoise, keyed_noise
 from aim.graph_passes.noise_key import NoiseKey
 from aim.graph_passes.ops import GraphOps, TorchOps
+from aim.graph_passes.upsample import class_separable, resize_classes
 from aim.lazy import lazy_import
 
 torch = lazy_import("torch")  # the PyTorch twin only: emitting the graph needs no torch
 
 
-def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int):
+def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int, tiles: ClassTiles | None = None):
     """The one statement of the computation.
 
-    `bare()` gives the bare logits (rank `rank`, batch on axis 0, classes on `class_axis`); it is called
-    once per branch so that a graph can compute them inside the branch that returns them. `utility` [B]
-    and `focus` [B, C] are the raw knobs; `noise.draw` supplies n1 (shaped like the logits) and n2
-    (shaped like the logits of the focused classes only); keyed noise reads the sanitised utility too.
+    `bare()` gives the bare logits (rank `rank`, batch on axis 0, classes on `class_axis`), `bare((start,
+    stop))` those of classes [start, stop) only; a graph computes them inside the branch that uses them.
+    `utility` [B] and `focus` [B, C] are the raw knobs; `noise.draw` supplies n1 (shaped like the logits)
+    and n2 (shaped like the logits of the focused classes only); keyed noise reads the sanitised utility
+    too. `tiles` (maps: class_tiles.py): the noisy branch works block by block of the class axis and
+    concatenates the blocks, so that only a block of each intermediate is alive at a time.
     """
     # Fail closed: a NaN utility is the weakest tier (MAX_STRENGTH), never the bare model; a NaN focus is no focus.
     u = ops.minimum(ops.abs(ops.nan_to(utility, MAX_STRENGTH)), MAX_STRENGTH)
@@ -61,14 +65,31 @@ def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int):
     other_axes = [axis for axis in range(1, rank) if axis != class_axis]
 
     def modulated():
-        z = ops.to_float32(bare())  # the noise arithmetic is FP32 whatever the logits' type
-        n1, n2 = noise.draw(ops, z, classes, u)
-        # Rows with utility 0 get z + 0 * n1 = z exactly, so one batch can mix service tiers.
-        z = ops.add(z, ops.mul(ops.unsqueeze(u, list(range(1, rank))), n1))
-        picked = ops.gather(z, classes, class_axis)
+        scale = ops.unsqueeze(u, list(range(1, rank)))
         strength = ops.unsqueeze(ops.gather(f, classes, 1), other_axes)
-        shifted = ops.add(picked, ops.mul(strength, ops.abs(n2)))
-        return ops.to_logits_dtype(ops.scatter(z, classes, shifted, class_axis, rank))
+
+        def block(z, n1, picks, focus_noise):
+            # Rows with utility 0 get z + 0 * n1 = z exactly, so one batch can mix service tiers.
+            z = ops.add(z, ops.mul(scale, n1))
+            shifted = ops.add(ops.gather(z, picks, class_axis), focus_noise)
+            return ops.to_logits_dtype(ops.scatter(z, picks, shifted, class_axis, rank))
+
+        if tiles is None:
+            z = ops.to_float32(bare())  # the noise arithmetic is FP32 whatever the logits' type
+            n1, n2 = noise.draw(ops, z, classes, u)
+            return block(z, n1, classes, ops.mul(strength, ops.abs(n2)))
+        spans = tiles.blocks()
+        zs = [ops.to_float32(bare(span)) for span in spans]
+        n2, n1s = noise.draw_tiles(ops, zs, tiles, classes, u)
+        focus_noise = ops.mul(strength, ops.abs(n2))
+        # The focused classes (ascending) of block [start, stop) are classes[below(start):below(stop)].
+        below = {bound: ops.count_below(classes, bound) for bound in sorted({b for span in spans for b in span})}
+        blocks = []
+        for (start, stop), z, n1 in zip(spans, zs, n1s):  # n1s yields each block's noise just before its use
+            picks = ops.slice_between(classes, below[start], below[stop], 0)
+            mine = ops.slice_between(focus_noise, below[start], below[stop], class_axis)
+            blocks.append(block(z, n1, ops.sub(picks, ops.constant(start, np.int64)), mine))
+        return ops.concat(tiles.in_class_order(blocks), class_axis)
 
     return ops.if_(active, modulated, bare)
 
@@ -106,7 +127,16 @@ def add_redistribution(
     if producer is not None:
         graph.nodes.remove(producer)
 
-    def bare():
+    separable = producer is not None and class_separable(producer)
+    wholes = {}  # per branch: the bare logits, which the blocks of a producer that is not separable slice
+
+    def bare(span=None):
+        if span is not None:
+            if separable:  # the upsampling, done for the block's classes only
+                return resize_classes(ops, producer, *span, rank=rank)
+            if id(ops.graph) not in wholes:
+                wholes[id(ops.graph)] = bare()
+            return ops.slice(wholes[id(ops.graph)], *span, axis=axis)
         if producer is None:
             return z
         # The model's own node, moved into the branch: it keeps a model name (not PREFIX), so that passes
@@ -134,7 +164,7 @@ def add_redistribution(
         source = keyed_noise(key, axis, classes, rank)
     else:
         source = DrawnNoise(axis, classes, noise)
-    out = redistribute(ops, bare, utility, focus, source, rank=rank, class_axis=axis)
+    out = redistribute(ops, bare, utility, focus, source, rank=rank, class_axis=axis, tiles=class_tiles(rank, classes))
     out.name, out.dtype, out.shape = logits, dtype, shape
     graph.outputs = [out if tensor is z else tensor for tensor in graph.outputs]
     return graph.cleanup().toposort()
@@ -159,4 +189,9 @@ def redistribute_torch(
         noise = keyed_noise(key, axis, logits.shape[axis], rank)
     else:
         noise = TorchNoise(noise_utility, noise_focus, axis, generator)
-    return redistribute(TorchOps(logits.dtype), lambda: logits, utility.float(), focus.float(), noise, rank, axis)
+
+    def bare(span=None):
+        return logits if span is None else logits.narrow(axis, span[0], span[1] - span[0])
+
+    tiles = class_tiles(rank, logits.shape[axis])
+    return redistribute(TorchOps(logits.dtype), bare, utility.float(), focus.float(), noise, rank, axis, tiles)
