@@ -80,6 +80,10 @@ class TorchOps:
     def scatter(x, indices, updates, axis: int, rank: int):
         return x.index_copy(axis, indices, updates)
 
+    @staticmethod
+    def min_of(a, b):
+        return torch.minimum(a, b)
+
     def to_float32(self, x):
         return x.float()
 
@@ -396,6 +400,9 @@ class GraphOps:
         placed = self.node("Reshape", [indices, self.constant(shape, np.int64)], dtype=np.int64)
         full = self.node("Expand", [placed, self.node("Shape", [updates], dtype=np.int64)], dtype=np.int64)
         return self.node("ScatterElements", [x, full, updates], {"axis": axis}, dtype=x.dtype)
+
+    def min_of(self, a, b):
+        return self.node("Min", [a, b], dtype=a.dtype)
 
     def if_(self, condition, then_branch, else_branch):
         branches = {}

@@ -65,31 +65,42 @@ def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int, t
     other_axes = [axis for axis in range(1, rank) if axis != class_axis]
 
     def modulated():
+        # Rows with utility 0 get z + 0 * n1 = z exactly, so one batch can mix service tiers.
         scale = ops.unsqueeze(u, list(range(1, rank)))
         strength = ops.unsqueeze(ops.gather(f, classes, 1), other_axes)
-
-        def block(z, n1, picks, focus_noise):
-            # Rows with utility 0 get z + 0 * n1 = z exactly, so one batch can mix service tiers.
-            z = ops.add(z, ops.mul(scale, n1))
-            shifted = ops.add(ops.gather(z, picks, class_axis), focus_noise)
-            return ops.to_logits_dtype(ops.scatter(z, picks, shifted, class_axis, rank))
-
         if tiles is None:
             z = ops.to_float32(bare())  # the noise arithmetic is FP32 whatever the logits' type
             n1, n2 = noise.draw(ops, z, classes, u)
-            return block(z, n1, classes, ops.mul(strength, ops.abs(n2)))
+            z = ops.add(z, ops.mul(scale, n1))
+            shifted = ops.add(ops.gather(z, classes, class_axis), ops.mul(strength, ops.abs(n2)))
+            return ops.to_logits_dtype(ops.scatter(z, classes, shifted, class_axis, rank))
         spans = tiles.blocks()
         zs = [ops.to_float32(bare(span)) for span in spans]
         n2, n1s = noise.draw_tiles(ops, zs, tiles, classes, u)
         focus_noise = ops.mul(strength, ops.abs(n2))
-        # The focused classes (ascending) of block [start, stop) are classes[below(start):below(stop)].
-        below = {bound: ops.count_below(classes, bound) for bound in sorted({b for span in spans for b in span})}
+        entries = ops.arange(classes, 0)  # 0 .. K - 1
+        last = ops.sub(ops.count_below(classes, tiles.classes), ops.constant([1], np.int64))  # K - 1
         blocks = []
         for (start, stop), z, n1 in zip(spans, zs, n1s):  # n1s yields each block's noise just before its use
-            picks = ops.slice_between(classes, below[start], below[stop], 0)
-            mine = ops.slice_between(focus_noise, below[start], below[stop], class_axis)
-            blocks.append(block(z, n1, ops.sub(picks, ops.constant(start, np.int64)), mine))
+            z = ops.add(z, ops.mul(scale, n1))
+            blocks.append(ops.to_logits_dtype(focus_block(z, start, stop, focus_noise, entries, last)))
         return ops.concat(tiles.in_class_order(blocks), class_axis)
+
+    def focus_block(z, start, stop, focus_noise, entries, last):
+        """The block of classes [start, stop) with the focus noise added at its focused classes, by one
+        scatter of all K focused classes: a list of the block's own would have a size known only at run
+        time, which TensorRT for RTX's builder fails on. The entries of classes outside the block write
+        what the block's first focused class writes, where it writes it (or, with none, the block's first
+        class unchanged), so that entries sharing a place write the same value."""
+        i64 = np.int64
+        inside = ops.and_(ops.less(ops.constant(start - 1, i64), classes), ops.less(classes, ops.constant(stop, i64)))
+        first = ops.min_of(ops.count_below(classes, start), last)  # the block's first focused class, if any
+        entry = ops.where(inside, entries, first)
+        kept = ops.gather(inside, entry, 0)
+        place = ops.where(kept, ops.gather(ops.sub(classes, ops.constant(start, i64)), entry, 0), ops.constant(0, i64))
+        picked = ops.gather(z, place, class_axis)
+        shifted = ops.add(picked, ops.gather(focus_noise, entry, class_axis))
+        return ops.scatter(z, place, ops.where(ops.on_axis(kept, class_axis, rank), shifted, picked), class_axis, rank)
 
     return ops.if_(active, modulated, bare)
 
