@@ -81,6 +81,10 @@ class TorchOps:
         return x.index_copy(axis, indices, updates)
 
     @staticmethod
+    def scatter_classes(x, places, updates, axis: int, rank: int):
+        return x.index_copy(axis, places, updates)
+
+    @staticmethod
     def min_of(a, b):
         return torch.minimum(a, b)
 
@@ -400,6 +404,31 @@ class GraphOps:
         placed = self.node("Reshape", [indices, self.constant(shape, np.int64)], dtype=np.int64)
         full = self.node("Expand", [placed, self.node("Shape", [updates], dtype=np.int64)], dtype=np.int64)
         return self.node("ScatterElements", [x, full, updates], {"axis": axis}, dtype=x.dtype)
+
+    def scatter_classes(self, x, places, updates, axis: int, rank: int):
+        """`x` with updates[:, k] written as class places[k] of every row. On axis 1 by ScatterND over
+        (row, class) pairs, which writes whole class maps at memcpy speed but copies `x` (ONNX Runtime runs
+        it out of place), where ScatterElements, in place, takes ~25 ns an element: for a focused class
+        of a 512 x 512 map, 7 ms against ScatterND's 1 ms (copy included) on a block of 5 classes."""
+        if axis != 1:
+            return self.scatter(x, places, updates, axis, rank)
+        i64 = np.int64
+        pairs = self.node("Shape", [updates], {"end": 2}, dtype=i64)  # [B, K]
+        rows = self.node(
+            "Range",
+            [
+                self.constant(0, i64),
+                self.node(
+                    "Squeeze", [self.node("Shape", [x], {"end": 1}, dtype=i64), self.constant([0], i64)], dtype=i64
+                ),
+                self.constant(1, i64),
+            ],
+            dtype=i64,
+        )
+        rows = self.node("Expand", [self.unsqueeze(rows, [1]), pairs], dtype=i64)
+        columns = self.node("Expand", [self.unsqueeze(places, [0]), pairs], dtype=i64)
+        indices = self.concat([self.unsqueeze(rows, [2]), self.unsqueeze(columns, [2])], axis=2)  # [B, K, 2]
+        return self.node("ScatterND", [x, indices, updates], dtype=x.dtype)
 
     def min_of(self, a, b):
         return self.node("Min", [a, b], dtype=a.dtype)

@@ -100,7 +100,8 @@ def redistribute(ops, bare, utility, focus, noise, rank: int, class_axis: int, t
         place = ops.where(kept, ops.gather(ops.sub(classes, ops.constant(start, i64)), entry, 0), ops.constant(0, i64))
         picked = ops.gather(z, place, class_axis)
         shifted = ops.add(picked, ops.gather(focus_noise, entry, class_axis))
-        return ops.scatter(z, place, ops.where(ops.on_axis(kept, class_axis, rank), shifted, picked), class_axis, rank)
+        updates = ops.where(ops.on_axis(kept, class_axis, rank), shifted, picked)
+        return ops.scatter_classes(z, place, updates, class_axis, rank)
 
     return ops.if_(active, modulated, bare)
 
