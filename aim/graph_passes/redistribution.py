@@ -22,6 +22,10 @@ What the statement adds to the bare formula, and why:
   (Box-Muller over one uniform draw by default, or one RandomNormalLike), so no second random node's
   seed can correlate with the first (see DrawnNoise). A uniform costs ONNX Runtime ~40% of a normal, but
   Box-Muller's extra passes take most of that back: `make bench` measures the two within 10%.
+- Maps (the bench's "peak RSS"): segmentation logits (two axes of positions) are modulated block by
+  block of the class axis (class_tiles.py): the upsampling, the noise and the sum per block, each
+  block's focus written in it, the blocks concatenated into the output; a map's intermediates are
+  hundreds of MiB, and ONNX Runtime runs no two-input element-wise op in place.
 - TensorRT: no NonZero (TensorRT for RTX lacks it), no TopK (K <= 3840), no nested If (TensorRT for
   RTX fails to build them; a second If beside the first made its builder crash on Llama).
 """
