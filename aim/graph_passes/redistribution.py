@@ -117,6 +117,7 @@ def add_redistribution(
     flavour: str = "production",
     noise: str = "box-muller",
     key: NoiseKey | None = None,
+    tile_maps: bool = True,
 ) -> gs.Graph:
     """Splices the redistribution onto the output `logits`, which keeps its name, shape and dtype.
 
@@ -125,6 +126,10 @@ def add_redistribution(
     like the logits, so every backend can be compared element-wise. Both share every other node.
     `noise`: how the production flavour makes fresh N(0, 1), one of NOISE_METHODS (see DrawnNoise).
     `key`: makes the production flavour's noise keyed instead of fresh (see noise.keyed_noise).
+    `tile_maps`: maps are worked through in blocks of classes (class_tiles.py), for ONNX Runtime; TensorRT
+    plans its own memory, and its builder wants more scratch for the blocks (TensorRT for RTX: more than
+    its 16 GiB workspace at batch 32 and 1024 x 1024), so graphs for TensorRT are made whole (the same
+    values: the twin tiles either way).
     """
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
@@ -180,7 +185,16 @@ def add_redistribution(
         source = keyed_noise(key, axis, classes, rank)
     else:
         source = DrawnNoise(axis, classes, noise)
-    out = redistribute(ops, bare, utility, focus, source, rank=rank, class_axis=axis, tiles=class_tiles(rank, classes))
+    out = redistribute(
+        ops,
+        bare,
+        utility,
+        focus,
+        source,
+        rank=rank,
+        class_axis=axis,
+        tiles=class_tiles(rank, classes) if tile_maps else None,
+    )
     out.name, out.dtype, out.shape = logits, dtype, shape
     graph.outputs = [out if tensor is z else tensor for tensor in graph.outputs]
     return graph.cleanup().toposort()

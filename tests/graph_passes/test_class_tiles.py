@@ -152,3 +152,17 @@ def test_the_engine_runs_maps_without_the_memory_pattern(tmp_path):
     assert maps.session.get_session_options().enable_mem_pattern is False
     forced = OnnxRuntimeEngine(tmp_path / "map.onnx", memory_pattern=True)  # the bench's "as a user runs it"
     assert forced.session.get_session_options().enable_mem_pattern is True
+
+
+def test_graphs_for_tensorrt_are_made_whole(tmp_path):
+    """TensorRT plans its own memory, and its builder wanted more than its workspace for the blocks at
+    the build profile's largest map (pipeline/steps.py asks for whole graphs for TensorRT backends)."""
+
+    def resizes(tile_maps):
+        seg = __import__("onnx").load(str(segmenter(tmp_path / "seg.onnx", CLASSES)))
+        graph = deployment_graphs(seg, "logits", 1, "pixel_values", tile_maps=tile_maps)["production"]
+        (region,) = [node for node in graph.nodes if node.op == "If"]
+        return sum(node.op == "Resize" for node in region.attrs["then_branch"].nodes)
+
+    assert resizes(True) == len(ClassTiles(CLASSES, 5).blocks()) == 30
+    assert resizes(False) == 1
