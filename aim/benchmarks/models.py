@@ -15,6 +15,7 @@ class BenchModel:
     sizes: dict[str, int]  # every dynamic dim of the family
     shape: str  # what it is, for the bench table (docs/results.md)
     repeats: int = 10  # timed runs per variant (after warm-up)
+    memory_rounds: int = 7  # rounds of peak-memory processes (memory.py: the fewest that give an interval)
 
 
 def realistic(name: str) -> BenchModel:
@@ -28,7 +29,9 @@ def realistic(name: str) -> BenchModel:
 def tiny(name: str) -> BenchModel:
     """The family's tiny test model at its verification sizes: for the benchmark's own test."""
     family = get_family(name)
-    return BenchModel(name, family.build, family.sizes(**family.verify_sizes), f"tiny {name}", repeats=3)
+    return BenchModel(
+        name, family.build, family.sizes(**family.verify_sizes), f"tiny {name}", repeats=3, memory_rounds=1
+    )
 
 
 def benchmarked() -> list[str]:

@@ -6,7 +6,10 @@ Per family (names as in figures.py, bench.json and the table):
 - engine speed-up over eager PyTorch (+ torch.normal on the host for the noisy tier), same batch;
 - subgraph cost / one RandomNormalLike: the subgraph (utility > 0, focus on one class) on the logits
   tensor alone, net of an identity graph, over one RandomNormalLike over it;
-- engine bytes the subgraph adds; peak RSS of a process running the modulated engine over the bare one;
+- engine bytes the subgraph adds; peak RSS of a process running the modulated engine over the bare one
+  (memory.py: the engine as shipped over the bare model as a user runs it, and as shipped both);
+- for engines shipped with other session options than ONNX Runtime's default (maps: no memory
+  pattern), the bare engine's latency as shipped over in the default session: what those options cost;
 - make engine wall time (python -m aim.cli engine) after set-up, cold and warm, for the family whose
   benchmark asks for it (SegFormer).
 Generation against Optimum and transformers: generation.py. Every ratio carries a 95% interval and
@@ -29,6 +32,7 @@ import numpy as np
 
 from aim.benchmarks import figures as names
 from aim.benchmarks.confidence import BUDGET, MET, MISSED, Budget, Figure, Target, ratio, resolve
+from aim.benchmarks.memory import peak_memory
 from aim.benchmarks.models import BenchModel, realistic, tiny
 from aim.benchmarks.table import table
 from aim.benchmarks.timing import THREADS, Rounds, quiet_engine
@@ -36,18 +40,9 @@ from aim.families import get_family
 from aim.verify.reference import DIFFERENTIAL_FOCUS
 from aim.verify.statistics import SIGMA
 
+DEFAULT_BARE = "bare, ONNX Runtime's default session"
 STATISTICS_SEED = 0  # ONNX Runtime's seed for the statistical checks (false-failure rate: verify/statistics.py)
 FOCUS_STRENGTH = DIFFERENTIAL_FOCUS  # SIGMA, the degraded tier's utility, is the statistical checks' too
-# VmHWM, not getrusage: ru_maxrss survives exec, so a child would report the benchmark's own peak.
-_PEAK_RSS = """
-import re, sys, numpy as np, onnxruntime as ort
-options = ort.SessionOptions(); options.intra_op_num_threads = int(sys.argv[3]); options.log_severity_level = 3
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-feed = dict(np.load(sys.argv[2]))
-for _ in range(3):
-    session.run(None, feed)
-print(int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024)
-"""
 
 
 def single(value: float, target: Target) -> dict:
@@ -149,6 +144,11 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
 
     # One round runs every variant once; eager PyTorch's runs are followed by a pause (timing.SETTLE_S).
     variants = {"bare": lambda: bare.session.run(None, inputs)}
+    figures = latency_figures(bench.family)
+    if not bare.session.get_session_options().enable_mem_pattern:  # shipped options that differ: their cost
+        default = quiet_engine(paths["bare"], memory_pattern=True)
+        variants[DEFAULT_BARE] = lambda: default.session.run(None, inputs)
+        figures.append(Figure(names.SESSION_COST, ratio("bare", DEFAULT_BARE)))
     for label, engine in (("modulated", modulated), ("keyed", keyed)):
         for name, tier in (
             ("utility 0", "zero"),
@@ -163,7 +163,7 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
         "unresolved)"
     )
     rounds = Rounds(variants, settle=("pytorch eager", "pytorch eager + torch.normal"))
-    timing = resolve(rounds, latency_figures(bench.family), bench.repeats, budget, log=log)
+    timing = resolve(rounds, figures, bench.repeats, budget, log=log)
 
     logits = bare.session.run(None, inputs)[0]
     tensorrt = bench_tensorrt(paths, inputs, feeds, bench.repeats, log, LOGITS, budget)
@@ -173,14 +173,15 @@ def bench_family(bench: BenchModel, folder: Path, log: Callable[[str], None] = p
         modulated, tile_batch(inputs, 2), bare.run(tile_batch(inputs, 2)), task.class_axis, STATISTICS_SEED
     )
     keyed_checks = _keyed_checks(keyed, bare, inputs, task.class_axis, key)
-    memory = peak_memory(paths, feeds["noisy"], inputs, folder)
+    log(f"  {bench.family}: peak memory (a fresh process per engine and session, {bench.memory_rounds} rounds)")
+    memory = peak_memory(paths, feeds["noisy"], inputs, folder, bench.memory_rounds, budget)
     sizes = {name: path.stat().st_size for name, path in paths.items()}
     bytes_target = names.TARGETS[names.ENGINE_BYTES]
     figures = {
         **timing["figures"],
         names.ENGINE_BYTES: single(sizes["production"] - sizes["bare"], bytes_target),
         names.ENGINE_BYTES + names.KEYED: single(sizes["keyed"] - sizes["bare"], bytes_target),
-        names.PEAK_RSS: single(memory["ratio"], names.TARGETS[names.PEAK_RSS]),
+        **memory["figures"],
     }
     return {
         "model": bench.shape,
@@ -244,22 +245,6 @@ def bench_tensorrt(paths: dict, inputs: dict, feeds: dict, repeats: int, log, lo
         Figure(names.NOISE, ratio(f"modulated, utility {SIGMA:g}", "bare")),
     ]
     return resolve(rounds, figures, repeats, budget)
-
-
-def peak_memory(paths: dict, noisy_feed: dict, inputs: dict, folder: Path) -> dict:
-    """Peak RSS of a fresh process that loads the engine and runs it three times."""
-    np.savez(folder / "feed.bare.npz", **inputs)
-    np.savez(folder / "feed.noisy.npz", **noisy_feed)
-    peaks = {}
-    for key, feed in (("bare", "feed.bare.npz"), ("production", "feed.noisy.npz")):
-        out = subprocess.run(
-            [sys.executable, "-c", _PEAK_RSS, str(paths[key]), str(folder / feed), str(THREADS)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        peaks[key] = int(out.stdout.strip().splitlines()[-1])
-    return {"peak_rss_bytes": peaks, "ratio": peaks["production"] / peaks["bare"]}
 
 
 def bench_noise(shape: list[int], class_axis: int, folder: Path, repeats: int, budget: Budget = BUDGET) -> dict:
@@ -352,6 +337,7 @@ def run(
             "execution_mode": "sequential",
             "allow_spinning": False,
             "graph_optimization": "engine saved at ORT_ENABLE_EXTENDED, loaded with ORT_ENABLE_ALL",
+            "memory_pattern": "off for engines whose output is a map (rank >= 4), else ONNX Runtime's default (on)",
             "provider": "CPUExecutionProvider",
         },
         "utility": SIGMA,

@@ -15,12 +15,13 @@ SETTLE_S = 0.02
 THREADS = 2  # ONNX Runtime intra-op threads and torch threads: the machine's cores
 
 
-def quiet_engine(path, profile: dict | None = None):
+def quiet_engine(path, profile: dict | None = None, memory_pattern: bool | None = None):
     """An ONNX Runtime engine whose idle threads do not spin: variants run round-robin from several
-    sessions, and a session's spinning pool would slow down whichever variant runs after it."""
+    sessions, and a session's spinning pool would slow down whichever variant runs after it.
+    `memory_pattern`: as OnnxRuntimeEngine's (None: the engine's rule)."""
     from aim.runtime.onnxruntime import OnnxRuntimeEngine
 
-    return OnnxRuntimeEngine(path, THREADS, spinning=False, profile=profile)
+    return OnnxRuntimeEngine(path, THREADS, spinning=False, profile=profile, memory_pattern=memory_pattern)
 
 
 class Rounds:

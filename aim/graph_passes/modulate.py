@@ -52,12 +52,13 @@ def modulate_graph(
     flavour: str = "production",
     upsample_to: str | None = None,
     key: NoiseKey | None = None,
+    tile_maps: bool = True,
 ) -> gs.Graph:
     """The passes in order: optional upsampling of the logits, then the redistribution (keyed noise
-    with `key`)."""
+    with `key`; maps in blocks of classes unless not `tile_maps`: add_redistribution)."""
     if upsample_to is not None:
         graph = upsample_logits(graph, logits, like=upsample_to)
-    return add_redistribution(graph, logits, class_axis, flavour, key=key)
+    return add_redistribution(graph, logits, class_axis, flavour, key=key, tile_maps=tile_maps)
 
 
 def deployment_graphs(
@@ -66,15 +67,16 @@ def deployment_graphs(
     class_axis: int = 1,
     upsample_to: str | None = None,
     key: NoiseKey | None = None,
+    tile_maps: bool = True,
 ) -> dict[str, gs.Graph]:
     """The bare graph (logits upsampled if asked) and both modulated flavours built on copies of it;
-    with `key`, the production flavour's noise is keyed."""
+    with `key`, the production flavour's noise is keyed; `tile_maps`: see add_redistribution."""
     bare = prepare(model)
     if upsample_to is not None:
         bare = upsample_logits(bare, logits, like=upsample_to)
     graphs = {"bare": bare}
     for flavour in FLAVOURS:
-        graphs[flavour] = add_redistribution(bare.copy(), logits, class_axis, flavour, key=key)
+        graphs[flavour] = add_redistribution(bare.copy(), logits, class_axis, flavour, key=key, tile_maps=tile_maps)
     return graphs
 
 

@@ -56,6 +56,13 @@ class GivenNoise:
     def draw(self, ops, z, classes, utility):
         return self.noise_utility, ops.gather(self.noise_focus, classes, self.class_axis)
 
+    def draw_tiles(self, ops, zs, tiles, classes, utility):
+        """n2, and n1 block by block (a generator, in tiles.blocks()' order)."""
+        n1 = self.noise_utility
+        return ops.gather(self.noise_focus, classes, self.class_axis), (
+            ops.slice(n1, start, stop, self.class_axis) for start, stop in tiles.blocks()
+        )
+
 
 class DrawnNoise:
     """The production flavour: ONE random draw per run covers both noises.
@@ -75,43 +82,45 @@ class DrawnNoise:
             raise ValueError(f"noise method must be one of {NOISE_METHODS}, got {method!r}")
         self.axis, self.classes, self.method = class_axis, num_classes, method
 
+    def _random(self, ops, z, size, like=onnx.TensorProto.FLOAT):
+        """The one random node, over a tensor shaped like `z` with `size` entries on the class axis: N(0, 1)
+        (method "normal") or uniform in [TINY, 1) (Box-Muller's: log() never sees 0). No seed: TensorRT
+        ignores seeds, and every run must draw afresh. The shape comes from a tensor of type `like` (maps:
+        bool, a quarter of a float one's bytes)."""
+        axis, i64 = self.axis, np.int64
+        shape = ops.node(
+            "Concat",
+            [
+                ops.node("Shape", [z], {"end": axis}, dtype=i64),
+                size,
+                ops.node("Shape", [z], {"start": axis + 1}, dtype=i64),
+            ],
+            {"axis": 0},
+            dtype=i64,
+        )
+        like = ops.node(
+            "ConstantOfShape",
+            [shape],
+            {"value": onnx.helper.make_tensor("value", like, [1], [0])},
+            dtype=onnx.helper.tensor_dtype_to_np_dtype(like),
+        )
+        if self.method == "normal":
+            return ops.node("RandomNormalLike", [like], {"dtype": onnx.TensorProto.FLOAT, "mean": 0.0, "scale": 1.0})
+        return ops.node("RandomUniformLike", [like], {"dtype": onnx.TensorProto.FLOAT, "low": TINY, "high": 1.0})
+
     def draw(self, ops, z, classes, utility):
         axis, i64 = self.axis, np.int64
         n1_size = ops.constant([self.classes], i64)
         total = ops.node("Add", [n1_size, ops.node("Shape", [classes], dtype=i64)], dtype=i64)  # C + K
         axes = ops.constant([axis], i64)
-
-        def like(size):  # a tensor shaped like z but with `size` entries on the class axis
-            shape = ops.node(
-                "Concat",
-                [
-                    ops.node("Shape", [z], {"end": axis}, dtype=i64),
-                    size,
-                    ops.node("Shape", [z], {"start": axis + 1}, dtype=i64),
-                ],
-                {"axis": 0},
-                dtype=i64,
-            )
-            return ops.node(
-                "ConstantOfShape",
-                [shape],
-                {"value": onnx.helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [0.0])},
-            )
-
-        # No seed: TensorRT ignores seeds, and every run must draw afresh.
         if self.method == "normal":
-            normal = ops.node(
-                "RandomNormalLike", [like(total)], {"dtype": onnx.TensorProto.FLOAT, "mean": 0.0, "scale": 1.0}
-            )
+            normal = self._random(ops, z, total)
         else:
             half = ops.node(
                 "Div", [ops.node("Add", [total, ops.constant([1], i64)], dtype=i64), ops.constant([2], i64)], dtype=i64
             )
             whole = ops.node("Mul", [half, ops.constant([2], i64)], dtype=i64)
-            # [TINY, 1): log() never sees 0.
-            uniform = ops.node(
-                "RandomUniformLike", [like(whole)], {"dtype": onnx.TensorProto.FLOAT, "low": TINY, "high": 1.0}
-            )
+            uniform = self._random(ops, z, whole)
             a = ops.node("Slice", [uniform, ops.constant([0], i64), half, axes])
             b = ops.node("Slice", [uniform, half, whole, axes])
             radius = ops.node("Sqrt", [ops.mul(ops.node("Log", [a]), ops.constant(-2.0))])
@@ -122,6 +131,35 @@ class DrawnNoise:
         n1 = ops.node("Slice", [normal, ops.constant([0], i64), n1_size, axes])
         n2 = ops.node("Slice", [normal, n1_size, total, axes])
         return n1, n2
+
+    def draw_tiles(self, ops, zs, tiles, classes, utility):
+        """n2, and n1 block by block (a generator, in tiles.blocks()' order) from the same one draw: n1 of
+        pair p is the cosine and sine of slots p and half + p (method "normal": slot = class), n2 the
+        slots after n1's (Box-Muller: a cosine from two uniforms per focused class)."""
+        axis, i64, half, count = self.axis, np.int64, tiles.half, self.classes
+        focused = ops.node("Shape", [classes], dtype=i64)  # [K]
+        first = count if self.method == "normal" else 2 * half  # n2's first slot
+        end = ops.node("Add", [ops.constant([first], i64), focused], dtype=i64)
+        if self.method == "normal":
+            draw = self._random(ops, zs[0], end, onnx.TensorProto.BOOL)
+            return ops.slice_between(draw, ops.constant([first], i64), end, axis), (
+                ops.slice(draw, start, stop, axis) for start, stop in tiles.blocks()
+            )
+        total = ops.node("Add", [end, focused], dtype=i64)
+        draw = self._random(ops, zs[0], total, onnx.TensorProto.BOOL)
+        r = _radius(ops, ops.slice_between(draw, ops.constant([first], i64), end, axis))
+        n2 = ops.mul(r, ops.cos(_angle(ops, ops.slice_between(draw, end, total, axis))))
+
+        def blocks():
+            for p0, p1 in tiles.pairs:
+                r = _radius(ops, ops.slice(draw, p0, p1, axis))
+                theta = _angle(ops, ops.slice(draw, half + p0, half + p1, axis))
+                yield ops.mul(r, ops.cos(theta))
+                if half + p0 < count:
+                    sine = ops.mul(r, ops.sin(theta))
+                    yield sine if half + p1 <= count else ops.slice(sine, 0, count - half - p0, axis)
+
+        return n2, blocks()
 
 
 class _KeyedGenerator:
@@ -162,11 +200,17 @@ class _KeyedGenerator:
         if self.classes % 2:  # an odd C drops the last sine
             n1 = ops.slice(n1, 0, self.classes, axis)
 
+        return n1, self._focus_noise(ops, uniform, classes)
+
+    def _focus_noise(self, ops, uniform, classes):
+        """n2 for the focused `classes`: two uniforms of their own per normal, from the slots after n1's
+        (so a class's focus noise does not depend on which classes are focused)."""
+        even = self.classes + self.classes % 2
+
         def focused(start):
             return uniform(ops.add(classes, ops.constant(start, np.int64)))
 
-        n2 = ops.mul(_radius(ops, focused(even)), ops.cos(_angle(ops, focused(even + self.classes))))
-        return n1, n2
+        return ops.mul(_radius(ops, focused(even)), ops.cos(_angle(ops, focused(even + self.classes))))
 
 
 def _radius(ops, a):
@@ -208,11 +252,15 @@ class CellKeyedNoise(_KeyedGenerator):
             )
         self.k, self.axis, self.classes, self.rank = constants, class_axis, num_classes, rank
 
-    def _seed(self, ops, z, utility):
-        """[B, 1] int64: the row's digest absorbed with the key."""
-        k, i64 = self.k, np.int64
+    def _pooled(self, ops, z):
+        """[B, C']: the logits (or a block of their classes) averaged over the axes other than the batch
+        and the classes."""
         other = [a for a in range(1, self.rank) if a != self.axis]
-        pooled = ops.reduce_mean(z, other) if other else z  # [B, C]
+        return ops.reduce_mean(z, other) if other else z
+
+    def _seed(self, ops, pooled, utility):
+        """[B, 1] int64: the row's digest (from its pooled logits [B, C]) absorbed with the key."""
+        k, i64 = self.k, np.int64
         centred = ops.sub(pooled, ops.reduce_mean(pooled, [1], keepdims=True))
         projected = ops.matmul(centred, ops.to_float32(ops.constant(k.projection, np.float16)))  # [B, PROJECTIONS]
         sigma = ops.where(ops.greater(utility, 0.0), utility, ops.constant(FOCUS_ONLY_STEP))
@@ -235,9 +283,11 @@ class CellKeyedNoise(_KeyedGenerator):
                 seed = self._cube(ops, ops.add(seed, ops.constant(k.absorb[i + 1], i64)))
         return seed
 
-    def draw(self, ops, z, classes, utility):
+    def _uniform(self, ops, z, pooled, utility):
+        """uniform(slots): (0, 1] shaped like z with class slots [J] (int64) on the class axis; `z` gives
+        the positions (any block of the logits' classes will do), `pooled` the row's digest."""
         k, axis, rank, i64 = self.k, self.axis, self.rank, np.int64
-        seed = ops.unsqueeze(self._seed(ops, z, utility), list(range(2, rank)))  # [B, 1, ..., 1]
+        seed = ops.unsqueeze(self._seed(ops, pooled, utility), list(range(2, rank)))  # [B, 1, ..., 1]
         place = ops.mod(
             ops.add(
                 ops.mul(ops.positions(z, axis, rank), ops.constant(k.position_multiplier, i64)),
@@ -248,15 +298,38 @@ class CellKeyedNoise(_KeyedGenerator):
         position_hash = self._hash(ops, seed, place, k.position_rounds)  # like z, class axis 1
 
         def uniform(slots):
-            """(0, 1] shaped like z with class slots [J] on the class axis."""
             counters = self._counters(ops, slots)
             class_hash = self._hash(ops, seed, ops.on_axis(counters, axis, rank), k.class_rounds)
             return self._unit(ops, self._cube(ops, ops.add(class_hash, position_hash)))
 
-        even = self.classes + self.classes % 2
+        return uniform
+
+    def draw(self, ops, z, classes, utility):
+        uniform = self._uniform(ops, z, self._pooled(ops, z), utility)
+        axis, even = self.axis, self.classes + self.classes % 2
         pairs = uniform(ops.arange(z, axis, self.classes % 2))
         halves = ops.slice(pairs, 0, even // 2, axis), ops.slice(pairs, even // 2, even, axis)
         return self._box_muller(ops, halves, uniform, classes, axis)
+
+    def draw_tiles(self, ops, zs, tiles, classes, utility):
+        """n2, and n1 block by block (a generator, in tiles.blocks()' order): the values draw() gives
+        those classes (Box-Muller's pair p: slots p and half + p), computed a tile of pairs at a time."""
+        axis, half, count = self.axis, tiles.half, self.classes
+        pooled = ops.concat(tiles.in_class_order([self._pooled(ops, z) for z in zs]), axis=1)
+        uniform = self._uniform(ops, zs[0], pooled, utility)
+
+        def slots(start, stop):
+            return uniform(ops.constant(np.arange(start, stop), np.int64))
+
+        def blocks():
+            for p0, p1 in tiles.pairs:
+                r, theta = _radius(ops, slots(p0, p1)), _angle(ops, slots(half + p0, half + p1))
+                yield ops.mul(r, ops.cos(theta))
+                if half + p0 < count:
+                    sine = ops.mul(r, ops.sin(theta))
+                    yield sine if half + p1 <= count else ops.slice(sine, 0, count - half - p0, axis)
+
+        return self._focus_noise(ops, uniform, classes), blocks()
 
 
 class SmoothKeyedNoise(_KeyedGenerator):
@@ -405,3 +478,8 @@ class TorchNoise(GivenNoise):
             shape[self.class_axis] = len(classes)
             return self.noise_utility, torch.randn(shape, generator=self.generator)
         return super().draw(ops, z, classes, utility)
+
+    def draw_tiles(self, ops, zs, tiles, classes, utility):
+        z = ops.concat(tiles.in_class_order(zs), self.class_axis)  # the shape to draw (the twin: no memory to save)
+        n1, n2 = self.draw(ops, z, classes, utility)
+        return n2, (ops.slice(n1, start, stop, self.class_axis) for start, stop in tiles.blocks())

@@ -80,6 +80,14 @@ class TorchOps:
     def scatter(x, indices, updates, axis: int, rank: int):
         return x.index_copy(axis, indices, updates)
 
+    @staticmethod
+    def scatter_classes(x, places, updates, axis: int, rank: int):
+        return x.index_copy(axis, places, updates)
+
+    @staticmethod
+    def min_of(a, b):
+        return torch.minimum(a, b)
+
     def to_float32(self, x):
         return x.float()
 
@@ -164,6 +172,15 @@ class TorchOps:
     def positions(z, class_axis: int, rank: int):
         shape = [1 if a in (0, class_axis) else z.shape[a] for a in range(rank)]
         return torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
+
+    @staticmethod
+    def count_below(values, bound: int):
+        return (values < bound).sum().reshape(1)
+
+    @staticmethod
+    def slice_between(x, start, end, axis: int):
+        first = int(start)
+        return x.narrow(axis, first, int(end) - first)
 
     @staticmethod
     def log(x):
@@ -328,6 +345,15 @@ class GraphOps:
         flat = self.node("Range", [self.constant(0, i64), count, self.constant(1, i64)], dtype=i64)
         return self.node("Reshape", [flat, dims], dtype=i64)
 
+    def count_below(self, values, bound: int):
+        """[1] int64: how many of the int64 `values` [K] are below `bound` (0 for no values)."""
+        below = self.cast(self.node("Less", [values, self.constant(bound, np.int64)], dtype=bool), np.int64)
+        return self.node("ReduceSum", [below, self.constant([0], np.int64)], {"keepdims": 1}, dtype=np.int64)
+
+    def slice_between(self, x, start, end, axis: int):
+        """`x` from `start` to `end` on `axis`, bounds known at run time ([1] int64 tensors)."""
+        return self.node("Slice", [x, start, end, self.constant([axis], np.int64)], dtype=x.dtype)
+
     def log(self, x):
         return self.node("Log", [x])
 
@@ -392,6 +418,34 @@ class GraphOps:
         placed = self.node("Reshape", [indices, self.constant(shape, np.int64)], dtype=np.int64)
         full = self.node("Expand", [placed, self.node("Shape", [updates], dtype=np.int64)], dtype=np.int64)
         return self.node("ScatterElements", [x, full, updates], {"axis": axis}, dtype=x.dtype)
+
+    def scatter_classes(self, x, places, updates, axis: int, rank: int):
+        """`x` with updates[:, k] written as class places[k] of every row. On axis 1 by ScatterND over
+        (row, class) pairs, which writes whole class maps at memcpy speed but copies `x` (ONNX Runtime runs
+        it out of place), where ScatterElements, in place, takes ~25 ns an element: for a focused class
+        of a 512 x 512 map, 7 ms against ScatterND's 1 ms (copy included) on a block of 5 classes."""
+        if axis != 1:
+            return self.scatter(x, places, updates, axis, rank)
+        i64 = np.int64
+        pairs = self.node("Shape", [updates], {"end": 2}, dtype=i64)  # [B, K]
+        rows = self.node(
+            "Range",
+            [
+                self.constant(0, i64),
+                self.node(
+                    "Squeeze", [self.node("Shape", [x], {"end": 1}, dtype=i64), self.constant([0], i64)], dtype=i64
+                ),
+                self.constant(1, i64),
+            ],
+            dtype=i64,
+        )
+        rows = self.node("Expand", [self.unsqueeze(rows, [1]), pairs], dtype=i64)
+        columns = self.node("Expand", [self.unsqueeze(places, [0]), pairs], dtype=i64)
+        indices = self.concat([self.unsqueeze(rows, [2]), self.unsqueeze(columns, [2])], axis=2)  # [B, K, 2]
+        return self.node("ScatterND", [x, indices, updates], dtype=x.dtype)
+
+    def min_of(self, a, b):
+        return self.node("Min", [a, b], dtype=a.dtype)
 
     def if_(self, condition, then_branch, else_branch):
         branches = {}

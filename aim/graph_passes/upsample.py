@@ -78,3 +78,41 @@ def upsample_torch(logits, size):
     return F.interpolate(
         logits, size=tuple(size), mode="bilinear" if logits.dim() == 4 else "linear", align_corners=False
     )
+
+
+def class_separable(node: gs.Node) -> bool:
+    """Whether `node` is a Resize that keeps its input's batch and class sizes, as upsample_logits makes it
+    (sizes: its input's first two dims, then the spatial ones): each class is resized alone, so resizing a
+    block of classes gives exactly that block of its output."""
+    if node.op != "Resize" or "axes" in node.attrs or len(node.inputs) != 4:
+        return False
+    data, roi, scales, sizes = node.inputs
+    if roi.name or scales.name or len(sizes.inputs) != 1 or sizes.inputs[0].op != "Concat":
+        return False
+    head = sizes.inputs[0].inputs[0]
+    shape = head.inputs[0] if len(head.inputs) == 1 else None
+    return (
+        shape is not None
+        and shape.op == "Shape"
+        and shape.inputs[0] is data
+        and shape.attrs.get("start", 0) == 0
+        and shape.attrs.get("end") == 2
+    )
+
+
+def resize_classes(ops, node: gs.Node, start: int, stop: int, rank: int):
+    """The output of `node` (class_separable) for classes [start, stop) only: the same Resize of those
+    classes of its input, with sizes whose class entry is stop - start."""
+    data, _, _, sizes = node.inputs
+    i64 = np.int64
+    keep = ops.constant([0 if axis == 1 else 1 for axis in range(rank)], i64)
+    count = ops.constant([stop - start if axis == 1 else 0 for axis in range(rank)], i64)
+    block_sizes = ops.node("Add", [ops.node("Mul", [sizes, keep], dtype=i64), count], dtype=i64)
+    block = ops.slice(data, start, stop, axis=1)
+    name = ops.unique(f"{node.name or node.op}/classes_{start}_{stop}")
+    out = gs.Variable(f"{name}/output", dtype=data.dtype)
+    empty = gs.Variable.empty()
+    ops.graph.nodes.append(
+        gs.Node("Resize", name=name, attrs=dict(node.attrs), inputs=[block, empty, empty, block_sizes], outputs=[out])
+    )
+    return out

@@ -207,7 +207,10 @@ def passes(
     def named(key: str) -> Path:
         return folder / FILES[key].replace(".onnx", suffix)
 
-    graphs = deployment_graphs(load_onnx(exported), logits, class_axis, upsample_to, key)
+    # Maps in blocks of classes for ONNX Runtime; whole for TensorRT, which plans its own memory
+    # (add_redistribution's tile_maps).
+    tile_maps = backend not in TENSORRT_BACKENDS
+    graphs = deployment_graphs(load_onnx(exported), logits, class_axis, upsample_to, key, tile_maps)
     if upsample_to:
         paths["bare"] = save_onnx(graphs["bare"], named("bare"))
     else:

@@ -25,13 +25,28 @@ _NP_DTYPES = {
 }
 
 
-def session_options(threads: int | None = None, level: str = "all", spinning: bool = True, prepacking: bool = True):
-    """ONNX Runtime's session options. `prepacking`: ONNX Runtime maps weights from an external data file
-    in place, but prepacks each MatMul's weights for its kernels into an anonymous copy and drops the
-    mapping. Without prepacking the weights stay file pages (shared by every session and process that
-    maps the file, evictable), at ~30% more CPU per decode step for FP32 and 22x for int4 (MatMulNBits
-    has no fast path without its packed weights; docs/backends.md): on by default; off only to serve
-    several copies of a large FP32 model from one machine's memory."""
+# ONNX Runtime's memory pattern (on by default) plans a run's intermediates into one block from the
+# previous run's trace; the second run allocates that block beside the arena chunks the first run left, so
+# what the graph holds beyond its outputs counts twice. Where an output is a map (rank MAP_RANK or more:
+# batch, classes and two axes of positions, a size that grows with the image) that is hundreds of MiB:
+# SegFormer-B0 at 512 x 512 peaks at 627 MiB with it, 461 without, modulated 991 against 510 (docs/results.md,
+# "SegFormer's peak RSS"; `make bench` measures the latency it costs). Such engines run without it.
+MAP_RANK = 4
+
+
+def session_options(
+    threads: int | None = None,
+    level: str = "all",
+    spinning: bool = True,
+    prepacking: bool = True,
+    memory_pattern: bool = True,
+):
+    """ONNX Runtime's session options. `memory_pattern`: see MAP_RANK. `prepacking`: ONNX Runtime maps
+    weights from an external data file in place, but prepacks each MatMul's weights for its kernels into
+    an anonymous copy and drops the mapping. Without prepacking the weights stay file pages (shared by
+    every session and process that maps the file, evictable), at ~30% more CPU per decode step for FP32
+    and 22x for int4 (MatMulNBits has no fast path without its packed weights; docs/backends.md): on by
+    default; off only to serve several copies of a large FP32 model from one machine's memory."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -46,6 +61,7 @@ def session_options(threads: int | None = None, level: str = "all", spinning: bo
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepacking:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_mem_pattern = memory_pattern
     # Fatal only: warnings about unused initializers are noise here, and an error comes back as the
     # exception, which says the same (a logged copy would be a second, coloured error line).
     options.log_severity_level = 4
@@ -101,6 +117,11 @@ def keeps_external_data(path: Path) -> bool:
         return False
 
 
+def has_maps(session) -> bool:
+    """Whether an output of the session is a map (MAP_RANK or more axes): its memory pattern stays off."""
+    return any(output.shape is not None and len(output.shape) >= MAP_RANK for output in session.get_outputs())
+
+
 class OnnxRuntimeEngine(Runner):
     """Runs a (modulated or bare) ONNX model or a built engine, with its inputs checked first."""
 
@@ -113,11 +134,20 @@ class OnnxRuntimeEngine(Runner):
         spinning: bool = True,
         profile: dict | None = None,
         prepacking: bool = True,
+        memory_pattern: bool | None = None,
     ):
+        """`memory_pattern`: ONNX Runtime's, on or off; None (the default): off where an output is a map
+        (MAP_RANK), which the engine's own outputs tell once it is loaded (loaded again then: a map's
+        engine loads twice)."""
         self.path = Path(path)
         self.profile = profile  # the shapes it was built for, when a build folder says (else any)
-        self._options = dict(threads=threads, spinning=spinning, prepacking=prepacking)  # see session_options
+        self._options = dict(
+            threads=threads, spinning=spinning, prepacking=prepacking, memory_pattern=memory_pattern is not False
+        )  # see session_options
         self.session = _session(self.path, session_options(**self._options))
+        if memory_pattern is None and has_maps(self.session):
+            self._options["memory_pattern"], self.session = False, None
+            self.session = _session(self.path, session_options(**self._options))
         self.inputs = {i.name: (_NP_DTYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
