@@ -1,6 +1,7 @@
 """The weights of a graph exported without them (export/fake_export.py), attached from the checkpoint's
 safetensors: each tensor read alone (transformers' safetensors are mapped, so a read touches its pages
-only), converted to the dtype the graph wants, and appended page-aligned to one `<graph>.data`
+only), converted to the dtype the graph wants (FP16 for a reduced build; FP32 for an FP32 build, a bf16
+or fp16 tensor widened alone), and appended page-aligned to one `<graph>.data`
 (aim/weights.py). Memory holds one tensor and its converted copy at a time (the largest: the embedding).
 
 A name the checkpoint lacks is a tied weight (the head that is the embedding: one initializer, one copy)
