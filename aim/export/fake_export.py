@@ -99,7 +99,7 @@ def export_fake(
         wanted = {name: (tuple(value.shape), value.dtype) for name, value in program.model.graph.initializers.items()}
         with atomic_path(path) as tmp:
             program.save(str(tmp), include_initializers=False)
-            graph = onnx.load(str(tmp), load_external_data=False)
+            graph = folded(tmp)
             name_dims(graph, input_specs, output_specs)
             name_by_module(graph)
             for node in graph.graph.node:  # the exporter's debugging notes (FX node, stack trace): ~2 KB a node
@@ -118,6 +118,28 @@ def _torch_dtype(dtype):
     return {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16, "INT64": torch.int64}.get(
         getattr(dtype, "name", str(dtype)), dtype
     )
+
+
+def folded(path: str | os.PathLike):
+    """The graph saved at `path` without its weights, its constant subgraphs folded by onnxscript's
+    optimizer (what torch.onnx's `optimize=True` runs, which here would read the FakeTensor weights):
+    TensorRT's parser takes a ReduceMean's axes or a Reshape's shape only as a constant, and the exporter
+    computes them from Constants. The weights, absent from the file, are unknown inputs to it (onnx_ir
+    warns of each: quieted)."""
+    import logging
+
+    import onnx_ir
+    from onnxscript.optimizer import fold_constants
+
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        model = onnx_ir.load(str(path))
+    finally:
+        logger.setLevel(level)
+    fold_constants(model)
+    return onnx_ir.to_proto(model)
 
 
 SCOPES = "pkg.torch.onnx.name_scopes"  # a node's metadata: the paths of the modules it is in, outermost first
