@@ -125,11 +125,11 @@ def folded(path: str | os.PathLike):
     optimizer (what torch.onnx's `optimize=True` runs, which here would read the FakeTensor weights):
     TensorRT's parser takes a ReduceMean's axes or a Reshape's shape only as a constant, and the exporter
     computes them from Constants. The weights, absent from the file, are unknown inputs to it (onnx_ir
-    warns of each: quieted)."""
+    warns of each: quieted), never read."""
     import logging
 
     import onnx_ir
-    from onnxscript.optimizer import fold_constants
+    from onnxscript.optimizer import fold_constants, remove_unused_nodes
 
     logger = logging.getLogger("onnx_ir")
     level = logger.level
@@ -139,6 +139,7 @@ def folded(path: str | os.PathLike):
     finally:
         logger.setLevel(level)
     fold_constants(model)
+    remove_unused_nodes(model)  # and the constants only folded nodes read (ONNX Runtime warns of each)
     return onnx_ir.to_proto(model)
 
 
