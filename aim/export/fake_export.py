@@ -1,4 +1,4 @@
-"""A reduced-precision export that never holds the weights: torch.onnx's dynamo exporter traces a model
+"""An export that never holds the weights: torch.onnx's dynamo exporter traces a model
 made of FakeTensors (shapes and dtypes, no storage) in the build's dtype, and the graph is saved without
 initializers; export/attach.py then writes the checkpoint's weights into one `<graph>.data`, tensor by
 tensor. A 7B model exports in ~0.1 GB this way; TorchScript needs the model's weights, and several times
@@ -7,7 +7,9 @@ them (docs/real-sizes.md).
 The graph keeps the FP32 interface of the FP32 export (`CastIO`: past in, logits and present out are
 FP32), so the passes, the redistribution (FP32) and the verification see the same inputs and outputs;
 inside, norms, softmax and rotary run in FP32 exactly where transformers runs them so in an FP16 model
-(explicit Casts), and everything else in FP16. Its dynamic dims get the task's names.
+(explicit Casts), and everything else in FP16. Exported in FP32 (an FP32 build of a checkpoint,
+pipeline/model_source.py), the same graph computes in FP32 throughout. Its dynamic dims get the task's
+names, and its nodes TorchScript's module paths (`name_by_module`).
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ def export_fake(
         wanted = {name: (tuple(value.shape), value.dtype) for name, value in program.model.graph.initializers.items()}
         with atomic_path(path) as tmp:
             program.save(str(tmp), include_initializers=False)
-            graph = onnx.load(str(tmp), load_external_data=False)
+            graph = folded(tmp)
             name_dims(graph, input_specs, output_specs)
+            name_by_module(graph)
             for node in graph.graph.node:  # the exporter's debugging notes (FX node, stack trace): ~2 KB a node
                 del node.metadata_props[:]
             onnx.save(graph, str(tmp))
@@ -115,6 +118,47 @@ def _torch_dtype(dtype):
     return {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16, "INT64": torch.int64}.get(
         getattr(dtype, "name", str(dtype)), dtype
     )
+
+
+def folded(path: str | os.PathLike):
+    """The graph saved at `path` without its weights, its constant subgraphs folded by onnxscript's
+    optimizer (what torch.onnx's `optimize=True` runs, which here would read the FakeTensor weights):
+    TensorRT's parser takes a ReduceMean's axes or a Reshape's shape only as a constant, and the exporter
+    computes them from Constants. The weights, absent from the file, are unknown inputs to it (onnx_ir
+    warns of each: quieted), never read."""
+    import logging
+
+    import onnx_ir
+    from onnxscript.optimizer import fold_constants, remove_unused_nodes
+
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        model = onnx_ir.load(str(path))
+    finally:
+        logger.setLevel(level)
+    fold_constants(model)
+    remove_unused_nodes(model)  # and the constants only folded nodes read (ONNX Runtime warns of each)
+    return onnx_ir.to_proto(model)
+
+
+SCOPES = "pkg.torch.onnx.name_scopes"  # a node's metadata: the paths of the modules it is in, outermost first
+
+
+def name_by_module(model) -> None:
+    """Each node of a module named under that module's path, as the TorchScript exporter names it and
+    Task.keep_fp32 / Family.fp16_keep_fp32 select nodes: `/model/model/rotary_emb/node_cos` (the task
+    wrapper's attributes, without CastIO's `inner`, dots as slashes), so that an FP16 graph converted
+    from this export keeps the rotary embeddings in FP32 as it does TorchScript's. Nodes outside the
+    model (shape bookkeeping) keep the exporter's names."""
+    import ast
+
+    for node in model.graph.node:
+        scopes = next((entry.value for entry in node.metadata_props if entry.key == SCOPES), None)
+        modules = ast.literal_eval(scopes)[:-1] if scopes else []  # the last scope: the FX node itself
+        if modules and modules[-1].startswith("inner."):
+            node.name = "/" + modules[-1].removeprefix("inner.").replace(".", "/") + "/" + node.name
 
 
 def name_dims(model, input_specs: tuple[TensorSpec, ...], output_specs: tuple[TensorSpec, ...]) -> None:

@@ -1,7 +1,8 @@
 """The steps of `make engine`, each a small function that returns its artifact.
 
     load      family + checkpoint -> Loaded (the PyTorch model in FP32, its tokenizer, its size)
-    export    -> exported.onnx (torch.onnx; its weights in exported.onnx.data past 2 GiB)
+    export    -> exported.onnx, its weights in exported.onnx.data (torch.onnx: TorchScript on the model, or
+                 export_reduced: dynamo on a FakeTensor model, the checkpoint's tensors attached)
     release   frees the PyTorch model once the reference is computed (model_source.py)
     passes    -> bare, production and verification graphs (+ FP16 copies, or int4 / int8 ones), TensorRT compatibility
     engines   -> the engine files of the backend
@@ -115,10 +116,11 @@ def export(family: Family, task: Task, model, path: Path) -> Path:
 
 
 def export_reduced(family: Family, task: Task, checkpoint: Path, path: Path, dtype: str = "float16"):
-    """exported.onnx in `dtype` behind an FP32 interface, and its weights in exported.onnx.data, without
-    the weights in memory: the dynamo exporter on a FakeTensor model of the checkpoint's config, then
-    the checkpoint's tensors attached one by one (export/fake_export.py, export/attach.py). Returns
-    (the graph, what was attached)."""
+    """exported.onnx in `dtype` (float16: a bf16 / fp16 checkpoint's reduced build; float32: an FP32-path
+    build, model_source.fake_exported) behind an FP32 interface, and its weights in exported.onnx.data,
+    without the weights in memory: the dynamo exporter on a FakeTensor model of the checkpoint's config,
+    then the checkpoint's tensors attached one by one, each converted to `dtype` (export/fake_export.py,
+    export/attach.py). Returns (the graph, what was attached)."""
     import torch
     from transformers import AutoConfig
 
@@ -137,10 +139,10 @@ def export_reduced(family: Family, task: Task, checkpoint: Path, path: Path, dty
     except Exception as error:
         if isinstance(error, AimError):
             raise
+        instead = "Build it in fp32 (PRECISION=fp32) if it fits. " if dtype != "float32" else ""
         raise CheckpointError(
             f"{family.model_type} could not be exported in {dtype} by torch.onnx's dynamo exporter "
-            f"({type(error).__name__}: {str(error)[:500]}). Build it in fp32 (PRECISION=fp32) if it fits. "
-            f"Supported: {supported()}."
+            f"({type(error).__name__}: {str(error)[:500]}). {instead}Supported: {supported()}."
         ) from error
     return path, attach(path, wanted, checkpoint, model, PREFIX)
 
