@@ -67,6 +67,9 @@ class Coverage:
     matmuls: int = 0
     quantized_bytes: int = 0
     kept_bytes: dict[str, int] = field(default_factory=dict)  # op type (or "other") -> bytes left as they were
+    # the weight initializer of the graph quantized -> the name of its packed weight in the quantized graph
+    # (the first MatMulNBits made from it): how a reference finds what the engine holds (pipeline/quantized.py)
+    packed: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def total_bytes(self) -> int:
@@ -148,6 +151,13 @@ def digest(weight_kn: np.ndarray) -> str:
 def dequantize(weight_kn: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -> np.ndarray:
     """What MatMulNBits multiplies by, as float32 [K, N]: ONNX Runtime's quantizer (the same C++ routine
     the pass runs) applied to `weight_kn`, then scale x (q - zero point) per block of K."""
+    packed, scales = quantize_blocks(weight_kn, bits, block_size)
+    return np.ascontiguousarray(unpack(packed, scales, bits, weight_kn.shape[0]).T)
+
+
+def quantize_blocks(weight_kn: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """ONNX Runtime's symmetric block quantization of `weight_kn` [K, N], as MatMulNBits holds it: the
+    levels packed [N, blocks, block_size x bits / 8] (uint8) and the scales [N, blocks]."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     # FP16 weights are quantized as FP16 (FP16 scales), as the pass quantizes them; anything else as FP32
@@ -160,13 +170,57 @@ def dequantize(weight_kn: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -
     zero_points = np.zeros((cols, -(-blocks * bits // 8)), np.uint8)  # unused when symmetric
     quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     quantize(packed, np.ascontiguousarray(padded), scales, zero_points, block_size, cols, rows, True)
+    return packed, scales
+
+
+def unpack(packed: np.ndarray, scales: np.ndarray, bits: int, rows: int) -> np.ndarray:
+    """float32 [N, K] (an nn.Linear's layout) of MatMulNBits' packed levels [N, blocks, bytes] and scales
+    (N x blocks values): scale x (q - zero point), the padding of the last block cut to K = `rows`."""
+    cols, blocks = packed.shape[0], packed.shape[1]
     if bits == 4:  # two values per byte, the low nibble first; symmetric: zero point 8
-        levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(cols, blocks, block_size)
-        levels = levels.astype(np.float32) - 8
+        levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(cols, blocks, -1).astype(np.float32) - 8
     else:  # symmetric: zero point 128
-        levels = packed.reshape(cols, blocks, block_size).astype(np.float32) - 128
-    scales = scales.astype(np.float32)
-    return np.ascontiguousarray((levels * scales[:, :, None]).reshape(cols, blocks * block_size)[:, :rows].T)
+        levels = packed.reshape(cols, blocks, -1).astype(np.float32) - 128
+    levels *= np.asarray(scales, np.float32).reshape(cols, blocks)[:, :, None]
+    return levels.reshape(cols, -1)[:, :rows]
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a MatMulNBits node multiplies by, as the graph stores it: its packed levels and scales
+    (initializers), K x N, bits and block size."""
+
+    packed: TensorProto
+    scales: TensorProto
+    rows: int  # K
+    cols: int  # N
+    bits: int
+    block_size: int
+
+    def arrays(self, weights_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+        """(packed [N, blocks, bytes] uint8, scales [N, blocks]) read from the graph or its weights file:
+        one weight's, a fraction of its float size."""
+        packed = _values(self.packed, Path(weights_dir)).reshape(self.cols, -(-self.rows // self.block_size), -1)
+        return packed, _values(self.scales, Path(weights_dir)).reshape(self.cols, -1)
+
+
+def held_weights(model: onnx.ModelProto) -> dict[str, Held]:
+    """Every MatMulNBits of `model`'s main graph by the name of its packed weight: what it holds."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        found[node.input[1]] = Held(
+            initializers[node.input[1]],
+            initializers[node.input[2]],
+            int(attributes["K"]),
+            int(attributes["N"]),
+            int(attributes["bits"]),
+            int(attributes["block_size"]),
+        )
+    return found
 
 
 def dequantized_model(model: onnx.ModelProto, weights_dir: str | os.PathLike, bits: int) -> onnx.ModelProto:
@@ -225,6 +279,8 @@ def quantize_model(
             made.append(weights.add(reference, lambda values=values: [values], key=("quantized", tensor.name)))
         nodes.extend(new_nodes)
         coverage.matmuls += 1
+        made_node = next(made_node for made_node in new_nodes if made_node.op_type == "MatMulNBits")
+        coverage.packed.setdefault(item.initializer.name, made_node.input[1])
         if item.initializer.name not in done:
             done[item.initializer.name] = True
             coverage.quantized_bytes += _bytes(item.initializer)

@@ -87,6 +87,9 @@ class FamilySource:
     def prepare(self, folder: Path, request, progress) -> Prepared:
         family, task, checkpoint, seed = self.family, self.task, self.checkpoint, request.seed
         reduced = self.reduced(request)
+        quantized = request.precision in QUANTIZED
+        if quantized:  # one more step of its own: the reference reads the engine's weights (pipeline/quantized.py)
+            progress.total += 1
         progress(
             f"model {family.name} ({family.task}, {family.model_class}) from "
             + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})")
@@ -127,19 +130,39 @@ class FamilySource:
             )
         progress.done("export", detail)
 
+        coverage = None
+        if quantized:
+            progress(
+                f"quantize to {request.precision}: MatMul weights to MatMulNBits (ONNX Runtime's quantizer, one weight "
+                "at a time), before the reference, which computes with them"
+            )
+            quantized_graph, coverage = steps.quantized_graph(folder, exported, request.precision)
+            progress.done("quantize", f"{quantized_graph.name}, {coverage.summary()}")
+
         progress(
             "PyTorch reference on the verification inputs"
             + (f" ({loaded.dtype} weights, fp32 arithmetic; generation in {loaded.dtype})" if reduced else "")
+            + (
+                f"; the {request.precision} weights dequantized on the fly, one Linear at a time, beside the original "
+                "model"
+                if quantized
+                else ""
+            )
             + ", then the PyTorch model is released"
         )
         keep_fp32 = family.fp16_keep_fp32 + task.keep_fp32(loaded.model)  # found by module: before the model goes
         max_positions = task.positions(loaded.model)  # likewise read from the model's config before it goes
-        if request.precision in QUANTIZED:  # the model with the engine's weights (pipeline/quantized.py)
-            reference = quantized_reference_of(family, task, loaded, seed, exported, request.precision, reduced)
+        if quantized:  # the model with the engine's weights (pipeline/quantized.py)
+            reference = quantized_reference_of(
+                family, task, loaded, seed, exported, quantized_graph, coverage, request.precision, reduced
+            )
         else:
             reference = pytorch_reference(family, task, loaded.model, loaded.tokenizer, seed, fp32=reduced is not None)
         reference.save(folder / REFERENCE)
         steps.release(loaded)
+        if quantized:  # one copy of the weights per precision: the export has served its purpose
+            steps.drop_export(folder, exported)
+            exported = quantized_graph
         progress.done("reference", REFERENCE)
 
         max_batch = request.max_batch or default_max_batch(GraphIO.of(exported).inputs, family.dims, request.precision)
@@ -167,7 +190,8 @@ class FamilySource:
             keep_fp32=keep_fp32,
             tokenizer=tokenizer_dir.name if tokenizer_dir else None,
             max_positions=max_positions,
-            quantized=quantization(BITS[request.precision]) if request.precision in QUANTIZED else None,
+            quantized=quantization(BITS[request.precision]) if quantized else None,
+            quantization=coverage,
         )
 
 
@@ -212,21 +236,26 @@ def pytorch_reference(family: Family, task, model, tokenizer=None, seed: int = 0
 
 
 def quantized_reference_of(
-    family: Family, task, loaded, seed: int, exported, precision: str, reduced: str | None = None
+    family: Family, task, loaded, seed: int, exported, quantized, coverage, precision: str, reduced: str | None = None
 ) -> Reference:
-    """pytorch_reference of an int4 / int8 build: the model with the engine's weights, dequantized
-    (`reduced`: a model kept in its stored dtype, computing in FP32 arithmetic)."""
+    """pytorch_reference of an int4 / int8 build: the model computing with the engine's weights (those of
+    the graph `quantized`, made from `exported` with `coverage`), dequantized on the fly (`reduced`: a
+    model kept in its stored dtype, computing in FP32 arithmetic)."""
     from aim.pipeline.quantized import quantized_reference
 
-    def original(model):
-        inputs = task.example_inputs(model, family.sizes(**family.verify_sizes), seed)
-        with computing_in_fp32(model) if reduced else contextlib.nullcontext():
-            return task.reference_logits(model, inputs).float().numpy()
-
-    def reference(model):
-        return pytorch_reference(family, task, model, loaded.tokenizer, seed, fp32=reduced is not None)
-
-    return quantized_reference(loaded.model, original, reference, exported, precision)
+    inputs = task.example_inputs(loaded.model, family.sizes(**family.verify_sizes), seed)
+    return quantized_reference(
+        task,
+        loaded.model,
+        loaded.tokenizer,
+        inputs,
+        seed,
+        exported,
+        quantized,
+        coverage.packed,
+        precision,
+        fp32=reduced is not None,
+    )
 
 
 class CheckpointSource(FamilySource):

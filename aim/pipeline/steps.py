@@ -172,6 +172,13 @@ def quantized_graph(folder: Path, exported: Path, precision: str) -> tuple[Path,
     return save_onnx(model, target), coverage
 
 
+def drop_export(folder: Path, exported: Path) -> None:
+    """One copy of the weights per precision: once quantized (and the reference made), the export (FP32,
+    or FP16 for a bf16 checkpoint) and its data file have served their purpose."""
+    for path in (exported, folder / FILES["weights"]):
+        path.unlink(missing_ok=True)
+
+
 def passes(
     folder: Path,
     exported: Path,
@@ -182,11 +189,14 @@ def passes(
     keep_fp32: tuple[str, ...] = (),
     logits: str = LOGITS,
     key: NoiseKey | None = None,
+    quantization: Coverage | None = None,
 ) -> Graphs:
     """Bare, production and verification graphs (FP16 copies if asked; keyed production noise with
     `key`), and TensorRT's verdict on them; refuses the build if TensorRT is the backend and would
     refuse a node. `logits`: the output modulated, its classes on `class_axis`; `upsample_to`: the input
-    whose spatial size the logits are resized to first, if any."""
+    whose spatial size the logits are resized to first, if any; `quantization`: `exported` is that int4 /
+    int8 quantization already (a PyTorch source's, made before its reference), else int4 / int8 quantize
+    it here."""
     from aim.graph_passes.fp16 import convert_to_fp16
     from aim.graph_passes.trt_support import check_tensorrt_support
     from aim.runtime.tensorrt import EngineBuildError
@@ -194,14 +204,12 @@ def passes(
     # The graphs are read without their weights: those in exported.onnx.data (a model past 2 GiB) stay
     # references, which every graph saved beside it shares (aim/weights.py).
     paths = {"exported": exported}
-    quantization = None
     if precision in BITS:  # weight-only int4 / int8: quantized once, then modulated (the redistribution untouched)
-        quantized, quantization = quantized_graph(folder, exported, precision)
-        # One copy of the weights per precision: the int4 graphs refer to weights.int4.data alone, and the
-        # export (FP32, or FP16 for a bf16 checkpoint) and its data file have served their purpose.
-        for path in (exported, folder / FILES["weights"]):
-            path.unlink(missing_ok=True)
-        exported, paths = quantized, {f"exported.{precision}": quantized}
+        if quantization is None:  # the int4 graphs refer to weights.int4.data alone
+            quantized, quantization = quantized_graph(folder, exported, precision)
+            drop_export(folder, exported)
+            exported = quantized
+        paths = {f"exported.{precision}": exported}
     suffix = f".{precision}.onnx" if precision in BITS else ".onnx"
 
     def named(key: str) -> Path:
