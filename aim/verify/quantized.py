@@ -120,8 +120,8 @@ def quantized_generation_checks(runs: dict, extra: dict, spec: Quantization) -> 
     """Text generation: along the reference's tokens (the original model's greedy ones, teacher forcing:
     pipeline/quantized.py), the engine's next-token logits against the reference's
     (`generation.{i}.logits` in `extra`, [B, steps, V]) by `spec`, over every step of every row until it
-    stopped: the engine's greedy token is the reference's wherever the reference's choice is clear. The KV cache against the full recompute, likewise. Nothing for a
-    reference without prompts (a user's ONNX)."""
+    stopped: the engine's greedy token is the reference's wherever the reference's choice is clear. The KV
+    cache against the full recompute, likewise. Nothing for a reference without prompts (a user's ONNX)."""
     if "generation.0.tokens" not in extra:
         return []
     stop = extra["generation.stop_tokens"]
