@@ -83,7 +83,8 @@ def generate(
     left here) or a left-padded [B, S] array with its `attention_mask`. A sequence stops at any of
     `stop_tokens` and is padded with `pad_token_id` afterwards; the loop ends when all have stopped.
     `on_token(step, tokens [B], finished [B])` is called after each step (streaming). `forced` [B, T]:
-    teacher forcing, step s takes forced[:, s] instead of its own choice (to score a given continuation).
+    teacher forcing, step s takes forced[:, s] instead of its own choice (to score a given continuation);
+    the calls then run together (infer_calls) and their logits are kept.
     A prompt longer than the engine's range or the model's positions (`max_positions`), or more new
     tokens than fit after it, is refused before anything runs."""
     if attention_mask is None and isinstance(input_ids, np.ndarray):
@@ -127,12 +128,8 @@ def generate(
                 "static heads and head_dim"
             )
         past[name] = np.zeros([batch, dims[1], 0, dims[3]], np.float32)
-    generated = np.zeros((batch, 0), np.int64)
-    finished = np.zeros(batch, bool)
-    kept = []
-    step_ids = ids
-    start = time.perf_counter()
-    for step in range(max_new_tokens):
+
+    def feed_of(step: int, step_ids: np.ndarray, mask: np.ndarray, past: dict, generated: np.ndarray) -> dict:
         feed = {"input_ids": step_ids, "attention_mask": mask, **past}
         if "position_ids" in engine.inputs:
             feed["position_ids"] = position_ids(mask, step_ids.shape[1])
@@ -143,26 +140,61 @@ def generate(
             raise InvalidInputError(
                 f"{getattr(engine, 'path', 'the engine')} is not modulated: it has no utility or focus input"
             )
-        out = engine.infer(feed)
-        logits = out["logits"]
-        if keep_logits:
-            kept.append(logits)
-        token = (
-            sample(logits, temperature, top_k, rng).astype(np.int64)
-            if forced is None
-            else np.asarray(forced[:, step], np.int64)
-        )
-        token = np.where(finished, pad_token_id, token)
+        return feed
+
+    def chosen(step: int, logits: np.ndarray | None) -> np.ndarray:
+        if forced is not None:
+            return np.asarray(forced[:, step], np.int64)
+        return sample(logits, temperature, top_k, rng).astype(np.int64)
+
+    generated = np.zeros((batch, 0), np.int64)
+    finished = np.zeros(batch, bool)
+    kept, feeds, ended = [], [], []
+    step_ids = ids
+    start = time.perf_counter()
+    for step in range(max_new_tokens):
+        feed = feed_of(step, step_ids, mask, past, generated)
+        if forced is not None:  # every input is known beforehand but the cache: run the calls together below
+            feeds.append(feed)
+            logits = None
+        else:
+            out = engine.infer(feed)
+            logits = out["logits"]
+            if keep_logits:
+                kept.append(logits)
+        token = np.where(finished, pad_token_id, chosen(step, logits))
         finished = finished | np.isin(token, stops)
         generated = np.concatenate([generated, token[:, None]], axis=1)
-        if on_token is not None:
+        ended.append(finished)
+        if on_token is not None and forced is None:
             on_token(step, token, finished)
         if finished.all():
             break
-        past = {name: out[PRESENT + name[len(PAST) :]] for name in cache}
+        past = {} if forced is not None else {name: out[PRESENT + name[len(PAST) :]] for name in cache}
         step_ids = token[:, None]
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+    if forced is not None:
+        kept = [out["logits"] for out in infer_calls(engine, feeds)]
+        for step, token in enumerate(generated.T):
+            if on_token is not None:
+                on_token(step, token, ended[step])
     return Generation(generated, finished, time.perf_counter() - start, kept)
+
+
+def infer_calls(engine, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
+    """Calls in order, each without cache inputs taking the previous call's `present.*` as its past: for
+    calls whose every input but the cache is known beforehand (a prefill and teacher-forced steps, or
+    prefills). An engine that runs such calls together does (runtime/segments.py: segment-major, each
+    segment's session opened once for all of them); any other, one call at a time."""
+    together = getattr(engine, "infer_calls", None)
+    if together is not None:
+        return together(feeds)
+    outs = []
+    for feed in feeds:
+        made = outs[-1] if outs else {}
+        past = {PAST + name[len(PRESENT) :]: value for name, value in made.items() if name.startswith(PRESENT)}
+        outs.append(engine.infer({**past, **feed}))
+    return outs
 
 
 def prefill_inputs(engine, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -179,24 +211,32 @@ def prefill_inputs(engine, input_ids: np.ndarray, attention_mask: np.ndarray) ->
     return {name: value for name, value in feed.items() if name in engine.inputs}
 
 
-def last_logits(engine, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Next-token logits [B, V] of whole sequences, recomputed from scratch (empty cache, utility 0)."""
-    batch = input_ids.shape[0]
+def prefill_feed(engine, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """A whole-sequence call from scratch (empty cache) at utility 0, no focus."""
     _cache_inputs(engine)  # a clear error for an engine without a cache
     feed = prefill_inputs(engine, input_ids, attention_mask)
     if UTILITY in engine.inputs:
-        feed[UTILITY], feed[FOCUS] = check_modulation(0.0, None, batch, engine.inputs[FOCUS][1][1])
-    return engine.infer(feed)["logits"]
+        feed[UTILITY], feed[FOCUS] = check_modulation(0.0, None, input_ids.shape[0], engine.inputs[FOCUS][1][1])
+    return feed
 
 
-def cached_and_recomputed(engine, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int):
-    """Logits [steps, B, V] of `steps` greedy steps through the cache, and the same recomputed from scratch."""
-    run = generate(engine, input_ids, attention_mask, max_new_tokens=steps, keep_logits=True)
-    recomputed = []
+def last_logits(engine, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Next-token logits [B, V] of whole sequences, recomputed from scratch (empty cache, utility 0)."""
+    return engine.infer(prefill_feed(engine, input_ids, attention_mask))["logits"]
+
+
+def cached_and_recomputed(
+    engine, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int, tokens: np.ndarray | None = None
+):
+    """Logits [steps, B, V] of `steps` decode steps through the cache, greedy or along `tokens` [B, T]
+    (teacher forcing: every call known beforehand), and the same recomputed from scratch."""
+    run = generate(engine, input_ids, attention_mask, max_new_tokens=steps, keep_logits=True, forced=tokens)
+    prefills = []
     for step in range(len(run.logits)):
         ids = np.concatenate([input_ids, run.tokens[:, :step]], axis=1)
         mask = np.concatenate([attention_mask, np.ones((len(ids), step), np.int64)], axis=1)
-        recomputed.append(last_logits(engine, ids, mask))
+        prefills.append(prefill_feed(engine, ids, mask))
+    recomputed = [out["logits"] for out in infer_calls(engine, prefills)]
     return np.stack(run.logits), np.stack(recomputed)
 
 

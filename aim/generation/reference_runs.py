@@ -16,9 +16,11 @@ from aim.tasks.text_generation import KV_STEPS, NEW_TOKENS
 def generation_runs(engine, extra: dict, reduced: bool = False) -> dict[str, np.ndarray]:
     """For each reference batch: the engine's greedy tokens at utility 0, or for a reduced-precision
     engine its logits [steps, B, V] along PyTorch's tokens (teacher forcing: near-ties may make its own
-    tokens differ); and for the last batch the logits of KV_STEPS greedy steps through the cache
-    (`generation.cached`) and recomputed from scratch (`generation.recomputed`). Nothing for a
-    reference without prompts (a user's ONNX, an image task)."""
+    tokens differ); and for the last batch the logits of KV_STEPS steps through the cache
+    (`generation.cached`; greedy, or along PyTorch's tokens for a reduced-precision engine) and
+    recomputed from scratch (`generation.recomputed`). Nothing for a reference without prompts (a
+    user's ONNX, an image task). Teacher-forced calls are known beforehand, so a segmented engine runs
+    each batch in one sweep of its segments (generation/loop.infer_calls)."""
     batches = sorted(
         int(key.split(".")[1]) for key in extra if key.startswith("generation.") and key.endswith(".tokens")
     )
@@ -36,6 +38,10 @@ def generation_runs(engine, extra: dict, reduced: bool = False) -> dict[str, np.
             runs[f"generation.{index}.tokens"] = generate(engine, ids, mask, **options).tokens
     last = batches[-1]
     runs["generation.cached"], runs["generation.recomputed"] = cached_and_recomputed(
-        engine, extra[f"generation.{last}.input_ids"], extra[f"generation.{last}.attention_mask"], KV_STEPS
+        engine,
+        extra[f"generation.{last}.input_ids"],
+        extra[f"generation.{last}.attention_mask"],
+        KV_STEPS,
+        tokens=extra[f"generation.{last}.tokens"] if reduced else None,  # known beforehand: one sweep at 7B
     )
     return runs

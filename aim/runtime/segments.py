@@ -365,5 +365,11 @@ class SegmentedEngine(Runner):
     def _infer(self, feed: dict) -> dict[str, np.ndarray]:
         return self.graph.run(feed)
 
+    def infer_calls(self, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
+        """Calls whose every input but the cache is known beforehand, segment-major (Segmented.run_calls):
+        one sweep of the segments' sessions for all of them, not one per call. The first feed is checked
+        whole; the later ones lack the cache, which each takes from the call before."""
+        return self.graph.run_calls([self.check_feed(feeds[0]), *feeds[1:]])
+
     def close(self):
         self.graph.close()

@@ -111,3 +111,46 @@ def test_a_build_whose_fp16_session_would_not_fit_is_verified_in_segments(tmp_pa
     manifest = build(source, BuildRequest(tmp_path / "out", precision="fp16"), lambda line: None).manifest
     assert manifest.verification.passed, [check.name for check in manifest.verification.checks if not check.passed]
     assert len(opened) >= 3  # bare, verification, production
+
+
+def test_teacher_forced_generation_sweeps_the_segments_once_and_equals_decoding_call_by_call(graphs, monkeypatch):
+    """The verification's teacher-forced runs (a prefill and its forced steps; then the KV check's
+    prefills) know every input but the cache beforehand, so a segmented engine opens each segment's
+    session once for all of them (at 7B a sweep costs ~105 s: 12 steps would cost 12 sweeps), and the
+    logits are those of the same engine run call by call, bit for bit."""
+    from aim.generation.loop import cached_and_recomputed, generate
+    from aim.runtime import segments
+    from aim.runtime.segments import SegmentedEngine
+
+    exported, _, _, inputs = graphs
+    segments._MEMO.clear()
+    monkeypatch.setattr(segments, "KEEP_BYTES", 0)  # no segment stays open for its few weights, as at 7B
+    ids = inputs["input_ids"].numpy()
+    mask = np.ones_like(ids)
+    forced = np.random.default_rng(1).integers(0, 512, (len(ids), 4))
+    opened = []
+    session = Segmented._session
+    monkeypatch.setattr(Segmented, "_session", lambda self, model: opened.append(1) or session(self, model))
+
+    engine = SegmentedEngine(exported, BUDGET_MB)
+    together = generate(engine, ids, mask, max_new_tokens=4, forced=forced)
+    sweep = len(engine.graph.segments)
+    assert len(opened) <= sweep and together.tokens.tolist() == forced.tolist()
+
+    class OneByOne:  # the same engine without infer_calls: one call at a time
+        inputs = engine.inputs
+
+        def infer(self, feed):
+            return engine.infer(feed)
+
+    opened.clear()
+    segments._MEMO.clear()  # computed again, not remembered
+    single = generate(OneByOne(), ids, mask, max_new_tokens=4, forced=forced)
+    assert len(opened) > 2 * sweep  # (the count above can fail: call by call opens the sessions again)
+    assert all(np.array_equal(a, b) for a, b in zip(together.logits, single.logits))
+
+    opened.clear()
+    cached, recomputed = cached_and_recomputed(engine, ids, mask, 3, tokens=forced)
+    assert len(opened) <= 2 * sweep and cached.shape == recomputed.shape == (3, *together.logits[0].shape)
+    assert np.array_equal(cached, np.stack(together.logits[:3]))
+    assert relative_error(cached, recomputed) < 5e-3  # the cache and a recompute agree within fp16 rounding
