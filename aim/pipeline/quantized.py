@@ -9,19 +9,23 @@ quantization are kept beside it (`original.logits`) for the agreement figure.
   `nn.Linear` whose weight the engine holds quantized (found in the exported graph by parameter name,
   or by value: graph_passes.quantize.digest) multiplies, while the reference runs, by the engine's own
   packed weight read from the quantized graph's weights file and dequantized on the fly, in FP32, for
-  that one call (`dequantizing`). Memory holds one dequantized weight at a time (the largest: the head,
-  0.5 GB at 7B), never the model's (29 GB in FP32 at 7B); a bf16 / fp16 checkpoint stays mapped as
-  stored and computes in FP32 arithmetic a module at a time (verify/reference.computing_in_fp32); the
-  Linears' stored weights are not even read. A tied embedding keeps its own values, as the engine's
-  Gather does. A quantized weight that is no `nn.Linear`'s fails the build here: a reference that does
-  not compute the engine's model would fail it later with a misleading error.
+  that one call (`dequantizing`), and by the activations as the kernel quantizes them (int8 per block
+  of 32 at accuracy_level 4: graph_passes.quantize.int8_blocks; without that, a random 7B model's logits
+  were 0.1 off the engine's: the kernel's 0.5% per MatMul compounded over 32 random layers). Memory
+  holds one dequantized weight at a time (the largest: the head, 0.5 GB at 7B), never the model's (29
+  GB in FP32 at 7B); a bf16 / fp16 checkpoint stays mapped as stored and computes in FP32 arithmetic a
+  module at a time (verify/reference.computing_in_fp32); the Linears' stored weights are not even
+  read. A tied embedding keeps its own values, as the engine's Gather does. A quantized weight that is
+  no `nn.Linear`'s fails the build here: a reference that does not compute the engine's model would
+  fail it later with a misleading error.
 - Text generation: the tokens are the original model's greedy ones (its `generate()`, in its own
   dtype), and the reference's next-token logits along them come from one forward over each whole
   batch (`forced_logits`). The engine is judged along the same tokens (teacher forcing), so any prefix
   is a fair one; the dequantized model's own greedy tokens would cost a dequantization of every weight
   per new token (12 sweeps of 7B weights per batch instead of one).
 - A user's ONNX: the same graph with its quantizable weights replaced by their dequantization, on
-  ONNX Runtime in FP32 (`dequantized_onnx_logits`).
+  ONNX Runtime in FP32 (`dequantized_onnx_logits`); its activations are not quantized (the kernel's
+  0.5% per MatMul stays in the error: fine for the shallow graphs measured, not for a deep random one).
 """
 
 from __future__ import annotations
@@ -96,12 +100,28 @@ def unpack(packed: np.ndarray, scales: np.ndarray, bits: int, rows: int):
     return values.view(cols, -1)[:, :rows]
 
 
+def int8_blocks(activations, block_size: int):
+    """graph_passes.quantize.int8_blocks in torch: the activations [..., K] as MatMulNBits at accuracy_level
+    4 multiplies by them, quantized to int8 per block of K (scale max|a| / 127, rounded to nearest even)."""
+    import torch
+
+    k = activations.shape[-1]
+    padded = torch.nn.functional.pad(activations, (0, -k % block_size))
+    blocks = padded.unflatten(-1, (-1, block_size))
+    largest = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest != 0, 127 / largest, torch.zeros_like(largest))
+    return (torch.round(blocks * inverse) * (largest / 127)).flatten(-2)[..., :k]
+
+
 def _dequantized_forward(module, held: Held, weights_dir: Path, inputs):
     import torch
 
     weight = unpack(*held.arrays(weights_dir), held.bits, held.rows)  # this call's, released when it returns
+    inputs = inputs.float()
+    if held.accuracy_level == 4:  # the kernel multiplies int8 activations (graph_passes/quantize.py)
+        inputs = int8_blocks(inputs, held.block_size)
     bias = module.bias
-    return torch.nn.functional.linear(inputs.float(), weight, None if bias is None else bias.float())
+    return torch.nn.functional.linear(inputs, weight, None if bias is None else bias.float())
 
 
 @contextlib.contextmanager
