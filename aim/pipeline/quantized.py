@@ -41,6 +41,7 @@ from aim.errors import CheckpointError
 from aim.graph_passes.io import load_onnx, save_onnx
 from aim.graph_passes.quantize import BITS, Held, dequantized_model, digest, held_weights, quantizable, weight
 from aim.verify.judges import ORIGINAL
+from aim.verify.quantized import KERNEL_NOISE, SENSITIVITY, figures
 from aim.verify.reference import Reference, computing_in_fp32, reference_of
 
 
@@ -176,6 +177,28 @@ def forced_logits(model, extra: dict) -> dict:
     return out
 
 
+def sensitivity(task, model, inputs: dict, logits: np.ndarray, linears: list) -> float:
+    """How far this model's logits for `inputs` move (median relative error, verify/quantized.figures)
+    when Gaussian noise of KERNEL_NOISE x its RMS is added to the output of each of `linears`, what the
+    engine adds to each MatMul: the model's own amplification, by which verify/quantized.bound raises
+    the bound of a model that amplifies (seeded: the same figure on every run)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+
+    def perturbed(module, args, output):
+        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+        return output + KERNEL_NOISE * output.pow(2).mean().sqrt() * noise
+
+    hooks = [module.register_forward_hook(perturbed) for module in linears]
+    try:
+        moved = task.reference_logits(model, inputs).float().numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return figures(logits, moved, task.class_axis)["relative_error"]
+
+
 def quantized_reference(
     task,
     model,
@@ -190,8 +213,9 @@ def quantized_reference(
 ) -> Reference:
     """The reference of an int4 / int8 build of a PyTorch model (`exported` quantized into `quantized`,
     `packed`: Coverage.packed) on the verification `inputs`: its logits with the engine's weights
-    dequantized on the fly, the original model's beside them (`original.logits`), and for text
-    generation the original model's greedy tokens with the reference's next-token logits along them.
+    dequantized on the fly, the original model's beside them (`original.logits`), the model's
+    sensitivity (`quantized.sensitivity`), and for text generation the original model's greedy tokens
+    with the reference's next-token logits along them.
     `fp32`: a model kept in bf16 / fp16, computing in FP32 arithmetic a module at a time."""
     arithmetic = computing_in_fp32 if fp32 else (lambda model: contextlib.nullcontext())
     with arithmetic(model):
@@ -203,6 +227,7 @@ def quantized_reference(
         with dequantizing(linears, quantized.parent), arithmetic(model):
             logits = task.reference_logits(model, inputs).float().numpy()
             extra.update(forced_logits(model, extra))
+            extra[SENSITIVITY] = np.array(sensitivity(task, model, inputs, logits, list(linears)))
     reference = reference_of(
         {name: tensor.numpy() for name, tensor in inputs.items()},
         logits,

@@ -176,3 +176,31 @@ def test_a_linear_of_the_reference_computes_what_the_kernel_computes(tmp_path, b
     plain = x @ dequantize(weight.T, bits) + bias
     assert error(plain) > 1e-3
     np.testing.assert_array_equal(quantized.int8_blocks(torch.from_numpy(x), 32).numpy(), int8_blocks(x))
+
+
+def test_the_sensitivity_is_the_models_response_to_the_kernels_noise(llama, monkeypatch):
+    """The reference's sensitivity (verify/quantized.bound): the logits' error under KERNEL_NOISE per
+    MatMul. Without the kernel's int8 activations it is the model's linear response (twice the noise,
+    twice the error); with them it is larger and grows less than linearly, as the int8 roundings the
+    noise flips add their own error, which is how the engine's FP16 noise reaches its logits. On the
+    tiny model it stays far below 0.05 / 3 (its bound stays 0.05), and the noise is gone once measured."""
+    import dataclasses
+
+    from aim.verify.quantized import KERNEL_NOISE, MAX_RELATIVE_ERROR, SENSITIVITY_FACTOR
+
+    family, task, model, exported, graph, coverage, extra, inputs = llama
+    linears = linear_weights(model, exported, graph, coverage.packed)
+    float_activations = {module: dataclasses.replace(held, accuracy_level=0) for module, held in linears.items()}
+    measured = {}
+    for name, mapping in (("int8", linears), ("float", float_activations)):
+        with dequantizing(mapping, graph.parent):
+            logits = task.reference_logits(model, inputs).numpy()
+            for noise in (KERNEL_NOISE, 2 * KERNEL_NOISE):
+                monkeypatch.setattr(quantized, "KERNEL_NOISE", noise)
+                measured[name, noise] = quantized.sensitivity(task, model, inputs, logits, list(mapping))
+            np.testing.assert_array_equal(task.reference_logits(model, inputs).numpy(), logits)
+    once, twice = measured["float", KERNEL_NOISE], measured["float", 2 * KERNEL_NOISE]
+    assert 1.8 < twice / once < 2.2, measured
+    once, twice = measured["int8", KERNEL_NOISE], measured["int8", 2 * KERNEL_NOISE]
+    assert measured["float", KERNEL_NOISE] < once < twice < 2 * once, measured
+    assert once < MAX_RELATIVE_ERROR / SENSITIVITY_FACTOR
