@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,11 +270,17 @@ def dequantized_model(model: onnx.ModelProto, weights_dir: str | os.PathLike, bi
 
 
 def quantize_model(
-    model: onnx.ModelProto, weights_dir: str | os.PathLike, weights: WeightsFile, bits: int
+    model: onnx.ModelProto,
+    weights_dir: str | os.PathLike,
+    weights: WeightsFile,
+    bits: int,
+    values_of: Callable[[str], np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, Coverage]:
     """`model` (read without its weights, which are in `weights_dir`) with every quantizable MatMul a
     MatMulNBits, and every weight it still reads in `weights` (the quantized ones written there once
-    made, the others copied file to file); and what was quantized."""
+    made, the others copied file to file); and what was quantized. `values_of`: the values of `model`'s
+    initializers by name, where they are declared only (an export whose weights are still in the
+    checkpoint: each read once, when quantized or written)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         DefaultWeightOnlyQuantizer,
@@ -300,7 +306,11 @@ def quantize_model(
             nodes.append(node)
             continue
         scratch = onnx.GraphProto()  # the quantizer reads the weight from here and adds its outputs here
-        values = weight(item, weights_dir)
+        if values_of is not None and _declared_only(item.initializer):
+            values = values_of(item.initializer.name)
+            values = _transposed(values) if item.transposed else values
+        else:
+            values = weight(item, weights_dir)
         held = scratch.initializer.add(name=node.input[1], dims=values.shape)  # filled in place: no proto copy
         held.data_type = helper.np_dtype_to_tensor_dtype(values.dtype)
         held.raw_data = values.tobytes()
@@ -327,7 +337,15 @@ def quantize_model(
     for tensor in graph.initializer:
         if tensor.name not in read:
             continue
-        if onnx.external_data_helper.uses_external_data(tensor):
+        if values_of is not None and _declared_only(tensor):  # its values from the checkpoint; small ones inline
+            values = values_of(tensor.name)
+            if values.nbytes >= IN_GRAPH_BYTES:
+                reference = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+                tensor = weights.add(reference, lambda values=values: [values], key=("kept", tensor.name))
+            else:
+                tensor = numpy_helper.from_array(values, tensor.name)
+            del values
+        elif onnx.external_data_helper.uses_external_data(tensor):
             weights.copy_tensor(tensor, weights_dir)
         elif _bytes(tensor) >= IN_GRAPH_BYTES:  # the graphs made from this one share it, not copy it
             values = numpy_helper.to_array(tensor)
@@ -354,6 +372,16 @@ def _without_unread_transposes(nodes: list, outputs: set[str]) -> list:
         if not unread:
             return nodes
         nodes = [node for node in nodes if all(node is not other for other in unread)]
+
+
+def _declared_only(tensor: TensorProto) -> bool:
+    """Whether `tensor` names a weight without holding or referring to its values (values_of has them)."""
+    typed = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+    return int(np.prod(tensor.dims, dtype=np.int64)) > 0 and not (
+        tensor.raw_data
+        or onnx.external_data_helper.uses_external_data(tensor)
+        or any(len(getattr(tensor, field)) for field in typed)
+    )
 
 
 def _bytes(tensor: TensorProto) -> int:

@@ -111,17 +111,28 @@ class FamilySource:
         )
 
         weights = folder / FILES["weights"]
+        unattached = None  # a reduced int4 / int8 build: the checkpoint's tensors, read as they are quantized
         if reduced:
             progress(
                 f"export to ONNX in {reduced} (torch.onnx dynamo on a FakeTensor model, then the checkpoint's "
-                f"weights attached tensor by tensor), dynamic " + ", ".join(family.dims)
+                + (
+                    f"weights read tensor by tensor by the {request.precision} quantization: no {reduced} copy)"
+                    if quantized
+                    else "weights attached tensor by tensor)"
+                )
+                + ", dynamic "
+                + ", ".join(family.dims)
             )
-            exported, attached = steps.export_reduced(family, task, checkpoint, folder / FILES["exported"], reduced)
-            detail = (
-                f"{exported.name}, {attached.tensors} weights in {weights.name} ({attached.bytes / 1e9:.2f} GB)"
-                + (f"; {attached.clipped} values past fp16's range clipped to it" if attached.clipped else "")
-                + (f"; computed, not stored: {', '.join(attached.computed)}" if attached.computed else "")
+            exported, attached = steps.export_reduced(
+                family, task, checkpoint, folder / FILES["exported"], reduced, weights=not quantized
             )
+            if quantized:
+                unattached, detail = attached, f"{exported.name}, {len(attached.wanted)} weights declared"
+            else:
+                detail = (
+                    f"{exported.name}, {attached.tensors} weights in {weights.name} ({attached.bytes / 1e9:.2f} GB)"
+                )
+                detail += _attached(attached)
         else:
             progress("export to ONNX (torch.onnx, dynamic " + ", ".join(family.dims) + ")")
             exported = steps.export(family, task, loaded.model, folder / FILES["exported"])
@@ -134,10 +145,15 @@ class FamilySource:
         if quantized:
             progress(
                 f"quantize to {request.precision}: MatMul weights to MatMulNBits (ONNX Runtime's quantizer, one weight "
-                "at a time), before the reference, which computes with them"
+                "at a time"
+                + (f", read from the checkpoint in {reduced}" if unattached else "")
+                + "), before the reference, which computes with them"
             )
-            quantized_graph, coverage = steps.quantized_graph(folder, exported, request.precision)
-            progress.done("quantize", f"{quantized_graph.name}, {coverage.summary()}")
+            quantized_graph, coverage = steps.quantized_graph(folder, exported, request.precision, unattached)
+            progress.done(
+                "quantize",
+                f"{quantized_graph.name}, {coverage.summary()}" + (_attached(unattached.found) if unattached else ""),
+            )
 
         progress(
             "PyTorch reference on the verification inputs"
@@ -154,7 +170,16 @@ class FamilySource:
         max_positions = task.positions(loaded.model)  # likewise read from the model's config before it goes
         if quantized:  # the model with the engine's weights (pipeline/quantized.py)
             reference = quantized_reference_of(
-                family, task, loaded, seed, exported, quantized_graph, coverage, request.precision, reduced
+                family,
+                task,
+                loaded,
+                seed,
+                exported,
+                quantized_graph,
+                coverage,
+                request.precision,
+                reduced,
+                progress.log,
             )
         else:
             reference = pytorch_reference(family, task, loaded.model, loaded.tokenizer, seed, fp32=reduced is not None)
@@ -193,6 +218,13 @@ class FamilySource:
             quantized=quantization(BITS[request.precision]) if quantized else None,
             quantization=coverage,
         )
+
+
+def _attached(attached) -> str:
+    """What a log line says of the checkpoint's tensors beyond their count (export/attach.Attached)."""
+    return (f"; {attached.clipped} values past fp16's range clipped to it" if attached.clipped else "") + (
+        f"; computed, not stored: {', '.join(attached.computed)}" if attached.computed else ""
+    )
 
 
 # The peak of a build that loads and exports in fp32, as a multiple of its fp32 weights: measured 1.64
@@ -236,7 +268,16 @@ def pytorch_reference(family: Family, task, model, tokenizer=None, seed: int = 0
 
 
 def quantized_reference_of(
-    family: Family, task, loaded, seed: int, exported, quantized, coverage, precision: str, reduced: str | None = None
+    family: Family,
+    task,
+    loaded,
+    seed: int,
+    exported,
+    quantized,
+    coverage,
+    precision: str,
+    reduced: str | None = None,
+    log=None,
 ) -> Reference:
     """pytorch_reference of an int4 / int8 build: the model computing with the engine's weights (those of
     the graph `quantized`, made from `exported` with `coverage`), dequantized on the fly (`reduced`: a
@@ -255,6 +296,7 @@ def quantized_reference_of(
         coverage.packed,
         precision,
         fp32=reduced is not None,
+        log=log,
     )
 
 

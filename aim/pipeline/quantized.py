@@ -210,6 +210,7 @@ def quantized_reference(
     packed: dict,
     precision: str,
     fp32: bool,
+    log=None,
 ) -> Reference:
     """The reference of an int4 / int8 build of a PyTorch model (`exported` quantized into `quantized`,
     `packed`: Coverage.packed) on the verification `inputs`: its logits with the engine's weights
@@ -218,16 +219,22 @@ def quantized_reference(
     with the reference's next-token logits along them.
     `fp32`: a model kept in bf16 / fp16, computing in FP32 arithmetic a module at a time."""
     arithmetic = computing_in_fp32 if fp32 else (lambda model: contextlib.nullcontext())
-    with arithmetic(model):
+    timed = _Timed(log)
+    with arithmetic(model), timed("the original model's logits"):
         original = task.reference_logits(model, inputs).float().numpy()
-    extra = task.reference_extra(model, tokenizer, seed)  # tokens of the original model, in its own dtype
+    with timed("its greedy tokens"):
+        extra = task.reference_extra(model, tokenizer, seed)  # tokens of the original model, in its own dtype
     linears = linear_weights(model, exported, quantized, packed) if packed else {}
     logits = original  # nothing quantized (a ResNet): the reference is the model itself, and says so
     if linears:
         with dequantizing(linears, quantized.parent), arithmetic(model):
-            logits = task.reference_logits(model, inputs).float().numpy()
-            extra.update(forced_logits(model, extra))
-            extra[SENSITIVITY] = np.array(sensitivity(task, model, inputs, logits, list(linears)))
+            with timed(f"the {precision} logits"):
+                logits = task.reference_logits(model, inputs).float().numpy()
+            with timed("along the tokens"):
+                extra.update(forced_logits(model, extra))
+            with timed("sensitivity"):
+                extra[SENSITIVITY] = np.array(sensitivity(task, model, inputs, logits, list(linears)))
+    timed.report()
     reference = reference_of(
         {name: tensor.numpy() for name, tensor in inputs.items()},
         logits,
@@ -238,6 +245,25 @@ def quantized_reference(
     )
     reference.extra[ORIGINAL] = original
     return reference
+
+
+class _Timed:
+    """The wall time of each part of the reference, for its log line (a 7B reference takes minutes a part)."""
+
+    def __init__(self, log):
+        self.log, self.parts = log, []
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        import time
+
+        start = time.perf_counter()
+        yield
+        self.parts.append(f"{what} {time.perf_counter() - start:.1f} s")
+
+    def report(self) -> None:
+        if self.log is not None:
+            self.log("      " + "; ".join(self.parts))
 
 
 def dequantized_onnx_logits(model, weights_dir: Path, precision: str, inputs: dict, logits: str) -> np.ndarray:

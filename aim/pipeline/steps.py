@@ -114,15 +114,19 @@ def export(family: Family, task: Task, model, path: Path) -> Path:
         ) from error
 
 
-def export_reduced(family: Family, task: Task, checkpoint: Path, path: Path, dtype: str = "float16"):
+def export_reduced(
+    family: Family, task: Task, checkpoint: Path, path: Path, dtype: str = "float16", weights: bool = True
+):
     """exported.onnx in `dtype` behind an FP32 interface, and its weights in exported.onnx.data, without
     the weights in memory: the dynamo exporter on a FakeTensor model of the checkpoint's config, then
     the checkpoint's tensors attached one by one (export/fake_export.py, export/attach.py). Returns
-    (the graph, what was attached)."""
+    (the graph, what was attached); without `weights`, (the graph without its weights, the reader of
+    the checkpoint's tensors: an int4 / int8 build quantizes them as they are read, `quantized_graph`,
+    and never writes the FP16 copy)."""
     import torch
     from transformers import AutoConfig
 
-    from aim.export.attach import attach
+    from aim.export.attach import CheckpointTensors, attach
     from aim.export.fake_export import PREFIX, export_fake, fake_model
     from aim.families.architectures import supported
 
@@ -142,7 +146,8 @@ def export_reduced(family: Family, task: Task, checkpoint: Path, path: Path, dty
             f"({type(error).__name__}: {str(error)[:500]}). Build it in fp32 (PRECISION=fp32) if it fits. "
             f"Supported: {supported()}."
         ) from error
-    return path, attach(path, wanted, checkpoint, model, PREFIX)
+    tensors = CheckpointTensors(wanted, checkpoint, model, PREFIX)
+    return path, attach(path, tensors) if weights else tensors
 
 
 def _static(specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
@@ -162,13 +167,17 @@ class Graphs:
     quantization: Coverage | None = None  # int4 / int8: what was quantized
 
 
-def quantized_graph(folder: Path, exported: Path, precision: str) -> tuple[Path, Coverage]:
+def quantized_graph(folder: Path, exported: Path, precision: str, tensors=None) -> tuple[Path, Coverage]:
     """exported.<precision>.onnx: the exported graph with its MatMul weights in int4 / int8 (MatMulNBits),
-    every weight it reads in weights.<precision>.data, written one weight at a time."""
+    every weight it reads in weights.<precision>.data, written one weight at a time. `tensors`: the
+    weights of an export that has none yet (export_reduced without weights), read from the checkpoint
+    as they are quantized or copied."""
     model = load_onnx(exported)
+    if tensors is not None:  # the graph declares its weights; their values come from the checkpoint
+        model.graph.initializer.extend(tensors.stub(name) for name in tensors.wanted)
     target = folder / FILES["exported"].replace(".onnx", f".{precision}.onnx")
     with WeightsFile(folder / FILES[f"weights.{precision}"]) as weights:  # inside the staging folder, like FP16's
-        model, coverage = quantize_model(model, exported.parent, weights, BITS[precision])
+        model, coverage = quantize_model(model, exported.parent, weights, BITS[precision], tensors)
     return save_onnx(model, target), coverage
 
 

@@ -214,21 +214,28 @@ def test_the_reference_finds_the_graphs_weights_by_name_and_computes_with_the_en
         linear_weights(model, stray, graph, coverage.packed)
 
 
-def test_an_int4_build_of_a_bf16_checkpoint_quantizes_its_fp16_export(tmp_path):
+def test_an_int4_build_of_a_bf16_checkpoint_quantizes_its_fp16_export(tmp_path, monkeypatch):
     """Issue 23: a bf16 checkpoint is exported in FP16 without an FP32 copy (the dynamo path), and int4
-    quantizes that export: FP16 MatMulNBits, one weights file, verified against the bf16 model with the
-    engine's weights dequantized, computing in FP32 arithmetic."""
+    quantizes that export as it reads the checkpoint's tensors, never writing an FP16 copy of the weights:
+    FP16 MatMulNBits, one weights file, verified against the bf16 model with the engine's weights
+    dequantized, computing in FP32 arithmetic."""
     import torch
 
     from aim.pipeline.model_source import model_source
     from tests.conftest import load
 
     load("llama")[2].to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint")
+
+    def no_fp16_copy(*args):
+        raise AssertionError("the FP16 weights were written out")
+
+    monkeypatch.setattr("aim.export.attach.attach", no_fp16_copy)
     lines = []
     source = model_source(None, tmp_path / "checkpoint")
     manifest = build(source, BuildRequest(tmp_path / "out", precision="int4"), lines.append).manifest
     assert manifest.verification.passed, [c.detail for c in manifest.verification.checks if not c.passed]
-    assert any("export to ONNX in float16" in line for line in lines)
+    assert any("export to ONNX in float16" in line and "no float16 copy" in line for line in lines)
+    assert any("read from the checkpoint in float16" in line for line in lines)  # straight into the int4 file
     assert [path.name for path in manifest.folder.glob("*.data")] == ["weights.int4.data"]
     engine = onnx.load(str(manifest.engine_path()), load_external_data=False)
     scales = {init.name: init.data_type for init in engine.graph.initializer if init.name.endswith("_scales")}
