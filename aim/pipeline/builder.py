@@ -112,7 +112,8 @@ def _build(source: Source, request: Resolved, folder: Path, log) -> Manifest:
         progress(
             f"verify: {prepared.reference.source} vs engine ("
             + (
-                f"relative error <= {prepared.quantized.max_relative_error:g}, top-1 where clear"
+                f"relative error <= {prepared.quantized.max_relative_error:g} or 3x the model's sensitivity, "
+                "top-1 where clear"
                 if prepared.quantized
                 else "element-wise"
                 if reduced is None
