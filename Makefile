@@ -40,7 +40,7 @@ QUICK ?=
 BENCH_MODELS ?=
 # The engine profile's largest batch (Triton's max_batch_size follows it); empty: the default that serves.
 MAX_BATCH ?=
-export MAX_BATCH MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS QUICK BENCH_MODELS SCALE
+export MAX_BATCH MODEL BACKEND PRECISION NOISE NOISE_KEY OUT CHECKPOINT PROMPT UTILITY FOCUS MAX_NEW_TOKENS REPO TIERS ONNX LOGITS CLASS_AXIS TASK MIN_SHAPES OPT_SHAPES MAX_SHAPES INPUTS UPSAMPLE_TO DATA REPEATS QUICK BENCH_MODELS SCALE KEYS
 STAMP := $(VENV)/.installed-stamp
 # The Triton 2.51 server binary (with its Python backend); installed without its numpy<2 pin.
 PYTRITON := nvidia-pytriton==0.7.0
@@ -77,7 +77,7 @@ help:
 	@echo "make train MODEL=x          the family's small model on package-shipped data (cached in build/trained/x)"
 	@echo "make eval MODEL=x           utility and focus sweeps through the engine, measured vs theory: OUT/x/eval/"
 	@echo "make calibrate MODEL=x | ONNX=.. LOGITS=.. MAX_SHAPES=.. DATA=unlabeled.npy   level -> sigma, an engine taking utility_level"
-	@echo "make attack MODEL=x [NOISE_KEY=file]   repeat-and-average attack on fresh vs keyed noise: OUT/x/attack/"
+	@echo "make attack MODEL=x [NOISE_KEY=file] [KEYS=16]   repeat-and-average attack on fresh vs keyed noise; one query over KEYS keys: OUT/x/attack/"
 	@echo "make bench [QUICK=1] [BENCH_MODELS=resnet,generation]   modulation's cost as ratios with 95% intervals: OUT/bench/bench.json"
 	@echo "make false-alarms MODEL=x [REPEATS=1000]   the statistical checks' false alarms and misses, measured"
 	@echo "make scale-check            a TinyLlama-1.1B-shaped bf16 checkpoint through make engine (~10 GB RAM, 15 GB disk)"
@@ -128,7 +128,7 @@ calibrate: $(STAMP)
 	$(SOURCE); $(PY) -m aim.cli calibrate "$$@" --out "$$OUT" $${DATA:+--data "$$DATA"}
 
 attack: $(STAMP)
-	$(PY) -m aim.cli attack "$$MODEL" --out "$$OUT" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"}
+	$(PY) -m aim.cli attack "$$MODEL" --out "$$OUT" $${NOISE_KEY:+--noise-key "$$NOISE_KEY"} $${CHECKPOINT:+--checkpoint "$$CHECKPOINT"} $${KEYS:+--keys "$$KEYS"}
 
 models: $(STAMP)
 	$(PY) -m aim.cli models

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aim.cli import args as shared
+from aim.evaluation.attack_keys import KEYS
 
 
 def add(sub) -> None:
@@ -23,10 +24,17 @@ def add(sub) -> None:
     )
     p.add_argument(
         "--kinds",
-        nargs="+",
+        nargs="*",
         metavar="KIND",
         help="kinds of perturbed repeats (default: all; images levels-1 levels-4 levels-16 optimised-4, text "
-        "whitespace case synonym)",
+        "whitespace case synonym; none given: exact repeats only)",
+    )
+    p.add_argument(
+        "--keys",
+        type=shared.positive_int,
+        default=KEYS,
+        help=f"keys one query's keyed agreement is measured under, against the theory (default {KEYS}; the "
+        "standard error comes from their spread, since inputs that share a draw make one key's figure stray)",
     )
     shared.out(p)
     shared.seed(p)
@@ -37,6 +45,17 @@ def run(args) -> int:
     from aim.evaluation.attack import attack, report
 
     print(
-        report(attack(args.model, args.out, args.checkpoint, args.noise_key, args.inputs, args.seed, kinds=args.kinds))
+        report(
+            attack(
+                args.model,
+                args.out,
+                args.checkpoint,
+                args.noise_key,
+                args.inputs,
+                args.seed,
+                kinds=args.kinds,
+                keys=args.keys,
+            )
+        )
     )
     return 0

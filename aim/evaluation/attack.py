@@ -22,7 +22,10 @@ request's is reported).
 
 Writes build/<model>/attack/attack.csv (noise, repeats, perturbation, aggregate, queries, agreement,
 theory, samples, standard_error), attack.png and summary.json (with the gain of 64 queries over one
-for every noise and kind of repeat).
+for every noise and kind of repeat). One query's keyed agreement is a figure of one key, and inputs
+that share their draw make it stray by more than its binomial error; so the engine's key and `keys` - 1
+more each answer the requests once, and summary.json's `one_query_over_keys` holds their mean against
+the theory with its standard error from the key-to-key spread (attack_keys.py).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 
 from aim.contract import LOGITS
 from aim.evaluation import theory
+from aim.evaluation.attack_keys import KEYS, OverKeys, measurement_keys, over_keys
 from aim.files import atomic_path, save_figure
 from aim.layout import ATTACK_DIR, Manifest
 
@@ -199,9 +203,11 @@ def attack(
     seed: int = 0,
     log: Callable[[str], None] = print,
     kinds: list[str] | None = None,
+    keys: int = KEYS,
 ) -> dict:
     """The averaging attack on one family; returns the summary (also written as summary.json). `kinds`:
-    the kinds of perturbed repeats to measure (default: every kind of the task, and OPTIMISED on images)."""
+    the kinds of perturbed repeats to measure (default: every kind of the task, and OPTIMISED on images;
+    none: exact repeats only); `keys`: the keys one query's agreement is measured under (the engine's first)."""
     import onnxruntime
 
     from aim.evaluation.engine import eval_inputs, prepare_engine
@@ -235,7 +241,8 @@ def attack(
     gains: dict[str, dict[str, float]] = {}
     effects: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        keyed = keyed_engine(manifest.graph_path("bare"), manifest.modulation.class_axis, key, Path(scratch))
+        bare_path, class_axis = manifest.graph_path("bare"), manifest.modulation.class_axis
+        keyed = keyed_engine(bare_path, class_axis, key, Path(scratch))
         runs = [("exact", "", None)] + [("perturbed", kind, kind) for kind in kinds]
         optimised = None
         if optimise:
@@ -289,6 +296,17 @@ def attack(
                 f"  {kind}: the logits move by {effects[kind]['logit_move_sigmas']:.4f} sigma (median RMS); the keyed "
                 f"noise correlates {effects[kind]['noise_correlation']:.4f} with the request's"
             )
+
+        def agreement_of(other) -> float:  # one query under `other`: a keyed engine of its own
+            engine = (
+                keyed
+                if other is key
+                else keyed_engine(bare_path, class_axis, other, Path(tempfile.mkdtemp(dir=scratch)))
+            )
+            return float(np.mean(_rows(_run(engine, split.inputs, setup.batch, sigma)).argmax(1) == clean_top))
+
+        one_query = over_keys(agreement_of, measurement_keys(keys, key, seed), theory_curve[0], len(clean), log)
+        log("  " + one_query.describe())
     if fresh_key and noise_key is not None:
         key.write(noise_key)
 
@@ -309,6 +327,7 @@ def attack(
             **({OPTIMISED: OPTIMISED_WHAT} if optimise else {}),
         },
         "gain_of_64_queries": gains,
+        "one_query_over_keys": one_query.as_dict(),
         "variant_effects": effects,
         "key_fingerprint": key.fingerprint,
         "queries": list(QUERIES),
@@ -392,6 +411,7 @@ def report(summary: dict, points_path: str | os.PathLike | None = None) -> str:
     lines = [
         f"{summary['model']}: {summary['rows']} rows, sigma {summary['sigma']:.4g} (one query agrees "
         f"{summary['agreement_one_query_theory']:.3f} by theory)",
+        "  " + OverKeys.from_dict(summary["one_query_over_keys"]).describe(),
         "  kinds of repeat:",
         *(f"    {kind}: {what}" for kind, what in summary["perturbations"].items()),
         "  gain of 64 queries over one (mean of the answers):",

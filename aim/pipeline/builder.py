@@ -284,7 +284,7 @@ def _verify(manifest: Manifest, graphs, prepared: Prepared, key: NoiseKey | None
     folder, verification, reference = manifest.folder, manifest.verification, prepared.reference
     for role, path in graphs.paths.items():
         manifest.record(role, path)
-    results = run_build(Build(manifest), reference, verification.runner, verification.seed)
+    results = run_build(Build(manifest), reference, verification.runner, verification.seed, progress.note)
     if key is not None:
         reference.keyed_modulated = keyed_expectation(results.bare, reference, prepared.class_axis, key)
         verification.shapes = reference.shapes()

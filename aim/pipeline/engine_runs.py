@@ -56,16 +56,19 @@ def run_engines(
     plan_of,
     max_batch: int,
     task_runs: Callable[[object], dict[str, np.ndarray]] | None = None,
+    note: Callable[[str], None] = lambda what: None,
 ) -> RunResults:
     """The build's engines in turn (bare, verification, production), each closed when done but the
     production one (its caller's to close). `plan_of(bare)`: the judges' plan for the statistics batch
     whose bare logits are `bare` (keyed noise's depends on their values); `max_batch`: the largest batch
     the engines take; `task_runs(production)`: the arrays the task's checks judge (text generation:
-    aim/generation/reference_runs.py)."""
+    aim/generation/reference_runs.py); `note(what)`: told as each run starts (a 7B build's take minutes)."""
     inputs = reference.inputs
+    note("bare engine on the reference inputs")
     bare_logits = bare.run(inputs)
     statistics_inputs, statistics = statistics_batch(bare, inputs, bare_logits, max_batch)
     bare.close()
+    note("verification flavour (noise given) on the reference inputs")
     modulated = verification.run(
         inputs,
         reference.utility,
@@ -75,7 +78,10 @@ def run_engines(
     )
     verification.close()
     plan = plan_of(statistics)
+    note(f"production engine: {sum(len(runs) for runs in plan.values())} runs for the statistical checks")
     draws = run_plan(production, plan, {STATISTICS: statistics_inputs, REFERENCE: inputs}, statistics)
+    if task_runs is not None:
+        note("production engine: the task's own runs (text: the decode loop on the reference prompts)")
     return RunResults(bare_logits, modulated, statistics, plan, draws, task_runs(production) if task_runs else {})
 
 

@@ -44,6 +44,10 @@ class Progress:
             )
         self.log(f"      done in {self.timings[key]:.1f} s{note}{': ' + detail if detail else ''}")
 
+    def note(self, what: str) -> None:
+        """A long step's progress: what it starts now, and the time since the step began."""
+        self.log(f"      {time.perf_counter() - self.last:6.0f} s  {what}")
+
     def close(self) -> None:
         """Stops the sampling of a step that ended without done() (an error)."""
         if self._peak is not None:

@@ -22,7 +22,7 @@ from aim.verify.results import RunResults
 from aim.verify.statistics import statistical_plan
 
 
-def run_build(build: Build, reference: Reference, runner: str, seed: int = 0) -> RunResults:
+def run_build(build: Build, reference: Reference, runner: str, seed: int = 0, note=lambda what: None) -> RunResults:
     """What the build's engines answer for its checks; `runner`: the backend that runs them (the
     engine's own, or ONNX Runtime on the graphs a TensorRT engine was built from). ONNX Runtime is
     seeded with `seed` first: it seeds only the sessions made after it. The task's own runs are the
@@ -47,7 +47,7 @@ def run_build(build: Build, reference: Reference, runner: str, seed: int = 0) ->
 
     runners = [build.runner(role, runner) for role in ("bare", "verification", "production")]
     try:
-        return run_engines(*runners, reference, plan_of, manifest.dynamic_dims[BATCH].max, task_runs)
+        return run_engines(*runners, reference, plan_of, manifest.dynamic_dims[BATCH].max, task_runs, note)
     finally:
         for each in runners:
             each.close()  # TensorRT runners hold GPU memory

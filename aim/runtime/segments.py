@@ -31,6 +31,7 @@ from onnx import helper
 from aim.runtime.base import Runner
 
 _PAST, _PRESENT = "past_key_values.", "present."
+WEIGHT_BYTES = 1024  # an initializer this large counts toward a segment's budget (as the weights file's)
 KEEP_BYTES = 16 * 2**20  # a segment with fewer weights stays open across calls
 SEGMENT_MB = 1024  # weights per segment: ~3x that resident while its session is open (FP16 upcast to FP32)
 
@@ -51,42 +52,62 @@ def reads(node: onnx.NodeProto) -> list[str]:
 
 
 def sink(model: onnx.ModelProto) -> None:
-    """Reorders the nodes as late as each can go (just before its first reader; still topological), so a
-    node runs in the segment of the layer that uses it: torch.onnx casts every layer's past at the top of
-    the graph, which would tie the first segment to every layer. Shape(Cast(x)) reads Shape(x) first, so
-    that a shape read does not pull a cast forward."""
+    """Reorders the nodes so that each comes just before its first reader (still topological), so a node
+    runs in the segment of the layer that uses it: torch.onnx casts every layer's past at the top of the
+    graph, which would tie the first segment to every layer. The order is a depth-first walk from the
+    graph's outputs in their order (then from any node left), taking a node's inputs in their order: the
+    same model part gets the same order in the bare graph and in a modulated one, whose redistribution
+    only reads the logits, so both are cut alike and the exact checks compare like with like.
+    Shape(Cast(x)) reads Shape(x) first, so that a shape read does not pull a cast forward."""
     nodes = list(model.graph.node)
     made_by = {output: node for node in nodes for output in node.output}
     for node in nodes:
         while node.op_type == "Shape" and node.input[0] in made_by and made_by[node.input[0]].op_type == "Cast":
             node.input[0] = made_by[node.input[0]].input[0]
-    readers: dict[str, list[int]] = {}
-    for index, node in enumerate(nodes):
-        for name in set(reads(node)):
-            readers.setdefault(name, []).append(index)
     producer = {output: index for index, node in enumerate(nodes) for output in node.output}
-    late = [0.0] * len(nodes)
-    for index in range(len(nodes) - 1, -1, -1):
-        users = [late[reader] for output in nodes[index].output for reader in readers.get(output, [])]
-        late[index] = min(users) - 1e-4 if users else float(len(nodes))
-    for index, node in enumerate(nodes):  # what nothing reads (graph outputs): right after what it reads
-        if not any(readers.get(output) for output in node.output):
-            sources = [late[producer[name]] for name in reads(node) if name in producer]
-            late[index] = max(sources) + 1e-5 if sources else late[index]
-    order = sorted(range(len(nodes)), key=lambda index: (late[index], index))
+
+    def inputs_of(index: int) -> list[int]:
+        return list(dict.fromkeys(producer[name] for name in reads(nodes[index]) if name in producer))
+
+    order, seen = [], [False] * len(nodes)
+    roots = [producer[output.name] for output in model.graph.output if output.name in producer]
+    for root in [*roots, *range(len(nodes))]:
+        if seen[root]:
+            continue
+        seen[root] = True
+        stack = [(root, iter(inputs_of(root)))]
+        while stack:  # iterative: a 7B graph's chains are deeper than Python's recursion limit
+            index, pending = stack[-1]
+            for source in pending:
+                if not seen[source]:
+                    seen[source] = True
+                    stack.append((source, iter(inputs_of(source))))
+                    break
+            else:
+                stack.pop()
+                order.append(index)
+    # A node nothing reads (a present's cast, the logits' last node) goes right after its last input, in
+    # its layer's segment: segment-major decoding takes a call's past from the same segment's present.
+    read = {source for index in range(len(nodes)) for source in inputs_of(index)}
+    position = {index: rank for rank, index in enumerate(i for i in order if i in read)}
+    for index in order:
+        if index not in read:
+            position[index] = max((position[source] for source in inputs_of(index)), default=-1) + 0.5
+    order.sort(key=lambda index: position[index])  # stable: terminals after one node keep the walk's order
     model.graph.ClearField("node")
     model.graph.node.extend(nodes[index] for index in order)
 
 
 def plan(model: onnx.ModelProto, budget: int) -> list[list[int]]:
     """Node indices per segment: contiguous, each with at most `budget` bytes of initializers (a node whose
-    own weights exceed it gets a segment alone)."""
+    own weights exceed it gets a segment alone, with the weightless nodes before it)."""
     sizes = {tensor.name: tensor_bytes(tensor) for tensor in model.graph.initializer}
+    sizes = {name: size for name, size in sizes.items() if size >= WEIGHT_BYTES}  # scalars and shapes cut nothing
     segments, current, used, seen = [], [], 0, set()
     for index, node in enumerate(model.graph.node):
         names = set(reads(node))
         weight = sum(sizes[name] for name in names if name in sizes and name not in seen)
-        if current and used + weight > budget:
+        if used and used + weight > budget:  # a weightless prefix (a modulated graph's input checks) cuts nothing
             segments.append(current)
             current, used, seen = [], 0, set()
         current.append(index)

@@ -136,8 +136,14 @@ def agreement_like_fresh(bare: np.ndarray, noisy: np.ndarray, sigmas: np.ndarray
     """One query agrees with the clean answer (the bare top-1) as often as under fresh noise: the share
     of agreeing elements of `noisy` [runs, B, ...] (a tier per row and run, `sigmas` [runs, B]) against
     FRESH_DRAWS seeded numpy draws of fresh noise at the same tiers. The keyed trials are independent
-    (a tier each), so the difference is normal with variance sum p(1 - p) (1 + 1/FRESH_DRAWS) / N^2;
-    it fails at p < ALPHA. Power: a shift of (z(ALPHA/2) + z(1e-6)) standard errors (stated in the
+    for a key drawn at random, however close their inputs: each has a tier of its own, and the tier
+    enters the seed of every lattice vertex (and the digest), so rows that share vertices at one tier,
+    even the statistics batch's identical tiled rows, draw independently here. (Trials at ONE tier
+    would not be: inputs within a cell width agree together, and one key's agreement over them strays
+    by far more than a binomial error, evaluation/attack_keys.py.) So the difference is normal with
+    variance sum p(1 - p) (1 + 1/FRESH_DRAWS) / N^2, and it fails at p < ALPHA: a false alarm at most
+    once in 1 / ALPHA builds (tests/verify/test_keyed.py holds z ~ N(0, 1) over keys on identical rows).
+    Power: a shift of (z(ALPHA/2) + z(1e-6)) standard errors (stated in the
     metrics) is missed with probability < 1e-6: e.g. noise shared by every class, which never moves
     the top-1."""
     name = "one query agrees as under fresh noise"

@@ -35,6 +35,8 @@ def test_attack_writes_its_curves_and_keyed_noise_holds(quick_checkpoint, tmp_pa
         "--kinds",
         "levels-1",
         "levels-4",  # levels-16 and the optimiser (tested below on a few inputs) left out: the suite's time
+        "--keys",
+        "3",
     ]
     assert cli.main(argv) == 0
     folder = tmp_path / "resnet" / "attack"
@@ -77,6 +79,10 @@ def test_attack_writes_its_curves_and_keyed_noise_holds(quick_checkpoint, tmp_pa
         assert keyed_gain < fresh_gain / 2, kind
         assert abs(summary["gain_of_64_queries"][kind]["keyed"] - keyed_gain) < 1e-9
     assert set(summary["gain_of_64_queries"]) == {"exact", *kinds}
+    # One query under each of 3 keys, the engine's first (its figure is the keyed curve's K = 1).
+    over_keys = summary["one_query_over_keys"]
+    assert over_keys["keys"] == 3 and over_keys["per_key"][0] == curve("keyed", "exact", "mean")[0]
+    assert over_keys["rows"] == INPUTS and over_keys["theory"] == summary["agreement_one_query_theory"]
     pixels = image.imread(folder / "attack.png")
     assert pixels.shape[0] > 300 and np.std(pixels[..., :3]) > 0.05
     # The key file is written once the attack has run, readable by its owner only.

@@ -118,3 +118,31 @@ def test_the_keyed_checks_catch_each_planted_defect(classifier, defect):
     what, failing = KEYED_DEFECTS[defect]
     assert failing <= failed, (what, failed)
     assert (failed == set()) == (defect == "none"), failed
+
+
+def test_the_agreement_check_holds_its_false_alarm_rate_on_identical_rows():
+    """The statistics batch tiles the reference rows, so its inputs are as correlated as inputs can be:
+    identical rows share their lattice vertices. The agreement check still counts independent trials,
+    since every row of every run has a tier of its own and the tier enters every vertex's seed; so
+    over keys drawn at random its z is N(0, 1) (mean z^2 of 40 keys under 2: chi2(40) / 40 exceeds
+    2 with probability 1e-4). Rows of one tier would agree or not together: z^2 near the batch."""
+    from aim.verify.keyed import agreement_like_fresh, tiers
+
+    runs, batch = 4, 64
+    row = np.array([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0, -2.5, -3.0]], np.float32)  # G(2) ~ 0.5
+    bare = np.repeat(row, batch, axis=0)
+    sigmas = tiers(runs, batch)
+    rng = np.random.default_rng(2)
+    z = []
+    for _ in range(40):
+        key = NoiseKey(rng.bytes(KEY_BYTES))
+        noisy = np.stack(
+            [
+                redistribute_torch(
+                    torch.from_numpy(bare), torch.from_numpy(s), torch.zeros_like(torch.from_numpy(bare)), key=key
+                ).numpy()
+                for s in sigmas
+            ]
+        )
+        z.append(agreement_like_fresh(bare, noisy, sigmas, 1).metrics["z"])
+    assert np.mean(np.square(z)) < 2.0, np.round(z, 2)
