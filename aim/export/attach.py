@@ -103,59 +103,90 @@ def _drop_transposes(graph, transposed: dict) -> None:
     graph.node.extend(kept)
 
 
-def attach(graph: str | os.PathLike, wanted: dict, checkpoint: str | os.PathLike, model, prefix: str) -> Attached:
-    """Writes every initializer of `wanted` (name -> (shape, torch dtype)) from `checkpoint` into
-    <graph>.data and makes `graph` refer to them; `model`: the (fake) model the graph was exported from,
-    whose names they are after `prefix`. Both files are written atomically."""
+class CheckpointTensors:
+    """The initializers of `wanted` (name -> (shape, torch dtype)) read from `checkpoint` one at a time,
+    converted to the dtype the graph wants: `tensors(name)` -> a numpy array. `model`: the (fake) model the
+    graph was exported from, whose names they are after `prefix`. What was read is counted in `found`."""
+
+    def __init__(self, wanted: dict, checkpoint: str | os.PathLike, model, prefix: str):
+        self.wanted, self.checkpoint, self.model, self.prefix = wanted, Path(checkpoint), model, prefix
+        self.shards, self.buffers, self.aliases = _shards(self.checkpoint), None, _aliases(model)
+        self.found = Attached(0, 0, 0, [])
+
+    def __call__(self, name: str):
+        import torch
+        from safetensors import safe_open
+
+        shape, dtype = self.wanted[name]
+        key = self.key(name)
+        if key in self.shards:
+            with safe_open(str(self.shards[key]), framework="pt") as handle:
+                value = handle.get_tensor(key)
+        else:
+            if self.buffers is None:
+                self.buffers = _computed_buffers(type(self.model), self.model.config)
+            layer0 = re.sub(r"\.layers\.\d+\.", ".layers.0.", key)
+            if layer0 not in self.buffers:
+                raise CheckpointError(
+                    f"{self.checkpoint} lacks the weight {key!r} the model needs: save the checkpoint again with "
+                    "`model.save_pretrained(DIR)`"
+                )
+            value = self.buffers[layer0]
+            if key not in self.found.computed:
+                self.found.computed.append(key)
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.checkpoint}: {key!r} has shape {tuple(value.shape)}, the model of its config.json "
+                f"{tuple(shape)}: save the checkpoint again with `model.save_pretrained(DIR)`"
+            )
+        if dtype == torch.float16 and value.is_floating_point():
+            over = int((value.abs() > FP16_MAX).sum())
+            self.found.clipped += over
+            value = value.clamp(-FP16_MAX, FP16_MAX) if over else value
+        array = value.to(dtype).numpy()
+        self.found.tensors += 1
+        self.found.bytes += array.nbytes
+        return array
+
+    def key(self, name: str) -> str:
+        """The checkpoint's key of initializer `name` (a tied weight's: the stored alias, one for all)."""
+        key = name.removeprefix(self.prefix)
+        return next((alias for alias in self.aliases.get(key, []) if alias in self.shards), key)
+
+    def stub(self, name: str):
+        """The initializer `name` as the graph declares it (name, type, shape), without its values."""
+        import onnx
+        import torch
+
+        shape, dtype = self.wanted[name]
+        element = onnx.helper.np_dtype_to_tensor_dtype(torch.empty((), dtype=dtype).numpy().dtype)
+        return onnx.TensorProto(name=name, data_type=element, dims=shape)
+
+
+def attach(graph: str | os.PathLike, tensors: CheckpointTensors) -> Attached:
+    """Writes every initializer `tensors` reads into <graph>.data and makes `graph` refer to them; a Linear
+    weight read by a Transpose alone is stored transposed and the Transpose dropped (_read_transposed).
+    Both files are written atomically."""
+    import numpy as np
     import onnx
-    import torch
-    from safetensors import safe_open
 
     graph = Path(graph)
-    shards, buffers = _shards(Path(checkpoint)), None
-    aliases, config = _aliases(model), model.config
     proto = onnx.load(str(graph), load_external_data=False)
-    transposed = {name: node for name, node in _read_transposed(proto.graph).items() if name in wanted}
+    transposed = {name: node for name, node in _read_transposed(proto.graph).items() if name in tensors.wanted}
     data = graph.with_name(graph.name + ".data")
-    found = Attached(0, 0, 0, [])
     with atomic_path(data) as tmp, WeightsFile(tmp, data.name) as out:
-        for name, (shape, dtype) in wanted.items():
-            key = name.removeprefix(prefix)
-            key = next((alias for alias in aliases.get(key, []) if alias in shards), key)
-            if key in shards:
-                with safe_open(str(shards[key]), framework="pt") as handle:
-                    value = handle.get_tensor(key)
-            else:
-                buffers = buffers if buffers is not None else _computed_buffers(type(model), config)
-                layer0 = re.sub(r"\.layers\.\d+\.", ".layers.0.", key)
-                if layer0 not in buffers:
-                    raise CheckpointError(
-                        f"{checkpoint} lacks the weight {key!r} the model needs: save the checkpoint again with "
-                        "`model.save_pretrained(DIR)`"
-                    )
-                value = buffers[layer0]
-                found.computed.append(key)
-            if tuple(value.shape) != tuple(shape):
-                raise CheckpointError(
-                    f"{checkpoint}: {key!r} has shape {tuple(value.shape)}, the model of its config.json "
-                    f"{tuple(shape)}: save the checkpoint again with `model.save_pretrained(DIR)`"
-                )
-            if dtype == torch.float16 and value.is_floating_point():
-                over = int((value.abs() > FP16_MAX).sum())
-                found.clipped += over
-                value = value.clamp(-FP16_MAX, FP16_MAX) if over else value
-            value = value.to(dtype)
-            array = (value.T.contiguous() if name in transposed else value).numpy()
+        for name in tensors.wanted:
+            array = tensors(name)
+            if name in transposed:
+                array = np.ascontiguousarray(array.T)
             tensor = onnx.TensorProto(
                 name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape
             )
-            out.add(tensor, lambda array=array: [array], key=("checkpoint", key, name in transposed))
+            out.add(tensor, lambda array=array: [array], key=("checkpoint", tensors.key(name), name in transposed))
             proto.graph.initializer.append(tensor)
-            found.tensors += 1
-            found.bytes += array.nbytes
-            del value, array
+            del array
         out.close()
         _drop_transposes(proto.graph, transposed)
         with atomic_path(graph) as written:
             onnx.save(proto, str(written))
-    return found
+    return tensors.found

@@ -194,12 +194,10 @@ class _KeyedGenerator:
         uniforms of n1's C' / 2 pairs (C' = C rounded up to even; slots 0 .. C'/2 - 1 give the radii,
         C'/2 .. C' - 1 the angles), each pair a cosine and a sine normal; n2's two uniforms per class take
         `uniform` of the slots after them (computed for the K focused classes only)."""
-        even = self.classes + self.classes % 2
         r, theta = _radius(ops, halves[0]), _angle(ops, halves[1])
         n1 = ops.concat([ops.mul(r, ops.cos(theta)), ops.mul(r, ops.sin(theta))], axis)
         if self.classes % 2:  # an odd C drops the last sine
             n1 = ops.slice(n1, 0, self.classes, axis)
-
         return n1, self._focus_noise(ops, uniform, classes)
 
     def _focus_noise(self, ops, uniform, classes):

@@ -112,7 +112,8 @@ def _build(source: Source, request: Resolved, folder: Path, log) -> Manifest:
         progress(
             f"verify: {prepared.reference.source} vs engine ("
             + (
-                f"relative error <= {prepared.quantized.max_relative_error:g}, top-1 where clear"
+                f"relative error <= {prepared.quantized.max_relative_error:g} or 3x the model's sensitivity, "
+                "top-1 where clear"
                 if prepared.quantized
                 else "element-wise"
                 if reduced is None
@@ -140,7 +141,9 @@ def _passes(prepared: Prepared, folder: Path, request: Resolved, progress: Progr
         + f"redistribution (production{', keyed noise,' if request.key else ''} + verification)"
         + (", fp16 (redistribution kept fp32)" if prepared.convert == "fp16" else "")
         + (
-            f"; {prepared.convert} weights first (MatMulNBits, ONNX Runtime's quantizer; redistribution kept fp32)"
+            f"; on the {prepared.convert} graph (quantized above; redistribution kept fp32)"
+            if prepared.quantization
+            else f"; {prepared.convert} weights first (MatMulNBits, ONNX Runtime's quantizer; redistribution kept fp32)"
             if prepared.quantized
             else ", TensorRT compatibility check"
         )
@@ -156,6 +159,7 @@ def _passes(prepared: Prepared, folder: Path, request: Resolved, progress: Progr
         prepared.keep_fp32,
         logits=prepared.logits,
         key=request.key,
+        quantization=prepared.quantization,
     )
     if graphs.quantization is not None:
         warning = graphs.quantization.warning()

@@ -107,6 +107,9 @@ class FamilySource:
     def prepare(self, folder: Path, request, progress) -> Prepared:
         family, task, checkpoint, seed = self.family, self.task, self.checkpoint, request.seed
         reduced, fake_exported = self.reduced(request), self.fake_exported(request)
+        quantized = request.precision in QUANTIZED
+        if quantized:  # one more step of its own: the reference reads the engine's weights (pipeline/quantized.py)
+            progress.total += 1
         progress(
             f"model {family.name} ({family.task}, {family.model_class}) from "
             + (f"checkpoint {checkpoint}" if checkpoint else f"a tiny config, random weights (seed {seed})")
@@ -128,19 +131,29 @@ class FamilySource:
         )
 
         weights = folder / FILES["weights"]
+        # a reduced int4 / int8 build: the checkpoint's tensors, read as they are quantized (no reduced copy)
+        unattached, streamed = None, quantized and reduced is not None
         if fake_exported:
             progress(
                 f"export to ONNX in {fake_exported} (torch.onnx dynamo on a FakeTensor model, then the checkpoint's "
-                f"weights attached tensor by tensor), dynamic " + ", ".join(family.dims)
+                + (
+                    f"weights read tensor by tensor by the {request.precision} quantization: no {fake_exported} copy)"
+                    if streamed
+                    else "weights attached tensor by tensor)"
+                )
+                + ", dynamic "
+                + ", ".join(family.dims)
             )
             exported, attached = steps.export_reduced(
-                family, task, checkpoint, folder / FILES["exported"], fake_exported
+                family, task, checkpoint, folder / FILES["exported"], fake_exported, weights=not streamed
             )
-            detail = (
-                f"{exported.name}, {attached.tensors} weights in {weights.name} ({attached.bytes / 1e9:.2f} GB)"
-                + (f"; {attached.clipped} values past fp16's range clipped to it" if attached.clipped else "")
-                + (f"; computed, not stored: {', '.join(attached.computed)}" if attached.computed else "")
-            )
+            if streamed:
+                unattached, detail = attached, f"{exported.name}, {len(attached.wanted)} weights declared"
+            else:
+                detail = (
+                    f"{exported.name}, {attached.tensors} weights in {weights.name} ({attached.bytes / 1e9:.2f} GB)"
+                )
+                detail += _attached(attached)
         else:
             progress("export to ONNX (torch.onnx, dynamic " + ", ".join(family.dims) + ")")
             exported = steps.export(family, task, loaded.model, folder / FILES["exported"])
@@ -149,19 +162,53 @@ class FamilySource:
             )
         progress.done("export", detail)
 
+        coverage = None
+        if quantized:
+            progress(
+                f"quantize to {request.precision}: MatMul weights to MatMulNBits (ONNX Runtime's quantizer, one weight "
+                "at a time"
+                + (f", read from the checkpoint in {reduced}" if unattached else "")
+                + "), before the reference, which computes with them"
+            )
+            quantized_graph, coverage = steps.quantized_graph(folder, exported, request.precision, unattached)
+            progress.done(
+                "quantize",
+                f"{quantized_graph.name}, {coverage.summary()}" + (_attached(unattached.found) if unattached else ""),
+            )
+
         progress(
             "PyTorch reference on the verification inputs"
             + (f" ({loaded.dtype} weights, fp32 arithmetic; generation in {loaded.dtype})" if reduced else "")
+            + (
+                f"; the {request.precision} weights dequantized on the fly, one Linear at a time, beside the original "
+                "model"
+                if quantized
+                else ""
+            )
             + ", then the PyTorch model is released"
         )
         keep_fp32 = family.fp16_keep_fp32 + task.keep_fp32(loaded.model)  # found by module: before the model goes
         max_positions = task.positions(loaded.model)  # likewise read from the model's config before it goes
-        if request.precision in QUANTIZED:  # the model with the engine's weights (pipeline/quantized.py)
-            reference = quantized_reference_of(family, task, loaded, seed, exported, request.precision, reduced)
+        if quantized:  # the model with the engine's weights (pipeline/quantized.py)
+            reference = quantized_reference_of(
+                family,
+                task,
+                loaded,
+                seed,
+                exported,
+                quantized_graph,
+                coverage,
+                request.precision,
+                reduced,
+                progress.log,
+            )
         else:
             reference = pytorch_reference(family, task, loaded.model, loaded.tokenizer, seed, fp32=reduced is not None)
         reference.save(folder / REFERENCE)
         steps.release(loaded)
+        if quantized:  # one copy of the weights per precision: the export has served its purpose
+            steps.drop_export(folder, exported)
+            exported = quantized_graph
         progress.done("reference", REFERENCE)
 
         max_batch = request.max_batch or default_max_batch(GraphIO.of(exported).inputs, family.dims, request.precision)
@@ -189,7 +236,8 @@ class FamilySource:
             keep_fp32=keep_fp32,
             tokenizer=tokenizer_dir.name if tokenizer_dir else None,
             max_positions=max_positions,
-            quantized=quantization(BITS[request.precision]) if request.precision in QUANTIZED else None,
+            quantized=quantization(BITS[request.precision]) if quantized else None,
+            quantization=coverage,
         )
 
 
@@ -199,6 +247,14 @@ class FamilySource:
 # the dynamo exporter costs ~17 s more even on a 2-layer model (the suite's checkpoints: ~17 MB), so
 # below this the TorchScript export stays, with margin under the target.
 LEAN_EXPORT_BYTES = 100e6
+
+
+def _attached(attached) -> str:
+    """What a log line says of the checkpoint's tensors beyond their count (export/attach.Attached)."""
+    return (f"; {attached.clipped} values past fp16's range clipped to it" if attached.clipped else "") + (
+        f"; computed, not stored: {', '.join(attached.computed)}" if attached.computed else ""
+    )
+
 
 # The peak of a build that loads and exports in fp32, as a multiple of its fp32 weights: measured 1.64
 # for a 1.5B checkpoint (9.9 GB, `make scale-check`, docs/real-sizes.md), rounded up.
@@ -241,21 +297,36 @@ def pytorch_reference(family: Family, task, model, tokenizer=None, seed: int = 0
 
 
 def quantized_reference_of(
-    family: Family, task, loaded, seed: int, exported, precision: str, reduced: str | None = None
+    family: Family,
+    task,
+    loaded,
+    seed: int,
+    exported,
+    quantized,
+    coverage,
+    precision: str,
+    reduced: str | None = None,
+    log=None,
 ) -> Reference:
-    """pytorch_reference of an int4 / int8 build: the model with the engine's weights, dequantized
-    (`reduced`: a model kept in its stored dtype, computing in FP32 arithmetic)."""
+    """pytorch_reference of an int4 / int8 build: the model computing with the engine's weights (those of
+    the graph `quantized`, made from `exported` with `coverage`), dequantized on the fly (`reduced`: a
+    model kept in its stored dtype, computing in FP32 arithmetic)."""
     from aim.pipeline.quantized import quantized_reference
 
-    def original(model):
-        inputs = task.example_inputs(model, family.sizes(**family.verify_sizes), seed)
-        with computing_in_fp32(model) if reduced else contextlib.nullcontext():
-            return task.reference_logits(model, inputs).float().numpy()
-
-    def reference(model):
-        return pytorch_reference(family, task, model, loaded.tokenizer, seed, fp32=reduced is not None)
-
-    return quantized_reference(loaded.model, original, reference, exported, precision)
+    inputs = task.example_inputs(loaded.model, family.sizes(**family.verify_sizes), seed)
+    return quantized_reference(
+        task,
+        loaded.model,
+        loaded.tokenizer,
+        inputs,
+        seed,
+        exported,
+        quantized,
+        coverage.packed,
+        precision,
+        fp32=reduced is not None,
+        log=log,
+    )
 
 
 class CheckpointSource(FamilySource):

@@ -44,7 +44,8 @@ def report(manifest: Manifest) -> str:
     tolerance, quantized = verification.tolerance, verification.quantized
     if quantized:
         lines.append(
-            f"  int{quantized.bits} tolerance: relative error <= {quantized.max_relative_error:g}, top-1 equal where "
+            f"  int{quantized.bits} tolerance: relative error <= {quantized.max_relative_error:g} (or 3x the model's "
+            "sensitivity, if larger), top-1 equal where "
             f"the margin > {quantized.margin_sigmas:g} sigma ({quantized.why})"
         )
         if manifest.quantization:

@@ -23,6 +23,7 @@ from aim.verdicts import Agreement, Quantization, Tolerance
 from aim.verify.reference import Reference
 
 if TYPE_CHECKING:
+    from aim.graph_passes.quantize import Coverage
     from aim.layout import Manifest
     from aim.pipeline.progress import Progress
     from aim.pipeline.request import Resolved
@@ -50,6 +51,9 @@ class Prepared:
     tokenizer: str | None = None  # the folder generation decodes with
     max_positions: int | None = None  # text generation: the longest sequence the model was made for
     quantized: Quantization | None = None  # int4 / int8: the check against the dequantized reference
+    # int4 / int8 of a PyTorch model: `exported` is quantized already (before the reference, which reads its
+    # weights), and this is what was quantized
+    quantization: Coverage | None = None
 
 
 class Source(Protocol):

@@ -115,16 +115,20 @@ def export(family: Family, task: Task, model, path: Path) -> Path:
         ) from error
 
 
-def export_reduced(family: Family, task: Task, checkpoint: Path, path: Path, dtype: str = "float16"):
+def export_reduced(
+    family: Family, task: Task, checkpoint: Path, path: Path, dtype: str = "float16", weights: bool = True
+):
     """exported.onnx in `dtype` (float16: a bf16 / fp16 checkpoint's reduced build; float32: an FP32-path
     build, model_source.fake_exported) behind an FP32 interface, and its weights in exported.onnx.data,
     without the weights in memory: the dynamo exporter on a FakeTensor model of the checkpoint's config,
     then the checkpoint's tensors attached one by one, each converted to `dtype` (export/fake_export.py,
-    export/attach.py). Returns (the graph, what was attached)."""
+    export/attach.py). Returns (the graph, what was attached); without `weights`, (the graph without its
+    weights, the reader of the checkpoint's tensors: an int4 / int8 build quantizes them as they are read,
+    `quantized_graph`, and never writes the FP16 copy)."""
     import torch
     from transformers import AutoConfig
 
-    from aim.export.attach import attach
+    from aim.export.attach import CheckpointTensors, attach
     from aim.export.fake_export import PREFIX, export_fake, fake_model
     from aim.families.architectures import supported
 
@@ -144,7 +148,8 @@ def export_reduced(family: Family, task: Task, checkpoint: Path, path: Path, dty
             f"{family.model_type} could not be exported in {dtype} by torch.onnx's dynamo exporter "
             f"({type(error).__name__}: {str(error)[:500]}). {instead}Supported: {supported()}."
         ) from error
-    return path, attach(path, wanted, checkpoint, model, PREFIX)
+    tensors = CheckpointTensors(wanted, checkpoint, model, PREFIX)
+    return path, attach(path, tensors) if weights else tensors
 
 
 def _static(specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
@@ -164,14 +169,25 @@ class Graphs:
     quantization: Coverage | None = None  # int4 / int8: what was quantized
 
 
-def quantized_graph(folder: Path, exported: Path, precision: str) -> tuple[Path, Coverage]:
+def quantized_graph(folder: Path, exported: Path, precision: str, tensors=None) -> tuple[Path, Coverage]:
     """exported.<precision>.onnx: the exported graph with its MatMul weights in int4 / int8 (MatMulNBits),
-    every weight it reads in weights.<precision>.data, written one weight at a time."""
+    every weight it reads in weights.<precision>.data, written one weight at a time. `tensors`: the
+    weights of an export that has none yet (export_reduced without weights), read from the checkpoint
+    as they are quantized or copied."""
     model = load_onnx(exported)
+    if tensors is not None:  # the graph declares its weights; their values come from the checkpoint
+        model.graph.initializer.extend(tensors.stub(name) for name in tensors.wanted)
     target = folder / FILES["exported"].replace(".onnx", f".{precision}.onnx")
     with WeightsFile(folder / FILES[f"weights.{precision}"]) as weights:  # inside the staging folder, like FP16's
-        model, coverage = quantize_model(model, exported.parent, weights, BITS[precision])
+        model, coverage = quantize_model(model, exported.parent, weights, BITS[precision], tensors)
     return save_onnx(model, target), coverage
+
+
+def drop_export(folder: Path, exported: Path) -> None:
+    """One copy of the weights per precision: once quantized (and the reference made), the export (FP32,
+    or FP16 for a bf16 checkpoint) and its data file have served their purpose."""
+    for path in (exported, folder / FILES["weights"]):
+        path.unlink(missing_ok=True)
 
 
 def passes(
@@ -184,11 +200,14 @@ def passes(
     keep_fp32: tuple[str, ...] = (),
     logits: str = LOGITS,
     key: NoiseKey | None = None,
+    quantization: Coverage | None = None,
 ) -> Graphs:
     """Bare, production and verification graphs (FP16 copies if asked; keyed production noise with
     `key`), and TensorRT's verdict on them; refuses the build if TensorRT is the backend and would
     refuse a node. `logits`: the output modulated, its classes on `class_axis`; `upsample_to`: the input
-    whose spatial size the logits are resized to first, if any."""
+    whose spatial size the logits are resized to first, if any; `quantization`: `exported` is that int4 /
+    int8 quantization already (a PyTorch source's, made before its reference), else int4 / int8 quantize
+    it here."""
     from aim.graph_passes.fp16 import convert_to_fp16
     from aim.graph_passes.trt_support import check_tensorrt_support
     from aim.runtime.tensorrt import EngineBuildError
@@ -196,14 +215,12 @@ def passes(
     # The graphs are read without their weights: those in exported.onnx.data (a model past 2 GiB) stay
     # references, which every graph saved beside it shares (aim/weights.py).
     paths = {"exported": exported}
-    quantization = None
     if precision in BITS:  # weight-only int4 / int8: quantized once, then modulated (the redistribution untouched)
-        quantized, quantization = quantized_graph(folder, exported, precision)
-        # One copy of the weights per precision: the int4 graphs refer to weights.int4.data alone, and the
-        # export (FP32, or FP16 for a bf16 checkpoint) and its data file have served their purpose.
-        for path in (exported, folder / FILES["weights"]):
-            path.unlink(missing_ok=True)
-        exported, paths = quantized, {f"exported.{precision}": quantized}
+        if quantization is None:  # the int4 graphs refer to weights.int4.data alone
+            quantized, quantization = quantized_graph(folder, exported, precision)
+            drop_export(folder, exported)
+            exported = quantized
+        paths = {f"exported.{precision}": exported}
     suffix = f".{precision}.onnx" if precision in BITS else ".onnx"
 
     def named(key: str) -> Path:

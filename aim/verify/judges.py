@@ -8,7 +8,7 @@ from __future__ import annotations
 from aim.verdicts import Agreement, Check, Quantization, Tolerance
 from aim.verify.compare import agreement, compare
 from aim.verify.keyed import keyed_checks
-from aim.verify.quantized import quantized_agreement
+from aim.verify.quantized import SENSITIVITY, quantized_agreement
 from aim.verify.reference import Reference
 from aim.verify.results import RunResults
 from aim.verify.statistics import statistical_checks
@@ -33,7 +33,8 @@ def judge(
     def differential(name, expected, actual):
         if isinstance(reduced_precision, Quantization):
             original = reference.extra.get(ORIGINAL) if expected is reference.logits else None
-            return quantized_agreement(name, expected, actual, reduced_precision, class_axis, original)
+            sensitivity = reference.extra.get(SENSITIVITY)  # the bound of a sensitive model (verify/quantized.py)
+            return quantized_agreement(name, expected, actual, reduced_precision, class_axis, original, sensitivity)
         if reduced_precision is not None:
             return agreement(name, expected, actual, reduced_precision, class_axis)
         return compare(name, expected, actual, tolerance)

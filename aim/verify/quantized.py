@@ -20,6 +20,19 @@ Why these numbers (measured, docs/results.md; relative error: median over positi
   (tests/pipeline/test_int4_verdict.py); at 8 sigma, Phi(-8 / sqrt 2) ~ 8e-9 per position: a correct
   engine fails a build's ~1,000 positions with probability < 1e-5. The margin rule alone would be
   circular (a broken engine has a large sigma and judges nothing), hence the bound on the error itself.
+- the bound grows with the model's own sensitivity (`bound`): a model that turns a small perturbation of
+  each MatMul into a large logit error cannot be held to 0.05. The reference measures it
+  (pipeline/quantized.py, `SENSITIVITY` in its extra): the relative logit error that Gaussian noise of
+  KERNEL_NOISE x the output's RMS added to every quantized Linear's output makes. KERNEL_NOISE, 2e-3, is
+  what the engine adds per MatMul (measured: the first MatMuls of a 4096-wide model are 1.8e-3 off the
+  reference's, FP16 activations and the int8 roundings they flip). The bound is then
+  max(MAX_RELATIVE_ERROR, SENSITIVITY_FACTOR x sensitivity). Measured on the Mistral-7B-shaped random
+  model (32 layers of 4096, init std 0.02: each layer amplifies): perturbations of 1e-3 and 3e-3 per
+  MatMul give 0.105 and 0.124, and the correct engine 0.108; trained and small models measure far below
+  0.05 / 3, so their bound stays 0.05. What a sensitive model's check still catches: any error past
+  3x what the engine's own noise makes in it (at 7B random, 0.3: a wrong or misplaced weight, scale or
+  nibble, a reference that is not the engine's model, 0.98); not a kernel a few times noisier than it
+  should be, which no comparison of that model's logits can tell from a correct one.
 """
 
 from __future__ import annotations
@@ -31,13 +44,24 @@ from aim.verify.compare import rows_still_generating
 
 MAX_RELATIVE_ERROR = 0.05
 MARGIN_SIGMAS = 8.0
+KERNEL_NOISE = 2e-3  # what the engine adds to each MatMul's output, relative to its RMS (see above)
+SENSITIVITY_FACTOR = 3.0
+SENSITIVITY = "quantized.sensitivity"  # the reference's extra: the model's error under KERNEL_NOISE per MatMul
 WHY = (
-    "the engine against the same model with its weights quantized and dequantized (what it computes): "
-    f"median relative logit error <= {MAX_RELATIVE_ERROR:g} (3x the worst measured, 0.015 on a 30-layer random "
-    f"model), top-1 equal wherever the reference's margin exceeds {MARGIN_SIGMAS:g} sigma of the error (no flip "
-    "measured above 3.8 sigma; false alarms < 1e-5 per build); agreement with the original model is a figure, "
-    "not a verdict"
+    "the engine against the same model with its weights quantized and dequantized and its activations as the "
+    f"kernel quantizes them (what it computes): median relative logit error <= {MAX_RELATIVE_ERROR:g} (3x the "
+    f"worst measured, 0.015 on a 30-layer random model) or {SENSITIVITY_FACTOR:g}x the model's sensitivity if "
+    f"larger (the error noise of {KERNEL_NOISE:g} per MatMul, the engine's own, makes in it), top-1 equal "
+    f"wherever the reference's margin exceeds {MARGIN_SIGMAS:g} sigma of the error (no flip measured above 3.8 "
+    "sigma; false alarms < 1e-5 per build); agreement with the original model is a figure, not a verdict"
 )
+
+
+def bound(spec: Quantization, sensitivity=None) -> float:
+    """The largest median relative error `spec` allows a model whose reference measured `sensitivity`."""
+    if sensitivity is None:
+        return spec.max_relative_error
+    return max(spec.max_relative_error, SENSITIVITY_FACTOR * float(sensitivity))
 
 
 def quantization(bits: int) -> Quantization:
@@ -83,26 +107,34 @@ def quantized_agreement(
     spec: Quantization,
     class_axis: int,
     original: np.ndarray | None = None,
+    sensitivity=None,
 ) -> Check:
-    """The engine's logits against the dequantized reference by `spec`; with `original` (the model's
-    logits before quantization) the agreement with it as a figure in the detail and metrics."""
+    """The engine's logits against the dequantized reference by `spec`, its bound raised for a model of
+    `sensitivity` (`bound`); with `original` (the model's logits before quantization) the agreement with
+    it as a figure in the detail and metrics."""
     if reference.shape != actual.shape:
         return Check(name, False, f"shapes differ: reference {list(reference.shape)}, engine {list(actual.shape)}")
     found = figures(reference, actual, class_axis)
     margin, agree = found.pop("_margin"), found.pop("_agree")
     clear = margin > spec.margin_sigmas * found["sigma"]
     flipped = int(np.sum(clear & ~agree))
-    passed = found["relative_error"] <= spec.max_relative_error and flipped == 0
+    allowed = bound(spec, sensitivity)
+    passed = found["relative_error"] <= allowed and flipped == 0
     metrics = {
         **found,
         "judged_positions": int(clear.sum()),
         "flipped_clear": flipped,
-        "max_relative_error": spec.max_relative_error,
+        "max_relative_error": allowed,
         "margin_sigmas": spec.margin_sigmas,
     }
+    raised = ""
+    if sensitivity is not None:
+        metrics["sensitivity"] = float(sensitivity)
+        if allowed > spec.max_relative_error:
+            raised = f": {SENSITIVITY_FACTOR:g}x this model's sensitivity {float(sensitivity):.3g}"
     detail = (
         f"relative error {found['relative_error']:.3g} (max {found['relative_error_max']:.3g}, needs <= "
-        f"{spec.max_relative_error:g}); top-1 {found['top1_agreement']:.4f}, equal at "
+        f"{allowed:.3g}{raised}); top-1 {found['top1_agreement']:.4f}, equal at "
         f"{int(clear.sum()) - flipped}/{int(clear.sum())} positions with a margin > {spec.margin_sigmas:g} sigma"
     )
     if original is not None and original.shape == actual.shape:
@@ -117,11 +149,11 @@ def quantized_agreement(
 
 
 def quantized_generation_checks(runs: dict, extra: dict, spec: Quantization) -> list[Check]:
-    """Text generation: along the reference's greedy tokens (teacher forcing), the engine's next-token
-    logits against the reference's (`generation.{i}.logits` in `extra`, [B, steps, V]) by `spec`, over
-    every step of every row until it stopped: the engine's greedy token is the reference's wherever
-    the reference's choice is clear. The KV cache against the full recompute, likewise. Nothing for a
-    reference without prompts (a user's ONNX)."""
+    """Text generation: along the reference's tokens (the original model's greedy ones, teacher forcing:
+    pipeline/quantized.py), the engine's next-token logits against the reference's
+    (`generation.{i}.logits` in `extra`, [B, steps, V]) by `spec`, over every step of every row until it
+    stopped: the engine's greedy token is the reference's wherever the reference's choice is clear. The KV
+    cache against the full recompute, likewise. Nothing for a reference without prompts (a user's ONNX)."""
     if "generation.0.tokens" not in extra:
         return []
     stop = extra["generation.stop_tokens"]
@@ -140,13 +172,15 @@ def quantized_generation_checks(runs: dict, extra: dict, spec: Quantization) -> 
         np.concatenate(got),
         spec,
         1,
+        sensitivity=extra.get(SENSITIVITY),
     )
     cached, recomputed = runs["generation.cached"], runs["generation.recomputed"]
-    kv = quantized_agreement(
+    kv = quantized_agreement(  # two FP16 paths through one sensitive model: the same allowance
         "KV cache vs full recompute (quantized)",
         recomputed.reshape(-1, cached.shape[-1]),
         cached.reshape(-1, cached.shape[-1]),
         spec,
         1,
+        sensitivity=extra.get(SENSITIVITY),
     )
     return [greedy, kv]

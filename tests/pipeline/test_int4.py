@@ -174,56 +174,68 @@ def half_graph(path, named: dict, extra: np.ndarray | None = None):
     return path
 
 
-def test_the_reference_finds_the_graphs_weights_by_name_and_dequantizes_the_graphs_copy(tmp_path):
+def test_the_reference_finds_the_graphs_weights_by_name_and_computes_with_the_engines_copy(tmp_path):
     """An FP16 export of a model (its weights not the PyTorch ones bit for bit): each Linear is found by
-    its parameter name (a tied alias too), and gets the dequantization of the graph's FP16 weight, what
-    the engine holds; a quantized weight that is no Linear's fails instead of giving a wrong reference."""
+    its parameter name (a tied alias too), and computes with the dequantization of the graph's FP16
+    weight, what the engine holds, while a tied embedding keeps its own values; a quantized weight that
+    is no Linear's fails instead of giving a wrong reference."""
     import torch
 
     from aim.errors import CheckpointError
-    from aim.graph_passes.quantize import dequantize
-    from aim.pipeline.quantized import dequantize_linears
+    from aim.graph_passes.quantize import dequantize, int8_blocks
+    from aim.pipeline.quantized import dequantizing, linear_weights
+    from aim.pipeline.steps import quantized_graph
 
-    def tied():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 48, bias=False))
-        embedding = torch.nn.Embedding(48, 32)
-        model[1].weight = embedding.weight  # tied: the graph names it after the embedding
-        model.add_module("embed", embedding)
-        return model, embedding
-
-    model, embedding = tied()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 48, bias=False))
+    embedding = torch.nn.Embedding(48, 32)
+    model[1].weight = embedding.weight  # tied: the graph names it after the embedding
+    model.add_module("embed", embedding)
     named = {
         "inner.0.weight": model[0].weight.detach().numpy(),
         "inner.embed.weight": embedding.weight.detach().numpy(),
     }
     path = half_graph(tmp_path / "half.onnx", named)
-    assert dequantize_linears(model, path, 4) == 2
-    for layer, weight in zip(model[:2], named.values()):
-        expected = dequantize(weight.astype(np.float16).T, 4).T
-        np.testing.assert_array_equal(layer.weight.detach().numpy(), expected)
-    assert model[1].weight is not embedding.weight  # untied: the embedding keeps its own values
-    np.testing.assert_array_equal(embedding.weight.detach().numpy(), named["inner.embed.weight"])
-    stray = half_graph(tmp_path / "stray.onnx", named, extra=np.ones((48, 8), np.float32))
+    graph, coverage = quantized_graph(tmp_path, path, "int4")
+    linears = linear_weights(model, path, graph, coverage.packed)
+    assert set(linears) == {model[0], model[1]}
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(5, 64)).astype(np.float32))
+    w0, w1 = (dequantize(weight.astype(np.float16).T, 4) for weight in named.values())  # [K, N]
+    stored = embedding.weight.detach().clone()
+    with dequantizing(linears, graph.parent), torch.no_grad():
+        expected = int8_blocks(int8_blocks(x.numpy()) @ w0) @ w1  # the kernel's int8 activations
+        np.testing.assert_allclose(model[1](model[0](x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(embedding(torch.arange(48)), stored)  # the embedding reads its own values
+    assert model[1].weight is embedding.weight and torch.equal(embedding.weight, stored)  # tied as before
+    (tmp_path / "stray").mkdir()
+    stray = half_graph(tmp_path / "stray" / "stray.onnx", named, extra=np.ones((48, 8), np.float32))
+    graph, coverage = quantized_graph(stray.parent, stray, "int4")
     with pytest.raises(CheckpointError, match="1 of the 3 weights"):
-        dequantize_linears(tied()[0], stray, 4)
+        linear_weights(model, stray, graph, coverage.packed)
 
 
-def test_an_int4_build_of_a_bf16_checkpoint_quantizes_its_fp16_export(tmp_path):
+def test_an_int4_build_of_a_bf16_checkpoint_quantizes_its_fp16_export(tmp_path, monkeypatch):
     """Issue 23: a bf16 checkpoint is exported in FP16 without an FP32 copy (the dynamo path), and int4
-    quantizes that export: FP16 MatMulNBits, one weights file, verified against the bf16 model with the
-    engine's weights dequantized, computing in FP32 arithmetic."""
+    quantizes that export as it reads the checkpoint's tensors, never writing an FP16 copy of the weights:
+    FP16 MatMulNBits, one weights file, verified against the bf16 model with the engine's weights
+    dequantized, computing in FP32 arithmetic."""
     import torch
 
     from aim.pipeline.model_source import model_source
     from tests.conftest import load
 
     load("llama")[2].to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint")
+
+    def no_fp16_copy(*args):
+        raise AssertionError("the FP16 weights were written out")
+
+    monkeypatch.setattr("aim.export.attach.attach", no_fp16_copy)
     lines = []
     source = model_source(None, tmp_path / "checkpoint")
     manifest = build(source, BuildRequest(tmp_path / "out", precision="int4"), lines.append).manifest
     assert manifest.verification.passed, [c.detail for c in manifest.verification.checks if not c.passed]
-    assert any("export to ONNX in float16" in line for line in lines)
+    assert any("export to ONNX in float16" in line and "no float16 copy" in line for line in lines)
+    assert any("read from the checkpoint in float16" in line for line in lines)  # straight into the int4 file
     assert [path.name for path in manifest.folder.glob("*.data")] == ["weights.int4.data"]
     engine = onnx.load(str(manifest.engine_path()), load_external_data=False)
     scales = {init.name: init.data_type for init in engine.graph.initializer if init.name.endswith("_scales")}

@@ -61,3 +61,26 @@ def test_an_engine_far_from_its_reference_fails_even_without_a_clear_flip():
     engine[np.arange(POSITIONS), top] = engine.max(axis=1) + 0.1  # no decision changed
     check = quantized_agreement("far", reference, engine, spec, 1)
     assert check.metrics["flipped_clear"] == 0 and not check.passed
+
+
+def test_a_sensitive_models_bound_is_three_times_what_the_engines_noise_makes_in_it():
+    """The Mistral-7B-shaped random model turns 2e-3 of noise per MatMul into 0.1 of its logits (its
+    measured sensitivity): its correct engine, 0.108 off, passes on the bound 3 x 0.105; the same error
+    fails a model whose sensitivity is small (the bound stays 0.05), and a defect's error, 0.9, fails
+    either way."""
+    spec = quantization(4)
+    reference = logits(5)
+    top = reference.argmax(axis=1)
+
+    def engine(relative, seed):
+        values = with_error(reference, relative, seed)
+        values[np.arange(POSITIONS), top] = values.max(axis=1) + 0.1  # no decision changed: the bound decides
+        return values
+
+    correct, defect = engine(0.108, 6), engine(0.9, 7)
+    check = quantized_agreement("7b", reference, correct, spec, 1, sensitivity=np.array(0.105))
+    assert check.passed and abs(check.metrics["max_relative_error"] - 0.315) < 1e-9, check.detail
+    assert "sensitivity 0.105" in check.detail
+    assert not quantized_agreement("fixed", reference, correct, spec, 1).passed
+    assert not quantized_agreement("calm", reference, correct, spec, 1, sensitivity=0.005).passed
+    assert not quantized_agreement("defect", reference, defect, spec, 1, sensitivity=0.105).passed
