@@ -30,8 +30,11 @@ _NP_DTYPES = {
 # what the graph holds beyond its outputs counts twice. Where an output is a map (rank MAP_RANK or more:
 # batch, classes and two axes of positions, a size that grows with the image) that is hundreds of MiB:
 # SegFormer-B0 at 512 x 512 peaks at 627 MiB with it, 461 without, modulated 991 against 510 (docs/results.md,
-# "SegFormer's peak RSS"; `make bench` measures the latency it costs). Such engines run without it.
+# "SegFormer's peak RSS"; `make bench` measures the latency it costs). Such engines run without it. A
+# decoder's KV cache (`present.*`, rank 4 too) is no map: it is small per step, and without the pattern a
+# 135M-class decode step ran 11% slower (`make bench`, "bare as shipped / in ONNX Runtime's default session").
 MAP_RANK = 4
+KV_CACHE_OUTPUT = "present."  # the decoders' present.<layer>.key / .value (tasks/decoder_inputs.PRESENT)
 
 
 def session_options(
@@ -118,8 +121,12 @@ def keeps_external_data(path: Path) -> bool:
 
 
 def has_maps(session) -> bool:
-    """Whether an output of the session is a map (MAP_RANK or more axes): its memory pattern stays off."""
-    return any(output.shape is not None and len(output.shape) >= MAP_RANK for output in session.get_outputs())
+    """Whether an output of the session is a map (MAP_RANK or more axes, not a KV cache): its memory pattern
+    stays off."""
+    return any(
+        output.shape is not None and len(output.shape) >= MAP_RANK and not output.name.startswith(KV_CACHE_OUTPUT)
+        for output in session.get_outputs()
+    )
 
 
 class OnnxRuntimeEngine(Runner):
