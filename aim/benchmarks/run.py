@@ -337,7 +337,9 @@ def run(
             "execution_mode": "sequential",
             "allow_spinning": False,
             "graph_optimization": "engine saved at ORT_ENABLE_EXTENDED, loaded with ORT_ENABLE_ALL",
-            "memory_pattern": "off for engines whose output is a map (rank >= 4, not a KV cache), else ONNX Runtime's default (on)",
+            "memory_pattern": (
+                "off for engines whose output is a map (rank >= 4, not a KV cache), else ONNX Runtime's default (on)"
+            ),
             "provider": "CPUExecutionProvider",
         },
         "utility": SIGMA,
