@@ -2,11 +2,13 @@
 [--no-make-engine] [--budget-s 120]"""
 
 import argparse
+import sys
 from pathlib import Path
 
 from aim.benchmarks.confidence import BUDGET, Budget
 from aim.benchmarks.models import benchmarked
 from aim.benchmarks.run import run
+from aim.errors import AimError
 
 GENERATION = "generation"
 
@@ -33,14 +35,18 @@ def main(argv=None):
     unknown = sorted(set(chosen) - set(everything))
     if unknown:
         parser.error(f"unknown --models {','.join(unknown)}; choose from {','.join(everything)}")
-    run(
-        [m for m in chosen if m != GENERATION],
-        args.out,
-        quick=args.quick,
-        make_engine=not args.no_make_engine,
-        generation=GENERATION in chosen,
-        budget=Budget(seconds=args.budget_s),
-    )
+    try:
+        run(
+            [m for m in chosen if m != GENERATION],
+            args.out,
+            quick=args.quick,
+            make_engine=not args.no_make_engine,
+            generation=GENERATION in chosen,
+            budget=Budget(seconds=args.budget_s),
+        )
+    except AimError as error:  # one line, as every command of the CLI says it
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

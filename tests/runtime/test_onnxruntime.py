@@ -81,3 +81,25 @@ def test_corrupt_files(tmp_path):
     with pytest.raises(InvalidGraphError, match="no such"):
         OnnxRuntimeEngine(tmp_path / "missing.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.onnx"]
+
+
+def test_a_failed_write_is_not_called_a_bad_graph(tmp_path, monkeypatch):
+    """A full disk while ONNX Runtime saves the optimised engine said "Rebuild it from a valid ONNX file"
+    (make bench, 2026-12-06). ONNX Runtime 1.32's words then, planted here as its session raises them."""
+    import onnxruntime as ort
+
+    from aim.errors import AimError
+
+    source = tiny_classifier(tmp_path / "classifier.onnx")
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 1 : FAIL : graph.cc:5468 AddExternalInitializersToGraphProtoImpl Failed to write "
+            'external initializers to file: "engine.onnx.data"'
+        )
+
+    monkeypatch.setattr(ort, "InferenceSession", full_disk)
+    with pytest.raises(AimError, match="could not write the engine .* disk full") as raised:
+        build(source, tmp_path / "engine.onnx")
+    assert "valid ONNX" not in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.onnx"]  # nothing half-written
