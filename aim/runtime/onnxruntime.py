@@ -79,9 +79,21 @@ def _session(path: Path, options):
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+        # The graph loaded, but saving the optimised model failed: a full disk, not a bad graph.
+        if options.optimized_model_filepath and _WRITE_FAILED in str(error):
+            raise AimError(
+                f"ONNX Runtime could not write the engine for {path} into "
+                f"{Path(options.optimized_model_filepath).parent}: {str(error).strip()}. Is the disk full (df -h)? "
+                "Free space there and build again."
+            ) from error
         raise InvalidGraphError(
             f"ONNX Runtime cannot load {path}: {str(error).strip()}. Rebuild it from a valid ONNX file."
         ) from error
+
+
+# ONNX Runtime's words when saving an optimised model's weights fails (a full disk, a folder it cannot write):
+# not a bad graph, so not "rebuild it from a valid ONNX file".
+_WRITE_FAILED = "Failed to write"
 
 
 def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, threads: int | None = None) -> Path:
@@ -101,23 +113,10 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, threads:
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             _session(Path(onnx_path), options)
-        except InvalidGraphError as error:
-            data.unlink(missing_ok=True)
-            if _WRITE_FAILED in str(error):  # the graph loaded; saving the optimised engine failed
-                raise AimError(
-                    f"ONNX Runtime could not write the engine for {onnx_path} into {engine_path.parent}: "
-                    f"{str(error.__cause__).strip()}. Is the disk full (df -h)? Free space there and build again."
-                ) from error
-            raise
         except BaseException:
             data.unlink(missing_ok=True)
             raise
     return engine_path
-
-
-# ONNX Runtime's words when saving an optimised model's weights fails (a full disk, a folder it cannot write):
-# not a bad graph, so not "rebuild it from a valid ONNX file".
-_WRITE_FAILED = "Failed to write"
 
 
 def keeps_external_data(path: Path) -> bool:
