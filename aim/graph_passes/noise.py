@@ -149,17 +149,7 @@ class DrawnNoise:
         draw = self._random(ops, zs[0], total, onnx.TensorProto.BOOL)
         r = _radius(ops, ops.slice_between(draw, ops.constant([first], i64), end, axis))
         n2 = ops.mul(r, ops.cos(_angle(ops, ops.slice_between(draw, end, total, axis))))
-
-        def blocks():
-            for p0, p1 in tiles.pairs:
-                r = _radius(ops, ops.slice(draw, p0, p1, axis))
-                theta = _angle(ops, ops.slice(draw, half + p0, half + p1, axis))
-                yield ops.mul(r, ops.cos(theta))
-                if half + p0 < count:
-                    sine = ops.mul(r, ops.sin(theta))
-                    yield sine if half + p1 <= count else ops.slice(sine, 0, count - half - p0, axis)
-
-        return n2, blocks()
+        return n2, _box_muller_tiles(ops, lambda start, stop: ops.slice(draw, start, stop, axis), tiles, count, axis)
 
 
 class _KeyedGenerator:
@@ -209,6 +199,20 @@ class _KeyedGenerator:
             return uniform(ops.add(classes, ops.constant(start, np.int64)))
 
         return ops.mul(_radius(ops, focused(even)), ops.cos(_angle(ops, focused(even + self.classes))))
+
+
+def _box_muller_tiles(ops, uniforms, tiles, count: int, axis: int):
+    """n1 of `count` classes block by block, in tiles.blocks()' order, by Box-Muller: pair p's uniforms are
+    uniforms(p, p + 1) (the radius) and uniforms(half + p, half + p + 1) (the angle), its cosine class p and
+    its sine class half + p (an odd count drops the last sine). A generator: each block's nodes are made
+    just before the block is used."""
+    half = tiles.half
+    for p0, p1 in tiles.pairs:
+        r, theta = _radius(ops, uniforms(p0, p1)), _angle(ops, uniforms(half + p0, half + p1))
+        yield ops.mul(r, ops.cos(theta))
+        if half + p0 < count:
+            sine = ops.mul(r, ops.sin(theta))
+            yield sine if half + p1 <= count else ops.slice(sine, 0, count - half - p0, axis)
 
 
 def _radius(ops, a):
@@ -312,22 +316,13 @@ class CellKeyedNoise(_KeyedGenerator):
     def draw_tiles(self, ops, zs, tiles, classes, utility):
         """n2, and n1 block by block (a generator, in tiles.blocks()' order): the values draw() gives
         those classes (Box-Muller's pair p: slots p and half + p), computed a tile of pairs at a time."""
-        axis, half, count = self.axis, tiles.half, self.classes
         pooled = ops.concat(tiles.in_class_order([self._pooled(ops, z) for z in zs]), axis=1)
         uniform = self._uniform(ops, zs[0], pooled, utility)
 
         def slots(start, stop):
             return uniform(ops.constant(np.arange(start, stop), np.int64))
 
-        def blocks():
-            for p0, p1 in tiles.pairs:
-                r, theta = _radius(ops, slots(p0, p1)), _angle(ops, slots(half + p0, half + p1))
-                yield ops.mul(r, ops.cos(theta))
-                if half + p0 < count:
-                    sine = ops.mul(r, ops.sin(theta))
-                    yield sine if half + p1 <= count else ops.slice(sine, 0, count - half - p0, axis)
-
-        return self._focus_noise(ops, uniform, classes), blocks()
+        return self._focus_noise(ops, uniform, classes), _box_muller_tiles(ops, slots, tiles, self.classes, self.axis)
 
 
 class SmoothKeyedNoise(_KeyedGenerator):
