@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aim.errors import CheckpointError
 from aim.files import atomic_path
-from aim.weights import WeightsFile
+from aim.weights import WeightsFile, transposed
 
 FP16_MAX = 65504.0
 
@@ -167,26 +167,27 @@ def attach(graph: str | os.PathLike, tensors: CheckpointTensors) -> Attached:
     """Writes every initializer `tensors` reads into <graph>.data and makes `graph` refer to them; a Linear
     weight read by a Transpose alone is stored transposed and the Transpose dropped (_read_transposed).
     Both files are written atomically."""
-    import numpy as np
     import onnx
 
     graph = Path(graph)
     proto = onnx.load(str(graph), load_external_data=False)
-    transposed = {name: node for name, node in _read_transposed(proto.graph).items() if name in tensors.wanted}
+    through_transpose = {name: node for name, node in _read_transposed(proto.graph).items() if name in tensors.wanted}
     data = graph.with_name(graph.name + ".data")
     with atomic_path(data) as tmp, WeightsFile(tmp, data.name) as out:
         for name in tensors.wanted:
             array = tensors(name)
-            if name in transposed:
-                array = np.ascontiguousarray(array.T)
+            if name in through_transpose:
+                array = transposed(array)
             tensor = onnx.TensorProto(
                 name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape
             )
-            out.add(tensor, lambda array=array: [array], key=("checkpoint", tensors.key(name), name in transposed))
+            out.add(
+                tensor, lambda array=array: [array], key=("checkpoint", tensors.key(name), name in through_transpose)
+            )
             proto.graph.initializer.append(tensor)
             del array
         out.close()
-        _drop_transposes(proto.graph, transposed)
+        _drop_transposes(proto.graph, through_transpose)
         with atomic_path(graph) as written:
             onnx.save(proto, str(written))
     return tensors.found

@@ -41,7 +41,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from aim.contract import PREFIX
-from aim.weights import WeightsFile, read_blocks
+from aim.weights import WeightsFile, read_blocks, transposed
 
 BITS = {"int4": 4, "int8": 8}  # the precisions this pass makes, and their weights' bits
 BLOCK_SIZE = 32
@@ -143,17 +143,7 @@ def quantizable(model: onnx.ModelProto) -> list[Quantizable]:
 def weight(item: Quantizable, weights_dir: str | os.PathLike) -> np.ndarray:
     """The MatMul's weight [K, N] as the graph multiplies by it (read from the model or its data file)."""
     values = _values(item.initializer, Path(weights_dir))
-    return _transposed(values) if item.transposed else values
-
-
-def _transposed(values: np.ndarray, tile: int = 32) -> np.ndarray:
-    """values.T, contiguous, copied tile by tile (2.4x faster than numpy's one strided copy on a 14336 x
-    4096 FP16 weight: the tiles stay in cache)."""
-    out = np.empty(values.shape[::-1], values.dtype)
-    for row in range(0, values.shape[0], tile):
-        for col in range(0, values.shape[1], tile):
-            out[col : col + tile, row : row + tile] = values[row : row + tile, col : col + tile].T
-    return out
+    return transposed(values) if item.transposed else values
 
 
 def digest(weight_kn: np.ndarray) -> str:
@@ -308,7 +298,7 @@ def quantize_model(
         scratch = onnx.GraphProto()  # the quantizer reads the weight from here and adds its outputs here
         if values_of is not None and _declared_only(item.initializer):
             values = values_of(item.initializer.name)
-            values = _transposed(values) if item.transposed else values
+            values = transposed(values) if item.transposed else values
         else:
             values = weight(item, weights_dir)
         held = scratch.initializer.add(name=node.input[1], dims=values.shape)  # filled in place: no proto copy
